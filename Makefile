@@ -1,0 +1,42 @@
+# gpufed: `make run` starts the embedded demo federation, `make test` runs the test suite.
+# Both set up what they need on a fresh machine (virtual environment, etcd binary).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: all setup etcd run test test-fast bench proto lint clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP) etcd
+
+etcd:
+	@scripts/ensure_etcd.sh
+
+run: setup
+	$(BIN)/python -m control_plane.demo
+
+test: setup
+	$(BIN)/pytest -q
+
+bench: setup
+	$(BIN)/python -m bench
+
+proto: $(STAMP)
+	$(BIN)/python scripts/gen_protos.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy gpufed control_plane node_daemon bench tests scripts
+
+clean:
+	rm -rf $(VENV) .run build *.egg-info

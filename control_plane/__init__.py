@@ -1,0 +1,1 @@
+"""The gpufed control plane: servicers (thin) -> domain (pure) -> store (etcd adapter)."""

@@ -1,0 +1,3 @@
+from control_plane.main import main
+
+main()

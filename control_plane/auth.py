@@ -1,0 +1,159 @@
+"""Who is calling: bearer tokens resolved to principals from hashed token records.
+
+A token is `gpf_{id}_{secret}`. etcd holds, under tokens/{id}, the kind, the principal name and the
+SHA-256 of the secret (secrets are 256-bit random, so a fast hash is enough; nothing to stretch).
+The replica caches the records (fed by its etcd watch) and falls back to etcd on a miss, so a
+token created on one replica works on every replica at once.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import hmac
+import json
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from control_plane import errors
+from control_plane.store import EtcdStore
+
+TOKEN_PREFIX = "gpf"
+
+
+class Kind(StrEnum):
+    TENANT = "tenant"
+    PROVIDER = "provider"
+    ADMIN = "admin"
+    PEER = "peer"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    kind: Kind
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRecord:
+    token_id: str
+    kind: Kind
+    principal: str
+    secret_sha256: str
+    create_time: str
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "kind": self.kind.value,
+                "principal": self.principal,
+                "secret_sha256": self.secret_sha256,
+                "create_time": self.create_time,
+            }
+        ).encode()
+
+    @classmethod
+    def from_json(cls, token_id: str, raw: bytes) -> TokenRecord:
+        d = json.loads(raw)
+        return cls(token_id, Kind(d["kind"]), d["principal"], d["secret_sha256"], d["create_time"])
+
+
+_current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("gpufed_principal", default=None)
+
+
+def current_principal() -> Principal:
+    """The authenticated caller of the RPC being served (set by control_plane.rpc)."""
+    p = _current.get()
+    if p is None:
+        raise errors.unauthenticated("UNAUTHENTICATED", "no authenticated principal")
+    return p
+
+
+def set_current_principal(p: Principal | None) -> contextvars.Token[Principal | None]:
+    return _current.set(p)
+
+
+def require(*kinds: Kind) -> Principal:
+    """The caller, if it is one of kinds; PERMISSION_DENIED otherwise."""
+    p = current_principal()
+    if p.kind not in kinds:
+        wanted = " or ".join(k.value for k in kinds)
+        raise errors.permission_denied(
+            "WRONG_TOKEN_KIND", f"this call needs a {wanted} token, not a {p.kind.value} token"
+        )
+    return p
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_token(kind: Kind, principal: str) -> tuple[str, TokenRecord]:
+    """A fresh token: the full secret string (shown once) and the record to store."""
+    token_id = secrets.token_hex(6)
+    secret = secrets.token_urlsafe(32)
+    record = TokenRecord(
+        token_id, kind, principal, hash_secret(secret), datetime.now(UTC).isoformat(timespec="seconds")
+    )
+    return f"{TOKEN_PREFIX}_{token_id}_{secret}", record
+
+
+def parse_token(token: str) -> tuple[str, str] | None:
+    parts = token.split("_", 2)
+    if len(parts) != 3 or parts[0] != TOKEN_PREFIX or not parts[1] or not parts[2]:
+        return None
+    return parts[1], parts[2]
+
+
+class Authenticator:
+    """Resolves `authorization: Bearer ...` metadata to a Principal."""
+
+    def __init__(self, store: EtcdStore | None, admin_token: str = "", peer_token: str = "") -> None:
+        self.store = store
+        self._admin_hash = hash_secret(admin_token) if admin_token else ""
+        self._peer_hash = hash_secret(peer_token) if peer_token else ""
+        self.records: dict[str, TokenRecord] = {}
+
+    def update(self, token_id: str, raw: bytes | None) -> None:
+        """Apply a token record change seen in etcd (None: deleted)."""
+        if raw is None:
+            self.records.pop(token_id, None)
+        else:
+            self.records[token_id] = TokenRecord.from_json(token_id, raw)
+
+    async def authenticate(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> Principal:
+        token = ""
+        for key, value in metadata or ():
+            if key == "authorization":
+                text = value.decode() if isinstance(value, bytes) else value
+                scheme, _, rest = text.partition(" ")
+                if scheme.lower() == "bearer":
+                    token = rest.strip()
+                break
+        if not token:
+            raise errors.unauthenticated(
+                "MISSING_TOKEN", "no bearer token: send metadata 'authorization: Bearer <token>'"
+            )
+        digest = hash_secret(token)
+        if self._admin_hash and hmac.compare_digest(digest, self._admin_hash):
+            return Principal(Kind.ADMIN, "bootstrap-admin")
+        if self._peer_hash and hmac.compare_digest(digest, self._peer_hash):
+            return Principal(Kind.PEER, "replica")
+        parsed = parse_token(token)
+        if parsed is not None:
+            token_id, secret = parsed
+            record = self.records.get(token_id)
+            if record is None and self.store is not None:
+                kv = await self.store.get(self.store.keys.token(token_id))
+                if kv is not None:
+                    record = TokenRecord.from_json(token_id, kv.value)
+                    self.records[token_id] = record
+            if record is not None and hmac.compare_digest(hash_secret(secret), record.secret_sha256):
+                return Principal(record.kind, record.principal)
+        raise errors.unauthenticated("UNKNOWN_TOKEN", "the bearer token is not valid")

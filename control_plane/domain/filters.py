@@ -1,0 +1,140 @@
+"""GPU filters shared by SearchOffers, SummarizeCapacity and CreateLease: validated once, then
+matched against nodes and GPUs. Data sovereignty (countries) is a hard filter."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+from control_plane import errors
+from control_plane.domain.countries import is_country_code
+from control_plane.domain.geo import haversine_km, valid_coordinates
+from control_plane.domain.names import valid_id
+from gpufed.v1 import common_pb2
+
+_HEALTHY = common_pb2.GPU_HEALTH_HEALTHY
+_DEGRADED = common_pb2.GPU_HEALTH_DEGRADED
+MAX_FILTER_VALUES = 300
+
+
+@lru_cache(maxsize=4096)
+def model_words(model: str) -> frozenset[str]:
+    return frozenset(w for w in re.split(r"[^a-z0-9]+", model.lower()) if w)
+
+
+def model_matches(wanted: str, model: str) -> bool:
+    """Exact name, or a family: every word of `wanted` is a word of the model name
+    ("H100" matches "NVIDIA H100 80GB HBM3", "a100 80gb" matches "NVIDIA A100-SXM4-80GB")."""
+    if not wanted:
+        return True
+    if wanted.lower() == model.lower():
+        return True
+    words = model_words(wanted)
+    return bool(words) and words <= model_words(model)
+
+
+@dataclass(frozen=True, slots=True)
+class Near:
+    latitude: float
+    longitude: float
+    radius_km: float
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    gpu_model: str = ""
+    min_gpu_memory_bytes: int = 0
+    countries: frozenset[str] | None = None
+    exclude_countries: frozenset[str] = frozenset()
+    regions: frozenset[str] | None = None
+    providers: frozenset[str] | None = None
+    near: Near | None = None
+    max_price: float = 0.0
+    labels: tuple[tuple[str, str], ...] = ()
+    include_degraded: bool = False
+
+    def node_matches(self, node: common_pb2.Node) -> tuple[bool, float | None]:
+        """Whether the node's place, provider, price and labels pass; with its distance if near."""
+        loc = node.location
+        if self.countries is not None and loc.country_code not in self.countries:
+            return False, None
+        if loc.country_code in self.exclude_countries:
+            return False, None
+        if self.regions is not None and loc.region not in self.regions:
+            return False, None
+        if self.providers is not None and node.provider not in self.providers:
+            return False, None
+        if self.max_price and node.price_per_gpu_hour > self.max_price:
+            return False, None
+        for k, v in self.labels:
+            if node.labels.get(k) != v:
+                return False, None
+        distance = None
+        if self.near is not None:
+            distance = haversine_km(self.near.latitude, self.near.longitude, loc.latitude, loc.longitude)
+            if distance > self.near.radius_km:
+                return False, None
+        return True, distance
+
+    def gpu_matches(self, gpu: common_pb2.Gpu) -> bool:
+        if gpu.health != _HEALTHY and not (self.include_degraded and gpu.health == _DEGRADED):
+            return False
+        if gpu.memory_total_bytes < self.min_gpu_memory_bytes:
+            return False
+        return model_matches(self.gpu_model, gpu.model)
+
+    def key(self) -> str:
+        """A stable text form, for page tokens and caches."""
+        return repr(self)
+
+
+def _codes(values: list[str], field: str) -> frozenset[str]:
+    out = set()
+    for v in values:
+        code = v.strip().upper()
+        if not is_country_code(code):
+            raise errors.invalid(
+                "INVALID_COUNTRY_CODE",
+                f"{field}: {v!r} is not an ISO 3166-1 alpha-2 country code",
+                field=field,
+            )
+        out.add(code)
+    return frozenset(out)
+
+
+def compile_filter(f: common_pb2.GpuFilter) -> Filter:
+    """Validate a GpuFilter; INVALID_ARGUMENT with a reason for anything malformed."""
+    for field in ("countries", "exclude_countries", "regions", "providers"):
+        if len(getattr(f, field)) > MAX_FILTER_VALUES:
+            raise errors.invalid("TOO_MANY_FILTER_VALUES", f"{field}: at most {MAX_FILTER_VALUES} values")
+    if len(f.gpu_model) > 128:
+        raise errors.invalid("INVALID_GPU_MODEL", "gpu_model is longer than 128 characters")
+    for p in f.providers:
+        if not valid_id(p):
+            raise errors.invalid("INVALID_PROVIDER", f"providers: {p!r} is not a valid provider name")
+    near = None
+    if f.HasField("near"):
+        n = f.near
+        if not valid_coordinates(n.latitude, n.longitude):
+            raise errors.invalid(
+                "INVALID_COORDINATES", "near: latitude must be in [-90, 90], longitude in [-180, 180]"
+            )
+        if not (math.isfinite(n.radius_km) and n.radius_km > 0):
+            raise errors.invalid("INVALID_RADIUS", "near.radius_km must be a positive number")
+        near = Near(n.latitude, n.longitude, n.radius_km)
+    if not math.isfinite(f.max_price_per_gpu_hour) or f.max_price_per_gpu_hour < 0:
+        raise errors.invalid("INVALID_PRICE", "max_price_per_gpu_hour must be a non-negative number")
+    return Filter(
+        gpu_model=f.gpu_model.strip(),
+        min_gpu_memory_bytes=f.min_gpu_memory_bytes,
+        countries=_codes(list(f.countries), "countries") if f.countries else None,
+        exclude_countries=_codes(list(f.exclude_countries), "exclude_countries"),
+        regions=frozenset(f.regions) if f.regions else None,
+        providers=frozenset(f.providers) if f.providers else None,
+        near=near,
+        max_price=f.max_price_per_gpu_hour,
+        labels=tuple(sorted(f.labels.items())),
+        include_degraded=f.include_degraded,
+    )

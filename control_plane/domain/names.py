@@ -1,0 +1,63 @@
+"""Resource names (AIP-122) and identifier rules."""
+
+from __future__ import annotations
+
+import re
+
+from control_plane import errors
+
+# DNS-label-like ids: lower case, digits, inner dots and dashes.
+_ID = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_LEASE_ID = re.compile(r"^[0-9a-f]{16}$")
+
+
+def valid_id(value: str) -> bool:
+    return bool(_ID.match(value))
+
+
+def node_name(provider: str, node_id: str) -> str:
+    return f"providers/{provider}/nodes/{node_id}"
+
+
+def parse_node_name(name: str) -> tuple[str, str]:
+    parts = name.split("/")
+    if (
+        len(parts) != 4
+        or parts[0] != "providers"
+        or parts[2] != "nodes"
+        or not (valid_id(parts[1]) and valid_id(parts[3]))
+    ):
+        raise errors.invalid(
+            "INVALID_NODE_NAME", f"node name must be providers/{{provider}}/nodes/{{node_id}}, got {name!r}"
+        )
+    return parts[1], parts[3]
+
+
+def lease_name(lease_id: str) -> str:
+    return f"leases/{lease_id}"
+
+
+def lease_id_of(etcd_lease: int) -> str:
+    return f"{etcd_lease:016x}"
+
+
+def parse_lease_name(name: str) -> str:
+    """The lease id of leases/{id}; INVALID_ARGUMENT if malformed."""
+    prefix, _, lease_id = name.partition("/")
+    if prefix != "leases" or not _LEASE_ID.match(lease_id):
+        raise errors.invalid(
+            "INVALID_LEASE_NAME", f"lease name must be leases/{{16 hex digits}}, got {name!r}"
+        )
+    return lease_id
+
+
+def etcd_lease_of(lease_id: str) -> int:
+    return int(lease_id, 16)
+
+
+def validate_request_id(request_id: str) -> None:
+    if not _REQUEST_ID.match(request_id):
+        raise errors.invalid(
+            "INVALID_REQUEST_ID", "request_id must be 1..128 characters of letters, digits and . _ : -"
+        )

@@ -1,0 +1,54 @@
+"""AIP-158 page tokens: opaque, tied to the query that produced them."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+
+from control_plane import errors
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+
+def page_size(requested: int) -> int:
+    if requested < 0:
+        raise errors.invalid("INVALID_PAGE_SIZE", "page_size must not be negative")
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def query_hash(*parts: bytes | str) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode() if isinstance(p, str) else p)
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def encode_token(query: str, offset: int) -> str:
+    raw = json.dumps({"q": query, "o": offset}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_token(token: str, query: str) -> int:
+    """The offset a page token points at; 0 for the first page."""
+    if not token:
+        return 0
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        d = json.loads(raw)
+        offset = int(d["o"])
+        same = d["q"] == query
+    except (ValueError, KeyError, TypeError) as e:
+        raise errors.invalid("INVALID_PAGE_TOKEN", "page_token is malformed") from e
+    if not same or offset < 0:
+        raise errors.invalid("INVALID_PAGE_TOKEN", "page_token belongs to a different query")
+    return offset
+
+
+def paginate(total: int, token: str, size: int, query: str) -> tuple[int, int, str]:
+    """(start, end, next_token) of the requested page over `total` ordered results."""
+    start = decode_token(token, query)
+    end = min(start + size, total)
+    return start, end, encode_token(query, end) if end < total else ""

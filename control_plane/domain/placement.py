@@ -1,0 +1,74 @@
+"""Choosing GPUs for a lease from the candidates that match its filter.
+
+SINGLE_NODE: one node that has enough matching free GPUs: cheapest first, then the tightest fit
+(keeps large free blocks for large gangs). SPREAD: fewest nodes first (most free GPUs first),
+cheaper first on ties. Among equally good nodes the choice is random, so concurrent grants on
+several replicas rarely race for the same GPUs. GPUs the caller knows to be contended are skipped.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from control_plane.domain.offers import Candidate
+from gpufed.v1 import lease_pb2
+
+# One grant Txn compares every allocation key plus, per node, the node record and its alive key,
+# and etcd caps each branch at 128 operations; one slot goes to the request key.
+TXN_OP_LIMIT = 128
+MAX_GANG = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Pick:
+    candidate: Candidate
+    gpu_uuids: tuple[str, ...]
+
+
+def max_nodes_for(gpu_count: int) -> int:
+    return max(1, (TXN_OP_LIMIT - 1 - gpu_count) // 2)
+
+
+def place(
+    cands: Iterable[Candidate],
+    gpu_count: int,
+    placement: int,
+    avoid: frozenset[str] = frozenset(),
+    rng: random.Random | None = None,
+) -> list[Pick] | None:
+    """GPUs for the lease, or None if the candidates cannot hold it."""
+    rng = rng or random.Random()
+    usable: list[tuple[Candidate, list[str]]] = []
+    for c in cands:
+        free = [g.uuid for g in sorted(c.gpus, key=lambda g: g.index) if g.uuid not in avoid]
+        if free:
+            usable.append((c, free))
+    if not usable:
+        return None
+    if placement == lease_pb2.PLACEMENT_SPREAD:
+        rng.shuffle(usable)
+        usable.sort(key=lambda cf: (-len(cf[1]), cf[0].node.price_per_gpu_hour))
+        picks: list[Pick] = []
+        need = gpu_count
+        for c, free in usable:
+            if len(picks) == max_nodes_for(gpu_count):
+                return None
+            take = free[:need]
+            picks.append(Pick(c, tuple(take)))
+            need -= len(take)
+            if need == 0:
+                return picks
+        return None
+    fits = [(c, free) for c, free in usable if len(free) >= gpu_count]
+    if not fits:
+        return None
+    rng.shuffle(fits)
+    fits.sort(key=lambda cf: (cf[0].node.price_per_gpu_hour, len(cf[1])))
+    best_price, best_fit = fits[0][0].node.price_per_gpu_hour, len(fits[0][1])
+    ties = [cf for cf in fits if cf[0].node.price_per_gpu_hour == best_price and len(cf[1]) == best_fit]
+    c, free = ties[rng.randrange(len(ties))]
+    # A random window of the free GPUs, so two grants on one node rarely want the same ones.
+    start = rng.randrange(len(free) - gpu_count + 1)
+    return [Pick(c, tuple(free[start : start + gpu_count]))]

@@ -1,0 +1,142 @@
+"""Node registration: validating a daemon's hello and merging it into the node record.
+
+The record holds what others must see (inventory, health, place, price, operator state); the
+daemon's liveness lives elsewhere (the alive key), and telemetry never reaches etcd.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from google.protobuf import timestamp_pb2
+
+from control_plane import errors
+from control_plane.domain.countries import is_country_code
+from control_plane.domain.geo import valid_coordinates
+from control_plane.domain.names import node_name, valid_id
+from gpufed.v1 import common_pb2, node_pb2
+
+MAX_GPUS_PER_NODE = 64
+MAX_LABELS = 64
+MAX_PRICE = 1_000_000.0
+_CURRENCY = re.compile(r"^[A-Z]{3}$")
+_LABEL_KEY = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?$")
+_UUID = re.compile(r"^[A-Za-z0-9-]{1,96}$")
+
+UNHEALTHY = common_pb2.GPU_HEALTH_UNHEALTHY
+
+
+def validate_hello(hello: node_pb2.NodeHello, provider: str) -> None:
+    if hello.provider != provider:
+        raise errors.permission_denied(
+            "PROVIDER_MISMATCH",
+            f"token of provider {provider!r} cannot register nodes of provider {hello.provider!r}",
+        )
+    if not valid_id(hello.node_id):
+        raise errors.invalid(
+            "INVALID_NODE_ID", f"node_id {hello.node_id!r} must be a DNS label (a-z, 0-9, . and -)"
+        )
+    loc = hello.location
+    if not is_country_code(loc.country_code):
+        raise errors.invalid(
+            "INVALID_COUNTRY_CODE", f"location.country_code {loc.country_code!r} is not ISO 3166-1 alpha-2"
+        )
+    if not valid_coordinates(loc.latitude, loc.longitude):
+        raise errors.invalid(
+            "INVALID_COORDINATES", "latitude must be in [-90, 90] and longitude in [-180, 180]"
+        )
+    if len(loc.region) > 63 or len(loc.zone) > 63:
+        raise errors.invalid("INVALID_LOCATION", "region and zone are at most 63 characters")
+    if not (math.isfinite(hello.price_per_gpu_hour) and 0 <= hello.price_per_gpu_hour <= MAX_PRICE):
+        raise errors.invalid("INVALID_PRICE", "price_per_gpu_hour must be a number in [0, 1e6]")
+    if hello.currency_code and not _CURRENCY.match(hello.currency_code):
+        raise errors.invalid("INVALID_CURRENCY", "currency_code must be an ISO 4217 code such as USD")
+    if not 1 <= len(hello.gpus) <= MAX_GPUS_PER_NODE:
+        raise errors.invalid("INVALID_INVENTORY", f"a node must report 1..{MAX_GPUS_PER_NODE} GPUs")
+    seen: set[str] = set()
+    for gpu in hello.gpus:
+        if not _UUID.match(gpu.uuid) or gpu.uuid in seen:
+            raise errors.invalid("INVALID_INVENTORY", f"GPU uuid {gpu.uuid!r} is malformed or repeated")
+        seen.add(gpu.uuid)
+        if not gpu.model or len(gpu.model) > 128:
+            raise errors.invalid("INVALID_INVENTORY", f"GPU {gpu.uuid} has no model name")
+    if len(hello.labels) > MAX_LABELS:
+        raise errors.invalid("INVALID_LABELS", f"at most {MAX_LABELS} labels")
+    for k, v in hello.labels.items():
+        if not _LABEL_KEY.match(k) or len(v) > 256:
+            raise errors.invalid("INVALID_LABELS", f"label {k!r} is malformed")
+
+
+def record_from_hello(
+    hello: node_pb2.NodeHello, existing: common_pb2.Node | None, now: timestamp_pb2.Timestamp
+) -> common_pb2.Node:
+    """The node record after this hello: the daemon's view of inventory and health (a restarted
+    daemon that shows a clean GPU is how health recovers), the operator's state kept."""
+    node = common_pb2.Node(
+        name=node_name(hello.provider, hello.node_id),
+        provider=hello.provider,
+        node_id=hello.node_id,
+        location=hello.location,
+        price_per_gpu_hour=hello.price_per_gpu_hour,
+        currency_code=hello.currency_code or "USD",
+        labels=dict(hello.labels),
+        daemon_version=hello.daemon_version,
+        driver_version=hello.driver_version,
+        cuda_driver_version=hello.cuda_driver_version,
+    )
+    node.location.country_code = hello.location.country_code.upper()
+    for g in hello.gpus:
+        gpu = node.gpus.add()
+        gpu.CopyFrom(g)
+        gpu.lease = ""
+        if gpu.health == common_pb2.GPU_HEALTH_UNSPECIFIED:
+            gpu.health = common_pb2.GPU_HEALTH_HEALTHY
+    if existing is not None:
+        node.state = existing.state
+        node.state_reason = existing.state_reason
+        if existing.HasField("drain_deadline"):
+            node.drain_deadline.CopyFrom(existing.drain_deadline)
+        node.register_time.CopyFrom(existing.register_time)
+        node.update_time.CopyFrom(existing.update_time)
+    else:
+        node.register_time.CopyFrom(now)
+        node.update_time.CopyFrom(now)
+    if existing is None or not same_record(existing, node):
+        node.update_time.CopyFrom(now)
+    return node
+
+
+def same_record(a: common_pb2.Node, b: common_pb2.Node) -> bool:
+    """Equal apart from update_time (what decides whether etcd must be written)."""
+    a2, b2 = common_pb2.Node(), common_pb2.Node()
+    a2.CopyFrom(a)
+    b2.CopyFrom(b)
+    a2.ClearField("update_time")
+    b2.ClearField("update_time")
+    return a2 == b2
+
+
+def apply_health(
+    node: common_pb2.Node, reported: dict[str, tuple[int, list[common_pb2.HealthReason]]]
+) -> bool:
+    """Fold a report's per-GPU health into the record; True if anything changed.
+
+    Within one daemon session health only gets worse: an UNHEALTHY GPU stays so until a daemon
+    restart shows it clean (a GPU that threw a fatal XID needs a reset, which restarts the daemon).
+    """
+    changed = False
+    for gpu in node.gpus:
+        got = reported.get(gpu.uuid)
+        if got is None:
+            continue
+        health, reasons = got
+        if health == common_pb2.GPU_HEALTH_UNSPECIFIED or health == gpu.health:
+            continue
+        if gpu.health == UNHEALTHY:
+            continue
+        gpu.health = health  # type: ignore[assignment]
+        del gpu.health_reasons[:]
+        gpu.health_reasons.extend(reasons)
+        changed = True
+    return changed

@@ -1,0 +1,214 @@
+"""The replica's in-memory view of the federation, fed by etcd events (control_plane.watcher).
+
+Pure state: `apply` takes one key change at a time in revision order; nothing here does I/O.
+Node records, liveness and allocations arrive under different keys in any order, so they are
+kept apart and joined on read. Subscribers get a Change for each applied event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from control_plane.domain.names import node_name
+from control_plane.store import Keyspace
+from gpufed.v1 import common_pb2, lease_pb2
+
+NodeState = common_pb2.NodeState
+
+
+@dataclass(slots=True)
+class NodeEntry:
+    node: common_pb2.Node
+    mod_revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """kind: node | alive | alloc | lease | token | replica | leader | history | other."""
+
+    kind: str
+    name: str
+    value: bytes | None
+    prev_value: bytes | None
+    revision: int
+    parts: tuple[str, ...] = ()
+
+
+@dataclass
+class Inventory:
+    keys: Keyspace
+    nodes: dict[str, NodeEntry] = field(default_factory=dict)
+    # node name -> "replica_id/session_id" of the stream holding it
+    alive: dict[str, str] = field(default_factory=dict)
+    alive_revision: dict[str, int] = field(default_factory=dict)
+    # node name -> gpu uuid -> lease id
+    allocs: dict[str, dict[str, str]] = field(default_factory=dict)
+    leases: dict[str, lease_pb2.Lease] = field(default_factory=dict)
+    lease_revision: dict[str, int] = field(default_factory=dict)
+    replicas: dict[str, str] = field(default_factory=dict)
+    leader: str = ""
+    revision: int = 0
+    # node names ordered by (price, name), for searches that stop early
+    by_price: list[tuple[float, str]] = field(default_factory=list)
+    _subscribers: list[Callable[[Change], None]] = field(default_factory=list)
+    _revision_waiters: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)
+
+    # -- feeding --------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        self.nodes.clear()
+        self.alive.clear()
+        self.alive_revision.clear()
+        self.allocs.clear()
+        self.leases.clear()
+        self.lease_revision.clear()
+        self.replicas.clear()
+        self.by_price.clear()
+        self.leader = ""
+
+    def apply(
+        self,
+        key: bytes,
+        value: bytes | None,
+        mod_revision: int,
+        prev_value: bytes | None = None,
+        create_revision: int = 0,
+    ) -> Change | None:
+        parts = self.keys.relative(key)
+        top = parts[0]
+        change: Change | None = None
+        if top == "nodes" and len(parts) == 3:
+            name = node_name(parts[1], parts[2])
+            self._set_node(name, value, mod_revision)
+            change = Change("node", name, value, prev_value, mod_revision, tuple(parts))
+        elif top == "alive" and len(parts) == 3:
+            name = node_name(parts[1], parts[2])
+            if value is None:
+                self.alive.pop(name, None)
+                self.alive_revision.pop(name, None)
+            else:
+                self.alive[name] = value.decode()
+                self.alive_revision[name] = mod_revision
+            change = Change("alive", name, value, prev_value, mod_revision, tuple(parts))
+        elif top == "alloc" and len(parts) == 4:
+            name = node_name(parts[1], parts[2])
+            if value is None:
+                held = self.allocs.get(name)
+                if held is not None:
+                    held.pop(parts[3], None)
+                    if not held:
+                        del self.allocs[name]
+            else:
+                self.allocs.setdefault(name, {})[parts[3]] = value.decode()
+            change = Change("alloc", name, value, prev_value, mod_revision, tuple(parts))
+        elif top == "leases" and len(parts) == 2:
+            if value is None:
+                self.leases.pop(parts[1], None)
+                self.lease_revision.pop(parts[1], None)
+            else:
+                lease = lease_pb2.Lease.FromString(value)
+                # The grant Txn's revision is the fencing token: the key's create revision.
+                if not lease.fencing_token:
+                    lease.fencing_token = create_revision or mod_revision
+                self.leases[parts[1]] = lease
+                self.lease_revision[parts[1]] = mod_revision
+            change = Change("lease", parts[1], value, prev_value, mod_revision, tuple(parts))
+        elif top == "replicas" and len(parts) == 2:
+            if value is None:
+                self.replicas.pop(parts[1], None)
+            else:
+                self.replicas[parts[1]] = value.decode()
+            change = Change("replica", parts[1], value, prev_value, mod_revision, tuple(parts))
+        elif top == "leader" and len(parts) == 1:
+            self.leader = value.decode() if value is not None else ""
+            change = Change("leader", "leader", value, prev_value, mod_revision, tuple(parts))
+        elif top == "tokens" and len(parts) == 2:
+            change = Change("token", parts[1], value, prev_value, mod_revision, tuple(parts))
+        elif top == "history" and len(parts) == 3:
+            change = Change("history", parts[2], value, prev_value, mod_revision, tuple(parts))
+        if change is not None:
+            for fn in list(self._subscribers):
+                fn(change)
+        return change
+
+    def _set_node(self, name: str, value: bytes | None, mod_revision: int) -> None:
+        old = self.nodes.get(name)
+        if old is not None:
+            i = bisect.bisect_left(self.by_price, (old.node.price_per_gpu_hour, name))
+            if i < len(self.by_price) and self.by_price[i] == (old.node.price_per_gpu_hour, name):
+                del self.by_price[i]
+        if value is None:
+            self.nodes.pop(name, None)
+            return
+        node = common_pb2.Node.FromString(value)
+        self.nodes[name] = NodeEntry(node, mod_revision)
+        bisect.insort(self.by_price, (node.price_per_gpu_hour, name))
+
+    def advance(self, revision: int) -> None:
+        """The index now reflects everything up to revision."""
+        if revision <= self.revision:
+            return
+        self.revision = revision
+        still = []
+        for rev, fut in self._revision_waiters:
+            if rev <= revision:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                still.append((rev, fut))
+        self._revision_waiters = still
+
+    async def wait_for_revision(self, revision: int, timeout: float = 2.0) -> None:
+        if self.revision >= revision:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._revision_waiters.append((revision, fut))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await fut
+
+    def subscribe(self, fn: Callable[[Change], None]) -> Callable[[], None]:
+        self._subscribers.append(fn)
+        return lambda: self._subscribers.remove(fn) if fn in self._subscribers else None
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def state(self, name: str) -> int:
+        entry = self.nodes.get(name)
+        if entry is None:
+            return NodeState.NODE_STATE_UNSPECIFIED
+        admin = entry.node.state
+        if admin in (NodeState.NODE_STATE_CORDONED, NodeState.NODE_STATE_DRAINING):
+            return admin
+        return NodeState.NODE_STATE_READY if name in self.alive else NodeState.NODE_STATE_OFFLINE
+
+    def is_schedulable(self, name: str) -> bool:
+        return self.state(name) == NodeState.NODE_STATE_READY
+
+    def held(self, name: str) -> dict[str, str]:
+        return self.allocs.get(name, {})
+
+    def view(self, name: str) -> common_pb2.Node | None:
+        """The node as the API shows it: state, free count, replica and per-GPU lease filled in."""
+        entry = self.nodes.get(name)
+        if entry is None:
+            return None
+        out = common_pb2.Node()
+        out.CopyFrom(entry.node)
+        out.state = self.state(name)  # type: ignore[assignment]
+        held = self.held(name)
+        for gpu in out.gpus:
+            lease = held.get(gpu.uuid)
+            if lease:
+                gpu.lease = f"leases/{lease}"
+        out.free_gpu_count = sum(1 for g in out.gpus if g.uuid not in held)
+        alive = self.alive.get(name, "")
+        out.replica = alive.split("/", 1)[0] if alive else ""
+        return out
+
+    def iter_nodes(self) -> Iterator[tuple[str, NodeEntry]]:
+        return iter(sorted(self.nodes.items()))

@@ -1,0 +1,209 @@
+"""Leader-only background work, on one replica elected through etcd.
+
+Election: put `leader` = replica id on the replica's session lease under `create_revision == 0`;
+the others watch it (through the index) and try again when it goes. The leader runs:
+
+- the usage ledger: it watches leases/ from the ledger cursor; each deleted lease record gets its
+  history (for expiries) and one usage record per provider, in one Txn that compares the usage
+  keys absent and moves the cursor, so each record is written exactly once even across leader
+  changes;
+- the drain sweep: leases on DRAINING nodes end at the drain deadline;
+- compaction, never past the ledger cursor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
+from control_plane.domain import lease_rules
+from control_plane.domain.usage import usage_records
+from control_plane.index import Change, Inventory
+from control_plane.lease_service import Leases, now_ts
+from control_plane.metrics import Metrics
+from control_plane.store import EtcdStore, StoreUnavailable, WatchCompacted, absent, put, value_is
+from control_plane.store import delete as delete_op
+from gpufed.logs import get_logger
+from gpufed.v1 import common_pb2, lease_pb2
+
+log = get_logger(__name__)
+COMPACT_EVERY_S = 300
+COMPACT_KEEP_REVISIONS = 10_000
+
+
+class Leader:
+    def __init__(
+        self,
+        store: EtcdStore,
+        inventory: Inventory,
+        leases: Leases,
+        replica_id: str,
+        session_lease: Callable[[], int],
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.store = store
+        self.keys = store.keys
+        self.inv = inventory
+        self.leases = leases
+        self.replica_id = replica_id
+        self.session_lease = session_lease
+        self.metrics = metrics
+        self.is_leader = asyncio.Event()
+        self._changed = asyncio.Event()
+        inventory.subscribe(self._on_change)
+
+    def _on_change(self, change: Change) -> None:
+        if change.kind in ("leader", "relist"):
+            self._changed.set()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self._campaign()
+                if self.inv.leader != self.replica_id:
+                    self.is_leader.clear()
+                    self._changed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(2.0):
+                            await self._changed.wait()
+                    continue
+                self.is_leader.set()
+                log.info("elected leader", replica=self.replica_id)
+                await self._lead()
+            except asyncio.CancelledError:
+                raise
+            except StoreUnavailable as e:
+                log.warning("leader loop: etcd unavailable", error=str(e))
+                await asyncio.sleep(1.0)
+            except Exception:
+                log.exception("leader loop failed")
+                await asyncio.sleep(1.0)
+            finally:
+                self.is_leader.clear()
+
+    async def _campaign(self) -> None:
+        me = self.replica_id.encode()
+        resp = await self.store.txn(
+            [absent(self.keys.leader)], [put(self.keys.leader, me, self.session_lease())]
+        )
+        await self.inv.wait_for_revision(resp.header.revision, timeout=1.0)
+
+    async def _lead(self) -> None:
+        tasks = [
+            asyncio.create_task(self._ledger(), name="usage-ledger"),
+            asyncio.create_task(self._drain_sweep(), name="drain-sweep"),
+            asyncio.create_task(self._compaction(), name="compaction"),
+        ]
+        try:
+            while self.inv.leader == self.replica_id and not any(t.done() for t in tasks):
+                self._changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await self._changed.wait()
+            for t in tasks:
+                if t.done() and not t.cancelled() and t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+
+    # -- usage ledger ---------------------------------------------------------------------------
+
+    async def _cursor(self) -> int:
+        kv = await self.store.get(self.keys.ledger_cursor)
+        if kv is not None:
+            return int(kv.value)
+        return await self.store.revision()
+
+    async def _ledger(self) -> None:
+        cursor = await self._cursor()
+        prefix = self.keys.dir("leases")
+        while True:
+            try:
+                async for revision, events in self.store.watch_prefix(prefix, cursor + 1):
+                    for ev in events:
+                        if ev.value is None and ev.prev_value is not None:
+                            await self._record(lease_pb2.Lease.FromString(ev.prev_value), ev.mod_revision)
+                    cursor = max(cursor, revision)
+            except WatchCompacted as e:
+                # Never compacted past the cursor by us; someone else did. Records in between are lost:
+                # say so loudly and carry on from what is left.
+                log.error("usage ledger cursor was compacted away", cursor=cursor, compact=e.compact_revision)
+                cursor = e.compact_revision
+            except StoreUnavailable as e:
+                log.warning("usage ledger watch broke", error=str(e))
+                await asyncio.sleep(0.5)
+
+    async def _record(self, lease: lease_pb2.Lease, revision: int) -> None:
+        lease_id = lease.name.split("/", 1)[1]
+        hist_lease = await self.leases.history.lease_id()
+        if lease.state == lease_pb2.LEASE_STATE_ACTIVE:
+            # Deleted while active: etcd expired it.
+            lease = lease_rules.ended(lease, lease_pb2.LEASE_END_REASON_EXPIRED, now_ts())
+            if self.metrics is not None:
+                self.metrics.leases_expired.inc()
+        records = usage_records(lease, lease.end_time)
+        compare = [absent(self.keys.usage_record(lease_id, r.provider)) for r in records]
+        ops = [put(self.keys.usage_record(lease_id, r.provider), r.SerializeToString()) for r in records]
+        ops.append(put(self.keys.ledger_cursor, str(revision).encode()))
+        if lease.end_reason == lease_pb2.LEASE_END_REASON_EXPIRED:
+            compare.append(absent(self.keys.lease_history(lease_id)))
+            ops.append(put(self.keys.lease_history(lease_id), lease.SerializeToString(), hist_lease))
+            ops.append(put(self.keys.request(lease.tenant, lease.request_id), lease_id.encode(), hist_lease))
+        resp = await self.store.txn(compare, ops, [put(self.keys.ledger_cursor, str(revision).encode())])
+        if resp.succeeded:
+            log.info(
+                "usage recorded",
+                lease=lease.name,
+                reason=lease_pb2.LeaseEndReason.Name(lease.end_reason),
+                providers=[r.provider for r in records],
+            )
+
+    # -- drains ---------------------------------------------------------------------------------
+
+    async def _drain_sweep(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.time()
+            for name, entry in list(self.inv.nodes.items()):
+                node = entry.node
+                if node.state != common_pb2.NODE_STATE_DRAINING or not node.HasField("drain_deadline"):
+                    continue
+                if node.drain_deadline.ToNanoseconds() / 1e9 > now:
+                    continue
+                for lease_id in set(self.inv.held(name).values()):
+                    try:
+                        await self.leases.end(
+                            lease_id,
+                            lease_pb2.LEASE_END_REASON_DRAINED,
+                            f"node {name} drained: {node.state_reason}",
+                        )
+                    except Exception as e:
+                        log.warning("drain could not end a lease", lease=lease_id, error=str(e))
+
+    # -- compaction -----------------------------------------------------------------------------
+
+    async def _compaction(self) -> None:
+        done = 0
+        while True:
+            await asyncio.sleep(COMPACT_EVERY_S)
+            kv = await self.store.get(self.keys.ledger_cursor)
+            if kv is None:
+                continue
+            target = min(int(kv.value), await self.store.revision() - COMPACT_KEEP_REVISIONS)
+            if target > done:
+                with contextlib.suppress(Exception):
+                    await self.store.compact(target)
+                    done = target
+                    log.info("compacted etcd", revision=target)
+
+    async def resign(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.store.txn(
+                [value_is(self.keys.leader, self.replica_id.encode())], [delete_op(self.keys.leader)]
+            )

@@ -1,0 +1,447 @@
+"""LeaseService: exclusive GPU leases, each one an etcd lease.
+
+Grant: one Txn writes the lease record, the request key and one allocation key per GPU, all on a
+fresh etcd lease, comparing every allocation key absent, each node record unchanged and each
+node's alive key present. Its revision is the fencing token. Renew is an etcd keep-alive, expiry
+is etcd deleting the keys, release is a Txn (mark ended, free the GPUs, keep history) followed by
+a revoke.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any, TypeAlias
+
+import grpc
+from etcd3.etcdrpc import rpc_pb2 as rpc
+from google.protobuf import timestamp_pb2
+
+from control_plane import auth, errors
+from control_plane.domain import lease_rules, offers, pagination
+from control_plane.domain.names import etcd_lease_of, lease_id_of, parse_lease_name
+from control_plane.domain.placement import place
+from control_plane.index import Change, Inventory
+from control_plane.metrics import Metrics
+from control_plane.store import EtcdStore, StoreUnavailable, absent, mod_revision_is, put
+from control_plane.store import delete as delete_op
+from control_plane.store import get as get_op
+from gpufed.logs import get_logger
+from gpufed.v1 import common_pb2, lease_pb2, lease_pb2_grpc
+
+log = get_logger(__name__)
+Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+MAX_ATTEMPTS = 8
+HISTORY_RETENTION_S = 24 * 3600
+ACTIVE = lease_pb2.LEASE_STATE_ACTIVE
+ENDED = lease_pb2.LEASE_STATE_ENDED
+
+
+def now_ts() -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+def alive_present(key: str) -> rpc.Compare:
+    return rpc.Compare(result=rpc.Compare.GREATER, target=rpc.Compare.VERSION, key=key.encode(), version=0)
+
+
+class HistoryLeases:
+    """One etcd lease per hour for records kept 24 h (ended leases, spent request ids)."""
+
+    def __init__(self, store: EtcdStore) -> None:
+        self.store = store
+        self._hour = -1
+        self._id = 0
+        self._lock = asyncio.Lock()
+
+    async def lease_id(self) -> int:
+        hour = int(time.time() // 3600)
+        async with self._lock:
+            if hour != self._hour:
+                self._id = await self.store.grant(HISTORY_RETENTION_S + 3600)
+                self._hour = hour
+            return self._id
+
+
+class Leases:
+    """The lease operations shared by LeaseService, AdminService and the leader's sweeps."""
+
+    def __init__(self, store: EtcdStore, inventory: Inventory, metrics: Metrics | None = None) -> None:
+        self.store = store
+        self.keys = store.keys
+        self.inv = inventory
+        self.metrics = metrics
+        self.history = HistoryLeases(store)
+        # GPUs this replica is granting right now: its own grants should not race each other.
+        self.pending: set[str] = set()
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    async def load(self, lease_id: str) -> tuple[lease_pb2.Lease, int] | None:
+        """The lease record and its mod revision (0 for history), from the index, else etcd."""
+        lease = self.inv.leases.get(lease_id)
+        if lease is not None:
+            return lease, self.inv.lease_revision[lease_id]
+        kv = await self.store.get(self.keys.lease(lease_id))
+        if kv is not None:
+            lease = lease_pb2.Lease.FromString(kv.value)
+            if not lease.fencing_token:
+                lease.fencing_token = kv.create_revision
+            return lease, kv.mod_revision
+        kv = await self.store.get(self.keys.lease_history(lease_id))
+        if kv is not None:
+            return lease_pb2.Lease.FromString(kv.value), 0
+        return None
+
+    async def owned(self, name: str, principal: auth.Principal) -> tuple[lease_pb2.Lease, int]:
+        lease_id = parse_lease_name(name)
+        found = await self.load(lease_id)
+        # Another tenant's lease looks exactly like a missing one.
+        if found is None or (principal.kind != auth.Kind.ADMIN and found[0].tenant != principal.name):
+            raise errors.not_found("LEASE_NOT_FOUND", f"{name} does not exist", lease=name)
+        return found
+
+    async def with_expiry(self, lease: lease_pb2.Lease) -> lease_pb2.Lease:
+        """The record with expire_time from etcd's remaining TTL (renewals do not rewrite it)."""
+        if lease.state != ACTIVE:
+            return lease
+        ttl = await self.store.time_to_live(etcd_lease_of(lease.name.split("/", 1)[1]))
+        out = lease_pb2.Lease()
+        out.CopyFrom(lease)
+        if ttl >= 0:
+            out.expire_time.FromNanoseconds(time.time_ns() + ttl * 1_000_000_000)
+        return out
+
+    # -- grant ----------------------------------------------------------------------------------
+
+    async def by_request(self, tenant: str, request_id: str) -> lease_pb2.Lease | None:
+        kv = await self.store.get(self.keys.request(tenant, request_id))
+        if kv is None:
+            return None
+        found = await self.load(kv.value.decode())
+        if found is None:
+            raise errors.ApiError(
+                grpc.StatusCode.ABORTED, "REQUEST_SETTLING", "the lease of this request_id is ending; retry"
+            )
+        return found[0]
+
+    async def create(self, tenant: str, spec: lease_rules.CreateSpec) -> lease_pb2.Lease:
+        existing = await self.by_request(tenant, spec.request_id)
+        if existing is not None:
+            return existing
+        etcd_lease = await self.store.grant(spec.ttl_s)
+        lease_id = lease_id_of(etcd_lease)
+        keep_etcd_lease = False
+        avoid: set[str] = set()
+        try:
+            for attempt in range(MAX_ATTEMPTS):
+                cands = list(offers.candidates(self.inv, spec.filter, 1))
+                picks = place(cands, spec.gpu_count, spec.placement, frozenset(avoid | self.pending))
+                if picks is None:
+                    if attempt == 0 and not self.pending:
+                        raise errors.failed_precondition(
+                            "NO_MATCHING_CAPACITY", f"no {spec.gpu_count} free GPUs match the request"
+                        )
+                    raise errors.exhausted(
+                        "CAPACITY_CONTENDED", "matching GPUs were taken by concurrent grants; retry"
+                    )
+                lease = lease_rules.build_lease(lease_id, tenant, spec, picks, now_ts())
+                uuids = [u for p in picks for u in p.gpu_uuids]
+                req_key = self.keys.request(tenant, spec.request_id)
+                compare = [absent(req_key)]
+                success = [
+                    put(self.keys.lease(lease_id), lease.SerializeToString(), etcd_lease),
+                    put(req_key, lease_id.encode(), etcd_lease),
+                ]
+                for p in picks:
+                    node = p.candidate.node
+                    compare.append(
+                        mod_revision_is(self.keys.node(node.provider, node.node_id), p.candidate.mod_revision)
+                    )
+                    compare.append(alive_present(self.keys.alive(node.provider, node.node_id)))
+                    for u in p.gpu_uuids:
+                        key = self.keys.alloc(node.provider, node.node_id, u)
+                        compare.append(absent(key))
+                        success.append(put(key, lease_id.encode(), etcd_lease))
+                self.pending.update(uuids)
+                started = time.perf_counter()
+                try:
+                    resp = await self.store.txn(compare, success, [get_op(req_key)])
+                except StoreUnavailable:
+                    keep_etcd_lease = True  # outcome unknown: a retry with the request_id settles it
+                    raise
+                finally:
+                    self.pending.difference_update(uuids)
+                    if self.metrics is not None:
+                        self.metrics.txn_latency.observe(time.perf_counter() - started)
+                if resp.succeeded:
+                    keep_etcd_lease = True
+                    lease.fencing_token = resp.header.revision
+                    if self.metrics is not None:
+                        self.metrics.leases_granted.inc()
+                    log.info(
+                        "lease granted",
+                        lease=lease.name,
+                        tenant=tenant,
+                        gpus=len(uuids),
+                        nodes=len(picks),
+                        fencing_token=lease.fencing_token,
+                        attempt=attempt,
+                    )
+                    return lease
+                if resp.responses and resp.responses[0].response_range.kvs:
+                    # Same request_id committed meanwhile (a concurrent retry): answer with that lease.
+                    other = await self.by_request(tenant, spec.request_id)
+                    if other is not None:
+                        return other
+                if self.metrics is not None:
+                    self.metrics.txn_conflicts.inc()
+                avoid.update(uuids)
+                await self.inv.wait_for_revision(resp.header.revision, timeout=1.0)
+            raise errors.exhausted(
+                "CAPACITY_CONTENDED", "matching GPUs were taken by concurrent grants; retry"
+            )
+        finally:
+            if not keep_etcd_lease:
+                with contextlib.suppress(Exception):
+                    await self.store.revoke(etcd_lease)
+
+    # -- renew ----------------------------------------------------------------------------------
+
+    async def renew(self, lease: lease_pb2.Lease) -> lease_pb2.Lease:
+        if lease.state != ACTIVE:
+            raise errors.failed_precondition("LEASE_ENDED", f"{lease.name} has ended", lease=lease.name)
+        ttl = await self.store.keepalive(etcd_lease_of(lease.name.split("/", 1)[1]))
+        if ttl <= 0:
+            raise errors.failed_precondition("LEASE_ENDED", f"{lease.name} has expired", lease=lease.name)
+        out = lease_pb2.Lease()
+        out.CopyFrom(lease)
+        out.expire_time.FromNanoseconds(time.time_ns() + ttl * 1_000_000_000)
+        return out
+
+    # -- end ------------------------------------------------------------------------------------
+
+    async def end(
+        self, lease_id: str, reason: int, message: str = "", tenant: str | None = None
+    ) -> lease_pb2.Lease:
+        """End an active lease: one Txn marks it ended, frees its GPUs and writes its history; then
+        the etcd lease is revoked. Idempotent."""
+        key = self.keys.lease(lease_id)
+        etcd_lease = etcd_lease_of(lease_id)
+        for _ in range(MAX_ATTEMPTS):
+            kv = await self.store.get(key)
+            if kv is None:
+                hist = await self.store.get(self.keys.lease_history(lease_id))
+                if hist is None:
+                    raise errors.not_found("LEASE_NOT_FOUND", f"leases/{lease_id} does not exist")
+                lease = lease_pb2.Lease.FromString(hist.value)
+                if tenant is not None and lease.tenant != tenant:
+                    raise errors.not_found("LEASE_NOT_FOUND", f"leases/{lease_id} does not exist")
+                return lease
+            lease = lease_pb2.Lease.FromString(kv.value)
+            if not lease.fencing_token:
+                lease.fencing_token = kv.create_revision
+            if tenant is not None and lease.tenant != tenant:
+                raise errors.not_found("LEASE_NOT_FOUND", f"leases/{lease_id} does not exist")
+            if lease.state == ENDED:
+                await self.store.revoke(etcd_lease)
+                return lease
+            done = lease_rules.ended(lease, reason, now_ts(), message)
+            raw = done.SerializeToString()
+            hist_lease = await self.history.lease_id()
+            ops = [
+                put(key, raw, etcd_lease),
+                put(self.keys.lease_history(lease_id), raw, hist_lease),
+                put(self.keys.request(lease.tenant, lease.request_id), lease_id.encode(), hist_lease),
+            ]
+            ops += [delete_op(self.keys.alloc(g.provider, g.node_id, g.uuid)) for g in lease.gpus]
+            resp = await self.store.txn([mod_revision_is(key, kv.mod_revision)], ops)
+            if resp.succeeded:
+                await self.store.revoke(etcd_lease)
+                if self.metrics is not None:
+                    self.metrics.leases_released.inc()
+                log.info("lease ended", lease=done.name, reason=done.end_reason)
+                return done
+        raise errors.ApiError(grpc.StatusCode.ABORTED, "LEASE_CHANGING", "the lease kept changing; retry")
+
+    async def list_history(self, tenant: str | None) -> list[lease_pb2.Lease]:
+        kvs, _ = await self.store.get_prefix(self.keys.dir("history") + "leases/")
+        out = []
+        for kv in kvs:
+            lease = lease_pb2.Lease.FromString(kv.value)
+            if tenant is None or lease.tenant == tenant:
+                out.append(lease)
+        return out
+
+
+class LeaseServicer(lease_pb2_grpc.LeaseServiceServicer):
+    def __init__(self, leases: Leases, shutdown: asyncio.Event) -> None:
+        self.leases = leases
+        self.inv = leases.inv
+        self.shutdown = shutdown
+
+    async def CreateLease(
+        self, request: lease_pb2.CreateLeaseRequest, context: Ctx
+    ) -> lease_pb2.CreateLeaseResponse:
+        p = auth.require(auth.Kind.TENANT)
+        spec = lease_rules.validate_create(request)
+        lease = await self.leases.create(p.name, spec)
+        return lease_pb2.CreateLeaseResponse(lease=lease)
+
+    async def GetLease(self, request: lease_pb2.GetLeaseRequest, context: Ctx) -> lease_pb2.GetLeaseResponse:
+        p = auth.require(auth.Kind.TENANT, auth.Kind.ADMIN)
+        lease, _ = await self.leases.owned(request.name, p)
+        return lease_pb2.GetLeaseResponse(lease=await self.leases.with_expiry(lease))
+
+    async def ListLeases(
+        self, request: lease_pb2.ListLeasesRequest, context: Ctx
+    ) -> lease_pb2.ListLeasesResponse:
+        p = auth.require(auth.Kind.TENANT, auth.Kind.ADMIN)
+        if request.state not in lease_pb2.LeaseState.values():
+            raise errors.invalid("INVALID_STATE", f"unknown state {request.state}")
+        size = pagination.page_size(request.page_size)
+        tenant = None if p.kind == auth.Kind.ADMIN else p.name
+        found: dict[str, lease_pb2.Lease] = {}
+        if request.state in (0, ENDED):
+            for lease in await self.leases.list_history(tenant):
+                found[lease.name] = lease
+        if request.state in (0, ACTIVE):
+            for lease in list(self.inv.leases.values()):
+                if (tenant is None or lease.tenant == tenant) and lease.state == ACTIVE:
+                    found[lease.name] = lease
+        ordered = sorted(found.values(), key=lambda lease: (-lease.create_time.ToNanoseconds(), lease.name))
+        query = pagination.query_hash("leases", p.name, str(request.state))
+        start, end, token = pagination.paginate(len(ordered), request.page_token, size, query)
+        return lease_pb2.ListLeasesResponse(leases=ordered[start:end], next_page_token=token)
+
+    async def RenewLease(
+        self, request: lease_pb2.RenewLeaseRequest, context: Ctx
+    ) -> lease_pb2.RenewLeaseResponse:
+        p = auth.require(auth.Kind.TENANT)
+        lease, _ = await self.leases.owned(request.name, p)
+        return lease_pb2.RenewLeaseResponse(lease=await self.leases.renew(lease))
+
+    async def KeepAlive(
+        self, request_iterator: AsyncIterator[lease_pb2.KeepAliveRequest], context: Ctx
+    ) -> AsyncIterator[lease_pb2.KeepAliveResponse]:
+        p = auth.require(auth.Kind.TENANT)
+        async for req in request_iterator:
+            try:
+                lease, _ = await self.leases.owned(req.name, p)
+                renewed = await self.leases.renew(lease)
+                yield lease_pb2.KeepAliveResponse(name=req.name, expire_time=renewed.expire_time)
+            except errors.ApiError as e:
+                yield lease_pb2.KeepAliveResponse(name=req.name, error=e.reason)
+
+    async def ReleaseLease(
+        self, request: lease_pb2.ReleaseLeaseRequest, context: Ctx
+    ) -> lease_pb2.ReleaseLeaseResponse:
+        p = auth.require(auth.Kind.TENANT)
+        lease_id = parse_lease_name(request.name)
+        lease = await self.leases.end(lease_id, lease_pb2.LEASE_END_REASON_RELEASED, tenant=p.name)
+        return lease_pb2.ReleaseLeaseResponse(lease=lease)
+
+    async def WatchLease(
+        self, request: lease_pb2.WatchLeaseRequest, context: Ctx
+    ) -> AsyncIterator[lease_pb2.WatchLeaseResponse]:
+        p = auth.require(auth.Kind.TENANT, auth.Kind.ADMIN)
+        lease, _ = await self.leases.owned(request.name, p)
+        Ev = lease_pb2.WatchLeaseResponse
+        lease_id = lease.name.split("/", 1)[1]
+        if lease.state != ACTIVE:
+            yield Ev(type=Ev.EVENT_TYPE_ENDED, lease=lease, event_time=now_ts())
+            return
+        lease = await self.leases.with_expiry(lease)
+        yield Ev(type=Ev.EVENT_TYPE_GRANTED, lease=lease, event_time=now_ts())
+        nodes = {g.node for g in lease.gpus}
+        uuids = {g.uuid for g in lease.gpus}
+        queue: asyncio.Queue[lease_pb2.WatchLeaseResponse] = asyncio.Queue()
+        ended = asyncio.Event()
+
+        def on_change(change: Change) -> None:
+            if change.kind == "lease" and change.name == lease_id:
+                if change.value is None or lease_pb2.Lease.FromString(change.value).state == ENDED:
+                    ended.set()
+            elif change.kind == "node" and change.name in nodes and change.value is not None:
+                node = common_pb2.Node.FromString(change.value)
+                for g in node.gpus:
+                    if (
+                        g.uuid in uuids
+                        and g.health == common_pb2.GPU_HEALTH_UNHEALTHY
+                        and g.uuid not in reported
+                    ):
+                        reported.add(g.uuid)
+                        reasons = ", ".join(r.code for r in g.health_reasons)
+                        queue.put_nowait(
+                            Ev(
+                                type=Ev.EVENT_TYPE_GPU_UNHEALTHY,
+                                gpu_uuid=g.uuid,
+                                node=change.name,
+                                message=reasons,
+                                event_time=now_ts(),
+                            )
+                        )
+            elif change.kind == "alive" and change.name in nodes and change.value is None:
+                queue.put_nowait(
+                    Ev(
+                        type=Ev.EVENT_TYPE_NODE_LOST,
+                        node=change.name,
+                        event_time=now_ts(),
+                        message="the node's daemon stopped streaming",
+                    )
+                )
+
+        reported: set[str] = set()
+        unsubscribe = self.inv.subscribe(on_change)
+        ttl = lease.ttl.seconds or lease_rules.DEFAULT_TTL_S
+        last_expiry = lease.expire_time.ToNanoseconds()
+        warned = False
+        try:
+            while not ended.is_set() and not self.shutdown.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(ttl / 6, 2.0)):
+                        await ended.wait()
+                while not queue.empty():
+                    yield queue.get_nowait()
+                if ended.is_set():
+                    break
+                remaining = await self.leases.store.time_to_live(etcd_lease_of(lease_id))
+                if remaining < 0:
+                    await self.inv.wait_for_revision(self.inv.revision + 1, timeout=1.0)
+                    ended.set()
+                    break
+                expiry = time.time_ns() + remaining * 1_000_000_000
+                if expiry > last_expiry + 1_000_000_000:
+                    last_expiry = expiry
+                    warned = False
+                    current = lease_pb2.Lease()
+                    current.CopyFrom(lease)
+                    current.expire_time.FromNanoseconds(expiry)
+                    yield Ev(type=Ev.EVENT_TYPE_RENEWED, lease=current, event_time=now_ts())
+                if remaining < ttl / 3 and not warned:
+                    warned = True
+                    yield Ev(
+                        type=Ev.EVENT_TYPE_EXPIRING,
+                        lease=lease,
+                        event_time=now_ts(),
+                        message=f"{remaining} s left",
+                    )
+            while not queue.empty():
+                yield queue.get_nowait()
+            if ended.is_set():
+                final = None
+                for _ in range(20):
+                    found = await self.leases.load(lease_id)
+                    if found is not None and found[0].state == ENDED:
+                        final = found[0]
+                        break
+                    await asyncio.sleep(0.1)
+                if final is None:
+                    final = lease_rules.ended(lease, lease_pb2.LEASE_END_REASON_EXPIRED, now_ts())
+                yield Ev(type=Ev.EVENT_TYPE_ENDED, lease=final, event_time=now_ts())
+        finally:
+            unsubscribe()

@@ -1,0 +1,36 @@
+"""`gpufed-control-plane` / `python -m control_plane`: run one replica until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Sequence
+
+from control_plane.config import parse_args
+from control_plane.replica import Replica
+from gpufed.logs import configure_logging, get_logger
+
+log = get_logger(__name__)
+
+
+async def serve(argv: Sequence[str] | None = None) -> None:
+    config = parse_args(argv)
+    replica = Replica(config)
+    await replica.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await replica.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    configure_logging()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,429 @@
+"""NodeService.Connect: the daemon streams, liveness (alive keys on the replica's session lease),
+telemetry rings in memory, health changes and lease assignments.
+
+Steady-state reports write nothing to etcd; only registration, inventory, health, price and
+liveness transitions do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+import grpc
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from control_plane import auth, errors
+from control_plane.domain import registration
+from control_plane.domain.names import node_name
+from control_plane.index import Change, Inventory
+from control_plane.metrics import Metrics
+from control_plane.store import EtcdStore, StoreUnavailable, absent, mod_revision_is, put, value_is
+from control_plane.store import delete as delete_op
+from gpufed.logs import get_logger
+from gpufed.v1 import common_pb2, lease_pb2, node_pb2, node_pb2_grpc
+
+log = get_logger(__name__)
+
+NodeState = common_pb2.NodeState
+Reported: TypeAlias = dict[str, tuple[Any, list[common_pb2.HealthReason]]]
+RING_SIZE = 300
+
+
+@dataclass
+class NodeSession:
+    name: str
+    provider: str
+    node_id: str
+    session_id: str
+    last_seen: float
+    outgoing: asyncio.Queue[node_pb2.ControlMessage | None] = field(default_factory=asyncio.Queue)
+    end_error: errors.ApiError | None = None
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    sent_started: set[str] = field(default_factory=set)
+    admin_state: int = 0
+
+    @property
+    def alive_value(self) -> str:
+        return self.session_id
+
+    def end(self, error: errors.ApiError | None) -> None:
+        if not self.ended.is_set():
+            self.end_error = error
+            self.ended.set()
+            self.outgoing.put_nowait(None)
+
+
+class Telemetry:
+    """Recent reports per node held by this replica, newest last."""
+
+    def __init__(self, size: int = RING_SIZE) -> None:
+        self.size = size
+        self.rings: dict[str, deque[common_pb2.NodeReport]] = {}
+
+    def add(self, name: str, report: common_pb2.NodeReport) -> None:
+        ring = self.rings.get(name)
+        if ring is None:
+            ring = self.rings[name] = deque(maxlen=self.size)
+        ring.append(report)
+
+    def recent(self, name: str, n: int) -> list[common_pb2.NodeReport] | None:
+        ring = self.rings.get(name)
+        if ring is None:
+            return None
+        return list(ring)[-n:] if n else []
+
+    def drop(self, name: str) -> None:
+        self.rings.pop(name, None)
+
+
+def _now_ts() -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+class NodeServicer(node_pb2_grpc.NodeServiceServicer):
+    def __init__(
+        self,
+        store: EtcdStore,
+        inventory: Inventory,
+        replica_id: str,
+        session_lease: Callable[[], int],
+        report_interval: float = 2.0,
+        grace_intervals: float = 3.0,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.keys = store.keys
+        self.inventory = inventory
+        self.replica_id = replica_id
+        self.session_lease = session_lease
+        self.report_interval = report_interval
+        self.grace = report_interval * grace_intervals
+        self.metrics = metrics
+        self.clock = clock
+        self.sessions: dict[str, NodeSession] = {}
+        self.telemetry = Telemetry()
+        self.reports_ingested = 0
+        self._unsubscribe = inventory.subscribe(self._on_change)
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep(), name="liveness-sweeper")
+
+    async def stop(self) -> None:
+        self._unsubscribe()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for s in list(self.sessions.values()):
+            s.end(errors.unavailable("REPLICA_SHUTTING_DOWN", "the replica is shutting down; reconnect"))
+
+    # -- the stream -----------------------------------------------------------------------------
+
+    async def Connect(
+        self,
+        request_iterator: AsyncIterator[node_pb2.NodeMessage],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[node_pb2.ControlMessage]:
+        principal = auth.require(auth.Kind.PROVIDER)
+        try:
+            first = await anext(aiter(request_iterator))
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("message") != "hello":
+            raise errors.invalid("HELLO_REQUIRED", "the first message of a Connect stream must be a hello")
+        hello = first.hello
+        registration.validate_hello(hello, principal.name)
+        name = node_name(hello.provider, hello.node_id)
+        await self._register(hello)
+
+        session = NodeSession(
+            name, hello.provider, hello.node_id, f"{self.replica_id}/{uuid.uuid4().hex[:12]}", self.clock()
+        )
+        old = self.sessions.get(name)
+        if old is not None:
+            old.end(
+                errors.ApiError(
+                    grpc.StatusCode.ABORTED, "SESSION_REPLACED", "a newer stream for this node took over"
+                )
+            )
+        self.sessions[name] = session
+        if self.metrics is not None:
+            self.metrics.streams.set(len(self.sessions))
+        await self.store.put(
+            self.keys.alive(hello.provider, hello.node_id),
+            session.alive_value.encode(),
+            lease=self.session_lease(),
+        )
+        log.info("node connected", node=name, session=session.session_id)
+        reader = asyncio.create_task(self._read(session, request_iterator))
+        try:
+            yield node_pb2.ControlMessage(
+                welcome=node_pb2.Welcome(
+                    session_id=session.session_id,
+                    replica=self.replica_id,
+                    report_interval=duration_pb2.Duration(
+                        seconds=int(self.report_interval), nanos=int((self.report_interval % 1) * 1e9)
+                    ),
+                    node=name,
+                )
+            )
+            for msg in self._initial_assignments(session):
+                yield msg
+            while True:
+                out = await session.outgoing.get()
+                if out is None:
+                    break
+                yield out
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            await self._close(session)
+        if session.end_error is not None:
+            raise session.end_error
+
+    async def _read(self, session: NodeSession, requests: AsyncIterator[node_pb2.NodeMessage]) -> None:
+        try:
+            async for msg in requests:
+                session.last_seen = self.clock()
+                kind = msg.WhichOneof("message")
+                if kind == "report":
+                    await self._ingest(session, msg.report)
+                elif kind == "event":
+                    await self._event(session, msg.event)
+                elif kind == "assignment_ack":
+                    ack = msg.assignment_ack
+                    if not ack.accepted:
+                        log.warning(
+                            "daemon rejected an assignment",
+                            node=session.name,
+                            lease=ack.lease,
+                            reason=ack.reason,
+                        )
+                elif kind == "hello":
+                    session.end(
+                        errors.invalid("UNEXPECTED_HELLO", "hello is only valid as the first message")
+                    )
+                    return
+            session.end(None)
+        except asyncio.CancelledError:
+            raise
+        except errors.ApiError as e:
+            session.end(e)
+        except StoreUnavailable as e:
+            session.end(errors.unavailable("ETCD_UNAVAILABLE", str(e)))
+        except Exception:
+            log.exception("node stream reader failed", node=session.name)
+            session.end(
+                errors.unavailable("REPLICA_ERROR", "the replica failed to read the stream; reconnect")
+            )
+
+    async def _close(self, session: NodeSession) -> None:
+        if self.sessions.get(session.name) is session:
+            del self.sessions[session.name]
+            self.telemetry.drop(session.name)
+            if self.metrics is not None:
+                self.metrics.streams.set(len(self.sessions))
+        # Only the owner may take the node offline: a takeover by another stream stays.
+        key = self.keys.alive(session.provider, session.node_id)
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.txn([value_is(key, session.alive_value.encode())], [delete_op(key)])
+        log.info(
+            "node disconnected",
+            node=session.name,
+            session=session.session_id,
+            reason=session.end_error.reason if session.end_error else "STREAM_ENDED",
+        )
+
+    # -- registration and health ----------------------------------------------------------------
+
+    async def _register(self, hello: node_pb2.NodeHello) -> None:
+        key = self.keys.node(hello.provider, hello.node_id)
+        for _ in range(10):
+            kv = await self.store.get(key)
+            existing = common_pb2.Node.FromString(kv.value) if kv else None
+            record = registration.record_from_hello(hello, existing, _now_ts())
+            if existing is not None and registration.same_record(existing, record):
+                return
+            cmp = mod_revision_is(key, kv.mod_revision) if kv else absent(key)
+            resp = await self.store.txn([cmp], [put(key, record.SerializeToString())])
+            if resp.succeeded:
+                return
+        raise errors.ApiError(
+            grpc.StatusCode.ABORTED, "REGISTRATION_CONFLICT", "node record kept changing; retry"
+        )
+
+    async def _update_health(self, session: NodeSession, reported: Reported) -> None:
+        key = self.keys.node(session.provider, session.node_id)
+        for _ in range(10):
+            entry = self.inventory.nodes.get(session.name)
+            kv = None
+            if entry is None:
+                kv = await self.store.get(key)
+                if kv is None:
+                    return
+            node = common_pb2.Node()
+            node.CopyFrom(entry.node if entry is not None else common_pb2.Node.FromString(kv.value))  # type: ignore[union-attr]
+            rev = entry.mod_revision if entry is not None else kv.mod_revision  # type: ignore[union-attr]
+            if not registration.apply_health(node, reported):
+                return
+            node.update_time.CopyFrom(_now_ts())
+            resp = await self.store.txn([mod_revision_is(key, rev)], [put(key, node.SerializeToString())])
+            if resp.succeeded:
+                await self.inventory.wait_for_revision(resp.header.revision, timeout=1.0)
+                log.info(
+                    "gpu health changed",
+                    node=session.name,
+                    gpus={u: common_pb2.GpuHealth.Name(h) for u, (h, _) in reported.items()},
+                )
+                return
+            await self.inventory.wait_for_revision(resp.header.revision, timeout=1.0)
+
+    def _health_differs(self, session: NodeSession, reported: Reported) -> bool:
+        entry = self.inventory.nodes.get(session.name)
+        if entry is None:
+            return False
+        for gpu in entry.node.gpus:
+            got = reported.get(gpu.uuid)
+            if got is None or got[0] in (0, gpu.health):
+                continue
+            if gpu.health != common_pb2.GPU_HEALTH_UNHEALTHY:
+                return True
+        return False
+
+    async def _ingest(self, session: NodeSession, report: common_pb2.NodeReport) -> None:
+        self.telemetry.add(session.name, report)
+        self.reports_ingested += 1
+        if self.metrics is not None:
+            self.metrics.reports.inc()
+        reported = {g.uuid: (g.health, list(g.health_reasons)) for g in report.gpus}
+        if self._health_differs(session, reported):
+            await self._update_health(session, reported)
+
+    async def _event(self, session: NodeSession, event: node_pb2.NodeEvent) -> None:
+        log.warning(
+            "node event",
+            node=session.name,
+            gpu=event.gpu_uuid,
+            kind=event.WhichOneof("event"),
+            xid=event.xid.xid if event.HasField("xid") else None,
+            health=common_pb2.GpuHealth.Name(event.health),
+        )
+        reported = {event.gpu_uuid: (event.health, list(event.health_reasons))}
+        if self._health_differs(session, reported):
+            await self._update_health(session, reported)
+
+    # -- liveness -------------------------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(min(0.5, self.report_interval / 2))
+            now = self.clock()
+            for s in list(self.sessions.values()):
+                if now - s.last_seen > self.grace:
+                    log.warning(
+                        "node silent past the grace period", node=s.name, silent_s=round(now - s.last_seen, 1)
+                    )
+                    s.end(
+                        errors.unavailable("REPORT_TIMEOUT", "no report within the grace period; reconnect")
+                    )
+
+    async def reattach(self, lease_id: int) -> None:
+        """After the session lease was replaced: put every alive key again on the new lease."""
+        for s in list(self.sessions.values()):
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.put(
+                    self.keys.alive(s.provider, s.node_id), s.alive_value.encode(), lease=lease_id
+                )
+
+    # -- assignments and commands ---------------------------------------------------------------
+
+    def _assignment(self, lease: lease_pb2.Lease, node: str, action: int) -> node_pb2.ControlMessage | None:
+        uuids = [g.uuid for g in lease.gpus if g.node == node]
+        if not uuids:
+            return None
+        return node_pb2.ControlMessage(
+            assignment=node_pb2.LeaseAssignment(
+                lease=lease.name,
+                gpu_uuids=uuids,
+                tenant=lease.tenant,
+                expire_time=lease.expire_time,
+                fencing_token=lease.fencing_token,
+                action=action,  # type: ignore[arg-type]
+            )
+        )
+
+    def _initial_assignments(self, session: NodeSession) -> list[node_pb2.ControlMessage]:
+        out = []
+        for lease in list(self.inventory.leases.values()):
+            if lease.state != lease_pb2.LEASE_STATE_ACTIVE:
+                continue
+            msg = self._assignment(lease, session.name, node_pb2.ASSIGNMENT_ACTION_STARTED)
+            if msg is not None:
+                session.sent_started.add(lease.name)
+                out.append(msg)
+        entry = self.inventory.nodes.get(session.name)
+        session.admin_state = entry.node.state if entry else 0
+        if session.admin_state in (NodeState.NODE_STATE_CORDONED, NodeState.NODE_STATE_DRAINING):
+            out.append(self._command_for(session.admin_state, entry.node.state_reason if entry else ""))
+        return out
+
+    @staticmethod
+    def _command_for(state: int, reason: str) -> node_pb2.ControlMessage:
+        kind = {
+            NodeState.NODE_STATE_CORDONED: node_pb2.NODE_COMMAND_TYPE_CORDON,
+            NodeState.NODE_STATE_DRAINING: node_pb2.NODE_COMMAND_TYPE_DRAIN,
+        }.get(state, node_pb2.NODE_COMMAND_TYPE_UNCORDON)  # type: ignore[call-overload]
+        return node_pb2.ControlMessage(command=node_pb2.NodeCommand(type=kind, reason=reason))
+
+    def _on_change(self, change: Change) -> None:
+        if change.kind == "lease":
+            raw = change.value if change.value is not None else change.prev_value
+            if raw is None:
+                return
+            lease = lease_pb2.Lease.FromString(raw)
+            for node in {g.node for g in lease.gpus}:
+                s = self.sessions.get(node)
+                if s is None:
+                    continue
+                if change.value is not None and lease.state == lease_pb2.LEASE_STATE_ACTIVE:
+                    if lease.name in s.sent_started:
+                        continue
+                    s.sent_started.add(lease.name)
+                    action = node_pb2.ASSIGNMENT_ACTION_STARTED
+                elif lease.name in s.sent_started:
+                    s.sent_started.discard(lease.name)
+                    action = node_pb2.ASSIGNMENT_ACTION_ENDED
+                else:
+                    continue
+                msg = self._assignment(lease, node, action)
+                if msg is not None:
+                    s.outgoing.put_nowait(msg)
+        elif change.kind == "alive":
+            s = self.sessions.get(change.name)
+            if s is not None and change.value is not None and change.value.decode() != s.alive_value:
+                s.end(
+                    errors.ApiError(
+                        grpc.StatusCode.ABORTED,
+                        "SESSION_REPLACED",
+                        "a newer stream for this node took over on another replica",
+                    )
+                )
+        elif change.kind == "node" and change.value is not None:
+            s = self.sessions.get(change.name)
+            if s is not None:
+                record = common_pb2.Node.FromString(change.value)
+                if record.state != s.admin_state:
+                    s.admin_state = record.state
+                    s.outgoing.put_nowait(self._command_for(record.state, record.state_reason))

@@ -1,0 +1,180 @@
+"""One control plane replica: the etcd session, the index, the servicers and the gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from control_plane.admin_service import AdminServicer
+from control_plane.auth import Authenticator
+from control_plane.config import Config
+from control_plane.discovery_service import DiscoveryServicer
+from control_plane.index import Change, Inventory
+from control_plane.leader import Leader
+from control_plane.lease_service import Leases, LeaseServicer
+from control_plane.metrics import Metrics
+from control_plane.node_service import NodeServicer
+from control_plane.rpc import RpcInterceptor
+from control_plane.store import EtcdStore, Session
+from control_plane.telemetry_service import PeerServicer, TelemetryServicer
+from control_plane.watcher import Watcher
+from gpufed.logs import get_logger
+from gpufed.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    discovery_pb2,
+    discovery_pb2_grpc,
+    lease_pb2,
+    lease_pb2_grpc,
+    node_pb2,
+    node_pb2_grpc,
+    peer_pb2,
+    peer_pb2_grpc,
+    telemetry_pb2,
+    telemetry_pb2_grpc,
+)
+
+log = get_logger(__name__)
+
+SERVICE_NAMES = [
+    node_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name,
+    discovery_pb2.DESCRIPTOR.services_by_name["DiscoveryService"].full_name,
+    lease_pb2.DESCRIPTOR.services_by_name["LeaseService"].full_name,
+    telemetry_pb2.DESCRIPTOR.services_by_name["TelemetryService"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+    peer_pb2.DESCRIPTOR.services_by_name["PeerService"].full_name,
+]
+
+
+class Replica:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.id = config.replica_id
+        self.metrics = Metrics()
+        self.shutdown = asyncio.Event()
+        self.port = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._metrics_server: object | None = None
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.store = EtcdStore(cfg.etcd_endpoints, cfg.etcd_prefix)
+        self.inventory = Inventory(self.store.keys)
+        self.auth = Authenticator(self.store, cfg.admin_token, cfg.peer_token)
+        self.inventory.subscribe(self._on_change)
+        self.session = Session(self.store, cfg.session_ttl, on_new_lease=self._on_new_session_lease)
+        await self.session.start()
+        self.watcher = Watcher(self.store, self.inventory)
+        self._tasks.append(asyncio.create_task(self.watcher.run(), name="watcher"))
+        async with asyncio.timeout(30):
+            await self.watcher.synced.wait()
+
+        self.nodes = NodeServicer(
+            self.store,
+            self.inventory,
+            self.id,
+            lambda: self.session.lease_id,
+            cfg.report_interval,
+            cfg.grace_intervals,
+            self.metrics,
+        )
+        self.leases = Leases(self.store, self.inventory, self.metrics)
+        self.telemetry = TelemetryServicer(self.inventory, self.nodes, self.id, cfg.peer_token)
+        self.leader = Leader(
+            self.store, self.inventory, self.leases, self.id, lambda: self.session.lease_id, self.metrics
+        )
+
+        server = grpc.aio.server(
+            interceptors=[RpcInterceptor(self.auth, self.metrics, cfg.log_calls)],
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+            ],
+        )
+        node_pb2_grpc.add_NodeServiceServicer_to_server(self.nodes, server)
+        discovery_pb2_grpc.add_DiscoveryServiceServicer_to_server(
+            DiscoveryServicer(self.inventory, self.shutdown), server
+        )
+        lease_pb2_grpc.add_LeaseServiceServicer_to_server(LeaseServicer(self.leases, self.shutdown), server)
+        telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(self.telemetry, server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(
+            AdminServicer(self.store, self.inventory, self.leases), server
+        )
+        peer_pb2_grpc.add_PeerServiceServicer_to_server(PeerServicer(self.nodes, self.id), server)
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+        self.port = server.add_insecure_port(cfg.listen)
+        if self.port == 0:
+            raise RuntimeError(f"cannot listen on {cfg.listen}")
+        self.server = server
+        await server.start()
+        host = cfg.listen.rsplit(":", 1)[0]
+        self.address = cfg.advertise or f"{host}:{self.port}"
+        await self.store.put(
+            self.store.keys.replica(self.id), self.address.encode(), lease=self.session.lease_id
+        )
+        self.nodes.start()
+        self._tasks.append(asyncio.create_task(self.leader.run(), name="leader"))
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if cfg.metrics_listen:
+            from prometheus_client import start_http_server
+
+            mhost, _, mport = cfg.metrics_listen.rpartition(":")
+            self._metrics_server = start_http_server(
+                int(mport), addr=mhost or "127.0.0.1", registry=self.metrics.registry
+            )
+        log.info(
+            "replica serving",
+            replica=self.id,
+            address=self.address,
+            etcd=cfg.etcd_endpoints,
+            prefix=cfg.etcd_prefix,
+        )
+
+    async def _set_health(self, status: int) -> None:
+        for name in ["", *SERVICE_NAMES]:
+            result = self.health.set(name, status)
+            if asyncio.iscoroutine(result):
+                await result
+
+    def _on_change(self, change: Change) -> None:
+        if change.kind == "token":
+            self.auth.update(change.name, change.value)
+        elif change.kind == "relist":
+            self.auth.records.clear()
+
+    async def _on_new_session_lease(self, lease_id: int) -> None:
+        await self.store.put(self.store.keys.replica(self.id), self.address.encode(), lease=lease_id)
+        await self.nodes.reattach(lease_id)
+
+    async def stop(self, grace: float = 3.0) -> None:
+        """Graceful: report NOT_SERVING, end streams, drain RPCs, give up liveness and leadership."""
+        log.info("replica stopping", replica=self.id)
+        self.shutdown.set()
+        with contextlib.suppress(Exception):
+            await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.nodes.stop()
+        await self.server.stop(grace)
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        await self.leader.resign()
+        await self.telemetry.close()
+        await self.session.close(revoke=True)
+        if self._metrics_server is not None:
+            with contextlib.suppress(Exception):
+                self._metrics_server[0].shutdown()  # type: ignore[index]
+        await self.store.close()
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()

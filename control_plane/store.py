@@ -1,0 +1,517 @@
+"""The etcd adapter: keyspace layout, Txn helpers, ranged reads, watch from a revision, leases.
+
+It speaks etcd's v3 gRPC API through grpc.aio with the stubs that python3-etcd3 ships
+(`etcd3.etcdrpc`), so the asyncio replica never parks a thread on etcd. python3-etcd3's own
+synchronous client is not used on the server's hot paths (and its Lock is never used:
+exclusivity is compare-and-swap, see DESIGN.md).
+
+Keyspace, all under a configurable prefix (default /gpufed):
+
+  nodes/{provider}/{node_id}            Node record (gpufed.v1.Node, binary)
+  alive/{provider}/{node_id}            replica id holding the stream; on that replica's session lease
+  alloc/{provider}/{node_id}/{gpu_uuid} lease id; on the gpufed lease's etcd lease
+  leases/{lease_id}                     Lease record; on its own etcd lease
+  requests/{tenant}/{request_id}        lease id, for CreateLease idempotency
+  history/leases/{lease_id}             ended Lease records (written by the leader)
+  usage/{lease_id}/{provider}           UsageRecord (written once, by the leader)
+  tokens/{token_id}                     token record with the secret's hash
+  replicas/{replica_id}                 peer address; on the replica's session lease
+  leader                                replica id of the elected leader; on its session lease
+  ledger/cursor                         revision the usage ledger has processed
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+from etcd3.etcdrpc import rpc_pb2 as rpc
+from etcd3.etcdrpc import rpc_pb2_grpc as rpc_grpc
+
+from gpufed.logs import get_logger
+
+log = get_logger(__name__)
+
+T = TypeVar("T")
+
+# etcd's default --max-txn-ops: the most operations in one branch (compares, success or failure).
+MAX_TXN_OPS = 128
+_RANGE_PAGE = 2000
+
+
+class StoreUnavailable(Exception):
+    """etcd could not be reached or did not answer in time; the outcome of a write is unknown."""
+
+
+class WatchCompacted(Exception):
+    """The watch start revision was compacted; the caller must list again."""
+
+    def __init__(self, compact_revision: int) -> None:
+        super().__init__(f"revision compacted up to {compact_revision}")
+        self.compact_revision = compact_revision
+
+
+@dataclass(frozen=True, slots=True)
+class Keyspace:
+    prefix: str = "/gpufed"
+
+    def _k(self, *parts: str) -> str:
+        return "/".join((self.prefix.rstrip("/"), *parts))
+
+    def node(self, provider: str, node_id: str) -> str:
+        return self._k("nodes", provider, node_id)
+
+    def alive(self, provider: str, node_id: str) -> str:
+        return self._k("alive", provider, node_id)
+
+    def alloc(self, provider: str, node_id: str, gpu_uuid: str) -> str:
+        return self._k("alloc", provider, node_id, gpu_uuid)
+
+    def lease(self, lease_id: str) -> str:
+        return self._k("leases", lease_id)
+
+    def request(self, tenant: str, request_id: str) -> str:
+        return self._k("requests", tenant, request_id)
+
+    def lease_history(self, lease_id: str) -> str:
+        return self._k("history", "leases", lease_id)
+
+    def usage_record(self, lease_id: str, provider: str) -> str:
+        return self._k("usage", lease_id, provider)
+
+    def token(self, token_id: str) -> str:
+        return self._k("tokens", token_id)
+
+    def replica(self, replica_id: str) -> str:
+        return self._k("replicas", replica_id)
+
+    @property
+    def leader(self) -> str:
+        return self._k("leader")
+
+    @property
+    def ledger_cursor(self) -> str:
+        return self._k("ledger", "cursor")
+
+    def dir(self, name: str) -> str:
+        """Prefix of one top-level directory, with a trailing slash: dir('nodes') -> /gpufed/nodes/."""
+        return self._k(name) + "/"
+
+    @property
+    def root(self) -> str:
+        return self.prefix.rstrip("/") + "/"
+
+    def relative(self, key: bytes | str) -> list[str]:
+        """Path parts of a key below the prefix: /gpufed/nodes/p/n -> ['nodes', 'p', 'n']."""
+        text = key.decode() if isinstance(key, bytes) else key
+        return text[len(self.root) :].split("/")
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The range_end that selects every key starting with prefix (etcd's convention)."""
+    b = bytearray(prefix)
+    for i in range(len(b) - 1, -1, -1):
+        if b[i] < 0xFF:
+            b[i] += 1
+            return bytes(b[: i + 1])
+    return b"\0"
+
+
+def _b(key: str | bytes) -> bytes:
+    return key.encode() if isinstance(key, str) else key
+
+
+# -- Txn building blocks -------------------------------------------------------------------------
+
+
+def absent(key: str | bytes) -> rpc.Compare:
+    return rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE, key=_b(key), create_revision=0)
+
+
+def mod_revision_is(key: str | bytes, revision: int) -> rpc.Compare:
+    return rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, key=_b(key), mod_revision=revision)
+
+
+def value_is(key: str | bytes, value: bytes) -> rpc.Compare:
+    return rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.VALUE, key=_b(key), value=value)
+
+
+def put(key: str | bytes, value: bytes, lease: int = 0) -> rpc.RequestOp:
+    return rpc.RequestOp(request_put=rpc.PutRequest(key=_b(key), value=value, lease=lease))
+
+
+def delete(key: str | bytes) -> rpc.RequestOp:
+    return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=_b(key)))
+
+
+def get(key: str | bytes) -> rpc.RequestOp:
+    return rpc.RequestOp(request_range=rpc.RangeRequest(key=_b(key)))
+
+
+def nested(txn: rpc.TxnRequest) -> rpc.RequestOp:
+    return rpc.RequestOp(request_txn=txn)
+
+
+@dataclass(slots=True)
+class Event:
+    """One key change from a watch. `value` is None for a delete; prev_value is set when known."""
+
+    key: bytes
+    value: bytes | None
+    mod_revision: int
+    create_revision: int
+    lease: int
+    prev_value: bytes | None = None
+
+
+@dataclass(slots=True)
+class KeyValue:
+    key: bytes
+    value: bytes
+    mod_revision: int
+    create_revision: int
+    lease: int
+
+
+def _kv(kv: Any) -> KeyValue:
+    return KeyValue(kv.key, kv.value, kv.mod_revision, kv.create_revision, kv.lease)
+
+
+def _channel_target(endpoints: Sequence[str]) -> str:
+    """One target for every endpoint: grpc's ipv4:/ipv6: lists fail over between members."""
+    hosts: list[tuple[str, str]] = []
+    for ep in endpoints:
+        ep = ep.strip().removeprefix("http://").removeprefix("https://")
+        host, _, port = ep.rpartition(":")
+        hosts.append((host.strip("[]"), port))
+    try:
+        families = {ipaddress.ip_address(h).version for h, _ in hosts}
+    except ValueError:
+        # Names: let DNS resolve the first; production puts the members behind one name.
+        return f"dns:///{hosts[0][0]}:{hosts[0][1]}"
+    if families == {4}:
+        return "ipv4:" + ",".join(f"{h}:{p}" for h, p in hosts)
+    return "ipv6:" + ",".join(f"[{h}]:{p}" for h, p in hosts)
+
+
+class EtcdStore:
+    """An asyncio etcd client bound to one keyspace. Create and use it inside one event loop."""
+
+    def __init__(self, endpoints: Sequence[str], prefix: str = "/gpufed", timeout: float = 5.0) -> None:
+        self.endpoints = list(endpoints)
+        self.keys = Keyspace(prefix)
+        self.timeout = timeout
+        self._channel = grpc.aio.insecure_channel(
+            _channel_target(self.endpoints),
+            options=[
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                ("grpc.max_send_message_length", 16 * 1024 * 1024),
+                ("grpc.keepalive_time_ms", 10_000),
+                ("grpc.keepalive_timeout_ms", 5_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                # Retry connecting quickly after a member restarts.
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 1000),
+            ],
+        )
+        self._kv = rpc_grpc.KVStub(self._channel)
+        self._lease = rpc_grpc.LeaseStub(self._channel)
+        self._watch = rpc_grpc.WatchStub(self._channel)
+        self._maintenance = rpc_grpc.MaintenanceStub(self._channel)
+        self._keepalive = _KeepAliveStream(self._lease)
+
+    async def close(self) -> None:
+        await self._keepalive.close()
+        await self._channel.close()
+
+    async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await fn()
+        except grpc.aio.AioRpcError as e:
+            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise StoreUnavailable(f"etcd: {e.code().name}: {e.details()}") from e
+            raise
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    async def get(self, key: str | bytes) -> KeyValue | None:
+        resp = await self._call(lambda: self._kv.Range(rpc.RangeRequest(key=_b(key)), timeout=self.timeout))
+        return _kv(resp.kvs[0]) if resp.kvs else None
+
+    async def get_prefix(self, prefix: str | bytes, revision: int = 0) -> tuple[list[KeyValue], int]:
+        """Every key under prefix at one revision (the current one if 0), read in pages."""
+        start = _b(prefix)
+        end = prefix_end(start)
+        out: list[KeyValue] = []
+        while True:
+            req = rpc.RangeRequest(
+                key=start,
+                range_end=end,
+                limit=_RANGE_PAGE,
+                revision=revision,
+                sort_order=rpc.RangeRequest.ASCEND,
+                sort_target=rpc.RangeRequest.KEY,
+            )
+            resp = await self._call(lambda r=req: self._kv.Range(r, timeout=self.timeout))  # type: ignore[misc]
+            if revision == 0:
+                revision = resp.header.revision
+            out.extend(_kv(kv) for kv in resp.kvs)
+            if not resp.more or not resp.kvs:
+                return out, revision
+            start = resp.kvs[-1].key + b"\0"
+
+    async def revision(self) -> int:
+        resp = await self._call(
+            lambda: self._kv.Range(
+                rpc.RangeRequest(key=b"\0", limit=1, count_only=True), timeout=self.timeout
+            )
+        )
+        return int(resp.header.revision)
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    async def txn(
+        self,
+        compare: Sequence[rpc.Compare],
+        success: Sequence[rpc.RequestOp],
+        failure: Sequence[rpc.RequestOp] = (),
+    ) -> rpc.TxnResponse:
+        req = rpc.TxnRequest(compare=list(compare), success=list(success), failure=list(failure))
+        return await self._call(lambda: self._kv.Txn(req, timeout=self.timeout))
+
+    async def put(self, key: str | bytes, value: bytes, lease: int = 0) -> int:
+        resp = await self._call(
+            lambda: self._kv.Put(rpc.PutRequest(key=_b(key), value=value, lease=lease), timeout=self.timeout)
+        )
+        return int(resp.header.revision)
+
+    async def delete(self, key: str | bytes) -> int:
+        resp = await self._call(
+            lambda: self._kv.DeleteRange(rpc.DeleteRangeRequest(key=_b(key)), timeout=self.timeout)
+        )
+        return int(resp.deleted)
+
+    async def compact(self, revision: int) -> None:
+        await self._call(
+            lambda: self._kv.Compact(rpc.CompactionRequest(revision=revision), timeout=self.timeout)
+        )
+
+    # -- leases ---------------------------------------------------------------------------------
+
+    async def grant(self, ttl: int, lease_id: int = 0) -> int:
+        resp = await self._call(
+            lambda: self._lease.LeaseGrant(rpc.LeaseGrantRequest(TTL=ttl, ID=lease_id), timeout=self.timeout)
+        )
+        if resp.error:
+            raise StoreUnavailable(f"etcd lease grant failed: {resp.error}")
+        return int(resp.ID)
+
+    async def revoke(self, lease_id: int) -> bool:
+        """Revoke a lease and delete its keys; False if it had already expired."""
+        try:
+            await self._call(
+                lambda: self._lease.LeaseRevoke(rpc.LeaseRevokeRequest(ID=lease_id), timeout=self.timeout)
+            )
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                return False
+            raise
+        return True
+
+    async def keepalive(self, lease_id: int) -> int:
+        """Refresh a lease once (cheap: the leader answers without a Raft write). Returns the new
+        TTL in seconds, or 0 when the lease no longer exists."""
+        return await self._call(lambda: self._keepalive.refresh(lease_id, self.timeout))
+
+    async def time_to_live(self, lease_id: int) -> int:
+        """Seconds left on a lease, -1 when it does not exist."""
+        resp = await self._call(
+            lambda: self._lease.LeaseTimeToLive(rpc.LeaseTimeToLiveRequest(ID=lease_id), timeout=self.timeout)
+        )
+        return int(resp.TTL)
+
+    # -- watch ----------------------------------------------------------------------------------
+
+    async def watch_prefix(
+        self, prefix: str | bytes, start_revision: int, prev_kv: bool = True
+    ) -> AsyncIterator[tuple[int, list[Event]]]:
+        """Yield (revision, events) batches under prefix from start_revision on, forever.
+
+        Raises WatchCompacted when start_revision is no longer available, StoreUnavailable when the
+        stream breaks (the caller re-lists or resumes from the last revision it saw).
+        """
+        key = _b(prefix)
+        create = rpc.WatchRequest(
+            create_request=rpc.WatchCreateRequest(
+                key=key,
+                range_end=prefix_end(key),
+                start_revision=start_revision,
+                prev_kv=prev_kv,
+                progress_notify=True,
+            )
+        )
+        queue: asyncio.Queue[rpc.WatchRequest] = asyncio.Queue()
+        queue.put_nowait(create)
+
+        async def requests() -> AsyncIterator[rpc.WatchRequest]:
+            while True:
+                yield await queue.get()
+
+        call = self._watch.Watch(requests())
+        try:
+            async for resp in call:
+                if resp.compact_revision:
+                    raise WatchCompacted(int(resp.compact_revision))
+                if resp.canceled:
+                    raise StoreUnavailable(f"etcd cancelled the watch: {resp.cancel_reason}")
+                if resp.created and not resp.events:
+                    continue
+                events = [
+                    Event(
+                        key=ev.kv.key,
+                        value=None if ev.type == ev.DELETE else ev.kv.value,
+                        mod_revision=ev.kv.mod_revision,
+                        create_revision=ev.kv.create_revision,
+                        lease=ev.kv.lease,
+                        prev_value=ev.prev_kv.value if ev.HasField("prev_kv") else None,
+                    )
+                    for ev in resp.events
+                ]
+                yield int(resp.header.revision), events
+        except grpc.aio.AioRpcError as e:
+            task = asyncio.current_task()
+            if e.code() == grpc.StatusCode.CANCELLED or (task is not None and task.cancelling()):
+                raise asyncio.CancelledError() from e
+            raise StoreUnavailable(f"etcd watch broke: {e.code().name}: {e.details()}") from e
+        finally:
+            call.cancel()
+        raise StoreUnavailable("etcd watch stream ended")
+
+
+@dataclass
+class _KeepAliveStream:
+    """One shared LeaseKeepAlive stream: refreshes are multiplexed onto it, answers matched by id."""
+
+    stub: Any
+    _call: Any = None
+    _queue: asyncio.Queue[rpc.LeaseKeepAliveRequest] | None = None
+    _waiters: dict[int, list[asyncio.Future[int]]] = field(default_factory=dict)
+    _reader: asyncio.Task[None] | None = None
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def _ensure(self) -> None:
+        if self._reader is not None and not self._reader.done():
+            return
+        queue: asyncio.Queue[rpc.LeaseKeepAliveRequest] = asyncio.Queue()
+        self._queue = queue
+
+        async def requests() -> AsyncIterator[rpc.LeaseKeepAliveRequest]:
+            while True:
+                yield await queue.get()
+
+        self._call = self.stub.LeaseKeepAlive(requests())
+        self._reader = asyncio.create_task(self._read(self._call))
+
+    async def _read(self, call: Any) -> None:
+        error: BaseException = StoreUnavailable("etcd keep-alive stream ended")
+        try:
+            async for resp in call:
+                waiters = self._waiters.get(resp.ID)
+                if waiters:
+                    fut = waiters.pop(0)
+                    if not waiters:
+                        del self._waiters[resp.ID]
+                    if not fut.done():
+                        fut.set_result(int(resp.TTL))
+        except grpc.aio.AioRpcError as e:
+            error = StoreUnavailable(f"etcd keep-alive broke: {e.code().name}")
+        except asyncio.CancelledError:
+            error = StoreUnavailable("etcd keep-alive stream closed")
+        for waiters in self._waiters.values():
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_exception(error)
+        self._waiters.clear()
+
+    async def refresh(self, lease_id: int, timeout: float) -> int:
+        async with self._lock:
+            await self._ensure()
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(lease_id, []).append(fut)
+        assert self._queue is not None
+        self._queue.put_nowait(rpc.LeaseKeepAliveRequest(ID=lease_id))
+        try:
+            async with asyncio.timeout(timeout):
+                return await fut
+        except TimeoutError as e:
+            # A stuck stream: drop it so the next refresh opens a fresh one.
+            if self._call is not None:
+                self._call.cancel()
+            raise StoreUnavailable("etcd keep-alive timed out") from e
+
+    async def close(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+
+
+class Session:
+    """A replica's liveness: one short etcd lease kept alive in the background.
+
+    Keys attached to it vanish when the replica dies. If the lease is lost (a long pause, an etcd
+    outage longer than the ttl), a new one is granted and `on_new_lease` is called so the owner
+    can put its keys again.
+    """
+
+    def __init__(
+        self,
+        store: EtcdStore,
+        ttl: int = 5,
+        on_new_lease: Callable[[int], Awaitable[None]] | None = None,
+    ) -> None:
+        self.store = store
+        self.ttl = ttl
+        self.lease_id = 0
+        self._on_new_lease = on_new_lease
+        self._task: asyncio.Task[None] | None = None
+        self.ready = asyncio.Event()
+
+    async def start(self) -> int:
+        self.lease_id = await self.store.grant(self.ttl)
+        self.ready.set()
+        self._task = asyncio.create_task(self._run(), name="session-keepalive")
+        return self.lease_id
+
+    async def _run(self) -> None:
+        interval = max(self.ttl / 3, 0.5)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                ttl = await self.store.keepalive(self.lease_id)
+                if ttl > 0:
+                    continue
+                log.warning("session lease lost, granting a new one", lease=self.lease_id)
+                self.lease_id = await self.store.grant(self.ttl)
+                if self._on_new_lease is not None:
+                    await self._on_new_lease(self.lease_id)
+            except StoreUnavailable as e:
+                log.warning("session keep-alive failed", error=str(e))
+            except Exception:
+                log.exception("session keep-alive crashed; retrying")
+
+    async def close(self, revoke: bool = True) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if revoke and self.lease_id:
+            with contextlib.suppress(Exception):
+                await self.store.revoke(self.lease_id)

@@ -1,0 +1,62 @@
+"""List-then-watch: load the keyspace at revision R, then watch from R+1; re-list when the watch
+start was compacted; resume from the last revision seen when the stream merely broke."""
+
+from __future__ import annotations
+
+import asyncio
+
+from control_plane.index import Change, Inventory
+from control_plane.store import EtcdStore, StoreUnavailable, WatchCompacted
+from gpufed.logs import get_logger
+
+log = get_logger(__name__)
+
+
+class Watcher:
+    def __init__(self, store: EtcdStore, inventory: Inventory) -> None:
+        self.store = store
+        self.inventory = inventory
+        self.synced = asyncio.Event()
+        self.relists = 0
+
+    async def list(self) -> int:
+        kvs, revision = await self.store.get_prefix(self.store.keys.root)
+        inv = self.inventory
+        inv.reset()
+        for kv in kvs:
+            inv.apply(kv.key, kv.value, kv.mod_revision, None, kv.create_revision)
+        inv.revision = 0  # let advance() wake waiters even if the revision did not move
+        inv.advance(revision)
+        for fn in list(inv._subscribers):
+            fn(Change("relist", "", None, None, revision))
+        self.relists += 1
+        self.synced.set()
+        return revision
+
+    async def run(self) -> None:
+        need_list = True
+        while True:
+            try:
+                if need_list:
+                    await self.list()
+                    need_list = False
+                async for revision, events in self.store.watch_prefix(
+                    self.store.keys.root, self.inventory.revision + 1
+                ):
+                    for ev in events:
+                        self.inventory.apply(
+                            ev.key, ev.value, ev.mod_revision, ev.prev_value, ev.create_revision
+                        )
+                    self.inventory.advance(revision)
+            except WatchCompacted as e:
+                log.warning("watch start compacted; listing again", compact_revision=e.compact_revision)
+                need_list = True
+            except StoreUnavailable as e:
+                log.warning("watch broke; resuming", error=str(e), revision=self.inventory.revision)
+                await asyncio.sleep(0.5)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("watch loop failed; listing again")
+                need_list = True
+                await asyncio.sleep(0.5)

@@ -1,0 +1,555 @@
+"""`gpufed`: the command line for developers and operators.
+
+Tables for people, `-o json` / `-o yaml` for scripts. Configuration from flags, then the
+environment (GPUFED_ENDPOINT, GPUFED_TOKEN), then a config file (~/.config/gpufed/config.toml or
+GPUFED_CONFIG) with `endpoint = "..."` and `token = "..."`.
+
+Exit codes: 0 ok, 1 other error, 2 usage, 3 not found, 4 no capacity, 5 not allowed
+(unauthenticated or permission denied), 6 unavailable, 7 invalid argument.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+from google.protobuf import duration_pb2, json_format
+from google.protobuf.message import Message
+
+from gpufed.client import Client, GpufedError
+from gpufed.v1 import admin_pb2, common_pb2, lease_pb2
+
+(
+    EXIT_OK,
+    EXIT_ERROR,
+    EXIT_USAGE,
+    EXIT_NOT_FOUND,
+    EXIT_NO_CAPACITY,
+    EXIT_DENIED,
+    EXIT_UNAVAILABLE,
+    EXIT_INVALID,
+) = range(8)
+_EXIT_BY_CODE = {
+    grpc.StatusCode.NOT_FOUND: EXIT_NOT_FOUND,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: EXIT_NO_CAPACITY,
+    grpc.StatusCode.UNAUTHENTICATED: EXIT_DENIED,
+    grpc.StatusCode.PERMISSION_DENIED: EXIT_DENIED,
+    grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: EXIT_UNAVAILABLE,
+    grpc.StatusCode.INVALID_ARGUMENT: EXIT_INVALID,
+}
+
+
+def _config_file() -> dict[str, Any]:
+    path = Path(os.environ.get("GPUFED_CONFIG", Path.home() / ".config" / "gpufed" / "config.toml"))
+    if not path.is_file():
+        return {}
+    with path.open("rb") as f:
+        return tomllib.load(f)
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _labels(values: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in values or []:
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"label {item!r} must be KEY=VALUE")
+        out[k] = v
+    return out
+
+
+def _to_dict(msg: Message) -> dict[str, Any]:
+    return json_format.MessageToDict(msg, preserving_proto_field_name=True)
+
+
+def _emit(
+    args: argparse.Namespace, data: Message | Sequence[Message], table: Callable[[], list[list[str]]]
+) -> None:
+    if args.output == "json":
+        payload = _to_dict(data) if isinstance(data, Message) else [_to_dict(m) for m in data]
+        print(json.dumps(payload, indent=2))
+    elif args.output == "yaml":
+        payload = _to_dict(data) if isinstance(data, Message) else [_to_dict(m) for m in data]
+        print(yaml.safe_dump(payload, sort_keys=False).rstrip())
+    else:
+        rows = table()
+        if not rows:
+            return
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _health(h: int) -> str:
+    return common_pb2.GpuHealth.Name(h).removeprefix("GPU_HEALTH_")  # type: ignore[arg-type]
+
+
+def _gib(b: int) -> str:
+    return f"{b / 1024**3:.0f}GiB"
+
+
+def _add_filter_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("filters")
+    g.add_argument("--model", default="", help='GPU model or family, e.g. "H100"')
+    g.add_argument("--min-memory-gb", type=float, default=0, help="minimum memory per GPU, GiB")
+    g.add_argument("--country", type=_csv, default=[], help="allowed countries, ISO codes: DE,FR")
+    g.add_argument("--exclude-country", type=_csv, default=[], help="denied countries: US,CN")
+    g.add_argument("--region", type=_csv, default=[], help="regions")
+    g.add_argument("--provider", type=_csv, default=[], help="providers")
+    g.add_argument("--near", default="", help="LAT,LON,RADIUS_KM")
+    g.add_argument("--max-price", type=float, default=0.0, help="max price per GPU-hour")
+    g.add_argument("--label", action="append", help="KEY=VALUE (repeatable)")
+    g.add_argument("--include-degraded", action="store_true")
+
+
+def _filter_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    near = None
+    if args.near:
+        parts = _csv(args.near)
+        if len(parts) != 3:
+            raise argparse.ArgumentTypeError("--near must be LAT,LON,RADIUS_KM")
+        near = (float(parts[0]), float(parts[1]), float(parts[2]))
+    return dict(
+        gpu_model=args.model,
+        min_gpu_memory_gb=args.min_memory_gb,
+        countries=args.country,
+        exclude_countries=args.exclude_country,
+        regions=args.region,
+        providers=args.provider,
+        near=near,
+        max_price=args.max_price,
+        labels=_labels(args.label),
+        include_degraded=args.include_degraded,
+    )
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+def cmd_offers_search(c: Client, args: argparse.Namespace) -> int:
+    order = {"price": 1, "distance": 2, "free": 3}[args.order_by]
+    found = list(
+        c.search_offers(min_free_gpus=args.count, order_by=order, limit=args.limit, **_filter_kwargs(args))
+    )
+    _emit(
+        args,
+        found,
+        lambda: (
+            [["NODE", "MODEL", "MEM", "FREE", "PRICE/GPU-H", "COUNTRY", "REGION", "DIST_KM"]]
+            + [
+                [
+                    o.node,
+                    o.gpu_model,
+                    _gib(o.gpu_memory_bytes),
+                    str(o.free_gpus),
+                    f"{o.price_per_gpu_hour:.2f} {o.currency_code}",
+                    o.location.country_code,
+                    o.location.region,
+                    f"{o.distance_km:.0f}" if o.HasField("distance_km") else "-",
+                ]
+                for o in found
+            ]
+        ),
+    )
+    return EXIT_OK
+
+
+def cmd_capacity(c: Client, args: argparse.Namespace) -> int:
+    resp = c.summarize_capacity(**_filter_kwargs(args))
+    _emit(
+        args,
+        resp,
+        lambda: (
+            [["MODEL", "COUNTRY", "HEALTH", "TOTAL", "FREE"]]
+            + [
+                [b.gpu_model, b.country_code, _health(b.health), str(b.total_gpus), str(b.free_gpus)]
+                for b in resp.buckets
+            ]
+            + [["TOTAL", "", "", str(resp.total_gpus), str(resp.free_gpus)]]
+        ),
+    )
+    return EXIT_OK
+
+
+def _node_rows(nodes: Sequence[common_pb2.Node]) -> list[list[str]]:
+    return [["NODE", "STATE", "GPUS", "FREE", "MODEL", "COUNTRY", "PRICE/GPU-H"]] + [
+        [
+            n.name,
+            common_pb2.NodeState.Name(n.state).removeprefix("NODE_STATE_"),
+            str(len(n.gpus)),
+            str(n.free_gpu_count),
+            n.gpus[0].model if n.gpus else "-",
+            n.location.country_code,
+            f"{n.price_per_gpu_hour:.2f}",
+        ]
+        for n in nodes
+    ]
+
+
+def cmd_nodes_list(c: Client, args: argparse.Namespace) -> int:
+    state = 0 if not args.state else common_pb2.NodeState.Value("NODE_STATE_" + args.state.upper())
+    nodes = c.list_nodes(provider=args.provider, state=state)
+    _emit(args, nodes, lambda: _node_rows(nodes))
+    return EXIT_OK
+
+
+def cmd_nodes_get(c: Client, args: argparse.Namespace) -> int:
+    node = c.get_node(args.name)
+    _emit(
+        args,
+        node,
+        lambda: (
+            _node_rows([node])
+            + [[""] * 7, ["GPU", "INDEX", "MODEL", "MEM", "HEALTH", "LEASE", ""]]
+            + [
+                [
+                    g.uuid,
+                    str(g.index),
+                    g.model,
+                    _gib(g.memory_total_bytes),
+                    _health(g.health),
+                    g.lease or "-",
+                    "",
+                ]
+                for g in node.gpus
+            ]
+        ),
+    )
+    return EXIT_OK
+
+
+def _lease_rows(leases: Sequence[lease_pb2.Lease]) -> list[list[str]]:
+    rows = [["LEASE", "STATE", "GPUS", "NODES", "PRICE/H", "EXPIRES/ENDED"]]
+    for lease in leases:
+        active = lease.state == lease_pb2.LEASE_STATE_ACTIVE
+        when = (
+            lease.expire_time.ToJsonString()
+            if active
+            else (
+                lease.end_time.ToJsonString()
+                + " "
+                + lease_pb2.LeaseEndReason.Name(lease.end_reason).removeprefix("LEASE_END_REASON_")
+            )
+        )
+        rows.append(
+            [
+                lease.name,
+                lease_pb2.LeaseState.Name(lease.state).removeprefix("LEASE_STATE_"),
+                str(len(lease.gpus)),
+                ",".join(sorted({g.node for g in lease.gpus})),
+                f"{lease.price_per_hour:.2f} {lease.currency_code}",
+                when,
+            ]
+        )
+    return rows
+
+
+def cmd_lease_create(c: Client, args: argparse.Namespace) -> int:
+    lease = c.create_lease(
+        args.count,
+        ttl_s=args.ttl,
+        spread=args.spread,
+        request_id=args.request_id or None,
+        **_filter_kwargs(args),
+    )
+    _emit(args, lease, lambda: _lease_rows([lease]))
+    if args.hold:
+        from gpufed.client import HeldLease
+
+        held = HeldLease(c, lease)
+        stop = {"flag": False}
+        signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+        print(f"holding {lease.name}; Ctrl-C releases it", file=sys.stderr)
+        with held:
+            try:
+                while not stop["flag"] and held.error is None:
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                pass
+        print(f"released {lease.name}", file=sys.stderr)
+        if held.error is not None:
+            print(f"error: lease lost: {held.error}", file=sys.stderr)
+            return EXIT_ERROR
+    return EXIT_OK
+
+
+def cmd_lease_get(c: Client, args: argparse.Namespace) -> int:
+    lease = c.get_lease(args.name)
+    _emit(
+        args,
+        lease,
+        lambda: (
+            _lease_rows([lease])
+            + [[""] * 6, ["GPU", "NODE", "MODEL", "INDEX", "COUNTRY", "PRICE/H"]]
+            + [
+                [
+                    g.uuid,
+                    g.node,
+                    g.model,
+                    str(g.index),
+                    g.location.country_code,
+                    f"{g.price_per_gpu_hour:.2f}",
+                ]
+                for g in lease.gpus
+            ]
+        ),
+    )
+    return EXIT_OK
+
+
+def cmd_lease_list(c: Client, args: argparse.Namespace) -> int:
+    state = {"": 0, "active": lease_pb2.LEASE_STATE_ACTIVE, "ended": lease_pb2.LEASE_STATE_ENDED}[args.state]
+    leases = c.list_leases(state)
+    _emit(args, leases, lambda: _lease_rows(leases))
+    return EXIT_OK
+
+
+def cmd_lease_renew(c: Client, args: argparse.Namespace) -> int:
+    lease = c.renew_lease(args.name)
+    _emit(args, lease, lambda: _lease_rows([lease]))
+    return EXIT_OK
+
+
+def cmd_lease_release(c: Client, args: argparse.Namespace) -> int:
+    lease = c.release_lease(args.name)
+    _emit(args, lease, lambda: _lease_rows([lease]))
+    return EXIT_OK
+
+
+def cmd_lease_watch(c: Client, args: argparse.Namespace) -> int:
+    for ev in c.watch_lease(args.name):
+        if args.output == "table":
+            kind = lease_pb2.WatchLeaseResponse.EventType.Name(ev.type).removeprefix("EVENT_TYPE_")
+            print(
+                f"{ev.event_time.ToJsonString()}  {kind:<13} {ev.gpu_uuid or ev.node} {ev.message}".rstrip(),
+                flush=True,
+            )
+        else:
+            print(json.dumps(_to_dict(ev)), flush=True)
+    return EXIT_OK
+
+
+def cmd_admin_node(c: Client, args: argparse.Namespace) -> int:
+    if args.action == "cordon":
+        node = c.call(
+            c.admin.CordonNode, admin_pb2.CordonNodeRequest(name=args.name, reason=args.reason)
+        ).node
+    elif args.action == "uncordon":
+        node = c.call(c.admin.UncordonNode, admin_pb2.UncordonNodeRequest(name=args.name)).node
+    else:
+        req = admin_pb2.DrainNodeRequest(
+            name=args.name, reason=args.reason, grace=duration_pb2.Duration(seconds=args.grace)
+        )
+        node = c.call(c.admin.DrainNode, req).node
+    _emit(args, node, lambda: _node_rows([node]))
+    return EXIT_OK
+
+
+def cmd_admin_revoke(c: Client, args: argparse.Namespace) -> int:
+    lease = c.call(
+        c.admin.RevokeLease, admin_pb2.RevokeLeaseRequest(name=args.name, reason=args.reason)
+    ).lease
+    _emit(args, lease, lambda: _lease_rows([lease]))
+    return EXIT_OK
+
+
+def cmd_admin_usage(c: Client, args: argparse.Namespace) -> int:
+    req = admin_pb2.ListUsageRecordsRequest(provider=args.provider, page_size=1000)
+    records: list[admin_pb2.UsageRecord] = []
+    while True:
+        resp = c.call(c.admin.ListUsageRecords, req)
+        records.extend(resp.usage_records)
+        if not resp.next_page_token:
+            break
+        req.page_token = resp.next_page_token
+    _emit(
+        args,
+        records,
+        lambda: (
+            [["RECORD", "PROVIDER", "TENANT", "GPUS", "GPU-SECONDS", "COST", "END", "REASON"]]
+            + [
+                [
+                    r.name,
+                    r.provider,
+                    r.tenant,
+                    str(len(r.gpus)),
+                    f"{r.gpu_seconds:.0f}",
+                    f"{r.quoted_cost:.4f} {r.currency_code}",
+                    r.end_time.ToJsonString(),
+                    lease_pb2.LeaseEndReason.Name(r.end_reason).removeprefix("LEASE_END_REASON_"),
+                ]
+                for r in records
+            ]
+        ),
+    )
+    return EXIT_OK
+
+
+def cmd_tokens_create(c: Client, args: argparse.Namespace) -> int:
+    resp = c.create_token(args.kind, args.name)
+    if args.output == "table":
+        print(
+            f"created {resp.token.name} ({args.kind} {resp.token.principal}); the secret is shown once:",
+            file=sys.stderr,
+        )
+        print(resp.secret)
+    else:
+        _emit(args, resp, list)
+    return EXIT_OK
+
+
+def cmd_tokens_list(c: Client, args: argparse.Namespace) -> int:
+    tokens = list(c.call(c.admin.ListTokens, admin_pb2.ListTokensRequest()).tokens)
+    _emit(
+        args,
+        tokens,
+        lambda: (
+            [["TOKEN", "KIND", "PRINCIPAL", "CREATED"]]
+            + [
+                [
+                    t.name,
+                    admin_pb2.TokenKind.Name(t.kind).removeprefix("TOKEN_KIND_").lower(),
+                    t.principal,
+                    t.create_time.ToJsonString(),
+                ]
+                for t in tokens
+            ]
+        ),
+    )
+    return EXIT_OK
+
+
+def cmd_tokens_delete(c: Client, args: argparse.Namespace) -> int:
+    c.call(c.admin.DeleteToken, admin_pb2.DeleteTokenRequest(name=args.name), retry=False)
+    print(f"deleted {args.name}", file=sys.stderr)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--endpoint", help="control plane HOST:PORT (GPUFED_ENDPOINT)")
+    common.add_argument("--token", help="bearer token (GPUFED_TOKEN)")
+    common.add_argument("--tls", action="store_true", help="use TLS with the system roots")
+    common.add_argument("--ca-cert", help="PEM file of the CA that signed the server certificate")
+    common.add_argument("--timeout", type=float, default=10.0, help="per-call deadline, seconds")
+    common.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+
+    p = argparse.ArgumentParser(
+        prog="gpufed", description="Find and lease GPUs across the gpufed federation.", parents=[common]
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    offers = sub.add_parser("offers", help="free GPUs on offer").add_subparsers(dest="sub", required=True)
+    s = offers.add_parser("search", parents=[common], help="search offers")
+    _add_filter_flags(s)
+    s.add_argument("--count", type=int, default=0, help="only nodes with at least this many free GPUs")
+    s.add_argument("--order-by", choices=["price", "distance", "free"], default="price")
+    s.add_argument("--limit", type=int, default=None)
+    s.set_defaults(fn=cmd_offers_search)
+
+    cap = sub.add_parser("capacity", parents=[common], help="totals by model x country x health")
+    _add_filter_flags(cap)
+    cap.set_defaults(fn=cmd_capacity)
+
+    nodes = sub.add_parser("nodes", help="provider nodes").add_subparsers(dest="sub", required=True)
+    nl = nodes.add_parser("list", parents=[common])
+    nl.add_argument("--provider", default="")
+    nl.add_argument("--state", choices=["", "ready", "offline", "cordoned", "draining"], default="")
+    nl.set_defaults(fn=cmd_nodes_list)
+    ng = nodes.add_parser("get", parents=[common])
+    ng.add_argument("name", help="providers/P/nodes/N")
+    ng.set_defaults(fn=cmd_nodes_get)
+
+    lease = sub.add_parser("lease", help="reserve GPUs").add_subparsers(dest="sub", required=True)
+    lc = lease.add_parser("create", parents=[common])
+    _add_filter_flags(lc)
+    lc.add_argument("--count", type=int, required=True, help="number of GPUs")
+    lc.add_argument("--ttl", type=int, default=60, help="seconds; renew before it runs out")
+    lc.add_argument("--spread", action="store_true", help="allow several nodes (fewest first)")
+    lc.add_argument("--request-id", default="", help="idempotency key (default: random)")
+    lc.add_argument("--hold", action="store_true", help="keep the lease alive until Ctrl-C, then release it")
+    lc.set_defaults(fn=cmd_lease_create)
+    for verb, fn in (
+        ("get", cmd_lease_get),
+        ("renew", cmd_lease_renew),
+        ("release", cmd_lease_release),
+        ("watch", cmd_lease_watch),
+    ):
+        lp = lease.add_parser(verb, parents=[common])
+        lp.add_argument("name", help="leases/ID")
+        lp.set_defaults(fn=fn)
+    ll = lease.add_parser("list", parents=[common])
+    ll.add_argument("--state", choices=["", "active", "ended"], default="")
+    ll.set_defaults(fn=cmd_lease_list)
+
+    admin = sub.add_parser("admin", help="operator commands").add_subparsers(dest="sub", required=True)
+    for action in ("cordon", "uncordon", "drain"):
+        ap = admin.add_parser(action, parents=[common])
+        ap.add_argument("name", help="providers/P/nodes/N")
+        ap.add_argument("--reason", default="")
+        if action == "drain":
+            ap.add_argument("--grace", type=int, default=0, help="seconds before its leases end")
+        ap.set_defaults(fn=cmd_admin_node, action=action)
+    rv = admin.add_parser("revoke", parents=[common])
+    rv.add_argument("name", help="leases/ID")
+    rv.add_argument("--reason", default="")
+    rv.set_defaults(fn=cmd_admin_revoke)
+    us = admin.add_parser("usage", parents=[common])
+    us.add_argument("--provider", default="")
+    us.set_defaults(fn=cmd_admin_usage)
+    tokens = admin.add_parser("tokens", help="access tokens").add_subparsers(dest="action", required=True)
+    tc = tokens.add_parser("create", parents=[common])
+    tc.add_argument("--kind", choices=["tenant", "provider", "admin"], required=True)
+    tc.add_argument("--name", required=True, help="tenant, provider or operator name")
+    tc.set_defaults(fn=cmd_tokens_create)
+    tokens.add_parser("list", parents=[common]).set_defaults(fn=cmd_tokens_list)
+    td = tokens.add_parser("delete", parents=[common])
+    td.add_argument("name", help="tokens/ID")
+    td.set_defaults(fn=cmd_tokens_delete)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cfg = _config_file()
+    endpoint = args.endpoint or os.environ.get("GPUFED_ENDPOINT") or cfg.get("endpoint") or "127.0.0.1:50051"
+    token = args.token or os.environ.get("GPUFED_TOKEN") or cfg.get("token") or ""
+    creds = None
+    if args.tls or args.ca_cert:
+        roots = Path(args.ca_cert).read_bytes() if args.ca_cert else None
+        creds = grpc.ssl_channel_credentials(root_certificates=roots)
+    try:
+        with Client(endpoint, token, timeout=args.timeout, credentials=creds) as client:
+            code: int = args.fn(client, args)
+            return code
+    except GpufedError as e:
+        print(f"error: {e.code.name}{' ' + e.reason if e.reason else ''}: {e.message}", file=sys.stderr)
+        if e.code == grpc.StatusCode.FAILED_PRECONDITION and e.reason == "NO_MATCHING_CAPACITY":
+            return EXIT_NO_CAPACITY
+        return _EXIT_BY_CODE.get(e.code, EXIT_ERROR)
+    except (argparse.ArgumentTypeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def entrypoint() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entrypoint()

@@ -1,0 +1,337 @@
+"""The gpufed Python SDK: a typed, synchronous client over the gpufed.v1 stubs.
+
+    from gpufed.client import Client
+
+    with Client("127.0.0.1:50051", token="gpf_...") as client:
+        for offer in client.search_offers(gpu_model="H100", countries=["DE"]):
+            print(offer.node, offer.free_gpus, offer.price_per_gpu_hour)
+        with client.lease(gpu_count=8, gpu_model="H100", countries=["DE"]) as lease:
+            ...  # renewed in the background; released on exit, also when the block raises
+
+Errors come as GpufedError subclasses carrying the status code and the server's reason.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import duration_pb2
+
+from gpufed.errors import error_info
+from gpufed.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    common_pb2,
+    discovery_pb2,
+    discovery_pb2_grpc,
+    lease_pb2,
+    lease_pb2_grpc,
+    telemetry_pb2,
+    telemetry_pb2_grpc,
+)
+
+T = TypeVar("T")
+DEFAULT_ENDPOINT = "127.0.0.1:50051"
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED)
+
+
+class GpufedError(Exception):
+    """A failed call: `code` (grpc.StatusCode), `reason` (ErrorInfo reason) and the message."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str, message: str) -> None:
+        super().__init__(f"{code.name}: {reason + ': ' if reason else ''}{message}")
+        self.code = code
+        self.reason = reason
+        self.message = message
+
+
+class InvalidArgument(GpufedError): ...
+
+
+class NotFound(GpufedError): ...
+
+
+class NoCapacity(GpufedError):
+    """No GPUs match (FAILED_PRECONDITION NO_MATCHING_CAPACITY) or they were taken (RESOURCE_EXHAUSTED)."""
+
+
+class PermissionDenied(GpufedError): ...
+
+
+class Unauthenticated(GpufedError): ...
+
+
+class Unavailable(GpufedError): ...
+
+
+_BY_CODE: dict[grpc.StatusCode, type[GpufedError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: NoCapacity,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
+}
+
+
+def from_rpc_error(e: grpc.RpcError) -> GpufedError:
+    code: grpc.StatusCode = e.code()
+    info = error_info(e)
+    reason = info.reason if info is not None else ""
+    cls = _BY_CODE.get(code, GpufedError)
+    if code == grpc.StatusCode.FAILED_PRECONDITION and reason == "NO_MATCHING_CAPACITY":
+        cls = NoCapacity
+    return cls(code, reason, e.details() or "")
+
+
+def gpu_filter(
+    gpu_model: str = "",
+    min_gpu_memory_gb: float = 0,
+    countries: Sequence[str] = (),
+    exclude_countries: Sequence[str] = (),
+    regions: Sequence[str] = (),
+    providers: Sequence[str] = (),
+    near: tuple[float, float, float] | None = None,
+    max_price: float = 0.0,
+    labels: dict[str, str] | None = None,
+    include_degraded: bool = False,
+) -> common_pb2.GpuFilter:
+    f = common_pb2.GpuFilter(
+        gpu_model=gpu_model,
+        min_gpu_memory_bytes=int(min_gpu_memory_gb * 1024**3),
+        countries=list(countries),
+        exclude_countries=list(exclude_countries),
+        regions=list(regions),
+        providers=list(providers),
+        max_price_per_gpu_hour=max_price,
+        labels=labels or {},
+        include_degraded=include_degraded,
+    )
+    if near is not None:
+        f.near.CopyFrom(common_pb2.GeoCircle(latitude=near[0], longitude=near[1], radius_km=near[2]))
+    return f
+
+
+class Client:
+    """A connection to one control plane endpoint. Thread-safe; close it (or use `with`)."""
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        token: str | None = None,
+        *,
+        timeout: float = 10.0,
+        retries: int = 3,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        self.endpoint = endpoint or os.environ.get("GPUFED_ENDPOINT", DEFAULT_ENDPOINT)
+        self.token = token if token is not None else os.environ.get("GPUFED_TOKEN", "")
+        self.timeout = timeout
+        self.retries = retries
+        if credentials is not None:
+            self.channel = grpc.secure_channel(self.endpoint, credentials)
+        else:
+            self.channel = grpc.insecure_channel(self.endpoint)
+        self.discovery = discovery_pb2_grpc.DiscoveryServiceStub(self.channel)
+        self.leases = lease_pb2_grpc.LeaseServiceStub(self.channel)
+        self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)
+        self.telemetry = telemetry_pb2_grpc.TelemetryServiceStub(self.channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+    def call(self, method: Any, request: Any, *, retry: bool = True, timeout: float | None = None) -> Any:
+        """One unary call with a deadline; UNAVAILABLE and ABORTED are retried (every gpufed RPC is
+        safe to retry, CreateLease through its request_id)."""
+        attempts = self.retries + 1 if retry else 1
+        for attempt in range(attempts):
+            try:
+                return method(request, metadata=self.metadata, timeout=timeout or self.timeout)
+            except grpc.RpcError as e:
+                if e.code() in _RETRYABLE and attempt + 1 < attempts:
+                    threading.Event().wait(0.2 * 2**attempt)
+                    continue
+                raise from_rpc_error(e) from None
+        raise AssertionError("unreachable")
+
+    # -- discovery ------------------------------------------------------------------------------
+
+    def search_offers(
+        self,
+        *,
+        min_free_gpus: int = 0,
+        order_by: int = 0,
+        page_size: int = 0,
+        limit: int | None = None,
+        **filter_args: Any,
+    ) -> Iterator[discovery_pb2.Offer]:
+        """Every matching offer, page by page (up to `limit`)."""
+        req = discovery_pb2.SearchOffersRequest(
+            filter=gpu_filter(**filter_args),
+            min_free_gpus=min_free_gpus,
+            order_by=order_by,  # type: ignore[arg-type]
+            page_size=page_size,
+        )
+        n = 0
+        while True:
+            resp = self.call(self.discovery.SearchOffers, req)
+            for offer in resp.offers:
+                if limit is not None and n >= limit:
+                    return
+                n += 1
+                yield offer
+            if not resp.next_page_token:
+                return
+            req.page_token = resp.next_page_token
+
+    def get_node(self, name: str) -> common_pb2.Node:
+        return self.call(self.discovery.GetNode, discovery_pb2.GetNodeRequest(name=name)).node  # type: ignore[no-any-return]
+
+    def list_nodes(self, provider: str = "", state: int = 0) -> list[common_pb2.Node]:
+        req = discovery_pb2.ListNodesRequest(provider=provider, state=state, page_size=1000)  # type: ignore[arg-type]
+        out: list[common_pb2.Node] = []
+        while True:
+            resp = self.call(self.discovery.ListNodes, req)
+            out.extend(resp.nodes)
+            if not resp.next_page_token:
+                return out
+            req.page_token = resp.next_page_token
+
+    def list_providers(self) -> list[discovery_pb2.Provider]:
+        return list(
+            self.call(
+                self.discovery.ListProviders, discovery_pb2.ListProvidersRequest(page_size=1000)
+            ).providers
+        )
+
+    def summarize_capacity(self, **filter_args: Any) -> discovery_pb2.SummarizeCapacityResponse:
+        req = discovery_pb2.SummarizeCapacityRequest(filter=gpu_filter(**filter_args))
+        return self.call(self.discovery.SummarizeCapacity, req)  # type: ignore[no-any-return]
+
+    def node_telemetry(self, name: str, max_samples: int = 0) -> telemetry_pb2.GetNodeTelemetryResponse:
+        req = telemetry_pb2.GetNodeTelemetryRequest(name=name, max_samples=max_samples)
+        return self.call(self.telemetry.GetNodeTelemetry, req)  # type: ignore[no-any-return]
+
+    # -- leases ---------------------------------------------------------------------------------
+
+    def create_lease(
+        self,
+        gpu_count: int,
+        *,
+        ttl_s: int = 60,
+        spread: bool = False,
+        request_id: str | None = None,
+        **filter_args: Any,
+    ) -> lease_pb2.Lease:
+        req = lease_pb2.CreateLeaseRequest(
+            request_id=request_id or uuid.uuid4().hex,
+            gpu_count=gpu_count,
+            filter=gpu_filter(**filter_args),
+            placement=lease_pb2.PLACEMENT_SPREAD if spread else lease_pb2.PLACEMENT_SINGLE_NODE,
+            ttl=duration_pb2.Duration(seconds=ttl_s),
+        )
+        return self.call(self.leases.CreateLease, req).lease  # type: ignore[no-any-return]
+
+    def get_lease(self, name: str) -> lease_pb2.Lease:
+        return self.call(self.leases.GetLease, lease_pb2.GetLeaseRequest(name=name)).lease  # type: ignore[no-any-return]
+
+    def list_leases(self, state: int = 0) -> list[lease_pb2.Lease]:
+        req = lease_pb2.ListLeasesRequest(state=state, page_size=1000)  # type: ignore[arg-type]
+        out: list[lease_pb2.Lease] = []
+        while True:
+            resp = self.call(self.leases.ListLeases, req)
+            out.extend(resp.leases)
+            if not resp.next_page_token:
+                return out
+            req.page_token = resp.next_page_token
+
+    def renew_lease(self, name: str) -> lease_pb2.Lease:
+        return self.call(self.leases.RenewLease, lease_pb2.RenewLeaseRequest(name=name)).lease  # type: ignore[no-any-return]
+
+    def release_lease(self, name: str) -> lease_pb2.Lease:
+        return self.call(self.leases.ReleaseLease, lease_pb2.ReleaseLeaseRequest(name=name)).lease  # type: ignore[no-any-return]
+
+    def watch_lease(self, name: str) -> Iterator[lease_pb2.WatchLeaseResponse]:
+        try:
+            yield from self.leases.WatchLease(lease_pb2.WatchLeaseRequest(name=name), metadata=self.metadata)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def lease(self, gpu_count: int, *, ttl_s: int = 30, **kwargs: Any) -> HeldLease:
+        """A lease held for the duration of a `with` block: renewed every ttl/3 in the background,
+        released on exit (also when the block raises)."""
+        return HeldLease(self, self.create_lease(gpu_count, ttl_s=ttl_s, **kwargs))
+
+    # -- admin ----------------------------------------------------------------------------------
+
+    def create_token(self, kind: str, principal: str) -> admin_pb2.CreateTokenResponse:
+        kinds = {
+            "tenant": admin_pb2.TOKEN_KIND_TENANT,
+            "provider": admin_pb2.TOKEN_KIND_PROVIDER,
+            "admin": admin_pb2.TOKEN_KIND_ADMIN,
+        }
+        if kind not in kinds:
+            raise ValueError(f"kind must be one of {sorted(kinds)}")
+        req = admin_pb2.CreateTokenRequest(kind=kinds[kind], principal=principal)
+        return self.call(self.admin.CreateToken, req, retry=False)  # type: ignore[no-any-return]
+
+
+class HeldLease:
+    """A lease kept alive by a background thread until the `with` block ends."""
+
+    def __init__(self, client: Client, lease: lease_pb2.Lease) -> None:
+        self.client = client
+        self.lease = lease
+        self.name = lease.name
+        self.renewals = 0
+        self.error: GpufedError | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._keep_alive, daemon=True, name=f"keepalive-{lease.name}")
+
+    def __enter__(self) -> HeldLease:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+    def _keep_alive(self) -> None:
+        interval = max((self.lease.ttl.seconds or 30) / 3, 1.0)
+        while not self._stop.wait(interval):
+            try:
+                self.lease = self.client.renew_lease(self.name)
+                self.renewals += 1
+            except GpufedError as e:
+                self.error = e
+                if e.code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
+                    return  # ended: nothing left to renew
+
+    def release(self) -> lease_pb2.Lease:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self.lease = self.client.release_lease(self.name)
+        return self.lease
+
+    @property
+    def gpus(self) -> Sequence[lease_pb2.LeasedGpu]:
+        return self.lease.gpus

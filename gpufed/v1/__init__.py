@@ -1,0 +1,1 @@
+"""Generated gpufed.v1 stubs; regenerate with `make proto`."""

@@ -1,0 +1,58 @@
+"""Shared fixtures: a real etcd on free loopback ports, a 3-member cluster, replicas."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from tests.harness import (
+    ADMIN_TOKEN,
+    EtcdCluster,
+    ReplicaThread,
+    channel,
+    metadata,
+    replica_config,
+    unique_prefix,
+)
+
+
+@pytest.fixture(scope="session")
+def etcd() -> Iterator[EtcdCluster]:
+    """One real etcd member for the session; tests isolate themselves with a key prefix."""
+    cluster = EtcdCluster.start(1)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def etcd_cluster() -> Iterator[EtcdCluster]:
+    """A 3-member etcd cluster on loopback, for tests that kill members."""
+    cluster = EtcdCluster.start(3)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return unique_prefix()
+
+
+@pytest.fixture
+def replica(etcd: EtcdCluster, prefix: str) -> Iterator[ReplicaThread]:
+    r = ReplicaThread(replica_config(etcd.endpoints, prefix, report_interval=0.5)).start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def admin_md() -> tuple[tuple[str, str]]:
+    return metadata(ADMIN_TOKEN)
+
+
+@pytest.fixture
+def replica_channel(replica: ReplicaThread) -> Iterator[grpc.Channel]:
+    ch = channel(replica.address)
+    yield ch
+    ch.close()

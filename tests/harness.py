@@ -1,0 +1,276 @@
+"""Real processes on loopback for tests and benchmarks: etcd members and control plane replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from control_plane.config import Config
+from control_plane.replica import Replica
+
+ADMIN_TOKEN = "test-admin-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def etcd_binary() -> str:
+    path = os.environ.get("ETCD_BIN") or shutil.which("etcd")
+    if not path:
+        raise RuntimeError("no etcd binary: run `make test` (installs etcd-server) or set ETCD_BIN")
+    return path
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
+
+
+@dataclass
+class EtcdMember:
+    name: str
+    client_port: int
+    peer_port: int
+    data_dir: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    def start(self, initial_cluster: str, state: str = "new") -> None:
+        log = open(self.data_dir.parent / f"{self.name}.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [
+                etcd_binary(),
+                "--name",
+                self.name,
+                "--data-dir",
+                str(self.data_dir),
+                "--listen-client-urls",
+                f"http://127.0.0.1:{self.client_port}",
+                "--advertise-client-urls",
+                f"http://127.0.0.1:{self.client_port}",
+                "--listen-peer-urls",
+                f"http://127.0.0.1:{self.peer_port}",
+                "--initial-advertise-peer-urls",
+                f"http://127.0.0.1:{self.peer_port}",
+                "--initial-cluster",
+                initial_cluster,
+                "--initial-cluster-state",
+                state,
+                "--initial-cluster-token",
+                "gpufed-test",
+                "--heartbeat-interval",
+                "50",
+                "--election-timeout",
+                "500",
+                "--logger",
+                "zap",
+                "--log-level",
+                "error",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "ETCD_UNSUPPORTED_ARCH": os.environ.get("ETCD_UNSUPPORTED_ARCH", "")},
+        )
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+@dataclass
+class EtcdCluster:
+    members: list[EtcdMember]
+    tmp: Path
+    _initial: str = ""
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.endpoint for m in self.members]
+
+    @classmethod
+    def start(cls, size: int = 1, tmp: Path | None = None) -> EtcdCluster:
+        tmp = tmp or Path(tempfile.mkdtemp(prefix="gpufed-etcd-"))
+        members = [EtcdMember(f"m{i}", free_port(), free_port(), tmp / f"m{i}.etcd") for i in range(size)]
+        initial = ",".join(f"{m.name}=http://127.0.0.1:{m.peer_port}" for m in members)
+        cluster = cls(members, tmp, initial)
+        for m in members:
+            m.start(initial)
+        for m in members:
+            wait_port(m.client_port)
+        cluster.wait_healthy()
+        return cluster
+
+    def wait_healthy(self, timeout: float = 20.0) -> None:
+        import etcd3
+
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            for m in self.members:
+                if m.proc is None or m.proc.poll() is not None:
+                    continue
+                try:
+                    c = etcd3.client("127.0.0.1", m.client_port, timeout=2)
+                    c.put("/health-probe", "1")
+                    c.close()
+                    return
+                except Exception as e:  # a member without a leader yet
+                    last = e
+            time.sleep(0.1)
+        raise TimeoutError(f"etcd cluster never became writable: {last}")
+
+    def restart(self, member: EtcdMember) -> None:
+        member.start(self._initial, state="existing")
+        wait_port(member.client_port)
+
+    def stop(self) -> None:
+        for m in self.members:
+            m.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@dataclass
+class ReplicaThread:
+    """A real replica served from its own event loop in a background thread."""
+
+    config: Config
+    replica: Replica | None = None
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
+    thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> str:
+        assert self.replica is not None
+        return f"127.0.0.1:{self.replica.port}"
+
+    def start(self) -> ReplicaThread:
+        ready = threading.Event()
+        error: list[BaseException] = []
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+
+            async def boot() -> None:
+                self.replica = Replica(self.config)
+                await self.replica.start()
+
+            try:
+                self.loop.run_until_complete(boot())
+            except BaseException as e:
+                error.append(e)
+                ready.set()
+                return
+            ready.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True, name=f"replica-{self.config.replica_id}")
+        self.thread.start()
+        ready.wait(60)
+        if error:
+            raise error[0]
+        return self
+
+    def call(self, coro: object, timeout: float = 30) -> object:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        if self.replica is not None and self.loop.is_running():
+            with contextlib.suppress(Exception):
+                self.call(self.replica.stop(grace=1.0))
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        if self.thread is not None:
+            self.thread.join(15)
+
+
+def replica_config(endpoints: list[str], prefix: str, **kw: object) -> Config:
+    return Config(
+        listen="127.0.0.1:0",
+        etcd_endpoints=endpoints,
+        etcd_prefix=prefix,
+        admin_token=ADMIN_TOKEN,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def unique_prefix() -> str:
+    return f"/t-{uuid.uuid4().hex[:10]}"
+
+
+@contextlib.contextmanager
+def replica_process(
+    endpoints: list[str], prefix: str, *extra: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """A replica as its own OS process (for tests that SIGKILL it)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "control_plane",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--etcd-endpoints",
+            ",".join(endpoints),
+            "--etcd-prefix",
+            prefix,
+            *extra,
+        ],
+        env={**os.environ, "GPUFED_ADMIN_TOKEN": ADMIN_TOKEN, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_port(port, 30)
+        yield proc, f"127.0.0.1:{port}"
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def metadata(token: str) -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def channel(address: str) -> grpc.Channel:
+    ch = grpc.insecure_channel(address)
+    grpc.channel_ready_future(ch).result(timeout=10)
+    return ch

@@ -1,0 +1,118 @@
+"""The replica process as a user first meets it: reflection, health, authentication."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from gpufed.errors import error_reason
+from gpufed.v1 import admin_pb2, admin_pb2_grpc, discovery_pb2, discovery_pb2_grpc
+from tests.harness import EtcdCluster, metadata, replica_process
+
+pytestmark = pytest.mark.integration
+
+
+def test_reflection_lists_every_gpufed_service_and_health(replica_channel: grpc.Channel) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(replica_channel)
+    responses = list(
+        stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    )
+    names = {s.name for s in responses[0].list_services_response.service}
+    assert {
+        "gpufed.v1.NodeService",
+        "gpufed.v1.DiscoveryService",
+        "gpufed.v1.LeaseService",
+        "gpufed.v1.TelemetryService",
+        "gpufed.v1.AdminService",
+        "gpufed.v1.PeerService",
+        "grpc.health.v1.Health",
+    } <= names
+
+
+def test_health_check_answers_serving_without_a_token(replica_channel: grpc.Channel) -> None:
+    stub = health_pb2_grpc.HealthStub(replica_channel)
+    assert stub.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+    resp = stub.Check(health_pb2.HealthCheckRequest(service="gpufed.v1.LeaseService"))
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_call_without_token_is_unauthenticated_with_reason(replica_channel: grpc.Channel) -> None:
+    stub = discovery_pb2_grpc.DiscoveryServiceStub(replica_channel)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ListProviders(discovery_pb2.ListProvidersRequest())
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error_reason(e.value) == "MISSING_TOKEN"
+
+
+def test_call_with_unknown_token_is_unauthenticated(replica_channel: grpc.Channel) -> None:
+    stub = discovery_pb2_grpc.DiscoveryServiceStub(replica_channel)
+    for bad in ("nonsense", "gpf_abcdef012345_wrongsecret"):
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ListProviders(discovery_pb2.ListProvidersRequest(), metadata=metadata(bad))
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert error_reason(e.value) == "UNKNOWN_TOKEN"
+
+
+def test_created_token_reaches_the_servicer_and_deleted_token_is_refused(
+    replica_channel: grpc.Channel, admin_md: tuple[tuple[str, str]]
+) -> None:
+    admin = admin_pb2_grpc.AdminServiceStub(replica_channel)
+    created = admin.CreateToken(
+        admin_pb2.CreateTokenRequest(kind=admin_pb2.TOKEN_KIND_TENANT, principal="acme"), metadata=admin_md
+    )
+    assert created.secret.startswith("gpf_")
+    disco = discovery_pb2_grpc.DiscoveryServiceStub(replica_channel)
+    resp = disco.ListProviders(discovery_pb2.ListProvidersRequest(), metadata=metadata(created.secret))
+    assert resp.revision > 0
+    listed = admin.ListTokens(admin_pb2.ListTokensRequest(), metadata=admin_md)
+    assert [t.principal for t in listed.tokens] == ["acme"]
+    admin.DeleteToken(admin_pb2.DeleteTokenRequest(name=created.token.name), metadata=admin_md)
+    with pytest.raises(grpc.RpcError) as e:
+        disco.ListProviders(discovery_pb2.ListProvidersRequest(), metadata=metadata(created.secret))
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_tenant_token_cannot_call_admin_rpcs(
+    replica_channel: grpc.Channel, admin_md: tuple[tuple[str, str]]
+) -> None:
+    admin = admin_pb2_grpc.AdminServiceStub(replica_channel)
+    tenant = admin.CreateToken(
+        admin_pb2.CreateTokenRequest(kind=admin_pb2.TOKEN_KIND_TENANT, principal="acme"), metadata=admin_md
+    ).secret
+    with pytest.raises(grpc.RpcError) as e:
+        admin.ListTokens(admin_pb2.ListTokensRequest(), metadata=metadata(tenant))
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_reason(e.value) == "WRONG_TOKEN_KIND"
+
+
+def test_token_secret_is_stored_only_as_a_hash(
+    replica_channel: grpc.Channel,
+    admin_md: tuple[tuple[str, str]],
+    etcd: EtcdCluster,
+    prefix: str,
+) -> None:
+    import etcd3
+
+    admin = admin_pb2_grpc.AdminServiceStub(replica_channel)
+    secret = admin.CreateToken(
+        admin_pb2.CreateTokenRequest(kind=admin_pb2.TOKEN_KIND_PROVIDER, principal="neo"), metadata=admin_md
+    ).secret
+    host, port = etcd.endpoints[0].split(":")
+    client = etcd3.client(host, int(port))
+    values = [v for v, _ in client.get_prefix(prefix + "/tokens/")]
+    client.close()
+    assert len(values) == 1
+    assert secret.split("_", 2)[2].encode() not in values[0]
+
+
+def test_replica_process_stops_cleanly_on_sigterm(etcd: EtcdCluster, prefix: str) -> None:
+    with replica_process(etcd.endpoints, prefix) as (proc, address):
+        ch = grpc.insecure_channel(address)
+        grpc.channel_ready_future(ch).result(timeout=10)
+        stub = health_pb2_grpc.HealthStub(ch)
+        assert stub.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+        ch.close()
+        proc.terminate()
+        assert proc.wait(15) == 0
