@@ -46,7 +46,7 @@ class NodeSession:
     outgoing: asyncio.Queue[node_pb2.ControlMessage | None] = field(default_factory=asyncio.Queue)
     end_error: errors.ApiError | None = None
     ended: asyncio.Event = field(default_factory=asyncio.Event)
-    sent_started: set[str] = field(default_factory=set)
+    sent_started: dict[str, int] = field(default_factory=dict)  # lease name -> fencing token
     admin_state: int = 0
 
     @property
@@ -371,7 +371,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                 continue
             msg = self._assignment(lease, session.name, node_pb2.ASSIGNMENT_ACTION_STARTED)
             if msg is not None:
-                session.sent_started.add(lease.name)
+                session.sent_started[lease.name] = lease.fencing_token
                 out.append(msg)
         entry = self.inventory.nodes.get(session.name)
         session.admin_state = entry.node.state if entry else 0
@@ -392,23 +392,28 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             raw = change.value if change.value is not None else change.prev_value
             if raw is None:
                 return
-            lease = lease_pb2.Lease.FromString(raw)
+            # The index's copy carries the fencing token (the record's create revision).
+            indexed = self.inventory.leases.get(change.name) if change.value is not None else None
+            lease = indexed if indexed is not None else lease_pb2.Lease.FromString(raw)
             for node in {g.node for g in lease.gpus}:
                 s = self.sessions.get(node)
                 if s is None:
                     continue
+                token = lease.fencing_token
                 if change.value is not None and lease.state == lease_pb2.LEASE_STATE_ACTIVE:
                     if lease.name in s.sent_started:
                         continue
-                    s.sent_started.add(lease.name)
+                    s.sent_started[lease.name] = token
                     action = node_pb2.ASSIGNMENT_ACTION_STARTED
                 elif lease.name in s.sent_started:
-                    s.sent_started.discard(lease.name)
+                    # An expired record (deleted while active) holds no token: use the one sent.
+                    token = s.sent_started.pop(lease.name)
                     action = node_pb2.ASSIGNMENT_ACTION_ENDED
                 else:
                     continue
                 msg = self._assignment(lease, node, action)
                 if msg is not None:
+                    msg.assignment.fencing_token = token
                     s.outgoing.put_nowait(msg)
         elif change.kind == "alive":
             s = self.sessions.get(change.name)

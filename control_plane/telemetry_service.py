@@ -31,7 +31,9 @@ def local_telemetry(
     n = _validate(request)
     recent = nodes.telemetry.recent(request.name, n)
     if recent is None:
-        return None
+        if request.name not in nodes.sessions:
+            return None
+        recent = []  # streaming here, no report yet
     resp = telemetry_pb2.GetNodeTelemetryResponse(node=request.name, recent=recent, replica=replica_id)
     if recent:
         resp.latest.CopyFrom(recent[-1])

@@ -274,3 +274,73 @@ def channel(address: str) -> grpc.Channel:
     ch = grpc.insecure_channel(address)
     grpc.channel_ready_future(ch).result(timeout=10)
     return ch
+
+
+@dataclass
+class DaemonThread:
+    """A node daemon (collector + stream session) over a FakeNvml, in a background event loop."""
+
+    config: object
+    nvml: object
+    session: object | None = None
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
+    thread: threading.Thread | None = None
+
+    def start(self) -> DaemonThread:
+        from node_daemon.collector import Collector, XidWatcher
+        from node_daemon.session import DaemonSession
+
+        collector = Collector(self.nvml)
+        collector.start()
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.session = session = DaemonSession(self.config, collector)  # type: ignore[arg-type]
+            self.watcher = XidWatcher(
+                collector, lambda ev: session.event_from_thread(self.loop, ev), wait_ms=50
+            )
+            self.watcher.start()
+            ready.set()
+            self.loop.run_until_complete(session.run())
+
+        self.thread = threading.Thread(target=run, daemon=True, name="daemon")
+        self.thread.start()
+        ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        if self.session is not None:
+            self.loop.call_soon_threadsafe(self.session.stop)  # type: ignore[attr-defined]
+        if self.thread is not None:
+            self.thread.join(15)
+        self.watcher.stop()
+
+
+def daemon_config(
+    endpoints: list[str], token: str, provider: str, node_id: str, country: str = "DE", **kw: object
+) -> object:
+    from node_daemon.config import DaemonConfig
+
+    defaults: dict[str, object] = dict(
+        region="eu-central", latitude=50.11, longitude=8.68, price_per_gpu_hour=2.0, report_interval=0.5
+    )
+    defaults.update(kw)
+    return DaemonConfig(
+        control_planes=endpoints,
+        token=token,
+        provider=provider,
+        node_id=node_id,
+        country=country,
+        **defaults,  # type: ignore[arg-type]
+    )
+
+
+def wait_until(predicate: object, timeout: float = 10.0, interval: float = 0.05) -> float:
+    """Poll until predicate() is truthy; the seconds it took. Raises TimeoutError."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if predicate():  # type: ignore[operator]
+            return time.monotonic() - start
+        time.sleep(interval)
+    raise TimeoutError(f"condition not met within {timeout} s")

@@ -1,0 +1,3 @@
+from node_daemon.main import main
+
+main()

@@ -1,0 +1,132 @@
+"""Daemon configuration: flags, GPUFED_* environment variables, or a TOML file (flags win, then
+the environment, then the file)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from node_daemon.fake_nvml import PROFILES
+
+
+@dataclass
+class DaemonConfig:
+    control_planes: list[str] = field(default_factory=lambda: ["127.0.0.1:50051"])
+    provider: str = ""
+    node_id: str = ""
+    region: str = ""
+    country: str = ""
+    zone: str = ""
+    latitude: float = 0.0
+    longitude: float = 0.0
+    price_per_gpu_hour: float = 0.0
+    currency: str = "USD"
+    labels: dict[str, str] = field(default_factory=dict)
+    report_interval: float = 2.0
+    fake_nvml: str = ""
+    fake_scenario: str = ""
+    fake_events: list[str] = field(default_factory=list)
+    fake_seed: int = 0
+    token: str = ""
+    tls: bool = False
+    ca_cert: str = ""
+    client_cert: str = ""
+    client_key: str = ""
+    backlog: int = 300
+
+
+def _env_list(name: str) -> list[str]:
+    v = os.environ.get(name, "")
+    return [x.strip() for x in v.split(",") if x.strip()]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> DaemonConfig:
+    p = argparse.ArgumentParser(
+        prog="gpufed-node-daemon", description="gpufed node daemon: streams this host's GPUs"
+    )
+    p.add_argument("--config", default=os.environ.get("GPUFED_DAEMON_CONFIG", ""), help="TOML file")
+    p.add_argument("--control-plane", action="append", help="HOST:PORT, repeatable (GPUFED_CONTROL_PLANES)")
+    p.add_argument("--provider", help="provider name (GPUFED_PROVIDER)")
+    p.add_argument("--node-id", help="node id (GPUFED_NODE_ID; default: hostname)")
+    p.add_argument("--region")
+    p.add_argument("--country", help="ISO 3166-1 alpha-2 code")
+    p.add_argument("--zone")
+    p.add_argument("--latitude", type=float)
+    p.add_argument("--longitude", type=float)
+    p.add_argument("--price-per-gpu-hour", type=float)
+    p.add_argument("--currency")
+    p.add_argument("--label", action="append", help="KEY=VALUE, repeatable")
+    p.add_argument(
+        "--report-interval", type=float, help="seconds (default 2; the control plane may change it)"
+    )
+    p.add_argument("--fake-nvml", choices=sorted(PROFILES), help="simulate this machine instead of NVML")
+    p.add_argument("--fake-scenario", help="TOML file of fault events for the fake NVML")
+    p.add_argument("--fake-event", action="append", help="fault event, e.g. 30s:gpu3:xid=79 (repeatable)")
+    p.add_argument("--fake-seed", type=int)
+    p.add_argument("--tls", action="store_true", default=None)
+    p.add_argument("--ca-cert")
+    p.add_argument("--client-cert", help="PEM, for mTLS")
+    p.add_argument("--client-key", help="PEM, for mTLS")
+    a = p.parse_args(argv)
+
+    file: dict[str, Any] = {}
+    if a.config:
+        with open(a.config, "rb") as f:
+            file = tomllib.load(f)
+
+    def pick(flag: Any, env: str, key: str, default: Any, conv: Any = str) -> Any:
+        if flag is not None:
+            return flag
+        if env in os.environ:
+            return conv(os.environ[env])
+        if key in file:
+            return conv(file[key])
+        return default
+
+    labels = dict(file.get("labels", {}))
+    for item in _env_list("GPUFED_LABELS") + (a.label or []):
+        k, sep, v = item.partition("=")
+        if not sep:
+            p.error(f"label {item!r} must be KEY=VALUE")
+        labels[k] = v
+    planes = (
+        a.control_plane
+        or _env_list("GPUFED_CONTROL_PLANES")
+        or file.get("control_planes")
+        or ["127.0.0.1:50051"]
+    )
+    cfg = DaemonConfig(
+        control_planes=list(planes),
+        provider=pick(a.provider, "GPUFED_PROVIDER", "provider", ""),
+        node_id=pick(a.node_id, "GPUFED_NODE_ID", "node_id", "") or socket.gethostname().lower(),
+        region=pick(a.region, "GPUFED_REGION", "region", ""),
+        country=pick(a.country, "GPUFED_COUNTRY", "country", "").upper(),
+        zone=pick(a.zone, "GPUFED_ZONE", "zone", ""),
+        latitude=pick(a.latitude, "GPUFED_LATITUDE", "latitude", 0.0, float),
+        longitude=pick(a.longitude, "GPUFED_LONGITUDE", "longitude", 0.0, float),
+        price_per_gpu_hour=pick(
+            a.price_per_gpu_hour, "GPUFED_PRICE_PER_GPU_HOUR", "price_per_gpu_hour", 0.0, float
+        ),
+        currency=pick(a.currency, "GPUFED_CURRENCY", "currency", "USD"),
+        labels=labels,
+        report_interval=pick(a.report_interval, "GPUFED_REPORT_INTERVAL", "report_interval", 2.0, float),
+        fake_nvml=pick(a.fake_nvml, "GPUFED_FAKE_NVML", "fake_nvml", ""),
+        fake_scenario=pick(a.fake_scenario, "GPUFED_FAKE_SCENARIO", "fake_scenario", ""),
+        fake_events=a.fake_event or list(file.get("fake_events", [])),
+        fake_seed=pick(a.fake_seed, "GPUFED_FAKE_SEED", "fake_seed", 0, int),
+        token=os.environ.get("GPUFED_TOKEN", file.get("token", "")),
+        tls=bool(pick(a.tls, "GPUFED_TLS", "tls", False, lambda v: str(v).lower() in ("1", "true", "yes"))),
+        ca_cert=pick(a.ca_cert, "GPUFED_CA_CERT", "ca_cert", ""),
+        client_cert=pick(a.client_cert, "GPUFED_CLIENT_CERT", "client_cert", ""),
+        client_key=pick(a.client_key, "GPUFED_CLIENT_KEY", "client_key", ""),
+    )
+    if not cfg.provider:
+        p.error("--provider (or GPUFED_PROVIDER) is required")
+    if not cfg.country:
+        p.error("--country (or GPUFED_COUNTRY) is required")
+    return cfg

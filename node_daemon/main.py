@@ -1,0 +1,79 @@
+"""`gpufed-node-daemon` / `python -m node_daemon`: stream this host's GPUs until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from gpufed.logs import configure_logging, get_logger
+from node_daemon.collector import Collector, XidWatcher
+from node_daemon.config import DaemonConfig, parse_args
+from node_daemon.fake_nvml import FakeNvml, load_scenario, parse_event
+from node_daemon.session import DaemonSession
+
+log = get_logger(__name__)
+
+
+def make_nvml(cfg: DaemonConfig) -> Any:
+    if not cfg.fake_nvml:
+        import pynvml
+
+        return pynvml
+    events = load_scenario(cfg.fake_scenario) if cfg.fake_scenario else []
+    events += [parse_event(e) for e in cfg.fake_events]
+    return FakeNvml(cfg.fake_nvml, seed=cfg.fake_seed, host=f"{cfg.provider}/{cfg.node_id}", scenario=events)
+
+
+def credentials(cfg: DaemonConfig) -> grpc.ChannelCredentials | None:
+    if not (cfg.tls or cfg.ca_cert or cfg.client_cert):
+        return None
+
+    def read(path: str) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(cfg.ca_cert),
+        private_key=read(cfg.client_key),
+        certificate_chain=read(cfg.client_cert),
+    )
+
+
+async def run(cfg: DaemonConfig) -> None:
+    collector = Collector(make_nvml(cfg))
+    collector.start()
+    log.info(
+        "NVML ready",
+        gpus=len(collector.gpus),
+        driver=collector.driver_version,
+        models=sorted({g.model for g in collector.gpus}),
+        fake=cfg.fake_nvml or None,
+    )
+    session = DaemonSession(cfg, collector, credentials(cfg))
+    loop = asyncio.get_running_loop()
+    watcher = XidWatcher(collector, lambda ev: session.event_from_thread(loop, ev))
+    watcher.start()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, session.stop)
+    try:
+        await session.run()
+    finally:
+        watcher.stop()
+        collector.shutdown()
+        log.info("stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    configure_logging()
+    cfg = parse_args(argv)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run(cfg))
+
+
+if __name__ == "__main__":
+    main()

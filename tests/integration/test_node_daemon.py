@@ -1,0 +1,95 @@
+"""The daemon against a real replica on loopback: registration, telemetry, events, reconnect."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpufed.client import Client
+from gpufed.v1 import common_pb2
+from node_daemon.fake_nvml import FakeNvml, parse_event
+from tests.harness import (
+    ADMIN_TOKEN,
+    DaemonThread,
+    EtcdCluster,
+    ReplicaThread,
+    daemon_config,
+    free_port,
+    replica_config,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+NODE = "providers/neo/nodes/n1"
+
+
+def test_daemon_registers_reports_and_reconnects_after_the_server_restarts(
+    etcd: EtcdCluster, prefix: str
+) -> None:
+    port = free_port()
+    cfg = replica_config(etcd.endpoints, prefix, report_interval=0.5)
+    cfg.listen = f"127.0.0.1:{port}"
+    replica = ReplicaThread(cfg).start()
+    admin = Client(replica.address, ADMIN_TOKEN)
+    provider_token = admin.create_token("provider", "neo").secret
+    daemon = DaemonThread(
+        daemon_config([f"127.0.0.1:{port}"], provider_token, "neo", "n1"), FakeNvml("l40s-4")
+    ).start()
+    try:
+        wait_until(lambda: NODE in {n.name for n in admin.list_nodes()})
+        node = admin.get_node(NODE)
+        assert node.state == common_pb2.NODE_STATE_READY
+        assert [g.model for g in node.gpus] == ["NVIDIA L40S"] * 4
+        assert node.location.country_code == "DE" and node.price_per_gpu_hour == 2.0
+        wait_until(lambda: len(admin.node_telemetry(NODE).recent) >= 2)
+        assert admin.node_telemetry(NODE).latest.gpus[0].HasField("power_watts")
+
+        replica.stop()
+        admin.close()
+        session = daemon.session
+        wait_until(lambda: not session.state.connected)  # type: ignore[attr-defined]
+
+        cfg2 = replica_config(etcd.endpoints, prefix, report_interval=0.5)
+        cfg2.listen = f"127.0.0.1:{port}"
+        replica = ReplicaThread(cfg2).start()
+        admin = Client(replica.address, ADMIN_TOKEN)
+        wait_until(lambda: session.state.connects >= 2, timeout=20)  # type: ignore[attr-defined]
+        wait_until(lambda: admin.get_node(NODE).state == common_pb2.NODE_STATE_READY)
+        # The backlog kept while disconnected reaches the new replica.
+        wait_until(lambda: len(admin.node_telemetry(NODE, 600).recent) >= 2)
+    finally:
+        daemon.stop()
+        admin.close()
+        replica.stop()
+
+
+def test_daemon_with_a_foreign_provider_name_is_refused(replica: ReplicaThread) -> None:
+    admin = Client(replica.address, ADMIN_TOKEN)
+    token = admin.create_token("provider", "neo").secret
+    daemon = DaemonThread(daemon_config([replica.address], token, "other", "n1"), FakeNvml("l40s-4")).start()
+    try:
+        wait_until(lambda: "PERMISSION_DENIED" in daemon.session.state.last_error)  # type: ignore[attr-defined]
+        assert admin.list_nodes() == []
+    finally:
+        daemon.stop()
+        admin.close()
+
+
+def test_xid_event_reaches_the_control_plane_before_the_next_report(replica: ReplicaThread) -> None:
+    admin = Client(replica.address, ADMIN_TOKEN)
+    token = admin.create_token("provider", "neo").secret
+    fake = FakeNvml("h100-sxm-8")
+    # A long report interval: only the event path can be this quick.
+    daemon = DaemonThread(
+        daemon_config([replica.address], token, "neo", "n1", report_interval=30.0), fake
+    ).start()
+    try:
+        wait_until(lambda: NODE in {n.name for n in admin.list_nodes()})
+        fake.apply(parse_event("0:3:xid=79"))
+        took = wait_until(
+            lambda: admin.get_node(NODE).gpus[3].health == common_pb2.GPU_HEALTH_UNHEALTHY, timeout=5
+        )
+        assert took < 3
+        assert "XID_79" in {r.code for r in admin.get_node(NODE).gpus[3].health_reasons}
+    finally:
+        daemon.stop()
+        admin.close()

@@ -1,0 +1,211 @@
+"""The collector over the fake NVML: every field, NotSupported as absent, lost GPUs, MIG, XIDs."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import pynvml
+import pytest
+
+from gpufed.v1 import common_pb2
+from node_daemon.collector import Collector, GpuEvent, XidWatcher
+from node_daemon.fake_nvml import FakeNvml, parse_event
+from tests.nvml_c_shim import real_pynvml_over
+
+HEALTHY, DEGRADED, UNHEALTHY = (
+    common_pb2.GPU_HEALTH_HEALTHY,
+    common_pb2.GPU_HEALTH_DEGRADED,
+    common_pb2.GPU_HEALTH_UNHEALTHY,
+)
+EVERY_FIELD = [
+    "memory_total_bytes",
+    "memory_used_bytes",
+    "memory_free_bytes",
+    "utilization_gpu_percent",
+    "utilization_memory_percent",
+    "temperature_celsius",
+    "power_watts",
+    "sm_clock_mhz",
+    "pcie_replay_count",
+    "ecc_volatile_corrected",
+    "ecc_volatile_uncorrected",
+    "ecc_aggregate_corrected",
+    "ecc_aggregate_uncorrected",
+    "retired_pages_single_bit",
+    "retired_pages_double_bit",
+    "retired_pages_pending",
+    "remapped_rows_correctable",
+    "remapped_rows_uncorrectable",
+    "remapped_rows_pending",
+    "remapped_rows_failure",
+    "clock_event_reasons",
+    "mig_enabled",
+    "nvlink_active_links",
+    "nvlink_errors",
+]
+
+
+def recorder(got: list[GpuEvent], arrived: threading.Event) -> Callable[[GpuEvent], None]:
+    def record(ev: GpuEvent) -> None:
+        got.append(ev)
+        arrived.set()
+
+    return record
+
+
+def collector(profile: str, **kw: object) -> tuple[Collector, FakeNvml]:
+    fake = FakeNvml(profile, **kw)  # type: ignore[arg-type]
+    c = Collector(fake)
+    c.start()
+    return c, fake
+
+
+def test_a100_reports_every_field_and_host_versions() -> None:
+    c, _ = collector("a100-80g-8")
+    assert c.driver_version and c.cuda_driver_version == "12.4"
+    report = c.sample()
+    assert len(report.gpus) == 8
+    s = report.gpus[0]
+    missing = [f for f in EVERY_FIELD if not s.HasField(f)]  # type: ignore[arg-type]
+    assert missing == []
+    assert s.memory_used_bytes + s.memory_free_bytes == s.memory_total_bytes
+    assert 0 < s.power_watts <= 400
+    assert s.nvlink_active_links == 12
+    assert s.health == HEALTHY
+
+
+def test_one_report_carries_every_gpu_with_increasing_sequence() -> None:
+    c, _ = collector("h200-8")
+    a, b = c.sample(), c.sample()
+    assert [g.index for g in a.gpus] == list(range(8))
+    assert b.sequence == a.sequence + 1
+    assert len({g.uuid for g in a.gpus}) == 8
+
+
+def test_not_supported_fields_are_absent_not_zero() -> None:
+    c, _ = collector("h100-sxm-8")  # Hopper: no page retirement
+    s = c.sample().gpus[0]
+    assert not s.HasField("retired_pages_single_bit")
+    assert not s.HasField("retired_pages_pending")
+    c, _ = collector("l40s-4")  # PCIe card: no NVLink
+    s = c.sample().gpus[0]
+    assert not s.HasField("nvlink_active_links")
+
+
+def test_mig_gpu_has_no_utilization_but_everything_else() -> None:
+    c, _ = collector("a100-mig")
+    inv = c.inventory()
+    assert inv[0].mig_enabled
+    s = c.sample().gpus[0]
+    assert not s.HasField("utilization_gpu_percent")
+    assert s.mig_enabled
+    assert s.HasField("temperature_celsius")
+
+
+def test_lost_gpu_is_unhealthy_and_the_others_keep_reporting() -> None:
+    c, fake = collector("h100-sxm-8")
+    fake.apply(parse_event("0:2:lost"))
+    report = c.sample()
+    lost = report.gpus[2]
+    assert lost.lost and lost.health == UNHEALTHY
+    assert "GPU_LOST" in {r.code for r in lost.health_reasons}
+    assert all(g.health == HEALTHY and g.HasField("power_watts") for i, g in enumerate(report.gpus) if i != 2)
+
+
+def test_unknown_error_counts_as_lost() -> None:
+    c, fake = collector("l40s-4")
+    original = fake.nvmlDeviceGetMemoryInfo
+
+    def broken(h: object, version: object = None) -> object:
+        if fake.nvmlDeviceGetIndex(h) == 1:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_UNKNOWN)
+        return original(h)
+
+    fake.nvmlDeviceGetMemoryInfo = broken  # type: ignore[method-assign,assignment]
+    report = c.sample()
+    assert report.gpus[1].lost and report.gpus[1].health == UNHEALTHY
+    assert not report.gpus[0].lost
+
+
+@pytest.mark.parametrize(
+    ("event", "health", "code"),
+    [
+        ("0:1:thermal", DEGRADED, "THERMAL_SLOWDOWN"),
+        ("0:1:dbe=1", UNHEALTHY, "ECC_DBE_VOLATILE"),
+        ("0:1:remap_failure", UNHEALTHY, "ROW_REMAP_FAILURE"),
+        ("0:1:remap_pending", DEGRADED, "ROW_REMAP_PENDING"),
+        ("0:1:page_pending", DEGRADED, "PAGE_RETIREMENT_PENDING"),
+    ],
+)
+def test_injected_faults_change_health_in_the_next_report(event: str, health: int, code: str) -> None:
+    c, fake = collector("a100-80g-8")
+    fake.apply(parse_event(event))
+    s = c.sample().gpus[1]
+    assert s.health == health
+    assert code in {r.code for r in s.health_reasons}
+
+
+def test_xid_watcher_delivers_the_event_at_once_and_health_stays_sticky() -> None:
+    c, fake = collector("h100-sxm-8")
+    got: list[GpuEvent] = []
+    arrived = threading.Event()
+    w = XidWatcher(c, recorder(got, arrived), wait_ms=50)
+    w.start()
+    try:
+        fake.apply(parse_event("0:4:xid=94"))  # contained ECC error: degraded
+        assert arrived.wait(5)
+    finally:
+        w.stop()
+    assert got[0].xid == 94 and got[0].gpu_uuid == c.gpus[4].uuid
+    assert got[0].verdict.health == DEGRADED
+    # Sticky: later clean readings keep the XID until the daemon restarts.
+    assert c.sample().gpus[4].health == DEGRADED
+    assert 94 in c.sample().gpus[4].xids
+
+
+def test_collector_runs_unchanged_through_the_real_pynvml_module() -> None:
+    fake = FakeNvml("a100-80g-8")
+    with real_pynvml_over(fake) as lib:
+        c = Collector(pynvml)
+        c.start()
+        fake.apply(parse_event("0:6:dbe=1"))
+        report = c.sample()
+        c.shutdown()
+    assert lib.calls["nvmlInitWithFlags"] == 1
+    assert [f for f in EVERY_FIELD if not report.gpus[0].HasField(f)] == []  # type: ignore[arg-type]
+    assert report.gpus[6].health == UNHEALTHY
+    # Through pynvml's wrappers the answers equal the fake's own.
+    direct = Collector(FakeNvml("a100-80g-8"))
+    direct.start()
+    assert [g.uuid for g in direct.gpus] == [g.uuid for g in c.gpus]
+    assert c.driver_version == direct.driver_version
+
+
+def test_real_pynvml_maps_not_supported_and_lost_to_its_own_errors() -> None:
+    fake = FakeNvml("a100-mig")
+    with real_pynvml_over(fake):
+        c = Collector(pynvml)
+        c.start()
+        s = c.sample().gpus[0]
+        assert not s.HasField("utilization_gpu_percent")
+        fake.apply(parse_event("0:0:lost"))
+        assert c.sample().gpus[0].lost
+
+
+def test_real_pynvml_delivers_xid_events_to_the_watcher() -> None:
+    fake = FakeNvml("h100-sxm-8")
+    with real_pynvml_over(fake):
+        c = Collector(pynvml)
+        c.start()
+        arrived = threading.Event()
+        got: list[GpuEvent] = []
+        w = XidWatcher(c, recorder(got, arrived), wait_ms=50)
+        w.start()
+        try:
+            fake.apply(parse_event("0:3:xid=79"))
+            assert arrived.wait(5)
+        finally:
+            w.stop()
+    assert got[0].gpu_uuid == c.gpus[3].uuid
+    assert got[0].verdict.health == UNHEALTHY

@@ -1,0 +1,124 @@
+"""The fake NVML behaves like pynvml: its types, its errors, its failure modes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pynvml
+import pytest
+
+from node_daemon.fake_nvml import PROFILES, FakeNvml, load_scenario, parse_event
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def started(profile: str, **kw: object) -> FakeNvml:
+    f = FakeNvml(profile, **kw)  # type: ignore[arg-type]
+    f.nvmlInit()
+    return f
+
+
+def test_calls_before_init_raise_uninitialized() -> None:
+    f = FakeNvml("l40s-4")
+    with pytest.raises(pynvml.NVMLError_Uninitialized):
+        f.nvmlDeviceGetCount()
+
+
+@pytest.mark.parametrize(
+    ("profile", "count", "model"),
+    [
+        ("h100-sxm-8", 8, "NVIDIA H100 80GB HBM3"),
+        ("a100-80g-8", 8, "NVIDIA A100-SXM4-80GB"),
+        ("l40s-4", 4, "NVIDIA L40S"),
+        ("h200-8", 8, "NVIDIA H200"),
+        ("a100-mig", 1, "NVIDIA A100-SXM4-80GB"),
+    ],
+)
+def test_profiles_have_their_machines_gpus(profile: str, count: int, model: str) -> None:
+    f = started(profile)
+    assert f.nvmlDeviceGetCount() == count
+    h = f.nvmlDeviceGetHandleByIndex(0)
+    assert isinstance(h, pynvml.c_nvmlDevice_t)
+    assert f.nvmlDeviceGetName(h) == model
+    assert isinstance(f.nvmlDeviceGetMemoryInfo(h), pynvml.c_nvmlMemory_t)
+    assert set(PROFILES) >= {profile}
+
+
+def test_same_seed_gives_same_uuids_and_values() -> None:
+    a, b = started("h100-sxm-8", seed=7, host="x"), started("h100-sxm-8", seed=7, host="x")
+    ha, hb = a.nvmlDeviceGetHandleByIndex(2), b.nvmlDeviceGetHandleByIndex(2)
+    assert a.nvmlDeviceGetUUID(ha) == b.nvmlDeviceGetUUID(hb)
+    assert a.nvmlDeviceGetPowerUsage(ha) == b.nvmlDeviceGetPowerUsage(hb)
+    assert started("h100-sxm-8", seed=8, host="x").nvmlDeviceGetUUID(ha) != a.nvmlDeviceGetUUID(ha)
+
+
+def test_mig_gpu_utilization_is_not_supported() -> None:
+    f = started("a100-mig")
+    h = f.nvmlDeviceGetHandleByIndex(0)
+    with pytest.raises(pynvml.NVMLError_NotSupported):
+        f.nvmlDeviceGetUtilizationRates(h)
+    assert f.nvmlDeviceGetMigMode(h)[0] == pynvml.NVML_DEVICE_MIG_ENABLE
+
+
+def test_pcie_card_has_no_nvlink() -> None:
+    f = started("l40s-4")
+    with pytest.raises(pynvml.NVMLError_NotSupported):
+        f.nvmlDeviceGetNvLinkState(f.nvmlDeviceGetHandleByIndex(0), 0)
+
+
+def test_scenario_events_apply_at_their_time_on_the_injected_clock() -> None:
+    clock = FakeClock()
+    f = started(
+        "h100-sxm-8", clock=clock, scenario=[parse_event("30s:gpu3:thermal"), parse_event("60:1:lost")]
+    )
+    h3, h1 = f.nvmlDeviceGetHandleByIndex(3), f.nvmlDeviceGetHandleByIndex(1)
+    assert f.nvmlDeviceGetCurrentClocksEventReasons(h3) & pynvml.nvmlClocksEventReasonHwThermalSlowdown == 0
+    clock.now += 30
+    assert f.nvmlDeviceGetCurrentClocksEventReasons(h3) & pynvml.nvmlClocksEventReasonHwThermalSlowdown
+    f.nvmlDeviceGetName(h1)
+    clock.now += 30
+    with pytest.raises(pynvml.NVMLError_GpuIsLost):
+        f.nvmlDeviceGetName(h1)
+
+
+def test_xid_arrives_through_event_set_wait_and_timeout_when_none() -> None:
+    f = started("h100-sxm-8")
+    es = f.nvmlEventSetCreate()
+    h = f.nvmlDeviceGetHandleByIndex(5)
+    f.nvmlDeviceRegisterEvents(h, pynvml.nvmlEventTypeXidCriticalError, es)
+    with pytest.raises(pynvml.NVMLError_Timeout):
+        f.nvmlEventSetWait(es, 10)
+    f.apply(parse_event("0:5:xid=48"))
+    data = f.nvmlEventSetWait(es, 100)
+    assert isinstance(data, pynvml.c_nvmlEventData_t)
+    assert data.eventType == pynvml.nvmlEventTypeXidCriticalError
+    assert data.eventData == 48
+
+
+def test_double_bit_ecc_counts_show_in_volatile_and_aggregate() -> None:
+    f = started("a100-80g-8")
+    h = f.nvmlDeviceGetHandleByIndex(0)
+    f.apply(parse_event("0:0:dbe=2"))
+    ue = pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED
+    assert f.nvmlDeviceGetTotalEccErrors(h, ue, pynvml.NVML_VOLATILE_ECC) == 2
+    assert f.nvmlDeviceGetTotalEccErrors(h, ue, pynvml.NVML_AGGREGATE_ECC) == 2
+
+
+def test_scenario_file_and_malformed_events(tmp_path: Path) -> None:
+    p = tmp_path / "s.toml"
+    p.write_text(
+        '[[event]]\nat = 30\ngpu = 3\nkind = "xid"\nvalue = 79\n'
+        '[[event]]\nat = 5\ngpu = 0\nkind = "utilization"\npattern = "busy"\n'
+    )
+    events = load_scenario(p)
+    assert next((e.at, e.gpu, e.kind, e.value) for e in events) == (30.0, 3, "xid", 79)
+    assert events[1].pattern == "busy"
+    for bad in ("nonsense", "10:1:explode", "10:1:xid", "1:0:utilization=wild"):
+        with pytest.raises(ValueError):
+            parse_event(bad)
