@@ -344,3 +344,45 @@ def wait_until(predicate: object, timeout: float = 10.0, interval: float = 0.05)
             return time.monotonic() - start
         time.sleep(interval)
     raise TimeoutError(f"condition not met within {timeout} s")
+
+
+@contextlib.contextmanager
+def daemon_process(
+    endpoints: list[str],
+    token: str,
+    provider: str,
+    node_id: str,
+    *extra: str,
+    country: str = "DE",
+    profile: str = "l40s-4",
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A node daemon as its own OS process over the fake NVML (for tests that SIGKILL it)."""
+    args = [
+        sys.executable,
+        "-m",
+        "node_daemon",
+        "--provider",
+        provider,
+        "--node-id",
+        node_id,
+        "--country",
+        country,
+        "--region",
+        "eu",
+        "--fake-nvml",
+        profile,
+        "--price-per-gpu-hour",
+        "1.5",
+        *extra,
+    ]
+    for ep in endpoints:
+        args += ["--control-plane", ep]
+    proc = subprocess.Popen(
+        args, env={**os.environ, "GPUFED_TOKEN": token}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
