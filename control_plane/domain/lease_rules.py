@@ -13,7 +13,7 @@ from control_plane.domain.names import lease_name, validate_request_id
 from control_plane.domain.placement import MAX_GANG, Pick
 from gpufed.v1 import lease_pb2
 
-MIN_TTL_S = 10
+MIN_TTL_S = 5
 MAX_TTL_S = 3600
 DEFAULT_TTL_S = 60
 

@@ -47,7 +47,7 @@ class LeaseServiceStub:
     24 h after it ends. gpu_count must be 1..64: 64 GPUs plus the lease record keep one grant
     inside etcd's default limit of 128 operations per transaction, so a gang is always granted
     in one atomic transaction; larger gangs are RESOURCE_EXHAUSTED (reason GANG_TOO_LARGE).
-    ttl is 10 s .. 1 h, default 60 s. No matching capacity is FAILED_PRECONDITION (reason
+    ttl is 5 s .. 1 h, default 60 s. No matching capacity is FAILED_PRECONDITION (reason
     NO_MATCHING_CAPACITY); capacity that other grants took during a bounded number of
     retries is RESOURCE_EXHAUSTED (reason CAPACITY_CONTENDED), safe to retry.
     """
@@ -93,7 +93,7 @@ class LeaseServiceAsyncStub(LeaseServiceStub):
     24 h after it ends. gpu_count must be 1..64: 64 GPUs plus the lease record keep one grant
     inside etcd's default limit of 128 operations per transaction, so a gang is always granted
     in one atomic transaction; larger gangs are RESOURCE_EXHAUSTED (reason GANG_TOO_LARGE).
-    ttl is 10 s .. 1 h, default 60 s. No matching capacity is FAILED_PRECONDITION (reason
+    ttl is 5 s .. 1 h, default 60 s. No matching capacity is FAILED_PRECONDITION (reason
     NO_MATCHING_CAPACITY); capacity that other grants took during a bounded number of
     retries is RESOURCE_EXHAUSTED (reason CAPACITY_CONTENDED), safe to retry.
     """
@@ -142,7 +142,7 @@ class LeaseServiceServicer(metaclass=_abc_1.ABCMeta):
         24 h after it ends. gpu_count must be 1..64: 64 GPUs plus the lease record keep one grant
         inside etcd's default limit of 128 operations per transaction, so a gang is always granted
         in one atomic transaction; larger gangs are RESOURCE_EXHAUSTED (reason GANG_TOO_LARGE).
-        ttl is 10 s .. 1 h, default 60 s. No matching capacity is FAILED_PRECONDITION (reason
+        ttl is 5 s .. 1 h, default 60 s. No matching capacity is FAILED_PRECONDITION (reason
         NO_MATCHING_CAPACITY); capacity that other grants took during a bounded number of
         retries is RESOURCE_EXHAUSTED (reason CAPACITY_CONTENDED), safe to retry.
         """
