@@ -244,7 +244,7 @@ def test_provider_token_cannot_create_leases(fed: Federation) -> None:
             "INVALID_COUNTRY_CODE",
         ),
         (
-            lease_pb2.CreateLeaseRequest(request_id="r", gpu_count=1, placement=7),
+            lease_pb2.CreateLeaseRequest(request_id="r", gpu_count=1, placement=7),  # type: ignore[arg-type]
             "INVALID_ARGUMENT",
             "INVALID_PLACEMENT",
         ),
