@@ -107,7 +107,9 @@ class Inventory:
             change = Change("alloc", name, value, prev_value, mod_revision, tuple(parts))
         elif top == "leases" and len(parts) == 2:
             if value is None:
-                self.leases.pop(parts[1], None)
+                gone = self.leases.pop(parts[1], None)
+                if prev_value is None and gone is not None:
+                    prev_value = gone.SerializeToString()
                 self.lease_revision.pop(parts[1], None)
             else:
                 lease = lease_pb2.Lease.FromString(value)

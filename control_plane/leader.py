@@ -18,6 +18,8 @@ import contextlib
 import time
 from collections.abc import Callable
 
+from etcd3.etcdrpc import rpc_pb2 as rpc
+
 from control_plane.domain import lease_rules
 from control_plane.domain.usage import usage_records
 from control_plane.index import Change, Inventory
@@ -25,11 +27,14 @@ from control_plane.lease_service import Leases, now_ts
 from control_plane.metrics import Metrics
 from control_plane.store import EtcdStore, StoreUnavailable, WatchCompacted, absent, put, value_is
 from control_plane.store import delete as delete_op
+from control_plane.store import get as get_op
 from gpufed.logs import get_logger
 from gpufed.v1 import common_pb2, lease_pb2
 
 log = get_logger(__name__)
 COMPACT_EVERY_S = 300
+# Leases per ledger Txn: each adds up to ~3 operations, and etcd allows 128 per branch.
+LEDGER_CHUNK = 30
 COMPACT_KEEP_REVISIONS = 10_000
 
 
@@ -125,10 +130,14 @@ class Leader:
         prefix = self.keys.dir("leases")
         while True:
             try:
-                async for revision, events in self.store.watch_prefix(prefix, cursor + 1):
-                    for ev in events:
-                        if ev.value is None and ev.prev_value is not None:
-                            await self._record(lease_pb2.Lease.FromString(ev.prev_value), ev.mod_revision)
+                async for revision, events in self.store.watch_prefix(prefix, cursor + 1, deletes_only=True):
+                    ended = [
+                        lease_pb2.Lease.FromString(ev.prev_value)
+                        for ev in events
+                        if ev.value is None and ev.prev_value is not None
+                    ]
+                    for i in range(0, len(ended), LEDGER_CHUNK):
+                        await self._record(ended[i : i + LEDGER_CHUNK], revision)
                     cursor = max(cursor, revision)
             except WatchCompacted as e:
                 # Never compacted past the cursor by us; someone else did. Records in between are lost:
@@ -139,30 +148,46 @@ class Leader:
                 log.warning("usage ledger watch broke", error=str(e))
                 await asyncio.sleep(0.5)
 
-    async def _record(self, lease: lease_pb2.Lease, revision: int) -> None:
-        lease_id = lease.name.split("/", 1)[1]
+    async def _record(self, deleted: list[lease_pb2.Lease], revision: int) -> None:
+        """Usage records for leases whose record was deleted, in one read and one write.
+
+        A lease that was released, revoked or drained left its history in the same Txn that
+        deleted it; one deleted without history expired, and its history is written here.
+        """
+        ids = [lease.name.split("/", 1)[1] for lease in deleted]
+        reads = await self.store.txn([], [get_op(self.keys.lease_history(i)) for i in ids])
         hist_lease = await self.leases.history.lease_id()
-        if lease.state == lease_pb2.LEASE_STATE_ACTIVE:
-            # Deleted while active: etcd expired it.
-            lease = lease_rules.ended(lease, lease_pb2.LEASE_END_REASON_EXPIRED, now_ts())
-            if self.metrics is not None:
-                self.metrics.leases_expired.inc()
-        records = usage_records(lease, lease.end_time)
-        compare = [absent(self.keys.usage_record(lease_id, r.provider)) for r in records]
-        ops = [put(self.keys.usage_record(lease_id, r.provider), r.SerializeToString()) for r in records]
-        ops.append(put(self.keys.ledger_cursor, str(revision).encode()))
-        if lease.end_reason == lease_pb2.LEASE_END_REASON_EXPIRED:
-            compare.append(absent(self.keys.lease_history(lease_id)))
-            ops.append(put(self.keys.lease_history(lease_id), lease.SerializeToString(), hist_lease))
-            ops.append(put(self.keys.request(lease.tenant, lease.request_id), lease_id.encode(), hist_lease))
-        resp = await self.store.txn(compare, ops, [put(self.keys.ledger_cursor, str(revision).encode())])
+        compare: list[rpc.Compare] = []
+        ops: list[rpc.RequestOp] = []
+        for lease, lease_id, read in zip(deleted, ids, reads.responses, strict=True):
+            kvs = read.response_range.kvs
+            if kvs:
+                final = lease_pb2.Lease.FromString(kvs[0].value)
+            else:
+                final = lease_rules.ended(lease, lease_pb2.LEASE_END_REASON_EXPIRED, now_ts())
+                final.fencing_token = final.fencing_token or 0
+                compare.append(absent(self.keys.lease_history(lease_id)))
+                ops.append(put(self.keys.lease_history(lease_id), final.SerializeToString(), hist_lease))
+                ops.append(
+                    put(self.keys.request(final.tenant, final.request_id), lease_id.encode(), hist_lease)
+                )
+                if self.metrics is not None:
+                    self.metrics.leases_expired.inc()
+            for r in usage_records(final, final.end_time):
+                key = self.keys.usage_record(lease_id, r.provider)
+                compare.append(absent(key))
+                ops.append(put(key, r.SerializeToString()))
+        cursor = put(self.keys.ledger_cursor, str(revision).encode())
+        resp = await self.store.txn(compare, [*ops, cursor])
         if resp.succeeded:
-            log.info(
-                "usage recorded",
-                lease=lease.name,
-                reason=lease_pb2.LeaseEndReason.Name(lease.end_reason),
-                providers=[r.provider for r in records],
-            )
+            log.info("usage recorded", leases=len(deleted), revision=revision)
+            return
+        if len(deleted) > 1:
+            # Some were recorded before (a leader change mid-way): settle them one by one.
+            for lease in deleted:
+                await self._record([lease], revision)
+        else:
+            await self.store.put(self.keys.ledger_cursor, str(revision).encode())
 
     # -- drains ---------------------------------------------------------------------------------
 

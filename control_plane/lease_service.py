@@ -1,16 +1,17 @@
 """LeaseService: exclusive GPU leases, each one an etcd lease.
 
-Grant: one Txn writes the lease record, the request key and one allocation key per GPU, all on a
-fresh etcd lease, comparing every allocation key absent, each node record unchanged and each
-node's alive key present. Its revision is the fencing token. Renew is an etcd keep-alive, expiry
-is etcd deleting the keys, release is a Txn (mark ended, free the GPUs, keep history) followed by
-a revoke.
+Grant: one Txn writes the lease record, the request key and one allocation key per GPU, all on
+one etcd lease, comparing every allocation key absent, each node record unchanged and each node's
+alive key present. Its revision is the fencing token. Renew is an etcd keep-alive; expiry is etcd
+deleting the keys; release is one Txn that deletes the record and the allocations and keeps the
+history. Grants and releases share commits (control_plane.commit).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
@@ -20,8 +21,9 @@ from etcd3.etcdrpc import rpc_pb2 as rpc
 from google.protobuf import timestamp_pb2
 
 from control_plane import auth, errors
+from control_plane.commit import GroupCommit, LeasePool
 from control_plane.domain import lease_rules, offers, pagination
-from control_plane.domain.names import etcd_lease_of, lease_id_of, parse_lease_name
+from control_plane.domain.names import parse_lease_name
 from control_plane.domain.placement import place
 from control_plane.index import Change, Inventory
 from control_plane.metrics import Metrics
@@ -34,6 +36,9 @@ from gpufed.v1 import common_pb2, lease_pb2, lease_pb2_grpc
 log = get_logger(__name__)
 Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 MAX_ATTEMPTS = 8
+# Lease ids are names, not secrets (access goes by tenant token); the grant Txn compares the
+# record absent, so even a collision could not overwrite a lease.
+_IDS = random.Random()
 HISTORY_RETENTION_S = 24 * 3600
 ACTIVE = lease_pb2.LEASE_STATE_ACTIVE
 ENDED = lease_pb2.LEASE_STATE_ENDED
@@ -76,8 +81,16 @@ class Leases:
         self.inv = inventory
         self.metrics = metrics
         self.history = HistoryLeases(store)
+        self.commits = GroupCommit(store)
+        self.pool = LeasePool(store)
         # GPUs this replica is granting right now: its own grants should not race each other.
         self.pending: set[str] = set()
+
+    def start(self) -> None:
+        self.commits.start()
+
+    async def stop(self) -> None:
+        await self.commits.stop()
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -109,7 +122,7 @@ class Leases:
         """The record with expire_time from etcd's remaining TTL (renewals do not rewrite it)."""
         if lease.state != ACTIVE:
             return lease
-        ttl = await self.store.time_to_live(etcd_lease_of(lease.name.split("/", 1)[1]))
+        ttl = await self.store.time_to_live(lease.etcd_lease_id)
         out = lease_pb2.Lease()
         out.CopyFrom(lease)
         if ttl >= 0:
@@ -130,18 +143,20 @@ class Leases:
         return found[0]
 
     async def create(self, tenant: str, spec: lease_rules.CreateSpec) -> lease_pb2.Lease:
-        existing = await self.by_request(tenant, spec.request_id)
-        if existing is not None:
-            return existing
-        etcd_lease = await self.store.grant(spec.ttl_s)
-        lease_id = lease_id_of(etcd_lease)
+        etcd_lease = await self.pool.take(spec.ttl_s)
+        lease_id = f"{_IDS.getrandbits(64):016x}"
         keep_etcd_lease = False
         avoid: set[str] = set()
+        req_key = self.keys.request(tenant, spec.request_id)
         try:
             for attempt in range(MAX_ATTEMPTS):
-                cands = list(offers.candidates(self.inv, spec.filter, 1))
+                cands = offers.candidates(self.inv, spec.filter, 1)
                 picks = place(cands, spec.gpu_count, spec.placement, frozenset(avoid | self.pending))
                 if picks is None:
+                    # A retry of a request that already holds a lease answers with that lease.
+                    existing = await self.by_request(tenant, spec.request_id)
+                    if existing is not None:
+                        return existing
                     if attempt == 0 and not self.pending:
                         raise errors.failed_precondition(
                             "NO_MATCHING_CAPACITY", f"no {spec.gpu_count} free GPUs match the request"
@@ -150,9 +165,9 @@ class Leases:
                         "CAPACITY_CONTENDED", "matching GPUs were taken by concurrent grants; retry"
                     )
                 lease = lease_rules.build_lease(lease_id, tenant, spec, picks, now_ts())
+                lease.etcd_lease_id = etcd_lease
                 uuids = [u for p in picks for u in p.gpu_uuids]
-                req_key = self.keys.request(tenant, spec.request_id)
-                compare = [absent(req_key)]
+                compare = [absent(req_key), absent(self.keys.lease(lease_id))]
                 success = [
                     put(self.keys.lease(lease_id), lease.SerializeToString(), etcd_lease),
                     put(req_key, lease_id.encode(), etcd_lease),
@@ -170,7 +185,9 @@ class Leases:
                 self.pending.update(uuids)
                 started = time.perf_counter()
                 try:
-                    resp = await self.store.txn(compare, success, [get_op(req_key)])
+                    result = await self.commits.submit(
+                        rpc.TxnRequest(compare=compare, success=success, failure=[get_op(req_key)])
+                    )
                 except StoreUnavailable:
                     keep_etcd_lease = True  # outcome unknown: a retry with the request_id settles it
                     raise
@@ -178,12 +195,12 @@ class Leases:
                     self.pending.difference_update(uuids)
                     if self.metrics is not None:
                         self.metrics.txn_latency.observe(time.perf_counter() - started)
-                if resp.succeeded:
+                if result.succeeded:
                     keep_etcd_lease = True
-                    lease.fencing_token = resp.header.revision
+                    lease.fencing_token = result.revision
                     if self.metrics is not None:
                         self.metrics.leases_granted.inc()
-                    log.info(
+                    log.debug(
                         "lease granted",
                         lease=lease.name,
                         tenant=tenant,
@@ -193,29 +210,28 @@ class Leases:
                         attempt=attempt,
                     )
                     return lease
-                if resp.responses and resp.responses[0].response_range.kvs:
-                    # Same request_id committed meanwhile (a concurrent retry): answer with that lease.
+                if result.response.responses and result.response.responses[0].response_range.kvs:
+                    # This request_id already holds a lease (a retry): answer with that lease.
                     other = await self.by_request(tenant, spec.request_id)
                     if other is not None:
                         return other
                 if self.metrics is not None:
                     self.metrics.txn_conflicts.inc()
                 avoid.update(uuids)
-                await self.inv.wait_for_revision(resp.header.revision, timeout=1.0)
+                await self.inv.wait_for_revision(result.revision, timeout=1.0)
             raise errors.exhausted(
                 "CAPACITY_CONTENDED", "matching GPUs were taken by concurrent grants; retry"
             )
         finally:
             if not keep_etcd_lease:
-                with contextlib.suppress(Exception):
-                    await self.store.revoke(etcd_lease)
+                self.pool.give_back(etcd_lease, spec.ttl_s)
 
     # -- renew ----------------------------------------------------------------------------------
 
     async def renew(self, lease: lease_pb2.Lease) -> lease_pb2.Lease:
         if lease.state != ACTIVE:
             raise errors.failed_precondition("LEASE_ENDED", f"{lease.name} has ended", lease=lease.name)
-        ttl = await self.store.keepalive(etcd_lease_of(lease.name.split("/", 1)[1]))
+        ttl = await self.store.keepalive(lease.etcd_lease_id)
         if ttl <= 0:
             raise errors.failed_precondition("LEASE_ENDED", f"{lease.name} has expired", lease=lease.name)
         out = lease_pb2.Lease()
@@ -228,13 +244,21 @@ class Leases:
     async def end(
         self, lease_id: str, reason: int, message: str = "", tenant: str | None = None
     ) -> lease_pb2.Lease:
-        """End an active lease: one Txn marks it ended, frees its GPUs and writes its history; then
-        the etcd lease is revoked. Idempotent."""
+        """End an active lease in one Txn: delete its record and allocations (the GPUs are free
+        at once) and keep its history. Its etcd lease, now without keys, serves the next grant.
+        Idempotent: an ended lease is returned as it ended."""
         key = self.keys.lease(lease_id)
-        etcd_lease = etcd_lease_of(lease_id)
+        found: tuple[lease_pb2.Lease, int] | None = None
+        if lease_id in self.inv.leases:
+            found = self.inv.leases[lease_id], self.inv.lease_revision[lease_id]
         for _ in range(MAX_ATTEMPTS):
-            kv = await self.store.get(key)
-            if kv is None:
+            if found is None:
+                kv = await self.store.get(key)
+                if kv is not None:
+                    lease = lease_pb2.Lease.FromString(kv.value)
+                    lease.fencing_token = lease.fencing_token or kv.create_revision
+                    found = lease, kv.mod_revision
+            if found is None:
                 hist = await self.store.get(self.keys.lease_history(lease_id))
                 if hist is None:
                     raise errors.not_found("LEASE_NOT_FOUND", f"leases/{lease_id} does not exist")
@@ -242,30 +266,28 @@ class Leases:
                 if tenant is not None and lease.tenant != tenant:
                     raise errors.not_found("LEASE_NOT_FOUND", f"leases/{lease_id} does not exist")
                 return lease
-            lease = lease_pb2.Lease.FromString(kv.value)
-            if not lease.fencing_token:
-                lease.fencing_token = kv.create_revision
+            lease, revision = found
             if tenant is not None and lease.tenant != tenant:
                 raise errors.not_found("LEASE_NOT_FOUND", f"leases/{lease_id} does not exist")
-            if lease.state == ENDED:
-                await self.store.revoke(etcd_lease)
-                return lease
             done = lease_rules.ended(lease, reason, now_ts(), message)
             raw = done.SerializeToString()
             hist_lease = await self.history.lease_id()
             ops = [
-                put(key, raw, etcd_lease),
+                delete_op(key),
                 put(self.keys.lease_history(lease_id), raw, hist_lease),
                 put(self.keys.request(lease.tenant, lease.request_id), lease_id.encode(), hist_lease),
             ]
             ops += [delete_op(self.keys.alloc(g.provider, g.node_id, g.uuid)) for g in lease.gpus]
-            resp = await self.store.txn([mod_revision_is(key, kv.mod_revision)], ops)
-            if resp.succeeded:
-                await self.store.revoke(etcd_lease)
+            result = await self.commits.submit(
+                rpc.TxnRequest(compare=[mod_revision_is(key, revision)], success=ops)
+            )
+            if result.succeeded:
+                self.pool.give_back(lease.etcd_lease_id, lease.ttl.seconds or lease_rules.DEFAULT_TTL_S)
                 if self.metrics is not None:
                     self.metrics.leases_released.inc()
-                log.info("lease ended", lease=done.name, reason=done.end_reason)
+                log.debug("lease ended", lease=done.name, reason=done.end_reason)
                 return done
+            found = None  # changed or gone meanwhile: read it again
         raise errors.ApiError(grpc.StatusCode.ABORTED, "LEASE_CHANGING", "the lease kept changing; retry")
 
     async def list_history(self, tenant: str | None) -> list[lease_pb2.Lease]:
@@ -409,7 +431,7 @@ class LeaseServicer(lease_pb2_grpc.LeaseServiceServicer):
                     yield queue.get_nowait()
                 if ended.is_set():
                     break
-                remaining = await self.leases.store.time_to_live(etcd_lease_of(lease_id))
+                remaining = await self.leases.store.time_to_live(lease.etcd_lease_id)
                 if remaining < 0:
                     await self.inv.wait_for_revision(self.inv.revision + 1, timeout=1.0)
                     ended.set()

@@ -83,6 +83,7 @@ class Replica:
             self.metrics,
         )
         self.leases = Leases(self.store, self.inventory, self.metrics)
+        self.leases.start()
         self.telemetry = TelemetryServicer(self.inventory, self.nodes, self.id, cfg.peer_token)
         self.leader = Leader(
             self.store, self.inventory, self.leases, self.id, lambda: self.session.lease_id, self.metrics
@@ -169,6 +170,7 @@ class Replica:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         await self.leader.resign()
+        await self.leases.stop()
         await self.telemetry.close()
         await self.session.close(revoke=True)
         if self._metrics_server is not None:

@@ -338,7 +338,7 @@ class EtcdStore:
     # -- watch ----------------------------------------------------------------------------------
 
     async def watch_prefix(
-        self, prefix: str | bytes, start_revision: int, prev_kv: bool = True
+        self, prefix: str | bytes, start_revision: int, prev_kv: bool = True, deletes_only: bool = False
     ) -> AsyncIterator[tuple[int, list[Event]]]:
         """Yield (revision, events) batches under prefix from start_revision on, forever.
 
@@ -352,6 +352,7 @@ class EtcdStore:
                 range_end=prefix_end(key),
                 start_revision=start_revision,
                 prev_kv=prev_kv,
+                filters=[rpc.WatchCreateRequest.NOPUT] if deletes_only else [],
                 progress_notify=True,
             )
         )

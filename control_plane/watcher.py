@@ -41,7 +41,7 @@ class Watcher:
                     await self.list()
                     need_list = False
                 async for revision, events in self.store.watch_prefix(
-                    self.store.keys.root, self.inventory.revision + 1
+                    self.store.keys.root, self.inventory.revision + 1, prev_kv=False
                 ):
                     for ev in events:
                         self.inventory.apply(

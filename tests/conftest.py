@@ -56,3 +56,10 @@ def replica_channel(replica: ReplicaThread) -> Iterator[grpc.Channel]:
     ch = channel(replica.address)
     yield ch
     ch.close()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Replicas in tests log like deployed ones: through the one structlog configuration.
+    from gpufed.logs import configure_logging
+
+    configure_logging(level="INFO")

@@ -19,6 +19,10 @@ from gpufed.v1 import lease_pb2
 # and etcd caps each branch at 128 operations; one slot goes to the request key.
 TXN_OP_LIMIT = 128
 MAX_GANG = 64
+# Equally cheap nodes to choose among at random (spreads concurrent grants apart).
+MAX_TIES = 16
+# Seeding a Random costs more than a placement: one per process.
+_RNG = random.Random()
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +43,9 @@ def place(
     rng: random.Random | None = None,
 ) -> list[Pick] | None:
     """GPUs for the lease, or None if the candidates cannot hold it."""
-    rng = rng or random.Random()
+    rng = rng or _RNG
+    if placement != lease_pb2.PLACEMENT_SPREAD:
+        return _place_single(cands, gpu_count, avoid, rng)
     usable: list[tuple[Candidate, list[str]]] = []
     for c in cands:
         free = [g.uuid for g in sorted(c.gpus, key=lambda g: g.index) if g.uuid not in avoid]
@@ -47,21 +53,33 @@ def place(
             usable.append((c, free))
     if not usable:
         return None
-    if placement == lease_pb2.PLACEMENT_SPREAD:
-        rng.shuffle(usable)
-        usable.sort(key=lambda cf: (-len(cf[1]), cf[0].node.price_per_gpu_hour))
-        picks: list[Pick] = []
-        need = gpu_count
-        for c, free in usable:
-            if len(picks) == max_nodes_for(gpu_count):
-                return None
-            take = free[:need]
-            picks.append(Pick(c, tuple(take)))
-            need -= len(take)
-            if need == 0:
-                return picks
-        return None
-    fits = [(c, free) for c, free in usable if len(free) >= gpu_count]
+    rng.shuffle(usable)
+    usable.sort(key=lambda cf: (-len(cf[1]), cf[0].node.price_per_gpu_hour))
+    picks: list[Pick] = []
+    need = gpu_count
+    for c, free in usable:
+        if len(picks) == max_nodes_for(gpu_count):
+            return None
+        take = free[:need]
+        picks.append(Pick(c, tuple(take)))
+        need -= len(take)
+        if need == 0:
+            return picks
+    return None
+
+
+def _place_single(
+    cands: Iterable[Candidate], gpu_count: int, avoid: frozenset[str], rng: random.Random
+) -> list[Pick] | None:
+    """Candidates come cheapest first: stop once the cheapest price level has enough fits, so a
+    grant looks at a handful of nodes, not the whole federation."""
+    fits: list[tuple[Candidate, list[str]]] = []
+    for c in cands:
+        if fits and (c.node.price_per_gpu_hour > fits[0][0].node.price_per_gpu_hour or len(fits) >= MAX_TIES):
+            break
+        free = [g.uuid for g in sorted(c.gpus, key=lambda g: g.index) if g.uuid not in avoid]
+        if len(free) >= gpu_count:
+            fits.append((c, free))
     if not fits:
         return None
     rng.shuffle(fits)

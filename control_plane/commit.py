@@ -1,0 +1,169 @@
+"""Sharing etcd's expensive operations between leases.
+
+Group commit: every grant or release is one small, independent etcd transaction. Those that
+arrive together are sent as nested transactions inside one outer Txn: one Raft commit and one
+fsync for the lot, while each nested transaction keeps its own compares and its own outcome.
+Members never write the same key (a member that would is held for the next batch), and the
+outer Txn stays within etcd's per-branch operation limit. The batch's revision is every
+member's fencing token: a GPU is granted at most once per revision, so tokens still grow per GPU.
+
+The etcd lease pool: a gpufed lease needs an etcd lease with its ttl. LeaseGrant and
+LeaseRevoke are Raft writes; a keep-alive is not. Released gpufed leases leave their etcd lease
+without keys, so it goes back to a pool for its ttl and the next grant with that ttl takes it,
+refreshed by one keep-alive. In steady state a lease cycle costs two commits (grant, release),
+both shared by group commit, and no LeaseGrant or LeaseRevoke.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from etcd3.etcdrpc import rpc_pb2 as rpc
+
+from control_plane.store import MAX_TXN_OPS, EtcdStore, StoreUnavailable, nested
+from gpufed.logs import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass
+class TxnResult:
+    succeeded: bool
+    response: rpc.TxnResponse  # the nested response
+    revision: int
+
+
+@dataclass
+class _Pending:
+    txn: rpc.TxnRequest
+    writes: frozenset[bytes]
+    future: asyncio.Future[TxnResult]
+
+
+def _written_keys(txn: rpc.TxnRequest) -> frozenset[bytes]:
+    keys = set()
+    for op in (*txn.success, *txn.failure):
+        if op.HasField("request_put"):
+            keys.add(op.request_put.key)
+        elif op.HasField("request_delete_range"):
+            keys.add(op.request_delete_range.key)
+    return frozenset(keys)
+
+
+@dataclass
+class GroupCommit:
+    store: EtcdStore
+    max_members: int = MAX_TXN_OPS
+    batches: int = 0
+    members: int = 0
+    _queue: deque[_Pending] = field(default_factory=deque)
+    _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    _task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="group-commit")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        while self._queue:
+            p = self._queue.popleft()
+            if not p.future.done():
+                p.future.set_exception(StoreUnavailable("replica shutting down"))
+
+    async def submit(self, txn: rpc.TxnRequest) -> TxnResult:
+        fut: asyncio.Future[TxnResult] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(txn, _written_keys(txn), fut))
+        self._wakeup.set()
+        return await fut
+
+    def _take_batch(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        written: set[bytes] = set()
+        held: list[_Pending] = []
+        while self._queue and len(batch) < self.max_members:
+            p = self._queue.popleft()
+            if p.future.done():
+                continue  # the caller gave up (cancelled)
+            if p.writes & written:
+                held.append(p)  # would write a key another member writes: next batch
+                continue
+            written |= p.writes
+            batch.append(p)
+        self._queue.extendleft(reversed(held))
+        return batch
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            # Whatever queued while the previous commit was in flight goes together: no timer,
+            # so a lone request never waits for company.
+            batch = self._take_batch()
+            if not batch:
+                continue
+            try:
+                if len(batch) == 1:
+                    resp = await self.store.txn(
+                        batch[0].txn.compare, batch[0].txn.success, batch[0].txn.failure
+                    )
+                    results = [TxnResult(resp.succeeded, resp, resp.header.revision)]
+                else:
+                    outer = await self.store.txn([], [nested(p.txn) for p in batch])
+                    results = [
+                        TxnResult(r.response_txn.succeeded, r.response_txn, outer.header.revision)
+                        for r in outer.responses
+                    ]
+                self.batches += 1
+                self.members += len(batch)
+                for p, res in zip(batch, results, strict=True):
+                    if not p.future.done():
+                        p.future.set_result(res)
+            except Exception as e:
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(
+                            e if isinstance(e, StoreUnavailable) else StoreUnavailable(str(e))
+                        )
+
+
+@dataclass
+class LeasePool:
+    """etcd leases without keys, by ttl, ready for the next grant."""
+
+    store: EtcdStore
+    per_ttl: int = 256
+    reused: int = 0
+    granted: int = 0
+    _pools: dict[int, deque[tuple[int, float]]] = field(default_factory=dict)
+
+    async def take(self, ttl: int) -> int:
+        pool = self._pools.get(ttl)
+        now = time.monotonic()
+        while pool:
+            lease_id, since = pool.pop()
+            if now - since > ttl - 1:
+                continue  # expired or about to: etcd drops it by itself
+            remaining = await self.store.keepalive(lease_id)
+            if remaining > 0:
+                self.reused += 1
+                return lease_id
+        self.granted += 1
+        return await self.store.grant(ttl)
+
+    def give_back(self, lease_id: int, ttl: int) -> None:
+        """A lease whose keys are all gone (its gpufed lease was released) can serve again."""
+        pool = self._pools.setdefault(ttl, deque())
+        if len(pool) < self.per_ttl:
+            pool.append((lease_id, time.monotonic()))
+
+    def discard(self, lease_id: int, ttl: int) -> None:
+        """A lease granted for a grant that failed: nothing is attached, keep it too."""
+        self.give_back(lease_id, ttl)
