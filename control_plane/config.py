@@ -23,6 +23,7 @@ class Config:
     grace_intervals: float = 3.0
     session_ttl: int = 5
     log_calls: bool = False
+    search_cache: int = 1024
 
     def __post_init__(self) -> None:
         if not self.replica_id:
@@ -81,6 +82,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         help="replica liveness ttl, s",
     )
     p.add_argument("--log-calls", action="store_true", default=_env("GPUFED_LOG_CALLS", "") == "1")
+    p.add_argument(
+        "--search-cache",
+        type=int,
+        default=int(_env("GPUFED_SEARCH_CACHE", "1024")),
+        help="SearchOffers answers kept per index revision (GPUFED_SEARCH_CACHE; 0: off)",
+    )
     a = p.parse_args(argv)
     return Config(
         listen=a.listen,
@@ -95,4 +102,5 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         grace_intervals=a.grace_intervals,
         session_ttl=a.session_ttl,
         log_calls=a.log_calls,
+        search_cache=a.search_cache,
     )

@@ -4,6 +4,7 @@ it reflects."""
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
@@ -21,13 +22,31 @@ Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
 class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
-    def __init__(self, inventory: Inventory, shutdown: asyncio.Event) -> None:
+    def __init__(self, inventory: Inventory, shutdown: asyncio.Event, cache_size: int = 1024) -> None:
         self.inv = inventory
         self.shutdown = shutdown
+        self.cache_size = cache_size
+        self._cache: OrderedDict[bytes, discovery_pb2.SearchOffersResponse] = OrderedDict()
 
     async def SearchOffers(
         self, request: discovery_pb2.SearchOffersRequest, context: Ctx
     ) -> discovery_pb2.SearchOffersResponse:
+        # Answers depend only on the request and the index revision (not on the caller), so the
+        # same search at the same revision is answered once: popular searches polled by many
+        # clients cost one evaluation per change of the federation.
+        key = request.SerializeToString(deterministic=True)
+        hit = self._cache.get(key)
+        if hit is not None and hit.revision == self.inv.revision:
+            self._cache.move_to_end(key)
+            return hit
+        resp = self._search(request)
+        if self.cache_size:
+            self._cache[key] = resp
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return resp
+
+    def _search(self, request: discovery_pb2.SearchOffersRequest) -> discovery_pb2.SearchOffersResponse:
         flt = compile_filter(request.filter)
         if request.order_by == discovery_pb2.OFFER_ORDER_DISTANCE and flt.near is None:
             raise errors.invalid("NEAR_REQUIRED", "order_by DISTANCE needs filter.near")

@@ -13,9 +13,10 @@ import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from control_plane.domain.geo import unit_vector
 from control_plane.domain.names import node_name
 from control_plane.store import Keyspace
-from gpufed.v1 import common_pb2, lease_pb2
+from gpufed.v1 import common_pb2, discovery_pb2, lease_pb2
 
 NodeState = common_pb2.NodeState
 
@@ -24,6 +25,32 @@ NodeState = common_pb2.NodeState
 class NodeEntry:
     node: common_pb2.Node
     mod_revision: int
+
+
+@dataclass(slots=True)
+class GpuGroup:
+    """Free GPUs of one model and health on one node (the unit searches look at)."""
+
+    model: str
+    health: int
+    memory_bytes: int
+    gpus: list[common_pb2.Gpu]
+
+
+@dataclass(slots=True)
+class NodeSummary:
+    """What a search needs of a node, kept up to date on every change of the node, its liveness
+    or its allocations, so searches read plain attributes instead of protobufs."""
+
+    name: str
+    node: common_pb2.Node
+    mod_revision: int
+    schedulable: bool
+    groups: list[GpuGroup]
+    price: float
+    xyz: tuple[float, float, float]
+    # Offers built from this summary, by the GPUs they hold (dropped with the summary on change).
+    offers: dict[tuple[str, ...], discovery_pb2.Offer] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,8 +79,10 @@ class Inventory:
     replicas: dict[str, str] = field(default_factory=dict)
     leader: str = ""
     revision: int = 0
-    # node names ordered by (price, name), for searches that stop early
+    # node names ordered by (price, name), overall and per country, for searches that stop early
     by_price: list[tuple[float, str]] = field(default_factory=list)
+    by_country: dict[str, list[tuple[float, str]]] = field(default_factory=dict)
+    summaries: dict[str, NodeSummary] = field(default_factory=dict)
     _subscribers: list[Callable[[Change], None]] = field(default_factory=list)
     _revision_waiters: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)
 
@@ -68,6 +97,8 @@ class Inventory:
         self.lease_revision.clear()
         self.replicas.clear()
         self.by_price.clear()
+        self.by_country.clear()
+        self.summaries.clear()
         self.leader = ""
 
     def apply(
@@ -84,6 +115,7 @@ class Inventory:
         if top == "nodes" and len(parts) == 3:
             name = node_name(parts[1], parts[2])
             self._set_node(name, value, mod_revision)
+            self._summarize(name)
             change = Change("node", name, value, prev_value, mod_revision, tuple(parts))
         elif top == "alive" and len(parts) == 3:
             name = node_name(parts[1], parts[2])
@@ -93,6 +125,7 @@ class Inventory:
             else:
                 self.alive[name] = value.decode()
                 self.alive_revision[name] = mod_revision
+            self._summarize(name)
             change = Change("alive", name, value, prev_value, mod_revision, tuple(parts))
         elif top == "alloc" and len(parts) == 4:
             name = node_name(parts[1], parts[2])
@@ -104,6 +137,7 @@ class Inventory:
                         del self.allocs[name]
             else:
                 self.allocs.setdefault(name, {})[parts[3]] = value.decode()
+            self._summarize(name)
             change = Change("alloc", name, value, prev_value, mod_revision, tuple(parts))
         elif top == "leases" and len(parts) == 2:
             if value is None:
@@ -140,15 +174,47 @@ class Inventory:
     def _set_node(self, name: str, value: bytes | None, mod_revision: int) -> None:
         old = self.nodes.get(name)
         if old is not None:
-            i = bisect.bisect_left(self.by_price, (old.node.price_per_gpu_hour, name))
-            if i < len(self.by_price) and self.by_price[i] == (old.node.price_per_gpu_hour, name):
-                del self.by_price[i]
+            item = (old.node.price_per_gpu_hour, name)
+            for ordered in (self.by_price, self.by_country.get(old.node.location.country_code, [])):
+                i = bisect.bisect_left(ordered, item)
+                if i < len(ordered) and ordered[i] == item:
+                    del ordered[i]
         if value is None:
             self.nodes.pop(name, None)
             return
         node = common_pb2.Node.FromString(value)
         self.nodes[name] = NodeEntry(node, mod_revision)
-        bisect.insort(self.by_price, (node.price_per_gpu_hour, name))
+        item = (node.price_per_gpu_hour, name)
+        bisect.insort(self.by_price, item)
+        bisect.insort(self.by_country.setdefault(node.location.country_code, []), item)
+
+    def _summarize(self, name: str) -> None:
+        entry = self.nodes.get(name)
+        if entry is None:
+            self.summaries.pop(name, None)
+            return
+        held = self.allocs.get(name, {})
+        groups: dict[tuple[str, int], GpuGroup] = {}
+        for gpu in sorted(entry.node.gpus, key=lambda g: g.index):
+            if gpu.uuid in held or gpu.health == common_pb2.GPU_HEALTH_UNHEALTHY:
+                continue
+            g = groups.get((gpu.model, gpu.health))
+            if g is None:
+                g = groups[(gpu.model, gpu.health)] = GpuGroup(
+                    gpu.model, gpu.health, gpu.memory_total_bytes, []
+                )
+            g.memory_bytes = min(g.memory_bytes, gpu.memory_total_bytes)
+            g.gpus.append(gpu)
+        loc = entry.node.location
+        self.summaries[name] = NodeSummary(
+            name,
+            entry.node,
+            entry.mod_revision,
+            self.is_schedulable(name),
+            list(groups.values()),
+            entry.node.price_per_gpu_hour,
+            unit_vector(loc.latitude, loc.longitude),
+        )
 
     def advance(self, revision: int) -> None:
         """The index now reflects everything up to revision."""

@@ -99,7 +99,7 @@ class Replica:
         )
         node_pb2_grpc.add_NodeServiceServicer_to_server(self.nodes, server)
         discovery_pb2_grpc.add_DiscoveryServiceServicer_to_server(
-            DiscoveryServicer(self.inventory, self.shutdown), server
+            DiscoveryServicer(self.inventory, self.shutdown, cfg.search_cache), server
         )
         lease_pb2_grpc.add_LeaseServiceServicer_to_server(LeaseServicer(self.leases, self.shutdown), server)
         telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(self.telemetry, server)

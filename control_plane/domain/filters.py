@@ -24,6 +24,7 @@ def model_words(model: str) -> frozenset[str]:
     return frozenset(w for w in re.split(r"[^a-z0-9]+", model.lower()) if w)
 
 
+@lru_cache(maxsize=4096)
 def model_matches(wanted: str, model: str) -> bool:
     """Exact name, or a family: every word of `wanted` is a word of the model name
     ("H100" matches "NVIDIA H100 80GB HBM3", "a100 80gb" matches "NVIDIA A100-SXM4-80GB")."""

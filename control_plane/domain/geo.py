@@ -17,3 +17,9 @@ def haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
 
 def valid_coordinates(lat: float, lon: float) -> bool:
     return -90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0 and math.isfinite(lat) and math.isfinite(lon)
+
+
+def unit_vector(lat: float, lon: float) -> tuple[float, float, float]:
+    """The point on the unit sphere: the dot product of two is the cosine of their distance."""
+    p, la = math.radians(lat), math.radians(lon)
+    return (math.cos(p) * math.cos(la), math.cos(p) * math.sin(la), math.sin(p))

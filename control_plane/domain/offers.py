@@ -6,15 +6,20 @@ Searches ordered by price walk the price-ordered node list and stop once the pag
 
 from __future__ import annotations
 
+import heapq
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from control_plane.domain.filters import Filter, model_matches
-from control_plane.index import Inventory
+from control_plane.domain.geo import EARTH_RADIUS_KM, unit_vector
+from control_plane.index import Inventory, NodeSummary
 from gpufed.v1 import common_pb2, discovery_pb2
 
 OfferOrder = discovery_pb2.OfferOrder
+HEALTHY = common_pb2.GPU_HEALTH_HEALTHY
+DEGRADED = common_pb2.GPU_HEALTH_DEGRADED
 
 
 @dataclass(slots=True)
@@ -26,33 +31,54 @@ class Candidate:
     gpus: list[common_pb2.Gpu]
     distance_km: float | None
     mod_revision: int
+    summary: NodeSummary | None = None
 
 
-def _candidates_of(inv: Inventory, name: str, flt: Filter, min_free: int) -> Iterator[Candidate]:
-    entry = inv.nodes.get(name)
-    if entry is None or not inv.is_schedulable(name):
+def _candidates_of(s: NodeSummary, flt: Filter, min_free: int) -> Iterator[Candidate]:
+    if not s.schedulable:
         return
-    node = entry.node
-    ok, distance = flt.node_matches(node)
+    ok, distance = flt.node_matches(s.node)
     if not ok:
         return
-    held = inv.allocs.get(name, {})
-    groups: dict[str, list[common_pb2.Gpu]] = {}
-    for gpu in node.gpus:
-        if gpu.uuid not in held and flt.gpu_matches(gpu):
-            groups.setdefault(gpu.model, []).append(gpu)
-    for gpus in groups.values():
+    by_model: dict[str, list[common_pb2.Gpu]] = {}
+    for g in s.groups:
+        if g.health != HEALTHY and not (flt.include_degraded and g.health == DEGRADED):
+            continue
+        if g.memory_bytes < flt.min_gpu_memory_bytes or not model_matches(flt.gpu_model, g.model):
+            continue
+        by_model.setdefault(g.model, []).extend(g.gpus)
+    for gpus in by_model.values():
         if len(gpus) >= max(min_free, 1):
-            yield Candidate(name, node, gpus, distance, entry.mod_revision)
+            gpus.sort(key=_index)  # healthy and degraded groups of one model, back in NVML order
+            yield Candidate(s.name, s.node, gpus, distance, s.mod_revision, s)
+
+
+def _index(g: common_pb2.Gpu) -> int:
+    return g.index
+
+
+def _price_order(inv: Inventory, flt: Filter) -> Iterator[str]:
+    """Node names cheapest first; only the allowed countries' lists when the filter has some."""
+    if flt.countries is not None:
+        lists = [inv.by_country.get(c, []) for c in sorted(flt.countries)]
+        ordered: Iterable[tuple[float, str]] = heapq.merge(*lists) if len(lists) > 1 else lists[0]
+    else:
+        ordered = inv.by_price
+    for price, name in ordered:
+        if flt.max_price and price > flt.max_price:
+            return  # everything after is dearer
+        yield name
 
 
 def candidates(
     inv: Inventory, flt: Filter, min_free: int = 1, names: Iterable[str] | None = None
 ) -> Iterator[Candidate]:
     """Matching candidates in price order (then name), unless `names` gives another order."""
-    order = names if names is not None else (name for _, name in inv.by_price)
-    for name in order:
-        yield from _candidates_of(inv, name, flt, min_free)
+    summaries = inv.summaries
+    for name in names if names is not None else _price_order(inv, flt):
+        s = summaries.get(name)
+        if s is not None:
+            yield from _candidates_of(s, flt, min_free)
 
 
 def _sort_key(order: int) -> Callable[[Candidate], tuple[Any, ...]]:
@@ -78,11 +104,57 @@ def search(
                 return out, True
             out.append(c)
         return out, False
+    if order == OfferOrder.OFFER_ORDER_DISTANCE and flt.near is not None:
+        return _nearest(inv, flt, min_free, stop_after)
     every = sorted(candidates(inv, flt, min_free), key=_sort_key(order))
     return every[:stop_after], len(every) > stop_after
 
 
+def _nearest(inv: Inventory, flt: Filter, min_free: int, stop_after: int) -> tuple[list[Candidate], bool]:
+    """Nearest first without evaluating every node: rank nodes by a cheap great-circle distance
+    (unit vectors, one dot product each), then look at them in that order until the page fills."""
+    assert flt.near is not None
+    origin = unit_vector(flt.near.latitude, flt.near.longitude)
+    limit = math.cos(min(flt.near.radius_km / EARTH_RADIUS_KM, math.pi))
+    ranked = []
+    summaries = inv.summaries
+    for name in _price_order(inv, flt):
+        s = summaries.get(name)
+        if s is None or not s.schedulable:
+            continue
+        x, y, z = s.xyz
+        dot = x * origin[0] + y * origin[1] + z * origin[2]
+        if dot >= limit - 1e-12:
+            ranked.append((-dot, s.price, name))
+    heapq.heapify(ranked)
+    out: list[Candidate] = []
+    while ranked:
+        _, _, name = heapq.heappop(ranked)
+        for c in _candidates_of(summaries[name], flt, min_free):
+            if len(out) == stop_after:
+                return out, True
+            out.append(c)
+    return out, False
+
+
 def to_offer(c: Candidate) -> discovery_pb2.Offer:
+    """The offer for a candidate; built once per node state and GPU set, then reused."""
+    key = tuple(g.uuid for g in c.gpus)
+    cache = c.summary.offers if c.summary is not None else None
+    offer = cache.get(key) if cache is not None else None
+    if offer is None:
+        offer = _build_offer(c)
+        if cache is not None:
+            cache[key] = offer
+    if c.distance_km is None:
+        return offer
+    near = discovery_pb2.Offer()
+    near.CopyFrom(offer)
+    near.distance_km = round(c.distance_km, 3)
+    return near
+
+
+def _build_offer(c: Candidate) -> discovery_pb2.Offer:
     node = c.node
     worst = max(g.health for g in c.gpus)
     offer = discovery_pb2.Offer(
@@ -99,8 +171,6 @@ def to_offer(c: Candidate) -> discovery_pb2.Offer:
         health=worst,
         labels=dict(node.labels),
     )
-    if c.distance_km is not None:
-        offer.distance_km = round(c.distance_km, 3)
     return offer
 
 
