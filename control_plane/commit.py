@@ -134,36 +134,60 @@ class GroupCommit:
                         )
 
 
+MAX_TRACKED = 100_000
+
+
 @dataclass
 class LeasePool:
-    """etcd leases without keys, by ttl, ready for the next grant."""
+    """etcd leases without keys, by ttl, ready for the next grant.
+
+    Each pooled lease remembers when this replica last refreshed it (grant or keep-alive). A
+    lease refreshed less than FRESH_S ago is handed out without another keep-alive; the grant
+    then reports its true expiry, refreshed_at + ttl, a moment short of a full ttl.
+    """
 
     store: EtcdStore
     per_ttl: int = 256
     reused: int = 0
     granted: int = 0
     _pools: dict[int, deque[tuple[int, float]]] = field(default_factory=dict)
+    refreshed: dict[int, float] = field(default_factory=dict)  # etcd lease -> wall time of last refresh
 
-    async def take(self, ttl: int) -> int:
+    FRESH_S = 1.0
+
+    async def take(self, ttl: int) -> tuple[int, float]:
+        """An etcd lease with `ttl` and the wall time its ttl counts from."""
         pool = self._pools.get(ttl)
-        now = time.monotonic()
         while pool:
-            lease_id, since = pool.pop()
-            if now - since > ttl - 1:
+            lease_id, refreshed_at = pool.pop()
+            now = time.time()
+            if now - refreshed_at < self.FRESH_S:
+                self.reused += 1
+                self.refreshed[lease_id] = refreshed_at
+                return lease_id, refreshed_at
+            if now - refreshed_at > ttl - 1:
                 continue  # expired or about to: etcd drops it by itself
             remaining = await self.store.keepalive(lease_id)
             if remaining > 0:
                 self.reused += 1
-                return lease_id
+                return lease_id, self.note_refresh(lease_id)
         self.granted += 1
-        return await self.store.grant(ttl)
+        lease_id = await self.store.grant(ttl)
+        return lease_id, self.note_refresh(lease_id)
+
+    def note_refresh(self, lease_id: int, only_known: bool = False) -> float:
+        now = time.time()
+        if not only_known or lease_id in self.refreshed:
+            self.refreshed[lease_id] = now
+        if len(self.refreshed) > MAX_TRACKED:
+            # Leases that expired in use never come back: forget the oldest half.
+            for old, _ in sorted(self.refreshed.items(), key=lambda kv: kv[1])[: MAX_TRACKED // 2]:
+                del self.refreshed[old]
+        return now
 
     def give_back(self, lease_id: int, ttl: int) -> None:
         """A lease whose keys are all gone (its gpufed lease was released) can serve again."""
+        refreshed_at = self.refreshed.pop(lease_id, 0.0)
         pool = self._pools.setdefault(ttl, deque())
         if len(pool) < self.per_ttl:
-            pool.append((lease_id, time.monotonic()))
-
-    def discard(self, lease_id: int, ttl: int) -> None:
-        """A lease granted for a grant that failed: nothing is attached, keep it too."""
-        self.give_back(lease_id, ttl)
+            pool.append((lease_id, refreshed_at))

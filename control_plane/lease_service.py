@@ -143,7 +143,7 @@ class Leases:
         return found[0]
 
     async def create(self, tenant: str, spec: lease_rules.CreateSpec) -> lease_pb2.Lease:
-        etcd_lease = await self.pool.take(spec.ttl_s)
+        etcd_lease, ttl_from = await self.pool.take(spec.ttl_s)
         lease_id = f"{_IDS.getrandbits(64):016x}"
         keep_etcd_lease = False
         avoid: set[str] = set()
@@ -166,6 +166,7 @@ class Leases:
                     )
                 lease = lease_rules.build_lease(lease_id, tenant, spec, picks, now_ts())
                 lease.etcd_lease_id = etcd_lease
+                lease.expire_time.FromNanoseconds(int((ttl_from + spec.ttl_s) * 1e9))
                 uuids = [u for p in picks for u in p.gpu_uuids]
                 compare = [absent(req_key), absent(self.keys.lease(lease_id))]
                 success = [
@@ -232,6 +233,7 @@ class Leases:
         if lease.state != ACTIVE:
             raise errors.failed_precondition("LEASE_ENDED", f"{lease.name} has ended", lease=lease.name)
         ttl = await self.store.keepalive(lease.etcd_lease_id)
+        self.pool.note_refresh(lease.etcd_lease_id, only_known=True)
         if ttl <= 0:
             raise errors.failed_precondition("LEASE_ENDED", f"{lease.name} has expired", lease=lease.name)
         out = lease_pb2.Lease()

@@ -3,7 +3,18 @@ process), served on an HTTP port by control_plane.main."""
 
 from __future__ import annotations
 
+from collections import Counter as Tally
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from gpufed.v1 import common_pb2
+
+if TYPE_CHECKING:
+    from control_plane.index import Inventory
 
 
 class Metrics:
@@ -19,8 +30,6 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=r,
         )
-        self.nodes = Gauge("gpufed_nodes", "Nodes by state", ["state"], registry=r)
-        self.gpus = Gauge("gpufed_gpus", "GPUs by health and lease state", ["health", "leased"], registry=r)
         self.leases_granted = Counter(
             "gpufed_leases_granted_total", "Leases granted by this replica", registry=r
         )
@@ -41,3 +50,30 @@ class Metrics:
         )
         self.streams = Gauge("gpufed_node_streams", "Node daemon streams held by this replica", registry=r)
         self.reports = Counter("gpufed_node_reports_total", "Node reports ingested", registry=r)
+
+    def watch_inventory(self, inventory: Inventory) -> None:
+        """Nodes by state and GPUs by health and lease state, read from the index at scrape time."""
+        self.registry.register(_InventoryCollector(inventory))
+
+
+class _InventoryCollector(Collector):
+    def __init__(self, inventory: Inventory) -> None:
+        self.inv = inventory
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        nodes = GaugeMetricFamily("gpufed_nodes", "Nodes by state", labels=["state"])
+        gpus = GaugeMetricFamily("gpufed_gpus", "GPUs by health and lease state", labels=["health", "leased"])
+        states: Tally[str] = Tally()
+        health: Tally[tuple[str, str]] = Tally()
+        for name, entry in list(self.inv.nodes.items()):
+            states[common_pb2.NodeState.Name(self.inv.state(name)).removeprefix("NODE_STATE_").lower()] += 1  # type: ignore[arg-type]
+            held = self.inv.held(name)
+            for g in entry.node.gpus:
+                h = common_pb2.GpuHealth.Name(g.health).removeprefix("GPU_HEALTH_").lower()
+                health[(h, "true" if g.uuid in held else "false")] += 1
+        for state in ("ready", "offline", "cordoned", "draining"):
+            nodes.add_metric([state], states.get(state, 0))
+        for (h, leased), n in sorted(health.items()):
+            gpus.add_metric([h, leased], n)
+        yield nodes
+        yield gpus

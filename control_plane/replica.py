@@ -66,6 +66,7 @@ class Replica:
         self.inventory = Inventory(self.store.keys)
         self.auth = Authenticator(self.store, cfg.admin_token, cfg.peer_token)
         self.inventory.subscribe(self._on_change)
+        self.metrics.watch_inventory(self.inventory)
         self.session = Session(self.store, cfg.session_ttl, on_new_lease=self._on_new_session_lease)
         await self.session.start()
         self.watcher = Watcher(self.store, self.inventory)

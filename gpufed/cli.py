@@ -440,16 +440,30 @@ def cmd_tokens_delete(c: Client, args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--endpoint", help="control plane HOST:PORT (GPUFED_ENDPOINT)")
-    common.add_argument("--token", help="bearer token (GPUFED_TOKEN)")
-    common.add_argument("--tls", action="store_true", help="use TLS with the system roots")
-    common.add_argument("--ca-cert", help="PEM file of the CA that signed the server certificate")
-    common.add_argument("--timeout", type=float, default=10.0, help="per-call deadline, seconds")
-    common.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+    def connection_flags(suppress: bool) -> argparse.ArgumentParser:
+        # The same flags before or after the subcommand; after it they must not reset what was
+        # given before it, so there they default to "not given".
+        def d(value: object) -> object:
+            return argparse.SUPPRESS if suppress else value
 
+        parser = argparse.ArgumentParser(add_help=False)
+        parser.add_argument("--endpoint", default=d(None), help="control plane HOST:PORT (GPUFED_ENDPOINT)")
+        parser.add_argument("--token", default=d(None), help="bearer token (GPUFED_TOKEN)")
+        parser.add_argument(
+            "--tls", action="store_true", default=d(False), help="use TLS with the system roots"
+        )
+        parser.add_argument(
+            "--ca-cert", default=d(None), help="PEM of the CA that signed the server certificate"
+        )
+        parser.add_argument("--timeout", type=float, default=d(10.0), help="per-call deadline, seconds")
+        parser.add_argument("-o", "--output", choices=["table", "json", "yaml"], default=d("table"))
+        return parser
+
+    common = connection_flags(suppress=True)
     p = argparse.ArgumentParser(
-        prog="gpufed", description="Find and lease GPUs across the gpufed federation.", parents=[common]
+        prog="gpufed",
+        description="Find and lease GPUs across the gpufed federation.",
+        parents=[connection_flags(suppress=False)],
     )
     sub = p.add_subparsers(dest="command", required=True)
 

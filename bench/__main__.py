@@ -1,0 +1,50 @@
+"""`make bench`: every benchmark, one after another, each on a fresh etcd; prints the results
+and writes them to bench/results/latest.json. Copy the figures into BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import ingest, leases, report_cpu, search
+from bench.common import machine
+from gpufed.logs import configure_logging
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="python -m bench")
+    p.add_argument("--only", choices=["report_cpu", "search", "ingest", "leases"], action="append")
+    p.add_argument("--quick", action="store_true", help="shorter runs (smoke test of the benchmarks)")
+    a = p.parse_args()
+    configure_logging(level="WARNING")
+    scale = 0.3 if a.quick else 1.0
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "python": platform.python_version(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": "make bench" + (" (--quick)" if a.quick else ""),
+    }
+    wanted = a.only or ["report_cpu", "search", "ingest", "leases"]
+    if "report_cpu" in wanted:
+        results["report_cpu"] = report_cpu.run(reports=int(3000 * scale))
+    if "search" in wanted:
+        results["search"] = search.run(duration=10 * scale, cache=True)
+        results["search_uncached"] = search.run(duration=10 * scale, cache=False)
+    if "ingest" in wanted:
+        results["ingest"] = ingest.run(duration=10 * scale)
+    if "leases" in wanted:
+        results["leases"] = leases.run(duration=8 * scale)
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The `gpufed` CLI end to end against a real replica: tables for people, JSON for scripts,
+exit codes scripts can rely on."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from tests.harness import EtcdCluster, unique_prefix
+from tests.integration.federation import Federation, start_federation
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def fed(etcd: EtcdCluster) -> Iterator[Federation]:
+    f = start_federation(etcd, unique_prefix())
+    yield f
+    f.stop()
+
+
+def gpufed(fed: Federation, *args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "GPUFED_ENDPOINT": fed.replicas[0].address,
+        "GPUFED_TOKEN": token if token is not None else fed.tenant_token,
+        "GPUFED_CONFIG": "/nonexistent",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "gpufed", *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_search_as_a_table_and_as_json(fed: Federation) -> None:
+    table = gpufed(fed, "offers", "search", "--model", "H100", "--country", "DE,FI", "--count", "4")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:4] == ["NODE", "MODEL", "MEM", "FREE"]
+    assert any("providers/neo/nodes/fra-1" in line for line in lines[1:])
+    assert not any("nyc-1" in line for line in lines)
+    js = gpufed(fed, "-o", "json", "offers", "search", "--max-price", "1.0")
+    assert js.returncode == 0
+    assert [o["node_id"] for o in json.loads(js.stdout)] == ["ams-1"]
+
+
+def test_lease_create_list_get_release(fed: Federation) -> None:
+    created = gpufed(fed, "-o", "json", "lease", "create", "--count", "2", "--model", "A100", "--ttl", "30")
+    assert created.returncode == 0, created.stderr
+    lease = json.loads(created.stdout)
+    assert lease["state"] == "LEASE_STATE_ACTIVE" and len(lease["gpus"]) == 2
+    listed = gpufed(fed, "lease", "list", "--state", "active")
+    assert lease["name"] in listed.stdout and "ACTIVE" in listed.stdout
+    got = gpufed(fed, "-o", "yaml", "lease", "get", lease["name"])
+    assert f"name: {lease['name']}" in got.stdout
+    released = gpufed(fed, "-o", "json", "lease", "release", lease["name"])
+    assert json.loads(released.stdout)["end_reason"] == "LEASE_END_REASON_RELEASED"
+    ended = gpufed(fed, "lease", "list", "--state", "ended")
+    assert lease["name"] in ended.stdout and "RELEASED" in ended.stdout
+
+
+def test_errors_are_one_readable_line_with_reason_and_a_stable_exit_code(fed: Federation) -> None:
+    no_capacity = gpufed(fed, "lease", "create", "--count", "3", "--country", "JP")
+    assert no_capacity.returncode == 4
+    assert no_capacity.stderr.strip() == (
+        "error: FAILED_PRECONDITION NO_MATCHING_CAPACITY: no 3 free GPUs match the request"
+    )
+    bad = gpufed(fed, "offers", "search", "--country", "XX")
+    assert bad.returncode == 7 and "INVALID_COUNTRY_CODE" in bad.stderr
+    missing = gpufed(fed, "lease", "get", "leases/0123456789abcdef")
+    assert missing.returncode == 3 and "LEASE_NOT_FOUND" in missing.stderr
+    denied = gpufed(fed, "offers", "search", token="wrong")
+    assert denied.returncode == 5 and "UNAUTHENTICATED" in denied.stderr
+    usage = gpufed(fed, "lease", "create")
+    assert usage.returncode == 2
+
+
+def test_admin_tokens_capacity_and_nodes(fed: Federation) -> None:
+    from tests.harness import ADMIN_TOKEN
+
+    created = gpufed(
+        fed, "admin", "tokens", "create", "--kind", "tenant", "--name", "cli-user", token=ADMIN_TOKEN
+    )
+    assert created.returncode == 0 and created.stdout.startswith("gpf_")
+    secret = created.stdout.strip()
+    assert gpufed(fed, "offers", "search", token=secret).returncode == 0
+    tokens = gpufed(fed, "-o", "json", "admin", "tokens", "list", token=ADMIN_TOKEN)
+    assert "cli-user" in {t["principal"] for t in json.loads(tokens.stdout)}
+    capacity = gpufed(fed, "capacity", "--country", "NL")
+    assert "NVIDIA L40S" in capacity.stdout and capacity.stdout.splitlines()[-1].split()[:3] == [
+        "TOTAL",
+        "4",
+        "4",
+    ]
+    nodes = gpufed(fed, "-o", "json", "nodes", "list", "--provider", "acme")
+    assert [n["node_id"] for n in json.loads(nodes.stdout)] == ["ams-1", "nyc-1"]
+    node = gpufed(fed, "nodes", "get", "providers/blue/nodes/hel-1")
+    assert "DEGRADED" in node.stdout

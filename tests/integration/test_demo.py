@@ -1,0 +1,73 @@
+"""`make run`'s demo: it comes up, answers searches with offers from every demo provider, and
+stops cleanly on Ctrl-C."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from control_plane.demo import NODES, PROVIDERS
+from gpufed.client import Client
+from tests.harness import free_port, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def test_demo_offers_gpus_of_every_provider_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    port, etcd_port, peer_port, metrics_port = free_port(), free_port(), free_port(), free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "control_plane.demo",
+            "--port",
+            str(port),
+            "--etcd-port",
+            str(etcd_port),
+            "--etcd-peer-port",
+            str(peer_port),
+            "--metrics-port",
+            str(metrics_port),
+            "--data-dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "Ctrl-C stops everything" in line:
+                break
+        text = "".join(lines)
+        assert "gpufed demo is up" in text, text
+        env = dict(
+            line.removeprefix("export ").strip().split("=", 1)
+            for line in (tmp_path / "demo.env").read_text().splitlines()
+        )
+        with Client(env["GPUFED_ENDPOINT"], env["GPUFED_TOKEN"]) as c:
+            wait_until(lambda: {o.provider for o in c.search_offers()} == set(PROVIDERS), timeout=30)
+            offers = list(c.search_offers())
+            assert {o.location.country_code for o in offers} >= {"DE", "FI", "SE", "FR", "US", "CA"}
+            assert len({o.gpu_model for o in offers}) >= 4
+            assert len(c.list_nodes()) == len(NODES)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        assert "stopped." in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
