@@ -39,6 +39,7 @@ log = get_logger(__name__)
 
 T = TypeVar("T")
 
+WATCH_PROGRESS = rpc.WatchRequest(progress_request=rpc.WatchProgressRequest())
 # etcd's default --max-txn-ops: the most operations in one branch (compares, success or failure).
 MAX_TXN_OPS = 128
 _RANGE_PAGE = 2000
@@ -338,9 +339,20 @@ class EtcdStore:
     # -- watch ----------------------------------------------------------------------------------
 
     async def watch_prefix(
-        self, prefix: str | bytes, start_revision: int, prev_kv: bool = True, deletes_only: bool = False
+        self,
+        prefix: str | bytes,
+        start_revision: int,
+        prev_kv: bool = True,
+        deletes_only: bool = False,
+        control: asyncio.Queue[rpc.WatchRequest] | None = None,
     ) -> AsyncIterator[tuple[int, list[Event]]]:
         """Yield (revision, events) batches under prefix from start_revision on, forever.
+
+        `revision` is one up to which every event under the prefix has been yielded. That is the
+        last event's revision, not the response header's: while a watcher catches up, etcd sends
+        the current revision in headers of batches that more events follow. An empty response
+        (a progress notification, sent only to a caught-up watcher) carries a header revision
+        that is safe. Put `WATCH_PROGRESS` on `control` to ask etcd for one.
 
         Raises WatchCompacted when start_revision is no longer available, StoreUnavailable when the
         stream breaks (the caller re-lists or resumes from the last revision it saw).
@@ -356,7 +368,9 @@ class EtcdStore:
                 progress_notify=True,
             )
         )
-        queue: asyncio.Queue[rpc.WatchRequest] = asyncio.Queue()
+        queue: asyncio.Queue[rpc.WatchRequest] = control if control is not None else asyncio.Queue()
+        while not queue.empty():
+            queue.get_nowait()  # stale requests of a previous stream
         queue.put_nowait(create)
 
         async def requests() -> AsyncIterator[rpc.WatchRequest]:
@@ -372,6 +386,9 @@ class EtcdStore:
                     raise StoreUnavailable(f"etcd cancelled the watch: {resp.cancel_reason}")
                 if resp.created and not resp.events:
                     continue
+                if not resp.events:
+                    yield int(resp.header.revision), []
+                    continue
                 events = [
                     Event(
                         key=ev.kv.key,
@@ -383,7 +400,7 @@ class EtcdStore:
                     )
                     for ev in resp.events
                 ]
-                yield int(resp.header.revision), events
+                yield max(e.mod_revision for e in events), events
         except grpc.aio.AioRpcError as e:
             task = asyncio.current_task()
             if e.code() == grpc.StatusCode.CANCELLED or (task is not None and task.cancelling()):

@@ -16,7 +16,7 @@ from control_plane.domain.offers import Candidate
 from gpufed.v1 import lease_pb2
 
 # One grant Txn compares every allocation key plus, per node, the node record and its alive key,
-# and etcd caps each branch at 128 operations; one slot goes to the request key.
+# and etcd caps each branch at 128 operations; two slots go to the request and lease keys.
 TXN_OP_LIMIT = 128
 MAX_GANG = 64
 # Equally cheap nodes to choose among at random (spreads concurrent grants apart).
@@ -32,7 +32,7 @@ class Pick:
 
 
 def max_nodes_for(gpu_count: int) -> int:
-    return max(1, (TXN_OP_LIMIT - 1 - gpu_count) // 2)
+    return max(1, (TXN_OP_LIMIT - 2 - gpu_count) // 2)
 
 
 def place(

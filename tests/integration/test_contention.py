@@ -159,7 +159,7 @@ async def _revision(etcd: EtcdCluster, prefix: str) -> int:
 async def _replay_allocations(etcd: EtcdCluster, prefix: str, start: int) -> tuple[int, dict[bytes, bytes]]:
     store = EtcdStore(etcd.endpoints, prefix)
     try:
-        end = await store.revision()
+        end = await store.put(store.keys.root + "replay-sentinel", b"end")
         held: dict[bytes, bytes] = {}
         alive: set[bytes] = set()
         writes = 0
@@ -183,7 +183,7 @@ async def _replay_allocations(etcd: EtcdCluster, prefix: str, start: int) -> tup
                     held[ev.key] = ev.value
                 else:
                     held.pop(ev.key, None)
-            if revision >= end:
+            if revision >= end:  # the sentinel's event: everything before it has been replayed
                 break
         return writes, held
     finally:

@@ -1,0 +1,118 @@
+"""The in-memory index fed event by event, and searches over it."""
+
+from __future__ import annotations
+
+from control_plane.domain import offers
+from control_plane.domain.filters import compile_filter
+from control_plane.index import Change, Inventory
+from control_plane.store import Keyspace
+from gpufed.v1 import common_pb2, discovery_pb2, lease_pb2
+
+P = "/g"
+
+
+def add_node(
+    inv: Inventory,
+    provider: str,
+    node_id: str,
+    country: str,
+    price: float,
+    gpus: int = 4,
+    lat: float = 0.0,
+    lon: float = 0.0,
+    alive: bool = True,
+    rev: int = 1,
+) -> None:
+    n = common_pb2.Node(
+        provider=provider,
+        node_id=node_id,
+        price_per_gpu_hour=price,
+        location=common_pb2.Location(country_code=country, latitude=lat, longitude=lon),
+    )
+    for i in range(gpus):
+        n.gpus.add(
+            uuid=f"{node_id}-g{i}",
+            index=i,
+            model="NVIDIA H100 80GB HBM3",
+            memory_total_bytes=80 << 30,
+            health=common_pb2.GPU_HEALTH_HEALTHY,
+        )
+    inv.apply(f"{P}/nodes/{provider}/{node_id}".encode(), n.SerializeToString(), rev)
+    if alive:
+        inv.apply(f"{P}/alive/{provider}/{node_id}".encode(), b"r1/s1", rev + 1)
+
+
+def search(inv: Inventory, order: int = 0, stop: int = 100, **kw: object) -> list[str]:
+    found, _ = offers.search(inv, compile_filter(common_pb2.GpuFilter(**kw)), 1, order, stop)  # type: ignore[arg-type]
+    return [c.name.rsplit("/", 1)[1] for c in found]
+
+
+def test_records_liveness_and_allocations_join_in_any_order() -> None:
+    inv = Inventory(Keyspace(P))
+    inv.apply(f"{P}/alloc/p/a/a-g0".encode(), b"lease1", 1)  # before its node
+    inv.apply(f"{P}/alive/p/a".encode(), b"r/s", 2)
+    add_node(inv, "p", "a", "DE", 2.0, alive=False, rev=3)
+    view = inv.view("providers/p/nodes/a")
+    assert view is not None and view.state == common_pb2.NODE_STATE_READY
+    assert view.free_gpu_count == 3 and view.gpus[0].lease == "leases/lease1"
+    inv.apply(f"{P}/alive/p/a".encode(), None, 4)
+    assert inv.state("providers/p/nodes/a") == common_pb2.NODE_STATE_OFFLINE
+    assert search(inv) == []
+
+
+def test_price_order_country_lists_and_max_price_stop() -> None:
+    inv = Inventory(Keyspace(P))
+    for i, (country, price) in enumerate([("DE", 3.0), ("FR", 1.0), ("DE", 2.0), ("US", 0.5)]):
+        add_node(inv, "p", f"n{i}", country, price, rev=10 * i + 1)
+    assert search(inv) == ["n3", "n1", "n2", "n0"]
+    assert search(inv, countries=["DE", "FR"]) == ["n1", "n2", "n0"]
+    assert search(inv, max_price_per_gpu_hour=2.0) == ["n3", "n1", "n2"]
+    # a price change moves the node in every ordered list
+    add_node(inv, "p", "n0", "DE", 0.1, rev=100)
+    assert search(inv, countries=["DE"]) == ["n0", "n2"]
+
+
+def test_nearest_first_and_radius() -> None:
+    inv = Inventory(Keyspace(P))
+    add_node(inv, "p", "paris", "FR", 2.0, lat=48.86, lon=2.35, rev=1)
+    add_node(inv, "p", "berlin", "DE", 1.0, lat=52.52, lon=13.40, rev=3)
+    add_node(inv, "p", "nyc", "US", 0.5, lat=40.71, lon=-74.0, rev=5)
+    near = common_pb2.GeoCircle(latitude=50.85, longitude=4.35, radius_km=1000)  # Brussels
+    assert search(inv, discovery_pb2.OFFER_ORDER_DISTANCE, near=near) == ["paris", "berlin"]
+    assert search(inv, discovery_pb2.OFFER_ORDER_DISTANCE, stop=1, near=near) == ["paris"]
+
+
+def test_allocated_and_unhealthy_gpus_are_not_offered_and_cordoned_nodes_vanish() -> None:
+    inv = Inventory(Keyspace(P))
+    add_node(inv, "p", "a", "DE", 2.0, gpus=2)
+    inv.apply(f"{P}/alloc/p/a/a-g0".encode(), b"l1", 5)
+    found, _ = offers.search(inv, compile_filter(common_pb2.GpuFilter()), 1, 0, 10)
+    assert [g.uuid for g in found[0].gpus] == ["a-g1"]
+    node = inv.nodes["providers/p/nodes/a"].node
+    node.gpus[1].health = common_pb2.GPU_HEALTH_UNHEALTHY
+    inv.apply(f"{P}/nodes/p/a".encode(), node.SerializeToString(), 6)
+    assert search(inv) == []
+    inv.apply(f"{P}/alloc/p/a/a-g0".encode(), None, 7)
+    node.state = common_pb2.NODE_STATE_CORDONED
+    inv.apply(f"{P}/nodes/p/a".encode(), node.SerializeToString(), 8)
+    assert search(inv) == []
+
+
+def test_lease_fencing_token_is_the_create_revision_and_deletes_carry_the_record() -> None:
+    inv = Inventory(Keyspace(P))
+    seen: list[Change] = []
+    inv.subscribe(seen.append)
+    lease = lease_pb2.Lease(name="leases/abc", tenant="t")
+    inv.apply(f"{P}/leases/abc".encode(), lease.SerializeToString(), 42, None, 42)
+    assert inv.leases["abc"].fencing_token == 42
+    inv.apply(f"{P}/leases/abc".encode(), None, 50)
+    assert seen[-1].kind == "lease" and seen[-1].prev_value is not None
+    assert lease_pb2.Lease.FromString(seen[-1].prev_value).fencing_token == 42
+
+
+def test_summaries_by_model_country_and_health() -> None:
+    inv = Inventory(Keyspace(P))
+    add_node(inv, "p", "a", "DE", 2.0, gpus=2)
+    inv.apply(f"{P}/alloc/p/a/a-g0".encode(), b"l1", 5)
+    buckets = offers.summarize(inv, compile_filter(common_pb2.GpuFilter()))
+    assert [(b.country_code, b.total_gpus, b.free_gpus) for b in buckets] == [("DE", 2, 1)]
