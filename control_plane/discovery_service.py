@@ -106,7 +106,8 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
             prov.gpu_count += len(entry.node.gpus)
             if self.inv.is_schedulable(name):
                 prov.ready_node_count += 1
-                prov.free_gpu_count += len(entry.node.gpus) - len(self.inv.held(name))
+                view = self.inv.view(name)
+                prov.free_gpu_count += view.free_gpu_count if view is not None else 0
             countries.setdefault(p, set()).add(entry.node.location.country_code)
         ordered = [by[p] for p in sorted(by)]
         for prov in ordered:

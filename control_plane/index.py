@@ -280,7 +280,9 @@ class Inventory:
             lease = held.get(gpu.uuid)
             if lease:
                 gpu.lease = f"leases/{lease}"
-        out.free_gpu_count = sum(1 for g in out.gpus if g.uuid not in held)
+        out.free_gpu_count = sum(
+            1 for g in out.gpus if g.uuid not in held and g.health != common_pb2.GPU_HEALTH_UNHEALTHY
+        )
         alive = self.alive.get(name, "")
         out.replica = alive.split("/", 1)[0] if alive else ""
         return out

@@ -86,12 +86,20 @@ def _emit(
         payload = _to_dict(data) if isinstance(data, Message) else [_to_dict(m) for m in data]
         print(yaml.safe_dump(payload, sort_keys=False).rstrip())
     else:
-        rows = table()
-        if not rows:
-            return
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        for r in rows:
-            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        # A row of empty cells separates tables (a lease, then its GPUs); each gets its own widths.
+        blocks: list[list[list[str]]] = [[]]
+        for r in table():
+            if any(r):
+                blocks[-1].append(r)
+            elif blocks[-1]:
+                blocks.append([])
+        for i, rows in enumerate(b for b in blocks if b):
+            if i:
+                print()
+            width = max(len(r) for r in rows)
+            widths = [max(len(r[j]) for r in rows if j < len(r)) for j in range(width)]
+            for r in rows:
+                print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip())
 
 
 def _health(h: int) -> str:
@@ -214,7 +222,7 @@ def cmd_nodes_get(c: Client, args: argparse.Namespace) -> int:
         node,
         lambda: (
             _node_rows([node])
-            + [[""] * 7, ["GPU", "INDEX", "MODEL", "MEM", "HEALTH", "LEASE", ""]]
+            + [[""], ["GPU", "INDEX", "MODEL", "MEM", "HEALTH", "LEASE", "REASONS"]]
             + [
                 [
                     g.uuid,
@@ -223,6 +231,7 @@ def cmd_nodes_get(c: Client, args: argparse.Namespace) -> int:
                     _gib(g.memory_total_bytes),
                     _health(g.health),
                     g.lease or "-",
+                    ",".join(r.code for r in g.health_reasons) or "-",
                     "",
                 ]
                 for g in node.gpus
@@ -294,7 +303,7 @@ def cmd_lease_get(c: Client, args: argparse.Namespace) -> int:
         lease,
         lambda: (
             _lease_rows([lease])
-            + [[""] * 6, ["GPU", "NODE", "MODEL", "INDEX", "COUNTRY", "PRICE/H"]]
+            + [[""], ["GPU", "NODE", "MODEL", "INDEX", "COUNTRY", "PRICE/H"]]
             + [
                 [
                     g.uuid,

@@ -242,7 +242,7 @@ class Node(_message.Message):
     driver_version: _builtins.str
     cuda_driver_version: _builtins.str
     free_gpu_count: _builtins.int
-    """Output only: GPUs not held by any lease."""
+    """Output only: GPUs not held by any lease and not UNHEALTHY (what a lease could get)."""
     replica: _builtins.str
     """Output only: id of the replica holding the node's stream, empty when offline."""
     state_reason: _builtins.str
