@@ -339,11 +339,15 @@ def daemon_config(
 def wait_until(predicate: object, timeout: float = 10.0, interval: float = 0.05) -> float:
     """Poll until predicate() is truthy; the seconds it took. Raises TimeoutError."""
     start = time.monotonic()
+    last: Exception | None = None
     while time.monotonic() - start < timeout:
-        if predicate():  # type: ignore[operator]
-            return time.monotonic() - start
+        try:
+            if predicate():  # type: ignore[operator]
+                return time.monotonic() - start
+        except Exception as e:  # not there yet (e.g. NOT_FOUND before registration)
+            last = e
         time.sleep(interval)
-    raise TimeoutError(f"condition not met within {timeout} s")
+    raise TimeoutError(f"condition not met within {timeout} s; last error: {last!r}")
 
 
 @contextlib.contextmanager

@@ -93,3 +93,24 @@ def test_xid_event_reaches_the_control_plane_before_the_next_report(replica: Rep
     finally:
         daemon.stop()
         admin.close()
+
+
+def test_daemon_process_stops_cleanly_on_sigterm(replica: ReplicaThread) -> None:
+    import signal
+    import time
+
+    from tests.harness import daemon_process
+
+    admin = Client(replica.address, ADMIN_TOKEN)
+    token = admin.create_token("provider", "neo").secret
+    try:
+        with daemon_process([replica.address], token, "neo", "n1") as proc:
+            wait_until(lambda: admin.get_node(NODE).state == common_pb2.NODE_STATE_READY, timeout=20)
+            proc.send_signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            assert proc.wait(10) == 0
+            assert time.monotonic() - t0 < 5
+        # The stream ended cleanly: the node is offline at once, not after the grace period.
+        wait_until(lambda: admin.get_node(NODE).state == common_pb2.NODE_STATE_OFFLINE, timeout=2)
+    finally:
+        admin.close()
