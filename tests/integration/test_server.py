@@ -116,3 +116,36 @@ def test_replica_process_stops_cleanly_on_sigterm(etcd: EtcdCluster, prefix: str
         ch.close()
         proc.terminate()
         assert proc.wait(15) == 0
+
+
+def test_watch_capacity_ends_cleanly_when_the_replica_shuts_down(etcd: EtcdCluster, prefix: str) -> None:
+    import threading
+
+    from gpufed.v1 import discovery_pb2
+    from tests.harness import ADMIN_TOKEN, ReplicaThread, replica_config
+
+    r = ReplicaThread(replica_config(etcd.endpoints, prefix)).start()
+    ch = grpc.insecure_channel(r.address)
+    stream = discovery_pb2_grpc.DiscoveryServiceStub(ch).WatchCapacity(
+        discovery_pb2.WatchCapacityRequest(), metadata=metadata(ADMIN_TOKEN), timeout=20
+    )
+    kinds: list[int] = []
+    outcome: list[object] = []
+
+    def read() -> None:
+        try:
+            kinds.extend(ev.type for ev in stream)
+            outcome.append("ok")
+        except grpc.RpcError as e:
+            outcome.append(e.code())
+
+    t = threading.Thread(target=read)
+    t.start()
+    import time
+
+    time.sleep(0.5)
+    r.stop()
+    t.join(10)
+    ch.close()
+    assert kinds[-1] == discovery_pb2.WatchCapacityResponse.EVENT_TYPE_SNAPSHOT_END
+    assert outcome == ["ok"]
