@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.fault]
 
 
 def _leader(cluster: EtcdCluster) -> int:
-    for i, m in enumerate(cluster.members):
+    for m in cluster.members:
         if m.proc is None or m.proc.poll() is not None:
             continue
         c = etcd3.client("127.0.0.1", m.client_port, timeout=2)
