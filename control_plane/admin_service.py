@@ -14,6 +14,7 @@ from control_plane.domain.names import parse_lease_name, parse_node_name, valid_
 from control_plane.index import Inventory
 from control_plane.lease_service import Leases, now_ts
 from control_plane.store import EtcdStore, mod_revision_is, put
+from control_plane.store import delete as delete_op
 from gpufed.v1 import admin_pb2, admin_pb2_grpc, common_pb2, lease_pb2
 
 Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
@@ -175,6 +176,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         prefix, _, token_id = request.name.partition("/")
         if prefix != "tokens" or not token_id.isalnum():
             raise errors.invalid("INVALID_TOKEN_NAME", "token name must be tokens/{id}")
-        if not await self.store.delete(self.keys.token(token_id)):
+        key = self.keys.token(token_id)
+        resp = await self.store.txn([], [delete_op(key)])
+        if not resp.responses[0].response_delete_range.deleted:
             raise errors.not_found("TOKEN_NOT_FOUND", f"{request.name} does not exist")
+        # Read your writes: once this returns, this replica refuses the token.
+        await self.inv.wait_for_revision(resp.header.revision)
         return admin_pb2.DeleteTokenResponse()

@@ -119,23 +119,42 @@ class Authenticator:
         self._admin_hash = hash_secret(admin_token) if admin_token else ""
         self._peer_hash = hash_secret(peer_token) if peer_token else ""
         self.records: dict[str, TokenRecord] = {}
+        # Resolved bearer tokens; emptied on any token change, so a deleted token stops at once.
+        self._resolved: dict[str, Principal] = {}
+
+    def forget(self) -> None:
+        self._resolved.clear()
 
     def update(self, token_id: str, raw: bytes | None) -> None:
         """Apply a token record change seen in etcd (None: deleted)."""
+        self._resolved.clear()
         if raw is None:
             self.records.pop(token_id, None)
         else:
             self.records[token_id] = TokenRecord.from_json(token_id, raw)
 
     async def authenticate(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> Principal:
-        token = ""
         for key, value in metadata or ():
             if key == "authorization":
-                text = value.decode() if isinstance(value, bytes) else value
-                scheme, _, rest = text.partition(" ")
-                if scheme.lower() == "bearer":
-                    token = rest.strip()
-                break
+                return await self.from_header(value.decode() if isinstance(value, bytes) else value)
+        return await self.from_header("")
+
+    async def from_header(self, authorization: str) -> Principal:
+        """The principal of an `authorization` header value ("Bearer <token>")."""
+        found = self._resolved.get(authorization)
+        if found is not None:
+            return found
+        principal = await self._resolve(authorization)
+        if len(self._resolved) > 10_000:
+            self._resolved.clear()
+        self._resolved[authorization] = principal
+        return principal
+
+    async def _resolve(self, authorization: str) -> Principal:
+        token = ""
+        scheme, _, rest = authorization.partition(" ")
+        if scheme.lower() == "bearer":
+            token = rest.strip()
         if not token:
             raise errors.unauthenticated(
                 "MISSING_TOKEN", "no bearer token: send metadata 'authorization: Bearer <token>'"

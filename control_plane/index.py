@@ -83,8 +83,6 @@ class Inventory:
     by_price: list[tuple[float, str]] = field(default_factory=list)
     by_country: dict[str, list[tuple[float, str]]] = field(default_factory=dict)
     summaries: dict[str, NodeSummary] = field(default_factory=dict)
-    # Set by the watcher: asks etcd to confirm how far the watch has come.
-    progress_hook: Callable[[], None] | None = None
     _subscribers: list[Callable[[Change], None]] = field(default_factory=list)
     _revision_waiters: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)
 
@@ -233,17 +231,15 @@ class Inventory:
         self._revision_waiters = still
 
     async def wait_for_revision(self, revision: int, timeout: float = 2.0) -> None:
+        """Until the index has applied every event up to `revision` of our keys. Pass revisions
+        of our own keys (a write's revision, or one read back): etcd's revision also moves with
+        writes elsewhere that no event of ours will ever reach."""
         if self.revision >= revision:
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._revision_waiters.append((revision, fut))
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                # Writes outside our keys move etcd's revision without events for us: if the
-                # watch does not get there by itself, ask etcd to confirm its progress.
-                done, _ = await asyncio.wait({fut}, timeout=0.02)
-                if not done and self.progress_hook is not None:
-                    self.progress_hook()
                 await fut
 
     def subscribe(self, fn: Callable[[Change], None]) -> Callable[[], None]:

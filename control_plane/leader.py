@@ -25,7 +25,15 @@ from control_plane.domain.usage import usage_records
 from control_plane.index import Change, Inventory
 from control_plane.lease_service import Leases, now_ts
 from control_plane.metrics import Metrics
-from control_plane.store import EtcdStore, StoreUnavailable, WatchCompacted, absent, put, value_is
+from control_plane.store import (
+    EtcdStore,
+    StoreUnavailable,
+    WatchCompacted,
+    absent,
+    newest_read,
+    put,
+    value_is,
+)
 from control_plane.store import delete as delete_op
 from control_plane.store import get as get_op
 from gpufed.logs import get_logger
@@ -91,9 +99,12 @@ class Leader:
     async def _campaign(self) -> None:
         me = self.replica_id.encode()
         resp = await self.store.txn(
-            [absent(self.keys.leader)], [put(self.keys.leader, me, self.session_lease())]
+            [absent(self.keys.leader)],
+            [put(self.keys.leader, me, self.session_lease())],
+            [get_op(self.keys.leader)],
         )
-        await self.inv.wait_for_revision(resp.header.revision, timeout=1.0)
+        target = resp.header.revision if resp.succeeded else newest_read(resp)
+        await self.inv.wait_for_revision(target, timeout=1.0)
 
     async def _lead(self) -> None:
         tasks = [

@@ -27,7 +27,7 @@ from control_plane.domain.names import parse_lease_name
 from control_plane.domain.placement import place
 from control_plane.index import Change, Inventory
 from control_plane.metrics import Metrics
-from control_plane.store import EtcdStore, StoreUnavailable, absent, mod_revision_is, put
+from control_plane.store import EtcdStore, StoreUnavailable, absent, mod_revision_is, newest_read, put
 from control_plane.store import delete as delete_op
 from control_plane.store import get as get_op
 from gpufed.logs import get_logger
@@ -169,6 +169,7 @@ class Leases:
                 lease.expire_time.FromNanoseconds(int((ttl_from + spec.ttl_s) * 1e9))
                 uuids = [u for p in picks for u in p.gpu_uuids]
                 compare = [absent(req_key), absent(self.keys.lease(lease_id))]
+                reads = [get_op(req_key)]
                 success = [
                     put(self.keys.lease(lease_id), lease.SerializeToString(), etcd_lease),
                     put(req_key, lease_id.encode(), etcd_lease),
@@ -179,15 +180,17 @@ class Leases:
                         mod_revision_is(self.keys.node(node.provider, node.node_id), p.candidate.mod_revision)
                     )
                     compare.append(alive_present(self.keys.alive(node.provider, node.node_id)))
+                    reads.append(get_op(self.keys.node(node.provider, node.node_id)))
                     for u in p.gpu_uuids:
                         key = self.keys.alloc(node.provider, node.node_id, u)
                         compare.append(absent(key))
                         success.append(put(key, lease_id.encode(), etcd_lease))
+                        reads.append(get_op(key))
                 self.pending.update(uuids)
                 started = time.perf_counter()
                 try:
                     result = await self.commits.submit(
-                        rpc.TxnRequest(compare=compare, success=success, failure=[get_op(req_key)])
+                        rpc.TxnRequest(compare=compare, success=success, failure=reads)
                     )
                 except StoreUnavailable:
                     keep_etcd_lease = True  # outcome unknown: a retry with the request_id settles it
@@ -219,7 +222,7 @@ class Leases:
                 if self.metrics is not None:
                     self.metrics.txn_conflicts.inc()
                 avoid.update(uuids)
-                await self.inv.wait_for_revision(result.revision, timeout=1.0)
+                await self.inv.wait_for_revision(newest_read(result.response), timeout=1.0)
             raise errors.exhausted(
                 "CAPACITY_CONTENDED", "matching GPUs were taken by concurrent grants; retry"
             )

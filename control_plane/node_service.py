@@ -24,8 +24,17 @@ from control_plane.domain import registration
 from control_plane.domain.names import node_name
 from control_plane.index import Change, Inventory
 from control_plane.metrics import Metrics
-from control_plane.store import EtcdStore, StoreUnavailable, absent, mod_revision_is, put, value_is
+from control_plane.store import (
+    EtcdStore,
+    StoreUnavailable,
+    absent,
+    mod_revision_is,
+    newest_read,
+    put,
+    value_is,
+)
 from control_plane.store import delete as delete_op
+from control_plane.store import get as get_op
 from gpufed.logs import get_logger
 from gpufed.v1 import common_pb2, lease_pb2, node_pb2, node_pb2_grpc
 
@@ -279,7 +288,9 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             if not registration.apply_health(node, reported):
                 return
             node.update_time.CopyFrom(_now_ts())
-            resp = await self.store.txn([mod_revision_is(key, rev)], [put(key, node.SerializeToString())])
+            resp = await self.store.txn(
+                [mod_revision_is(key, rev)], [put(key, node.SerializeToString())], [get_op(key)]
+            )
             if resp.succeeded:
                 await self.inventory.wait_for_revision(resp.header.revision, timeout=1.0)
                 log.info(
@@ -288,7 +299,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                     gpus={u: common_pb2.GpuHealth.Name(h) for u, (h, _) in reported.items()},
                 )
                 return
-            await self.inventory.wait_for_revision(resp.header.revision, timeout=1.0)
+            await self.inventory.wait_for_revision(newest_read(resp), timeout=1.0)
 
     def _health_differs(self, session: NodeSession, reported: Reported) -> bool:
         entry = self.inventory.nodes.get(session.name)

@@ -152,6 +152,7 @@ class Replica:
             self.auth.update(change.name, change.value)
         elif change.kind == "relist":
             self.auth.records.clear()
+            self.auth.forget()
 
     async def _on_new_session_lease(self, lease_id: int) -> None:
         await self.store.put(self.store.keys.replica(self.id), self.address.encode(), lease=lease_id)

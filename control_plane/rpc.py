@@ -13,26 +13,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-import structlog
 
 from control_plane import auth, errors
 from control_plane.metrics import Metrics
 from control_plane.store import StoreUnavailable
-from gpufed.logs import get_logger
+from gpufed.logs import bind_rpc, get_logger
 
 log = get_logger(__name__)
 
 _RNG = random.Random()
 _OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
-
-
-def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id" and value:
-            return str(value)[:64]
-    # Not a secret, just unique enough to follow one call through the logs; os.urandom per
-    # call costs more than the rest of a small RPC on some hosts.
-    return f"{_RNG.getrandbits(64):016x}"
 
 
 class _Call:
@@ -46,11 +36,19 @@ class _Call:
         self.code = grpc.StatusCode.OK
 
     async def begin(self) -> None:
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=_request_id(self.context), method=self.method)
-        principal = await self.i.authenticator.authenticate(self.context.invocation_metadata())
+        request_id = authorization = ""
+        for key, value in self.context.invocation_metadata() or ():
+            if key == "x-request-id":
+                request_id = str(value)[:64]
+            elif key == "authorization":
+                authorization = value.decode() if isinstance(value, bytes) else value
+        # Not a secret, just unique enough to follow one call through the logs; os.urandom per
+        # call costs more than the rest of a small RPC on some hosts.
+        fields = {"request_id": request_id or f"{_RNG.getrandbits(64):016x}", "method": self.method}
+        bind_rpc(fields)
+        principal = await self.i.authenticator.from_header(authorization)
         auth.set_current_principal(principal)
-        structlog.contextvars.bind_contextvars(principal=str(principal))
+        fields["principal"] = str(principal)
 
     async def fail(self, exc: BaseException) -> None:
         if isinstance(exc, errors.ApiError):
@@ -67,13 +65,13 @@ class _Call:
 
     def end(self) -> None:
         elapsed = time.perf_counter() - self.start
-        m = self.i.metrics
-        if m is not None:
-            m.rpcs.labels(self.method, self.code.name).inc()
-            m.rpc_latency.labels(self.method).observe(elapsed)
+        if self.i.metrics is not None:
+            count, latency = self.i.children(self.method, self.code)
+            count.inc()
+            latency.observe(elapsed)
         if self.i.log_calls:
             log.info("rpc", code=self.code.name, ms=round(elapsed * 1000, 2))
-        structlog.contextvars.clear_contextvars()
+        bind_rpc(None)
         auth.set_current_principal(None)
 
 
@@ -84,6 +82,19 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self.authenticator = authenticator
         self.metrics = metrics
         self.log_calls = log_calls
+        self._children: dict[tuple[str, grpc.StatusCode], tuple[Any, Any]] = {}
+
+    def children(self, method: str, code: grpc.StatusCode) -> tuple[Any, Any]:
+        """The labelled metric children of one method and code (labels() takes a lock each call)."""
+        key = (method, code)
+        found = self._children.get(key)
+        if found is None:
+            assert self.metrics is not None
+            found = self._children[key] = (
+                self.metrics.rpcs.labels(method, code.name),
+                self.metrics.rpc_latency.labels(method),
+            )
+        return found
 
     async def intercept_service(
         self,

@@ -39,7 +39,6 @@ log = get_logger(__name__)
 
 T = TypeVar("T")
 
-WATCH_PROGRESS = rpc.WatchRequest(progress_request=rpc.WatchProgressRequest())
 # etcd's default --max-txn-ops: the most operations in one branch (compares, success or failure).
 MAX_TXN_OPS = 128
 _RANGE_PAGE = 2000
@@ -156,6 +155,17 @@ def get(key: str | bytes) -> rpc.RequestOp:
 
 def nested(txn: rpc.TxnRequest) -> rpc.RequestOp:
     return rpc.RequestOp(request_txn=txn)
+
+
+def newest_read(resp: rpc.TxnResponse) -> int:
+    """The newest mod revision among the keys a Txn branch read back. After a failed compare,
+    waiting for the index to reach it (rather than the header revision, which writes outside
+    our keys move) lets the index catch up with exactly what made the compare fail."""
+    newest = 0
+    for r in resp.responses:
+        for kv in r.response_range.kvs:
+            newest = max(newest, kv.mod_revision)
+    return newest
 
 
 @dataclass(slots=True)
@@ -344,15 +354,14 @@ class EtcdStore:
         start_revision: int,
         prev_kv: bool = True,
         deletes_only: bool = False,
-        control: asyncio.Queue[rpc.WatchRequest] | None = None,
     ) -> AsyncIterator[tuple[int, list[Event]]]:
         """Yield (revision, events) batches under prefix from start_revision on, forever.
 
-        `revision` is one up to which every event under the prefix has been yielded. That is the
-        last event's revision, not the response header's: while a watcher catches up, etcd sends
-        the current revision in headers of batches that more events follow. An empty response
-        (a progress notification, sent only to a caught-up watcher) carries a header revision
-        that is safe. Put `WATCH_PROGRESS` on `control` to ask etcd for one.
+        `revision` is one up to which every event under the prefix has been yielded: the last
+        event's revision, not the response header's (while a watcher catches up, etcd sends the
+        current revision in headers of batches that more events follow). Empty responses
+        (periodic progress notifications) yield nothing: etcd 3.4 before 3.4.24 can send one
+        ahead of events (etcd-io/etcd#15220).
 
         Raises WatchCompacted when start_revision is no longer available, StoreUnavailable when the
         stream breaks (the caller re-lists or resumes from the last revision it saw).
@@ -368,9 +377,7 @@ class EtcdStore:
                 progress_notify=True,
             )
         )
-        queue: asyncio.Queue[rpc.WatchRequest] = control if control is not None else asyncio.Queue()
-        while not queue.empty():
-            queue.get_nowait()  # stale requests of a previous stream
+        queue: asyncio.Queue[rpc.WatchRequest] = asyncio.Queue()
         queue.put_nowait(create)
 
         async def requests() -> AsyncIterator[rpc.WatchRequest]:
@@ -387,7 +394,6 @@ class EtcdStore:
                 if resp.created and not resp.events:
                     continue
                 if not resp.events:
-                    yield int(resp.header.revision), []
                     continue
                 events = [
                     Event(

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
-from etcd3.etcdrpc import rpc_pb2 as rpc
-
 from control_plane.index import Change, Inventory
-from control_plane.store import WATCH_PROGRESS, EtcdStore, StoreUnavailable, WatchCompacted
+from control_plane.store import EtcdStore, StoreUnavailable, WatchCompacted
 from gpufed.logs import get_logger
 
 log = get_logger(__name__)
@@ -20,12 +18,6 @@ class Watcher:
         self.inventory = inventory
         self.synced = asyncio.Event()
         self.relists = 0
-        self._control: asyncio.Queue[rpc.WatchRequest] = asyncio.Queue()
-        inventory.progress_hook = self.request_progress
-
-    def request_progress(self) -> None:
-        """Ask etcd to confirm the revision the watch has reached (an empty progress response)."""
-        self._control.put_nowait(WATCH_PROGRESS)
 
     async def list(self) -> int:
         kvs, revision = await self.store.get_prefix(self.store.keys.root)
@@ -49,7 +41,7 @@ class Watcher:
                     await self.list()
                     need_list = False
                 async for revision, events in self.store.watch_prefix(
-                    self.store.keys.root, self.inventory.revision + 1, prev_kv=False, control=self._control
+                    self.store.keys.root, self.inventory.revision + 1, prev_kv=False
                 ):
                     for ev in events:
                         self.inventory.apply(

@@ -7,13 +7,34 @@ request id.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import sys
+from collections.abc import MutableMapping
+from typing import Any
 
 import structlog
 
 _configured = False
+
+# Per-RPC fields (request id, method, principal): one context variable set once per call, merged
+# into events only when something is logged.
+_rpc_fields: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "gpufed_rpc", default=None
+)
+
+
+def bind_rpc(fields: dict[str, str] | None) -> None:
+    _rpc_fields.set(fields)
+
+
+def _merge_rpc_fields(logger: object, name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    fields = _rpc_fields.get()
+    if fields:
+        for k, v in fields.items():
+            event.setdefault(k, v)
+    return event
 
 
 def configure_logging(level: str | None = None, json_output: bool | None = None) -> None:
@@ -27,6 +48,7 @@ def configure_logging(level: str | None = None, json_output: bool | None = None)
         json_output = os.environ.get("GPUFED_LOG_FORMAT", "").lower() == "json" or not sys.stderr.isatty()
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
+        _merge_rpc_fields,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

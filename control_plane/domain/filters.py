@@ -106,7 +106,17 @@ def _codes(values: list[str], field: str) -> frozenset[str]:
 
 
 def compile_filter(f: common_pb2.GpuFilter) -> Filter:
-    """Validate a GpuFilter; INVALID_ARGUMENT with a reason for anything malformed."""
+    """Validate a GpuFilter; INVALID_ARGUMENT with a reason for anything malformed. The same
+    filter arrives again and again (clients poll, retry, hold gangs): it is compiled once."""
+    return _compile_cached(f.SerializeToString(deterministic=True))
+
+
+@lru_cache(maxsize=2048)
+def _compile_cached(raw: bytes) -> Filter:
+    return _compile(common_pb2.GpuFilter.FromString(raw))
+
+
+def _compile(f: common_pb2.GpuFilter) -> Filter:
     for field in ("countries", "exclude_countries", "regions", "providers"):
         if len(getattr(f, field)) > MAX_FILTER_VALUES:
             raise errors.invalid("TOO_MANY_FILTER_VALUES", f"{field}: at most {MAX_FILTER_VALUES} values")

@@ -134,7 +134,8 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteToken(self, request, context):
-        """Deletes a token; later calls with it are UNAUTHENTICATED. NOT_FOUND if unknown.
+        """Deletes a token; later calls with it are UNAUTHENTICATED (at once on the replica that
+        answered, on the others as soon as their watch delivers the change). NOT_FOUND if unknown.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -52,7 +52,9 @@ class AdminServiceStub:
     ListTokens: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListTokensRequest, _admin_pb2.ListTokensResponse]
     """Tokens without secrets."""
     DeleteToken: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DeleteTokenRequest, _admin_pb2.DeleteTokenResponse]
-    """Deletes a token; later calls with it are UNAUTHENTICATED. NOT_FOUND if unknown."""
+    """Deletes a token; later calls with it are UNAUTHENTICATED (at once on the replica that
+    answered, on the others as soon as their watch delivers the change). NOT_FOUND if unknown.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -78,7 +80,9 @@ class AdminServiceAsyncStub(AdminServiceStub):
     ListTokens: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListTokensRequest, _admin_pb2.ListTokensResponse]  # type: ignore[assignment]
     """Tokens without secrets."""
     DeleteToken: _aio.UnaryUnaryMultiCallable[_admin_pb2.DeleteTokenRequest, _admin_pb2.DeleteTokenResponse]  # type: ignore[assignment]
-    """Deletes a token; later calls with it are UNAUTHENTICATED. NOT_FOUND if unknown."""
+    """Deletes a token; later calls with it are UNAUTHENTICATED (at once on the replica that
+    answered, on the others as soon as their watch delivers the change). NOT_FOUND if unknown.
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """Operator RPCs. Every RPC needs an admin token, except ListUsageRecords which a provider
@@ -149,6 +153,8 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.DeleteTokenRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.DeleteTokenResponse, _abc.Awaitable[_admin_pb2.DeleteTokenResponse]]:
-        """Deletes a token; later calls with it are UNAUTHENTICATED. NOT_FOUND if unknown."""
+        """Deletes a token; later calls with it are UNAUTHENTICATED (at once on the replica that
+        answered, on the others as soon as their watch delivers the change). NOT_FOUND if unknown.
+        """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

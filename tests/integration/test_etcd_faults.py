@@ -89,7 +89,9 @@ def test_replicas_keep_serving_when_the_etcd_leader_is_killed(etcd_cluster: Etcd
             for _ in range(10):
                 assert cycle()
             c.release_lease(held.name)
-            wait_until(lambda: sum(o.free_gpus for o in c.search_offers()) == 8, timeout=10)
+            # The replica's session lease may have lapsed during the election: its nodes come back
+            # when it re-grants and re-attaches their alive keys.
+            wait_until(lambda: sum(o.free_gpus for o in c.search_offers()) == 8, timeout=20)
             stub = health_pb2_grpc.HealthStub(c.channel)
             assert (
                 stub.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING

@@ -95,12 +95,14 @@ def test_xid_event_reaches_the_control_plane_before_the_next_report(replica: Rep
         admin.close()
 
 
-def test_daemon_process_stops_cleanly_on_sigterm(replica: ReplicaThread) -> None:
+def test_daemon_process_stops_cleanly_on_sigterm(etcd: EtcdCluster, prefix: str) -> None:
     import signal
     import time
 
     from tests.harness import daemon_process
 
+    # 2 s reports: a grace of 6 s, so going offline within 3 s means the stream ended cleanly.
+    replica = ReplicaThread(replica_config(etcd.endpoints, prefix, report_interval=2.0)).start()
     admin = Client(replica.address, ADMIN_TOKEN)
     token = admin.create_token("provider", "neo").secret
     try:
@@ -111,6 +113,7 @@ def test_daemon_process_stops_cleanly_on_sigterm(replica: ReplicaThread) -> None
             assert proc.wait(10) == 0
             assert time.monotonic() - t0 < 5
         # The stream ended cleanly: the node is offline at once, not after the grace period.
-        wait_until(lambda: admin.get_node(NODE).state == common_pb2.NODE_STATE_OFFLINE, timeout=2)
+        wait_until(lambda: admin.get_node(NODE).state == common_pb2.NODE_STATE_OFFLINE, timeout=3)
     finally:
         admin.close()
+        replica.stop()
