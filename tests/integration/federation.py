@@ -3,7 +3,6 @@ in five countries, half streaming to each replica."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,11 +93,3 @@ def start_federation(
                 timeout=20,
             )
     return fed
-
-
-def federation(etcd: EtcdCluster, prefix: str) -> Iterator[Federation]:
-    fed = start_federation(etcd, prefix)
-    try:
-        yield fed
-    finally:
-        fed.stop()

@@ -7,21 +7,12 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
-from tests.harness import EtcdCluster, unique_prefix
-from tests.integration.federation import Federation, start_federation
+from tests.integration.federation import Federation
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def fed(etcd: EtcdCluster) -> Iterator[Federation]:
-    f = start_federation(etcd, unique_prefix())
-    yield f
-    f.stop()
 
 
 def gpufed(fed: Federation, *args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -10,19 +10,10 @@ import pytest
 from gpufed.client import Client, InvalidArgument, NotFound
 from gpufed.errors import error_reason
 from gpufed.v1 import admin_pb2, common_pb2, discovery_pb2, discovery_pb2_grpc
-from tests.harness import EtcdCluster, metadata, wait_until
-from tests.integration.federation import Federation, start_federation
+from tests.harness import metadata, wait_until
+from tests.integration.federation import Federation
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def fed(etcd: EtcdCluster) -> Iterator[Federation]:
-    from tests.harness import unique_prefix
-
-    f = start_federation(etcd, unique_prefix())
-    yield f
-    f.stop()
 
 
 @pytest.fixture

@@ -14,18 +14,11 @@ from google.protobuf import duration_pb2
 from gpufed.client import Client, GpufedError, InvalidArgument, NoCapacity, NotFound
 from gpufed.errors import error_reason
 from gpufed.v1 import admin_pb2, common_pb2, lease_pb2, lease_pb2_grpc
-from tests.harness import EtcdCluster, metadata, unique_prefix, wait_until
-from tests.integration.federation import Federation, start_federation
+from tests.harness import metadata, wait_until
+from tests.integration.federation import Federation
 
 pytestmark = pytest.mark.integration
 LeaseW = lease_pb2.WatchLeaseResponse
-
-
-@pytest.fixture(scope="module")
-def fed(etcd: EtcdCluster) -> Iterator[Federation]:
-    f = start_federation(etcd, unique_prefix())
-    yield f
-    f.stop()
 
 
 @pytest.fixture
