@@ -14,8 +14,8 @@ Errors come as GpufedError subclasses carrying the status code and the server's 
 from __future__ import annotations
 
 import os
+import random
 import threading
-import uuid
 from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
@@ -79,6 +79,14 @@ _BY_CODE: dict[grpc.StatusCode, type[GpufedError]] = {
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
 }
+
+
+_RNG = random.Random()  # seeded from os.urandom once
+
+
+def new_request_id() -> str:
+    """A fresh idempotency key: unique, not secret (one os.urandom per process, not per call)."""
+    return f"{_RNG.getrandbits(128):032x}"
 
 
 def from_rpc_error(e: grpc.RpcError) -> GpufedError:
@@ -241,7 +249,7 @@ class Client:
         **filter_args: Any,
     ) -> lease_pb2.Lease:
         req = lease_pb2.CreateLeaseRequest(
-            request_id=request_id or uuid.uuid4().hex,
+            request_id=request_id or new_request_id(),
             gpu_count=gpu_count,
             filter=gpu_filter(**filter_args),
             placement=lease_pb2.PLACEMENT_SPREAD if spread else lease_pb2.PLACEMENT_SINGLE_NODE,
