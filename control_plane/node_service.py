@@ -57,6 +57,10 @@ class NodeSession:
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     sent_started: dict[str, int] = field(default_factory=dict)  # lease name -> fencing token
     admin_state: int = 0
+    # Called once when the session ends, whoever ends it (reader, sweeper, takeover, shutdown):
+    # the cleanup must not depend on gRPC still driving the response generator.
+    on_end: Callable[[NodeSession], None] | None = None
+    closed: bool = False
 
     @property
     def alive_value(self) -> str:
@@ -66,6 +70,8 @@ class NodeSession:
         if not self.ended.is_set():
             self.end_error = error
             self.ended.set()
+            if self.on_end is not None:
+                self.on_end(self)
             self.outgoing.put_nowait(None)
 
 
@@ -124,6 +130,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         self.reports_ingested = 0
         self._unsubscribe = inventory.subscribe(self._on_change)
         self._sweeper: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         self._sweeper = asyncio.create_task(self._sweep(), name="liveness-sweeper")
@@ -136,6 +143,8 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                 await self._sweeper
         for s in list(self.sessions.values()):
             s.end(errors.unavailable("REPLICA_SHUTTING_DOWN", "the replica is shutting down; reconnect"))
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
     # -- the stream -----------------------------------------------------------------------------
 
@@ -159,6 +168,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         session = NodeSession(
             name, hello.provider, hello.node_id, f"{self.replica_id}/{uuid.uuid4().hex[:12]}", self.clock()
         )
+        session.on_end = self._schedule_close
         old = self.sessions.get(name)
         if old is not None:
             old.end(
@@ -238,7 +248,15 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                 errors.unavailable("REPLICA_ERROR", "the replica failed to read the stream; reconnect")
             )
 
+    def _schedule_close(self, session: NodeSession) -> None:
+        task = asyncio.get_running_loop().create_task(self._close(session))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     async def _close(self, session: NodeSession) -> None:
+        if session.closed:
+            return
+        session.closed = True
         if self.sessions.get(session.name) is session:
             del self.sessions[session.name]
             self.telemetry.drop(session.name)
