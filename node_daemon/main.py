@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
+import pynvml
 
 from gpufed.logs import configure_logging, get_logger
 from node_daemon.collector import Collector, XidWatcher
@@ -22,8 +24,6 @@ log = get_logger(__name__)
 
 def make_nvml(cfg: DaemonConfig) -> Any:
     if not cfg.fake_nvml:
-        import pynvml
-
         return pynvml
     events = load_scenario(cfg.fake_scenario) if cfg.fake_scenario else []
     events += [parse_event(e) for e in cfg.fake_events]
@@ -71,8 +71,16 @@ async def run(cfg: DaemonConfig) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     configure_logging()
     cfg = parse_args(argv)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run(cfg))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(run(cfg))
+    except pynvml.NVMLError as e:
+        # No driver, no GPU, no permission: say so in one line instead of a traceback.
+        log.error(
+            "NVML is not usable on this host; on a machine without a GPU use --fake-nvml PROFILE",
+            error=str(e),
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":

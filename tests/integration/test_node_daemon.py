@@ -117,3 +117,31 @@ def test_daemon_process_stops_cleanly_on_sigterm(etcd: EtcdCluster, prefix: str)
     finally:
         admin.close()
         replica.stop()
+
+
+def test_daemon_without_nvml_exits_with_one_clear_line() -> None:
+    import ctypes.util
+    import subprocess
+    import sys
+
+    if ctypes.util.find_library("nvidia-ml"):
+        pytest.skip("this host has NVML")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "node_daemon",
+            "--provider",
+            "neo",
+            "--country",
+            "DE",
+            "--control-plane",
+            "127.0.0.1:1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**__import__("os").environ, "GPUFED_LOG_FORMAT": "json"},
+    )
+    assert proc.returncode == 1
+    assert "--fake-nvml" in proc.stderr and "Traceback" not in proc.stderr
