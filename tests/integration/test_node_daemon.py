@@ -121,6 +121,7 @@ def test_daemon_process_stops_cleanly_on_sigterm(etcd: EtcdCluster, prefix: str)
 
 def test_daemon_without_nvml_exits_with_one_clear_line() -> None:
     import ctypes.util
+    import os
     import subprocess
     import sys
 
@@ -141,7 +142,7 @@ def test_daemon_without_nvml_exits_with_one_clear_line() -> None:
         capture_output=True,
         text=True,
         timeout=30,
-        env={**__import__("os").environ, "GPUFED_LOG_FORMAT": "json"},
+        env={**os.environ, "GPUFED_LOG_FORMAT": "json"},
     )
     assert proc.returncode == 1
     assert "--fake-nvml" in proc.stderr and "Traceback" not in proc.stderr
