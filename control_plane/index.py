@@ -19,12 +19,17 @@ from control_plane.store import Keyspace
 from gpufed.v1 import common_pb2, discovery_pb2, lease_pb2
 
 NodeState = common_pb2.NodeState
+_UNHEALTHY = common_pb2.GPU_HEALTH_UNHEALTHY
 
 
 @dataclass(slots=True)
 class NodeEntry:
     node: common_pb2.Node
     mod_revision: int
+    # Derived once per record, reused by every summary of it (allocations change far more often):
+    # (uuid, model, health, memory, gpu) in NVML index order, and the node's unit vector.
+    gpus: list[tuple[str, str, int, int, common_pb2.Gpu]] = field(default_factory=list)
+    xyz: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 @dataclass(slots=True)
@@ -183,7 +188,13 @@ class Inventory:
             self.nodes.pop(name, None)
             return
         node = common_pb2.Node.FromString(value)
-        self.nodes[name] = NodeEntry(node, mod_revision)
+        gpus = sorted(
+            ((g.uuid, g.model, int(g.health), g.memory_total_bytes, g) for g in node.gpus),
+            key=lambda t: t[4].index,
+        )
+        self.nodes[name] = NodeEntry(
+            node, mod_revision, gpus, unit_vector(node.location.latitude, node.location.longitude)
+        )
         item = (node.price_per_gpu_hour, name)
         bisect.insort(self.by_price, item)
         bisect.insort(self.by_country.setdefault(node.location.country_code, []), item)
@@ -195,17 +206,15 @@ class Inventory:
             return
         held = self.allocs.get(name, {})
         groups: dict[tuple[str, int], GpuGroup] = {}
-        for gpu in sorted(entry.node.gpus, key=lambda g: g.index):
-            if gpu.uuid in held or gpu.health == common_pb2.GPU_HEALTH_UNHEALTHY:
+        for uuid, model, health, memory, gpu in entry.gpus:
+            if uuid in held or health == _UNHEALTHY:
                 continue
-            g = groups.get((gpu.model, gpu.health))
+            g = groups.get((model, health))
             if g is None:
-                g = groups[(gpu.model, gpu.health)] = GpuGroup(
-                    gpu.model, gpu.health, gpu.memory_total_bytes, []
-                )
-            g.memory_bytes = min(g.memory_bytes, gpu.memory_total_bytes)
+                g = groups[(model, health)] = GpuGroup(model, health, memory, [])
+            elif memory < g.memory_bytes:
+                g.memory_bytes = memory
             g.gpus.append(gpu)
-        loc = entry.node.location
         self.summaries[name] = NodeSummary(
             name,
             entry.node,
@@ -213,7 +222,7 @@ class Inventory:
             self.is_schedulable(name),
             list(groups.values()),
             entry.node.price_per_gpu_hour,
-            unit_vector(loc.latitude, loc.longitude),
+            entry.xyz,
         )
 
     def advance(self, revision: int) -> None:

@@ -43,6 +43,8 @@ log = get_logger(__name__)
 COMPACT_EVERY_S = 300
 # Leases per ledger Txn: each adds up to ~3 operations, and etcd allows 128 per branch.
 LEDGER_CHUNK = 30
+# How long ended leases are gathered before their usage records are written together.
+LEDGER_FLUSH_S = 0.2
 COMPACT_KEEP_REVISIONS = 10_000
 
 
@@ -137,18 +139,37 @@ class Leader:
         return await self.store.revision()
 
     async def _ledger(self) -> None:
+        """Ended leases are gathered for up to LEDGER_FLUSH_S and recorded together: under load one
+        read and one write per batch instead of per lease. The stored cursor only moves with a
+        recorded batch, so a new leader replays whatever an old one had gathered but not written."""
         cursor = await self._cursor()
         prefix = self.keys.dir("leases")
+        pending: asyncio.Queue[tuple[lease_pb2.Lease, int]] = asyncio.Queue()
+        flusher = asyncio.create_task(self._flush_ledger(pending), name="usage-ledger-flush")
+        try:
+            await self._watch_ended(prefix, cursor, pending)
+        finally:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+
+    async def _flush_ledger(self, pending: asyncio.Queue[tuple[lease_pb2.Lease, int]]) -> None:
+        while True:
+            batch = [await pending.get()]
+            await asyncio.sleep(LEDGER_FLUSH_S)
+            while not pending.empty() and len(batch) < LEDGER_CHUNK:
+                batch.append(pending.get_nowait())
+            await self._record([lease for lease, _ in batch], batch[-1][1])
+
+    async def _watch_ended(
+        self, prefix: str, cursor: int, pending: asyncio.Queue[tuple[lease_pb2.Lease, int]]
+    ) -> None:
         while True:
             try:
                 async for revision, events in self.store.watch_prefix(prefix, cursor + 1, deletes_only=True):
-                    ended = [
-                        lease_pb2.Lease.FromString(ev.prev_value)
-                        for ev in events
-                        if ev.value is None and ev.prev_value is not None
-                    ]
-                    for i in range(0, len(ended), LEDGER_CHUNK):
-                        await self._record(ended[i : i + LEDGER_CHUNK], revision)
+                    for ev in events:
+                        if ev.value is None and ev.prev_value is not None:
+                            pending.put_nowait((lease_pb2.Lease.FromString(ev.prev_value), ev.mod_revision))
                     cursor = max(cursor, revision)
             except WatchCompacted as e:
                 # Never compacted past the cursor by us; someone else did. Records in between are lost:

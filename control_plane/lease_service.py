@@ -45,8 +45,9 @@ ENDED = lease_pb2.LEASE_STATE_ENDED
 
 
 def now_ts() -> timestamp_pb2.Timestamp:
+    # FromNanoseconds(time_ns()) is several times cheaper than GetCurrentTime's datetime path.
     ts = timestamp_pb2.Timestamp()
-    ts.GetCurrentTime()
+    ts.FromNanoseconds(time.time_ns())
     return ts
 
 
