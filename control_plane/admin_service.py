@@ -118,7 +118,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         size = pagination.page_size(request.page_size)
         start_ns = request.start_time.ToNanoseconds() if request.HasField("start_time") else 0
         end_ns = request.end_time.ToNanoseconds() if request.HasField("end_time") else 2**63 - 1
-        kvs, _ = await self.store.get_prefix(self.keys.dir("usage"))
+        kvs, _ = await self.store.get_prefix(self.keys.records_dir("usage"))
         records = []
         for kv in kvs:
             r = admin_pb2.UsageRecord.FromString(kv.value)

@@ -60,7 +60,7 @@ class NodeSummary:
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """kind: node | alive | alloc | lease | token | replica | leader | history | other."""
+    """kind: node | alive | alloc | lease | token | replica | leader | relist."""
 
     kind: str
     name: str
@@ -169,8 +169,6 @@ class Inventory:
             change = Change("leader", "leader", value, prev_value, mod_revision, tuple(parts))
         elif top == "tokens" and len(parts) == 2:
             change = Change("token", parts[1], value, prev_value, mod_revision, tuple(parts))
-        elif top == "history" and len(parts) == 3:
-            change = Change("history", parts[2], value, prev_value, mod_revision, tuple(parts))
         if change is not None:
             for fn in list(self._subscribers):
                 fn(change)

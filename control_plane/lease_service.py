@@ -152,7 +152,9 @@ class Leases:
         try:
             for attempt in range(MAX_ATTEMPTS):
                 cands = offers.candidates(self.inv, spec.filter, 1)
-                picks = place(cands, spec.gpu_count, spec.placement, frozenset(avoid | self.pending))
+                picks = place(
+                    cands, spec.gpu_count, spec.placement, avoid | self.pending if avoid else self.pending
+                )
                 if picks is None:
                     # A retry of a request that already holds a lease answers with that lease.
                     existing = await self.by_request(tenant, spec.request_id)
@@ -297,7 +299,7 @@ class Leases:
         raise errors.ApiError(grpc.StatusCode.ABORTED, "LEASE_CHANGING", "the lease kept changing; retry")
 
     async def list_history(self, tenant: str | None) -> list[lease_pb2.Lease]:
-        kvs, _ = await self.store.get_prefix(self.keys.dir("history") + "leases/")
+        kvs, _ = await self.store.get_prefix(self.keys.records_dir("history") + "leases/")
         out = []
         for kv in kvs:
             lease = lease_pb2.Lease.FromString(kv.value)

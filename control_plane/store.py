@@ -5,19 +5,21 @@ It speaks etcd's v3 gRPC API through grpc.aio with the stubs that python3-etcd3 
 synchronous client is not used on the server's hot paths (and its Lock is never used:
 exclusivity is compare-and-swap, see DESIGN.md).
 
-Keyspace, all under a configurable prefix (default /gpufed):
+Keyspace, under a configurable prefix (default /gpufed); every replica watches {prefix}/, and the
+records in {prefix}.records/ (requests, history, usage, ledger) are read on demand:
 
   nodes/{provider}/{node_id}            Node record (gpufed.v1.Node, binary)
   alive/{provider}/{node_id}            replica id holding the stream; on that replica's session lease
   alloc/{provider}/{node_id}/{gpu_uuid} lease id; on the gpufed lease's etcd lease
   leases/{lease_id}                     Lease record; on its own etcd lease
-  requests/{tenant}/{request_id}        lease id, for CreateLease idempotency
-  history/leases/{lease_id}             ended Lease records (written by the leader)
-  usage/{lease_id}/{provider}           UsageRecord (written once, by the leader)
   tokens/{token_id}                     token record with the secret's hash
   replicas/{replica_id}                 peer address; on the replica's session lease
   leader                                replica id of the elected leader; on its session lease
-  ledger/cursor                         revision the usage ledger has processed
+
+  .records/requests/{tenant}/{request_id}  lease id, for CreateLease idempotency
+  .records/history/leases/{lease_id}       ended Lease records
+  .records/usage/{lease_id}/{provider}     UsageRecord (written once, by the leader)
+  .records/ledger/cursor                   revision the usage ledger has processed
 """
 
 from __future__ import annotations
@@ -75,14 +77,22 @@ class Keyspace:
     def lease(self, lease_id: str) -> str:
         return self._k("leases", lease_id)
 
+    # Records (request ids, history, usage, the ledger cursor) live beside the watched state, in
+    # {prefix}.records/: read on demand, never streamed to every replica's index.
+    def _r(self, *parts: str) -> str:
+        return "/".join((self.prefix.rstrip("/") + ".records", *parts))
+
     def request(self, tenant: str, request_id: str) -> str:
-        return self._k("requests", tenant, request_id)
+        return self._r("requests", tenant, request_id)
 
     def lease_history(self, lease_id: str) -> str:
-        return self._k("history", "leases", lease_id)
+        return self._r("history", "leases", lease_id)
 
     def usage_record(self, lease_id: str, provider: str) -> str:
-        return self._k("usage", lease_id, provider)
+        return self._r("usage", lease_id, provider)
+
+    def records_dir(self, name: str) -> str:
+        return self._r(name) + "/"
 
     def token(self, token_id: str) -> str:
         return self._k("tokens", token_id)
@@ -96,7 +106,7 @@ class Keyspace:
 
     @property
     def ledger_cursor(self) -> str:
-        return self._k("ledger", "cursor")
+        return self._r("ledger", "cursor")
 
     def dir(self, name: str) -> str:
         """Prefix of one top-level directory, with a trailing slash: dir('nodes') -> /gpufed/nodes/."""

@@ -41,15 +41,21 @@ def _candidates_of(s: NodeSummary, flt: Filter, min_free: int) -> Iterator[Candi
     if not ok:
         return
     by_model: dict[str, list[common_pb2.Gpu]] = {}
+    merged = False
     for g in s.groups:
         if g.health != HEALTHY and not (flt.include_degraded and g.health == DEGRADED):
             continue
         if g.memory_bytes < flt.min_gpu_memory_bytes or not model_matches(flt.gpu_model, g.model):
             continue
-        by_model.setdefault(g.model, []).extend(g.gpus)
+        if g.model in by_model:
+            by_model[g.model].extend(g.gpus)
+            merged = True
+        else:
+            by_model[g.model] = list(g.gpus)
     for gpus in by_model.values():
         if len(gpus) >= max(min_free, 1):
-            gpus.sort(key=_index)  # healthy and degraded groups of one model, back in NVML order
+            if merged:
+                gpus.sort(key=_index)  # healthy and degraded groups of one model, back in NVML order
             yield Candidate(s.name, s.node, gpus, distance, s.mod_revision, s)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from control_plane.domain.offers import Candidate
@@ -39,7 +40,7 @@ def place(
     cands: Iterable[Candidate],
     gpu_count: int,
     placement: int,
-    avoid: frozenset[str] = frozenset(),
+    avoid: AbstractSet[str] = frozenset(),
     rng: random.Random | None = None,
 ) -> list[Pick] | None:
     """GPUs for the lease, or None if the candidates cannot hold it."""
@@ -48,7 +49,7 @@ def place(
         return _place_single(cands, gpu_count, avoid, rng)
     usable: list[tuple[Candidate, list[str]]] = []
     for c in cands:
-        free = [g.uuid for g in sorted(c.gpus, key=lambda g: g.index) if g.uuid not in avoid]
+        free = [g.uuid for g in c.gpus if g.uuid not in avoid]  # candidates list GPUs in index order
         if free:
             usable.append((c, free))
     if not usable:
@@ -69,7 +70,7 @@ def place(
 
 
 def _place_single(
-    cands: Iterable[Candidate], gpu_count: int, avoid: frozenset[str], rng: random.Random
+    cands: Iterable[Candidate], gpu_count: int, avoid: AbstractSet[str], rng: random.Random
 ) -> list[Pick] | None:
     """Candidates come cheapest first: stop once the cheapest price level has enough fits, so a
     grant looks at a handful of nodes, not the whole federation."""
@@ -77,7 +78,7 @@ def _place_single(
     for c in cands:
         if fits and (c.node.price_per_gpu_hour > fits[0][0].node.price_per_gpu_hour or len(fits) >= MAX_TIES):
             break
-        free = [g.uuid for g in sorted(c.gpus, key=lambda g: g.index) if g.uuid not in avoid]
+        free = [g.uuid for g in c.gpus if g.uuid not in avoid]  # candidates list GPUs in index order
         if len(free) >= gpu_count:
             fits.append((c, free))
     if not fits:
