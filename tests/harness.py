@@ -390,3 +390,22 @@ def daemon_process(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@contextlib.contextmanager
+def one_node(address: str, tenant_name: str = "dev") -> Iterator[str]:
+    """A tenant token and one 4 x L40S node of provider 'neo' streaming to `address`, offered
+    before the block starts; the daemon stops after it."""
+    from gpufed.client import Client
+    from node_daemon.fake_nvml import FakeNvml
+
+    with Client(address, ADMIN_TOKEN) as admin:
+        tenant = admin.create_token("tenant", tenant_name).secret
+        provider = admin.create_token("provider", "neo").secret
+    daemon = DaemonThread(daemon_config([address], provider, "neo", "n1"), FakeNvml("l40s-4")).start()
+    try:
+        with Client(address, tenant) as c:
+            wait_until(lambda: sum(o.free_gpus for o in c.search_offers()) == 4)
+        yield tenant
+    finally:
+        daemon.stop()

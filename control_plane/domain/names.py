@@ -38,10 +38,6 @@ def lease_name(lease_id: str) -> str:
     return f"leases/{lease_id}"
 
 
-def lease_id_of(etcd_lease: int) -> str:
-    return f"{etcd_lease:016x}"
-
-
 def parse_lease_name(name: str) -> str:
     """The lease id of leases/{id}; INVALID_ARGUMENT if malformed."""
     prefix, _, lease_id = name.partition("/")
@@ -50,10 +46,6 @@ def parse_lease_name(name: str) -> str:
             "INVALID_LEASE_NAME", f"lease name must be leases/{{16 hex digits}}, got {name!r}"
         )
     return lease_id
-
-
-def etcd_lease_of(lease_id: str) -> int:
-    return int(lease_id, 16)
 
 
 def validate_request_id(request_id: str) -> None:

@@ -8,15 +8,12 @@ import pytest
 
 from control_plane.config import Config
 from gpufed.client import Client
-from node_daemon.fake_nvml import FakeNvml
 from tests.harness import (
     ADMIN_TOKEN,
-    DaemonThread,
     EtcdCluster,
     ReplicaThread,
-    daemon_config,
     free_port,
-    wait_until,
+    one_node,
 )
 
 pytestmark = pytest.mark.integration
@@ -48,18 +45,11 @@ def test_metrics_endpoint_has_rpc_node_gpu_lease_and_etcd_metrics(etcd: EtcdClus
     )
     r = ReplicaThread(cfg).start()
     try:
-        with Client(r.address, ADMIN_TOKEN) as admin:
-            tenant = admin.create_token("tenant", "m").secret
-            provider = admin.create_token("provider", "neo").secret
-        d = DaemonThread(daemon_config([r.address], provider, "neo", "n1"), FakeNvml("l40s-4")).start()
-        try:
+        with one_node(r.address, "m") as tenant:
             with Client(r.address, tenant) as c:
-                wait_until(lambda: any(True for _ in c.search_offers()))
                 c.release_lease(c.create_lease(1).name)
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
                 text = resp.read().decode()
-        finally:
-            d.stop()
     finally:
         r.stop()
     for name in NAMES:

@@ -9,36 +9,27 @@ import pytest
 
 from gpufed.client import Client, NoCapacity
 from gpufed.v1 import lease_pb2
-from node_daemon.fake_nvml import FakeNvml
-from tests.harness import ADMIN_TOKEN, DaemonThread, ReplicaThread, daemon_config, wait_until
+from tests.harness import ReplicaThread, one_node, wait_until
 
 pytestmark = pytest.mark.integration
 
 
 def test_lease_outlives_several_ttls_inside_the_block_and_is_released_on_exit(replica: ReplicaThread) -> None:
-    with Client(replica.address, ADMIN_TOKEN) as admin:
-        tenant = admin.create_token("tenant", "sdk").secret
-        provider = admin.create_token("provider", "neo").secret
-    daemon = DaemonThread(daemon_config([replica.address], provider, "neo", "n1"), FakeNvml("l40s-4")).start()
-    try:
-        with Client(replica.address, tenant) as client:
-            wait_until(lambda: sum(o.free_gpus for o in client.search_offers()) == 4)
-            with client.lease(gpu_count=2, gpu_model="L40S", countries=["DE"], ttl_s=5) as held:
-                assert len(held.gpus) == 2
-                time.sleep(12)  # more than two ttls
-                assert client.get_lease(held.name).state == lease_pb2.LEASE_STATE_ACTIVE
-                assert held.renewals >= 3
-            assert held.lease.state == lease_pb2.LEASE_STATE_ENDED
-            assert held.lease.end_reason == lease_pb2.LEASE_END_REASON_RELEASED
-            assert sum(o.free_gpus for o in client.search_offers()) == 4
+    with one_node(replica.address, "sdk") as tenant, Client(replica.address, tenant) as client:
+        with client.lease(gpu_count=2, gpu_model="L40S", countries=["DE"], ttl_s=5) as held:
+            assert len(held.gpus) == 2
+            time.sleep(12)  # more than two ttls
+            assert client.get_lease(held.name).state == lease_pb2.LEASE_STATE_ACTIVE
+            assert held.renewals >= 3
+        assert held.lease.state == lease_pb2.LEASE_STATE_ENDED
+        assert held.lease.end_reason == lease_pb2.LEASE_END_REASON_RELEASED
+        assert sum(o.free_gpus for o in client.search_offers()) == 4
 
-            with pytest.raises(RuntimeError), client.lease(gpu_count=4, ttl_s=30) as doomed:
-                raise RuntimeError("training crashed")
-            assert client.get_lease(doomed.name).state == lease_pb2.LEASE_STATE_ENDED
-            wait_until(lambda: sum(o.free_gpus for o in client.search_offers()) == 4)
+        with pytest.raises(RuntimeError), client.lease(gpu_count=4, ttl_s=30) as doomed:
+            raise RuntimeError("training crashed")
+        assert client.get_lease(doomed.name).state == lease_pb2.LEASE_STATE_ENDED
+        wait_until(lambda: sum(o.free_gpus for o in client.search_offers()) == 4)
 
-            with pytest.raises(NoCapacity) as e:
-                client.lease(gpu_count=5)
-            assert e.value.reason == "NO_MATCHING_CAPACITY"
-    finally:
-        daemon.stop()
+        with pytest.raises(NoCapacity) as e:
+            client.lease(gpu_count=5)
+        assert e.value.reason == "NO_MATCHING_CAPACITY"
