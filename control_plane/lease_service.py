@@ -27,7 +27,7 @@ from control_plane.domain.names import parse_lease_name
 from control_plane.domain.placement import place
 from control_plane.index import Change, Inventory
 from control_plane.metrics import Metrics
-from control_plane.store import EtcdStore, StoreUnavailable, absent, mod_revision_is, newest_read, put
+from control_plane.store import EtcdStore, absent, mod_revision_is, newest_read, put
 from control_plane.store import delete as delete_op
 from control_plane.store import get as get_op
 from gpufed.logs import get_logger
@@ -66,6 +66,8 @@ class HistoryLeases:
 
     async def lease_id(self) -> int:
         hour = int(time.time() // 3600)
+        if hour == self._hour:
+            return self._id  # every release asks: skip the lock within the hour
         async with self._lock:
             if hour != self._hour:
                 self._id = await self.store.grant(HISTORY_RETENTION_S + 3600)
@@ -191,19 +193,20 @@ class Leases:
                         reads.append(get_op(key))
                 self.pending.update(uuids)
                 started = time.perf_counter()
+                # Until etcd answers the outcome is unknown (store unavailable, or this call
+                # cancelled mid-commit): the Txn may have attached keys to the etcd lease, so it
+                # must not serve another grant. A retry with the request_id settles the outcome.
+                keep_etcd_lease = True
                 try:
                     result = await self.commits.submit(
                         rpc.TxnRequest(compare=compare, success=success, failure=reads)
                     )
-                except StoreUnavailable:
-                    keep_etcd_lease = True  # outcome unknown: a retry with the request_id settles it
-                    raise
                 finally:
                     self.pending.difference_update(uuids)
                     if self.metrics is not None:
                         self.metrics.txn_latency.observe(time.perf_counter() - started)
+                keep_etcd_lease = result.succeeded
                 if result.succeeded:
-                    keep_etcd_lease = True
                     lease.fencing_token = result.revision
                     if self.metrics is not None:
                         self.metrics.leases_granted.inc()
