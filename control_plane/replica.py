@@ -18,7 +18,7 @@ from control_plane.leader import Leader
 from control_plane.lease_service import Leases, LeaseServicer
 from control_plane.metrics import Metrics
 from control_plane.node_service import NodeServicer
-from control_plane.rpc import RpcInterceptor
+from control_plane.rpc import GenericHandlersOnly, RpcInterceptor
 from control_plane.store import EtcdStore, Session
 from control_plane.telemetry_service import PeerServicer, TelemetryServicer
 from control_plane.watcher import Watcher
@@ -98,18 +98,19 @@ class Replica:
                 ("grpc.http2.min_ping_interval_without_data_ms", 5000),
             ],
         )
-        node_pb2_grpc.add_NodeServiceServicer_to_server(self.nodes, server)
+        services = GenericHandlersOnly(server).as_server()
+        node_pb2_grpc.add_NodeServiceServicer_to_server(self.nodes, services)
         discovery_pb2_grpc.add_DiscoveryServiceServicer_to_server(
-            DiscoveryServicer(self.inventory, self.shutdown, cfg.search_cache), server
+            DiscoveryServicer(self.inventory, self.shutdown, cfg.search_cache), services
         )
-        lease_pb2_grpc.add_LeaseServiceServicer_to_server(LeaseServicer(self.leases, self.shutdown), server)
-        telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(self.telemetry, server)
+        lease_pb2_grpc.add_LeaseServiceServicer_to_server(LeaseServicer(self.leases, self.shutdown), services)
+        telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(self.telemetry, services)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(self.store, self.inventory, self.leases), server
+            AdminServicer(self.store, self.inventory, self.leases), services
         )
-        peer_pb2_grpc.add_PeerServiceServicer_to_server(PeerServicer(self.nodes, self.id), server)
+        peer_pb2_grpc.add_PeerServiceServicer_to_server(PeerServicer(self.nodes, self.id), services)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
         reflection.enable_server_reflection(
             [*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )

@@ -302,7 +302,12 @@ class EtcdStore:
         success: Sequence[rpc.RequestOp],
         failure: Sequence[rpc.RequestOp] = (),
     ) -> rpc.TxnResponse:
-        req = rpc.TxnRequest(compare=list(compare), success=list(success), failure=list(failure))
+        return await self.send_txn(
+            rpc.TxnRequest(compare=list(compare), success=list(success), failure=list(failure))
+        )
+
+    async def send_txn(self, req: rpc.TxnRequest) -> rpc.TxnResponse:
+        """A Txn built by the caller (no copy of its operations)."""
         return await self._call(lambda: self._kv.Txn(req, timeout=self.timeout))
 
     async def put(self, key: str | bytes, value: bytes, lease: int = 0) -> int:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
+from typing import cast
 
 import pytest
 from etcd3.etcdrpc import rpc_pb2 as rpc
 
 from control_plane import auth
-from control_plane.commit import GroupCommit
+from control_plane.commit import GroupCommit, TxnResult
 from control_plane.errors import ApiError
-from control_plane.store import EtcdStore, Keyspace, _channel_target, prefix_end, put
+from control_plane.store import EtcdStore, Keyspace, StoreUnavailable, _channel_target, prefix_end, put
 
 
 def test_tokens_are_shown_once_and_stored_as_a_hash() -> None:
@@ -71,3 +73,91 @@ def test_group_commit_never_batches_two_writes_of_one_key() -> None:
     first, second = asyncio.run(scenario())
     assert first == [b"a", b"b", b"d"]
     assert second == [b"a", b"c"]
+
+
+class _FakeEtcd:
+    """Records what GroupCommit sends; each commit waits until the test lets it through."""
+
+    def __init__(self) -> None:
+        self.sent: list[rpc.TxnRequest] = []
+        self.gate = asyncio.Event()
+        self.fail = False
+
+    async def send_txn(self, req: rpc.TxnRequest) -> rpc.TxnResponse:
+        self.sent.append(req)
+        await self.gate.wait()
+        if self.fail:
+            raise StoreUnavailable("etcd: UNAVAILABLE")
+        return rpc.TxnResponse(succeeded=True, header=rpc.ResponseHeader(revision=10 + len(self.sent)))
+
+    async def txn(
+        self,
+        compare: Sequence[rpc.Compare],
+        success: Sequence[rpc.RequestOp],
+        failure: Sequence[rpc.RequestOp] = (),
+    ) -> rpc.TxnResponse:
+        resp = await self.send_txn(rpc.TxnRequest(compare=compare, success=success, failure=failure))
+        for op in success:
+            member = rpc.TxnResponse(succeeded=not op.request_txn.compare)
+            resp.responses.add(response_txn=member)
+        return resp
+
+
+def _member(key: str, contended: bool = False) -> rpc.TxnRequest:
+    compare = [rpc.Compare(key=b"x", target=rpc.Compare.VERSION, version=0)] if contended else []
+    return rpc.TxnRequest(compare=compare, success=[put(key, b"v")])
+
+
+def test_group_commit_sends_a_lone_member_as_is_without_a_hand_off() -> None:
+    async def scenario() -> tuple[list[rpc.TxnRequest], rpc.TxnRequest, int]:
+        etcd = _FakeEtcd()
+        etcd.gate.set()
+        gc = GroupCommit(store=cast(EtcdStore, etcd))  # no background task started: direct path only
+        member = _member("a")
+        result = await gc.submit(member)
+        return etcd.sent, member, result.revision
+
+    sent, member, revision = asyncio.run(scenario())
+    assert len(sent) == 1 and sent[0] is member
+    assert revision == 11
+
+
+def test_group_commit_members_arriving_during_a_commit_share_the_next_one() -> None:
+    async def scenario() -> tuple[list[rpc.TxnRequest], list[TxnResult]]:
+        etcd = _FakeEtcd()
+        gc = GroupCommit(store=cast(EtcdStore, etcd))
+        gc.start()
+        first = asyncio.create_task(gc.submit(_member("a")))
+        await asyncio.sleep(0)  # the first commit is now in flight
+        later = [asyncio.create_task(gc.submit(_member(k, contended=k == "c"))) for k in "bcd"]
+        await asyncio.sleep(0)
+        etcd.gate.set()
+        results = await asyncio.gather(first, *later)
+        await gc.stop()
+        return etcd.sent, results
+
+    sent, results = asyncio.run(scenario())
+    assert len(sent) == 2  # one commit for the lone member, one for the three that queued behind it
+    assert [op.request_txn.success[0].request_put.key for op in sent[1].success] == [b"b", b"c", b"d"]
+    # Each member keeps its own outcome; all share the batch's revision (their fencing token).
+    assert [r.succeeded for r in results] == [True, True, False, True]
+    assert [r.revision for r in results[1:]] == [12, 12, 12]
+
+
+def test_group_commit_fails_every_member_of_a_batch_when_etcd_is_unavailable() -> None:
+    async def scenario() -> list[BaseException | TxnResult]:
+        etcd = _FakeEtcd()
+        gc = GroupCommit(store=cast(EtcdStore, etcd))
+        gc.start()
+        first = asyncio.create_task(gc.submit(_member("a")))
+        await asyncio.sleep(0)
+        later = [asyncio.create_task(gc.submit(_member(k))) for k in "bc"]
+        await asyncio.sleep(0)
+        etcd.fail = True
+        etcd.gate.set()
+        out = await asyncio.gather(first, *later, return_exceptions=True)
+        await gc.stop()
+        return out
+
+    out = asyncio.run(scenario())
+    assert all(isinstance(r, StoreUnavailable) for r in out)
