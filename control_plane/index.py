@@ -18,8 +18,14 @@ from control_plane.domain.names import node_name
 from control_plane.store import Keyspace
 from gpufed.v1 import common_pb2, discovery_pb2, lease_pb2
 
-NodeState = common_pb2.NodeState
 _UNHEALTHY = common_pb2.GPU_HEALTH_UNHEALTHY
+# Plain ints: attribute access on the enum wrapper goes through a Python __getattr__, and state()
+# runs on every allocation change.
+_UNSPECIFIED = common_pb2.NODE_STATE_UNSPECIFIED
+_READY = common_pb2.NODE_STATE_READY
+_OFFLINE = common_pb2.NODE_STATE_OFFLINE
+_CORDONED = common_pb2.NODE_STATE_CORDONED
+_DRAINING = common_pb2.NODE_STATE_DRAINING
 
 
 @dataclass(slots=True)
@@ -68,6 +74,8 @@ class Change:
     prev_value: bytes | None
     revision: int
     parts: tuple[str, ...] = ()
+    # kind "lease": the parsed record as the index holds it (the new one, or the one that went).
+    lease: lease_pb2.Lease | None = None
 
 
 @dataclass
@@ -145,10 +153,9 @@ class Inventory:
             self._summarize(name)
             change = Change("alloc", name, value, prev_value, mod_revision, tuple(parts))
         elif top == "leases" and len(parts) == 2:
+            lease: lease_pb2.Lease | None
             if value is None:
-                gone = self.leases.pop(parts[1], None)
-                if prev_value is None and gone is not None:
-                    prev_value = gone.SerializeToString()
+                lease = self.leases.pop(parts[1], None)
                 self.lease_revision.pop(parts[1], None)
             else:
                 lease = lease_pb2.Lease.FromString(value)
@@ -157,7 +164,7 @@ class Inventory:
                     lease.fencing_token = create_revision or mod_revision
                 self.leases[parts[1]] = lease
                 self.lease_revision[parts[1]] = mod_revision
-            change = Change("lease", parts[1], value, prev_value, mod_revision, tuple(parts))
+            change = Change("lease", parts[1], value, prev_value, mod_revision, tuple(parts), lease)
         elif top == "replicas" and len(parts) == 2:
             if value is None:
                 self.replicas.pop(parts[1], None)
@@ -258,14 +265,14 @@ class Inventory:
     def state(self, name: str) -> int:
         entry = self.nodes.get(name)
         if entry is None:
-            return NodeState.NODE_STATE_UNSPECIFIED
+            return _UNSPECIFIED
         admin = entry.node.state
-        if admin in (NodeState.NODE_STATE_CORDONED, NodeState.NODE_STATE_DRAINING):
+        if admin in (_CORDONED, _DRAINING):
             return admin
-        return NodeState.NODE_STATE_READY if name in self.alive else NodeState.NODE_STATE_OFFLINE
+        return _READY if name in self.alive else _OFFLINE
 
     def is_schedulable(self, name: str) -> bool:
-        return self.state(name) == NodeState.NODE_STATE_READY
+        return self.state(name) == _READY
 
     def held(self, name: str) -> dict[str, str]:
         return self.allocs.get(name, {})

@@ -397,7 +397,7 @@ class LeaseServicer(lease_pb2_grpc.LeaseServiceServicer):
 
         def on_change(change: Change) -> None:
             if change.kind == "lease" and change.name == lease_id:
-                if change.value is None or lease_pb2.Lease.FromString(change.value).state == ENDED:
+                if change.value is None or (change.lease is not None and change.lease.state == ENDED):
                     ended.set()
             elif change.kind == "node" and change.name in nodes and change.value is not None:
                 node = common_pb2.Node.FromString(change.value)

@@ -418,12 +418,10 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
 
     def _on_change(self, change: Change) -> None:
         if change.kind == "lease":
-            raw = change.value if change.value is not None else change.prev_value
-            if raw is None:
-                return
             # The index's copy carries the fencing token (the record's create revision).
-            indexed = self.inventory.leases.get(change.name) if change.value is not None else None
-            lease = indexed if indexed is not None else lease_pb2.Lease.FromString(raw)
+            lease = change.lease
+            if lease is None:
+                return  # a record the index never held: no assignment of it was ever sent
             for node in {g.node for g in lease.gpus}:
                 s = self.sessions.get(node)
                 if s is None:

@@ -16,6 +16,7 @@ from gpufed.v1 import lease_pb2
 MIN_TTL_S = 5
 MAX_TTL_S = 3600
 DEFAULT_TTL_S = 60
+_PLACEMENTS = frozenset(lease_pb2.Placement.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +37,7 @@ def validate_create(req: lease_pb2.CreateLeaseRequest) -> CreateSpec:
             "GANG_TOO_LARGE",
             f"gpu_count {req.gpu_count} exceeds {MAX_GANG}, the most one atomic etcd transaction can grant",
         )
-    if req.placement not in lease_pb2.Placement.values():
+    if req.placement not in _PLACEMENTS:
         raise errors.invalid("INVALID_PLACEMENT", f"unknown placement {req.placement}")
     ttl_s = DEFAULT_TTL_S
     if req.HasField("ttl"):

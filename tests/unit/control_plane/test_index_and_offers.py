@@ -106,8 +106,9 @@ def test_lease_fencing_token_is_the_create_revision_and_deletes_carry_the_record
     inv.apply(f"{P}/leases/abc".encode(), lease.SerializeToString(), 42, None, 42)
     assert inv.leases["abc"].fencing_token == 42
     inv.apply(f"{P}/leases/abc".encode(), None, 50)
-    assert seen[-1].kind == "lease" and seen[-1].prev_value is not None
-    assert lease_pb2.Lease.FromString(seen[-1].prev_value).fencing_token == 42
+    gone = seen[-1]
+    assert gone.kind == "lease" and gone.value is None and "abc" not in inv.leases
+    assert gone.lease is not None and gone.lease.name == "leases/abc" and gone.lease.fencing_token == 42
 
 
 def test_summaries_by_model_country_and_health() -> None:
