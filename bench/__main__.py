@@ -11,14 +11,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import ingest, leases, report_cpu, search
+from bench import ingest, lease_path, leases, report_cpu, search
 from bench.common import machine
 from gpufed.logs import configure_logging
 
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m bench")
-    p.add_argument("--only", choices=["report_cpu", "search", "ingest", "leases"], action="append")
+    p.add_argument(
+        "--only", choices=["report_cpu", "search", "ingest", "lease_path", "leases"], action="append"
+    )
     p.add_argument("--quick", action="store_true", help="shorter runs (smoke test of the benchmarks)")
     a = p.parse_args()
     configure_logging(level="WARNING")
@@ -29,7 +31,7 @@ def main() -> int:
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": "make bench" + (" (--quick)" if a.quick else ""),
     }
-    wanted = a.only or ["report_cpu", "search", "ingest", "leases"]
+    wanted = a.only or ["report_cpu", "search", "ingest", "lease_path", "leases"]
     if "report_cpu" in wanted:
         results["report_cpu"] = report_cpu.run(reports=int(3000 * scale))
     if "search" in wanted:
@@ -37,6 +39,8 @@ def main() -> int:
         results["search_uncached"] = search.run(duration=10 * scale, cache=False)
     if "ingest" in wanted:
         results["ingest"] = ingest.run(duration=10 * scale)
+    if "lease_path" in wanted:
+        results["lease_path"] = lease_path.run(n=int(3000 * scale))
     if "leases" in wanted:
         results["leases"] = leases.run(duration=8 * scale)
     out = Path(__file__).parent / "results"

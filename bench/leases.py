@@ -6,13 +6,23 @@ LeaseGrant + CAS Txn + LeaseRevoke. Target: gpufed's cycle rate at least 0.5 x (
 from __future__ import annotations
 
 import itertools
+import resource
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import etcd3
 
-from bench.common import ADMIN_TOKEN, Run, closed_loop, fresh_etcd, load_nodes, replica_process
+from bench.common import (
+    ADMIN_TOKEN,
+    Run,
+    closed_loop,
+    cpu_seconds,
+    fresh_etcd,
+    load_nodes,
+    replica_process,
+)
 from gpufed.client import Client
 from tests.harness import wait_until
 
@@ -76,6 +86,23 @@ def gpufed_cycles(address: str, token: str, workers: int, duration: float) -> Ru
     return closed_loop(workers, duration, make)
 
 
+def _own_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def with_cpu(measure: Callable[[], Run], pids: dict[str, int]) -> tuple[Run, dict[str, float]]:
+    """The run, and the CPU milliseconds per operation of each process (clients: this one). On a
+    small machine every process shares the same cores, so this says where the cycles go."""
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    own = _own_cpu()
+    r = measure()
+    ops = max(1, len(r.latencies))
+    cpu = {name: round((cpu_seconds(pid) - before[name]) / ops * 1000, 3) for name, pid in pids.items()}
+    cpu["clients"] = round((_own_cpu() - own) / ops * 1000, 3)
+    return r, cpu
+
+
 def run(
     nodes: int = 1000, duration: float = 8.0, concurrency: tuple[int, ...] = (1, 8, 32)
 ) -> dict[str, Any]:
@@ -83,19 +110,22 @@ def run(
     results: dict[str, Any] = {"nodes": nodes, "gpus": nodes * 8, "gpus_per_lease": 1, "by_concurrency": {}}
     with fresh_etcd() as etcd:
         load_nodes(etcd.endpoints[0], prefix, nodes)
-        with replica_process(etcd.endpoints, prefix, env={"GPUFED_LOG_LEVEL": "WARNING"}) as (_, address):
+        with replica_process(etcd.endpoints, prefix, env={"GPUFED_LOG_LEVEL": "WARNING"}) as (proc, address):
             with Client(address, ADMIN_TOKEN) as admin:
                 token = admin.create_token("tenant", "bench").secret
                 wait_until(lambda: len(admin.list_nodes(state=1)) == nodes, timeout=120)
             gpufed_cycles(address, token, 4, 2.0)  # warm-up: pools, connections
+            assert etcd.members[0].proc is not None
+            pids = {"etcd": etcd.members[0].proc.pid, "replica": proc.pid}
+            endpoint = etcd.endpoints[0]
             for n in concurrency:
-                a = baseline_cas(etcd.endpoints[0], n, duration)
-                b = baseline_lifecycle(etcd.endpoints[0], n, duration)
-                g = gpufed_cycles(address, token, n, duration)
+                a, a_cpu = with_cpu(partial(baseline_cas, endpoint, n, duration), pids)
+                b, b_cpu = with_cpu(partial(baseline_lifecycle, endpoint, n, duration), pids)
+                g, g_cpu = with_cpu(partial(gpufed_cycles, address, token, n, duration), pids)
                 results["by_concurrency"][n] = {
-                    "baseline_a_cas_txn": a.row(),
-                    "baseline_b_grant_txn_revoke": b.row(),
-                    "gpufed_create_release": {**g.row(), "errors": g.errors},
+                    "baseline_a_cas_txn": {**a.row(), "cpu_ms_per_op": a_cpu},
+                    "baseline_b_grant_txn_revoke": {**b.row(), "cpu_ms_per_op": b_cpu},
+                    "gpufed_create_release": {**g.row(), "errors": g.errors, "cpu_ms_per_op": g_cpu},
                     "ratio_to_b": round(g.rate / b.rate, 3),
                     "ratio_to_a": round(g.rate / a.rate, 3),
                 }
