@@ -161,3 +161,25 @@ def test_group_commit_fails_every_member_of_a_batch_when_etcd_is_unavailable() -
 
     out = asyncio.run(scenario())
     assert all(isinstance(r, StoreUnavailable) for r in out)
+
+
+def test_group_commit_under_load_waits_a_few_loop_passes_for_more_members() -> None:
+    async def scenario() -> list[rpc.TxnRequest]:
+        etcd = _FakeEtcd()
+        etcd.gate.set()
+        gc = GroupCommit(store=cast(EtcdStore, etcd))
+        gc._quiet = False  # the last batch had company
+        gc.start()
+
+        async def submit_after(passes: int, key: str) -> TxnResult:
+            for _ in range(passes):
+                await asyncio.sleep(0)
+            return await gc.submit(_member(key))
+
+        await asyncio.gather(submit_after(0, "a"), submit_after(2, "b"), submit_after(5, "c"))
+        await gc.stop()
+        return etcd.sent
+
+    sent = asyncio.run(scenario())
+    assert len(sent) == 1
+    assert [op.request_txn.success[0].request_put.key for op in sent[0].success] == [b"a", b"b", b"c"]
