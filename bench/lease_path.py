@@ -11,16 +11,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from etcd3.etcdrpc import rpc_pb2 as rpc
 from google.protobuf import duration_pb2
 
 from bench.common import fake_node
 from control_plane.domain import lease_rules, offers
 from control_plane.domain.placement import place
 from control_plane.index import Inventory
-from control_plane.lease_service import alive_present, now_ts
-from control_plane.store import Keyspace, absent, mod_revision_is, put
-from control_plane.store import get as get_op
+from control_plane.lease_service import grant_txn, now_ts, release_txn
+from control_plane.store import Keyspace
 from gpufed.v1 import lease_pb2
 
 
@@ -52,27 +50,13 @@ def run(nodes: int = 1000, n: int = 3000) -> dict[str, Any]:
     lease_id = "0123456789abcdef"
     lease = lease_rules.build_lease(lease_id, "tenant", spec, picks, now_ts())
 
-    def grant_txn() -> rpc.TxnRequest:
-        req_key = keys.request("tenant", spec.request_id)
-        compare = [absent(req_key), absent(keys.lease(lease_id))]
-        reads = [get_op(req_key)]
-        success = [put(keys.lease(lease_id), lease.SerializeToString(), 1), put(req_key, b"x", 1)]
-        for p in picks:
-            node = p.candidate.node
-            compare.append(mod_revision_is(keys.node(node.provider, node.node_id), p.candidate.mod_revision))
-            compare.append(alive_present(keys.alive(node.provider, node.node_id)))
-            reads.append(get_op(keys.node(node.provider, node.node_id)))
-            for u in p.gpu_uuids:
-                key = keys.alloc(node.provider, node.node_id, u)
-                compare.append(absent(key))
-                success.append(put(key, lease_id.encode(), 1))
-                reads.append(get_op(key))
-        return rpc.TxnRequest(compare=compare, success=success, failure=reads)
+    req_key = keys.request("tenant", spec.request_id).encode()
+    record = lease.SerializeToString()
+    ended = lease_rules.ended(lease, lease_pb2.LEASE_END_REASON_RELEASED, now_ts()).SerializeToString()
 
     alloc = keys.alloc(
         picks[0].candidate.node.provider, picks[0].candidate.node.node_id, picks[0].gpu_uuids[0]
     )
-    record = lease.SerializeToString()
 
     def index_cycle() -> None:
         nonlocal revision
@@ -88,7 +72,8 @@ def run(nodes: int = 1000, n: int = 3000) -> dict[str, Any]:
             offers.candidates(inv, spec.filter, 1), 1, spec.placement, set()
         ),
         "build_lease": lambda: lease_rules.build_lease(lease_id, "tenant", spec, picks, now_ts()),
-        "grant_txn_ops": grant_txn,
+        "grant_txn": lambda: grant_txn(keys, lease_id, record, req_key, 1, picks),
+        "release_txn": lambda: release_txn(keys, lease, 7, ended, 2),
         "ended_record": lambda: lease_rules.ended(lease, lease_pb2.LEASE_END_REASON_RELEASED, now_ts()),
         "index_four_events": index_cycle,
     }

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from etcd3.etcdrpc import rpc_pb2 as rpc
@@ -45,7 +46,7 @@ class TxnResult:
 @dataclass
 class _Pending:
     txn: rpc.TxnRequest
-    writes: frozenset[bytes]
+    writes: AbstractSet[bytes]
     future: asyncio.Future[TxnResult]
 
 
@@ -84,7 +85,9 @@ class GroupCommit:
             if not p.future.done():
                 p.future.set_exception(StoreUnavailable("replica shutting down"))
 
-    async def submit(self, txn: rpc.TxnRequest) -> TxnResult:
+    async def submit(self, txn: rpc.TxnRequest, writes: AbstractSet[bytes] | None = None) -> TxnResult:
+        """Commit txn, alone or nested in a shared Txn. `writes`: the keys it writes, if the
+        caller knows them (else they are read off its operations)."""
         if self._quiet and not self._busy and not self._queue:
             # Light load (the last batch was a lone member) and nothing in flight: commit from
             # the caller's task, without the hand-off to the loop below (two task switches less).
@@ -104,7 +107,7 @@ class GroupCommit:
             self.members += 1
             return TxnResult(resp.succeeded, resp, resp.header.revision)
         fut: asyncio.Future[TxnResult] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(txn, _written_keys(txn), fut))
+        self._queue.append(_Pending(txn, _written_keys(txn) if writes is None else writes, fut))
         self._wakeup.set()
         return await fut
 

@@ -17,19 +17,16 @@ from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 import grpc
-from etcd3.etcdrpc import rpc_pb2 as rpc
 from google.protobuf import timestamp_pb2
 
 from control_plane import auth, errors
 from control_plane.commit import GroupCommit, LeasePool
 from control_plane.domain import lease_rules, offers, pagination
 from control_plane.domain.names import parse_lease_name
-from control_plane.domain.placement import place
+from control_plane.domain.placement import Pick, place
 from control_plane.index import Change, Inventory
 from control_plane.metrics import Metrics
-from control_plane.store import EtcdStore, absent, mod_revision_is, newest_read, put
-from control_plane.store import delete as delete_op
-from control_plane.store import get as get_op
+from control_plane.store import EtcdStore, Keyspace, TxnBuilder, newest_read
 from gpufed.logs import get_logger
 from gpufed.v1 import common_pb2, lease_pb2, lease_pb2_grpc
 
@@ -51,8 +48,49 @@ def now_ts() -> timestamp_pb2.Timestamp:
     return ts
 
 
-def alive_present(key: str) -> rpc.Compare:
-    return rpc.Compare(result=rpc.Compare.GREATER, target=rpc.Compare.VERSION, key=key.encode(), version=0)
+def grant_txn(
+    keys: Keyspace, lease_id: str, record: bytes, req_key: bytes, etcd_lease: int, picks: list[Pick]
+) -> TxnBuilder:
+    """The grant: the record, the request key and one allocation per GPU on the etcd lease, if
+    each allocation and the request are absent and each node is unchanged and alive. On failure
+    it reads back the request key first, then each node and allocation (what made it fail)."""
+    txn = TxnBuilder()
+    lease_key = keys.lease(lease_id).encode()
+    value = lease_id.encode()
+    txn.absent(req_key)
+    txn.absent(lease_key)
+    txn.read_on_failure(req_key)
+    txn.put(lease_key, record, etcd_lease)
+    txn.put(req_key, value, etcd_lease)
+    for p in picks:
+        node = p.candidate.node
+        node_key = keys.node(node.provider, node.node_id).encode()
+        txn.mod_revision_is(node_key, p.candidate.mod_revision)
+        txn.present(keys.alive(node.provider, node.node_id).encode())
+        txn.read_on_failure(node_key)
+        for u in p.gpu_uuids:
+            key = keys.alloc(node.provider, node.node_id, u).encode()
+            txn.absent(key)
+            txn.put(key, value, etcd_lease)
+            txn.read_on_failure(key)
+    return txn
+
+
+def release_txn(
+    keys: Keyspace, lease: lease_pb2.Lease, revision: int, final: bytes, history_lease: int
+) -> TxnBuilder:
+    """The end of an active lease: if its record is unchanged, delete it and its allocations, and
+    keep the final record and the spent request id as history."""
+    lease_id = lease.name.split("/", 1)[1]
+    key = keys.lease(lease_id).encode()
+    txn = TxnBuilder()
+    txn.mod_revision_is(key, revision)
+    txn.delete(key)
+    txn.put(keys.lease_history(lease_id).encode(), final, history_lease)
+    txn.put(keys.request(lease.tenant, lease.request_id).encode(), lease_id.encode(), history_lease)
+    for g in lease.gpus:
+        txn.delete(keys.alloc(g.provider, g.node_id, g.uuid).encode())
+    return txn
 
 
 class HistoryLeases:
@@ -150,7 +188,7 @@ class Leases:
         lease_id = f"{_IDS.getrandbits(64):016x}"
         keep_etcd_lease = False
         avoid: set[str] = set()
-        req_key = self.keys.request(tenant, spec.request_id)
+        req_key = self.keys.request(tenant, spec.request_id).encode()
         try:
             for attempt in range(MAX_ATTEMPTS):
                 cands = offers.candidates(self.inv, spec.filter, 1)
@@ -173,24 +211,7 @@ class Leases:
                 lease.etcd_lease_id = etcd_lease
                 lease.expire_time.FromNanoseconds(int((ttl_from + spec.ttl_s) * 1e9))
                 uuids = [u for p in picks for u in p.gpu_uuids]
-                compare = [absent(req_key), absent(self.keys.lease(lease_id))]
-                reads = [get_op(req_key)]
-                success = [
-                    put(self.keys.lease(lease_id), lease.SerializeToString(), etcd_lease),
-                    put(req_key, lease_id.encode(), etcd_lease),
-                ]
-                for p in picks:
-                    node = p.candidate.node
-                    compare.append(
-                        mod_revision_is(self.keys.node(node.provider, node.node_id), p.candidate.mod_revision)
-                    )
-                    compare.append(alive_present(self.keys.alive(node.provider, node.node_id)))
-                    reads.append(get_op(self.keys.node(node.provider, node.node_id)))
-                    for u in p.gpu_uuids:
-                        key = self.keys.alloc(node.provider, node.node_id, u)
-                        compare.append(absent(key))
-                        success.append(put(key, lease_id.encode(), etcd_lease))
-                        reads.append(get_op(key))
+                txn = grant_txn(self.keys, lease_id, lease.SerializeToString(), req_key, etcd_lease, picks)
                 self.pending.update(uuids)
                 started = time.perf_counter()
                 # Until etcd answers the outcome is unknown (store unavailable, or this call
@@ -198,9 +219,7 @@ class Leases:
                 # must not serve another grant. A retry with the request_id settles the outcome.
                 keep_etcd_lease = True
                 try:
-                    result = await self.commits.submit(
-                        rpc.TxnRequest(compare=compare, success=success, failure=reads)
-                    )
+                    result = await self.commits.submit(txn.req, txn.writes)
                 finally:
                     self.pending.difference_update(uuids)
                     if self.metrics is not None:
@@ -258,7 +277,7 @@ class Leases:
         """End an active lease in one Txn: delete its record and allocations (the GPUs are free
         at once) and keep its history. Its etcd lease, now without keys, serves the next grant.
         Idempotent: an ended lease is returned as it ended."""
-        key = self.keys.lease(lease_id)
+        key = self.keys.lease(lease_id).encode()
         found: tuple[lease_pb2.Lease, int] | None = None
         if lease_id in self.inv.leases:
             found = self.inv.leases[lease_id], self.inv.lease_revision[lease_id]
@@ -282,16 +301,8 @@ class Leases:
                 raise errors.not_found("LEASE_NOT_FOUND", f"leases/{lease_id} does not exist")
             done = lease_rules.ended(lease, reason, now_ts(), message)
             raw = done.SerializeToString()
-            hist_lease = await self.history.lease_id()
-            ops = [
-                delete_op(key),
-                put(self.keys.lease_history(lease_id), raw, hist_lease),
-                put(self.keys.request(lease.tenant, lease.request_id), lease_id.encode(), hist_lease),
-            ]
-            ops += [delete_op(self.keys.alloc(g.provider, g.node_id, g.uuid)) for g in lease.gpus]
-            result = await self.commits.submit(
-                rpc.TxnRequest(compare=[mod_revision_is(key, revision)], success=ops)
-            )
+            txn = release_txn(self.keys, lease, revision, raw, await self.history.lease_id())
+            result = await self.commits.submit(txn.req, txn.writes)
             if result.succeeded:
                 self.pool.give_back(lease.etcd_lease_id, lease.ttl.seconds or lease_rules.DEFAULT_TTL_S)
                 if self.metrics is not None:

@@ -163,6 +163,47 @@ def get(key: str | bytes) -> rpc.RequestOp:
     return rpc.RequestOp(request_range=rpc.RangeRequest(key=_b(key)))
 
 
+_EQUAL = rpc.Compare.EQUAL
+_GREATER = rpc.Compare.GREATER
+
+
+class TxnBuilder:
+    """A TxnRequest built in place, with the keys it writes.
+
+    For the hot paths (every grant and release): adding to the request's repeated fields costs a
+    third of building each operation as its own message and copying it in.
+    """
+
+    __slots__ = ("req", "writes")
+
+    def __init__(self) -> None:
+        self.req = rpc.TxnRequest()
+        self.writes: set[bytes] = set()
+
+    def absent(self, key: bytes) -> None:
+        self.req.compare.add(result=_EQUAL, target=rpc.Compare.CREATE, key=key, create_revision=0)
+
+    def mod_revision_is(self, key: bytes, revision: int) -> None:
+        self.req.compare.add(result=_EQUAL, target=rpc.Compare.MOD, key=key, mod_revision=revision)
+
+    def present(self, key: bytes) -> None:
+        self.req.compare.add(result=_GREATER, target=rpc.Compare.VERSION, key=key, version=0)
+
+    def put(self, key: bytes, value: bytes, lease: int = 0) -> None:
+        op = self.req.success.add().request_put
+        op.key = key
+        op.value = value
+        op.lease = lease
+        self.writes.add(key)
+
+    def delete(self, key: bytes) -> None:
+        self.req.success.add().request_delete_range.key = key
+        self.writes.add(key)
+
+    def read_on_failure(self, key: bytes) -> None:
+        self.req.failure.add().request_range.key = key
+
+
 def nested(txn: rpc.TxnRequest) -> rpc.RequestOp:
     return rpc.RequestOp(request_txn=txn)
 

@@ -37,6 +37,16 @@ def _merge_rpc_fields(logger: object, name: str, event: MutableMapping[str, Any]
     return event
 
 
+class _BoundLogger(structlog.stdlib.BoundLogger):
+    """Returns from debug() before any processing while debug is off: hot paths log at debug
+    level, and an event dropped by the level filter still cost ~8 us of processing."""
+
+    def debug(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        if not self._logger.isEnabledFor(logging.DEBUG):
+            return None
+        return super().debug(event, *args, **kw)
+
+
 def configure_logging(level: str | None = None, json_output: bool | None = None) -> None:
     """Configure structlog and stdlib logging. Idempotent: later calls change nothing."""
     global _configured
@@ -68,7 +78,7 @@ def configure_logging(level: str | None = None, json_output: bool | None = None)
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        wrapper_class=_BoundLogger,
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
