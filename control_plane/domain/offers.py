@@ -35,8 +35,8 @@ class Candidate:
 
 
 def _candidates_of(s: NodeSummary, flt: Filter, min_free: int) -> Iterator[Candidate]:
-    if not s.schedulable:
-        return
+    if not s.schedulable or not s.groups:
+        return  # (under load the cheapest nodes are full: skip them before the filter)
     ok, distance = flt.node_matches(s.node)
     if not ok:
         return
