@@ -18,7 +18,7 @@ from control_plane.leader import Leader
 from control_plane.lease_service import Leases, LeaseServicer
 from control_plane.metrics import Metrics
 from control_plane.node_service import NodeServicer
-from control_plane.rpc import GenericHandlersOnly, RpcInterceptor
+from control_plane.rpc import RpcWrapper, Services
 from control_plane.store import EtcdStore, Session
 from control_plane.telemetry_service import PeerServicer, TelemetryServicer
 from control_plane.watcher import Watcher
@@ -91,14 +91,13 @@ class Replica:
         )
 
         server = grpc.aio.server(
-            interceptors=[RpcInterceptor(self.auth, self.metrics, cfg.log_calls)],
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5000),
             ],
         )
-        services = GenericHandlersOnly(server).as_server()
+        services = Services(server, RpcWrapper(self.auth, self.metrics, cfg.log_calls)).as_server()
         node_pb2_grpc.add_NodeServiceServicer_to_server(self.nodes, services)
         discovery_pb2_grpc.add_DiscoveryServiceServicer_to_server(
             DiscoveryServicer(self.inventory, self.shutdown, cfg.search_cache), services

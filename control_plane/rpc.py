@@ -1,8 +1,10 @@
 """One wrapper around every gpufed RPC: authentication, request id, logging, metrics and the
 mapping of domain errors to AIP-193 statuses. Health and reflection stay open and unwrapped.
 
-It wraps the handler's behaviour (rather than setting state in intercept_service) so the
-principal and log context live in the task that runs the RPC.
+The wrapper is applied where services are registered (`Services`), once per method, rather than
+as a server interceptor: grpc.aio runs interceptors as a chain of coroutines on every call, and a
+registered wrapper costs a dict lookup. It wraps the handler's behaviour, so the principal and log
+context live in the task that runs the RPC.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ _OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 class _Call:
     """Per-RPC bookkeeping shared by the four handler shapes."""
 
-    def __init__(self, interceptor: RpcInterceptor, method: str, context: grpc.aio.ServicerContext[Any, Any]):
+    def __init__(self, interceptor: RpcWrapper, method: str, context: grpc.aio.ServicerContext[Any, Any]):
         self.i = interceptor
         self.method = method
         self.context = context
@@ -75,7 +77,7 @@ class _Call:
         auth.set_current_principal(None)
 
 
-class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class RpcWrapper:
     def __init__(
         self, authenticator: auth.Authenticator, metrics: Metrics | None = None, log_calls: bool = False
     ):
@@ -99,13 +101,8 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             )
         return found
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        method: str = details.method
+    def handler(self, method: str, handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
+        """The wrapped handler of a service's handler for `method` (health and reflection: as is)."""
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
@@ -170,9 +167,18 @@ def _is_abort(e: BaseException) -> bool:
     ).__module__.startswith("grpc")
 
 
-class GenericHandlersOnly:
-    """Stands in for the server while the generated add_*_to_server functions register services,
-    and keeps only their generic handlers.
+class _Wrapping(grpc.GenericRpcHandler):  # type: ignore[misc]
+    def __init__(self, inner: grpc.GenericRpcHandler, wrapper: RpcWrapper) -> None:
+        self._inner = inner
+        self._wrapper = wrapper
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        return self._wrapper.handler(details.method, self._inner.service(details))
+
+
+class Services:
+    """Stands in for the server while the generated add_*_to_server functions register services:
+    each service's generic handler is registered behind the RPC wrapper, and nothing else.
 
     grpc.aio keeps one outstanding request per *registered* method and, for every incoming call,
     waits on all of them at once (asyncio.wait over ~30 futures with this API). Generic handlers
@@ -180,11 +186,12 @@ class GenericHandlersOnly:
     CPU per RPC (BENCHMARKS.md).
     """
 
-    def __init__(self, server: grpc.aio.Server) -> None:
+    def __init__(self, server: grpc.aio.Server, wrapper: RpcWrapper) -> None:
         self._server = server
+        self._wrapper = wrapper
 
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
-        self._server.add_generic_rpc_handlers(handlers)
+        self._server.add_generic_rpc_handlers(tuple(_Wrapping(h, self._wrapper) for h in handlers))
 
     def add_registered_method_handlers(
         self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
