@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
+from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
@@ -64,6 +65,7 @@ def _written_keys(txn: rpc.TxnRequest) -> frozenset[bytes]:
 class GroupCommit:
     store: EtcdStore
     max_members: int = MAX_TXN_OPS
+    observe: Callable[[float], None] | None = None  # each commit's latency, in seconds
     batches: int = 0
     members: int = 0
     _queue: deque[_Pending] = field(default_factory=deque)
@@ -93,6 +95,7 @@ class GroupCommit:
             # the caller's task, without the hand-off to the loop below (two task switches less).
             # Under load, members arriving together queue and share one commit.
             self._busy = True
+            started = time.perf_counter()
             try:
                 resp = await self.store.send_txn(txn)
             except StoreUnavailable:
@@ -105,6 +108,8 @@ class GroupCommit:
                     self._wakeup.set()
             self.batches += 1
             self.members += 1
+            if self.observe is not None:
+                self.observe(time.perf_counter() - started)
             return TxnResult(resp.succeeded, resp, resp.header.revision)
         fut: asyncio.Future[TxnResult] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(txn, _written_keys(txn) if writes is None else writes, fut))
@@ -152,6 +157,7 @@ class GroupCommit:
             if not batch:
                 continue
             self._busy = True
+            started = time.perf_counter()
             try:
                 if len(batch) == 1:
                     resp = await self.store.send_txn(batch[0].txn)
@@ -164,6 +170,8 @@ class GroupCommit:
                     ]
                 self.batches += 1
                 self.members += len(batch)
+                if self.observe is not None:
+                    self.observe(time.perf_counter() - started)
                 self._quiet = len(batch) == 1
                 for p, res in zip(batch, results, strict=True):
                     if not p.future.done():

@@ -44,7 +44,7 @@ class Metrics:
         )
         self.txn_latency = Histogram(
             "gpufed_etcd_txn_latency_seconds",
-            "etcd Txn latency",
+            "Latency of the grant and release commits sent to etcd (one per shared commit)",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
             registry=r,
         )

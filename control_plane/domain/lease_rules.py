@@ -62,7 +62,7 @@ def build_lease(
         ttl=duration_pb2.Duration(seconds=spec.ttl_s),
         create_time=now,
     )
-    lease.expire_time.FromSeconds(now.seconds + spec.ttl_s)
+    lease.expire_time.seconds = now.seconds + spec.ttl_s
     lease.expire_time.nanos = now.nanos
     currency = ""
     for pick in picks:
