@@ -1,0 +1,58 @@
+"""The grant and release Txns: what they compare, write and read back."""
+
+from __future__ import annotations
+
+from etcd3.etcdrpc import rpc_pb2 as rpc
+
+from control_plane.domain.offers import Candidate
+from control_plane.domain.placement import Pick
+from control_plane.lease_service import grant_txn, release_txn
+from control_plane.store import Keyspace
+from gpufed.v1 import common_pb2, lease_pb2
+
+K = Keyspace("/g")
+
+
+def _pick(node_id: str, uuids: tuple[str, ...], mod_revision: int) -> Pick:
+    node = common_pb2.Node(provider="p", node_id=node_id)
+    return Pick(Candidate(f"nodes/p/{node_id}", node, [], None, mod_revision), uuids)
+
+
+def test_grant_compares_every_allocation_absent_and_each_node_unchanged_and_alive() -> None:
+    picks = [_pick("a", ("g0", "g1"), 7), _pick("b", ("g2",), 9)]
+    txn = grant_txn(K, "00ff", b"record", b"/g.records/requests/t/r1", 42, picks)
+    compares = [(c.key, c.target, c.result) for c in txn.req.compare]
+    C = rpc.Compare
+    assert (b"/g/alloc/p/a/g0", C.CREATE, C.EQUAL) in compares
+    assert (b"/g/alloc/p/b/g2", C.CREATE, C.EQUAL) in compares
+    assert (b"/g/alive/p/a", C.VERSION, C.GREATER) in compares
+    node_a = next(c for c in txn.req.compare if c.key == b"/g/nodes/p/a")
+    assert node_a.target == C.MOD and node_a.mod_revision == 7
+    assert (b"/g.records/requests/t/r1", C.CREATE, C.EQUAL) in compares
+    # Every write rides on the etcd lease: when it expires, the GPUs come back by themselves.
+    puts = {op.request_put.key: op.request_put for op in txn.req.success}
+    assert set(puts) == txn.writes
+    assert set(puts) == {
+        b"/g/leases/00ff",
+        b"/g.records/requests/t/r1",
+        b"/g/alloc/p/a/g0",
+        b"/g/alloc/p/a/g1",
+        b"/g/alloc/p/b/g2",
+    }
+    assert all(p.lease == 42 for p in puts.values())
+    # On failure the request key is read first (a retry finds its lease), then what conflicted.
+    assert txn.req.failure[0].request_range.key == b"/g.records/requests/t/r1"
+
+
+def test_release_deletes_record_and_allocations_and_keeps_history_if_unchanged() -> None:
+    lease = lease_pb2.Lease(name="leases/00ff", tenant="t", request_id="r1")
+    lease.gpus.add(provider="p", node_id="a", uuid="g0")
+    txn = release_txn(K, lease, 11, b"final", 5)
+    (compare,) = txn.req.compare
+    assert compare.key == b"/g/leases/00ff" and compare.mod_revision == 11
+    deleted = {op.request_delete_range.key for op in txn.req.success if op.HasField("request_delete_range")}
+    assert deleted == {b"/g/leases/00ff", b"/g/alloc/p/a/g0"}
+    kept = {op.request_put.key: op.request_put for op in txn.req.success if op.HasField("request_put")}
+    assert kept[b"/g.records/history/leases/00ff"].value == b"final"
+    assert all(p.lease == 5 for p in kept.values())
+    assert txn.writes == deleted | set(kept)
