@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from etcd3.etcdrpc import rpc_pb2 as rpc
 
-from control_plane.store import MAX_TXN_OPS, EtcdStore, StoreUnavailable, nested
+from control_plane.store import MAX_TXN_OPS, EtcdStore, StoreUnavailable
 from gpufed.logs import get_logger
 
 log = get_logger(__name__)
@@ -163,7 +163,10 @@ class GroupCommit:
                     resp = await self.store.send_txn(batch[0].txn)
                     results = [TxnResult(resp.succeeded, resp, resp.header.revision)]
                 else:
-                    outer = await self.store.txn([], [nested(p.txn) for p in batch])
+                    req = rpc.TxnRequest()
+                    for p in batch:
+                        req.success.add().request_txn.CopyFrom(p.txn)  # one copy, not two
+                    outer = await self.store.send_txn(req)
                     results = [
                         TxnResult(r.response_txn.succeeded, r.response_txn, outer.header.revision)
                         for r in outer.responses

@@ -204,10 +204,6 @@ class TxnBuilder:
         self.req.failure.add().request_range.key = key
 
 
-def nested(txn: rpc.TxnRequest) -> rpc.RequestOp:
-    return rpc.RequestOp(request_txn=txn)
-
-
 def newest_read(resp: rpc.TxnResponse) -> int:
     """The newest mod revision among the keys a Txn branch read back. After a failed compare,
     waiting for the index to reach it (rather than the header revision, which writes outside

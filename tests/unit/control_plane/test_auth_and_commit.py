@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from typing import cast
 
 import pytest
@@ -88,18 +87,10 @@ class _FakeEtcd:
         await self.gate.wait()
         if self.fail:
             raise StoreUnavailable("etcd: UNAVAILABLE")
-        return rpc.TxnResponse(succeeded=True, header=rpc.ResponseHeader(revision=10 + len(self.sent)))
-
-    async def txn(
-        self,
-        compare: Sequence[rpc.Compare],
-        success: Sequence[rpc.RequestOp],
-        failure: Sequence[rpc.RequestOp] = (),
-    ) -> rpc.TxnResponse:
-        resp = await self.send_txn(rpc.TxnRequest(compare=compare, success=success, failure=failure))
-        for op in success:
-            member = rpc.TxnResponse(succeeded=not op.request_txn.compare)
-            resp.responses.add(response_txn=member)
+        resp = rpc.TxnResponse(succeeded=True, header=rpc.ResponseHeader(revision=10 + len(self.sent)))
+        for op in req.success:
+            if op.HasField("request_txn"):  # a shared commit: each member's own outcome
+                resp.responses.add(response_txn=rpc.TxnResponse(succeeded=not op.request_txn.compare))
         return resp
 
 
