@@ -7,7 +7,7 @@ from collections import Counter as Tally
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        # CPU, memory and file descriptors of the replica process: one replica is one event loop
+        # on about one core, and its CPU says when to add another.
+        ProcessCollector(registry=r)
         self.rpcs = Counter(
             "gpufed_rpcs_total", "RPCs served, by method and status code", ["method", "code"], registry=r
         )

@@ -30,6 +30,8 @@ NAMES = [
     "gpufed_etcd_txn_latency_seconds_bucket",
     "gpufed_node_streams",
     "gpufed_node_reports_total",
+    "process_cpu_seconds_total",
+    "process_resident_memory_bytes",
 ]
 
 
