@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from etcd3.etcdrpc import rpc_pb2 as rpc
 
-from control_plane.store import MAX_TXN_OPS, EtcdStore, StoreUnavailable
+from control_plane.store import MAX_TXN_OPS, EtcdStore, StoreUnavailable, TxnBuilder
 from gpufed.logs import get_logger
 
 log = get_logger(__name__)
@@ -51,23 +51,11 @@ class _Pending:
     future: asyncio.Future[TxnResult]
 
 
-def _written_keys(txn: rpc.TxnRequest) -> frozenset[bytes]:
-    keys = set()
-    for op in (*txn.success, *txn.failure):
-        if op.HasField("request_put"):
-            keys.add(op.request_put.key)
-        elif op.HasField("request_delete_range"):
-            keys.add(op.request_delete_range.key)
-    return frozenset(keys)
-
-
 @dataclass
 class GroupCommit:
     store: EtcdStore
     max_members: int = MAX_TXN_OPS
     observe: Callable[[float], None] | None = None  # each commit's latency, in seconds
-    batches: int = 0
-    members: int = 0
     _queue: deque[_Pending] = field(default_factory=deque)
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
@@ -87,32 +75,23 @@ class GroupCommit:
             if not p.future.done():
                 p.future.set_exception(StoreUnavailable("replica shutting down"))
 
-    async def submit(self, txn: rpc.TxnRequest, writes: AbstractSet[bytes] | None = None) -> TxnResult:
-        """Commit txn, alone or nested in a shared Txn. `writes`: the keys it writes, if the
-        caller knows them (else they are read off its operations)."""
+    async def submit(self, txn: TxnBuilder) -> TxnResult:
+        """Commit txn, alone or nested in a shared Txn (never beside a member writing one of the
+        same keys: etcd rejects a Txn that writes a key twice)."""
         if self._quiet and not self._busy and not self._queue:
             # Light load (the last batch was a lone member) and nothing in flight: commit from
             # the caller's task, without the hand-off to the loop below (two task switches less).
             # Under load, members arriving together queue and share one commit.
             self._busy = True
-            started = time.perf_counter()
             try:
-                resp = await self.store.send_txn(txn)
-            except StoreUnavailable:
-                raise
-            except Exception as e:
-                raise StoreUnavailable(str(e)) from e
+                resp = await self._send(txn.req)
             finally:
                 self._busy = False
                 if self._queue:
                     self._wakeup.set()
-            self.batches += 1
-            self.members += 1
-            if self.observe is not None:
-                self.observe(time.perf_counter() - started)
             return TxnResult(resp.succeeded, resp, resp.header.revision)
         fut: asyncio.Future[TxnResult] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(txn, _written_keys(txn) if writes is None else writes, fut))
+        self._queue.append(_Pending(txn.req, txn.writes, fut))
         self._wakeup.set()
         return await fut
 
@@ -143,6 +122,19 @@ class GroupCommit:
             if idle >= GATHER_IDLE_PASSES or len(self._queue) >= self.max_members:
                 return
 
+    async def _send(self, req: rpc.TxnRequest) -> rpc.TxnResponse:
+        """One Txn to etcd, timed. Any failure is StoreUnavailable: its outcome is unknown."""
+        started = time.perf_counter()
+        try:
+            resp = await self.store.send_txn(req)
+        except StoreUnavailable:
+            raise
+        except Exception as e:
+            raise StoreUnavailable(str(e)) from e
+        if self.observe is not None:
+            self.observe(time.perf_counter() - started)
+        return resp
+
     async def _run(self) -> None:
         while True:
             if not self._queue or self._busy:
@@ -157,34 +149,28 @@ class GroupCommit:
             if not batch:
                 continue
             self._busy = True
-            started = time.perf_counter()
             try:
                 if len(batch) == 1:
-                    resp = await self.store.send_txn(batch[0].txn)
+                    resp = await self._send(batch[0].txn)
                     results = [TxnResult(resp.succeeded, resp, resp.header.revision)]
                 else:
                     req = rpc.TxnRequest()
                     for p in batch:
                         req.success.add().request_txn.CopyFrom(p.txn)  # one copy, not two
-                    outer = await self.store.send_txn(req)
+                    outer = await self._send(req)
                     results = [
                         TxnResult(r.response_txn.succeeded, r.response_txn, outer.header.revision)
                         for r in outer.responses
                     ]
-                self.batches += 1
-                self.members += len(batch)
-                if self.observe is not None:
-                    self.observe(time.perf_counter() - started)
                 self._quiet = len(batch) == 1
                 for p, res in zip(batch, results, strict=True):
                     if not p.future.done():
                         p.future.set_result(res)
-            except Exception as e:
+            except Exception as e:  # the loop must outlive any one batch
+                failure = e if isinstance(e, StoreUnavailable) else StoreUnavailable(str(e))
                 for p in batch:
                     if not p.future.done():
-                        p.future.set_exception(
-                            e if isinstance(e, StoreUnavailable) else StoreUnavailable(str(e))
-                        )
+                        p.future.set_exception(failure)
             finally:
                 self._busy = False
 
@@ -203,7 +189,6 @@ class LeasePool:
 
     store: EtcdStore
     per_ttl: int = 256
-    reused: int = 0
     granted: int = 0
     _pools: dict[int, deque[tuple[int, float]]] = field(default_factory=dict)
     refreshed: dict[int, float] = field(default_factory=dict)  # etcd lease -> wall time of last refresh
@@ -217,14 +202,12 @@ class LeasePool:
             lease_id, refreshed_at = pool.pop()
             now = time.time()
             if now - refreshed_at < self.FRESH_S:
-                self.reused += 1
                 self.refreshed[lease_id] = refreshed_at
                 return lease_id, refreshed_at
             if now - refreshed_at > ttl - 1:
                 continue  # expired or about to: etcd drops it by itself
             remaining = await self.store.keepalive(lease_id)
             if remaining > 0:
-                self.reused += 1
                 return lease_id, self.note_refresh(lease_id)
         self.granted += 1
         lease_id = await self.store.grant(ttl)

@@ -68,12 +68,3 @@ def unauthenticated(reason: str, message: str) -> ApiError:
 
 def unavailable(reason: str, message: str) -> ApiError:
     return ApiError(grpc.StatusCode.UNAVAILABLE, reason, message)
-
-
-def unimplemented(method: str) -> ApiError:
-    return ApiError(
-        grpc.StatusCode.UNIMPLEMENTED,
-        "NOT_IMPLEMENTED",
-        f"{method} is part of the gpufed.v1 API but not implemented by this replica yet",
-        {"method": method},
-    )

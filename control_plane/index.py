@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from control_plane.domain.geo import unit_vector
@@ -71,9 +71,7 @@ class Change:
     kind: str
     name: str
     value: bytes | None
-    prev_value: bytes | None
     revision: int
-    parts: tuple[str, ...] = ()
     # kind "lease": the parsed record as the index holds it (the new one, or the one that went).
     lease: lease_pb2.Lease | None = None
 
@@ -119,7 +117,6 @@ class Inventory:
         key: bytes,
         value: bytes | None,
         mod_revision: int,
-        prev_value: bytes | None = None,
         create_revision: int = 0,
     ) -> Change | None:
         parts = self.keys.relative(key)
@@ -129,7 +126,7 @@ class Inventory:
             name = node_name(parts[1], parts[2])
             self._set_node(name, value, mod_revision)
             self._summarize(name)
-            change = Change("node", name, value, prev_value, mod_revision, tuple(parts))
+            change = Change("node", name, value, mod_revision)
         elif top == "alive" and len(parts) == 3:
             name = node_name(parts[1], parts[2])
             if value is None:
@@ -139,7 +136,7 @@ class Inventory:
                 self.alive[name] = value.decode()
                 self.alive_revision[name] = mod_revision
             self._summarize(name)
-            change = Change("alive", name, value, prev_value, mod_revision, tuple(parts))
+            change = Change("alive", name, value, mod_revision)
         elif top == "alloc" and len(parts) == 4:
             name = node_name(parts[1], parts[2])
             if value is None:
@@ -151,7 +148,7 @@ class Inventory:
             else:
                 self.allocs.setdefault(name, {})[parts[3]] = value.decode()
             self._summarize(name)
-            change = Change("alloc", name, value, prev_value, mod_revision, tuple(parts))
+            change = Change("alloc", name, value, mod_revision)
         elif top == "leases" and len(parts) == 2:
             lease: lease_pb2.Lease | None
             if value is None:
@@ -164,18 +161,18 @@ class Inventory:
                     lease.fencing_token = create_revision or mod_revision
                 self.leases[parts[1]] = lease
                 self.lease_revision[parts[1]] = mod_revision
-            change = Change("lease", parts[1], value, prev_value, mod_revision, tuple(parts), lease)
+            change = Change("lease", parts[1], value, mod_revision, lease)
         elif top == "replicas" and len(parts) == 2:
             if value is None:
                 self.replicas.pop(parts[1], None)
             else:
                 self.replicas[parts[1]] = value.decode()
-            change = Change("replica", parts[1], value, prev_value, mod_revision, tuple(parts))
+            change = Change("replica", parts[1], value, mod_revision)
         elif top == "leader" and len(parts) == 1:
             self.leader = value.decode() if value is not None else ""
-            change = Change("leader", "leader", value, prev_value, mod_revision, tuple(parts))
+            change = Change("leader", "leader", value, mod_revision)
         elif top == "tokens" and len(parts) == 2:
-            change = Change("token", parts[1], value, prev_value, mod_revision, tuple(parts))
+            change = Change("token", parts[1], value, mod_revision)
         if change is not None:
             for fn in list(self._subscribers):
                 fn(change)
@@ -296,6 +293,3 @@ class Inventory:
         alive = self.alive.get(name, "")
         out.replica = alive.split("/", 1)[0] if alive else ""
         return out
-
-    def iter_nodes(self) -> Iterator[tuple[str, NodeEntry]]:
-        return iter(sorted(self.nodes.items()))

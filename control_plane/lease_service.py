@@ -219,7 +219,7 @@ class Leases:
                 # must not serve another grant. A retry with the request_id settles the outcome.
                 keep_etcd_lease = True
                 try:
-                    result = await self.commits.submit(txn.req, txn.writes)
+                    result = await self.commits.submit(txn)
                 finally:
                     self.pending.difference_update(uuids)
                 keep_etcd_lease = result.succeeded
@@ -300,7 +300,7 @@ class Leases:
             done = lease_rules.ended(lease, reason, now_ts(), message)
             raw = done.SerializeToString()
             txn = release_txn(self.keys, lease, revision, raw, await self.history.lease_id())
-            result = await self.commits.submit(txn.req, txn.writes)
+            result = await self.commits.submit(txn)
             if result.succeeded:
                 self.pool.give_back(lease.etcd_lease_id, lease.ttl.seconds or lease_rules.DEFAULT_TTL_S)
                 if self.metrics is not None:

@@ -17,19 +17,17 @@ class Watcher:
         self.store = store
         self.inventory = inventory
         self.synced = asyncio.Event()
-        self.relists = 0
 
     async def list(self) -> int:
         kvs, revision = await self.store.get_prefix(self.store.keys.root)
         inv = self.inventory
         inv.reset()
         for kv in kvs:
-            inv.apply(kv.key, kv.value, kv.mod_revision, None, kv.create_revision)
+            inv.apply(kv.key, kv.value, kv.mod_revision, kv.create_revision)
         inv.revision = 0  # let advance() wake waiters even if the revision did not move
         inv.advance(revision)
         for fn in list(inv._subscribers):
-            fn(Change("relist", "", None, None, revision))
-        self.relists += 1
+            fn(Change("relist", "", None, revision))
         self.synced.set()
         return revision
 
@@ -44,9 +42,7 @@ class Watcher:
                     self.store.keys.root, self.inventory.revision + 1, prev_kv=False
                 ):
                     for ev in events:
-                        self.inventory.apply(
-                            ev.key, ev.value, ev.mod_revision, ev.prev_value, ev.create_revision
-                        )
+                        self.inventory.apply(ev.key, ev.value, ev.mod_revision, ev.create_revision)
                     self.inventory.advance(revision)
             except WatchCompacted as e:
                 log.warning("watch start compacted; listing again", compact_revision=e.compact_revision)

@@ -17,7 +17,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gpufed.client import Client
-from gpufed.v1 import admin_pb2, discovery_pb2, lease_pb2, node_pb2, peer_pb2, telemetry_pb2
+from gpufed.v1 import (
+    admin_pb2,
+    discovery_pb2,
+    lease_pb2,
+    lease_pb2_grpc,
+    node_pb2,
+    node_pb2_grpc,
+    peer_pb2,
+    telemetry_pb2,
+)
 from node_daemon.fake_nvml import FakeNvml
 from tests.harness import ADMIN_TOKEN, DaemonThread, ReplicaThread, daemon_config, metadata, wait_until
 
@@ -225,7 +234,7 @@ def test_generated_requests_get_clear_statuses(
 
 
 def test_generated_streams_get_clear_statuses(target: Target) -> None:
-    node = node_pb2_grpc_stub(target)
+    node = node_pb2_grpc.NodeServiceStub(target.channel)
 
     @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(
@@ -241,7 +250,7 @@ def test_generated_streams_get_clear_statuses(target: Target) -> None:
             assert e.code() not in FORBIDDEN, (e.code(), e.details(), msg)
 
     check()
-    keepalive = lease_pb2_grpc_stub(target)
+    keepalive = lease_pb2_grpc.LeaseServiceStub(target.channel)
     reqs = [lease_pb2.KeepAliveRequest(name=n) for n in ("", "leases/zz", "leases/0123456789abcdef", "🙂")]
     answers = list(keepalive.KeepAlive(iter(reqs), metadata=metadata(target.tokens["tenant"]), timeout=5))
     assert len(answers) == 4 and all(a.error for a in answers)
@@ -255,15 +264,3 @@ def test_replica_still_serves_after_the_fuzzing(target: Target) -> None:
     )
     with Client(target.replica.address, target.tokens["tenant"]) as c:
         assert c.get_node("providers/neo/nodes/n1").node_id == "n1"
-
-
-def node_pb2_grpc_stub(target: Target) -> Any:
-    from gpufed.v1 import node_pb2_grpc
-
-    return node_pb2_grpc.NodeServiceStub(target.channel)
-
-
-def lease_pb2_grpc_stub(target: Target) -> Any:
-    from gpufed.v1 import lease_pb2_grpc
-
-    return lease_pb2_grpc.LeaseServiceStub(target.channel)

@@ -11,7 +11,14 @@ from etcd3.etcdrpc import rpc_pb2 as rpc
 from control_plane import auth
 from control_plane.commit import GroupCommit, TxnResult
 from control_plane.errors import ApiError
-from control_plane.store import EtcdStore, Keyspace, StoreUnavailable, _channel_target, prefix_end, put
+from control_plane.store import (
+    EtcdStore,
+    Keyspace,
+    StoreUnavailable,
+    TxnBuilder,
+    _channel_target,
+    prefix_end,
+)
 
 
 def test_tokens_are_shown_once_and_stored_as_a_hash() -> None:
@@ -58,11 +65,13 @@ def test_group_commit_never_batches_two_writes_of_one_key() -> None:
     async def scenario() -> list[list[bytes]]:
         gc = GroupCommit(store=EtcdStore.__new__(EtcdStore))
         loop = asyncio.get_running_loop()
-        from control_plane.commit import _Pending, _written_keys
+        from control_plane.commit import _Pending
 
         def pending(*keys: str) -> _Pending:
-            txn = rpc.TxnRequest(success=[put(k, b"x") for k in keys])
-            return _Pending(txn, _written_keys(txn), loop.create_future())
+            txn = TxnBuilder()
+            for k in keys:
+                txn.put(k.encode(), b"x")
+            return _Pending(txn.req, txn.writes, loop.create_future())
 
         gc._queue.extend([pending("a"), pending("b"), pending("a", "c"), pending("d")])
         first = gc._take_batch()
@@ -94,13 +103,16 @@ class _FakeEtcd:
         return resp
 
 
-def _member(key: str, contended: bool = False) -> rpc.TxnRequest:
-    compare = [rpc.Compare(key=b"x", target=rpc.Compare.VERSION, version=0)] if contended else []
-    return rpc.TxnRequest(compare=compare, success=[put(key, b"v")])
+def _member(key: str, contended: bool = False) -> TxnBuilder:
+    txn = TxnBuilder()
+    if contended:
+        txn.present(b"x")  # the fake fails every member that compares anything
+    txn.put(key.encode(), b"v")
+    return txn
 
 
 def test_group_commit_sends_a_lone_member_as_is_without_a_hand_off() -> None:
-    async def scenario() -> tuple[list[rpc.TxnRequest], rpc.TxnRequest, int]:
+    async def scenario() -> tuple[list[rpc.TxnRequest], TxnBuilder, int]:
         etcd = _FakeEtcd()
         etcd.gate.set()
         gc = GroupCommit(store=cast(EtcdStore, etcd))  # no background task started: direct path only
@@ -109,7 +121,7 @@ def test_group_commit_sends_a_lone_member_as_is_without_a_hand_off() -> None:
         return etcd.sent, member, result.revision
 
     sent, member, revision = asyncio.run(scenario())
-    assert len(sent) == 1 and sent[0] is member
+    assert len(sent) == 1 and sent[0] is member.req
     assert revision == 11
 
 

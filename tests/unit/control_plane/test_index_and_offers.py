@@ -103,7 +103,7 @@ def test_lease_fencing_token_is_the_create_revision_and_deletes_carry_the_record
     seen: list[Change] = []
     inv.subscribe(seen.append)
     lease = lease_pb2.Lease(name="leases/abc", tenant="t")
-    inv.apply(f"{P}/leases/abc".encode(), lease.SerializeToString(), 42, None, 42)
+    inv.apply(f"{P}/leases/abc".encode(), lease.SerializeToString(), 42, 42)
     assert inv.leases["abc"].fencing_token == 42
     inv.apply(f"{P}/leases/abc".encode(), None, 50)
     gone = seen[-1]
