@@ -42,7 +42,7 @@ def main() -> int:
     if "lease_path" in wanted:
         results["lease_path"] = lease_path.run(n=int(3000 * scale))
     if "leases" in wanted:
-        results["leases"] = leases.run(duration=8 * scale)
+        results["leases"] = leases.run(duration=12 * scale)
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=2))

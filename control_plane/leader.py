@@ -156,7 +156,10 @@ class Leader:
     async def _flush_ledger(self, pending: asyncio.Queue[tuple[lease_pb2.Lease, int]]) -> None:
         while True:
             batch = [await pending.get()]
-            await asyncio.sleep(LEDGER_FLUSH_S)
+            if pending.qsize() < LEDGER_CHUNK - 1:
+                # Wait for company only when there is room for it: a backlog (more ended leases
+                # per flush than a chunk holds) is written back to back, or it would only grow.
+                await asyncio.sleep(LEDGER_FLUSH_S)
             while not pending.empty() and len(batch) < LEDGER_CHUNK:
                 batch.append(pending.get_nowait())
             await self._record([lease for lease, _ in batch], batch[-1][1])
