@@ -166,10 +166,10 @@ def _pooled(runs: list[tuple[Run, dict[str, float]]]) -> dict[str, Any]:
     for r, c in runs:
         pooled.latencies.extend(r.latencies)
         pooled.elapsed += r.elapsed
-        for k, v in r.errors.items():
-            pooled.errors[k] = pooled.errors.get(k, 0) + v
-        for k, v in c.items():
-            cpu[k] = cpu.get(k, 0.0) + v * len(r.latencies)
+        for reason, count in r.errors.items():
+            pooled.errors[reason] = pooled.errors.get(reason, 0) + count
+        for name, ms in c.items():
+            cpu[name] = cpu.get(name, 0.0) + ms * len(r.latencies)
     ops = max(1, len(pooled.latencies))
     return {
         **pooled.row(),
