@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import ingest, lease_path, leases, report_cpu, search
+from bench import ingest, lease_latency, lease_path, leases, report_cpu, search
 from bench.common import machine
 from gpufed.logs import configure_logging
 
@@ -19,7 +19,9 @@ from gpufed.logs import configure_logging
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m bench")
     p.add_argument(
-        "--only", choices=["report_cpu", "search", "ingest", "lease_path", "leases"], action="append"
+        "--only",
+        choices=["report_cpu", "search", "ingest", "lease_path", "lease_latency", "leases"],
+        action="append",
     )
     p.add_argument("--quick", action="store_true", help="shorter runs (smoke test of the benchmarks)")
     a = p.parse_args()
@@ -31,7 +33,7 @@ def main() -> int:
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": "make bench" + (" (--quick)" if a.quick else ""),
     }
-    wanted = a.only or ["report_cpu", "search", "ingest", "lease_path", "leases"]
+    wanted = a.only or ["report_cpu", "search", "ingest", "lease_path", "lease_latency", "leases"]
     if "report_cpu" in wanted:
         results["report_cpu"] = report_cpu.run(reports=int(3000 * scale))
     if "search" in wanted:
@@ -41,6 +43,8 @@ def main() -> int:
         results["ingest"] = ingest.run(duration=10 * scale)
     if "lease_path" in wanted:
         results["lease_path"] = lease_path.run(n=int(3000 * scale))
+    if "lease_latency" in wanted:
+        results["lease_latency"] = lease_latency.run(cycles=int(500 * scale))
     if "leases" in wanted:
         results["leases"] = leases.run(duration=12 * scale)
     out = Path(__file__).parent / "results"
