@@ -13,7 +13,6 @@ import hashlib
 import hmac
 import json
 import secrets
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -132,12 +131,6 @@ class Authenticator:
             self.records.pop(token_id, None)
         else:
             self.records[token_id] = TokenRecord.from_json(token_id, raw)
-
-    async def authenticate(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> Principal:
-        for key, value in metadata or ():
-            if key == "authorization":
-                return await self.from_header(value.decode() if isinstance(value, bytes) else value)
-        return await self.from_header("")
 
     async def from_header(self, authorization: str) -> Principal:
         """The principal of an `authorization` header value ("Bearer <token>")."""

@@ -43,6 +43,11 @@ class TxnResult:
     response: rpc.TxnResponse  # the nested response
     revision: int
 
+    @classmethod
+    def alone(cls, resp: rpc.TxnResponse) -> TxnResult:
+        """The result of a Txn committed by itself, not nested in a shared one."""
+        return cls(resp.succeeded, resp, resp.header.revision)
+
 
 @dataclass
 class _Pending:
@@ -89,7 +94,7 @@ class GroupCommit:
                 self._busy = False
                 if self._queue:
                     self._wakeup.set()
-            return TxnResult(resp.succeeded, resp, resp.header.revision)
+            return TxnResult.alone(resp)
         fut: asyncio.Future[TxnResult] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(txn.req, txn.writes, fut))
         self._wakeup.set()
@@ -152,7 +157,7 @@ class GroupCommit:
             try:
                 if len(batch) == 1:
                     resp = await self._send(batch[0].txn)
-                    results = [TxnResult(resp.succeeded, resp, resp.header.revision)]
+                    results = [TxnResult.alone(resp)]
                 else:
                     req = rpc.TxnRequest()
                     for p in batch:

@@ -45,6 +45,8 @@ COMPACT_EVERY_S = 300
 LEDGER_CHUNK = 30
 # How long ended leases are gathered before their usage records are written together.
 LEDGER_FLUSH_S = 0.2
+# Pause before writing a batch again after etcd failed to answer.
+LEDGER_RETRY_S = 0.5
 COMPACT_KEEP_REVISIONS = 10_000
 
 
@@ -162,7 +164,16 @@ class Leader:
                 await asyncio.sleep(LEDGER_FLUSH_S)
             while not pending.empty() and len(batch) < LEDGER_CHUNK:
                 batch.append(pending.get_nowait())
-            await self._record([lease for lease, _ in batch], batch[-1][1])
+            while True:
+                # The batch is kept until it is recorded: a task that died here would leave the
+                # watch queuing ended leases for nobody. Writing again is safe: every record's
+                # Txn compares its key absent, so what an unanswered attempt wrote is not doubled.
+                try:
+                    await self._record([lease for lease, _ in batch], batch[-1][1])
+                    break
+                except StoreUnavailable as e:
+                    log.warning("usage ledger: etcd unavailable; writing again", error=str(e))
+                    await asyncio.sleep(LEDGER_RETRY_S)
 
     async def _watch_ended(
         self, prefix: str, cursor: int, pending: asyncio.Queue[tuple[lease_pb2.Lease, int]]

@@ -353,12 +353,6 @@ class EtcdStore:
         )
         return int(resp.header.revision)
 
-    async def delete(self, key: str | bytes) -> int:
-        resp = await self._call(
-            lambda: self._kv.DeleteRange(rpc.DeleteRangeRequest(key=_b(key)), timeout=self.timeout)
-        )
-        return int(resp.deleted)
-
     async def compact(self, revision: int) -> None:
         await self._call(
             lambda: self._kv.Compact(rpc.CompactionRequest(revision=revision), timeout=self.timeout)

@@ -11,7 +11,7 @@ from control_plane import leader as leader_module
 from control_plane.index import Inventory
 from control_plane.leader import LEDGER_CHUNK, Leader
 from control_plane.lease_service import Leases
-from control_plane.store import EtcdStore, Keyspace
+from control_plane.store import EtcdStore, Keyspace, StoreUnavailable
 from gpufed.v1 import lease_pb2
 
 Ended = asyncio.Queue[tuple[lease_pb2.Lease, int]]
@@ -25,10 +25,14 @@ class _Ledger:
         self.leader = Leader(store, Inventory(store.keys), cast(Leases, None), "r1", lambda: 0)
         self.batches: list[list[str]] = []
         self.recorded = 0
+        self.failures = 0  # etcd outages still to simulate
         self.progress = asyncio.Event()
         self.leader._record = self._record  # type: ignore[method-assign]
 
     async def _record(self, deleted: list[lease_pb2.Lease], revision: int) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise StoreUnavailable("etcd: UNAVAILABLE")
         self.batches.append([lease.name for lease in deleted])
         self.recorded += len(deleted)
         self.progress.set()
@@ -81,3 +85,22 @@ def test_ledger_waits_for_company_while_a_chunk_has_room(monkeypatch: pytest.Mon
         return ledger
 
     assert asyncio.run(scenario()).batches == [["leases/early", "leases/late"]]
+
+
+def test_ledger_writes_a_batch_again_after_etcd_failed_to_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(leader_module, "LEDGER_FLUSH_S", 0.0)
+    monkeypatch.setattr(leader_module, "LEDGER_RETRY_S", 0.01)
+
+    async def scenario() -> _Ledger:
+        ledger = _Ledger()
+        ledger.failures = 2
+        queue = _ended(["leases/a", "leases/b"])
+        flushing = asyncio.create_task(ledger.flush_until(queue, 3))
+        await asyncio.sleep(0.05)  # the outage is over; the flusher must still be there
+        queue.put_nowait((lease_pb2.Lease(name="leases/c"), 300))
+        await flushing
+        return ledger
+
+    ledger = asyncio.run(scenario())
+    assert ledger.failures == 0
+    assert [name for b in ledger.batches for name in b] == ["leases/a", "leases/b", "leases/c"]
