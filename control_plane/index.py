@@ -94,6 +94,8 @@ class Inventory:
     by_price: list[tuple[float, str]] = field(default_factory=list)
     by_country: dict[str, list[tuple[float, str]]] = field(default_factory=dict)
     summaries: dict[str, NodeSummary] = field(default_factory=dict)
+    # nodes whose record says DRAINING: the leader's drain sweep looks at these, not at every node
+    draining: set[str] = field(default_factory=set)
     _subscribers: list[Callable[[Change], None]] = field(default_factory=list)
     _revision_waiters: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)
 
@@ -110,6 +112,7 @@ class Inventory:
         self.by_price.clear()
         self.by_country.clear()
         self.summaries.clear()
+        self.draining.clear()
         self.leader = ""
 
     def apply(
@@ -188,8 +191,13 @@ class Inventory:
                     del ordered[i]
         if value is None:
             self.nodes.pop(name, None)
+            self.draining.discard(name)
             return
         node = common_pb2.Node.FromString(value)
+        if node.state == _DRAINING:
+            self.draining.add(name)
+        else:
+            self.draining.discard(name)
         gpus = sorted(
             ((g.uuid, g.model, int(g.health), g.memory_total_bytes, g) for g in node.gpus),
             key=lambda t: t[4].index,

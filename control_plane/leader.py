@@ -37,7 +37,7 @@ from control_plane.store import (
 from control_plane.store import delete as delete_op
 from control_plane.store import get as get_op
 from gpufed.logs import get_logger
-from gpufed.v1 import common_pb2, lease_pb2
+from gpufed.v1 import lease_pb2
 
 log = get_logger(__name__)
 COMPACT_EVERY_S = 300
@@ -241,10 +241,11 @@ class Leader:
         while True:
             await asyncio.sleep(0.5)
             now = time.time()
-            for name, entry in list(self.inv.nodes.items()):
-                node = entry.node
-                if node.state != common_pb2.NODE_STATE_DRAINING or not node.HasField("drain_deadline"):
+            for name in list(self.inv.draining):
+                entry = self.inv.nodes.get(name)
+                if entry is None or not entry.node.HasField("drain_deadline"):
                     continue
+                node = entry.node
                 if node.drain_deadline.ToNanoseconds() / 1e9 > now:
                     continue
                 for lease_id in set(self.inv.held(name).values()):

@@ -117,3 +117,19 @@ def test_summaries_by_model_country_and_health() -> None:
     inv.apply(f"{P}/alloc/p/a/a-g0".encode(), b"l1", 5)
     buckets = offers.summarize(inv, compile_filter(common_pb2.GpuFilter()))
     assert [(b.country_code, b.total_gpus, b.free_gpus) for b in buckets] == [("DE", 2, 1)]
+
+
+def test_draining_set_follows_node_records() -> None:
+    inv = Inventory(Keyspace(P))
+    add_node(inv, "p", "a", "DE", 2.0)
+    add_node(inv, "p", "b", "DE", 2.0)
+    assert inv.draining == set()
+    drained = common_pb2.Node(provider="p", node_id="a", state=common_pb2.NODE_STATE_DRAINING)
+    inv.apply(f"{P}/nodes/p/a".encode(), drained.SerializeToString(), 5)
+    assert inv.draining == {"providers/p/nodes/a"}
+    back = common_pb2.Node(provider="p", node_id="a", state=common_pb2.NODE_STATE_READY)
+    inv.apply(f"{P}/nodes/p/a".encode(), back.SerializeToString(), 6)
+    assert inv.draining == set()
+    inv.apply(f"{P}/nodes/p/b".encode(), drained.SerializeToString(), 7)
+    inv.apply(f"{P}/nodes/p/b".encode(), None, 8)  # a deleted node is no longer draining
+    assert inv.draining == set()
