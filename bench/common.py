@@ -173,8 +173,8 @@ def closed_loop(workers: int, duration: float, make_op: Callable[[int], Callable
 
 
 @contextmanager
-def fresh_etcd() -> Iterator[EtcdCluster]:
-    cluster = EtcdCluster.start(1)
+def fresh_etcd(*extra_args: str) -> Iterator[EtcdCluster]:
+    cluster = EtcdCluster.start(1, extra_args=extra_args)
     try:
         yield cluster
     finally:

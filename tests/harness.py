@@ -54,6 +54,7 @@ class EtcdMember:
     peer_port: int
     data_dir: Path
     proc: subprocess.Popen[bytes] | None = None
+    extra_args: tuple[str, ...] = ()  # more etcd flags (benchmarks: --metrics extensive)
 
     @property
     def endpoint(self) -> str:
@@ -90,6 +91,7 @@ class EtcdMember:
                 "zap",
                 "--log-level",
                 "error",
+                *self.extra_args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -122,9 +124,12 @@ class EtcdCluster:
         return [m.endpoint for m in self.members]
 
     @classmethod
-    def start(cls, size: int = 1, tmp: Path | None = None) -> EtcdCluster:
+    def start(cls, size: int = 1, tmp: Path | None = None, extra_args: tuple[str, ...] = ()) -> EtcdCluster:
         tmp = tmp or Path(tempfile.mkdtemp(prefix="gpufed-etcd-"))
-        members = [EtcdMember(f"m{i}", free_port(), free_port(), tmp / f"m{i}.etcd") for i in range(size)]
+        members = [
+            EtcdMember(f"m{i}", free_port(), free_port(), tmp / f"m{i}.etcd", extra_args=extra_args)
+            for i in range(size)
+        ]
         initial = ",".join(f"{m.name}=http://127.0.0.1:{m.peer_port}" for m in members)
         cluster = cls(members, tmp, initial)
         for m in members:
