@@ -29,7 +29,7 @@ import contextlib
 import ipaddress
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 from etcd3.etcdrpc import rpc_pb2 as rpc
@@ -423,14 +423,9 @@ class EtcdStore:
                 progress_notify=True,
             )
         )
-        queue: asyncio.Queue[rpc.WatchRequest] = asyncio.Queue()
-        queue.put_nowait(create)
-
-        async def requests() -> AsyncIterator[rpc.WatchRequest]:
-            while True:
-                yield await queue.get()
-
-        call = self._watch.Watch(requests())
+        requests: _Requests[rpc.WatchRequest] = _Requests()
+        requests.send(create)
+        call = self._watch.Watch(requests.stream())
         try:
             async for resp in call:
                 if resp.compact_revision:
@@ -460,7 +455,27 @@ class EtcdStore:
             raise StoreUnavailable(f"etcd watch broke: {e.code().name}: {e.details()}") from e
         finally:
             call.cancel()
+            requests.close()
         raise StoreUnavailable("etcd watch stream ended")
+
+
+class _Requests(Generic[T]):
+    """The request side of a bidi stream, fed by `send`. `close` ends it: gRPC's task that feeds
+    the call finishes then, even when the call had ended first (etcd gone: cancelling the call
+    afterwards no longer cancels that task, and it would wait here forever)."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[T | None] = asyncio.Queue()
+
+    def send(self, request: T) -> None:
+        self._queue.put_nowait(request)
+
+    def close(self) -> None:
+        self._queue.put_nowait(None)
+
+    async def stream(self) -> AsyncIterator[T]:
+        while (request := await self._queue.get()) is not None:
+            yield request
 
 
 @dataclass
@@ -469,7 +484,7 @@ class _KeepAliveStream:
 
     stub: Any
     _call: Any = None
-    _queue: asyncio.Queue[rpc.LeaseKeepAliveRequest] | None = None
+    _requests: _Requests[rpc.LeaseKeepAliveRequest] | None = None
     _waiters: dict[int, list[asyncio.Future[int]]] = field(default_factory=dict)
     _reader: asyncio.Task[None] | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -477,17 +492,12 @@ class _KeepAliveStream:
     async def _ensure(self) -> None:
         if self._reader is not None and not self._reader.done():
             return
-        queue: asyncio.Queue[rpc.LeaseKeepAliveRequest] = asyncio.Queue()
-        self._queue = queue
+        requests: _Requests[rpc.LeaseKeepAliveRequest] = _Requests()
+        self._requests = requests
+        self._call = self.stub.LeaseKeepAlive(requests.stream())
+        self._reader = asyncio.create_task(self._read(self._call, requests))
 
-        async def requests() -> AsyncIterator[rpc.LeaseKeepAliveRequest]:
-            while True:
-                yield await queue.get()
-
-        self._call = self.stub.LeaseKeepAlive(requests())
-        self._reader = asyncio.create_task(self._read(self._call))
-
-    async def _read(self, call: Any) -> None:
+    async def _read(self, call: Any, requests: _Requests[rpc.LeaseKeepAliveRequest]) -> None:
         error: BaseException = StoreUnavailable("etcd keep-alive stream ended")
         try:
             async for resp in call:
@@ -502,6 +512,8 @@ class _KeepAliveStream:
             error = StoreUnavailable(f"etcd keep-alive broke: {e.code().name}")
         except asyncio.CancelledError:
             error = StoreUnavailable("etcd keep-alive stream closed")
+        finally:
+            requests.close()
         for waiters in self._waiters.values():
             for fut in waiters:
                 if not fut.done():
@@ -513,8 +525,8 @@ class _KeepAliveStream:
             await self._ensure()
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(lease_id, []).append(fut)
-        assert self._queue is not None
-        self._queue.put_nowait(rpc.LeaseKeepAliveRequest(ID=lease_id))
+        assert self._requests is not None
+        self._requests.send(rpc.LeaseKeepAliveRequest(ID=lease_id))
         try:
             async with asyncio.timeout(timeout):
                 return await fut

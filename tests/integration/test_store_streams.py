@@ -1,0 +1,63 @@
+"""The etcd adapter's long-lived streams (watch, keep-alive) leave no task behind when they end,
+also when the stream broke on etcd's side first (gRPC then no longer cancels the task that feeds
+the stream its requests)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from control_plane.store import EtcdStore, StoreUnavailable
+from tests.harness import EtcdCluster, unique_prefix
+
+pytestmark = pytest.mark.integration
+
+
+def _request_feeders() -> list[asyncio.Task[object]]:
+    return [
+        t for t in asyncio.all_tasks() if not t.done() and "_consume_request_iterator" in repr(t.get_coro())
+    ]
+
+
+def test_a_watch_broken_by_etcd_leaves_no_request_task_behind() -> None:
+    cluster = EtcdCluster.start(1)
+
+    async def scenario() -> None:
+        store = EtcdStore(cluster.endpoints, unique_prefix(), timeout=2.0)
+        stream = store.watch_prefix(store.keys.root, 1)
+        first = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0.3)  # the watch is established
+        assert len(_request_feeders()) == 1
+        cluster.members[0].kill()
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(first, 10)
+        await asyncio.sleep(0.1)
+        assert _request_feeders() == []
+        await store.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        cluster.stop()
+
+
+def test_a_keepalive_stream_broken_by_etcd_leaves_no_request_task_behind() -> None:
+    cluster = EtcdCluster.start(1)
+
+    async def scenario() -> None:
+        store = EtcdStore(cluster.endpoints, unique_prefix(), timeout=2.0)
+        lease = await store.grant(30)
+        assert await store.keepalive(lease) > 0
+        assert len(_request_feeders()) == 1
+        cluster.members[0].kill()
+        with pytest.raises(StoreUnavailable):
+            await store.keepalive(lease)
+        await asyncio.sleep(0.2)
+        assert _request_feeders() == []
+        await store.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        cluster.stop()
