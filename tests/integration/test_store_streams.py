@@ -5,6 +5,8 @@ the stream its requests)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import pytest
 
@@ -20,10 +22,17 @@ def _request_feeders() -> list[asyncio.Task[object]]:
     ]
 
 
-def test_a_watch_broken_by_etcd_leaves_no_request_task_behind() -> None:
+def _run(scenario: Callable[[EtcdCluster], Coroutine[Any, Any, None]]) -> None:
+    """The scenario against an etcd member of its own (it kills it)."""
     cluster = EtcdCluster.start(1)
+    try:
+        asyncio.run(scenario(cluster))
+    finally:
+        cluster.stop()
 
-    async def scenario() -> None:
+
+def test_a_watch_broken_by_etcd_leaves_no_request_task_behind() -> None:
+    async def scenario(cluster: EtcdCluster) -> None:
         store = EtcdStore(cluster.endpoints, unique_prefix(), timeout=2.0)
         stream = store.watch_prefix(store.keys.root, 1)
         first = asyncio.ensure_future(stream.__anext__())
@@ -36,16 +45,11 @@ def test_a_watch_broken_by_etcd_leaves_no_request_task_behind() -> None:
         assert _request_feeders() == []
         await store.close()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        cluster.stop()
+    _run(scenario)
 
 
 def test_a_keepalive_stream_broken_by_etcd_leaves_no_request_task_behind() -> None:
-    cluster = EtcdCluster.start(1)
-
-    async def scenario() -> None:
+    async def scenario(cluster: EtcdCluster) -> None:
         store = EtcdStore(cluster.endpoints, unique_prefix(), timeout=2.0)
         lease = await store.grant(30)
         assert await store.keepalive(lease) > 0
@@ -57,7 +61,4 @@ def test_a_keepalive_stream_broken_by_etcd_leaves_no_request_task_behind() -> No
         assert _request_feeders() == []
         await store.close()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        cluster.stop()
+    _run(scenario)
