@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -53,6 +55,25 @@ def test_call_with_unknown_token_is_unauthenticated(replica_channel: grpc.Channe
             stub.ListProviders(discovery_pb2.ListProvidersRequest(), metadata=metadata(bad))
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert error_reason(e.value) == "UNKNOWN_TOKEN"
+
+
+def test_a_denied_call_is_logged_with_the_callers_request_id(
+    replica_channel: grpc.Channel, caplog: pytest.LogCaptureFixture
+) -> None:
+    stub = discovery_pb2_grpc.DiscoveryServiceStub(replica_channel)
+    with caplog.at_level(logging.WARNING), pytest.raises(grpc.RpcError):
+        stub.ListProviders(
+            discovery_pb2.ListProvidersRequest(),
+            metadata=(*metadata("gpf_abcdef012345_wrongsecret"), ("x-request-id", "req-denied-1")),
+        )
+    # structlog hands the event to stdlib logging as a dict: the per-RPC fields are in it.
+    denials = [
+        r.msg for r in caplog.records if isinstance(r.msg, dict) and r.msg.get("event") == "access denied"
+    ]
+    assert len(denials) == 1, caplog.records
+    assert denials[0]["request_id"] == "req-denied-1"
+    assert denials[0]["method"] == "DiscoveryService.ListProviders"
+    assert denials[0]["reason"] == "UNKNOWN_TOKEN"
 
 
 def test_created_token_reaches_the_servicer_and_deleted_token_is_refused(
