@@ -60,6 +60,17 @@ def replica_channel(replica: ReplicaThread) -> Iterator[grpc.Channel]:
 
 def pytest_configure(config: pytest.Config) -> None:
     # Replicas in tests log like deployed ones: through the one structlog configuration.
+    import logging
+
     from gpufed.logs import configure_logging
 
     configure_logging(level="INFO")
+    # In-process replicas and daemons log from their own threads, also between two tests, while
+    # pytest prints progress with its capture of stderr suspended: their lines went to the
+    # terminal. They go to a file instead (pytest's own log capture still reports the records
+    # of a failing test, as "Captured log").
+    log_file = config.rootpath / ".pytest_cache" / "gpufed-tests.log"
+    log_file.parent.mkdir(exist_ok=True)
+    handler = logging.getLogger().handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(open(log_file, "w", encoding="utf-8"))  # noqa: SIM115 (open for the session)
