@@ -18,8 +18,6 @@ import contextlib
 import time
 from collections.abc import Callable
 
-from etcd3.etcdrpc import rpc_pb2 as rpc
-
 from control_plane.domain import lease_rules
 from control_plane.domain.usage import usage_records
 from control_plane.index import Change, Inventory
@@ -28,6 +26,7 @@ from control_plane.metrics import Metrics
 from control_plane.store import (
     EtcdStore,
     StoreUnavailable,
+    TxnBuilder,
     WatchCompacted,
     absent,
     newest_read,
@@ -201,10 +200,12 @@ class Leader:
         deleted it; one deleted without history expired, and its history is written here.
         """
         ids = [lease.name.split("/", 1)[1] for lease in deleted]
-        reads = await self.store.txn([], [get_op(self.keys.lease_history(i)) for i in ids])
+        lookup = TxnBuilder()
+        for i in ids:
+            lookup.read(self.keys.lease_history(i).encode())
+        reads = await self.store.send_txn(lookup.req)
         hist_lease = await self.leases.history.lease_id()
-        compare: list[rpc.Compare] = []
-        ops: list[rpc.RequestOp] = []
+        txn = TxnBuilder()
         for lease, lease_id, read in zip(deleted, ids, reads.responses, strict=True):
             kvs = read.response_range.kvs
             if kvs:
@@ -212,19 +213,19 @@ class Leader:
             else:
                 final = lease_rules.ended(lease, lease_pb2.LEASE_END_REASON_EXPIRED, now_ts())
                 final.fencing_token = final.fencing_token or 0
-                compare.append(absent(self.keys.lease_history(lease_id)))
-                ops.append(put(self.keys.lease_history(lease_id), final.SerializeToString(), hist_lease))
-                ops.append(
-                    put(self.keys.request(final.tenant, final.request_id), lease_id.encode(), hist_lease)
-                )
+                history = self.keys.lease_history(lease_id).encode()
+                txn.absent(history)
+                txn.put(history, final.SerializeToString(), hist_lease)
+                spent = self.keys.request(final.tenant, final.request_id).encode()
+                txn.put(spent, lease_id.encode(), hist_lease)
                 if self.metrics is not None:
                     self.metrics.leases_expired.inc()
             for r in usage_records(final, final.end_time):
-                key = self.keys.usage_record(lease_id, r.provider)
-                compare.append(absent(key))
-                ops.append(put(key, r.SerializeToString()))
-        cursor = put(self.keys.ledger_cursor, str(revision).encode())
-        resp = await self.store.txn(compare, [*ops, cursor])
+                key = self.keys.usage_record(lease_id, r.provider).encode()
+                txn.absent(key)
+                txn.put(key, r.SerializeToString())
+        txn.put(self.keys.ledger_cursor.encode(), str(revision).encode())
+        resp = await self.store.send_txn(txn.req)
         if resp.succeeded:
             log.info("usage recorded", leases=len(deleted), revision=revision)
             return

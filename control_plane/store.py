@@ -170,8 +170,9 @@ _GREATER = rpc.Compare.GREATER
 class TxnBuilder:
     """A TxnRequest built in place, with the keys it writes.
 
-    For the hot paths (every grant and release): adding to the request's repeated fields costs a
-    third of building each operation as its own message and copying it in.
+    For the paths that build many operations (grants, releases, usage records): adding to the
+    request's repeated fields costs a third of building each operation as its own message and
+    copying it in, as the one-operation helpers above and `EtcdStore.txn` do.
     """
 
     __slots__ = ("req", "writes")
@@ -199,6 +200,9 @@ class TxnBuilder:
     def delete(self, key: bytes) -> None:
         self.req.success.add().request_delete_range.key = key
         self.writes.add(key)
+
+    def read(self, key: bytes) -> None:
+        self.req.success.add().request_range.key = key
 
     def read_on_failure(self, key: bytes) -> None:
         self.req.failure.add().request_range.key = key
