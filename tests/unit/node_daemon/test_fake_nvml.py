@@ -51,7 +51,11 @@ def test_profiles_have_their_machines_gpus(profile: str, count: int, model: str)
 
 
 def test_same_seed_gives_same_uuids_and_values() -> None:
-    a, b = started("h100-sxm-8", seed=7, host="x"), started("h100-sxm-8", seed=7, host="x")
+    # One injected clock for both: values move with time, so two real clocks read a moment
+    # apart may differ by a milliwatt (CI saw 472103 against 472102).
+    clock = FakeClock()
+    a = started("h100-sxm-8", seed=7, host="x", clock=clock)
+    b = started("h100-sxm-8", seed=7, host="x", clock=clock)
     ha, hb = a.nvmlDeviceGetHandleByIndex(2), b.nvmlDeviceGetHandleByIndex(2)
     assert a.nvmlDeviceGetUUID(ha) == b.nvmlDeviceGetUUID(hb)
     assert a.nvmlDeviceGetPowerUsage(ha) == b.nvmlDeviceGetPowerUsage(hb)
