@@ -21,6 +21,15 @@ from tests.harness import ADMIN_TOKEN, EtcdCluster, replica_process
 
 __all__ = ["ADMIN_TOKEN", "EtcdCluster", "replica_process"]
 
+
+def pinned_replica_args() -> tuple[str, ...]:
+    """`--cpus` for a benchmark replica: the last CPU this process may use, so that the replica
+    runs pinned as we deploy it (one replica per core) while etcd and the clients keep every
+    core, the replica's included. Nothing on a one-CPU machine."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return ("--cpus", str(cpus[-1])) if len(cpus) > 1 else ()
+
+
 COUNTRIES = {
     "DE": (50.1, 8.7),
     "FR": (48.9, 2.4),

@@ -28,7 +28,7 @@ import etcd3
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.common import ADMIN_TOKEN, fresh_etcd, load_nodes, replica_process
+from bench.common import ADMIN_TOKEN, fresh_etcd, load_nodes, pinned_replica_args, replica_process
 from gpufed.client import Client
 from tests.harness import free_port, wait_until
 
@@ -93,7 +93,7 @@ def run(nodes: int = 1000, cycles: int = 500, rounds: int = 3) -> dict[str, Any]
     with fresh_etcd("--metrics", "extensive") as etcd:
         endpoint = etcd.endpoints[0]
         load_nodes(endpoint, prefix, nodes)
-        extra = ("--metrics-listen", metrics_address)
+        extra = ("--metrics-listen", metrics_address, *pinned_replica_args())
         with replica_process(etcd.endpoints, prefix, *extra, env={"GPUFED_LOG_LEVEL": "WARNING"}) as (
             _,
             address,

@@ -2,10 +2,15 @@
 beside two baselines measured in the same run, at the same concurrency, straight against the
 same etcd with python3-etcd3: (a) one compare-and-swap Txn; (b) the naive lease lifecycle,
 LeaseGrant + CAS Txn + LeaseRevoke. Target: gpufed's cycle rate at least 0.5 x (b), then past (b).
-Each concurrency runs in rounds (a, b, gpufed; then reversed) and reports the median per-round ratio."""
+Each concurrency runs in rounds (a, b, gpufed; then reversed) and reports the median per-round ratio.
+
+gpufed is measured twice, against two replicas on the same etcd: one pinned to one core
+(`--cpus`, as we deploy replicas: one per core) and one left free. The baselines have no replica:
+etcd and the clients use every core in all runs."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import resource
 import statistics
@@ -23,6 +28,7 @@ from bench.common import (
     cpu_seconds,
     fresh_etcd,
     load_nodes,
+    pinned_replica_args,
     replica_process,
 )
 from gpufed.client import Client
@@ -123,38 +129,54 @@ def run(
         "by_concurrency": {},
     }
     step = duration / rounds
-    with fresh_etcd() as etcd:
-        load_nodes(etcd.endpoints[0], prefix, nodes)
-        with replica_process(etcd.endpoints, prefix, env={"GPUFED_LOG_LEVEL": "WARNING"}) as (proc, address):
+    quiet = {"GPUFED_LOG_LEVEL": "WARNING"}
+    with contextlib.ExitStack() as stack:
+        etcd = stack.enter_context(fresh_etcd())
+        endpoint = etcd.endpoints[0]
+        replicas: dict[str, tuple[int, str, str]] = {}  # measure -> (pid, address, tenant token)
+        for key, extra in (("g", pinned_replica_args()), ("f", ())):
+            load_nodes(endpoint, f"{prefix}-{key}", nodes)
+            proc, address = stack.enter_context(
+                replica_process(etcd.endpoints, f"{prefix}-{key}", *extra, env=quiet)
+            )
             with Client(address, ADMIN_TOKEN) as admin:
                 token = admin.create_token("tenant", "bench").secret
-                wait_until(lambda: len(admin.list_nodes(state=1)) == nodes, timeout=120)
+                wait_until(lambda a=admin: len(a.list_nodes(state=1)) == nodes, timeout=120)
             gpufed_cycles(address, token, 4, 2.0)  # warm-up: pools, connections
-            assert etcd.members[0].proc is not None
-            pids = {"etcd": etcd.members[0].proc.pid, "replica": proc.pid}
-            endpoint = etcd.endpoints[0]
-            for n in concurrency:
-                measures: dict[str, Callable[[], Run]] = {
-                    "a": partial(baseline_cas, endpoint, n, step),
-                    "b": partial(baseline_lifecycle, endpoint, n, step),
-                    "g": partial(gpufed_cycles, address, token, n, step),
-                }
-                runs: dict[str, list[tuple[Run, dict[str, float]]]] = {k: [] for k in measures}
-                for r in range(rounds):
-                    # Alternate the order so that drift within a round favours neither side.
-                    for k in ("a", "b", "g") if r % 2 == 0 else ("g", "b", "a"):
-                        runs[k].append(with_cpu(measures[k], pids))
-                a, b, g = (_pooled(runs[k]) for k in ("a", "b", "g"))
-                ratios_b = [gr.rate / br.rate for (gr, _), (br, _) in zip(runs["g"], runs["b"], strict=True)]
-                ratios_a = [gr.rate / ar.rate for (gr, _), (ar, _) in zip(runs["g"], runs["a"], strict=True)]
-                results["by_concurrency"][n] = {
-                    "baseline_a_cas_txn": a,
-                    "baseline_b_grant_txn_revoke": b,
-                    "gpufed_create_release": g,
-                    "ratio_to_b": round(statistics.median(ratios_b), 3),
-                    "ratio_to_b_by_round": [round(x, 3) for x in ratios_b],
-                    "ratio_to_a": round(statistics.median(ratios_a), 3),
-                }
+            replicas[key] = (proc.pid, address, token)
+        results["replica_cpus"] = {"g": list(pinned_replica_args()[1:]), "f": "any"}
+        assert etcd.members[0].proc is not None
+        etcd_pid = etcd.members[0].proc.pid
+        for n in concurrency:
+            measures: dict[str, tuple[Callable[[], Run], dict[str, int]]] = {
+                "a": (partial(baseline_cas, endpoint, n, step), {"etcd": etcd_pid}),
+                "b": (partial(baseline_lifecycle, endpoint, n, step), {"etcd": etcd_pid}),
+            }
+            for key, (pid, address, token) in replicas.items():
+                measures[key] = (
+                    partial(gpufed_cycles, address, token, n, step),
+                    {"etcd": etcd_pid, "replica": pid},
+                )
+            order = list(measures)
+            runs: dict[str, list[tuple[Run, dict[str, float]]]] = {k: [] for k in measures}
+            for r in range(rounds):
+                # Alternate the order so that drift within a round favours no side.
+                for k in order if r % 2 == 0 else reversed(order):
+                    measure, pids = measures[k]
+                    runs[k].append(with_cpu(measure, pids))
+            row: dict[str, Any] = {
+                "baseline_a_cas_txn": _pooled(runs["a"]),
+                "baseline_b_grant_txn_revoke": _pooled(runs["b"]),
+                "gpufed_create_release": _pooled(runs["g"]),
+                "gpufed_create_release_unpinned": _pooled(runs["f"]),
+            }
+            for key, suffix in (("g", ""), ("f", "_unpinned")):
+                by_b = [gr.rate / br.rate for (gr, _), (br, _) in zip(runs[key], runs["b"], strict=True)]
+                by_a = [gr.rate / ar.rate for (gr, _), (ar, _) in zip(runs[key], runs["a"], strict=True)]
+                row[f"ratio_to_b{suffix}"] = round(statistics.median(by_b), 3)
+                row[f"ratio_to_b{suffix}_by_round"] = [round(x, 3) for x in by_b]
+                row[f"ratio_to_a{suffix}"] = round(statistics.median(by_a), 3)
+            results["by_concurrency"][n] = row
     return results
 
 

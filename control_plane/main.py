@@ -6,17 +6,18 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
 from collections.abc import Sequence
 
-from control_plane.config import parse_args
+from control_plane.affinity import pin_process
+from control_plane.config import Config, parse_args
 from control_plane.replica import Replica
 from gpufed.logs import configure_logging, get_logger
 
 log = get_logger(__name__)
 
 
-async def serve(argv: Sequence[str] | None = None) -> None:
-    config = parse_args(argv)
+async def serve(config: Config) -> None:
     replica = Replica(config)
     await replica.start()
     stop = asyncio.Event()
@@ -29,6 +30,15 @@ async def serve(argv: Sequence[str] | None = None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     configure_logging()
+    config = parse_args(argv)
+    if config.cpus:
+        # Before gRPC starts its threads, though pin_process moves any that exist too.
+        try:
+            cpus = pin_process(config.cpus)
+        except ValueError as e:
+            print(f"gpufed-control-plane: error: --cpus: {e}", file=sys.stderr)
+            sys.exit(2)  # a usage error, as argparse reports its own
+        log.info("replica pinned", cpus=sorted(cpus))
     # uvloop's event loop costs less per callback than asyncio's, and a replica is mostly
     # callbacks (measured: +10-15 % lease cycles). GPUFED_EVENT_LOOP=asyncio opts out.
     if os.environ.get("GPUFED_EVENT_LOOP", "uvloop") == "uvloop":
@@ -36,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         uvloop.install()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(argv))
+        asyncio.run(serve(config))
 
 
 if __name__ == "__main__":
