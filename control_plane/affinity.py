@@ -3,8 +3,9 @@
 A replica is one event loop plus gRPC's threads, which hand every message to the loop through
 the GIL. When those threads run on different cores each hand-over wakes another core and moves
 the GIL's cache lines across; on one core it is a plain context switch. Measured on a 2-core
-machine (BENCHMARKS.md): a pinned replica spends 15-20 % less CPU per lease cycle. So the way to
-use a many-core host is one replica per core, each pinned; by default a replica is left free.
+machine (BENCHMARKS.md): a pinned replica spent 10-26 % less CPU per lease cycle at one client,
+less under load. So the way to use a many-core host is one replica per core, each pinned; by
+default a replica is left free.
 """
 
 from __future__ import annotations
