@@ -11,7 +11,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from gpufed.errors import error_reason
 from gpufed.v1 import admin_pb2, admin_pb2_grpc, discovery_pb2, discovery_pb2_grpc
-from tests.harness import EtcdCluster, metadata, replica_process
+from tests.harness import EtcdCluster, metadata, replica_process, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -155,16 +155,17 @@ def test_watch_capacity_ends_cleanly_when_the_replica_shuts_down(etcd: EtcdClust
 
     def read() -> None:
         try:
-            kinds.extend(ev.type for ev in stream)
+            for ev in stream:
+                kinds.append(ev.type)
             outcome.append("ok")
         except grpc.RpcError as e:
             outcome.append(e.code())
 
     t = threading.Thread(target=read)
     t.start()
-    import time
-
-    time.sleep(0.5)
+    # Stop once the snapshot is through, not after a fixed pause (slow machines).
+    snapshot_end = discovery_pb2.WatchCapacityResponse.EVENT_TYPE_SNAPSHOT_END
+    wait_until(lambda: snapshot_end in kinds, timeout=15)
     r.stop()
     t.join(10)
     ch.close()

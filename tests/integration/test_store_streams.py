@@ -22,6 +22,15 @@ def _request_feeders() -> list[asyncio.Task[object]]:
     ]
 
 
+async def _eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll, yielding to the event loop: task ends and stream set-up take a moment, longer on a
+    loaded machine than any fixed pause."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
 def _run(scenario: Callable[[EtcdCluster], Coroutine[Any, Any, None]]) -> None:
     """The scenario against an etcd member of its own (it kills it)."""
     cluster = EtcdCluster.start(1)
@@ -36,13 +45,11 @@ def test_a_watch_broken_by_etcd_leaves_no_request_task_behind() -> None:
         store = EtcdStore(cluster.endpoints, unique_prefix(), timeout=2.0)
         stream = store.watch_prefix(store.keys.root, 1)
         first = asyncio.ensure_future(stream.__anext__())
-        await asyncio.sleep(0.3)  # the watch is established
-        assert len(_request_feeders()) == 1
+        await _eventually(lambda: len(_request_feeders()) == 1)  # the watch is established
         cluster.members[0].kill()
         with pytest.raises(StoreUnavailable):
             await asyncio.wait_for(first, 10)
-        await asyncio.sleep(0.1)
-        assert _request_feeders() == []
+        await _eventually(lambda: _request_feeders() == [])
         await store.close()
 
     _run(scenario)
@@ -57,8 +64,7 @@ def test_a_keepalive_stream_broken_by_etcd_leaves_no_request_task_behind() -> No
         cluster.members[0].kill()
         with pytest.raises(StoreUnavailable):
             await store.keepalive(lease)
-        await asyncio.sleep(0.2)
-        assert _request_feeders() == []
+        await _eventually(lambda: _request_feeders() == [])
         await store.close()
 
     _run(scenario)
