@@ -134,7 +134,9 @@ def run(
         etcd = stack.enter_context(fresh_etcd())
         endpoint = etcd.endpoints[0]
         replicas: dict[str, tuple[int, str, str]] = {}  # measure -> (pid, address, tenant token)
-        for key, extra in (("g", pinned_replica_args()), ("f", ())):
+        pinned = pinned_replica_args()
+        results["replica_cpus"] = {"g": pinned[1:], "f": "any"}
+        for key, extra in (("g", pinned), ("f", ())):
             load_nodes(endpoint, f"{prefix}-{key}", nodes)
             proc, address = stack.enter_context(
                 replica_process(etcd.endpoints, f"{prefix}-{key}", *extra, env=quiet)
@@ -144,7 +146,6 @@ def run(
                 wait_until(lambda a=admin: len(a.list_nodes(state=1)) == nodes, timeout=120)
             gpufed_cycles(address, token, 4, 2.0)  # warm-up: pools, connections
             replicas[key] = (proc.pid, address, token)
-        results["replica_cpus"] = {"g": list(pinned_replica_args()[1:]), "f": "any"}
         assert etcd.members[0].proc is not None
         etcd_pid = etcd.members[0].proc.pid
         for n in concurrency:

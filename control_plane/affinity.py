@@ -32,22 +32,15 @@ def parse_cpu_list(text: str) -> frozenset[int]:
 
 def pin_process(cpus: frozenset[int]) -> frozenset[int]:
     """Restrict every thread of this process, and the threads it starts later (they inherit it
-    from their creator), to `cpus`. Returns the CPUs now allowed. ValueError when none of them
-    is available to this process (the OS refuses an empty set)."""
+    from their creator), to `cpus`. Returns the CPUs now allowed. ValueError, and nothing
+    changed, when any of them is not available to this process."""
     allowed = frozenset(os.sched_getaffinity(0))
     missing = sorted(cpus - allowed)
     if missing:
         raise ValueError(f"CPUs {missing} are not available to this process (available: {sorted(allowed)})")
-    for tid in _thread_ids():
+    for tid in (int(t) for t in os.listdir("/proc/self/task")):  # sched_setaffinity is Linux's
         try:
             os.sched_setaffinity(tid, cpus)
         except ProcessLookupError:
             continue  # the thread ended meanwhile
     return frozenset(os.sched_getaffinity(0))
-
-
-def _thread_ids() -> list[int]:
-    try:
-        return [int(t) for t in os.listdir("/proc/self/task")]
-    except FileNotFoundError:  # not Linux: the calling thread only
-        return [0]

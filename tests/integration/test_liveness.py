@@ -157,9 +157,7 @@ def test_steady_state_reports_write_nothing_to_etcd(etcd: EtcdCluster, prefix: s
                 ingested = r.replica.nodes.reports_ingested - ingested  # type: ignore[union-attr]
             finally:
                 raw.close()
-            # ~300 at 0.1 s intervals; a loaded machine delays daemons, and what counts is that
-            # many reports came in while etcd saw no write.
-            assert ingested >= 100
+            assert ingested >= 250
             assert after[1] == before[1], "reports must not write to etcd"
     finally:
         for d in daemons:
