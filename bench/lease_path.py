@@ -16,9 +16,9 @@ from google.protobuf import duration_pb2
 from bench.common import fake_node
 from control_plane.domain import lease_rules, offers
 from control_plane.domain.placement import place
-from control_plane.index import Inventory
-from control_plane.lease_service import grant_txn, now_ts, release_txn
-from control_plane.store import Keyspace
+from control_plane.adapters.index import Inventory
+from control_plane.servicers.lease import grant_txn, now_ts, release_txn
+from control_plane.adapters.store import Keyspace
 from gpufed.v1 import lease_pb2
 
 

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 
 from control_plane import errors
-from control_plane.store import EtcdStore
+from control_plane.adapters.store import EtcdStore
 
 TOKEN_PREFIX = "gpf"
 

@@ -14,7 +14,7 @@ from prometheus_client.registry import Collector
 from gpufed.v1 import common_pb2
 
 if TYPE_CHECKING:
-    from control_plane.index import Inventory
+    from control_plane.adapters.index import Inventory
 
 
 class Metrics:

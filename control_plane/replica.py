@@ -9,19 +9,19 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from control_plane.admin_service import AdminServicer
+from control_plane.servicers.admin import AdminServicer
 from control_plane.auth import Authenticator
 from control_plane.config import Config
-from control_plane.discovery_service import DiscoveryServicer
-from control_plane.index import Change, Inventory
-from control_plane.leader import Leader
-from control_plane.lease_service import Leases, LeaseServicer
+from control_plane.servicers.discovery import DiscoveryServicer
+from control_plane.adapters.index import Change, Inventory
+from control_plane.app.leader import Leader
+from control_plane.servicers.lease import Leases, LeaseServicer
 from control_plane.metrics import Metrics
-from control_plane.node_service import NodeServicer
+from control_plane.servicers.node import NodeServicer
 from control_plane.rpc import RpcWrapper, Services
-from control_plane.store import EtcdStore, Session
-from control_plane.telemetry_service import PeerServicer, TelemetryServicer
-from control_plane.watcher import Watcher
+from control_plane.adapters.store import EtcdStore, Session
+from control_plane.servicers.telemetry import PeerServicer, TelemetryServicer
+from control_plane.adapters.watcher import Watcher
 from gpufed.logs import get_logger
 from gpufed.v1 import (
     admin_pb2,

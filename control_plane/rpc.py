@@ -18,7 +18,7 @@ import grpc
 
 from control_plane import auth, errors
 from control_plane.metrics import Metrics
-from control_plane.store import StoreUnavailable
+from control_plane.adapters.store import StoreUnavailable
 from gpufed.logs import bind_rpc, get_logger
 
 log = get_logger(__name__)

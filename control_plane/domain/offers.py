@@ -14,7 +14,7 @@ from typing import Any
 
 from control_plane.domain.filters import Filter, model_matches
 from control_plane.domain.geo import EARTH_RADIUS_KM, unit_vector
-from control_plane.index import Inventory, NodeSummary
+from control_plane.adapters.index import Inventory, NodeSummary
 from gpufed.v1 import common_pb2, discovery_pb2
 
 OfferOrder = discovery_pb2.OfferOrder

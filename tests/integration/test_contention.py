@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from control_plane.store import EtcdStore
+from control_plane.adapters.store import EtcdStore
 from gpufed.client import Client, GpufedError
 from node_daemon.fake_nvml import FakeNvml
 from tests.harness import ADMIN_TOKEN, DaemonThread, EtcdCluster, daemon_config, replica_process, wait_until

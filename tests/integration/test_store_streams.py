@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from control_plane.store import EtcdStore, StoreUnavailable
+from control_plane.adapters.store import EtcdStore, StoreUnavailable
 from tests.harness import EtcdCluster, unique_prefix
 
 pytestmark = pytest.mark.integration

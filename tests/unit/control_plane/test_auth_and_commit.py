@@ -9,9 +9,9 @@ import pytest
 from etcd3.etcdrpc import rpc_pb2 as rpc
 
 from control_plane import auth
-from control_plane.commit import GroupCommit, TxnResult
+from control_plane.adapters.commit import GroupCommit, TxnResult
 from control_plane.errors import ApiError
-from control_plane.store import (
+from control_plane.adapters.store import (
     EtcdStore,
     Keyspace,
     StoreUnavailable,
@@ -65,7 +65,7 @@ def test_group_commit_never_batches_two_writes_of_one_key() -> None:
     async def scenario() -> list[list[bytes]]:
         gc = GroupCommit(store=EtcdStore.__new__(EtcdStore))
         loop = asyncio.get_running_loop()
-        from control_plane.commit import _Pending
+        from control_plane.adapters.commit import _Pending
 
         def pending(*keys: str) -> _Pending:
             txn = TxnBuilder()

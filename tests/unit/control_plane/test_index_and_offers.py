@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from control_plane.domain import offers
 from control_plane.domain.filters import compile_filter
-from control_plane.index import Change, Inventory
-from control_plane.store import Keyspace
+from control_plane.adapters.index import Change, Inventory
+from control_plane.adapters.store import Keyspace
 from gpufed.v1 import common_pb2, discovery_pb2, lease_pb2
 
 P = "/g"

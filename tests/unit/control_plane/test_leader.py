@@ -7,11 +7,11 @@ from typing import cast
 
 import pytest
 
-from control_plane import leader as leader_module
-from control_plane.index import Inventory
-from control_plane.leader import LEDGER_CHUNK, Leader
-from control_plane.lease_service import Leases
-from control_plane.store import EtcdStore, Keyspace, StoreUnavailable
+from control_plane.app import leader as leader_module
+from control_plane.adapters.index import Inventory
+from control_plane.app.leader import LEDGER_CHUNK, Leader
+from control_plane.servicers.lease import Leases
+from control_plane.adapters.store import EtcdStore, Keyspace, StoreUnavailable
 from gpufed.v1 import lease_pb2
 
 Ended = asyncio.Queue[tuple[lease_pb2.Lease, int]]

@@ -6,8 +6,8 @@ from etcd3.etcdrpc import rpc_pb2 as rpc
 
 from control_plane.domain.offers import Candidate
 from control_plane.domain.placement import Pick
-from control_plane.lease_service import grant_txn, release_txn
-from control_plane.store import Keyspace
+from control_plane.servicers.lease import grant_txn, release_txn
+from control_plane.adapters.store import Keyspace
 from gpufed.v1 import common_pb2, lease_pb2
 
 K = Keyspace("/g")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from etcd3.etcdrpc import rpc_pb2 as rpc
 
-from control_plane.store import MAX_TXN_OPS, EtcdStore, StoreUnavailable, TxnBuilder
+from control_plane.adapters.store import MAX_TXN_OPS, EtcdStore, StoreUnavailable, TxnBuilder
 from gpufed.logs import get_logger
 
 log = get_logger(__name__)

@@ -20,10 +20,10 @@ from collections.abc import Callable
 
 from control_plane.domain import lease_rules
 from control_plane.domain.usage import usage_records
-from control_plane.index import Change, Inventory
-from control_plane.lease_service import Leases, now_ts
+from control_plane.adapters.index import Change, Inventory
+from control_plane.servicers.lease import Leases, now_ts
 from control_plane.metrics import Metrics
-from control_plane.store import (
+from control_plane.adapters.store import (
     EtcdStore,
     StoreUnavailable,
     TxnBuilder,
@@ -33,8 +33,8 @@ from control_plane.store import (
     put,
     value_is,
 )
-from control_plane.store import delete as delete_op
-from control_plane.store import get as get_op
+from control_plane.adapters.store import delete as delete_op
+from control_plane.adapters.store import get as get_op
 from gpufed.logs import get_logger
 from gpufed.v1 import lease_pb2
 

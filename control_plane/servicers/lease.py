@@ -4,7 +4,7 @@ Grant: one Txn writes the lease record, the request key and one allocation key p
 one etcd lease, comparing every allocation key absent, each node record unchanged and each node's
 alive key present. Its revision is the fencing token. Renew is an etcd keep-alive; expiry is etcd
 deleting the keys; release is one Txn that deletes the record and the allocations and keeps the
-history. Grants and releases share commits (control_plane.commit).
+history. Grants and releases share commits (control_plane.adapters.commit).
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from control_plane import auth, errors
-from control_plane.commit import GroupCommit, LeasePool
+from control_plane.adapters.commit import GroupCommit, LeasePool
 from control_plane.domain import lease_rules, offers, pagination
 from control_plane.domain.names import parse_lease_name
 from control_plane.domain.placement import Pick, place
-from control_plane.index import Change, Inventory
+from control_plane.adapters.index import Change, Inventory
 from control_plane.metrics import Metrics
-from control_plane.store import EtcdStore, Keyspace, TxnBuilder, newest_read
+from control_plane.adapters.store import EtcdStore, Keyspace, TxnBuilder, newest_read
 from gpufed.logs import get_logger
 from gpufed.v1 import common_pb2, lease_pb2, lease_pb2_grpc
 

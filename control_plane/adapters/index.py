@@ -1,4 +1,4 @@
-"""The replica's in-memory view of the federation, fed by etcd events (control_plane.watcher).
+"""The replica's in-memory view of the federation, fed by etcd events (control_plane.adapters.watcher).
 
 Pure state: `apply` takes one key change at a time in revision order; nothing here does I/O.
 Node records, liveness and allocations arrive under different keys in any order, so they are
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from control_plane.domain.geo import unit_vector
 from control_plane.domain.names import node_name
-from control_plane.store import Keyspace
+from control_plane.adapters.store import Keyspace
 from gpufed.v1 import common_pb2, discovery_pb2, lease_pb2
 
 _UNHEALTHY = common_pb2.GPU_HEALTH_UNHEALTHY

@@ -14,7 +14,7 @@ from control_plane import errors
 from control_plane.domain import offers, pagination
 from control_plane.domain.filters import compile_filter
 from control_plane.domain.names import parse_node_name, valid_id
-from control_plane.index import Change, Inventory
+from control_plane.adapters.index import Change, Inventory
 from gpufed.v1 import common_pb2, discovery_pb2, discovery_pb2_grpc
 
 WATCH_QUEUE_LIMIT = 10_000

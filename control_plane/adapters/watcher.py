@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
-from control_plane.index import Change, Inventory
-from control_plane.store import EtcdStore, StoreUnavailable, WatchCompacted
+from control_plane.adapters.index import Change, Inventory
+from control_plane.adapters.store import EtcdStore, StoreUnavailable, WatchCompacted
 from gpufed.logs import get_logger
 
 log = get_logger(__name__)

@@ -9,8 +9,8 @@ import grpc
 
 from control_plane import auth, errors
 from control_plane.domain.names import parse_node_name
-from control_plane.index import Inventory
-from control_plane.node_service import NodeServicer
+from control_plane.adapters.index import Inventory
+from control_plane.servicers.node import NodeServicer
 from gpufed.v1 import peer_pb2, peer_pb2_grpc, telemetry_pb2, telemetry_pb2_grpc
 
 Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]

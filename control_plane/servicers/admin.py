@@ -11,10 +11,10 @@ from google.protobuf import timestamp_pb2
 from control_plane import auth, errors
 from control_plane.domain import pagination
 from control_plane.domain.names import parse_lease_name, parse_node_name, valid_id
-from control_plane.index import Inventory
-from control_plane.lease_service import Leases, now_ts
-from control_plane.store import EtcdStore, mod_revision_is, put
-from control_plane.store import delete as delete_op
+from control_plane.adapters.index import Inventory
+from control_plane.servicers.lease import Leases, now_ts
+from control_plane.adapters.store import EtcdStore, mod_revision_is, put
+from control_plane.adapters.store import delete as delete_op
 from gpufed.v1 import admin_pb2, admin_pb2_grpc, common_pb2, lease_pb2
 
 Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]

@@ -22,9 +22,9 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from control_plane import auth, errors
 from control_plane.domain import registration
 from control_plane.domain.names import node_name
-from control_plane.index import Change, Inventory
+from control_plane.adapters.index import Change, Inventory
 from control_plane.metrics import Metrics
-from control_plane.store import (
+from control_plane.adapters.store import (
     EtcdStore,
     StoreUnavailable,
     absent,
@@ -33,8 +33,8 @@ from control_plane.store import (
     put,
     value_is,
 )
-from control_plane.store import delete as delete_op
-from control_plane.store import get as get_op
+from control_plane.adapters.store import delete as delete_op
+from control_plane.adapters.store import get as get_op
 from gpufed.logs import get_logger
 from gpufed.v1 import common_pb2, lease_pb2, node_pb2, node_pb2_grpc
 

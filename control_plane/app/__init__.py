@@ -1,0 +1,1 @@
+"""The application layer: one module per capability, between the servicers and the adapters."""

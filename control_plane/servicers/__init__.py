@@ -1,0 +1,1 @@
+"""The gRPC edge: authorize, parse, call the application, map errors. A few lines a method."""
