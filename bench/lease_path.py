@@ -11,15 +11,21 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from bench.common import fake_node
+from control_plane.adapters.index import Inventory
+from control_plane.adapters.keyspace import Keyspace
+from control_plane.app.lease_txns import grant_txn, release_txn
 from control_plane.domain import lease_rules, offers
 from control_plane.domain.placement import place
-from control_plane.adapters.index import Inventory
-from control_plane.servicers.lease import grant_txn, now_ts, release_txn
-from control_plane.adapters.store import Keyspace
+from gpufed.clock import SYSTEM
+from gpufed.clock import now_ts as clock_now
 from gpufed.v1 import lease_pb2
+
+
+def now() -> timestamp_pb2.Timestamp:
+    return clock_now(SYSTEM)
 
 
 def _per_call_us(fn: Callable[[], object], n: int) -> float:
@@ -48,11 +54,11 @@ def run(nodes: int = 1000, n: int = 3000) -> dict[str, Any]:
     picks = place(offers.candidates(inv, spec.filter, 1), 1, spec.placement, set())
     assert picks is not None
     lease_id = "0123456789abcdef"
-    lease = lease_rules.build_lease(lease_id, "tenant", spec, picks, now_ts())
+    lease = lease_rules.build_lease(lease_id, "tenant", spec, picks, now())
 
     req_key = keys.request("tenant", spec.request_id).encode()
     record = lease.SerializeToString()
-    ended = lease_rules.ended(lease, lease_pb2.LEASE_END_REASON_RELEASED, now_ts()).SerializeToString()
+    ended = lease_rules.ended(lease, lease_pb2.LEASE_END_REASON_RELEASED, now()).SerializeToString()
 
     alloc = keys.alloc(
         picks[0].candidate.node.provider, picks[0].candidate.node.node_id, picks[0].gpu_uuids[0]
@@ -71,10 +77,10 @@ def run(nodes: int = 1000, n: int = 3000) -> dict[str, Any]:
         "candidates_and_place": lambda: place(
             offers.candidates(inv, spec.filter, 1), 1, spec.placement, set()
         ),
-        "build_lease": lambda: lease_rules.build_lease(lease_id, "tenant", spec, picks, now_ts()),
+        "build_lease": lambda: lease_rules.build_lease(lease_id, "tenant", spec, picks, now()),
         "grant_txn": lambda: grant_txn(keys, lease_id, record, req_key, 1, picks),
         "release_txn": lambda: release_txn(keys, lease, 7, ended, 2),
-        "ended_record": lambda: lease_rules.ended(lease, lease_pb2.LEASE_END_REASON_RELEASED, now_ts()),
+        "ended_record": lambda: lease_rules.ended(lease, lease_pb2.LEASE_END_REASON_RELEASED, now()),
         "index_four_events": index_cycle,
     }
     out: dict[str, Any] = {"nodes": nodes, "us_per_call": {k: _per_call_us(f, n) for k, f in pieces.items()}}

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from control_plane import errors
 from control_plane.adapters.store import EtcdStore
+from control_plane.domain import errors
 
 TOKEN_PREFIX = "gpf"
 

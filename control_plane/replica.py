@@ -9,19 +9,26 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from control_plane.servicers.admin import AdminServicer
+from control_plane.adapters.index import Change, ChangeKind, Inventory
+from control_plane.adapters.peer import PeerClient
+from control_plane.adapters.store import EtcdStore, Session
+from control_plane.adapters.watcher import Watcher
+from control_plane.app.admin import Admin
+from control_plane.app.discovery import Discovery
+from control_plane.app.leader import Leader
+from control_plane.app.leases import Leases
+from control_plane.app.nodes import Nodes
+from control_plane.app.telemetry import Telemetry
 from control_plane.auth import Authenticator
 from control_plane.config import Config
-from control_plane.servicers.discovery import DiscoveryServicer
-from control_plane.adapters.index import Change, Inventory
-from control_plane.app.leader import Leader
-from control_plane.servicers.lease import Leases, LeaseServicer
 from control_plane.metrics import Metrics
-from control_plane.servicers.node import NodeServicer
 from control_plane.rpc import RpcWrapper, Services
-from control_plane.adapters.store import EtcdStore, Session
+from control_plane.servicers.admin import AdminServicer
+from control_plane.servicers.discovery import DiscoveryServicer
+from control_plane.servicers.lease import LeaseServicer
+from control_plane.servicers.node import NodeServicer
 from control_plane.servicers.telemetry import PeerServicer, TelemetryServicer
-from control_plane.adapters.watcher import Watcher
+from gpufed.clock import SYSTEM, Clock
 from gpufed.logs import get_logger
 from gpufed.v1 import (
     admin_pb2,
@@ -51,8 +58,9 @@ SERVICE_NAMES = [
 
 
 class Replica:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, clock: Clock = SYSTEM) -> None:
         self.config = config
+        self.clock = clock
         self.id = config.replica_id
         self.metrics = Metrics()
         self.shutdown = asyncio.Event()
@@ -74,7 +82,7 @@ class Replica:
         async with asyncio.timeout(30):
             await self.watcher.synced.wait()
 
-        self.nodes = NodeServicer(
+        self.nodes = Nodes(
             self.store,
             self.inventory,
             self.id,
@@ -82,12 +90,22 @@ class Replica:
             cfg.report_interval,
             cfg.grace_intervals,
             self.metrics,
+            self.clock,
         )
-        self.leases = Leases(self.store, self.inventory, self.metrics)
+        self.leases = Leases(self.store, self.inventory, self.metrics, self.clock, self.shutdown)
         self.leases.start()
-        self.telemetry = TelemetryServicer(self.inventory, self.nodes, self.id, cfg.peer_token)
+        self.peers = PeerClient(cfg.peer_token)
+        self.telemetry = Telemetry(
+            self.inventory, self.nodes.telemetry, lambda: self.nodes.sessions, self.id, self.peers
+        )
         self.leader = Leader(
-            self.store, self.inventory, self.leases, self.id, lambda: self.session.lease_id, self.metrics
+            self.store,
+            self.inventory,
+            self.leases,
+            self.id,
+            lambda: self.session.lease_id,
+            self.metrics,
+            self.clock,
         )
 
         server = grpc.aio.server(
@@ -98,16 +116,16 @@ class Replica:
             ],
         )
         services = Services(server, RpcWrapper(self.auth, self.metrics, cfg.log_calls)).as_server()
-        node_pb2_grpc.add_NodeServiceServicer_to_server(self.nodes, services)
+        node_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(self.nodes), services)
         discovery_pb2_grpc.add_DiscoveryServiceServicer_to_server(
-            DiscoveryServicer(self.inventory, self.shutdown, cfg.search_cache), services
+            DiscoveryServicer(Discovery(self.inventory, self.shutdown, cfg.search_cache)), services
         )
-        lease_pb2_grpc.add_LeaseServiceServicer_to_server(LeaseServicer(self.leases, self.shutdown), services)
-        telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(self.telemetry, services)
+        lease_pb2_grpc.add_LeaseServiceServicer_to_server(LeaseServicer(self.leases), services)
+        telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(TelemetryServicer(self.telemetry), services)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(self.store, self.inventory, self.leases), services
+            AdminServicer(Admin(self.store, self.inventory, self.leases, self.clock)), services
         )
-        peer_pb2_grpc.add_PeerServiceServicer_to_server(PeerServicer(self.nodes, self.id), services)
+        peer_pb2_grpc.add_PeerServiceServicer_to_server(PeerServicer(self.telemetry), services)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
         reflection.enable_server_reflection(
@@ -148,9 +166,9 @@ class Replica:
                 await result
 
     def _on_change(self, change: Change) -> None:
-        if change.kind == "token":
+        if change.kind is ChangeKind.TOKEN:
             self.auth.update(change.name, change.value)
-        elif change.kind == "relist":
+        elif change.kind is ChangeKind.RESYNC:
             self.auth.records.clear()
             self.auth.forget()
 
@@ -173,7 +191,7 @@ class Replica:
                 await t
         await self.leader.resign()
         await self.leases.stop()
-        await self.telemetry.close()
+        await self.peers.close()
         await self.session.close(revoke=True)
         if self._metrics_server is not None:
             with contextlib.suppress(Exception):

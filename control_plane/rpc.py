@@ -17,8 +17,10 @@ from typing import Any, cast
 import grpc
 
 from control_plane import auth, errors
-from control_plane.metrics import Metrics
 from control_plane.adapters.store import StoreUnavailable
+from control_plane.domain import errors as domain_errors
+from control_plane.domain.errors import DomainError
+from control_plane.metrics import Metrics
 from gpufed.logs import bind_rpc, get_logger
 
 log = get_logger(__name__)
@@ -53,17 +55,19 @@ class _Call:
         fields["principal"] = str(principal)
 
     async def fail(self, exc: BaseException) -> None:
-        if isinstance(exc, errors.ApiError):
+        if isinstance(exc, DomainError):
             err = exc
         elif isinstance(exc, StoreUnavailable):
-            err = errors.unavailable("ETCD_UNAVAILABLE", f"the cluster store is unavailable, retry: {exc}")
+            err = domain_errors.unavailable(
+                "ETCD_UNAVAILABLE", f"the cluster store is unavailable, retry: {exc}"
+            )
         else:
             log.exception("unexpected error in RPC")
-            err = errors.unavailable("REPLICA_ERROR", "the replica failed to serve this call; retry")
-        self.code = err.code
-        if err.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            err = domain_errors.unavailable("REPLICA_ERROR", "the replica failed to serve this call; retry")
+        self.code = errors.grpc_code(err.code)
+        if self.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
             log.warning("access denied", code=err.code.name, reason=err.reason, detail=err.message)
-        await self.context.abort_with_status(err.to_status())
+        await self.context.abort_with_status(errors.to_status(err))
 
     def end(self) -> None:
         elapsed = time.perf_counter() - self.start
@@ -128,7 +132,7 @@ class RpcWrapper:
             try:
                 await call.begin()
                 return await fn(request, context)
-            except (errors.ApiError, StoreUnavailable) as e:
+            except (DomainError, StoreUnavailable) as e:
                 await call.fail(e)
             except Exception as e:
                 if _is_abort(e):
@@ -148,7 +152,7 @@ class RpcWrapper:
                 await call.begin()
                 async for item in fn(request, context):
                     yield item
-            except (errors.ApiError, StoreUnavailable) as e:
+            except (DomainError, StoreUnavailable) as e:
                 await call.fail(e)
             except Exception as e:
                 if _is_abort(e):

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from etcd3.etcdrpc import rpc_pb2 as rpc
 
 from control_plane.adapters.store import MAX_TXN_OPS, EtcdStore, StoreUnavailable, TxnBuilder
+from gpufed.clock import SYSTEM, Clock
 from gpufed.logs import get_logger
 
 log = get_logger(__name__)
@@ -189,37 +190,42 @@ class LeasePool:
 
     Each pooled lease remembers when this replica last refreshed it (grant or keep-alive). A
     lease refreshed less than FRESH_S ago is handed out without another keep-alive; the grant
-    then reports its true expiry, refreshed_at + ttl, a moment short of a full ttl.
+    then reports its true expiry, refreshed_at + ttl, a moment short of a full ttl. Times are
+    wall-clock nanoseconds: they become the lease's expire_time.
     """
 
     store: EtcdStore
+    clock: Clock = SYSTEM
     per_ttl: int = 256
     granted: int = 0
-    _pools: dict[int, deque[tuple[int, float]]] = field(default_factory=dict)
-    refreshed: dict[int, float] = field(default_factory=dict)  # etcd lease -> wall time of last refresh
+    _pools: dict[int, deque[tuple[int, int]]] = field(default_factory=dict)
+    refreshed: dict[int, int] = field(default_factory=dict)  # etcd lease -> time of last refresh
 
-    FRESH_S = 1.0
+    FRESH_NS = 1_000_000_000
 
-    async def take(self, ttl: int) -> tuple[int, float]:
-        """An etcd lease with `ttl` and the wall time its ttl counts from."""
+    async def take(self, ttl: int) -> tuple[int, int]:
+        """An etcd lease with `ttl` and the time (ns) its ttl counts from."""
         pool = self._pools.get(ttl)
         while pool:
             lease_id, refreshed_at = pool.pop()
-            now = time.time()
-            if now - refreshed_at < self.FRESH_S:
+            now = self.clock.time_ns()
+            if now - refreshed_at < self.FRESH_NS:
                 self.refreshed[lease_id] = refreshed_at
                 return lease_id, refreshed_at
-            if now - refreshed_at > ttl - 1:
+            if now - refreshed_at > (ttl - 1) * 1_000_000_000:
                 continue  # expired or about to: etcd drops it by itself
+            # The ttl counts from before the keep-alive left: never later than etcd's own count.
+            sent = now
             remaining = await self.store.keepalive(lease_id)
             if remaining > 0:
-                return lease_id, self.note_refresh(lease_id)
+                return lease_id, self.note_refresh(lease_id, at=sent)
         self.granted += 1
+        sent = self.clock.time_ns()
         lease_id = await self.store.grant(ttl)
-        return lease_id, self.note_refresh(lease_id)
+        return lease_id, self.note_refresh(lease_id, at=sent)
 
-    def note_refresh(self, lease_id: int, only_known: bool = False) -> float:
-        now = time.time()
+    def note_refresh(self, lease_id: int, only_known: bool = False, at: int = 0) -> int:
+        now = at or self.clock.time_ns()
         if not only_known or lease_id in self.refreshed:
             self.refreshed[lease_id] = now
         if len(self.refreshed) > MAX_TRACKED:
@@ -230,7 +236,7 @@ class LeasePool:
 
     def give_back(self, lease_id: int, ttl: int) -> None:
         """A lease whose keys are all gone (its gpufed lease was released) can serve again."""
-        refreshed_at = self.refreshed.pop(lease_id, 0.0)
+        refreshed_at = self.refreshed.pop(lease_id, 0)
         pool = self._pools.setdefault(ttl, deque())
         if len(pool) < self.per_ttl:
             pool.append((lease_id, refreshed_at))

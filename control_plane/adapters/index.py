@@ -1,8 +1,10 @@
 """The replica's in-memory view of the federation, fed by etcd events (control_plane.adapters.watcher).
 
-Pure state: `apply` takes one key change at a time in revision order; nothing here does I/O.
+State only: `apply` takes one key change at a time in revision order; nothing here does I/O.
 Node records, liveness and allocations arrive under different keys in any order, so they are
-kept apart and joined on read. Subscribers get a Change for each applied event.
+kept apart and joined on read. Subscribers get a typed Change for each applied event, and one
+RESYNC after a (re-)list replaced the whole view: whatever a subscriber derived from earlier
+changes it must derive again from the index, since changes inside the gap were never seen.
 """
 
 from __future__ import annotations
@@ -10,13 +12,15 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-from collections.abc import Callable
+import enum
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
+from control_plane.adapters.keyspace import KeyKind, Keyspace
 from control_plane.domain.geo import unit_vector
-from control_plane.domain.names import node_name
-from control_plane.adapters.store import Keyspace
-from gpufed.v1 import common_pb2, discovery_pb2, lease_pb2
+from control_plane.domain.inventory import GpuGroup, NodeEntry, NodeSummary
+from gpufed.v1 import common_pb2, lease_pb2
 
 _UNHEALTHY = common_pb2.GPU_HEALTH_UNHEALTHY
 # Plain ints: attribute access on the enum wrapper goes through a Python __getattr__, and state()
@@ -28,51 +32,43 @@ _CORDONED = common_pb2.NODE_STATE_CORDONED
 _DRAINING = common_pb2.NODE_STATE_DRAINING
 
 
-@dataclass(slots=True)
-class NodeEntry:
-    node: common_pb2.Node
-    mod_revision: int
-    # Derived once per record, reused by every summary of it (allocations change far more often):
-    # (uuid, model, health, memory, gpu) in NVML index order, and the node's unit vector.
-    gpus: list[tuple[str, str, int, int, common_pb2.Gpu]] = field(default_factory=list)
-    xyz: tuple[float, float, float] = (0.0, 0.0, 0.0)
+class ChangeKind(enum.Enum):
+    NODE = "node"
+    ALIVE = "alive"
+    ALLOC = "alloc"
+    LEASE = "lease"
+    TOKEN = "token"
+    REPLICA = "replica"
+    LEADER = "leader"
+    RESYNC = "resync"  # the whole view was replaced by a (re-)list
 
 
-@dataclass(slots=True)
-class GpuGroup:
-    """Free GPUs of one model and health on one node (the unit searches look at)."""
-
-    model: str
-    health: int
-    memory_bytes: int
-    gpus: list[common_pb2.Gpu]
+_CHANGE_OF = {k: ChangeKind[k.name] for k in KeyKind}
 
 
-@dataclass(slots=True)
-class NodeSummary:
-    """What a search needs of a node, kept up to date on every change of the node, its liveness
-    or its allocations, so searches read plain attributes instead of protobufs."""
+class KeyValueLike(Protocol):
+    """What `load` needs of each listed key (store.KeyValue has it)."""
 
-    name: str
-    node: common_pb2.Node
-    mod_revision: int
-    schedulable: bool
-    groups: list[GpuGroup]
-    price: float
-    xyz: tuple[float, float, float]
-    # Offers built from this summary, by the GPUs they hold (dropped with the summary on change).
-    offers: dict[tuple[str, ...], discovery_pb2.Offer] = field(default_factory=dict)
+    @property
+    def key(self) -> bytes: ...
+    @property
+    def value(self) -> bytes: ...
+    @property
+    def mod_revision(self) -> int: ...
+    @property
+    def create_revision(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """kind: node | alive | alloc | lease | token | replica | leader | relist."""
+    """One applied key change. name: the node's resource name (NODE, ALIVE, ALLOC), the lease,
+    token or replica id, "leader"; "" for RESYNC."""
 
-    kind: str
+    kind: ChangeKind
     name: str
     value: bytes | None
     revision: int
-    # kind "lease": the parsed record as the index holds it (the new one, or the one that went).
+    # kind LEASE: the parsed record as the index holds it (the new one, or the one that went).
     lease: lease_pb2.Lease | None = None
 
 
@@ -115,23 +111,33 @@ class Inventory:
         self.draining.clear()
         self.leader = ""
 
+    def load(self, kvs: Iterable[KeyValueLike], revision: int) -> None:
+        """Replace the whole view with a listing at `revision`, then tell subscribers RESYNC
+        (not one change per key: what was deleted in a gap would never be told)."""
+        self.reset()
+        for kv in kvs:
+            self.apply(kv.key, kv.value, kv.mod_revision, kv.create_revision, notify=False)
+        self.revision = 0  # let advance() wake waiters even if the revision did not move
+        self.advance(revision)
+        self._notify(Change(ChangeKind.RESYNC, "", None, revision))
+
     def apply(
         self,
         key: bytes,
         value: bytes | None,
         mod_revision: int,
         create_revision: int = 0,
+        notify: bool = True,
     ) -> Change | None:
-        parts = self.keys.relative(key)
-        top = parts[0]
-        change: Change | None = None
-        if top == "nodes" and len(parts) == 3:
-            name = node_name(parts[1], parts[2])
+        parsed = self.keys.parse(key)
+        if parsed is None:
+            return None
+        kind, name = parsed.kind, parsed.name
+        lease: lease_pb2.Lease | None = None
+        if kind is KeyKind.NODE:
             self._set_node(name, value, mod_revision)
             self._summarize(name)
-            change = Change("node", name, value, mod_revision)
-        elif top == "alive" and len(parts) == 3:
-            name = node_name(parts[1], parts[2])
+        elif kind is KeyKind.ALIVE:
             if value is None:
                 self.alive.pop(name, None)
                 self.alive_revision.pop(name, None)
@@ -139,47 +145,42 @@ class Inventory:
                 self.alive[name] = value.decode()
                 self.alive_revision[name] = mod_revision
             self._summarize(name)
-            change = Change("alive", name, value, mod_revision)
-        elif top == "alloc" and len(parts) == 4:
-            name = node_name(parts[1], parts[2])
+        elif kind is KeyKind.ALLOC:
             if value is None:
                 held = self.allocs.get(name)
                 if held is not None:
-                    held.pop(parts[3], None)
+                    held.pop(parsed.gpu, None)
                     if not held:
                         del self.allocs[name]
             else:
-                self.allocs.setdefault(name, {})[parts[3]] = value.decode()
+                self.allocs.setdefault(name, {})[parsed.gpu] = value.decode()
             self._summarize(name)
-            change = Change("alloc", name, value, mod_revision)
-        elif top == "leases" and len(parts) == 2:
-            lease: lease_pb2.Lease | None
+        elif kind is KeyKind.LEASE:
             if value is None:
-                lease = self.leases.pop(parts[1], None)
-                self.lease_revision.pop(parts[1], None)
+                lease = self.leases.pop(name, None)
+                self.lease_revision.pop(name, None)
             else:
                 lease = lease_pb2.Lease.FromString(value)
                 # The grant Txn's revision is the fencing token: the key's create revision.
                 if not lease.fencing_token:
                     lease.fencing_token = create_revision or mod_revision
-                self.leases[parts[1]] = lease
-                self.lease_revision[parts[1]] = mod_revision
-            change = Change("lease", parts[1], value, mod_revision, lease)
-        elif top == "replicas" and len(parts) == 2:
+                self.leases[name] = lease
+                self.lease_revision[name] = mod_revision
+        elif kind is KeyKind.REPLICA:
             if value is None:
-                self.replicas.pop(parts[1], None)
+                self.replicas.pop(name, None)
             else:
-                self.replicas[parts[1]] = value.decode()
-            change = Change("replica", parts[1], value, mod_revision)
-        elif top == "leader" and len(parts) == 1:
+                self.replicas[name] = value.decode()
+        elif kind is KeyKind.LEADER:
             self.leader = value.decode() if value is not None else ""
-            change = Change("leader", "leader", value, mod_revision)
-        elif top == "tokens" and len(parts) == 2:
-            change = Change("token", parts[1], value, mod_revision)
-        if change is not None:
-            for fn in list(self._subscribers):
-                fn(change)
+        change = Change(_CHANGE_OF[kind], name, value, mod_revision, lease)
+        if notify:
+            self._notify(change)
         return change
+
+    def _notify(self, change: Change) -> None:
+        for fn in list(self._subscribers):
+            fn(change)
 
     def _set_node(self, name: str, value: bytes | None, mod_revision: int) -> None:
         old = self.nodes.get(name)

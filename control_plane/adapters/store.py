@@ -1,25 +1,10 @@
-"""The etcd adapter: keyspace layout, Txn helpers, ranged reads, watch from a revision, leases.
+"""The etcd adapter: Txn helpers, ranged reads, watch from a revision, leases, and the one
+compare-and-swap helper (`update`) every read-modify-write goes through.
 
 It speaks etcd's v3 gRPC API through grpc.aio with the stubs that python3-etcd3 ships
 (`etcd3.etcdrpc`), so the asyncio replica never parks a thread on etcd. python3-etcd3's own
 synchronous client is not used on the server's hot paths (and its Lock is never used:
-exclusivity is compare-and-swap, see DESIGN.md).
-
-Keyspace, under a configurable prefix (default /gpufed); every replica watches {prefix}/, and the
-records in {prefix}.records/ (requests, history, usage, ledger) are read on demand:
-
-  nodes/{provider}/{node_id}            Node record (gpufed.v1.Node, binary)
-  alive/{provider}/{node_id}            replica id holding the stream; on that replica's session lease
-  alloc/{provider}/{node_id}/{gpu_uuid} lease id; on the gpufed lease's etcd lease
-  leases/{lease_id}                     Lease record; on its own etcd lease
-  tokens/{token_id}                     token record with the secret's hash
-  replicas/{replica_id}                 peer address; on the replica's session lease
-  leader                                replica id of the elected leader; on its session lease
-
-  .records/requests/{tenant}/{request_id}  lease id, for CreateLease idempotency
-  .records/history/leases/{lease_id}       ended Lease records
-  .records/usage/{lease_id}/{provider}     UsageRecord (written once, by the leader)
-  .records/ledger/cursor                   revision the usage ledger has processed
+exclusivity is compare-and-swap). Where each record lives: control_plane.adapters.keyspace.
 """
 
 from __future__ import annotations
@@ -35,6 +20,9 @@ import grpc
 from etcd3.etcdrpc import rpc_pb2 as rpc
 from etcd3.etcdrpc import rpc_pb2_grpc as rpc_grpc
 
+from control_plane.adapters.keyspace import Keyspace
+from control_plane.domain import errors
+from control_plane.domain.errors import DomainError
 from gpufed.logs import get_logger
 
 log = get_logger(__name__)
@@ -44,6 +32,11 @@ T = TypeVar("T")
 # etcd's default --max-txn-ops: the most operations in one branch (compares, success or failure).
 MAX_TXN_OPS = 128
 _RANGE_PAGE = 2000
+
+
+# Attempts of a read-modify-write before it gives up (each one failed a compare because the
+# record changed in between: under that much contention the caller should retry later).
+CAS_ATTEMPTS = 8
 
 
 class StoreUnavailable(Exception):
@@ -56,70 +49,6 @@ class WatchCompacted(Exception):
     def __init__(self, compact_revision: int) -> None:
         super().__init__(f"revision compacted up to {compact_revision}")
         self.compact_revision = compact_revision
-
-
-@dataclass(frozen=True, slots=True)
-class Keyspace:
-    prefix: str = "/gpufed"
-
-    def _k(self, *parts: str) -> str:
-        return "/".join((self.prefix.rstrip("/"), *parts))
-
-    def node(self, provider: str, node_id: str) -> str:
-        return self._k("nodes", provider, node_id)
-
-    def alive(self, provider: str, node_id: str) -> str:
-        return self._k("alive", provider, node_id)
-
-    def alloc(self, provider: str, node_id: str, gpu_uuid: str) -> str:
-        return self._k("alloc", provider, node_id, gpu_uuid)
-
-    def lease(self, lease_id: str) -> str:
-        return self._k("leases", lease_id)
-
-    # Records (request ids, history, usage, the ledger cursor) live beside the watched state, in
-    # {prefix}.records/: read on demand, never streamed to every replica's index.
-    def _r(self, *parts: str) -> str:
-        return "/".join((self.prefix.rstrip("/") + ".records", *parts))
-
-    def request(self, tenant: str, request_id: str) -> str:
-        return self._r("requests", tenant, request_id)
-
-    def lease_history(self, lease_id: str) -> str:
-        return self._r("history", "leases", lease_id)
-
-    def usage_record(self, lease_id: str, provider: str) -> str:
-        return self._r("usage", lease_id, provider)
-
-    def records_dir(self, name: str) -> str:
-        return self._r(name) + "/"
-
-    def token(self, token_id: str) -> str:
-        return self._k("tokens", token_id)
-
-    def replica(self, replica_id: str) -> str:
-        return self._k("replicas", replica_id)
-
-    @property
-    def leader(self) -> str:
-        return self._k("leader")
-
-    @property
-    def ledger_cursor(self) -> str:
-        return self._r("ledger", "cursor")
-
-    def dir(self, name: str) -> str:
-        """Prefix of one top-level directory, with a trailing slash: dir('nodes') -> /gpufed/nodes/."""
-        return self._k(name) + "/"
-
-    @property
-    def root(self) -> str:
-        return self.prefix.rstrip("/") + "/"
-
-    def relative(self, key: bytes | str) -> list[str]:
-        """Path parts of a key below the prefix: /gpufed/nodes/p/n -> ['nodes', 'p', 'n']."""
-        text = key.decode() if isinstance(key, bytes) else key
-        return text[len(self.root) :].split("/")
 
 
 def prefix_end(prefix: bytes) -> bytes:
@@ -217,6 +146,31 @@ def newest_read(resp: rpc.TxnResponse) -> int:
         for kv in r.response_range.kvs:
             newest = max(newest, kv.mod_revision)
     return newest
+
+
+async def retry_cas(
+    attempt: Callable[[int], Awaitable[T | None]], give_up: DomainError, attempts: int = CAS_ATTEMPTS
+) -> T:
+    """The one compare-and-swap retry loop: `attempt(n)` reads, decides and writes under a
+    compare, returning its result, or None when the compare failed and it should run again.
+    After `attempts` failures, `give_up` is raised (ABORTED or RESOURCE_EXHAUSTED: retry later)."""
+    for n in range(attempts):
+        out = await attempt(n)
+        if out is not None:
+            return out
+    raise give_up
+
+
+@dataclass(slots=True)
+class Updated:
+    """The outcome of `EtcdStore.update`: the value the key holds now and the write's revision
+    (0 when the function left the value as it was)."""
+
+    value: bytes | None
+    revision: int
+
+
+_UNKNOWN: Any = object()
 
 
 @dataclass(slots=True)
@@ -350,6 +304,39 @@ class EtcdStore:
     async def send_txn(self, req: rpc.TxnRequest) -> rpc.TxnResponse:
         """A Txn built by the caller (no copy of its operations)."""
         return await self._call(lambda: self._kv.Txn(req, timeout=self.timeout))
+
+    async def update(
+        self,
+        key: str | bytes,
+        fn: Callable[[KeyValue | None], bytes | None],
+        *,
+        known: KeyValue | None = _UNKNOWN,
+        lease: int = 0,
+        what: str = "the record",
+        reason: str = "CONFLICT",
+        attempts: int = CAS_ATTEMPTS,
+    ) -> Updated:
+        """Read-modify-write of one key: `fn(current)` returns the new value, or None to leave it
+        as it is; it may raise to refuse. The write compares the key's mod revision (absence for
+        a missing key); a failed compare reads the key back in the same Txn, so a retry costs one
+        Txn. `known` is a current guess (from the index) that saves the first read."""
+        k = _b(key)
+        kv: KeyValue | None = await self.get(k) if known is _UNKNOWN else known
+
+        async def attempt(_: int) -> Updated | None:
+            nonlocal kv
+            new = fn(kv)
+            if new is None:
+                return Updated(kv.value if kv is not None else None, 0)
+            cmp = mod_revision_is(k, kv.mod_revision) if kv is not None else absent(k)
+            resp = await self.txn([cmp], [put(k, new, lease)], [get(k)])
+            if resp.succeeded:
+                return Updated(new, int(resp.header.revision))
+            kvs = resp.responses[0].response_range.kvs
+            kv = _kv(kvs[0]) if kvs else None
+            return None
+
+        return await retry_cas(attempt, errors.aborted(reason, f"{what} kept changing; retry"), attempts)
 
     async def put(self, key: str | bytes, value: bytes, lease: int = 0) -> int:
         resp = await self._call(

@@ -1,11 +1,12 @@
 """List-then-watch: load the keyspace at revision R, then watch from R+1; re-list when the watch
-start was compacted; resume from the last revision seen when the stream merely broke."""
+start was compacted (the index then tells its subscribers RESYNC); resume from the last revision
+seen when the stream merely broke."""
 
 from __future__ import annotations
 
 import asyncio
 
-from control_plane.adapters.index import Change, Inventory
+from control_plane.adapters.index import Inventory
 from control_plane.adapters.store import EtcdStore, StoreUnavailable, WatchCompacted
 from gpufed.logs import get_logger
 
@@ -20,14 +21,7 @@ class Watcher:
 
     async def list(self) -> int:
         kvs, revision = await self.store.get_prefix(self.store.keys.root)
-        inv = self.inventory
-        inv.reset()
-        for kv in kvs:
-            inv.apply(kv.key, kv.value, kv.mod_revision, kv.create_revision)
-        inv.revision = 0  # let advance() wake waiters even if the revision did not move
-        inv.advance(revision)
-        for fn in list(inv._subscribers):
-            fn(Change("relist", "", None, revision))
+        self.inventory.load(kvs, revision)
         self.synced.set()
         return revision
 

@@ -4,7 +4,8 @@ Election: put `leader` = replica id on the replica's session lease under `create
 the others watch it (through the index) and try again when it goes. The leader runs:
 
 - the usage ledger: it watches leases/ from the ledger cursor; each deleted lease record gets its
-  history (for expiries) and one usage record per provider, in one Txn that compares the usage
+  history (for expiries, ended at their expire_time: the last grant or renewal plus the ttl)
+  and one usage record per provider, in one Txn that compares the usage
   keys absent and moves the cursor, so each record is written exactly once even across leader
   changes;
 - the drain sweep: leases on DRAINING nodes end at the drain deadline;
@@ -15,14 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Callable
 
-from control_plane.domain import lease_rules
-from control_plane.domain.usage import usage_records
-from control_plane.adapters.index import Change, Inventory
-from control_plane.servicers.lease import Leases, now_ts
-from control_plane.metrics import Metrics
+from control_plane.adapters.index import Change, ChangeKind, Inventory
 from control_plane.adapters.store import (
     EtcdStore,
     StoreUnavailable,
@@ -35,6 +31,11 @@ from control_plane.adapters.store import (
 )
 from control_plane.adapters.store import delete as delete_op
 from control_plane.adapters.store import get as get_op
+from control_plane.app.leases import Leases
+from control_plane.domain import lease_rules
+from control_plane.domain.usage import usage_records
+from control_plane.metrics import Metrics
+from gpufed.clock import SYSTEM, Clock, ts_ns
 from gpufed.logs import get_logger
 from gpufed.v1 import lease_pb2
 
@@ -58,7 +59,9 @@ class Leader:
         replica_id: str,
         session_lease: Callable[[], int],
         metrics: Metrics | None = None,
+        clock: Clock = SYSTEM,
     ) -> None:
+        self.clock = clock
         self.store = store
         self.keys = store.keys
         self.inv = inventory
@@ -71,7 +74,7 @@ class Leader:
         inventory.subscribe(self._on_change)
 
     def _on_change(self, change: Change) -> None:
-        if change.kind in ("leader", "relist"):
+        if change.kind in (ChangeKind.LEADER, ChangeKind.RESYNC):
             self._changed.set()
 
     async def run(self) -> None:
@@ -211,13 +214,13 @@ class Leader:
             if kvs:
                 final = lease_pb2.Lease.FromString(kvs[0].value)
             else:
-                final = lease_rules.ended(lease, lease_pb2.LEASE_END_REASON_EXPIRED, now_ts())
-                final.fencing_token = final.fencing_token or 0
+                final = lease_rules.expired(lease)
                 history = self.keys.lease_history(lease_id).encode()
                 txn.absent(history)
                 txn.put(history, final.SerializeToString(), hist_lease)
-                spent = self.keys.request(final.tenant, final.request_id).encode()
-                txn.put(spent, lease_id.encode(), hist_lease)
+                if final.request_id:
+                    spent = self.keys.request(final.tenant, final.request_id).encode()
+                    txn.put(spent, lease_id.encode(), hist_lease)
                 if self.metrics is not None:
                     self.metrics.leases_expired.inc()
             for r in usage_records(final, final.end_time):
@@ -241,13 +244,13 @@ class Leader:
     async def _drain_sweep(self) -> None:
         while True:
             await asyncio.sleep(0.5)
-            now = time.time()
+            now = self.clock.time_ns()
             for name in list(self.inv.draining):
                 entry = self.inv.nodes.get(name)
                 if entry is None or not entry.node.HasField("drain_deadline"):
                     continue
                 node = entry.node
-                if node.drain_deadline.ToNanoseconds() / 1e9 > now:
+                if ts_ns(node.drain_deadline) > now:
                     continue
                 for lease_id in set(self.inv.held(name).values()):
                     try:

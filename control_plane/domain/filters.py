@@ -8,14 +8,12 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from control_plane import errors
+from control_plane.domain import errors
 from control_plane.domain.countries import is_country_code
 from control_plane.domain.geo import haversine_km, valid_coordinates
 from control_plane.domain.names import valid_id
 from gpufed.v1 import common_pb2
 
-_HEALTHY = common_pb2.GPU_HEALTH_HEALTHY
-_DEGRADED = common_pb2.GPU_HEALTH_DEGRADED
 MAX_FILTER_VALUES = 300
 
 
@@ -79,16 +77,29 @@ class Filter:
                 return False, None
         return True, distance
 
-    def gpu_matches(self, gpu: common_pb2.Gpu) -> bool:
-        if gpu.health != _HEALTHY and not (self.include_degraded and gpu.health == _DEGRADED):
-            return False
-        if gpu.memory_total_bytes < self.min_gpu_memory_bytes:
-            return False
-        return model_matches(self.gpu_model, gpu.model)
-
     def key(self) -> str:
-        """A stable text form, for page tokens and caches."""
-        return repr(self)
+        """The same text for the same filter in every process (page tokens are checked against
+        it on whichever replica serves the next page): sets are written sorted, never as the
+        repr of a frozenset, whose order follows PYTHONHASHSEED."""
+
+        def values(v: frozenset[str] | None) -> tuple[str, ...] | None:
+            return None if v is None else tuple(sorted(v))
+
+        near = None if self.near is None else (self.near.latitude, self.near.longitude, self.near.radius_km)
+        return repr(
+            (
+                self.gpu_model,
+                self.min_gpu_memory_bytes,
+                values(self.countries),
+                values(self.exclude_countries),
+                values(self.regions),
+                values(self.providers),
+                near,
+                self.max_price,
+                self.labels,
+                self.include_degraded,
+            )
+        )
 
 
 def _codes(values: list[str], field: str) -> frozenset[str]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from control_plane import errors
+from control_plane.domain import errors
 from control_plane.domain.filters import Filter, compile_filter
 from control_plane.domain.names import lease_name, validate_request_id
 from control_plane.domain.placement import MAX_GANG, Pick
@@ -84,6 +84,21 @@ def build_lease(
     lease.price_per_hour = round(sum(g.price_per_gpu_hour for g in lease.gpus), 6)
     lease.currency_code = currency or "USD"
     return lease
+
+
+def renewed(lease: lease_pb2.Lease, at: timestamp_pb2.Timestamp) -> lease_pb2.Lease:
+    """The record after a renewal at `at`: it expires one ttl later (the only change)."""
+    out = lease_pb2.Lease()
+    out.CopyFrom(lease)
+    out.expire_time.seconds = at.seconds + (lease.ttl.seconds or DEFAULT_TTL_S)
+    out.expire_time.nanos = at.nanos
+    return out
+
+
+def expired(lease: lease_pb2.Lease) -> lease_pb2.Lease:
+    """The final record of a lease nobody renewed: it ended at its expire_time (the last grant
+    or renewal plus the ttl), whenever its end was noticed."""
+    return ended(lease, lease_pb2.LEASE_END_REASON_EXPIRED, lease.expire_time)
 
 
 def ended(

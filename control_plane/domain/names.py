@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from control_plane import errors
+from control_plane.domain import errors
 
 # DNS-label-like ids: lower case, digits, inner dots and dashes.
 _ID = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
@@ -49,7 +49,8 @@ def parse_lease_name(name: str) -> str:
 
 
 def validate_request_id(request_id: str) -> None:
-    if not _REQUEST_ID.match(request_id):
+    """Optional (AIP-155): empty means the request is not idempotent."""
+    if request_id and not _REQUEST_ID.match(request_id):
         raise errors.invalid(
             "INVALID_REQUEST_ID", "request_id must be 1..128 characters of letters, digits and . _ : -"
         )

@@ -9,29 +9,16 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from control_plane.domain.filters import Filter, model_matches
 from control_plane.domain.geo import EARTH_RADIUS_KM, unit_vector
-from control_plane.adapters.index import Inventory, NodeSummary
+from control_plane.domain.inventory import Candidate, InventoryView, NodeSummary
 from gpufed.v1 import common_pb2, discovery_pb2
 
 OfferOrder = discovery_pb2.OfferOrder
 HEALTHY = common_pb2.GPU_HEALTH_HEALTHY
 DEGRADED = common_pb2.GPU_HEALTH_DEGRADED
-
-
-@dataclass(slots=True)
-class Candidate:
-    """Free GPUs of one model on one node that match a filter."""
-
-    name: str
-    node: common_pb2.Node
-    gpus: list[common_pb2.Gpu]
-    distance_km: float | None
-    mod_revision: int
-    summary: NodeSummary | None = None
 
 
 def _candidates_of(s: NodeSummary, flt: Filter, min_free: int) -> Iterator[Candidate]:
@@ -56,17 +43,17 @@ def _candidates_of(s: NodeSummary, flt: Filter, min_free: int) -> Iterator[Candi
         if len(gpus) >= max(min_free, 1):
             if merged:
                 gpus.sort(key=_index)  # healthy and degraded groups of one model, back in NVML order
-            yield Candidate(s.name, s.node, gpus, distance, s.mod_revision, s)
+            yield Candidate(s.name, s.node, gpus, distance, s.mod_revision)
 
 
 def _index(g: common_pb2.Gpu) -> int:
     return g.index
 
 
-def _price_order(inv: Inventory, flt: Filter) -> Iterator[str]:
+def _price_order(inv: InventoryView, flt: Filter) -> Iterator[str]:
     """Node names cheapest first; only the allowed countries' lists when the filter has some."""
     if flt.countries is not None:
-        lists = [inv.by_country.get(c, []) for c in sorted(flt.countries)]
+        lists = [inv.by_country.get(c, ()) for c in sorted(flt.countries)]
         ordered: Iterable[tuple[float, str]] = heapq.merge(*lists) if len(lists) > 1 else lists[0]
     else:
         ordered = inv.by_price
@@ -77,7 +64,7 @@ def _price_order(inv: Inventory, flt: Filter) -> Iterator[str]:
 
 
 def candidates(
-    inv: Inventory, flt: Filter, min_free: int = 1, names: Iterable[str] | None = None
+    inv: InventoryView, flt: Filter, min_free: int = 1, names: Iterable[str] | None = None
 ) -> Iterator[Candidate]:
     """Matching candidates in price order (then name), unless `names` gives another order."""
     summaries = inv.summaries
@@ -100,7 +87,7 @@ def _sort_key(order: int) -> Callable[[Candidate], tuple[Any, ...]]:
 
 
 def search(
-    inv: Inventory, flt: Filter, min_free: int, order: int, stop_after: int
+    inv: InventoryView, flt: Filter, min_free: int, order: int, stop_after: int
 ) -> tuple[list[Candidate], bool]:
     """The first `stop_after` candidates in the requested order, and whether more exist."""
     if order in (OfferOrder.OFFER_ORDER_UNSPECIFIED, OfferOrder.OFFER_ORDER_PRICE):
@@ -116,7 +103,7 @@ def search(
     return every[:stop_after], len(every) > stop_after
 
 
-def _nearest(inv: Inventory, flt: Filter, min_free: int, stop_after: int) -> tuple[list[Candidate], bool]:
+def _nearest(inv: InventoryView, flt: Filter, min_free: int, stop_after: int) -> tuple[list[Candidate], bool]:
     """Nearest first without evaluating every node: rank nodes by a cheap great-circle distance
     (unit vectors, one dot product each), then look at them in that order until the page fills."""
     assert flt.near is not None
@@ -144,23 +131,15 @@ def _nearest(inv: Inventory, flt: Filter, min_free: int, stop_after: int) -> tup
 
 
 def to_offer(c: Candidate) -> discovery_pb2.Offer:
-    """The offer for a candidate; built once per node state and GPU set, then reused."""
-    key = tuple(g.uuid for g in c.gpus)
-    cache = c.summary.offers if c.summary is not None else None
-    offer = cache.get(key) if cache is not None else None
-    if offer is None:
-        offer = _build_offer(c)
-        if cache is not None:
-            cache[key] = offer
-    if c.distance_km is None:
-        return offer
-    near = discovery_pb2.Offer()
-    near.CopyFrom(offer)
-    near.distance_km = round(c.distance_km, 3)
-    return near
+    """The offer for a candidate. It depends only on the node record (its mod revision), the
+    GPUs and the distance, so callers may memoize it by (name, mod_revision, uuids)."""
+    offer = base_offer(c)
+    if c.distance_km is not None:
+        offer.distance_km = round(c.distance_km, 3)
+    return offer
 
 
-def _build_offer(c: Candidate) -> discovery_pb2.Offer:
+def base_offer(c: Candidate) -> discovery_pb2.Offer:
     node = c.node
     worst = max(g.health for g in c.gpus)
     offer = discovery_pb2.Offer(
@@ -180,7 +159,7 @@ def _build_offer(c: Candidate) -> discovery_pb2.Offer:
     return offer
 
 
-def summarize(inv: Inventory, flt: Filter) -> list[discovery_pb2.CapacityBucket]:
+def summarize(inv: InventoryView, flt: Filter) -> list[discovery_pb2.CapacityBucket]:
     """Totals and free GPUs by model x country x health over READY nodes that pass the node filter.
     The GPU filter's model and memory apply; health is a dimension here, not a filter."""
     buckets: dict[tuple[str, str, int], list[int]] = {}

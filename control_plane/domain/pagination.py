@@ -6,7 +6,7 @@ import base64
 import hashlib
 import json
 
-from control_plane import errors
+from control_plane.domain import errors
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
-from control_plane.domain.offers import Candidate
+from control_plane.domain.inventory import Candidate
 from gpufed.v1 import lease_pb2
 
 # One grant Txn compares every allocation key plus, per node, the node record and its alive key,

@@ -11,7 +11,7 @@ import re
 
 from google.protobuf import timestamp_pb2
 
-from control_plane import errors
+from control_plane.domain import errors
 from control_plane.domain.countries import is_country_code
 from control_plane.domain.geo import valid_coordinates
 from control_plane.domain.names import node_name, valid_id

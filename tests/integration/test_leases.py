@@ -216,7 +216,11 @@ def test_provider_token_cannot_create_leases(fed: Federation) -> None:
     [
         (lease_pb2.CreateLeaseRequest(request_id="r", gpu_count=0), "INVALID_ARGUMENT", "INVALID_GPU_COUNT"),
         (lease_pb2.CreateLeaseRequest(request_id="r", gpu_count=65), "RESOURCE_EXHAUSTED", "GANG_TOO_LARGE"),
-        (lease_pb2.CreateLeaseRequest(request_id="", gpu_count=1), "INVALID_ARGUMENT", "INVALID_REQUEST_ID"),
+        (
+            lease_pb2.CreateLeaseRequest(request_id="r r", gpu_count=1),
+            "INVALID_ARGUMENT",
+            "INVALID_REQUEST_ID",
+        ),
         (
             lease_pb2.CreateLeaseRequest(request_id="r", gpu_count=1, ttl=duration_pb2.Duration(seconds=1)),
             "INVALID_ARGUMENT",

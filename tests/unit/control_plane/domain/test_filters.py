@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from control_plane.domain.errors import DomainError as ApiError
 from control_plane.domain.filters import compile_filter, model_matches
-from control_plane.errors import ApiError
 from gpufed.v1 import common_pb2
 
 
@@ -88,20 +88,3 @@ def test_radius_price_labels_providers_regions() -> None:
     assert not f.node_matches(node(lat=40.7, lon=-74.0, tier="premium"))[0]
     assert not f.node_matches(node(price=3.0, tier="premium"))[0]
     assert not f.node_matches(node(tier="standard"))[0]
-
-
-def test_gpu_health_memory_and_model() -> None:
-    healthy = common_pb2.Gpu(
-        model="NVIDIA H100 80GB HBM3", memory_total_bytes=80 << 30, health=common_pb2.GPU_HEALTH_HEALTHY
-    )
-    degraded = common_pb2.Gpu(
-        model="NVIDIA H100 80GB HBM3", memory_total_bytes=80 << 30, health=common_pb2.GPU_HEALTH_DEGRADED
-    )
-    unhealthy = common_pb2.Gpu(
-        model="NVIDIA H100 80GB HBM3", memory_total_bytes=80 << 30, health=common_pb2.GPU_HEALTH_UNHEALTHY
-    )
-    f = compile_filter(common_pb2.GpuFilter(gpu_model="H100", min_gpu_memory_bytes=40 << 30))
-    assert f.gpu_matches(healthy) and not f.gpu_matches(degraded) and not f.gpu_matches(unhealthy)
-    g = compile_filter(common_pb2.GpuFilter(include_degraded=True))
-    assert g.gpu_matches(degraded) and not g.gpu_matches(unhealthy)
-    assert not compile_filter(common_pb2.GpuFilter(min_gpu_memory_bytes=100 << 30)).gpu_matches(healthy)

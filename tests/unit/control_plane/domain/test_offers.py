@@ -1,12 +1,12 @@
-"""The in-memory index fed event by event, and searches over it."""
+"""Searches and capacity summaries over an inventory."""
 
 from __future__ import annotations
 
+from control_plane.adapters.index import Inventory
+from control_plane.adapters.keyspace import Keyspace
 from control_plane.domain import offers
 from control_plane.domain.filters import compile_filter
-from control_plane.adapters.index import Change, Inventory
-from control_plane.adapters.store import Keyspace
-from gpufed.v1 import common_pb2, discovery_pb2, lease_pb2
+from gpufed.v1 import common_pb2, discovery_pb2
 
 P = "/g"
 
@@ -47,19 +47,6 @@ def search(inv: Inventory, order: int = 0, stop: int = 100, **kw: object) -> lis
     return [c.name.rsplit("/", 1)[1] for c in found]
 
 
-def test_records_liveness_and_allocations_join_in_any_order() -> None:
-    inv = Inventory(Keyspace(P))
-    inv.apply(f"{P}/alloc/p/a/a-g0".encode(), b"lease1", 1)  # before its node
-    inv.apply(f"{P}/alive/p/a".encode(), b"r/s", 2)
-    add_node(inv, "p", "a", "DE", 2.0, alive=False, rev=3)
-    view = inv.view("providers/p/nodes/a")
-    assert view is not None and view.state == common_pb2.NODE_STATE_READY
-    assert view.free_gpu_count == 3 and view.gpus[0].lease == "leases/lease1"
-    inv.apply(f"{P}/alive/p/a".encode(), None, 4)
-    assert inv.state("providers/p/nodes/a") == common_pb2.NODE_STATE_OFFLINE
-    assert search(inv) == []
-
-
 def test_price_order_country_lists_and_max_price_stop() -> None:
     inv = Inventory(Keyspace(P))
     for i, (country, price) in enumerate([("DE", 3.0), ("FR", 1.0), ("DE", 2.0), ("US", 0.5)]):
@@ -98,19 +85,6 @@ def test_allocated_and_unhealthy_gpus_are_not_offered_and_cordoned_nodes_vanish(
     assert search(inv) == []
 
 
-def test_lease_fencing_token_is_the_create_revision_and_deletes_carry_the_record() -> None:
-    inv = Inventory(Keyspace(P))
-    seen: list[Change] = []
-    inv.subscribe(seen.append)
-    lease = lease_pb2.Lease(name="leases/abc", tenant="t")
-    inv.apply(f"{P}/leases/abc".encode(), lease.SerializeToString(), 42, 42)
-    assert inv.leases["abc"].fencing_token == 42
-    inv.apply(f"{P}/leases/abc".encode(), None, 50)
-    gone = seen[-1]
-    assert gone.kind == "lease" and gone.value is None and "abc" not in inv.leases
-    assert gone.lease is not None and gone.lease.name == "leases/abc" and gone.lease.fencing_token == 42
-
-
 def test_summaries_by_model_country_and_health() -> None:
     inv = Inventory(Keyspace(P))
     add_node(inv, "p", "a", "DE", 2.0, gpus=2)
@@ -119,17 +93,26 @@ def test_summaries_by_model_country_and_health() -> None:
     assert [(b.country_code, b.total_gpus, b.free_gpus) for b in buckets] == [("DE", 2, 1)]
 
 
-def test_draining_set_follows_node_records() -> None:
+def test_gpu_health_memory_and_model_decide_which_gpus_are_offered() -> None:
     inv = Inventory(Keyspace(P))
-    add_node(inv, "p", "a", "DE", 2.0)
-    add_node(inv, "p", "b", "DE", 2.0)
-    assert inv.draining == set()
-    drained = common_pb2.Node(provider="p", node_id="a", state=common_pb2.NODE_STATE_DRAINING)
-    inv.apply(f"{P}/nodes/p/a".encode(), drained.SerializeToString(), 5)
-    assert inv.draining == {"providers/p/nodes/a"}
-    back = common_pb2.Node(provider="p", node_id="a", state=common_pb2.NODE_STATE_READY)
-    inv.apply(f"{P}/nodes/p/a".encode(), back.SerializeToString(), 6)
-    assert inv.draining == set()
-    inv.apply(f"{P}/nodes/p/b".encode(), drained.SerializeToString(), 7)
-    inv.apply(f"{P}/nodes/p/b".encode(), None, 8)  # a deleted node is no longer draining
-    assert inv.draining == set()
+    n = common_pb2.Node(provider="p", node_id="a", location=common_pb2.Location(country_code="DE"))
+    for i, (health, model, mem) in enumerate(
+        [
+            (common_pb2.GPU_HEALTH_HEALTHY, "NVIDIA H100 80GB HBM3", 80),
+            (common_pb2.GPU_HEALTH_DEGRADED, "NVIDIA H100 80GB HBM3", 80),
+            (common_pb2.GPU_HEALTH_UNHEALTHY, "NVIDIA H100 80GB HBM3", 80),
+            (common_pb2.GPU_HEALTH_HEALTHY, "NVIDIA A100-SXM4-40GB", 40),
+        ]
+    ):
+        n.gpus.add(uuid=f"g{i}", index=i, model=model, memory_total_bytes=mem << 30, health=health)
+    inv.apply(f"{P}/nodes/p/a".encode(), n.SerializeToString(), 1)
+    inv.apply(f"{P}/alive/p/a".encode(), b"r1/s1", 2)
+
+    def offered(**kw: object) -> list[str]:
+        flt = compile_filter(common_pb2.GpuFilter(**kw))  # type: ignore[arg-type]
+        return sorted(g.uuid for c in offers.candidates(inv, flt) for g in c.gpus)
+
+    assert offered(gpu_model="H100", min_gpu_memory_bytes=60 << 30) == ["g0"]
+    assert offered(gpu_model="H100", min_gpu_memory_bytes=60 << 30, include_degraded=True) == ["g0", "g1"]
+    assert offered() == ["g0", "g3"]  # never the UNHEALTHY one
+    assert offered(min_gpu_memory_bytes=100 << 30) == [] and offered(gpu_model="B200") == []

@@ -7,11 +7,12 @@ from typing import cast
 
 import pytest
 
-from control_plane.app import leader as leader_module
 from control_plane.adapters.index import Inventory
+from control_plane.adapters.keyspace import Keyspace
+from control_plane.adapters.store import EtcdStore, StoreUnavailable
+from control_plane.app import leader as leader_module
 from control_plane.app.leader import LEDGER_CHUNK, Leader
-from control_plane.servicers.lease import Leases
-from control_plane.adapters.store import EtcdStore, Keyspace, StoreUnavailable
+from control_plane.app.leases import Leases
 from gpufed.v1 import lease_pb2
 
 Ended = asyncio.Queue[tuple[lease_pb2.Lease, int]]

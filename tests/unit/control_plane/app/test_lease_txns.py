@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from etcd3.etcdrpc import rpc_pb2 as rpc
 
-from control_plane.domain.offers import Candidate
+from control_plane.adapters.keyspace import Keyspace
+from control_plane.app.lease_txns import grant_txn, release_txn
+from control_plane.domain.inventory import Candidate
 from control_plane.domain.placement import Pick
-from control_plane.servicers.lease import grant_txn, release_txn
-from control_plane.adapters.store import Keyspace
 from gpufed.v1 import common_pb2, lease_pb2
 
 K = Keyspace("/g")

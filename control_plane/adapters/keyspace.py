@@ -1,0 +1,140 @@
+"""The etcd keyspace: where each record lives, and the one place keys are parsed back.
+
+All under a configurable prefix (default /gpufed); every replica watches {prefix}/, and the
+records in {prefix}.records/ (requests, history, usage, the ledger cursor) are read on demand,
+never streamed to every replica's index:
+
+  nodes/{provider}/{node_id}            Node record (gpufed.v1.Node, binary)
+  alive/{provider}/{node_id}            session of the stream holding the node; on its replica's lease
+  alloc/{provider}/{node_id}/{gpu_uuid} lease id; on the gpufed lease's etcd lease
+  leases/{lease_id}                     Lease record; on its own etcd lease
+  tokens/{token_id}                     token record with the secret's hash
+  replicas/{replica_id}                 peer address; on the replica's session lease
+  leader                                replica id of the elected leader; on its session lease
+
+  .records/requests/{tenant}/{request_id}  lease id, for CreateLease idempotency
+  .records/history/leases/{lease_id}       ended Lease records
+  .records/usage/{lease_id}/{provider}     UsageRecord (written once, by the leader)
+  .records/ledger/cursor                   revision the usage ledger has processed
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from control_plane.domain.names import node_name
+
+
+class KeyKind(enum.Enum):
+    NODE = "node"
+    ALIVE = "alive"
+    ALLOC = "alloc"
+    LEASE = "lease"
+    TOKEN = "token"
+    REPLICA = "replica"
+    LEADER = "leader"
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """A watched key, parsed: its kind and the resource it belongs to.
+
+    name: the node's resource name (NODE, ALIVE, ALLOC), the lease id, token id or replica id;
+    gpu: the GPU uuid of an ALLOC key.
+    """
+
+    kind: KeyKind
+    name: str
+    gpu: str = ""
+
+
+# top directory -> (kind, number of parts below it)
+_LAYOUT = {
+    "nodes": (KeyKind.NODE, 2),
+    "alive": (KeyKind.ALIVE, 2),
+    "alloc": (KeyKind.ALLOC, 3),
+    "leases": (KeyKind.LEASE, 1),
+    "tokens": (KeyKind.TOKEN, 1),
+    "replicas": (KeyKind.REPLICA, 1),
+    "leader": (KeyKind.LEADER, 0),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Keyspace:
+    prefix: str = "/gpufed"
+
+    def _k(self, *parts: str) -> str:
+        return "/".join((self.prefix.rstrip("/"), *parts))
+
+    def node(self, provider: str, node_id: str) -> str:
+        return self._k("nodes", provider, node_id)
+
+    def alive(self, provider: str, node_id: str) -> str:
+        return self._k("alive", provider, node_id)
+
+    def alloc(self, provider: str, node_id: str, gpu_uuid: str) -> str:
+        return self._k("alloc", provider, node_id, gpu_uuid)
+
+    def lease(self, lease_id: str) -> str:
+        return self._k("leases", lease_id)
+
+    def token(self, token_id: str) -> str:
+        return self._k("tokens", token_id)
+
+    def replica(self, replica_id: str) -> str:
+        return self._k("replicas", replica_id)
+
+    @property
+    def leader(self) -> str:
+        return self._k("leader")
+
+    # Records (request ids, history, usage, the ledger cursor) live beside the watched state, in
+    # {prefix}.records/: read on demand, never streamed to every replica's index.
+    def _r(self, *parts: str) -> str:
+        return "/".join((self.prefix.rstrip("/") + ".records", *parts))
+
+    def request(self, tenant: str, request_id: str) -> str:
+        return self._r("requests", tenant, request_id)
+
+    def lease_history(self, lease_id: str) -> str:
+        return self._r("history", "leases", lease_id)
+
+    def usage_record(self, lease_id: str, provider: str) -> str:
+        return self._r("usage", lease_id, provider)
+
+    def records_dir(self, name: str) -> str:
+        return self._r(name) + "/"
+
+    @property
+    def ledger_cursor(self) -> str:
+        return self._r("ledger", "cursor")
+
+    def dir(self, name: str) -> str:
+        """Prefix of one top-level directory, with a trailing slash: dir('nodes') -> /gpufed/nodes/."""
+        return self._k(name) + "/"
+
+    @property
+    def root(self) -> str:
+        return self.prefix.rstrip("/") + "/"
+
+    def relative(self, key: bytes | str) -> list[str]:
+        """Path parts of a key below the prefix: /gpufed/nodes/p/n -> ['nodes', 'p', 'n']."""
+        text = key.decode() if isinstance(key, bytes) else key
+        return text[len(self.root) :].split("/")
+
+    def parse(self, key: bytes | str) -> Key | None:
+        """The watched key's kind and resource; None for a key outside the layout."""
+        parts = self.relative(key)
+        layout = _LAYOUT.get(parts[0])
+        if layout is None or len(parts) != layout[1] + 1:
+            return None
+        kind = layout[0]
+        if kind in (KeyKind.NODE, KeyKind.ALIVE):
+            return Key(kind, node_name(parts[1], parts[2]))
+        if kind is KeyKind.ALLOC:
+            return Key(kind, node_name(parts[1], parts[2]), parts[3])
+        if kind is KeyKind.LEADER:
+            return Key(kind, "leader")
+        return Key(kind, parts[1])

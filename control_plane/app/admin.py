@@ -1,0 +1,147 @@
+"""Operator work: node states (cordon, drain), lease revocation, usage records and tokens."""
+
+from __future__ import annotations
+
+from google.protobuf import timestamp_pb2
+
+from control_plane import auth
+from control_plane.adapters.index import Inventory
+from control_plane.adapters.store import EtcdStore, KeyValue, delete
+from control_plane.app.leases import Leases
+from control_plane.domain import errors, pagination
+from control_plane.domain.names import parse_lease_name, parse_node_name, valid_id
+from gpufed.clock import NS, SYSTEM, Clock, now_ts, timestamp
+from gpufed.v1 import admin_pb2, common_pb2, lease_pb2
+
+NodeState = common_pb2.NodeState
+MAX_DRAIN_GRACE_S = 7 * 24 * 3600
+MAX_REASON = 256
+KINDS = {
+    admin_pb2.TOKEN_KIND_TENANT: auth.Kind.TENANT,
+    admin_pb2.TOKEN_KIND_PROVIDER: auth.Kind.PROVIDER,
+    admin_pb2.TOKEN_KIND_ADMIN: auth.Kind.ADMIN,
+}
+_KIND_PB = {v: k for k, v in KINDS.items()}
+
+
+def _ts(iso: str) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromJsonString(iso.replace("+00:00", "Z"))
+    return ts
+
+
+class Admin:
+    def __init__(self, store: EtcdStore, inventory: Inventory, leases: Leases, clock: Clock = SYSTEM) -> None:
+        self.store = store
+        self.keys = store.keys
+        self.inv = inventory
+        self.leases = leases
+        self.clock = clock
+
+    # -- nodes ----------------------------------------------------------------------------------
+
+    async def set_state(
+        self, name: str, state: int, reason: str, grace_s: float | None = None
+    ) -> common_pb2.Node:
+        """Write the operator state of a node (UNSPECIFIED: uncordon). A drain gets a deadline of
+        now + grace, when the leader ends the leases still on the node."""
+        provider, node_id = parse_node_name(name)
+        if len(reason) > MAX_REASON:
+            raise errors.invalid("INVALID_REASON", f"reason is at most {MAX_REASON} characters")
+        if grace_s is not None and not 0 <= grace_s <= MAX_DRAIN_GRACE_S:
+            raise errors.invalid("INVALID_GRACE", f"grace must be in [0, {MAX_DRAIN_GRACE_S}] seconds")
+        now = self.clock.time_ns()
+
+        def change(kv: KeyValue | None) -> bytes:
+            if kv is None:
+                raise errors.not_found("NODE_NOT_FOUND", f"{name} is not registered", node=name)
+            node = common_pb2.Node.FromString(kv.value)
+            node.state = state  # type: ignore[assignment]
+            node.state_reason = reason if state else ""
+            node.ClearField("drain_deadline")
+            if grace_s is not None:
+                node.drain_deadline.CopyFrom(timestamp(now + int(grace_s * NS)))
+            node.update_time.CopyFrom(now_ts(self.clock))
+            return node.SerializeToString()
+
+        updated = await self.store.update(
+            self.keys.node(provider, node_id), change, what="the node record", reason="NODE_CHANGING"
+        )
+        await self.inv.wait_for_revision(updated.revision)
+        view = self.inv.view(name)
+        return view if view is not None else common_pb2.Node.FromString(updated.value or b"")
+
+    # -- leases and usage -----------------------------------------------------------------------
+
+    async def revoke(self, name: str, reason: str) -> lease_pb2.Lease:
+        if len(reason) > MAX_REASON:
+            raise errors.invalid("INVALID_REASON", f"reason is at most {MAX_REASON} characters")
+        return await self.leases.end(parse_lease_name(name), lease_pb2.LEASE_END_REASON_REVOKED, reason)
+
+    async def usage(
+        self, p: auth.Principal, request: admin_pb2.ListUsageRecordsRequest
+    ) -> tuple[list[admin_pb2.UsageRecord], str]:
+        provider = request.provider
+        if provider and not valid_id(provider):
+            raise errors.invalid("INVALID_PROVIDER", f"{provider!r} is not a valid provider name")
+        if p.kind == auth.Kind.PROVIDER:
+            if provider and provider != p.name:
+                raise errors.permission_denied("OTHER_PROVIDER", "a provider token sees only its own usage")
+            provider = p.name
+        size = pagination.page_size(request.page_size)
+        start_ns = request.start_time.ToNanoseconds() if request.HasField("start_time") else 0
+        end_ns = request.end_time.ToNanoseconds() if request.HasField("end_time") else 2**63 - 1
+        kvs, _ = await self.store.get_prefix(self.keys.records_dir("usage"))
+        records = []
+        for kv in kvs:
+            r = admin_pb2.UsageRecord.FromString(kv.value)
+            if (not provider or r.provider == provider) and start_ns <= r.end_time.ToNanoseconds() < end_ns:
+                records.append(r)
+        records.sort(key=lambda r: (r.end_time.ToNanoseconds(), r.name))
+        query = pagination.query_hash("usage", provider, str(start_ns), str(end_ns))
+        start, end, token = pagination.paginate(len(records), request.page_token, size, query)
+        return records[start:end], token
+
+    # -- tokens ---------------------------------------------------------------------------------
+
+    async def create_token(self, kind_pb: int, principal: str) -> tuple[admin_pb2.Token, str]:
+        kind = KINDS.get(kind_pb)  # type: ignore[call-overload]
+        if kind is None:
+            raise errors.invalid("INVALID_TOKEN_KIND", "kind must be TENANT, PROVIDER or ADMIN")
+        if not valid_id(principal):
+            raise errors.invalid("INVALID_PRINCIPAL", f"{principal!r} must be a DNS label (a-z, 0-9, -)")
+        secret, record = auth.new_token(kind, principal)
+        await self.store.put(self.keys.token(record.token_id), record.to_json())
+        token = admin_pb2.Token(
+            name=f"tokens/{record.token_id}",
+            kind=kind_pb,  # type: ignore[arg-type]
+            principal=record.principal,
+            create_time=_ts(record.create_time),
+        )
+        return token, secret
+
+    async def list_tokens(self) -> list[admin_pb2.Token]:
+        kvs, _ = await self.store.get_prefix(self.keys.dir("tokens"))
+        tokens = []
+        for kv in kvs:
+            token_id = self.keys.relative(kv.key)[1]
+            rec = auth.TokenRecord.from_json(token_id, kv.value)
+            tokens.append(
+                admin_pb2.Token(
+                    name=f"tokens/{token_id}",
+                    kind=_KIND_PB[rec.kind],
+                    principal=rec.principal,
+                    create_time=_ts(rec.create_time),
+                )
+            )
+        return tokens
+
+    async def delete_token(self, name: str) -> None:
+        prefix, _, token_id = name.partition("/")
+        if prefix != "tokens" or not token_id.isalnum():
+            raise errors.invalid("INVALID_TOKEN_NAME", "token name must be tokens/{id}")
+        resp = await self.store.txn([], [delete(self.keys.token(token_id))])
+        if not resp.responses[0].response_delete_range.deleted:
+            raise errors.not_found("TOKEN_NOT_FOUND", f"{name} does not exist")
+        # Read your writes: once this returns, this replica refuses the token.
+        await self.inv.wait_for_revision(resp.header.revision)

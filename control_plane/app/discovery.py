@@ -1,0 +1,192 @@
+"""Discovery: read-only answers from the replica's in-memory index, each with the revision it
+reflects, and the capacity watch."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+
+from control_plane.adapters.index import Change, ChangeKind, Inventory
+from control_plane.domain import errors, offers, pagination
+from control_plane.domain.filters import compile_filter
+from control_plane.domain.inventory import Candidate
+from control_plane.domain.names import parse_node_name, valid_id
+from gpufed.v1 import common_pb2, discovery_pb2
+
+WATCH_QUEUE_LIMIT = 10_000
+OFFER_CACHE_SIZE = 65_536
+WatchEvent = discovery_pb2.WatchCapacityResponse
+
+
+class Discovery:
+    def __init__(self, inventory: Inventory, shutdown: asyncio.Event, cache_size: int = 1024) -> None:
+        self.inv = inventory
+        self.shutdown = shutdown
+        self.cache_size = cache_size
+        self._answers: OrderedDict[bytes, discovery_pb2.SearchOffersResponse] = OrderedDict()
+        # Offers by (node, node record revision, GPUs): what an offer holds follows from these,
+        # so under lease churn only the node that changed builds its offer again.
+        self._offers: OrderedDict[tuple[str, int, tuple[str, ...]], discovery_pb2.Offer] = OrderedDict()
+
+    def search(self, request: discovery_pb2.SearchOffersRequest) -> discovery_pb2.SearchOffersResponse:
+        # Answers depend only on the request and the index revision (not on the caller), so the
+        # same search at the same revision is answered once: popular searches polled by many
+        # clients cost one evaluation per change of the federation.
+        key = request.SerializeToString(deterministic=True)
+        hit = self._answers.get(key)
+        if hit is not None and hit.revision == self.inv.revision:
+            self._answers.move_to_end(key)
+            return hit
+        resp = self._search(request)
+        if self.cache_size:
+            self._answers[key] = resp
+            if len(self._answers) > self.cache_size:
+                self._answers.popitem(last=False)
+        return resp
+
+    def _search(self, request: discovery_pb2.SearchOffersRequest) -> discovery_pb2.SearchOffersResponse:
+        flt = compile_filter(request.filter)
+        if request.order_by == discovery_pb2.OFFER_ORDER_DISTANCE and flt.near is None:
+            raise errors.invalid("NEAR_REQUIRED", "order_by DISTANCE needs filter.near")
+        if request.order_by not in discovery_pb2.OfferOrder.values():
+            raise errors.invalid("INVALID_ORDER", f"unknown order_by {request.order_by}")
+        size = pagination.page_size(request.page_size)
+        query = pagination.query_hash(flt.key(), str(request.min_free_gpus), str(request.order_by))
+        start = pagination.decode_token(request.page_token, query)
+        found, more = offers.search(self.inv, flt, request.min_free_gpus, request.order_by, start + size)
+        return discovery_pb2.SearchOffersResponse(
+            offers=[self._offer(c) for c in found[start:]],
+            next_page_token=pagination.encode_token(query, start + size) if more else "",
+            revision=self.inv.revision,
+        )
+
+    def _offer(self, c: Candidate) -> discovery_pb2.Offer:
+        key = (c.name, c.mod_revision, tuple(g.uuid for g in c.gpus))
+        offer = self._offers.get(key)
+        if offer is None:
+            offer = self._offers[key] = offers.base_offer(c)
+            if len(self._offers) > OFFER_CACHE_SIZE:
+                self._offers.popitem(last=False)
+        if c.distance_km is None:
+            return offer
+        near = discovery_pb2.Offer()
+        near.CopyFrom(offer)
+        near.distance_km = round(c.distance_km, 3)
+        return near
+
+    def node(self, name: str) -> common_pb2.Node:
+        parse_node_name(name)
+        node = self.inv.view(name)
+        if node is None:
+            raise errors.not_found("NODE_NOT_FOUND", f"{name} is not registered", node=name)
+        return node
+
+    def list_nodes(self, request: discovery_pb2.ListNodesRequest) -> tuple[list[common_pb2.Node], str]:
+        if request.provider and not valid_id(request.provider):
+            raise errors.invalid("INVALID_PROVIDER", f"{request.provider!r} is not a valid provider name")
+        if request.state not in common_pb2.NodeState.values():
+            raise errors.invalid("INVALID_STATE", f"unknown state {request.state}")
+        size = pagination.page_size(request.page_size)
+        query = pagination.query_hash("nodes", request.provider, str(request.state))
+        names = [
+            n
+            for n, e in sorted(self.inv.nodes.items())
+            if (not request.provider or e.node.provider == request.provider)
+            and (not request.state or self.inv.state(n) == request.state)
+        ]
+        start, end, token = pagination.paginate(len(names), request.page_token, size, query)
+        return [v for n in names[start:end] if (v := self.inv.view(n)) is not None], token
+
+    def list_providers(self, page_size: int, page_token: str) -> tuple[list[discovery_pb2.Provider], str]:
+        size = pagination.page_size(page_size)
+        by: dict[str, discovery_pb2.Provider] = {}
+        countries: dict[str, set[str]] = {}
+        for name, entry in self.inv.nodes.items():
+            p = entry.node.provider
+            prov = by.get(p)
+            if prov is None:
+                prov = by[p] = discovery_pb2.Provider(name=f"providers/{p}", provider=p)
+            prov.node_count += 1
+            prov.gpu_count += len(entry.node.gpus)
+            if self.inv.is_schedulable(name):
+                prov.ready_node_count += 1
+                view = self.inv.view(name)
+                prov.free_gpu_count += view.free_gpu_count if view is not None else 0
+            countries.setdefault(p, set()).add(entry.node.location.country_code)
+        ordered = [by[p] for p in sorted(by)]
+        for prov in ordered:
+            prov.country_codes.extend(sorted(countries[prov.provider]))
+        start, end, token = pagination.paginate(len(ordered), page_token, size, "providers")
+        return ordered[start:end], token
+
+    def summarize(self, f: common_pb2.GpuFilter) -> discovery_pb2.SummarizeCapacityResponse:
+        buckets = offers.summarize(self.inv, compile_filter(f))
+        return discovery_pb2.SummarizeCapacityResponse(
+            buckets=buckets,
+            total_gpus=sum(b.total_gpus for b in buckets),
+            free_gpus=sum(b.free_gpus for b in buckets),
+            revision=self.inv.revision,
+        )
+
+    async def watch(self, provider: str) -> AsyncIterator[WatchEvent]:
+        """A snapshot (SNAPSHOT per node, then SNAPSHOT_END), then one event per node change.
+        After a re-list of the index (a compacted watch) a fresh snapshot follows: changes in
+        the gap were never seen, so the subscriber replaces its view."""
+        if provider and not valid_id(provider):
+            raise errors.invalid("INVALID_PROVIDER", f"{provider!r} is not a valid provider name")
+        queue: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+
+        def on_change(change: Change) -> None:
+            if change.kind in (ChangeKind.NODE, ChangeKind.ALIVE, ChangeKind.ALLOC) and (
+                not provider or change.name.split("/")[1] == provider
+            ):
+                queue.put_nowait((change.name, change.revision))
+            elif change.kind is ChangeKind.RESYNC:
+                queue.put_nowait(("", change.revision))
+
+        unsubscribe = self.inv.subscribe(on_change)
+        stop = asyncio.ensure_future(self.shutdown.wait())
+        try:
+            for ev in self._snapshot(provider):
+                yield ev
+            while True:
+                getter = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({getter, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if stop in done:
+                    getter.cancel()
+                    return
+                if queue.qsize() > WATCH_QUEUE_LIMIT:
+                    raise errors.aborted("WATCH_TOO_SLOW", "the watcher fell too far behind")
+                name, revision = getter.result()
+                if not name:
+                    while not queue.empty():  # the snapshot covers whatever queued before it
+                        queue.get_nowait()
+                    for ev in self._snapshot(provider):
+                        yield ev
+                    continue
+                view = self.inv.view(name)
+                if view is None:
+                    yield WatchEvent(
+                        type=WatchEvent.EVENT_TYPE_NODE_REMOVED,
+                        node=common_pb2.Node(name=name),
+                        revision=revision,
+                    )
+                else:
+                    yield WatchEvent(type=WatchEvent.EVENT_TYPE_NODE_CHANGED, node=view, revision=revision)
+        finally:
+            unsubscribe()
+            stop.cancel()
+
+    def _snapshot(self, provider: str) -> list[WatchEvent]:
+        out = []
+        for name, _ in sorted(self.inv.nodes.items()):
+            if provider and name.split("/")[1] != provider:
+                continue
+            view = self.inv.view(name)
+            if view is not None:
+                out.append(
+                    WatchEvent(type=WatchEvent.EVENT_TYPE_SNAPSHOT, node=view, revision=self.inv.revision)
+                )
+        out.append(WatchEvent(type=WatchEvent.EVENT_TYPE_SNAPSHOT_END, revision=self.inv.revision))
+        return out

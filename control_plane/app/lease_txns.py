@@ -1,0 +1,58 @@
+"""The etcd transactions of a lease's life: grant, renewal record, release."""
+
+from __future__ import annotations
+
+from control_plane.adapters.keyspace import Keyspace
+from control_plane.adapters.store import TxnBuilder
+from control_plane.domain.placement import Pick
+from gpufed.v1 import lease_pb2
+
+
+def grant_txn(
+    keys: Keyspace, lease_id: str, record: bytes, req_key: bytes | None, etcd_lease: int, picks: list[Pick]
+) -> TxnBuilder:
+    """The grant: the record, the request key (when the request has an id) and one allocation
+    per GPU on the etcd lease, if each allocation and the request are absent and each node is
+    unchanged and alive. On failure it reads back the request key first, then each node and
+    allocation (what made it fail)."""
+    txn = TxnBuilder()
+    lease_key = keys.lease(lease_id).encode()
+    value = lease_id.encode()
+    if req_key is not None:
+        txn.absent(req_key)
+    txn.absent(lease_key)
+    if req_key is not None:
+        txn.read_on_failure(req_key)
+    txn.put(lease_key, record, etcd_lease)
+    if req_key is not None:
+        txn.put(req_key, value, etcd_lease)
+    for p in picks:
+        node = p.candidate.node
+        node_key = keys.node(node.provider, node.node_id).encode()
+        txn.mod_revision_is(node_key, p.candidate.mod_revision)
+        txn.present(keys.alive(node.provider, node.node_id).encode())
+        txn.read_on_failure(node_key)
+        for u in p.gpu_uuids:
+            key = keys.alloc(node.provider, node.node_id, u).encode()
+            txn.absent(key)
+            txn.put(key, value, etcd_lease)
+            txn.read_on_failure(key)
+    return txn
+
+
+def release_txn(
+    keys: Keyspace, lease: lease_pb2.Lease, revision: int, final: bytes, history_lease: int
+) -> TxnBuilder:
+    """The end of an active lease: if its record is unchanged, delete it and its allocations, and
+    keep the final record and the spent request id (if any) as history."""
+    lease_id = lease.name.split("/", 1)[1]
+    key = keys.lease(lease_id).encode()
+    txn = TxnBuilder()
+    txn.mod_revision_is(key, revision)
+    txn.delete(key)
+    txn.put(keys.lease_history(lease_id).encode(), final, history_lease)
+    if lease.request_id:
+        txn.put(keys.request(lease.tenant, lease.request_id).encode(), lease_id.encode(), history_lease)
+    for g in lease.gpus:
+        txn.delete(keys.alloc(g.provider, g.node_id, g.uuid).encode())
+    return txn

@@ -1,0 +1,389 @@
+"""Leases: grant, renew, end, history, idempotency and the WatchLease loop.
+
+Grant: one Txn writes the lease record, the request key and one allocation key per GPU, all on
+one etcd lease, comparing every allocation key absent, each node record unchanged and each node's
+alive key present. Its revision is the fencing token. Renew is an etcd keep-alive plus a write of
+the record's new expire_time (so every replica reports the same, exact expiry); expiry is etcd
+deleting the keys; release is one Txn that deletes the record and the allocations and keeps the
+history. Grants and releases share commits (control_plane.adapters.commit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator
+
+from control_plane.adapters.commit import GroupCommit, LeasePool
+from control_plane.adapters.index import Change, ChangeKind, Inventory
+from control_plane.adapters.store import EtcdStore, KeyValue, newest_read, retry_cas
+from control_plane.app.lease_txns import grant_txn, release_txn
+from control_plane.domain import errors, lease_rules, offers, pagination
+from control_plane.domain.lease_watch import LeaseWatch
+from control_plane.domain.names import parse_lease_name
+from control_plane.domain.placement import place
+from control_plane.metrics import Metrics
+from gpufed.clock import SYSTEM, Clock, now_ts, timestamp
+from gpufed.logs import get_logger
+from gpufed.v1 import common_pb2, lease_pb2
+
+log = get_logger(__name__)
+# Lease ids are names, not secrets (access goes by tenant token); the grant Txn compares the
+# record absent, so even a collision could not overwrite a lease.
+_IDS = random.Random()
+HISTORY_RETENTION_S = 24 * 3600
+ACTIVE = lease_pb2.LEASE_STATE_ACTIVE
+ENDED = lease_pb2.LEASE_STATE_ENDED
+_NS = 1_000_000_000
+
+
+class HistoryLeases:
+    """One etcd lease per hour for records kept 24 h (ended leases, spent request ids)."""
+
+    def __init__(self, store: EtcdStore, clock: Clock = SYSTEM) -> None:
+        self.store = store
+        self.clock = clock
+        self._hour = -1
+        self._id = 0
+        self._lock = asyncio.Lock()
+
+    async def lease_id(self) -> int:
+        hour = self.clock.time_ns() // (3600 * _NS)
+        if hour == self._hour:
+            return self._id  # every release asks: skip the lock within the hour
+        async with self._lock:
+            if hour != self._hour:
+                self._id = await self.store.grant(HISTORY_RETENTION_S + 3600)
+                self._hour = hour
+            return self._id
+
+
+class Leases:
+    """The lease capability, used by LeaseService, AdminService and the leader's sweeps.
+
+    `tenant` arguments scope a call to one tenant's leases (another tenant's lease answers
+    NOT_FOUND, like a missing one); None is an operator's unscoped view.
+    """
+
+    def __init__(
+        self,
+        store: EtcdStore,
+        inventory: Inventory,
+        metrics: Metrics | None = None,
+        clock: Clock = SYSTEM,
+        shutdown: asyncio.Event | None = None,
+    ) -> None:
+        self.store = store
+        self.keys = store.keys
+        self.inv = inventory
+        self.metrics = metrics
+        self.clock = clock
+        self.shutdown = shutdown or asyncio.Event()
+        self.history = HistoryLeases(store, clock)
+        self.commits = GroupCommit(store, observe=metrics.txn_latency.observe if metrics else None)
+        self.pool = LeasePool(store, clock)
+        # GPUs this replica is granting right now: its own grants should not race each other.
+        self.pending: set[str] = set()
+
+    def start(self) -> None:
+        self.commits.start()
+
+    async def stop(self) -> None:
+        await self.commits.stop()
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def _indexed(self, lease_id: str) -> tuple[lease_pb2.Lease, int] | None:
+        lease = self.inv.leases.get(lease_id)
+        return None if lease is None else (lease, self.inv.lease_revision[lease_id])
+
+    async def _read(self, lease_id: str) -> tuple[lease_pb2.Lease, int] | None:
+        """From etcd: the active record and its mod revision, else the history (revision 0)."""
+        kv = await self.store.get(self.keys.lease(lease_id))
+        if kv is not None:
+            lease = lease_pb2.Lease.FromString(kv.value)
+            if not lease.fencing_token:
+                lease.fencing_token = kv.create_revision
+            return lease, kv.mod_revision
+        kv = await self.store.get(self.keys.lease_history(lease_id))
+        if kv is not None:
+            return lease_pb2.Lease.FromString(kv.value), 0
+        return None
+
+    async def load(self, lease_id: str) -> tuple[lease_pb2.Lease, int] | None:
+        """The lease record and its mod revision (0 for history), from the index, else etcd."""
+        return self._indexed(lease_id) or await self._read(lease_id)
+
+    async def get(self, name: str, tenant: str | None) -> tuple[lease_pb2.Lease, int]:
+        """The lease and its record's mod revision; NOT_FOUND for another tenant's lease."""
+        lease_id = parse_lease_name(name)
+        found = await self.load(lease_id)
+        if found is None or (tenant is not None and found[0].tenant != tenant):
+            raise errors.not_found("LEASE_NOT_FOUND", f"{name} does not exist", lease=name)
+        return found
+
+    async def list_leases(
+        self, tenant: str | None, state: int, page_size: int, page_token: str, caller: str
+    ) -> tuple[list[lease_pb2.Lease], str]:
+        """Leases newest first, optionally in one state, one AIP-158 page of them."""
+        if state not in lease_pb2.LeaseState.values():
+            raise errors.invalid("INVALID_STATE", f"unknown state {state}")
+        size = pagination.page_size(page_size)
+        found: dict[str, lease_pb2.Lease] = {}
+        if state in (0, ENDED):
+            for lease in await self._history(tenant):
+                found[lease.name] = lease
+        if state in (0, ACTIVE):
+            for lease in list(self.inv.leases.values()):
+                if (tenant is None or lease.tenant == tenant) and lease.state == ACTIVE:
+                    found[lease.name] = lease
+        ordered = sorted(found.values(), key=lambda lease: (-lease.create_time.ToNanoseconds(), lease.name))
+        query = pagination.query_hash("leases", caller, str(state))
+        start, end, token = pagination.paginate(len(ordered), page_token, size, query)
+        return ordered[start:end], token
+
+    async def _history(self, tenant: str | None) -> list[lease_pb2.Lease]:
+        kvs, _ = await self.store.get_prefix(self.keys.records_dir("history") + "leases/")
+        out = []
+        for kv in kvs:
+            lease = lease_pb2.Lease.FromString(kv.value)
+            if tenant is None or lease.tenant == tenant:
+                out.append(lease)
+        return out
+
+    # -- grant ----------------------------------------------------------------------------------
+
+    async def by_request(self, tenant: str, request_id: str) -> lease_pb2.Lease | None:
+        if not request_id:
+            return None
+        kv = await self.store.get(self.keys.request(tenant, request_id))
+        if kv is None:
+            return None
+        found = await self.load(kv.value.decode())
+        if found is None:
+            raise errors.aborted("REQUEST_SETTLING", "the lease of this request_id is ending; retry")
+        return found[0]
+
+    async def create(self, tenant: str, spec: lease_rules.CreateSpec) -> lease_pb2.Lease:
+        etcd_lease, ttl_from_ns = await self.pool.take(spec.ttl_s)
+        lease_id = f"{_IDS.getrandbits(64):016x}"
+        keep_etcd_lease = False
+        avoid: set[str] = set()
+        req_key = self.keys.request(tenant, spec.request_id).encode() if spec.request_id else None
+
+        async def attempt(n: int) -> lease_pb2.Lease | None:
+            nonlocal keep_etcd_lease
+            picks = place(
+                offers.candidates(self.inv, spec.filter, 1),
+                spec.gpu_count,
+                spec.placement,
+                avoid | self.pending if avoid else self.pending,
+            )
+            if picks is None:
+                # A retry of a request that already holds a lease answers with that lease.
+                existing = await self.by_request(tenant, spec.request_id)
+                if existing is not None:
+                    return existing
+                if n == 0 and not self.pending:
+                    raise errors.failed_precondition(
+                        "NO_MATCHING_CAPACITY", f"no {spec.gpu_count} free GPUs match the request"
+                    )
+                raise _contended()
+            lease = lease_rules.build_lease(lease_id, tenant, spec, picks, now_ts(self.clock))
+            lease.etcd_lease_id = etcd_lease
+            lease.expire_time.CopyFrom(timestamp(ttl_from_ns + spec.ttl_s * _NS))
+            uuids = [u for p in picks for u in p.gpu_uuids]
+            txn = grant_txn(self.keys, lease_id, lease.SerializeToString(), req_key, etcd_lease, picks)
+            self.pending.update(uuids)
+            # Until etcd answers the outcome is unknown (store unavailable, or this call
+            # cancelled mid-commit): the Txn may have attached keys to the etcd lease, so it
+            # must not serve another grant. A retry with the request_id settles the outcome.
+            keep_etcd_lease = True
+            try:
+                result = await self.commits.submit(txn)
+            finally:
+                self.pending.difference_update(uuids)
+            keep_etcd_lease = result.succeeded
+            if result.succeeded:
+                lease.fencing_token = result.revision
+                if self.metrics is not None:
+                    self.metrics.leases_granted.inc()
+                log.debug(
+                    "lease granted",
+                    lease=lease.name,
+                    tenant=tenant,
+                    gpus=len(uuids),
+                    nodes=len(picks),
+                    fencing_token=lease.fencing_token,
+                    attempt=n,
+                )
+                return lease
+            if req_key is not None and result.response.responses[0].response_range.kvs:
+                # This request_id already holds a lease (a retry): answer with that lease.
+                other = await self.by_request(tenant, spec.request_id)
+                if other is not None:
+                    return other
+            if self.metrics is not None:
+                self.metrics.txn_conflicts.inc()
+            avoid.update(uuids)
+            await self.inv.wait_for_revision(newest_read(result.response), timeout=1.0)
+            return None
+
+        try:
+            return await retry_cas(attempt, _contended())
+        finally:
+            if not keep_etcd_lease:
+                self.pool.give_back(etcd_lease, spec.ttl_s)
+
+    # -- renew ----------------------------------------------------------------------------------
+
+    async def renew(self, name: str, tenant: str) -> lease_pb2.Lease:
+        """Keep the etcd lease alive, then record the renewal: expire_time = the renewal's time
+        plus the ttl, taken before the keep-alive left, so it never runs past etcd's expiry."""
+        lease, revision = await self.get(name, tenant)
+        if lease.state != ACTIVE:
+            raise _ended(lease.name, "has ended")
+        at = now_ts(self.clock)
+        ttl = await self.store.keepalive(lease.etcd_lease_id)
+        self.pool.note_refresh(lease.etcd_lease_id, only_known=True)
+        if ttl <= 0:
+            raise _ended(lease.name, "has expired")
+        key = self.keys.lease(name.split("/", 1)[1])
+        known = KeyValue(key.encode(), lease.SerializeToString(), revision, 0, lease.etcd_lease_id)
+        out = lease_pb2.Lease()
+
+        def renew_record(kv: KeyValue | None) -> bytes | None:
+            if kv is None:
+                raise _ended(lease.name, "has ended")
+            current = lease_pb2.Lease.FromString(kv.value)
+            current.fencing_token = current.fencing_token or lease.fencing_token
+            new = lease_rules.renewed(current, at)
+            out.CopyFrom(max(current, new, key=lambda r: r.expire_time.ToNanoseconds()))
+            if new.expire_time.ToNanoseconds() <= current.expire_time.ToNanoseconds():
+                return None  # a later renewal got there first
+            return new.SerializeToString()
+
+        updated = await self.store.update(
+            key,
+            renew_record,
+            known=known if revision else None,
+            lease=lease.etcd_lease_id,
+            what=f"{lease.name}",
+            reason="LEASE_CHANGING",
+        )
+        if updated.revision:
+            await self.inv.wait_for_revision(updated.revision, timeout=1.0)
+        return out
+
+    # -- end ------------------------------------------------------------------------------------
+
+    async def end(
+        self, lease_id: str, reason: int, message: str = "", tenant: str | None = None
+    ) -> lease_pb2.Lease:
+        """End an active lease in one Txn: delete its record and allocations (the GPUs are free
+        at once) and keep its history. Its etcd lease, now without keys, serves the next grant.
+        Idempotent: an ended lease is returned as it ended."""
+        name = f"leases/{lease_id}"
+
+        async def attempt(n: int) -> lease_pb2.Lease | None:
+            # First from the index; after a failed compare from etcd (the index may lag).
+            found = self._indexed(lease_id) if n == 0 else None
+            found = found or await self._read(lease_id)
+            if found is None or (tenant is not None and found[0].tenant != tenant):
+                raise errors.not_found("LEASE_NOT_FOUND", f"{name} does not exist")
+            lease, revision = found
+            if revision == 0:
+                return lease  # history: already ended
+            done = lease_rules.ended(lease, reason, now_ts(self.clock), message)
+            txn = release_txn(
+                self.keys, lease, revision, done.SerializeToString(), await self.history.lease_id()
+            )
+            result = await self.commits.submit(txn)
+            if not result.succeeded:
+                return None  # changed or gone meanwhile: read it again
+            self.pool.give_back(lease.etcd_lease_id, lease.ttl.seconds or lease_rules.DEFAULT_TTL_S)
+            if self.metrics is not None:
+                self.metrics.leases_released.inc()
+            log.debug("lease ended", lease=done.name, reason=done.end_reason)
+            return done
+
+        return await retry_cas(attempt, errors.aborted("LEASE_CHANGING", "the lease kept changing; retry"))
+
+    # -- watch ----------------------------------------------------------------------------------
+
+    async def watch(self, name: str, tenant: str | None) -> AsyncIterator[lease_pb2.WatchLeaseResponse]:
+        """The events of one lease (control_plane.domain.lease_watch), until it ends or the
+        replica shuts down. A thin loop: index changes and ticks in, the machine's events out."""
+        lease, _ = await self.get(name, tenant)
+        lease_id = lease.name.split("/", 1)[1]
+        machine = LeaseWatch(lease)
+        for ev in machine.start(self.clock.time_ns()):
+            yield ev
+        if machine.done:
+            return
+        changes: asyncio.Queue[Change] = asyncio.Queue()
+        nodes = machine.nodes
+
+        def on_change(change: Change) -> None:
+            kind = change.kind
+            if (
+                (kind is ChangeKind.LEASE and change.name == lease_id)
+                or (kind in (ChangeKind.NODE, ChangeKind.ALIVE) and change.name in nodes)
+                or kind is ChangeKind.RESYNC
+            ):
+                changes.put_nowait(change)
+
+        unsubscribe = self.inv.subscribe(on_change)
+        # Changes between the read above and the subscription: look once at the index as it is.
+        changes.put_nowait(Change(ChangeKind.RESYNC, "", None, self.inv.revision))
+        try:
+            while not machine.done and not self.shutdown.is_set():
+                if machine.awaiting_final:
+                    final = await self._final(lease_id, machine.lease)
+                    for ev in machine.ended(final, self.clock.time_ns()):
+                        yield ev
+                    break
+                deadline = machine.next_deadline()
+                timeout = None if deadline is None else max(0.0, (deadline - self.clock.time_ns()) / _NS)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(timeout, 2.0) if timeout is not None else 2.0):
+                        change = await changes.get()
+                        for ev in self._feed(machine, change):
+                            yield ev
+                for ev in machine.tick(self.clock.time_ns()):
+                    yield ev
+        finally:
+            unsubscribe()
+
+    def _feed(self, machine: LeaseWatch, change: Change) -> list[lease_pb2.WatchLeaseResponse]:
+        now = self.clock.time_ns()
+        lease_id = machine.lease.name.split("/", 1)[1]
+        if change.kind is ChangeKind.LEASE:
+            return machine.on_lease(self.inv.leases.get(lease_id), now)
+        if change.kind is ChangeKind.NODE:
+            entry = self.inv.nodes.get(change.name)
+            return machine.on_node(change.name, entry.node if entry else None, now)
+        if change.kind is ChangeKind.ALIVE:
+            return machine.on_alive(change.name, change.name in self.inv.alive, now)
+        nodes: list[tuple[str, common_pb2.Node | None, bool]] = []
+        for n in sorted(machine.nodes):
+            entry = self.inv.nodes.get(n)
+            nodes.append((n, entry.node if entry else None, n in self.inv.alive))
+        return machine.resync(self.inv.leases.get(lease_id), nodes, now)
+
+    async def _final(self, lease_id: str, last: lease_pb2.Lease) -> lease_pb2.Lease:
+        """The ended record: the history a release wrote in its own Txn, else (an expiry, whose
+        history the leader writes later) the last record seen, ended at its expire_time."""
+        kv = await self.store.get(self.keys.lease_history(lease_id))
+        if kv is not None:
+            return lease_pb2.Lease.FromString(kv.value)
+        return lease_rules.expired(last)
+
+
+def _contended() -> errors.DomainError:
+    return errors.exhausted("CAPACITY_CONTENDED", "matching GPUs were taken by concurrent grants; retry")
+
+
+def _ended(name: str, what: str) -> errors.DomainError:
+    return errors.failed_precondition("LEASE_ENDED", f"{name} {what}", lease=name)

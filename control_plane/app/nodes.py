@@ -1,0 +1,469 @@
+"""Nodes: the daemon's stream protocol, registration, health, liveness and assignment fan-out.
+
+A daemon holds one stream to one replica. Its first message is a hello: the node is registered
+(the record written only when it changed), its `alive` key put on this replica's session lease,
+and a welcome sent back. Then reports (kept in memory: control_plane.app.telemetry), events and
+acks flow in, and lease assignments and operator commands flow out. Steady-state reports write
+nothing to etcd; only registration, inventory, health, price and liveness transitions do.
+
+A session ends once, whoever ends it (the stream, the liveness sweeper, a takeover by a newer
+stream, shutdown); its alive key is deleted only by compare-and-swap on its own session value,
+so a takeover on another replica is never undone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+from google.protobuf import duration_pb2
+
+from control_plane.adapters.index import Change, ChangeKind, Inventory
+from control_plane.adapters.store import EtcdStore, KeyValue, StoreUnavailable, delete, value_is
+from control_plane.app.telemetry import TelemetryRings
+from control_plane.domain import errors, registration
+from control_plane.domain.errors import DomainError
+from control_plane.domain.names import node_name
+from control_plane.metrics import Metrics
+from gpufed.clock import SYSTEM, Clock, now_ts
+from gpufed.logs import get_logger
+from gpufed.v1 import common_pb2, lease_pb2, node_pb2
+
+log = get_logger(__name__)
+
+NodeState = common_pb2.NodeState
+Reported: TypeAlias = dict[str, tuple[Any, list[common_pb2.HealthReason]]]
+_ACTIVE = lease_pb2.LEASE_STATE_ACTIVE
+
+
+@dataclass
+class NodeSession:
+    name: str
+    provider: str
+    node_id: str
+    session_id: str
+    last_seen: float  # monotonic
+    outgoing: asyncio.Queue[node_pb2.ControlMessage | None] = field(default_factory=asyncio.Queue)
+    end_error: DomainError | None = None
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    sent_started: dict[str, int] = field(default_factory=dict)  # lease name -> fencing token
+    admin_state: int = 0
+    # Called once when the session ends, whoever ends it (reader, sweeper, takeover, shutdown):
+    # the cleanup must not depend on gRPC still driving the response generator.
+    on_end: Callable[[NodeSession], None] | None = None
+    closed: bool = False
+
+    @property
+    def alive_value(self) -> str:
+        return self.session_id
+
+    def end(self, error: DomainError | None) -> None:
+        if not self.ended.is_set():
+            self.end_error = error
+            self.ended.set()
+            if self.on_end is not None:
+                self.on_end(self)
+            self.outgoing.put_nowait(None)
+
+
+def _replaced(where: str) -> DomainError:
+    return errors.aborted("SESSION_REPLACED", f"a newer stream for this node took over{where}")
+
+
+class Nodes:
+    def __init__(
+        self,
+        store: EtcdStore,
+        inventory: Inventory,
+        replica_id: str,
+        session_lease: Callable[[], int],
+        report_interval: float = 2.0,
+        grace_intervals: float = 3.0,
+        metrics: Metrics | None = None,
+        clock: Clock = SYSTEM,
+    ) -> None:
+        self.store = store
+        self.keys = store.keys
+        self.inventory = inventory
+        self.replica_id = replica_id
+        self.session_lease = session_lease
+        self.report_interval = report_interval
+        self.grace = report_interval * grace_intervals
+        self.metrics = metrics
+        self.clock = clock
+        self.sessions: dict[str, NodeSession] = {}
+        self.telemetry = TelemetryRings()
+        self.reports_ingested = 0
+        self._unsubscribe = inventory.subscribe(self._on_change)
+        self._sweeper: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep(), name="liveness-sweeper")
+
+    async def stop(self) -> None:
+        self._unsubscribe()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for s in list(self.sessions.values()):
+            s.end(errors.unavailable("REPLICA_SHUTTING_DOWN", "the replica is shutting down; reconnect"))
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+    # -- the stream -----------------------------------------------------------------------------
+
+    async def open(self, first: node_pb2.NodeMessage, provider: str) -> NodeSession:
+        """A session from the stream's first message, which must be a hello of `provider`."""
+        if first.WhichOneof("message") != "hello":
+            raise errors.invalid("HELLO_REQUIRED", "the first message of a Connect stream must be a hello")
+        hello = first.hello
+        registration.validate_hello(hello, provider)
+        name = node_name(hello.provider, hello.node_id)
+        await self._register(hello)
+        session = NodeSession(
+            name,
+            hello.provider,
+            hello.node_id,
+            f"{self.replica_id}/{uuid.uuid4().hex[:12]}",
+            self.clock.monotonic(),
+        )
+        session.on_end = self._schedule_close
+        old = self.sessions.get(name)
+        if old is not None:
+            old.end(_replaced(""))
+        self.sessions[name] = session
+        if self.metrics is not None:
+            self.metrics.streams.set(len(self.sessions))
+        await self.store.put(
+            self.keys.alive(hello.provider, hello.node_id),
+            session.alive_value.encode(),
+            lease=self.session_lease(),
+        )
+        log.info("node connected", node=name, session=session.session_id)
+        return session
+
+    async def serve(
+        self, session: NodeSession, requests: AsyncIterator[node_pb2.NodeMessage]
+    ) -> AsyncIterator[node_pb2.ControlMessage]:
+        """The session's outgoing messages (welcome, assignments, commands) while its incoming
+        ones are read; raises the session's end error, if any, when it ends."""
+        reader = asyncio.create_task(self._read(session, requests))
+        try:
+            yield node_pb2.ControlMessage(
+                welcome=node_pb2.Welcome(
+                    session_id=session.session_id,
+                    replica=self.replica_id,
+                    report_interval=duration_pb2.Duration(
+                        seconds=int(self.report_interval), nanos=int((self.report_interval % 1) * 1e9)
+                    ),
+                    node=session.name,
+                )
+            )
+            for msg in self._initial_assignments(session):
+                yield msg
+            while (out := await session.outgoing.get()) is not None:
+                yield out
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            await self._close(session)
+        if session.end_error is not None:
+            raise session.end_error
+
+    async def _read(self, session: NodeSession, requests: AsyncIterator[node_pb2.NodeMessage]) -> None:
+        try:
+            async for msg in requests:
+                session.last_seen = self.clock.monotonic()
+                kind = msg.WhichOneof("message")
+                if kind == "report":
+                    await self._ingest(session, msg.report)
+                elif kind == "event":
+                    await self._event(session, msg.event)
+                elif kind == "assignment_ack":
+                    ack = msg.assignment_ack
+                    if not ack.accepted:
+                        log.warning(
+                            "daemon rejected an assignment",
+                            node=session.name,
+                            lease=ack.lease,
+                            reason=ack.reason,
+                        )
+                elif kind == "hello":
+                    session.end(
+                        errors.invalid("UNEXPECTED_HELLO", "hello is only valid as the first message")
+                    )
+                    return
+            session.end(None)
+        except asyncio.CancelledError:
+            raise
+        except DomainError as e:
+            session.end(e)
+        except StoreUnavailable as e:
+            session.end(errors.unavailable("ETCD_UNAVAILABLE", str(e)))
+        except Exception:
+            log.exception("node stream reader failed", node=session.name)
+            session.end(
+                errors.unavailable("REPLICA_ERROR", "the replica failed to read the stream; reconnect")
+            )
+
+    def _schedule_close(self, session: NodeSession) -> None:
+        task = asyncio.get_running_loop().create_task(self._close(session))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _close(self, session: NodeSession) -> None:
+        if session.closed:
+            return
+        session.closed = True
+        if self.sessions.get(session.name) is session:
+            del self.sessions[session.name]
+            self.telemetry.drop(session.name)
+            if self.metrics is not None:
+                self.metrics.streams.set(len(self.sessions))
+        # Only the owner may take the node offline: a takeover by another stream stays.
+        key = self.keys.alive(session.provider, session.node_id)
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.txn([value_is(key, session.alive_value.encode())], [delete(key)])
+        log.info(
+            "node disconnected",
+            node=session.name,
+            session=session.session_id,
+            reason=session.end_error.reason if session.end_error else "STREAM_ENDED",
+        )
+
+    # -- registration and health ----------------------------------------------------------------
+
+    async def _register(self, hello: node_pb2.NodeHello) -> None:
+        now = now_ts(self.clock)
+
+        def merge(kv: KeyValue | None) -> bytes | None:
+            existing = common_pb2.Node.FromString(kv.value) if kv else None
+            record = registration.record_from_hello(hello, existing, now)
+            if existing is not None and registration.same_record(existing, record):
+                return None
+            return record.SerializeToString()
+
+        await self.store.update(
+            self.keys.node(hello.provider, hello.node_id),
+            merge,
+            what="the node record",
+            reason="REGISTRATION_CONFLICT",
+        )
+
+    async def _update_health(self, session: NodeSession, reported: Reported) -> None:
+        now = now_ts(self.clock)
+
+        def fold(kv: KeyValue | None) -> bytes | None:
+            if kv is None:
+                return None
+            node = common_pb2.Node.FromString(kv.value)
+            if not registration.apply_health(node, reported):
+                return None
+            node.update_time.CopyFrom(now)
+            return node.SerializeToString()
+
+        entry = self.inventory.nodes.get(session.name)
+        key = self.keys.node(session.provider, session.node_id)
+        known = (
+            KeyValue(key.encode(), entry.node.SerializeToString(), entry.mod_revision, 0, 0)
+            if entry
+            else None
+        )
+        updated = await self.store.update(
+            key, fold, known=known, what="the node record", reason="NODE_CHANGING"
+        )
+        if updated.revision:
+            await self.inventory.wait_for_revision(updated.revision, timeout=1.0)
+            log.info(
+                "gpu health changed",
+                node=session.name,
+                gpus={u: common_pb2.GpuHealth.Name(h) for u, (h, _) in reported.items()},
+            )
+
+    def _health_differs(self, session: NodeSession, reported: Reported) -> bool:
+        entry = self.inventory.nodes.get(session.name)
+        if entry is None:
+            return False
+        for gpu in entry.node.gpus:
+            got = reported.get(gpu.uuid)
+            if got is None or got[0] in (0, gpu.health):
+                continue
+            if gpu.health != common_pb2.GPU_HEALTH_UNHEALTHY:
+                return True
+        return False
+
+    async def _ingest(self, session: NodeSession, report: common_pb2.NodeReport) -> None:
+        self.telemetry.add(session.name, report)
+        self.reports_ingested += 1
+        if self.metrics is not None:
+            self.metrics.reports.inc()
+        reported = {g.uuid: (g.health, list(g.health_reasons)) for g in report.gpus}
+        if self._health_differs(session, reported):
+            await self._update_health(session, reported)
+
+    async def _event(self, session: NodeSession, event: node_pb2.NodeEvent) -> None:
+        log.warning(
+            "node event",
+            node=session.name,
+            gpu=event.gpu_uuid,
+            kind=event.WhichOneof("event"),
+            xid=event.xid.xid if event.HasField("xid") else None,
+            health=common_pb2.GpuHealth.Name(event.health),
+        )
+        reported = {event.gpu_uuid: (event.health, list(event.health_reasons))}
+        if self._health_differs(session, reported):
+            await self._update_health(session, reported)
+
+    # -- liveness -------------------------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(min(0.5, self.report_interval / 2))
+            self.sweep_once()
+
+    def sweep_once(self) -> None:
+        """End every session silent for longer than the grace period."""
+        now = self.clock.monotonic()
+        for s in list(self.sessions.values()):
+            if now - s.last_seen > self.grace:
+                log.warning(
+                    "node silent past the grace period", node=s.name, silent_s=round(now - s.last_seen, 1)
+                )
+                s.end(errors.unavailable("REPORT_TIMEOUT", "no report within the grace period; reconnect"))
+
+    async def reattach(self, lease_id: int) -> None:
+        """After the session lease was replaced: put every alive key again on the new lease."""
+        for s in list(self.sessions.values()):
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.put(
+                    self.keys.alive(s.provider, s.node_id), s.alive_value.encode(), lease=lease_id
+                )
+
+    # -- assignments and commands ---------------------------------------------------------------
+
+    @staticmethod
+    def _assignment(
+        lease: lease_pb2.Lease, node: str, action: int, token: int
+    ) -> node_pb2.ControlMessage | None:
+        uuids = [g.uuid for g in lease.gpus if g.node == node]
+        if not uuids:
+            return None
+        return node_pb2.ControlMessage(
+            assignment=node_pb2.LeaseAssignment(
+                lease=lease.name,
+                gpu_uuids=uuids,
+                tenant=lease.tenant,
+                expire_time=lease.expire_time,
+                fencing_token=token,
+                action=action,  # type: ignore[arg-type]
+            )
+        )
+
+    def _initial_assignments(self, session: NodeSession) -> list[node_pb2.ControlMessage]:
+        out = self._sync_assignments(session)
+        entry = self.inventory.nodes.get(session.name)
+        session.admin_state = entry.node.state if entry else 0
+        if session.admin_state in (NodeState.NODE_STATE_CORDONED, NodeState.NODE_STATE_DRAINING):
+            out.append(_command_for(session.admin_state, entry.node.state_reason if entry else ""))
+        return out
+
+    def _sync_assignments(self, session: NodeSession) -> list[node_pb2.ControlMessage]:
+        """STARTED for active leases on the node not sent yet, ENDED for sent ones that are gone:
+        the whole diff against the index (a new session, or after a resync)."""
+        out = []
+        active: set[str] = set()
+        for lease in list(self.inventory.leases.values()):
+            if lease.state != _ACTIVE or not any(g.node == session.name for g in lease.gpus):
+                continue
+            active.add(lease.name)
+            if lease.name not in session.sent_started:
+                msg = self._assignment(
+                    lease, session.name, node_pb2.ASSIGNMENT_ACTION_STARTED, lease.fencing_token
+                )
+                if msg is not None:
+                    session.sent_started[lease.name] = lease.fencing_token
+                    out.append(msg)
+        for name in [n for n in session.sent_started if n not in active]:
+            token = session.sent_started.pop(name)
+            out.append(
+                node_pb2.ControlMessage(
+                    assignment=node_pb2.LeaseAssignment(
+                        lease=name, fencing_token=token, action=node_pb2.ASSIGNMENT_ACTION_ENDED
+                    )
+                )
+            )
+        return out
+
+    def _on_change(self, change: Change) -> None:
+        kind = change.kind
+        if kind is ChangeKind.LEASE:
+            self._on_lease(change)
+        elif kind is ChangeKind.ALIVE:
+            s = self.sessions.get(change.name)
+            if s is not None and change.value is not None and change.value.decode() != s.alive_value:
+                s.end(_replaced(" on another replica"))
+        elif kind is ChangeKind.NODE and change.value is not None:
+            s = self.sessions.get(change.name)
+            if s is not None:
+                record = common_pb2.Node.FromString(change.value)
+                self._sync_state(s, record)
+        elif kind is ChangeKind.RESYNC:
+            self._resync()
+
+    def _on_lease(self, change: Change) -> None:
+        # The index's copy carries the fencing token (the record's create revision).
+        lease = change.lease
+        if lease is None:
+            return  # a record the index never held: no assignment of it was ever sent
+        for node in {g.node for g in lease.gpus}:
+            s = self.sessions.get(node)
+            if s is None:
+                continue
+            if change.value is not None and lease.state == _ACTIVE:
+                if lease.name in s.sent_started:
+                    continue  # a renewal: the daemon already has it
+                token = s.sent_started[lease.name] = lease.fencing_token
+                action = node_pb2.ASSIGNMENT_ACTION_STARTED
+            elif lease.name in s.sent_started:
+                # An expired record (deleted while active) holds no token: use the one sent.
+                token = s.sent_started.pop(lease.name)
+                action = node_pb2.ASSIGNMENT_ACTION_ENDED
+            else:
+                continue
+            msg = self._assignment(lease, node, action, token)
+            if msg is not None:
+                s.outgoing.put_nowait(msg)
+
+    def _sync_state(self, s: NodeSession, record: common_pb2.Node) -> None:
+        if record.state != s.admin_state:
+            s.admin_state = record.state
+            s.outgoing.put_nowait(_command_for(record.state, record.state_reason))
+
+    def _resync(self) -> None:
+        """The index was re-listed: changes in the gap were never seen, so each session is
+        compared with the index as it is now (takeover, assignments, operator state)."""
+        for s in list(self.sessions.values()):
+            holder = self.inventory.alive.get(s.name)
+            if holder is not None and holder != s.alive_value:
+                s.end(_replaced(" on another replica"))
+                continue
+            for msg in self._sync_assignments(s):
+                s.outgoing.put_nowait(msg)
+            entry = self.inventory.nodes.get(s.name)
+            if entry is not None:
+                self._sync_state(s, entry.node)
+
+
+def _command_for(state: int, reason: str) -> node_pb2.ControlMessage:
+    kind = {
+        NodeState.NODE_STATE_CORDONED: node_pb2.NODE_COMMAND_TYPE_CORDON,
+        NodeState.NODE_STATE_DRAINING: node_pb2.NODE_COMMAND_TYPE_DRAIN,
+    }.get(state, node_pb2.NODE_COMMAND_TYPE_UNCORDON)  # type: ignore[call-overload]
+    return node_pb2.ControlMessage(command=node_pb2.NodeCommand(type=kind, reason=reason))

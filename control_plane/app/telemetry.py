@@ -1,0 +1,109 @@
+"""Telemetry: recent reports live in the memory of the replica holding the node's stream; other
+replicas forward GetNodeTelemetry to it over PeerService (control_plane.adapters.peer)."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Mapping
+
+from control_plane.adapters.index import Inventory
+from control_plane.adapters.peer import NotThere, PeerClient
+from control_plane.domain import errors
+from control_plane.domain.names import parse_node_name
+from gpufed.v1 import common_pb2, telemetry_pb2
+
+RING_SIZE = 300
+DEFAULT_SAMPLES = 60
+MAX_SAMPLES = 600
+
+
+class TelemetryRings:
+    """Recent reports per node held by this replica, newest last."""
+
+    def __init__(self, size: int = RING_SIZE) -> None:
+        self.size = size
+        self.rings: dict[str, deque[common_pb2.NodeReport]] = {}
+
+    def add(self, name: str, report: common_pb2.NodeReport) -> None:
+        ring = self.rings.get(name)
+        if ring is None:
+            ring = self.rings[name] = deque(maxlen=self.size)
+        ring.append(report)
+
+    def recent(self, name: str, n: int) -> list[common_pb2.NodeReport] | None:
+        ring = self.rings.get(name)
+        if ring is None:
+            return None
+        return list(ring)[-n:] if n else []
+
+    def drop(self, name: str) -> None:
+        self.rings.pop(name, None)
+
+
+def validate(request: telemetry_pb2.GetNodeTelemetryRequest) -> int:
+    """The number of samples asked for; INVALID_ARGUMENT for a bad name or count."""
+    parse_node_name(request.name)
+    if not 0 <= request.max_samples <= MAX_SAMPLES:
+        raise errors.invalid("INVALID_MAX_SAMPLES", f"max_samples must be in 0..{MAX_SAMPLES}")
+    return request.max_samples or DEFAULT_SAMPLES
+
+
+class Telemetry:
+    def __init__(
+        self,
+        inventory: Inventory,
+        rings: TelemetryRings,
+        streaming: Callable[[], Mapping[str, object]],
+        replica_id: str,
+        peers: PeerClient,
+    ) -> None:
+        self.inv = inventory
+        self.rings = rings
+        self.streaming = streaming  # node name -> session, of the streams held here
+        self.replica_id = replica_id
+        self.peers = peers
+
+    def local(
+        self, request: telemetry_pb2.GetNodeTelemetryRequest
+    ) -> telemetry_pb2.GetNodeTelemetryResponse | None:
+        """The answer from this replica's rings; None if it holds no stream of the node."""
+        n = validate(request)
+        recent = self.rings.recent(request.name, n)
+        if recent is None:
+            if request.name not in self.streaming():
+                return None
+            recent = []  # streaming here, no report yet
+        resp = telemetry_pb2.GetNodeTelemetryResponse(
+            node=request.name, recent=recent, replica=self.replica_id
+        )
+        if recent:
+            resp.latest.CopyFrom(recent[-1])
+        return resp
+
+    async def get(
+        self, request: telemetry_pb2.GetNodeTelemetryRequest
+    ) -> telemetry_pb2.GetNodeTelemetryResponse:
+        """Here, or from the replica that holds the node's stream."""
+        validate(request)
+        if request.name not in self.inv.nodes:
+            raise errors.not_found("NODE_NOT_FOUND", f"{request.name} is not registered", node=request.name)
+        local = self.local(request)
+        if local is not None:
+            return local
+        owner = self.inv.alive.get(request.name, "").split("/", 1)[0]
+        address = self.inv.replicas.get(owner) if owner else None
+        if not owner or address is None or owner == self.replica_id:
+            raise errors.failed_precondition("NODE_OFFLINE", f"no replica holds a stream of {request.name}")
+        try:
+            return await self.peers.node_telemetry(owner, address, request)
+        except NotThere as e:
+            raise errors.failed_precondition("NODE_OFFLINE", f"{request.name} just left its replica") from e
+
+    def forwarded(
+        self, request: telemetry_pb2.GetNodeTelemetryRequest
+    ) -> telemetry_pb2.GetNodeTelemetryResponse:
+        """A peer's forwarded request: answered from here only."""
+        local = self.local(request)
+        if local is None:
+            raise errors.not_found("NODE_NOT_HERE", f"this replica holds no stream of {request.name}")
+        return local

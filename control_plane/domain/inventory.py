@@ -1,0 +1,84 @@
+"""What the domain reads of the federation's inventory: node entries, per-node summaries for
+searches, candidates for placement, and the read-only view the index adapter provides.
+
+The index (control_plane.adapters.index) keeps these up to date from etcd; the domain only
+reads them, so searches and placement are pure functions of a view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from gpufed.v1 import common_pb2
+
+
+@dataclass(slots=True)
+class NodeEntry:
+    node: common_pb2.Node
+    mod_revision: int
+    # Derived once per record, reused by every summary of it (allocations change far more often):
+    # (uuid, model, health, memory, gpu) in NVML index order, and the node's unit vector.
+    gpus: list[tuple[str, str, int, int, common_pb2.Gpu]] = field(default_factory=list)
+    xyz: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+
+@dataclass(slots=True)
+class GpuGroup:
+    """Free GPUs of one model and health on one node (the unit searches look at)."""
+
+    model: str
+    health: int
+    memory_bytes: int
+    gpus: list[common_pb2.Gpu]
+
+
+@dataclass(slots=True)
+class NodeSummary:
+    """What a search needs of a node, kept up to date on every change of the node, its liveness
+    or its allocations, so searches read plain attributes instead of protobufs."""
+
+    name: str
+    node: common_pb2.Node
+    mod_revision: int
+    schedulable: bool
+    groups: list[GpuGroup]
+    price: float
+    xyz: tuple[float, float, float]
+
+
+@dataclass(slots=True)
+class Candidate:
+    """Free GPUs of one model on one node that match a filter."""
+
+    name: str
+    node: common_pb2.Node
+    gpus: list[common_pb2.Gpu]
+    distance_km: float | None
+    mod_revision: int
+
+
+class InventoryView(Protocol):
+    """The inventory as searches and placement read it (the index adapter implements it)."""
+
+    @property
+    def nodes(self) -> Mapping[str, NodeEntry]: ...
+
+    @property
+    def summaries(self) -> Mapping[str, NodeSummary]: ...
+
+    @property
+    def allocs(self) -> Mapping[str, Mapping[str, str]]:
+        """node name -> GPU uuid -> lease id of every allocated GPU."""
+        ...
+
+    @property
+    def by_price(self) -> Sequence[tuple[float, str]]:
+        """(price, node name) of every node, cheapest first."""
+        ...
+
+    @property
+    def by_country(self) -> Mapping[str, Sequence[tuple[float, str]]]: ...
+
+    def is_schedulable(self, name: str) -> bool: ...

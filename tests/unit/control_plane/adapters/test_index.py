@@ -1,0 +1,107 @@
+"""The in-memory index fed event by event."""
+
+from __future__ import annotations
+
+from control_plane.adapters.index import Change, ChangeKind, Inventory
+from control_plane.adapters.keyspace import Keyspace
+from gpufed.v1 import common_pb2, lease_pb2
+
+P = "/g"
+
+
+def add_node(
+    inv: Inventory,
+    provider: str,
+    node_id: str,
+    country: str,
+    price: float,
+    gpus: int = 4,
+    lat: float = 0.0,
+    lon: float = 0.0,
+    alive: bool = True,
+    rev: int = 1,
+) -> None:
+    n = common_pb2.Node(
+        provider=provider,
+        node_id=node_id,
+        price_per_gpu_hour=price,
+        location=common_pb2.Location(country_code=country, latitude=lat, longitude=lon),
+    )
+    for i in range(gpus):
+        n.gpus.add(
+            uuid=f"{node_id}-g{i}",
+            index=i,
+            model="NVIDIA H100 80GB HBM3",
+            memory_total_bytes=80 << 30,
+            health=common_pb2.GPU_HEALTH_HEALTHY,
+        )
+    inv.apply(f"{P}/nodes/{provider}/{node_id}".encode(), n.SerializeToString(), rev)
+    if alive:
+        inv.apply(f"{P}/alive/{provider}/{node_id}".encode(), b"r1/s1", rev + 1)
+
+
+def test_records_liveness_and_allocations_join_in_any_order() -> None:
+    inv = Inventory(Keyspace(P))
+    inv.apply(f"{P}/alloc/p/a/a-g0".encode(), b"lease1", 1)  # before its node
+    inv.apply(f"{P}/alive/p/a".encode(), b"r/s", 2)
+    add_node(inv, "p", "a", "DE", 2.0, alive=False, rev=3)
+    view = inv.view("providers/p/nodes/a")
+    assert view is not None and view.state == common_pb2.NODE_STATE_READY
+    assert view.free_gpu_count == 3 and view.gpus[0].lease == "leases/lease1"
+    inv.apply(f"{P}/alive/p/a".encode(), None, 4)
+    assert inv.state("providers/p/nodes/a") == common_pb2.NODE_STATE_OFFLINE
+    assert not inv.summaries["providers/p/nodes/a"].schedulable
+
+
+def test_lease_fencing_token_is_the_create_revision_and_deletes_carry_the_record() -> None:
+    inv = Inventory(Keyspace(P))
+    seen: list[Change] = []
+    inv.subscribe(seen.append)
+    lease = lease_pb2.Lease(name="leases/abc", tenant="t")
+    inv.apply(f"{P}/leases/abc".encode(), lease.SerializeToString(), 42, 42)
+    assert inv.leases["abc"].fencing_token == 42
+    inv.apply(f"{P}/leases/abc".encode(), None, 50)
+    gone = seen[-1]
+    assert gone.kind is ChangeKind.LEASE and gone.value is None and "abc" not in inv.leases
+    assert gone.lease is not None and gone.lease.name == "leases/abc" and gone.lease.fencing_token == 42
+
+
+def test_draining_set_follows_node_records() -> None:
+    inv = Inventory(Keyspace(P))
+    add_node(inv, "p", "a", "DE", 2.0)
+    add_node(inv, "p", "b", "DE", 2.0)
+    assert inv.draining == set()
+    drained = common_pb2.Node(provider="p", node_id="a", state=common_pb2.NODE_STATE_DRAINING)
+    inv.apply(f"{P}/nodes/p/a".encode(), drained.SerializeToString(), 5)
+    assert inv.draining == {"providers/p/nodes/a"}
+    back = common_pb2.Node(provider="p", node_id="a", state=common_pb2.NODE_STATE_READY)
+    inv.apply(f"{P}/nodes/p/a".encode(), back.SerializeToString(), 6)
+    assert inv.draining == set()
+    inv.apply(f"{P}/nodes/p/b".encode(), drained.SerializeToString(), 7)
+    inv.apply(f"{P}/nodes/p/b".encode(), None, 8)  # a deleted node is no longer draining
+    assert inv.draining == set()
+
+
+def test_keys_outside_the_layout_change_nothing_and_notify_nobody() -> None:
+    inv = Inventory(Keyspace(P))
+    seen: list[Change] = []
+    inv.subscribe(seen.append)
+    assert inv.apply(f"{P}/nodes/p".encode(), b"x", 1) is None
+    assert inv.apply(f"{P}/unknown/a".encode(), b"x", 2) is None
+    assert seen == [] and inv.nodes == {}
+
+
+def test_load_replaces_the_view_and_tells_one_resync_not_each_key() -> None:
+    inv = Inventory(Keyspace(P))
+    add_node(inv, "p", "gone", "DE", 2.0)
+    seen: list[Change] = []
+    inv.subscribe(seen.append)
+
+    class KV:
+        def __init__(self, key: str, value: bytes, rev: int) -> None:
+            self.key, self.value, self.mod_revision, self.create_revision = key.encode(), value, rev, rev
+
+    node = common_pb2.Node(provider="p", node_id="new", location=common_pb2.Location(country_code="FR"))
+    inv.load([KV(f"{P}/nodes/p/new", node.SerializeToString(), 9)], 10)
+    assert list(inv.nodes) == ["providers/p/nodes/new"] and inv.revision == 10
+    assert [c.kind for c in seen] == [ChangeKind.RESYNC]
