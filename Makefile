@@ -37,6 +37,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy gpufed control_plane node_daemon bench tests scripts
+	$(BIN)/python scripts/check_layers.py
 
 clean:
 	rm -rf $(VENV) .run build *.egg-info

@@ -1,4 +1,5 @@
-"""Replica configuration: flags, each with a GPUFED_* environment variable as its default."""
+"""Replica configuration: flags, GPUFED_* environment variables and an optional TOML file, in the
+one precedence of gpufed.settings."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from control_plane.affinity import parse_cpu_list
+from gpufed.settings import Settings, csv, truthy
 
 
 @dataclass
@@ -36,10 +38,6 @@ class Config:
             self.peer_token = self.admin_token
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name, default)
-
-
 def _cpu_list(text: str) -> frozenset[int]:
     try:
         return parse_cpu_list(text)
@@ -48,77 +46,67 @@ def _cpu_list(text: str) -> frozenset[int]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
+    """Flags > GPUFED_* environment > the TOML file of --config > defaults (gpufed.settings)."""
     p = argparse.ArgumentParser(prog="gpufed-control-plane", description="gpufed control plane replica")
+    p.add_argument("--config", help="TOML file with any of the settings below (GPUFED_CONFIG_FILE)")
+    p.add_argument("--listen", help="gRPC address (GPUFED_LISTEN; default 127.0.0.1:50051)")
+    p.add_argument("--etcd-endpoints", help="comma-separated etcd endpoints (GPUFED_ETCD_ENDPOINTS)")
+    p.add_argument("--etcd-prefix", help="key prefix (GPUFED_ETCD_PREFIX; default /gpufed)")
+    p.add_argument("--replica-id", help="stable replica id (GPUFED_REPLICA_ID)")
     p.add_argument(
-        "--listen", default=_env("GPUFED_LISTEN", "127.0.0.1:50051"), help="gRPC address (GPUFED_LISTEN)"
-    )
-    p.add_argument(
-        "--etcd-endpoints",
-        default=_env("GPUFED_ETCD_ENDPOINTS", "127.0.0.1:2379"),
-        help="comma-separated etcd endpoints (GPUFED_ETCD_ENDPOINTS)",
-    )
-    p.add_argument(
-        "--etcd-prefix", default=_env("GPUFED_ETCD_PREFIX", "/gpufed"), help="key prefix (GPUFED_ETCD_PREFIX)"
-    )
-    p.add_argument(
-        "--replica-id", default=_env("GPUFED_REPLICA_ID", ""), help="stable replica id (GPUFED_REPLICA_ID)"
-    )
-    p.add_argument(
-        "--advertise",
-        default=_env("GPUFED_ADVERTISE", ""),
-        help="address other replicas reach this one at (GPUFED_ADVERTISE; default: --listen)",
+        "--advertise", help="address other replicas reach this one at (GPUFED_ADVERTISE; default: --listen)"
     )
     p.add_argument(
         "--metrics-listen",
-        default=_env("GPUFED_METRICS_LISTEN", ""),
         help="Prometheus HTTP address, e.g. 127.0.0.1:9464 (GPUFED_METRICS_LISTEN; empty: off)",
     )
     p.add_argument(
-        "--report-interval",
-        type=float,
-        default=float(_env("GPUFED_REPORT_INTERVAL", "2.0")),
-        help="seconds between node reports (GPUFED_REPORT_INTERVAL)",
+        "--report-interval", type=float, help="seconds between node reports (GPUFED_REPORT_INTERVAL)"
     )
     p.add_argument(
         "--grace-intervals",
         type=float,
-        default=float(_env("GPUFED_GRACE_INTERVALS", "3")),
         help="report intervals of silence before a node goes offline (GPUFED_GRACE_INTERVALS)",
     )
-    p.add_argument(
-        "--session-ttl",
-        type=int,
-        default=int(_env("GPUFED_SESSION_TTL", "5")),
-        help="replica liveness ttl, s",
-    )
-    p.add_argument("--log-calls", action="store_true", default=_env("GPUFED_LOG_CALLS", "") == "1")
+    p.add_argument("--session-ttl", type=int, help="replica liveness ttl, s (GPUFED_SESSION_TTL)")
+    p.add_argument("--log-calls", action="store_true", default=None, help="log every RPC (GPUFED_LOG_CALLS)")
     p.add_argument(
         "--search-cache",
         type=int,
-        default=int(_env("GPUFED_SEARCH_CACHE", "1024")),
         help="SearchOffers answers kept per index revision (GPUFED_SEARCH_CACHE; 0: off)",
     )
     p.add_argument(
         "--cpus",
         type=_cpu_list,
-        default=_env("GPUFED_CPUS", ""),
         help="run only on these CPUs, e.g. 3 or 0-1 (GPUFED_CPUS; default: any). One replica per core, "
         "each pinned, costs less CPU per RPC than free-floating ones",
     )
     a = p.parse_args(argv)
+    s = Settings.from_file(a.config or os.environ.get("GPUFED_CONFIG_FILE", ""))
+    d = Config(replica_id="-", peer_token="-")  # the defaults
     return Config(
-        listen=a.listen,
-        etcd_endpoints=[e.strip() for e in a.etcd_endpoints.split(",") if e.strip()],
-        etcd_prefix=a.etcd_prefix,
-        replica_id=a.replica_id,
-        advertise=a.advertise,
-        metrics_listen=a.metrics_listen,
-        admin_token=os.environ.get("GPUFED_ADMIN_TOKEN", ""),
-        peer_token=os.environ.get("GPUFED_PEER_TOKEN", ""),
-        report_interval=a.report_interval,
-        grace_intervals=a.grace_intervals,
-        session_ttl=a.session_ttl,
-        log_calls=a.log_calls,
-        search_cache=a.search_cache,
-        cpus=a.cpus,
+        listen=s.get(a.listen, "GPUFED_LISTEN", "listen", d.listen),
+        etcd_endpoints=s.get(
+            csv(a.etcd_endpoints) if a.etcd_endpoints else None,
+            "GPUFED_ETCD_ENDPOINTS",
+            "etcd_endpoints",
+            d.etcd_endpoints,
+            csv,
+        ),
+        etcd_prefix=s.get(a.etcd_prefix, "GPUFED_ETCD_PREFIX", "etcd_prefix", d.etcd_prefix),
+        replica_id=s.get(a.replica_id, "GPUFED_REPLICA_ID", "replica_id", ""),
+        advertise=s.get(a.advertise, "GPUFED_ADVERTISE", "advertise", ""),
+        metrics_listen=s.get(a.metrics_listen, "GPUFED_METRICS_LISTEN", "metrics_listen", ""),
+        admin_token=s.get(None, "GPUFED_ADMIN_TOKEN", "admin_token", ""),
+        peer_token=s.get(None, "GPUFED_PEER_TOKEN", "peer_token", ""),
+        report_interval=s.get(
+            a.report_interval, "GPUFED_REPORT_INTERVAL", "report_interval", d.report_interval
+        ),
+        grace_intervals=s.get(
+            a.grace_intervals, "GPUFED_GRACE_INTERVALS", "grace_intervals", d.grace_intervals
+        ),
+        session_ttl=s.get(a.session_ttl, "GPUFED_SESSION_TTL", "session_ttl", d.session_ttl),
+        log_calls=s.get(a.log_calls, "GPUFED_LOG_CALLS", "log_calls", False, truthy),
+        search_cache=s.get(a.search_cache, "GPUFED_SEARCH_CACHE", "search_cache", d.search_cache),
+        cpus=s.get(a.cpus, "GPUFED_CPUS", "cpus", frozenset(), lambda v: _cpu_list(str(v))),
     )

@@ -16,7 +16,6 @@ import os
 import signal
 import sys
 import time
-import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from google.protobuf import duration_pb2, json_format
 from google.protobuf.message import Message
 
 from gpufed.client import Client, GpufedError
+from gpufed.settings import Settings
 from gpufed.v1 import admin_pb2, common_pb2, lease_pb2
 
 (
@@ -50,12 +50,9 @@ _EXIT_BY_CODE = {
 }
 
 
-def _config_file() -> dict[str, Any]:
-    path = Path(os.environ.get("GPUFED_CONFIG", Path.home() / ".config" / "gpufed" / "config.toml"))
-    if not path.is_file():
-        return {}
-    with path.open("rb") as f:
-        return tomllib.load(f)
+def _settings() -> Settings:
+    path = os.environ.get("GPUFED_CONFIG", str(Path.home() / ".config" / "gpufed" / "config.toml"))
+    return Settings.from_file(path, required=False)
 
 
 def _csv(value: str) -> list[str]:
@@ -549,9 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    cfg = _config_file()
-    endpoint = args.endpoint or os.environ.get("GPUFED_ENDPOINT") or cfg.get("endpoint") or "127.0.0.1:50051"
-    token = args.token or os.environ.get("GPUFED_TOKEN") or cfg.get("token") or ""
+    cfg = _settings()
+    endpoint = cfg.get(args.endpoint, "GPUFED_ENDPOINT", "endpoint", "127.0.0.1:50051")
+    token = cfg.get(args.token, "GPUFED_TOKEN", "token", "")
     creds = None
     if args.tls or args.ca_cert:
         roots = Path(args.ca_cert).read_bytes() if args.ca_cert else None

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import pynvml
 from google.protobuf import timestamp_pb2
 
+from gpufed.clock import SYSTEM, Clock, now_ts
 from gpufed.logs import get_logger
 from gpufed.v1 import common_pb2
 from node_daemon import health
@@ -60,7 +60,7 @@ class GpuInfo:
 
 
 class Collector:
-    def __init__(self, nvml: Any = pynvml, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, nvml: Any = pynvml, clock: Clock = SYSTEM) -> None:
         self.nvml = nvml
         self.clock = clock
         self.gpus: list[GpuInfo] = []
@@ -279,7 +279,7 @@ class Collector:
         """One report: every GPU of the host."""
         report = common_pb2.NodeReport(sequence=self.sequence)
         self.sequence += 1
-        report.sample_time.FromNanoseconds(int(self.clock() * 1e9))
+        report.sample_time.CopyFrom(now_ts(self.clock))
         report.gpus.extend(self._sample_gpu(g) for g in self.gpus)
         return report
 
@@ -344,8 +344,7 @@ class XidWatcher:
                     verdict = self.collector.note_xid(gpu, xid)
                 else:
                     verdict = self.collector._verdict(gpu, None)
-                ts = timestamp_pb2.Timestamp()
-                ts.GetCurrentTime()
+                ts = now_ts(self.collector.clock)
                 log.warning("GPU event", uuid=gpu.uuid, xid=xid, health=verdict.health)
                 self.on_event(GpuEvent(gpu.uuid, xid, gpu.lost, verdict, ts))
         finally:

@@ -1,16 +1,15 @@
-"""Daemon configuration: flags, GPUFED_* environment variables, or a TOML file (flags win, then
-the environment, then the file)."""
+"""Daemon configuration: flags, GPUFED_* environment variables, or a TOML file, in the one
+precedence of gpufed.settings (flags win, then the environment, then the file)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import socket
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
+from gpufed.settings import Settings, csv, truthy
 from node_daemon.fake_nvml import PROFILES
 
 
@@ -74,32 +73,16 @@ def parse_args(argv: Sequence[str] | None = None) -> DaemonConfig:
     p.add_argument("--client-key", help="PEM, for mTLS")
     a = p.parse_args(argv)
 
-    file: dict[str, Any] = {}
-    if a.config:
-        with open(a.config, "rb") as f:
-            file = tomllib.load(f)
-
-    def pick(flag: Any, env: str, key: str, default: Any, conv: Any = str) -> Any:
-        if flag is not None:
-            return flag
-        if env in os.environ:
-            return conv(os.environ[env])
-        if key in file:
-            return conv(file[key])
-        return default
-
+    settings = Settings.from_file(a.config)
+    file = settings.file
+    pick = settings.get
     labels = dict(file.get("labels", {}))
     for item in _env_list("GPUFED_LABELS") + (a.label or []):
         k, sep, v = item.partition("=")
         if not sep:
             p.error(f"label {item!r} must be KEY=VALUE")
         labels[k] = v
-    planes = (
-        a.control_plane
-        or _env_list("GPUFED_CONTROL_PLANES")
-        or file.get("control_planes")
-        or ["127.0.0.1:50051"]
-    )
+    planes = pick(a.control_plane, "GPUFED_CONTROL_PLANES", "control_planes", ["127.0.0.1:50051"], csv)
     cfg = DaemonConfig(
         control_planes=list(planes),
         provider=pick(a.provider, "GPUFED_PROVIDER", "provider", ""),
@@ -117,10 +100,10 @@ def parse_args(argv: Sequence[str] | None = None) -> DaemonConfig:
         report_interval=pick(a.report_interval, "GPUFED_REPORT_INTERVAL", "report_interval", 2.0, float),
         fake_nvml=pick(a.fake_nvml, "GPUFED_FAKE_NVML", "fake_nvml", ""),
         fake_scenario=pick(a.fake_scenario, "GPUFED_FAKE_SCENARIO", "fake_scenario", ""),
-        fake_events=a.fake_event or list(file.get("fake_events", [])),
+        fake_events=pick(a.fake_event, "", "fake_events", [], list),
         fake_seed=pick(a.fake_seed, "GPUFED_FAKE_SEED", "fake_seed", 0, int),
-        token=os.environ.get("GPUFED_TOKEN", file.get("token", "")),
-        tls=bool(pick(a.tls, "GPUFED_TLS", "tls", False, lambda v: str(v).lower() in ("1", "true", "yes"))),
+        token=pick(None, "GPUFED_TOKEN", "token", ""),
+        tls=pick(a.tls, "GPUFED_TLS", "tls", False, truthy),
         ca_cert=pick(a.ca_cert, "GPUFED_CA_CERT", "ca_cert", ""),
         client_cert=pick(a.client_cert, "GPUFED_CLIENT_CERT", "client_cert", ""),
         client_key=pick(a.client_key, "GPUFED_CLIENT_KEY", "client_key", ""),

@@ -56,18 +56,18 @@ RULES = (
 STDLIB = frozenset(sys.stdlib_module_names) | {"__future__"}
 
 
-def _module_of(path: Path) -> str:
-    rel = path.relative_to(ROOT).with_suffix("")
+def _module_of(path: Path, root: Path) -> str:
+    rel = path.relative_to(root).with_suffix("")
     parts = list(rel.parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
 
 
-def imports(path: Path) -> Iterator[tuple[int, str]]:
+def imports(path: Path, root: Path = ROOT) -> Iterator[tuple[int, str]]:
     """(line, absolute module name) of every import in the file, relative ones resolved."""
     tree = ast.parse(path.read_text(), str(path))
-    package = _module_of(path).split(".")
+    package = _module_of(path, root).split(".")
     if path.name != "__init__.py":
         package = package[:-1]
     for node in ast.walk(tree):
@@ -98,7 +98,7 @@ def violations(root: Path = ROOT) -> Iterator[str]:
             if path.name.endswith(("_pb2.py", "_pb2_grpc.py")):
                 continue
             seen: set[int] = set()  # one report per import statement
-            for line, mod in imports(path):
+            for line, mod in imports(path, root):
                 top = mod.split(".")[0]
                 bad = any(_matches(mod, f) for f in rule.forbidden)
                 if rule.only is not None and top not in STDLIB:
