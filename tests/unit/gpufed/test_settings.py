@@ -20,7 +20,8 @@ def test_environment_and_file_values_take_the_defaults_type_or_a_converter() -> 
     assert s.get(None, "GPUFED_N", "n", 0) == 3
     assert s.get(None, "", "ttl", 0.0) == 7.0
     assert s.get(None, "", "on", False, truthy) is True
-    assert s.get(None, "", "planes", [], csv) == ["a:1", "b:2"]
+    no_planes: list[str] = []
+    assert s.get(None, "", "planes", no_planes, csv) == ["a:1", "b:2"]
     assert csv("x, y,,z") == ["x", "y", "z"]
 
 
