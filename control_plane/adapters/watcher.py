@@ -25,8 +25,9 @@ class Watcher:
         self.synced.set()
         return revision
 
-    async def run(self) -> None:
-        need_list = True
+    async def run(self, listed: bool = False) -> None:
+        """Forever: list (unless the index already holds a listing: `listed`), then watch."""
+        need_list = not listed
         while True:
             try:
                 if need_list:

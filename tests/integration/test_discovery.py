@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import grpc
 import pytest
 
+from control_plane.adapters.store import EtcdStore
 from gpufed.client import Client, InvalidArgument, NotFound
 from gpufed.errors import error_reason
 from gpufed.v1 import admin_pb2, common_pb2, discovery_pb2, discovery_pb2_grpc
-from tests.harness import metadata, wait_until
+from tests.harness import ADMIN_TOKEN, EtcdCluster, metadata, replica_process, unique_prefix, wait_until
 from tests.integration.federation import Federation
 
 pytestmark = pytest.mark.integration
@@ -242,3 +244,60 @@ def test_telemetry_is_forwarded_from_the_replica_holding_the_stream(fed: Federat
     with fed.client(0) as c:
         local = c.node_telemetry("providers/neo/nodes/fra-1", 1)
     assert local.replica == fed.replicas[0].replica.id  # type: ignore[union-attr]
+
+
+def test_pages_from_replicas_with_different_hash_seeds_add_up_to_the_unpaged_answer(
+    etcd: EtcdCluster,
+) -> None:
+    """Behind a load balancer each page may come from another replica: a page token must mean
+    the same on every replica, whatever its PYTHONHASHSEED (sets of countries, regions and
+    providers once went into the token's query in hash order)."""
+    prefix = unique_prefix()
+    countries = ["DE", "FR", "SE", "FI", "US", "CA", "NL", "PL"]
+
+    async def seed() -> None:
+        store = EtcdStore(etcd.endpoints, prefix)
+        try:
+            for i, cc in enumerate(countries * 2):
+                node = common_pb2.Node(
+                    provider=f"p{i % 3}",
+                    node_id=f"n{i}",
+                    location=common_pb2.Location(country_code=cc, region=f"r{i % 4}"),
+                    price_per_gpu_hour=1.0 + i / 10,
+                )
+                node.gpus.add(
+                    uuid=f"n{i}-g0", model="NVIDIA H100 80GB HBM3", health=common_pb2.GPU_HEALTH_HEALTHY
+                )
+                await store.put(store.keys.node(node.provider, node.node_id), node.SerializeToString())
+                await store.put(store.keys.alive(node.provider, node.node_id), b"test/session")
+        finally:
+            await store.close()
+
+    asyncio.run(seed())
+    flt = common_pb2.GpuFilter(
+        countries=countries, regions=["r0", "r1", "r2", "r3"], providers=["p0", "p1", "p2"]
+    )
+    with (
+        replica_process(etcd.endpoints, prefix, env={"PYTHONHASHSEED": "1"}) as (_, a),
+        replica_process(etcd.endpoints, prefix, env={"PYTHONHASHSEED": "2"}) as (_, b),
+        grpc.insecure_channel(a) as ch_a,
+        grpc.insecure_channel(b) as ch_b,
+    ):
+        stubs = [discovery_pb2_grpc.DiscoveryServiceStub(ch) for ch in (ch_a, ch_b)]
+        md = metadata(ADMIN_TOKEN)
+
+        def page(i: int, token: str = "", size: int = 3) -> discovery_pb2.SearchOffersResponse:
+            req = discovery_pb2.SearchOffersRequest(filter=flt, page_size=size, page_token=token)
+            resp: discovery_pb2.SearchOffersResponse = stubs[i % 2].SearchOffers(req, metadata=md, timeout=10)
+            return resp
+
+        wait_until(lambda: all(len(page(i, size=100).offers) == len(countries) * 2 for i in (0, 1)), 30)
+        whole = [o.node for o in page(0, size=100).offers]
+        paged: list[str] = []
+        resp = page(0)
+        for i in range(1, 100):
+            paged += [o.node for o in resp.offers]
+            if not resp.next_page_token:
+                break
+            resp = page(i, resp.next_page_token)  # the next page from the other replica
+    assert paged == whole and len(whole) == len(countries) * 2

@@ -369,3 +369,71 @@ def test_usage_record_for_an_expired_lease_is_written_exactly_once(fed: Federati
         time.sleep(1)
         assert len(mine()) == 1
         assert mine()[0].end_reason == lease_pb2.LEASE_END_REASON_EXPIRED
+
+
+def _watch_in_background(fed: Federation, name: str) -> tuple[list[LeaseW], threading.Event]:
+    events: list[LeaseW] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        with fed.client(1) as c:
+            events.extend(c.watch_lease(name))
+        done.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    wait_until(lambda: bool(events))
+    return events, done
+
+
+def test_watch_of_a_lease_nobody_renews_is_granted_expiring_ended_never_renewed(
+    fed: Federation, dev: Client
+) -> None:
+    lease = dev.create_lease(1, gpu_model="H100", ttl_s=5)
+    events, done = _watch_in_background(fed, lease.name)
+    assert done.wait(15)
+    kinds = [LeaseW.EventType.Name(e.type).removeprefix("EVENT_TYPE_") for e in events]
+    assert kinds == ["GRANTED", "EXPIRING", "ENDED"]
+    assert events[-1].lease.end_reason == lease_pb2.LEASE_END_REASON_EXPIRED
+    assert events[-1].lease.end_time == lease.expire_time  # it ended when it expired
+
+
+def test_a_renewal_moves_expire_time_exactly_and_alike_on_every_replica(
+    fed: Federation, dev: Client, dev_b: Client
+) -> None:
+    lease = dev.create_lease(1, gpu_model="H100", ttl_s=30)
+    assert (
+        dev.get_lease(lease.name).expire_time == lease.expire_time == dev_b.get_lease(lease.name).expire_time
+    )
+    events, done = _watch_in_background(fed, lease.name)
+    before = time.time_ns()
+    renewed = dev.renew_lease(lease.name)
+    after = time.time_ns()
+    # the renewal's time plus the ttl: never past etcd's own expiry, never a whole second early
+    assert before + 30 * 10**9 <= renewed.expire_time.ToNanoseconds() <= after + 30 * 10**9
+    wait_until(lambda: any(e.type == LeaseW.EVENT_TYPE_RENEWED for e in events))
+    assert (
+        next(e for e in events if e.type == LeaseW.EVENT_TYPE_RENEWED).lease.expire_time
+        == renewed.expire_time
+    )
+    assert (
+        dev.get_lease(lease.name).expire_time
+        == renewed.expire_time
+        == dev_b.get_lease(lease.name).expire_time
+    )
+    dev.release_lease(lease.name)
+    assert done.wait(10)
+    assert [e.type for e in events].count(LeaseW.EVENT_TYPE_RENEWED) == 1
+
+
+def test_create_without_a_request_id_grants_a_lease_each_time(fed: Federation) -> None:
+    with grpc.insecure_channel(fed.replicas[0].address) as ch:
+        stub = lease_pb2_grpc.LeaseServiceStub(ch)
+        req = lease_pb2.CreateLeaseRequest(gpu_count=1, filter=common_pb2.GpuFilter(gpu_model="H100"))
+        first = stub.CreateLease(req, metadata=metadata(fed.tenant_token)).lease
+        second = stub.CreateLease(req, metadata=metadata(fed.tenant_token)).lease
+        assert first.name != second.name and first.request_id == second.request_id == ""
+        for lease in (first, second):
+            ended = stub.ReleaseLease(
+                lease_pb2.ReleaseLeaseRequest(name=lease.name), metadata=metadata(fed.tenant_token)
+            ).lease
+            assert ended.state == lease_pb2.LEASE_STATE_ENDED
