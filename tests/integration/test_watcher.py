@@ -49,7 +49,7 @@ def replica(etcd: EtcdCluster) -> Iterator[tuple[ReplicaThread, str]]:
 
 
 def _snapshot(stream: Iterator[Ev]) -> list[str]:
-    names = []
+    names: list[str] = []
     for ev in stream:
         if ev.type == Ev.EVENT_TYPE_SNAPSHOT_END:
             return names
