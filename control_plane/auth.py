@@ -19,6 +19,7 @@ from enum import StrEnum
 
 from control_plane.adapters.store import EtcdStore
 from control_plane.domain import errors
+from gpufed.clock import SYSTEM, Clock
 
 TOKEN_PREFIX = "gpf"
 
@@ -93,13 +94,12 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def new_token(kind: Kind, principal: str) -> tuple[str, TokenRecord]:
+def new_token(kind: Kind, principal: str, clock: Clock = SYSTEM) -> tuple[str, TokenRecord]:
     """A fresh token: the full secret string (shown once) and the record to store."""
     token_id = secrets.token_hex(6)
     secret = secrets.token_urlsafe(32)
-    record = TokenRecord(
-        token_id, kind, principal, hash_secret(secret), datetime.now(UTC).isoformat(timespec="seconds")
-    )
+    created = datetime.fromtimestamp(clock.time_ns() // 1_000_000_000, UTC).isoformat(timespec="seconds")
+    record = TokenRecord(token_id, kind, principal, hash_secret(secret), created)
     return f"{TOKEN_PREFIX}_{token_id}_{secret}", record
 
 

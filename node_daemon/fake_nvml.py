@@ -6,7 +6,8 @@ failure modes real hosts show: NotSupported (utilization on a MIG-enabled GPU, N
 cards), GpuIsLost after a GPU falls off the bus, XID events from `nvmlEventSetWait` and
 `NVMLError_Timeout` when none arrives. So the collector runs unchanged on either.
 
-Values move plausibly over time from a seeded RNG (reproducible), driven by an injected clock.
+Values move plausibly over time from a seeded RNG (reproducible), driven by an injected
+gpufed.clock.Clock (its monotonic reading).
 Scenarios inject faults at given times: XIDs, double-bit ECC, thermal or power slowdown, row
 remap trouble, a lost GPU, utilization patterns.
 """
@@ -22,13 +23,14 @@ import threading
 import time
 import tomllib
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pynvml
 from pynvml import NVMLError
+
+from gpufed.clock import SYSTEM, Clock
 
 GIB = 1024**3
 MIB = 1024**2
@@ -183,13 +185,13 @@ class FakeNvml:
         seed: int = 0,
         host: str = "fake-host",
         scenario: list[ScenarioEvent] | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = SYSTEM,
     ) -> None:
         specs = PROFILES[profile] if isinstance(profile, str) else profile
         if isinstance(profile, str) and profile not in PROFILES:
             raise ValueError(f"unknown profile {profile!r}; one of {sorted(PROFILES)}")
         self.clock = clock
-        self.start = clock()
+        self.start = clock.monotonic()
         self.scenario = sorted(scenario or [], key=lambda e: e.at)
         self._next_event = 0
         self.initialized = 0
@@ -214,7 +216,7 @@ class FakeNvml:
     # -- scenario ------------------------------------------------------------------------------
 
     def elapsed(self) -> float:
-        return self.clock() - self.start
+        return self.clock.monotonic() - self.start
 
     def _advance(self) -> None:
         now = self.elapsed()

@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import pynvml
 
+from gpufed.clock import SYSTEM, Clock
 from gpufed.logs import configure_logging, get_logger
 from node_daemon.collector import Collector, XidWatcher
 from node_daemon.config import DaemonConfig, parse_args
@@ -22,12 +23,13 @@ from node_daemon.session import DaemonSession
 log = get_logger(__name__)
 
 
-def make_nvml(cfg: DaemonConfig) -> Any:
+def make_nvml(cfg: DaemonConfig, clock: Clock = SYSTEM) -> Any:
     if not cfg.fake_nvml:
         return pynvml
     events = load_scenario(cfg.fake_scenario) if cfg.fake_scenario else []
     events += [parse_event(e) for e in cfg.fake_events]
-    return FakeNvml(cfg.fake_nvml, seed=cfg.fake_seed, host=f"{cfg.provider}/{cfg.node_id}", scenario=events)
+    host = f"{cfg.provider}/{cfg.node_id}"
+    return FakeNvml(cfg.fake_nvml, seed=cfg.fake_seed, host=host, scenario=events, clock=clock)
 
 
 def credentials(cfg: DaemonConfig) -> grpc.ChannelCredentials | None:
@@ -44,8 +46,8 @@ def credentials(cfg: DaemonConfig) -> grpc.ChannelCredentials | None:
     )
 
 
-async def run(cfg: DaemonConfig) -> None:
-    collector = Collector(make_nvml(cfg))
+async def run(cfg: DaemonConfig, clock: Clock = SYSTEM) -> None:
+    collector = Collector(make_nvml(cfg, clock), clock)
     collector.start()
     log.info(
         "NVML ready",

@@ -112,7 +112,6 @@ class DaemonSession:
             daemon_version=__version__,
             driver_version=self.collector.driver_version,
             cuda_driver_version=self.collector.cuda_driver_version,
-            fencing_tokens=self.assignments.newest,
         )
 
     # -- main loop -------------------------------------------------------------------------------

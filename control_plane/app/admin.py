@@ -110,7 +110,7 @@ class Admin:
             raise errors.invalid("INVALID_TOKEN_KIND", "kind must be TENANT, PROVIDER or ADMIN")
         if not valid_id(principal):
             raise errors.invalid("INVALID_PRINCIPAL", f"{principal!r} must be a DNS label (a-z, 0-9, -)")
-        secret, record = auth.new_token(kind, principal)
+        secret, record = auth.new_token(kind, principal, self.clock)
         await self.store.put(self.keys.token(record.token_id), record.to_json())
         token = admin_pb2.Token(
             name=f"tokens/{record.token_id}",

@@ -115,9 +115,12 @@ class DiscoveryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchCapacity(self, request, context):
-        """A snapshot of every node, then one event per node change, in revision order. The stream
-        ends with OK when the replica shuts down (reconnect to another and you get a fresh
-        snapshot) and with ABORTED if the watcher falls too far behind.
+        """A snapshot of every node, then one event per node change, in revision order. When the
+        replica had to re-list its view (its etcd watch fell behind a compaction), a fresh snapshot
+        follows: SNAPSHOT events, then SNAPSHOT_END; replace everything you hold with it, since
+        changes in the gap were never seen. The stream ends with OK when the replica shuts down
+        (reconnect to another and you get a fresh snapshot) and with ABORTED (reason
+        WATCH_TOO_SLOW) if the watcher falls too far behind.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -52,9 +52,12 @@ class DiscoveryServiceStub:
     SummarizeCapacity: _grpc.UnaryUnaryMultiCallable[_discovery_pb2.SummarizeCapacityRequest, _discovery_pb2.SummarizeCapacityResponse]
     """Totals and free GPUs by model x country x health over READY nodes matching the filter."""
     WatchCapacity: _grpc.UnaryStreamMultiCallable[_discovery_pb2.WatchCapacityRequest, _discovery_pb2.WatchCapacityResponse]
-    """A snapshot of every node, then one event per node change, in revision order. The stream
-    ends with OK when the replica shuts down (reconnect to another and you get a fresh
-    snapshot) and with ABORTED if the watcher falls too far behind.
+    """A snapshot of every node, then one event per node change, in revision order. When the
+    replica had to re-list its view (its etcd watch fell behind a compaction), a fresh snapshot
+    follows: SNAPSHOT events, then SNAPSHOT_END; replace everything you hold with it, since
+    changes in the gap were never seen. The stream ends with OK when the replica shuts down
+    (reconnect to another and you get a fresh snapshot) and with ABORTED (reason
+    WATCH_TOO_SLOW) if the watcher falls too far behind.
     """
 
 @_typing.type_check_only
@@ -81,9 +84,12 @@ class DiscoveryServiceAsyncStub(DiscoveryServiceStub):
     SummarizeCapacity: _aio.UnaryUnaryMultiCallable[_discovery_pb2.SummarizeCapacityRequest, _discovery_pb2.SummarizeCapacityResponse]  # type: ignore[assignment]
     """Totals and free GPUs by model x country x health over READY nodes matching the filter."""
     WatchCapacity: _aio.UnaryStreamMultiCallable[_discovery_pb2.WatchCapacityRequest, _discovery_pb2.WatchCapacityResponse]  # type: ignore[assignment]
-    """A snapshot of every node, then one event per node change, in revision order. The stream
-    ends with OK when the replica shuts down (reconnect to another and you get a fresh
-    snapshot) and with ABORTED if the watcher falls too far behind.
+    """A snapshot of every node, then one event per node change, in revision order. When the
+    replica had to re-list its view (its etcd watch fell behind a compaction), a fresh snapshot
+    follows: SNAPSHOT events, then SNAPSHOT_END; replace everything you hold with it, since
+    changes in the gap were never seen. The stream ends with OK when the replica shuts down
+    (reconnect to another and you get a fresh snapshot) and with ABORTED (reason
+    WATCH_TOO_SLOW) if the watcher falls too far behind.
     """
 
 class DiscoveryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -143,9 +149,12 @@ class DiscoveryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _discovery_pb2.WatchCapacityRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_discovery_pb2.WatchCapacityResponse], _abc.AsyncIterator[_discovery_pb2.WatchCapacityResponse]]:
-        """A snapshot of every node, then one event per node change, in revision order. The stream
-        ends with OK when the replica shuts down (reconnect to another and you get a fresh
-        snapshot) and with ABORTED if the watcher falls too far behind.
+        """A snapshot of every node, then one event per node change, in revision order. When the
+        replica had to re-list its view (its etcd watch fell behind a compaction), a fresh snapshot
+        follows: SNAPSHOT events, then SNAPSHOT_END; replace everything you hold with it, since
+        changes in the gap were never seen. The stream ends with OK when the replica shuts down
+        (reconnect to another and you get a fresh snapshot) and with ABORTED (reason
+        WATCH_TOO_SLOW) if the watcher falls too far behind.
         """
 
 def add_DiscoveryServiceServicer_to_server(servicer: DiscoveryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -178,7 +178,9 @@ class Lease(_message.Message):
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
-    def expire_time(self) -> _timestamp_pb2.Timestamp: ...
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """Exact: the last grant or renewal plus the ttl (etcd expires the lease no earlier)."""
+
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration: ...
     @_builtins.property
@@ -221,7 +223,9 @@ class CreateLeaseRequest(_message.Message):
     PLACEMENT_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Client-chosen idempotency key, 1..128 characters of [A-Za-z0-9._:-]."""
+    """Optional client-chosen idempotency key, 1..128 characters of [A-Za-z0-9._:-] (empty: the
+    request is not idempotent).
+    """
     gpu_count: _builtins.int
     placement: Global___Placement.ValueType
     @_builtins.property

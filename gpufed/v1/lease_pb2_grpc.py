@@ -89,9 +89,10 @@ class LeaseServiceServicer:
     def CreateLease(self, request, context):
         """Reserves `gpu_count` GPUs that satisfy `filter`, all or none.
 
-        Idempotent by (tenant, request_id): a retry returns the lease the first call created, even
-        if that call's outcome was unknown to the client, for as long as the lease is active and
-        24 h after it ends. gpu_count must be 1..64: 64 GPUs plus the lease record keep one grant
+        Idempotent by (tenant, request_id) when request_id is set (AIP-155): a retry returns the
+        lease the first call created, even if that call's outcome was unknown to the client, for as
+        long as the lease is active and 24 h after it ends. Without a request_id a retry may create
+        a second lease. gpu_count must be 1..64: 64 GPUs plus the lease record keep one grant
         inside etcd's default limit of 128 operations per transaction, so a gang is always granted
         in one atomic transaction; larger gangs are RESOURCE_EXHAUSTED (reason GANG_TOO_LARGE).
         ttl is 5 s .. 1 h, default 60 s. No matching capacity is FAILED_PRECONDITION (reason
@@ -117,7 +118,9 @@ class LeaseServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RenewLease(self, request, context):
-        """Extends an active lease by its ttl from now. An ended lease is FAILED_PRECONDITION
+        """Extends an active lease by its ttl from now: the answer's expire_time is the renewal's time
+        plus the ttl, the same value GetLease, ListLeases and WatchLease report on every replica
+        (the renewal is recorded in the lease record). An ended lease is FAILED_PRECONDITION
         (reason LEASE_ENDED). Safe to retry.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -142,9 +145,12 @@ class LeaseServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchLease(self, request, context):
-        """Events of one lease: GRANTED first (the current record), then RENEWED, GPU_UNHEALTHY,
-        NODE_LOST, EXPIRING (when less than a third of the ttl is left) and finally ENDED, after
-        which the stream closes with OK. Watching an ended lease sends ENDED at once.
+        """Events of one lease: GRANTED first (the current record), then RENEWED (only after a
+        renewal moved expire_time), GPU_UNHEALTHY (once per GPU), NODE_LOST (each time a node's
+        daemon stops streaming), EXPIRING (once per expire_time, when less than a third of the ttl
+        is left) and finally ENDED with the final record, after which the stream closes with OK. An
+        expired lease ends at its expire_time. Watching an ended lease sends ENDED at once. The
+        stream also ends with OK when the replica shuts down: watch again on another.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

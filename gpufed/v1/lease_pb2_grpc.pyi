@@ -42,9 +42,10 @@ class LeaseServiceStub:
     CreateLease: _grpc.UnaryUnaryMultiCallable[_lease_pb2.CreateLeaseRequest, _lease_pb2.CreateLeaseResponse]
     """Reserves `gpu_count` GPUs that satisfy `filter`, all or none.
 
-    Idempotent by (tenant, request_id): a retry returns the lease the first call created, even
-    if that call's outcome was unknown to the client, for as long as the lease is active and
-    24 h after it ends. gpu_count must be 1..64: 64 GPUs plus the lease record keep one grant
+    Idempotent by (tenant, request_id) when request_id is set (AIP-155): a retry returns the
+    lease the first call created, even if that call's outcome was unknown to the client, for as
+    long as the lease is active and 24 h after it ends. Without a request_id a retry may create
+    a second lease. gpu_count must be 1..64: 64 GPUs plus the lease record keep one grant
     inside etcd's default limit of 128 operations per transaction, so a gang is always granted
     in one atomic transaction; larger gangs are RESOURCE_EXHAUSTED (reason GANG_TOO_LARGE).
     ttl is 5 s .. 1 h, default 60 s. No matching capacity is FAILED_PRECONDITION (reason
@@ -56,7 +57,9 @@ class LeaseServiceStub:
     ListLeases: _grpc.UnaryUnaryMultiCallable[_lease_pb2.ListLeasesRequest, _lease_pb2.ListLeasesResponse]
     """The caller's leases, newest first, optionally in one state. AIP-158 pagination."""
     RenewLease: _grpc.UnaryUnaryMultiCallable[_lease_pb2.RenewLeaseRequest, _lease_pb2.RenewLeaseResponse]
-    """Extends an active lease by its ttl from now. An ended lease is FAILED_PRECONDITION
+    """Extends an active lease by its ttl from now: the answer's expire_time is the renewal's time
+    plus the ttl, the same value GetLease, ListLeases and WatchLease report on every replica
+    (the renewal is recorded in the lease record). An ended lease is FAILED_PRECONDITION
     (reason LEASE_ENDED). Safe to retry.
     """
     KeepAlive: _grpc.StreamStreamMultiCallable[_lease_pb2.KeepAliveRequest, _lease_pb2.KeepAliveResponse]
@@ -69,9 +72,12 @@ class LeaseServiceStub:
     returns it unchanged.
     """
     WatchLease: _grpc.UnaryStreamMultiCallable[_lease_pb2.WatchLeaseRequest, _lease_pb2.WatchLeaseResponse]
-    """Events of one lease: GRANTED first (the current record), then RENEWED, GPU_UNHEALTHY,
-    NODE_LOST, EXPIRING (when less than a third of the ttl is left) and finally ENDED, after
-    which the stream closes with OK. Watching an ended lease sends ENDED at once.
+    """Events of one lease: GRANTED first (the current record), then RENEWED (only after a
+    renewal moved expire_time), GPU_UNHEALTHY (once per GPU), NODE_LOST (each time a node's
+    daemon stops streaming), EXPIRING (once per expire_time, when less than a third of the ttl
+    is left) and finally ENDED with the final record, after which the stream closes with OK. An
+    expired lease ends at its expire_time. Watching an ended lease sends ENDED at once. The
+    stream also ends with OK when the replica shuts down: watch again on another.
     """
 
 @_typing.type_check_only
@@ -88,9 +94,10 @@ class LeaseServiceAsyncStub(LeaseServiceStub):
     CreateLease: _aio.UnaryUnaryMultiCallable[_lease_pb2.CreateLeaseRequest, _lease_pb2.CreateLeaseResponse]  # type: ignore[assignment]
     """Reserves `gpu_count` GPUs that satisfy `filter`, all or none.
 
-    Idempotent by (tenant, request_id): a retry returns the lease the first call created, even
-    if that call's outcome was unknown to the client, for as long as the lease is active and
-    24 h after it ends. gpu_count must be 1..64: 64 GPUs plus the lease record keep one grant
+    Idempotent by (tenant, request_id) when request_id is set (AIP-155): a retry returns the
+    lease the first call created, even if that call's outcome was unknown to the client, for as
+    long as the lease is active and 24 h after it ends. Without a request_id a retry may create
+    a second lease. gpu_count must be 1..64: 64 GPUs plus the lease record keep one grant
     inside etcd's default limit of 128 operations per transaction, so a gang is always granted
     in one atomic transaction; larger gangs are RESOURCE_EXHAUSTED (reason GANG_TOO_LARGE).
     ttl is 5 s .. 1 h, default 60 s. No matching capacity is FAILED_PRECONDITION (reason
@@ -102,7 +109,9 @@ class LeaseServiceAsyncStub(LeaseServiceStub):
     ListLeases: _aio.UnaryUnaryMultiCallable[_lease_pb2.ListLeasesRequest, _lease_pb2.ListLeasesResponse]  # type: ignore[assignment]
     """The caller's leases, newest first, optionally in one state. AIP-158 pagination."""
     RenewLease: _aio.UnaryUnaryMultiCallable[_lease_pb2.RenewLeaseRequest, _lease_pb2.RenewLeaseResponse]  # type: ignore[assignment]
-    """Extends an active lease by its ttl from now. An ended lease is FAILED_PRECONDITION
+    """Extends an active lease by its ttl from now: the answer's expire_time is the renewal's time
+    plus the ttl, the same value GetLease, ListLeases and WatchLease report on every replica
+    (the renewal is recorded in the lease record). An ended lease is FAILED_PRECONDITION
     (reason LEASE_ENDED). Safe to retry.
     """
     KeepAlive: _aio.StreamStreamMultiCallable[_lease_pb2.KeepAliveRequest, _lease_pb2.KeepAliveResponse]  # type: ignore[assignment]
@@ -115,9 +124,12 @@ class LeaseServiceAsyncStub(LeaseServiceStub):
     returns it unchanged.
     """
     WatchLease: _aio.UnaryStreamMultiCallable[_lease_pb2.WatchLeaseRequest, _lease_pb2.WatchLeaseResponse]  # type: ignore[assignment]
-    """Events of one lease: GRANTED first (the current record), then RENEWED, GPU_UNHEALTHY,
-    NODE_LOST, EXPIRING (when less than a third of the ttl is left) and finally ENDED, after
-    which the stream closes with OK. Watching an ended lease sends ENDED at once.
+    """Events of one lease: GRANTED first (the current record), then RENEWED (only after a
+    renewal moved expire_time), GPU_UNHEALTHY (once per GPU), NODE_LOST (each time a node's
+    daemon stops streaming), EXPIRING (once per expire_time, when less than a third of the ttl
+    is left) and finally ENDED with the final record, after which the stream closes with OK. An
+    expired lease ends at its expire_time. Watching an ended lease sends ENDED at once. The
+    stream also ends with OK when the replica shuts down: watch again on another.
     """
 
 class LeaseServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -137,9 +149,10 @@ class LeaseServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_lease_pb2.CreateLeaseResponse, _abc.Awaitable[_lease_pb2.CreateLeaseResponse]]:
         """Reserves `gpu_count` GPUs that satisfy `filter`, all or none.
 
-        Idempotent by (tenant, request_id): a retry returns the lease the first call created, even
-        if that call's outcome was unknown to the client, for as long as the lease is active and
-        24 h after it ends. gpu_count must be 1..64: 64 GPUs plus the lease record keep one grant
+        Idempotent by (tenant, request_id) when request_id is set (AIP-155): a retry returns the
+        lease the first call created, even if that call's outcome was unknown to the client, for as
+        long as the lease is active and 24 h after it ends. Without a request_id a retry may create
+        a second lease. gpu_count must be 1..64: 64 GPUs plus the lease record keep one grant
         inside etcd's default limit of 128 operations per transaction, so a gang is always granted
         in one atomic transaction; larger gangs are RESOURCE_EXHAUSTED (reason GANG_TOO_LARGE).
         ttl is 5 s .. 1 h, default 60 s. No matching capacity is FAILED_PRECONDITION (reason
@@ -169,7 +182,9 @@ class LeaseServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _lease_pb2.RenewLeaseRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_lease_pb2.RenewLeaseResponse, _abc.Awaitable[_lease_pb2.RenewLeaseResponse]]:
-        """Extends an active lease by its ttl from now. An ended lease is FAILED_PRECONDITION
+        """Extends an active lease by its ttl from now: the answer's expire_time is the renewal's time
+        plus the ttl, the same value GetLease, ListLeases and WatchLease report on every replica
+        (the renewal is recorded in the lease record). An ended lease is FAILED_PRECONDITION
         (reason LEASE_ENDED). Safe to retry.
         """
 
@@ -200,9 +215,12 @@ class LeaseServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _lease_pb2.WatchLeaseRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_lease_pb2.WatchLeaseResponse], _abc.AsyncIterator[_lease_pb2.WatchLeaseResponse]]:
-        """Events of one lease: GRANTED first (the current record), then RENEWED, GPU_UNHEALTHY,
-        NODE_LOST, EXPIRING (when less than a third of the ttl is left) and finally ENDED, after
-        which the stream closes with OK. Watching an ended lease sends ENDED at once.
+        """Events of one lease: GRANTED first (the current record), then RENEWED (only after a
+        renewal moved expire_time), GPU_UNHEALTHY (once per GPU), NODE_LOST (each time a node's
+        daemon stops streaming), EXPIRING (once per expire_time, when less than a third of the ttl
+        is left) and finally ENDED with the final record, after which the stream closes with OK. An
+        expired lease ends at its expire_time. Watching an ended lease sends ENDED at once. The
+        stream also ends with OK when the replica shuts down: watch again on another.
         """
 
 def add_LeaseServiceServicer_to_server(servicer: LeaseServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -126,26 +126,6 @@ class NodeHello(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-    @_typing.final
-    class FencingTokensEntry(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
-
-        KEY_FIELD_NUMBER: _builtins.int
-        VALUE_FIELD_NUMBER: _builtins.int
-        key: _builtins.str
-        value: _builtins.int
-        def __init__(
-            self,
-            *,
-            key: _builtins.str = ...,
-            value: _builtins.int = ...,
-        ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
-
     PROVIDER_FIELD_NUMBER: _builtins.int
     NODE_ID_FIELD_NUMBER: _builtins.int
     LOCATION_FIELD_NUMBER: _builtins.int
@@ -156,7 +136,6 @@ class NodeHello(_message.Message):
     DAEMON_VERSION_FIELD_NUMBER: _builtins.int
     DRIVER_VERSION_FIELD_NUMBER: _builtins.int
     CUDA_DRIVER_VERSION_FIELD_NUMBER: _builtins.int
-    FENCING_TOKENS_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
     """Must equal the provider of the caller's token."""
     node_id: _builtins.str
@@ -174,12 +153,6 @@ class NodeHello(_message.Message):
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
-    @_builtins.property
-    def fencing_tokens(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
-        """Newest fencing token the daemon has accepted per GPU uuid, so a replica can tell it
-        nothing older.
-        """
-
     def __init__(
         self,
         *,
@@ -193,11 +166,10 @@ class NodeHello(_message.Message):
         daemon_version: _builtins.str = ...,
         driver_version: _builtins.str = ...,
         cuda_driver_version: _builtins.str = ...,
-        fencing_tokens: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["location", b"location"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cuda_driver_version", b"cuda_driver_version", "currency_code", b"currency_code", "daemon_version", b"daemon_version", "driver_version", b"driver_version", "fencing_tokens", b"fencing_tokens", "gpus", b"gpus", "labels", b"labels", "location", b"location", "node_id", b"node_id", "price_per_gpu_hour", b"price_per_gpu_hour", "provider", b"provider"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cuda_driver_version", b"cuda_driver_version", "currency_code", b"currency_code", "daemon_version", b"daemon_version", "driver_version", b"driver_version", "gpus", b"gpus", "labels", b"labels", "location", b"location", "node_id", b"node_id", "price_per_gpu_hour", b"price_per_gpu_hour", "provider", b"provider"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -7,15 +7,8 @@ from pathlib import Path
 import pynvml
 import pytest
 
+from gpufed.clock import FakeClock
 from node_daemon.fake_nvml import PROFILES, FakeNvml, load_scenario, parse_event
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def started(profile: str, **kw: object) -> FakeNvml:
@@ -83,10 +76,10 @@ def test_scenario_events_apply_at_their_time_on_the_injected_clock() -> None:
     )
     h3, h1 = f.nvmlDeviceGetHandleByIndex(3), f.nvmlDeviceGetHandleByIndex(1)
     assert f.nvmlDeviceGetCurrentClocksEventReasons(h3) & pynvml.nvmlClocksEventReasonHwThermalSlowdown == 0
-    clock.now += 30
+    clock.advance(30)
     assert f.nvmlDeviceGetCurrentClocksEventReasons(h3) & pynvml.nvmlClocksEventReasonHwThermalSlowdown
     f.nvmlDeviceGetName(h1)
-    clock.now += 30
+    clock.advance(30)
     with pytest.raises(pynvml.NVMLError_GpuIsLost):
         f.nvmlDeviceGetName(h1)
 
