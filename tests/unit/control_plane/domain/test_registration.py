@@ -1,0 +1,98 @@
+"""Registration: a hello is validated whole, merged into the record keeping the operator's
+state, and health only gets worse within a session."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from google.protobuf import timestamp_pb2
+
+from control_plane.domain import registration
+from control_plane.domain.errors import Code, DomainError
+from gpufed.v1 import common_pb2, node_pb2
+
+T0 = timestamp_pb2.Timestamp(seconds=100)
+T1 = timestamp_pb2.Timestamp(seconds=200)
+
+
+def hello(**kw: object) -> node_pb2.NodeHello:
+    h = node_pb2.NodeHello(
+        provider="neo",
+        node_id="fra-1",
+        location=common_pb2.Location(country_code="DE", latitude=50.1, longitude=8.7),
+        price_per_gpu_hour=2.5,
+    )
+    for i in range(2):
+        h.gpus.add(uuid=f"GPU-{i}", index=i, model="NVIDIA H100 80GB HBM3")
+    for k, v in kw.items():
+        setattr(h, k, v) if not isinstance(v, common_pb2.Location) else h.location.CopyFrom(v)
+    return h
+
+
+@pytest.mark.parametrize(
+    ("change", "code", "reason"),
+    [
+        ({"provider": "other"}, Code.PERMISSION_DENIED, "PROVIDER_MISMATCH"),
+        ({"node_id": "Bad_Id"}, Code.INVALID_ARGUMENT, "INVALID_NODE_ID"),
+        ({"location": common_pb2.Location(country_code="XX")}, Code.INVALID_ARGUMENT, "INVALID_COUNTRY_CODE"),
+        (
+            {"location": common_pb2.Location(country_code="DE", latitude=91)},
+            Code.INVALID_ARGUMENT,
+            "INVALID_COORDINATES",
+        ),
+        ({"price_per_gpu_hour": math.nan}, Code.INVALID_ARGUMENT, "INVALID_PRICE"),
+        ({"currency_code": "usd"}, Code.INVALID_ARGUMENT, "INVALID_CURRENCY"),
+    ],
+)
+def test_a_bad_hello_is_refused_with_its_reason(change: dict[str, object], code: Code, reason: str) -> None:
+    with pytest.raises(DomainError) as e:
+        registration.validate_hello(hello(**change), "neo")
+    assert (e.value.code, e.value.reason) == (code, reason)
+
+
+def test_inventory_must_be_one_to_sixty_four_distinct_gpus() -> None:
+    empty = hello()
+    del empty.gpus[:]
+    repeated = hello()
+    repeated.gpus[1].uuid = repeated.gpus[0].uuid
+    too_many = hello()
+    for i in range(2, registration.MAX_GPUS_PER_NODE + 1):
+        too_many.gpus.add(uuid=f"GPU-{i}", index=i, model="M")
+    for h in (empty, repeated, too_many):
+        with pytest.raises(DomainError) as e:
+            registration.validate_hello(h, "neo")
+        assert e.value.reason == "INVALID_INVENTORY"
+    registration.validate_hello(hello(), "neo")
+
+
+def test_a_new_record_is_healthy_and_stamped_now() -> None:
+    record = registration.record_from_hello(hello(), None, T0)
+    assert record.name == "providers/neo/nodes/fra-1" and record.location.country_code == "DE"
+    assert all(g.health == common_pb2.GPU_HEALTH_HEALTHY for g in record.gpus)
+    assert record.register_time == T0 == record.update_time and record.currency_code == "USD"
+
+
+def test_a_hello_keeps_the_operators_state_and_touches_update_time_only_on_a_change() -> None:
+    first = registration.record_from_hello(hello(), None, T0)
+    first.state = common_pb2.NODE_STATE_CORDONED
+    first.state_reason = "maintenance"
+    same = registration.record_from_hello(hello(), first, T1)
+    assert registration.same_record(first, same) and same.update_time == T0
+    assert same.state == common_pb2.NODE_STATE_CORDONED and same.state_reason == "maintenance"
+    dearer = registration.record_from_hello(hello(price_per_gpu_hour=3.0), first, T1)
+    assert not registration.same_record(first, dearer)
+    assert dearer.update_time == T1 and dearer.register_time == T0
+
+
+def test_health_only_gets_worse_within_a_session() -> None:
+    node = registration.record_from_hello(hello(), None, T0)
+    reason = [common_pb2.HealthReason(code="XID_79")]
+    assert registration.apply_health(node, {"GPU-0": (common_pb2.GPU_HEALTH_UNHEALTHY, reason)})
+    assert (
+        node.gpus[0].health == common_pb2.GPU_HEALTH_UNHEALTHY
+        and node.gpus[0].health_reasons[0].code == "XID_79"
+    )
+    assert not registration.apply_health(node, {"GPU-0": (common_pb2.GPU_HEALTH_HEALTHY, [])})
+    assert not registration.apply_health(node, {"GPU-1": (common_pb2.GPU_HEALTH_UNSPECIFIED, [])})
+    assert registration.apply_health(node, {"GPU-1": (common_pb2.GPU_HEALTH_DEGRADED, [])})
