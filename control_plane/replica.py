@@ -46,6 +46,7 @@ from gpufed.v1 import (
 )
 
 log = get_logger(__name__)
+_TOKEN, _RESYNC = ChangeKind.TOKEN, ChangeKind.RESYNC
 
 SERVICE_NAMES = [
     node_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name,
@@ -166,9 +167,10 @@ class Replica:
                 await result
 
     def _on_change(self, change: Change) -> None:
-        if change.kind is ChangeKind.TOKEN:
+        kind = change.kind
+        if kind is _TOKEN:
             self.auth.update(change.name, change.value)
-        elif change.kind is ChangeKind.RESYNC:
+        elif kind is _RESYNC:
             self.auth.records.clear()
             self.auth.forget()
 

@@ -44,6 +44,10 @@ class ChangeKind(enum.Enum):
 
 
 _CHANGE_OF = {k: ChangeKind[k.name] for k in KeyKind}
+# Members as module constants: attribute access on an Enum class costs ~0.17 us in Python 3.11,
+# and apply() runs for every event of the watch.
+_NODE, _ALIVE, _ALLOC, _LEASE = KeyKind.NODE, KeyKind.ALIVE, KeyKind.ALLOC, KeyKind.LEASE
+_REPLICA, _LEADER = KeyKind.REPLICA, KeyKind.LEADER
 
 
 class KeyValueLike(Protocol):
@@ -134,10 +138,10 @@ class Inventory:
             return None
         kind, name = parsed.kind, parsed.name
         lease: lease_pb2.Lease | None = None
-        if kind is KeyKind.NODE:
+        if kind is _NODE:
             self._set_node(name, value, mod_revision)
             self._summarize(name)
-        elif kind is KeyKind.ALIVE:
+        elif kind is _ALIVE:
             if value is None:
                 self.alive.pop(name, None)
                 self.alive_revision.pop(name, None)
@@ -145,7 +149,7 @@ class Inventory:
                 self.alive[name] = value.decode()
                 self.alive_revision[name] = mod_revision
             self._summarize(name)
-        elif kind is KeyKind.ALLOC:
+        elif kind is _ALLOC:
             if value is None:
                 held = self.allocs.get(name)
                 if held is not None:
@@ -155,7 +159,7 @@ class Inventory:
             else:
                 self.allocs.setdefault(name, {})[parsed.gpu] = value.decode()
             self._summarize(name)
-        elif kind is KeyKind.LEASE:
+        elif kind is _LEASE:
             if value is None:
                 lease = self.leases.pop(name, None)
                 self.lease_revision.pop(name, None)
@@ -166,12 +170,12 @@ class Inventory:
                     lease.fencing_token = create_revision or mod_revision
                 self.leases[name] = lease
                 self.lease_revision[name] = mod_revision
-        elif kind is KeyKind.REPLICA:
+        elif kind is _REPLICA:
             if value is None:
                 self.replicas.pop(name, None)
             else:
                 self.replicas[name] = value.decode()
-        elif kind is KeyKind.LEADER:
+        elif kind is _LEADER:
             self.leader = value.decode() if value is not None else ""
         change = Change(_CHANGE_OF[kind], name, value, mod_revision, lease)
         if notify:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from control_plane.domain.names import node_name
 
@@ -36,8 +37,7 @@ class KeyKind(enum.Enum):
     LEADER = "leader"
 
 
-@dataclass(frozen=True, slots=True)
-class Key:
+class Key(NamedTuple):
     """A watched key, parsed: its kind and the resource it belongs to.
 
     name: the node's resource name (NODE, ALIVE, ALLOC), the lease id, token id or replica id;
@@ -131,10 +131,6 @@ class Keyspace:
         if layout is None or len(parts) != layout[1] + 1:
             return None
         kind = layout[0]
-        if kind in (KeyKind.NODE, KeyKind.ALIVE):
-            return Key(kind, node_name(parts[1], parts[2]))
-        if kind is KeyKind.ALLOC:
-            return Key(kind, node_name(parts[1], parts[2]), parts[3])
-        if kind is KeyKind.LEADER:
-            return Key(kind, "leader")
-        return Key(kind, parts[1])
+        if len(parts) >= 3:  # nodes, alive, alloc: the node's resource name (and the GPU)
+            return Key(kind, node_name(parts[1], parts[2]), parts[3] if len(parts) == 4 else "")
+        return Key(kind, parts[1] if len(parts) == 2 else "leader")

@@ -40,6 +40,7 @@ from gpufed.logs import get_logger
 from gpufed.v1 import lease_pb2
 
 log = get_logger(__name__)
+_WAKES = frozenset((ChangeKind.LEADER, ChangeKind.RESYNC))
 COMPACT_EVERY_S = 300
 # Leases per ledger Txn: each adds up to ~3 operations, and etcd allows 128 per branch.
 LEDGER_CHUNK = 30
@@ -74,7 +75,7 @@ class Leader:
         inventory.subscribe(self._on_change)
 
     def _on_change(self, change: Change) -> None:
-        if change.kind in (ChangeKind.LEADER, ChangeKind.RESYNC):
+        if change.kind in _WAKES:
             self._changed.set()
 
     async def run(self) -> None:

@@ -345,13 +345,18 @@ class Leases:
                         yield ev
                     break
                 deadline = machine.next_deadline()
-                timeout = None if deadline is None else max(0.0, (deadline - self.clock.time_ns()) / _NS)
+                wait = (
+                    2.0 if deadline is None else min(2.0, max(0.0, (deadline - self.clock.time_ns()) / _NS))
+                )
+                events: list[lease_pb2.WatchLeaseResponse] = []
+                # Events are yielded outside the timeout: a slow reader must not be cancelled.
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(min(timeout, 2.0) if timeout is not None else 2.0):
-                        change = await changes.get()
-                        for ev in self._feed(machine, change):
-                            yield ev
-                for ev in machine.tick(self.clock.time_ns()):
+                    async with asyncio.timeout(wait):
+                        events += self._feed(machine, await changes.get())
+                while not changes.empty():
+                    events += self._feed(machine, changes.get_nowait())
+                events += machine.tick(self.clock.time_ns())
+                for ev in events:
                     yield ev
         finally:
             unsubscribe()

@@ -38,6 +38,7 @@ log = get_logger(__name__)
 NodeState = common_pb2.NodeState
 Reported: TypeAlias = dict[str, tuple[Any, list[common_pb2.HealthReason]]]
 _ACTIVE = lease_pb2.LEASE_STATE_ACTIVE
+_LEASE, _ALIVE, _NODE, _RESYNC = ChangeKind.LEASE, ChangeKind.ALIVE, ChangeKind.NODE, ChangeKind.RESYNC
 
 
 @dataclass
@@ -403,18 +404,18 @@ class Nodes:
 
     def _on_change(self, change: Change) -> None:
         kind = change.kind
-        if kind is ChangeKind.LEASE:
+        if kind is _LEASE:
             self._on_lease(change)
-        elif kind is ChangeKind.ALIVE:
+        elif kind is _ALIVE:
             s = self.sessions.get(change.name)
             if s is not None and change.value is not None and change.value.decode() != s.alive_value:
                 s.end(_replaced(" on another replica"))
-        elif kind is ChangeKind.NODE and change.value is not None:
+        elif kind is _NODE and change.value is not None:
             s = self.sessions.get(change.name)
             if s is not None:
                 record = common_pb2.Node.FromString(change.value)
                 self._sync_state(s, record)
-        elif kind is ChangeKind.RESYNC:
+        elif kind is _RESYNC:
             self._resync()
 
     def _on_lease(self, change: Change) -> None:
