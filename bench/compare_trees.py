@@ -22,6 +22,30 @@ from gpufed.client import Client
 from tests.harness import free_port, wait_port, wait_until
 
 
+def start_replica(
+    tree: str, endpoint: str, prefix: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A replica process running the code of `tree`, and its address."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "control_plane", "--listen", f"127.0.0.1:{port}"),
+            *("--etcd-endpoints", endpoint, "--etcd-prefix", prefix),
+        ],
+        cwd=tree,
+        env={
+            **os.environ,
+            "PYTHONPATH": tree,
+            "GPUFED_ADMIN_TOKEN": ADMIN_TOKEN,
+            "GPUFED_LOG_LEVEL": "WARNING",
+            **(env or {}),
+        },
+        stdout=subprocess.DEVNULL,
+    )
+    wait_port(port, 30)
+    return proc, f"127.0.0.1:{port}"
+
+
 def compare(trees: dict[str, str], clients: list[int], rounds: int, seconds: float) -> dict[str, Any]:
     with fresh_etcd() as etcd:
         endpoint = etcd.endpoints[0]
@@ -29,23 +53,7 @@ def compare(trees: dict[str, str], clients: list[int], rounds: int, seconds: flo
         try:
             for tag, tree in trees.items():
                 load_nodes(endpoint, f"/{tag}", 1000)
-                port = free_port()
-                proc = subprocess.Popen(
-                    [
-                        *(sys.executable, "-m", "control_plane", "--listen", f"127.0.0.1:{port}"),
-                        *("--etcd-endpoints", endpoint, "--etcd-prefix", f"/{tag}"),
-                    ],
-                    cwd=tree,
-                    env={
-                        **os.environ,
-                        "PYTHONPATH": tree,
-                        "GPUFED_ADMIN_TOKEN": ADMIN_TOKEN,
-                        "GPUFED_LOG_LEVEL": "WARNING",
-                    },
-                    stdout=subprocess.DEVNULL,
-                )
-                wait_port(port, 30)
-                address = f"127.0.0.1:{port}"
+                proc, address = start_replica(tree, endpoint, f"/{tag}")
                 with Client(address, ADMIN_TOKEN) as admin:
                     token = admin.create_token("tenant", "bench").secret
                     wait_until(lambda a=admin: len(a.list_nodes(state=1)) == 1000, timeout=120)
