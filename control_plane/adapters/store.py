@@ -149,16 +149,18 @@ def newest_read(resp: rpc.TxnResponse) -> int:
 
 
 async def retry_cas(
-    attempt: Callable[[int], Awaitable[T | None]], give_up: DomainError, attempts: int = CAS_ATTEMPTS
+    attempt: Callable[[int], Awaitable[T | None]],
+    give_up: Callable[[], DomainError],
+    attempts: int = CAS_ATTEMPTS,
 ) -> T:
     """The one compare-and-swap retry loop: `attempt(n)` reads, decides and writes under a
     compare, returning its result, or None when the compare failed and it should run again.
-    After `attempts` failures, `give_up` is raised (ABORTED or RESOURCE_EXHAUSTED: retry later)."""
+    After `attempts` failures, `give_up()` is raised (ABORTED or RESOURCE_EXHAUSTED: retry later)."""
     for n in range(attempts):
         out = await attempt(n)
         if out is not None:
             return out
-    raise give_up
+    raise give_up()
 
 
 @dataclass(slots=True)
@@ -336,7 +338,9 @@ class EtcdStore:
             kv = _kv(kvs[0]) if kvs else None
             return None
 
-        return await retry_cas(attempt, errors.aborted(reason, f"{what} kept changing; retry"), attempts)
+        return await retry_cas(
+            attempt, lambda: errors.aborted(reason, f"{what} kept changing; retry"), attempts
+        )
 
     async def put(self, key: str | bytes, value: bytes, lease: int = 0) -> int:
         resp = await self._call(

@@ -231,7 +231,7 @@ class Leases:
             return None
 
         try:
-            return await retry_cas(attempt, _contended())
+            return await retry_cas(attempt, _contended)
         finally:
             if not keep_etcd_lease:
                 self.pool.give_back(etcd_lease, spec.ttl_s)
@@ -308,7 +308,7 @@ class Leases:
             log.debug("lease ended", lease=done.name, reason=done.end_reason)
             return done
 
-        return await retry_cas(attempt, errors.aborted("LEASE_CHANGING", "the lease kept changing; retry"))
+        return await retry_cas(attempt, _changing)
 
     # -- watch ----------------------------------------------------------------------------------
 
@@ -388,6 +388,10 @@ class Leases:
 
 def _contended() -> errors.DomainError:
     return errors.exhausted("CAPACITY_CONTENDED", "matching GPUs were taken by concurrent grants; retry")
+
+
+def _changing() -> errors.DomainError:
+    return errors.aborted("LEASE_CHANGING", "the lease kept changing; retry")
 
 
 def _ended(name: str, what: str) -> errors.DomainError:
