@@ -29,6 +29,13 @@ class Config:
     log_calls: bool = False
     search_cache: int = 1024
     cpus: frozenset[int] = frozenset()  # empty: wherever the OS schedules it
+    tls_cert: str = ""
+    tls_key: str = ""
+    client_ca: str = ""  # set: daemons connect with certificates to node_listen (mTLS)
+    node_listen: str = ""
+    trust_domain: str = "gpufed.dev"
+    peer_ca: str = ""  # CA of the other replicas' certificates (default: client_ca, else system roots)
+    insecure: bool = False  # allows plaintext on a non-loopback address
 
     def __post_init__(self) -> None:
         if not self.replica_id:
@@ -81,6 +88,29 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         help="run only on these CPUs, e.g. 3 or 0-1 (GPUFED_CPUS; default: any). One replica per core, "
         "each pinned, costs less CPU per RPC than free-floating ones",
     )
+    p.add_argument(
+        "--tls-cert", help="PEM certificate chain of the gRPC listeners (GPUFED_TLS_CERT); reloaded on change"
+    )
+    p.add_argument("--tls-key", help="PEM private key (GPUFED_TLS_KEY)")
+    p.add_argument(
+        "--client-ca",
+        help="PEM CA of daemon certificates: NodeService then needs mTLS on --node-listen (GPUFED_CLIENT_CA)",
+    )
+    p.add_argument(
+        "--peer-ca", help="PEM CA of other replicas' certificates (GPUFED_PEER_CA; default --client-ca)"
+    )
+    p.add_argument("--node-listen", help="mTLS address for daemons, with --client-ca (GPUFED_NODE_LISTEN)")
+    p.add_argument(
+        "--trust-domain",
+        help="SPIFFE trust domain of provider certificates, spiffe://DOMAIN/provider/NAME "
+        "(GPUFED_TRUST_DOMAIN)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow plaintext on a non-loopback address (GPUFED_INSECURE=1)",
+    )
     a = p.parse_args(argv)
     s = Settings.from_file(a.config or os.environ.get("GPUFED_CONFIG_FILE", ""))
     d = Config(replica_id="-", peer_token="-")  # the defaults
@@ -109,4 +139,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         log_calls=s.get(a.log_calls, "GPUFED_LOG_CALLS", "log_calls", False, truthy),
         search_cache=s.get(a.search_cache, "GPUFED_SEARCH_CACHE", "search_cache", d.search_cache),
         cpus=s.get(a.cpus, "GPUFED_CPUS", "cpus", frozenset(), lambda v: _cpu_list(str(v))),
+        tls_cert=s.get(a.tls_cert, "GPUFED_TLS_CERT", "tls_cert", ""),
+        tls_key=s.get(a.tls_key, "GPUFED_TLS_KEY", "tls_key", ""),
+        client_ca=s.get(a.client_ca, "GPUFED_CLIENT_CA", "client_ca", ""),
+        peer_ca=s.get(a.peer_ca, "GPUFED_PEER_CA", "peer_ca", ""),
+        node_listen=s.get(a.node_listen, "GPUFED_NODE_LISTEN", "node_listen", ""),
+        trust_domain=s.get(a.trust_domain, "GPUFED_TRUST_DOMAIN", "trust_domain", d.trust_domain),
+        insecure=s.get(a.insecure, "GPUFED_INSECURE", "insecure", False, truthy),
     )

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from control_plane.affinity import pin_process
 from control_plane.config import Config, parse_args
 from control_plane.replica import Replica
+from control_plane.tls import TlsConfigError
 from gpufed.logs import configure_logging, get_logger
 
 log = get_logger(__name__)
@@ -46,7 +47,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         uvloop.install()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(config))
+        try:
+            asyncio.run(serve(config))
+        except TlsConfigError as e:
+            print(f"gpufed-control-plane: error: {e}", file=sys.stderr)
+            sys.exit(2)
 
 
 if __name__ == "__main__":

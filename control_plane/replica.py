@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -28,6 +29,7 @@ from control_plane.servicers.discovery import DiscoveryServicer
 from control_plane.servicers.lease import LeaseServicer
 from control_plane.servicers.node import NodeServicer
 from control_plane.servicers.telemetry import PeerServicer, TelemetryServicer
+from control_plane.tls import ReloadingCertificates, TlsConfigError, check_listeners
 from gpufed.clock import SYSTEM, Clock
 from gpufed.logs import get_logger
 from gpufed.v1 import (
@@ -58,6 +60,15 @@ SERVICE_NAMES = [
 ]
 
 
+def peer_credentials(cfg: Config) -> grpc.ChannelCredentials | None:
+    """How this replica reaches its peers: TLS when it serves TLS (they serve alike), trusting
+    the peer CA (default: the client CA, else the system roots)."""
+    if not cfg.tls_cert:
+        return None
+    ca = cfg.peer_ca or cfg.client_ca
+    return grpc.ssl_channel_credentials(root_certificates=Path(ca).read_bytes() if ca else None)
+
+
 class Replica:
     def __init__(self, config: Config, clock: Clock = SYSTEM) -> None:
         self.config = config
@@ -66,11 +77,13 @@ class Replica:
         self.metrics = Metrics()
         self.shutdown = asyncio.Event()
         self.port = 0
+        self.node_port = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._metrics_server: object | None = None
 
     async def start(self) -> None:
         cfg = self.config
+        check_listeners(cfg.listen, cfg.tls_cert, cfg.tls_key, cfg.client_ca, cfg.node_listen, cfg.insecure)
         self.store = EtcdStore(cfg.etcd_endpoints, cfg.etcd_prefix)
         self.inventory = Inventory(self.store.keys)
         self.auth = Authenticator(self.store, cfg.admin_token, cfg.peer_token)
@@ -92,10 +105,11 @@ class Replica:
             cfg.grace_intervals,
             self.metrics,
             self.clock,
+            trust_domain=cfg.trust_domain if cfg.client_ca else None,
         )
         self.leases = Leases(self.store, self.inventory, self.metrics, self.clock, self.shutdown)
         self.leases.start()
-        self.peers = PeerClient(cfg.peer_token)
+        self.peers = PeerClient(cfg.peer_token, peer_credentials(cfg))
         self.telemetry = Telemetry(
             self.inventory, self.nodes.telemetry, lambda: self.nodes.sessions, self.id, self.peers
         )
@@ -132,9 +146,7 @@ class Replica:
         reflection.enable_server_reflection(
             [*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
-        self.port = server.add_insecure_port(cfg.listen)
-        if self.port == 0:
-            raise RuntimeError(f"cannot listen on {cfg.listen}")
+        self._bind(server)
         self.server = server
         await server.start()
         host = cfg.listen.rsplit(":", 1)[0]
@@ -159,6 +171,25 @@ class Replica:
             etcd=cfg.etcd_endpoints,
             prefix=cfg.etcd_prefix,
         )
+
+    def _bind(self, server: grpc.aio.Server) -> None:
+        """The main listener (plaintext on loopback, or TLS), and with mTLS the daemons' one."""
+        cfg = self.config
+        if not cfg.tls_cert:
+            self.port = server.add_insecure_port(cfg.listen)
+        else:
+            certs = ReloadingCertificates(
+                Path(cfg.tls_cert), Path(cfg.tls_key), Path(cfg.client_ca) if cfg.client_ca else None
+            )
+            self.port = server.add_secure_port(cfg.listen, certs.credentials(require_client_cert=False))
+            if cfg.node_listen:
+                self.node_port = server.add_secure_port(
+                    cfg.node_listen, certs.credentials(require_client_cert=True)
+                )
+                if self.node_port == 0:
+                    raise TlsConfigError(f"cannot listen on {cfg.node_listen}")
+        if self.port == 0:
+            raise TlsConfigError(f"cannot listen on {cfg.listen}")
 
     async def _set_health(self, status: int) -> None:
         for name in ["", *SERVICE_NAMES]:

@@ -293,6 +293,7 @@ class DaemonThread:
 
     def start(self) -> DaemonThread:
         from node_daemon.collector import Collector, XidWatcher
+        from node_daemon.main import credentials
         from node_daemon.session import DaemonSession
 
         collector = Collector(self.nvml)
@@ -301,7 +302,8 @@ class DaemonThread:
 
         def run() -> None:
             asyncio.set_event_loop(self.loop)
-            self.session = session = DaemonSession(self.config, collector)  # type: ignore[arg-type]
+            creds = credentials(self.config)  # type: ignore[arg-type]  # TLS as the daemon's main sets it up
+            self.session = session = DaemonSession(self.config, collector, creds)  # type: ignore[arg-type]
             self.watcher = XidWatcher(
                 collector, lambda ev: session.event_from_thread(self.loop, ev), wait_ms=50
             )

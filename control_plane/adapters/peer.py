@@ -15,8 +15,9 @@ class NotThere(Exception):
 
 
 class PeerClient:
-    def __init__(self, peer_token: str) -> None:
+    def __init__(self, peer_token: str, credentials: grpc.ChannelCredentials | None = None) -> None:
         self.peer_token = peer_token
+        self.credentials = credentials  # None: plaintext (replicas on loopback)
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     async def node_telemetry(
@@ -24,7 +25,11 @@ class PeerClient:
     ) -> telemetry_pb2.GetNodeTelemetryResponse:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+            channel = self._channels[address] = (
+                grpc.aio.secure_channel(address, self.credentials)
+                if self.credentials is not None
+                else grpc.aio.insecure_channel(address)
+            )
         stub = peer_pb2_grpc.PeerServiceStub(channel)
         try:
             resp = await stub.ForwardNodeTelemetry(

@@ -86,7 +86,10 @@ class Nodes:
         grace_intervals: float = 3.0,
         metrics: Metrics | None = None,
         clock: Clock = SYSTEM,
+        trust_domain: str | None = None,
     ) -> None:
+        # Set (mTLS on): a daemon's certificate must name the provider of its token.
+        self.trust_domain = trust_domain
         self.store = store
         self.keys = store.keys
         self.inventory = inventory
@@ -119,8 +122,11 @@ class Nodes:
 
     # -- the stream -----------------------------------------------------------------------------
 
-    async def open(self, first: node_pb2.NodeMessage, provider: str) -> NodeSession:
-        """A session from the stream's first message, which must be a hello of `provider`."""
+    async def open(self, first: node_pb2.NodeMessage, provider: str, cert_uris: list[str]) -> NodeSession:
+        """A session from the stream's first message, which must be a hello of `provider`;
+        with mTLS on, from a daemon whose certificate (`cert_uris`) names that provider."""
+        if self.trust_domain is not None:
+            registration.check_certificate(provider, cert_uris, self.trust_domain)
         if first.WhichOneof("message") != "hello":
             raise errors.invalid("HELLO_REQUIRED", "the first message of a Connect stream must be a hello")
         hello = first.hello

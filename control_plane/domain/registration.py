@@ -68,6 +68,24 @@ def validate_hello(hello: node_pb2.NodeHello, provider: str) -> None:
             raise errors.invalid("INVALID_LABELS", f"label {k!r} is malformed")
 
 
+def check_certificate(provider: str, uris: list[str], trust_domain: str) -> None:
+    """With mTLS on, the daemon's certificate must name the provider of its token, as the URI
+    SAN spiffe://{trust_domain}/provider/{provider}; PERMISSION_DENIED otherwise."""
+    if not uris:
+        raise errors.permission_denied(
+            "CLIENT_CERTIFICATE_REQUIRED",
+            "NodeService needs a client certificate: connect to the node listener",
+        )
+    prefix = f"spiffe://{trust_domain}/provider/"
+    named = [u.removeprefix(prefix) for u in uris if u.startswith(prefix)]
+    if provider not in named:
+        shown = ", ".join(u[:200] for u in uris[:4])
+        raise errors.permission_denied(
+            "CERTIFICATE_PROVIDER_MISMATCH",
+            f"the client certificate names {shown}, not {prefix}{provider} (the provider of the token)",
+        )
+
+
 def record_from_hello(
     hello: node_pb2.NodeHello, existing: common_pb2.Node | None, now: timestamp_pb2.Timestamp
 ) -> common_pb2.Node:

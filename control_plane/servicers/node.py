@@ -9,6 +9,7 @@ import grpc
 
 from control_plane import auth
 from control_plane.app.nodes import Nodes
+from control_plane.tls import peer_spiffe_ids
 from gpufed.v1 import node_pb2, node_pb2_grpc
 
 
@@ -25,6 +26,6 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         first = await anext(aiter(request_iterator), None)
         if first is None:
             return
-        session = await self.nodes.open(first, p.name)
+        session = await self.nodes.open(first, p.name, peer_spiffe_ids(context.auth_context()))
         async for msg in self.nodes.serve(session, request_iterator):
             yield msg

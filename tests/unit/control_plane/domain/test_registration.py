@@ -96,3 +96,16 @@ def test_health_only_gets_worse_within_a_session() -> None:
     assert not registration.apply_health(node, {"GPU-0": (common_pb2.GPU_HEALTH_HEALTHY, [])})
     assert not registration.apply_health(node, {"GPU-1": (common_pb2.GPU_HEALTH_UNSPECIFIED, [])})
     assert registration.apply_health(node, {"GPU-1": (common_pb2.GPU_HEALTH_DEGRADED, [])})
+
+
+def test_with_mtls_the_certificate_must_name_the_tokens_provider() -> None:
+    registration.check_certificate("neo", ["spiffe://gpufed.dev/provider/neo"], "gpufed.dev")
+    for uris, reason in [
+        ([], "CLIENT_CERTIFICATE_REQUIRED"),
+        (["spiffe://gpufed.dev/provider/other"], "CERTIFICATE_PROVIDER_MISMATCH"),
+        (["spiffe://elsewhere.example/provider/neo"], "CERTIFICATE_PROVIDER_MISMATCH"),
+        (["spiffe://gpufed.dev/provider/neo-evil"], "CERTIFICATE_PROVIDER_MISMATCH"),
+    ]:
+        with pytest.raises(DomainError) as e:
+            registration.check_certificate("neo", uris, "gpufed.dev")
+        assert (e.value.code, e.value.reason) == (Code.PERMISSION_DENIED, reason)
