@@ -110,23 +110,37 @@ def parse_token(token: str) -> tuple[str, str] | None:
     return parts[1], parts[2]
 
 
+# How long a token id etcd did not know is answered UNKNOWN_TOKEN without asking etcd again, and
+# how many such ids are remembered.
+UNKNOWN_TTL_S = 10.0
+MAX_UNKNOWN = 10_000
+
+
 class Authenticator:
     """Resolves `authorization: Bearer ...` metadata to a Principal."""
 
-    def __init__(self, store: EtcdStore | None, admin_token: str = "", peer_token: str = "") -> None:
+    def __init__(
+        self, store: EtcdStore | None, admin_token: str = "", peer_token: str = "", clock: Clock = SYSTEM
+    ) -> None:
         self.store = store
+        self.clock = clock
         self._admin_hash = hash_secret(admin_token) if admin_token else ""
         self._peer_hash = hash_secret(peer_token) if peer_token else ""
         self.records: dict[str, TokenRecord] = {}
         # Resolved bearer tokens; emptied on any token change, so a deleted token stops at once.
         self._resolved: dict[str, Principal] = {}
+        # Token ids etcd did not know, until when (monotonic): a flood of bogus tokens costs no
+        # etcd reads. Emptied on any token change too, so a token created meanwhile works at once.
+        self._unknown: dict[str, float] = {}
 
     def forget(self) -> None:
         self._resolved.clear()
+        self._unknown.clear()
 
     def update(self, token_id: str, raw: bytes | None) -> None:
         """Apply a token record change seen in etcd (None: deleted)."""
         self._resolved.clear()
+        self._unknown.clear()
         if raw is None:
             self.records.pop(token_id, None)
         else:
@@ -161,11 +175,24 @@ class Authenticator:
         if parsed is not None:
             token_id, secret = parsed
             record = self.records.get(token_id)
-            if record is None and self.store is not None:
+            if record is None and self.store is not None and not self._known_unknown(token_id):
                 kv = await self.store.get(self.store.keys.token(token_id))
                 if kv is not None:
                     record = TokenRecord.from_json(token_id, kv.value)
                     self.records[token_id] = record
+                else:
+                    if len(self._unknown) >= MAX_UNKNOWN:
+                        self._unknown.clear()
+                    self._unknown[token_id] = self.clock.monotonic() + UNKNOWN_TTL_S
             if record is not None and hmac.compare_digest(hash_secret(secret), record.secret_sha256):
                 return Principal(record.kind, record.principal)
         raise errors.unauthenticated("UNKNOWN_TOKEN", "the bearer token is not valid")
+
+    def _known_unknown(self, token_id: str) -> bool:
+        until = self._unknown.get(token_id)
+        if until is None:
+            return False
+        if self.clock.monotonic() < until:
+            return True
+        del self._unknown[token_id]
+        return False

@@ -36,13 +36,30 @@ class Config:
     trust_domain: str = "gpufed.dev"
     peer_ca: str = ""  # CA of the other replicas' certificates (default: client_ca, else system roots)
     insecure: bool = False  # allows plaintext on a non-loopback address
+    no_bootstrap_token: bool = False  # ignore GPUFED_ADMIN_TOKEN (real admin tokens exist)
 
     def __post_init__(self) -> None:
         if not self.replica_id:
             self.replica_id = f"r-{uuid.uuid4().hex[:8]}"
-        if not self.peer_token:
-            # Replicas of one federation share the admin token; it also authenticates peers.
-            self.peer_token = self.admin_token
+
+
+class ConfigError(Exception):
+    """The replica cannot start as configured; the message says what to change (exit 2)."""
+
+
+MIN_BOOTSTRAP_TOKEN = 32
+
+
+def check_tokens(admin_token: str, peer_token: str) -> None:
+    """The bootstrap admin token must be long enough to resist guessing, and the peer credential
+    its own: a replica that forwards with the admin token hands every peer operator power."""
+    if admin_token and len(admin_token) < MIN_BOOTSTRAP_TOKEN:
+        raise ConfigError(
+            f"GPUFED_ADMIN_TOKEN must be at least {MIN_BOOTSTRAP_TOKEN} characters "
+            "(or leave it unset, or pass --no-bootstrap-token, once real admin tokens exist)"
+        )
+    if peer_token and peer_token == admin_token:
+        raise ConfigError("GPUFED_PEER_TOKEN must differ from GPUFED_ADMIN_TOKEN")
 
 
 def _cpu_list(text: str) -> frozenset[int]:
@@ -111,9 +128,18 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         default=None,
         help="allow plaintext on a non-loopback address (GPUFED_INSECURE=1)",
     )
+    p.add_argument(
+        "--no-bootstrap-token",
+        action="store_true",
+        default=None,
+        help="ignore GPUFED_ADMIN_TOKEN once admin tokens exist in etcd (GPUFED_NO_BOOTSTRAP_TOKEN=1)",
+    )
     a = p.parse_args(argv)
     s = Settings.from_file(a.config or os.environ.get("GPUFED_CONFIG_FILE", ""))
-    d = Config(replica_id="-", peer_token="-")  # the defaults
+    d = Config(replica_id="-")  # the defaults
+    no_bootstrap = s.get(
+        a.no_bootstrap_token, "GPUFED_NO_BOOTSTRAP_TOKEN", "no_bootstrap_token", False, truthy
+    )
     return Config(
         listen=s.get(a.listen, "GPUFED_LISTEN", "listen", d.listen),
         etcd_endpoints=s.get(
@@ -127,7 +153,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         replica_id=s.get(a.replica_id, "GPUFED_REPLICA_ID", "replica_id", ""),
         advertise=s.get(a.advertise, "GPUFED_ADVERTISE", "advertise", ""),
         metrics_listen=s.get(a.metrics_listen, "GPUFED_METRICS_LISTEN", "metrics_listen", ""),
-        admin_token=s.get(None, "GPUFED_ADMIN_TOKEN", "admin_token", ""),
+        admin_token="" if no_bootstrap else s.get(None, "GPUFED_ADMIN_TOKEN", "admin_token", ""),
         peer_token=s.get(None, "GPUFED_PEER_TOKEN", "peer_token", ""),
         report_interval=s.get(
             a.report_interval, "GPUFED_REPORT_INTERVAL", "report_interval", d.report_interval
@@ -146,4 +172,5 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         node_listen=s.get(a.node_listen, "GPUFED_NODE_LISTEN", "node_listen", ""),
         trust_domain=s.get(a.trust_domain, "GPUFED_TRUST_DOMAIN", "trust_domain", d.trust_domain),
         insecure=s.get(a.insecure, "GPUFED_INSECURE", "insecure", False, truthy),
+        no_bootstrap_token=no_bootstrap,
     )

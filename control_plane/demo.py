@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -232,7 +233,11 @@ def main(argv: list[str] | None = None) -> None:
         "--metrics-port", type=int, default=int(os.environ.get("GPUFED_DEMO_METRICS_PORT", "9464"))
     )
     p.add_argument("--data-dir", default=str(ROOT / ".run"))
-    p.add_argument("--admin-token", default=os.environ.get("GPUFED_ADMIN_TOKEN", "demo-admin-token"))
+    p.add_argument(
+        "--admin-token",
+        default=os.environ.get("GPUFED_ADMIN_TOKEN") or secrets.token_urlsafe(32),
+        help="the bootstrap admin token (default: a new random one, written to .run/demo.env)",
+    )
     p.add_argument("--fresh", action="store_true", default=True, help="start from an empty etcd (default)")
     p.add_argument(
         "--keep-data", dest="fresh", action="store_false", help="reuse .run/etcd from a previous run"

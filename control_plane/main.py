@@ -10,9 +10,8 @@ import sys
 from collections.abc import Sequence
 
 from control_plane.affinity import pin_process
-from control_plane.config import Config, parse_args
+from control_plane.config import Config, ConfigError, parse_args
 from control_plane.replica import Replica
-from control_plane.tls import TlsConfigError
 from gpufed.logs import configure_logging, get_logger
 
 log = get_logger(__name__)
@@ -49,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with contextlib.suppress(KeyboardInterrupt):
         try:
             asyncio.run(serve(config))
-        except TlsConfigError as e:
+        except ConfigError as e:
             print(f"gpufed-control-plane: error: {e}", file=sys.stderr)
             sys.exit(2)
 

@@ -21,7 +21,7 @@ from control_plane.app.leases import Leases
 from control_plane.app.nodes import Nodes
 from control_plane.app.telemetry import Telemetry
 from control_plane.auth import Authenticator
-from control_plane.config import Config
+from control_plane.config import Config, check_tokens
 from control_plane.metrics import Metrics
 from control_plane.rpc import RpcWrapper, Services
 from control_plane.servicers.admin import AdminServicer
@@ -84,9 +84,14 @@ class Replica:
     async def start(self) -> None:
         cfg = self.config
         check_listeners(cfg.listen, cfg.tls_cert, cfg.tls_key, cfg.client_ca, cfg.node_listen, cfg.insecure)
+        check_tokens(cfg.admin_token, cfg.peer_token)
+        if not cfg.peer_token:
+            log.warning(
+                "no GPUFED_PEER_TOKEN: telemetry of nodes streaming to other replicas is not forwarded"
+            )
         self.store = EtcdStore(cfg.etcd_endpoints, cfg.etcd_prefix)
         self.inventory = Inventory(self.store.keys)
-        self.auth = Authenticator(self.store, cfg.admin_token, cfg.peer_token)
+        self.auth = Authenticator(self.store, cfg.admin_token, cfg.peer_token, self.clock)
         self.inventory.subscribe(self._on_change)
         self.metrics.watch_inventory(self.inventory)
         self.session = Session(self.store, cfg.session_ttl, on_new_lease=self._on_new_session_lease)

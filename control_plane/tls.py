@@ -20,12 +20,13 @@ from typing import Any
 
 import grpc
 
+from control_plane.config import ConfigError
 from gpufed.logs import get_logger
 
 log = get_logger(__name__)
 
 
-class TlsConfigError(Exception):
+class TlsConfigError(ConfigError):
     """The listeners cannot be set up as configured (the replica refuses to start)."""
 
 

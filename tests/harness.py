@@ -22,7 +22,9 @@ import grpc
 from control_plane.config import Config
 from control_plane.replica import Replica
 
-ADMIN_TOKEN = "test-admin-token"
+# A replica refuses a bootstrap token under 32 characters and a peer token equal to it.
+ADMIN_TOKEN = "test-admin-token-of-at-least-32-characters"
+PEER_TOKEN = "test-peer-token-of-its-own-for-replicas"
 
 
 def free_port() -> int:
@@ -227,6 +229,7 @@ def replica_config(endpoints: list[str], prefix: str, **kw: object) -> Config:
         etcd_endpoints=endpoints,
         etcd_prefix=prefix,
         admin_token=ADMIN_TOKEN,
+        peer_token=PEER_TOKEN,
         **kw,  # type: ignore[arg-type]
     )
 
@@ -254,7 +257,7 @@ def replica_process(
             prefix,
             *extra,
         ],
-        env={**os.environ, "GPUFED_ADMIN_TOKEN": ADMIN_TOKEN, **(env or {})},
+        env={**os.environ, "GPUFED_ADMIN_TOKEN": ADMIN_TOKEN, "GPUFED_PEER_TOKEN": PEER_TOKEN, **(env or {})},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )

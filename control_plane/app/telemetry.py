@@ -94,6 +94,11 @@ class Telemetry:
         address = self.inv.replicas.get(owner) if owner else None
         if not owner or address is None or owner == self.replica_id:
             raise errors.failed_precondition("NODE_OFFLINE", f"no replica holds a stream of {request.name}")
+        if not self.peers.peer_token:
+            raise errors.unavailable(
+                "PEER_UNAVAILABLE",
+                f"{request.name} streams to replica {owner}, and no peer credential is set",
+            )
         try:
             return await self.peers.node_telemetry(owner, address, request)
         except NotThere as e:

@@ -171,3 +171,32 @@ def test_watch_capacity_ends_cleanly_when_the_replica_shuts_down(etcd: EtcdClust
     ch.close()
     assert kinds[-1] == discovery_pb2.WatchCapacityResponse.EVENT_TYPE_SNAPSHOT_END
     assert outcome == ["ok"]
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"GPUFED_ADMIN_TOKEN": "short-token"}, "at least 32 characters"),
+        ({"GPUFED_ADMIN_TOKEN": "a" * 40, "GPUFED_PEER_TOKEN": "a" * 40}, "must differ"),
+    ],
+)
+def test_a_replica_refuses_to_start_with_a_weak_bootstrap_or_shared_peer_token(
+    etcd: EtcdCluster, env: dict[str, str], message: str
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.harness import free_port, unique_prefix
+
+    out = subprocess.run(
+        [
+            *(sys.executable, "-m", "control_plane", "--listen", f"127.0.0.1:{free_port()}"),
+            *("--etcd-endpoints", ",".join(etcd.endpoints), "--etcd-prefix", unique_prefix()),
+        ],
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("GPUFED_")}, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and message in out.stderr

@@ -38,3 +38,53 @@ def test_authenticator_resolves_cached_records_and_rejects_everything_else() -> 
     a.update(record.token_id, None)
     with pytest.raises(ApiError):
         run(f"Bearer {secret}")
+
+
+class _CountingStore:
+    """A token store that knows no token and counts how often it was asked."""
+
+    def __init__(self) -> None:
+        from control_plane.adapters.keyspace import Keyspace
+
+        self.keys = Keyspace("/t")
+        self.reads = 0
+
+    async def get(self, key: str) -> None:
+        self.reads += 1
+        return None
+
+
+def test_unknown_tokens_are_remembered_briefly_so_a_flood_costs_one_read() -> None:
+    from typing import cast
+
+    from control_plane.adapters.store import EtcdStore
+    from gpufed.clock import FakeClock
+
+    store, clock = _CountingStore(), FakeClock()
+    a = auth.Authenticator(cast(EtcdStore, store), clock=clock)
+
+    def bogus(i: int) -> None:
+        with pytest.raises(ApiError) as e:
+            asyncio.run(a.from_header(f"Bearer gpf_deadbeef0001_guess{i}"))
+        assert e.value.reason == "UNKNOWN_TOKEN"
+
+    for i in range(100):
+        bogus(i)
+    assert store.reads == 1
+    clock.advance(auth.UNKNOWN_TTL_S + 1)
+    bogus(100)
+    assert store.reads == 2
+    a.update("deadbeef0001", None)  # any token change: ask etcd again at once
+    bogus(101)
+    assert store.reads == 3
+
+
+def test_a_short_bootstrap_token_or_a_peer_token_equal_to_it_is_refused() -> None:
+    from control_plane.config import ConfigError, check_tokens
+
+    with pytest.raises(ConfigError, match="at least 32"):
+        check_tokens("short", "")
+    with pytest.raises(ConfigError, match="must differ"):
+        check_tokens("x" * 32, "x" * 32)
+    check_tokens("x" * 32, "y" * 32)
+    check_tokens("", "y")  # no bootstrap token at all

@@ -26,7 +26,7 @@ def test_environment_then_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = parse_args([])
     assert cfg.listen == "127.0.0.1:6000"
     assert cfg.etcd_endpoints == ["10.0.0.1:2379", "10.0.0.2:2379"]
-    assert cfg.etcd_prefix == "/fed-a" and cfg.admin_token == "boot" and cfg.peer_token == "boot"
+    assert cfg.etcd_prefix == "/fed-a" and cfg.admin_token == "boot" and cfg.peer_token == ""
     cfg = parse_args(
         ["--listen", "127.0.0.1:7000", "--etcd-prefix", "/fed-b", "--etcd-endpoints", "127.0.0.1:1"]
     )
