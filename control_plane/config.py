@@ -37,6 +37,9 @@ class Config:
     peer_ca: str = ""  # CA of the other replicas' certificates (default: client_ca, else system roots)
     insecure: bool = False  # allows plaintext on a non-loopback address
     no_bootstrap_token: bool = False  # ignore GPUFED_ADMIN_TOKEN (real admin tokens exist)
+    etcd_ca: str = ""  # set: etcd is reached over TLS (https:// endpoints need it)
+    etcd_cert: str = ""
+    etcd_key: str = ""
 
     def __post_init__(self) -> None:
         if not self.replica_id:
@@ -48,6 +51,17 @@ class ConfigError(Exception):
 
 
 MIN_BOOTSTRAP_TOKEN = 32
+
+
+def read_pem(path: str, what: str) -> bytes | None:
+    """The file's bytes, None for no path; ConfigError when it cannot be read."""
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot read {path}: {e.strerror}") from e
 
 
 def check_tokens(admin_token: str, peer_token: str) -> None:
@@ -128,6 +142,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         default=None,
         help="allow plaintext on a non-loopback address (GPUFED_INSECURE=1)",
     )
+    p.add_argument("--etcd-ca", help="PEM CA of the etcd members: TLS to etcd (GPUFED_ETCD_CA)")
+    p.add_argument(
+        "--etcd-cert", help="PEM client certificate for etcd's --client-cert-auth (GPUFED_ETCD_CERT)"
+    )
+    p.add_argument("--etcd-key", help="PEM key of --etcd-cert (GPUFED_ETCD_KEY)")
     p.add_argument(
         "--no-bootstrap-token",
         action="store_true",
@@ -173,4 +192,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         trust_domain=s.get(a.trust_domain, "GPUFED_TRUST_DOMAIN", "trust_domain", d.trust_domain),
         insecure=s.get(a.insecure, "GPUFED_INSECURE", "insecure", False, truthy),
         no_bootstrap_token=no_bootstrap,
+        etcd_ca=s.get(a.etcd_ca, "GPUFED_ETCD_CA", "etcd_ca", ""),
+        etcd_cert=s.get(a.etcd_cert, "GPUFED_ETCD_CERT", "etcd_cert", ""),
+        etcd_key=s.get(a.etcd_key, "GPUFED_ETCD_KEY", "etcd_key", ""),
     )

@@ -12,7 +12,7 @@ from grpc_reflection.v1alpha import reflection
 
 from control_plane.adapters.index import Change, ChangeKind, Inventory
 from control_plane.adapters.peer import PeerClient
-from control_plane.adapters.store import EtcdStore, Session
+from control_plane.adapters.store import EtcdStore, EtcdTls, Session
 from control_plane.adapters.watcher import Watcher
 from control_plane.app.admin import Admin
 from control_plane.app.discovery import Discovery
@@ -21,7 +21,7 @@ from control_plane.app.leases import Leases
 from control_plane.app.nodes import Nodes
 from control_plane.app.telemetry import Telemetry
 from control_plane.auth import Authenticator
-from control_plane.config import Config, check_tokens
+from control_plane.config import Config, ConfigError, check_tokens, read_pem
 from control_plane.metrics import Metrics
 from control_plane.rpc import RpcWrapper, Services
 from control_plane.servicers.admin import AdminServicer
@@ -60,6 +60,18 @@ SERVICE_NAMES = [
 ]
 
 
+def etcd_tls(cfg: Config) -> EtcdTls | None:
+    """TLS to etcd when a CA is given; a client certificate when etcd checks them."""
+    ca = read_pem(cfg.etcd_ca, "--etcd-ca")
+    if ca is None:
+        if cfg.etcd_cert or cfg.etcd_key:
+            raise ConfigError("--etcd-cert and --etcd-key need --etcd-ca")
+        return None
+    if bool(cfg.etcd_cert) != bool(cfg.etcd_key):
+        raise ConfigError("--etcd-cert and --etcd-key go together")
+    return EtcdTls(ca, read_pem(cfg.etcd_cert, "--etcd-cert"), read_pem(cfg.etcd_key, "--etcd-key"))
+
+
 def peer_credentials(cfg: Config) -> grpc.ChannelCredentials | None:
     """How this replica reaches its peers: TLS when it serves TLS (they serve alike), trusting
     the peer CA (default: the client CA, else the system roots)."""
@@ -89,7 +101,7 @@ class Replica:
             log.warning(
                 "no GPUFED_PEER_TOKEN: telemetry of nodes streaming to other replicas is not forwarded"
             )
-        self.store = EtcdStore(cfg.etcd_endpoints, cfg.etcd_prefix)
+        self.store = EtcdStore(cfg.etcd_endpoints, cfg.etcd_prefix, tls=etcd_tls(cfg))
         self.inventory = Inventory(self.store.keys)
         self.auth = Authenticator(self.store, cfg.admin_token, cfg.peer_token, self.clock)
         self.inventory.subscribe(self._on_change)

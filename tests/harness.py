@@ -49,6 +49,16 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
 
 
+@dataclass(frozen=True)
+class EtcdTlsFiles:
+    """PEM files of a TLS etcd: its CA, and one certificate (server and client usage) that the
+    members serve, present to each other and that clients present (--client-cert-auth)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
 @dataclass
 class EtcdMember:
     name: str
@@ -57,10 +67,27 @@ class EtcdMember:
     data_dir: Path
     proc: subprocess.Popen[bytes] | None = None
     extra_args: tuple[str, ...] = ()  # more etcd flags (benchmarks: --metrics extensive)
+    tls: EtcdTlsFiles | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.client_port}"
+        prefix = "https://" if self.tls else ""
+        return f"{prefix}127.0.0.1:{self.client_port}"
+
+    def _tls_args(self) -> list[str]:
+        t = self.tls
+        if t is None:
+            return []
+        return [
+            *("--cert-file", str(t.cert), "--key-file", str(t.key)),
+            *("--trusted-ca-file", str(t.ca), "--client-cert-auth"),
+            *("--peer-cert-file", str(t.cert), "--peer-key-file", str(t.key)),
+            *("--peer-trusted-ca-file", str(t.ca), "--peer-client-cert-auth"),
+        ]
 
     def start(self, initial_cluster: str, state: str = "new") -> None:
         log = open(self.data_dir.parent / f"{self.name}.log", "ab")  # noqa: SIM115
@@ -72,13 +99,14 @@ class EtcdMember:
                 "--data-dir",
                 str(self.data_dir),
                 "--listen-client-urls",
-                f"http://127.0.0.1:{self.client_port}",
+                f"{self.scheme}://127.0.0.1:{self.client_port}",
                 "--advertise-client-urls",
-                f"http://127.0.0.1:{self.client_port}",
+                f"{self.scheme}://127.0.0.1:{self.client_port}",
                 "--listen-peer-urls",
-                f"http://127.0.0.1:{self.peer_port}",
+                f"{self.scheme}://127.0.0.1:{self.peer_port}",
                 "--initial-advertise-peer-urls",
-                f"http://127.0.0.1:{self.peer_port}",
+                f"{self.scheme}://127.0.0.1:{self.peer_port}",
+                *self._tls_args(),
                 "--initial-cluster",
                 initial_cluster,
                 "--initial-cluster-state",
@@ -126,13 +154,19 @@ class EtcdCluster:
         return [m.endpoint for m in self.members]
 
     @classmethod
-    def start(cls, size: int = 1, tmp: Path | None = None, extra_args: tuple[str, ...] = ()) -> EtcdCluster:
+    def start(
+        cls,
+        size: int = 1,
+        tmp: Path | None = None,
+        extra_args: tuple[str, ...] = (),
+        tls: EtcdTlsFiles | None = None,
+    ) -> EtcdCluster:
         tmp = tmp or Path(tempfile.mkdtemp(prefix="gpufed-etcd-"))
         members = [
-            EtcdMember(f"m{i}", free_port(), free_port(), tmp / f"m{i}.etcd", extra_args=extra_args)
+            EtcdMember(f"m{i}", free_port(), free_port(), tmp / f"m{i}.etcd", extra_args=extra_args, tls=tls)
             for i in range(size)
         ]
-        initial = ",".join(f"{m.name}=http://127.0.0.1:{m.peer_port}" for m in members)
+        initial = ",".join(f"{m.name}={m.scheme}://127.0.0.1:{m.peer_port}" for m in members)
         cluster = cls(members, tmp, initial)
         for m in members:
             m.start(initial)
@@ -151,7 +185,15 @@ class EtcdCluster:
                 if m.proc is None or m.proc.poll() is not None:
                     continue
                 try:
-                    c = etcd3.client("127.0.0.1", m.client_port, timeout=2)
+                    t = m.tls
+                    c = etcd3.client(
+                        "127.0.0.1",
+                        m.client_port,
+                        timeout=2,
+                        ca_cert=str(t.ca) if t else None,
+                        cert_cert=str(t.cert) if t else None,
+                        cert_key=str(t.key) if t else None,
+                    )
                     c.put("/health-probe", "1")
                     c.close()
                     return

@@ -21,6 +21,7 @@ from etcd3.etcdrpc import rpc_pb2 as rpc
 from etcd3.etcdrpc import rpc_pb2_grpc as rpc_grpc
 
 from control_plane.adapters.keyspace import Keyspace
+from control_plane.config import ConfigError
 from control_plane.domain import errors
 from control_plane.domain.errors import DomainError
 from gpufed.logs import get_logger
@@ -200,13 +201,42 @@ def _kv(kv: Any) -> KeyValue:
     return KeyValue(kv.key, kv.value, kv.mod_revision, kv.create_revision, kv.lease)
 
 
-def _channel_target(endpoints: Sequence[str]) -> str:
-    """One target for every endpoint: grpc's ipv4:/ipv6: lists fail over between members."""
+@dataclass(frozen=True)
+class EtcdTls:
+    """PEM bytes for a TLS etcd: the CA that signed its members, and the client certificate
+    and key when etcd checks them (--client-cert-auth)."""
+
+    ca: bytes
+    cert: bytes | None = None
+    key: bytes | None = None
+
+
+def parse_endpoints(endpoints: Sequence[str], tls: EtcdTls | None) -> tuple[list[tuple[str, str]], bool]:
+    """(host, port) of each endpoint and whether to speak TLS. TLS when an endpoint says
+    https:// or a CA is given; an https:// endpoint is never downgraded (no CA: refused), and
+    http:// beside TLS is refused too."""
     hosts: list[tuple[str, str]] = []
+    schemes = set()
     for ep in endpoints:
-        ep = ep.strip().removeprefix("http://").removeprefix("https://")
-        host, _, port = ep.rpartition(":")
+        ep = ep.strip()
+        scheme, sep, rest = ep.partition("://")
+        schemes.add(scheme if sep else "")
+        host, _, port = (rest if sep else ep).rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"etcd endpoint {ep!r} is not [http(s)://]HOST:PORT")
         hosts.append((host.strip("[]"), port))
+    if "https" in schemes and tls is None:
+        raise ConfigError("an https:// etcd endpoint needs --etcd-ca (it is never downgraded to plaintext)")
+    if tls is not None and "http" in schemes:
+        raise ConfigError("http:// etcd endpoints cannot be used with --etcd-ca: use https://")
+    if schemes - {"", "http", "https"}:
+        raise ConfigError(f"unknown etcd endpoint scheme in {sorted(schemes)}")
+    return hosts, tls is not None
+
+
+def _channel_target(endpoints: Sequence[str], tls: EtcdTls | None = None) -> str:
+    """One target for every endpoint: grpc's ipv4:/ipv6: lists fail over between members."""
+    hosts, _ = parse_endpoints(endpoints, tls)
     try:
         families = {ipaddress.ip_address(h).version for h, _ in hosts}
     except ValueError:
@@ -220,23 +250,36 @@ def _channel_target(endpoints: Sequence[str]) -> str:
 class EtcdStore:
     """An asyncio etcd client bound to one keyspace. Create and use it inside one event loop."""
 
-    def __init__(self, endpoints: Sequence[str], prefix: str = "/gpufed", timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        prefix: str = "/gpufed",
+        timeout: float = 5.0,
+        tls: EtcdTls | None = None,
+    ) -> None:
         self.endpoints = list(endpoints)
         self.keys = Keyspace(prefix)
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(
-            _channel_target(self.endpoints),
-            options=[
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                ("grpc.max_send_message_length", 16 * 1024 * 1024),
-                ("grpc.keepalive_time_ms", 10_000),
-                ("grpc.keepalive_timeout_ms", 5_000),
-                ("grpc.keepalive_permit_without_calls", 1),
-                # Retry connecting quickly after a member restarts.
-                ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.max_reconnect_backoff_ms", 1000),
-            ],
-        )
+        hosts, secure = parse_endpoints(self.endpoints, tls)
+        options: list[tuple[str, int | str]] = [
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 16 * 1024 * 1024),
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            # Retry connecting quickly after a member restarts.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
+        target = _channel_target(self.endpoints, tls)
+        if secure and tls is not None:
+            # Every member's certificate names its own host; the target of an address list
+            # has none, so the first member's host is the name checked against the certificate.
+            options.append(("grpc.ssl_target_name_override", hosts[0][0]))
+            creds = grpc.ssl_channel_credentials(tls.ca, tls.key, tls.cert)
+            self._channel = grpc.aio.secure_channel(target, creds, options=options)
+        else:
+            self._channel = grpc.aio.insecure_channel(target, options=options)
         self._kv = rpc_grpc.KVStub(self._channel)
         self._lease = rpc_grpc.LeaseStub(self._channel)
         self._watch = rpc_grpc.WatchStub(self._channel)

@@ -13,3 +13,27 @@ def test_prefix_ranges_select_every_key_below_a_prefix() -> None:
 def test_several_endpoints_become_one_failover_target() -> None:
     assert _channel_target(["127.0.0.1:1", "127.0.0.2:2"]) == "ipv4:127.0.0.1:1,127.0.0.2:2"
     assert _channel_target(["etcd.example:2379"]) == "dns:///etcd.example:2379"
+
+
+def test_https_endpoints_are_never_downgraded_and_schemes_do_not_mix() -> None:
+    import pytest
+
+    from control_plane.adapters.store import EtcdTls, parse_endpoints
+    from control_plane.config import ConfigError
+
+    tls = EtcdTls(b"ca")
+    assert parse_endpoints(["https://127.0.0.1:1", "https://127.0.0.2:2"], tls) == (
+        [("127.0.0.1", "1"), ("127.0.0.2", "2")],
+        True,
+    )
+    assert parse_endpoints(["127.0.0.1:1"], tls)[1] is True  # a CA alone means TLS
+    assert parse_endpoints(["http://127.0.0.1:1", "127.0.0.2:2"], None)[1] is False
+    for endpoints, t, error in [
+        (["https://127.0.0.1:1"], None, "never downgraded"),
+        (["http://127.0.0.1:1"], tls, "cannot be used with --etcd-ca"),
+        (["127.0.0.1"], None, "not \\[http\\(s\\)://\\]HOST:PORT"),
+        (["ftp://127.0.0.1:1"], None, "unknown etcd endpoint scheme"),
+    ]:
+        with pytest.raises(ConfigError, match=error):
+            parse_endpoints(endpoints, t)
+    assert _channel_target(["https://127.0.0.1:1", "https://[::1]:2"], tls) == "ipv6:[127.0.0.1]:1,[::1]:2"
