@@ -140,7 +140,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         "--insecure",
         action="store_true",
         default=None,
-        help="allow plaintext on a non-loopback address (GPUFED_INSECURE=1)",
+        help="allow plaintext on a non-loopback address (a flag or the file's `insecure`, no variable)",
     )
     p.add_argument("--etcd-ca", help="PEM CA of the etcd members: TLS to etcd (GPUFED_ETCD_CA)")
     p.add_argument(
@@ -190,7 +190,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         peer_ca=s.get(a.peer_ca, "GPUFED_PEER_CA", "peer_ca", ""),
         node_listen=s.get(a.node_listen, "GPUFED_NODE_LISTEN", "node_listen", ""),
         trust_domain=s.get(a.trust_domain, "GPUFED_TRUST_DOMAIN", "trust_domain", d.trust_domain),
-        insecure=s.get(a.insecure, "GPUFED_INSECURE", "insecure", False, truthy),
+        # No environment variable: GPUFED_INSECURE is the clients' switch, and a shell that set it
+        # for a client must not make a replica serve plaintext to the network.
+        insecure=s.get(a.insecure, "", "insecure", False, truthy),
         no_bootstrap_token=no_bootstrap,
         etcd_ca=s.get(a.etcd_ca, "GPUFED_ETCD_CA", "etcd_ca", ""),
         etcd_cert=s.get(a.etcd_cert, "GPUFED_ETCD_CERT", "etcd_cert", ""),

@@ -135,7 +135,7 @@ class Demo:
 
         from gpufed.client import Client
 
-        with Client(endpoint, a.admin_token) as admin:
+        with Client(endpoint, a.admin_token, insecure=True) as admin:
             tenant = admin.create_token("tenant", "demo-developer").secret
             provider_tokens = {p: admin.create_token("provider", p).secret for p in PROVIDERS}
         for n in NODES:
@@ -143,6 +143,7 @@ class Demo:
                 sys.executable,
                 "-m",
                 "node_daemon",
+                "--insecure",  # the demo's replica serves plaintext on loopback
                 "--control-plane",
                 endpoint,
                 "--provider",
@@ -173,9 +174,14 @@ class Demo:
                 cmd,
                 env={"GPUFED_TOKEN": provider_tokens[n.provider], "GPUFED_LOG_FORMAT": "json"},
             )
-        env = {"GPUFED_ENDPOINT": endpoint, "GPUFED_TOKEN": tenant, "GPUFED_ADMIN_TOKEN": a.admin_token}
+        env = {
+            "GPUFED_ENDPOINT": endpoint,
+            "GPUFED_TOKEN": tenant,
+            "GPUFED_ADMIN_TOKEN": a.admin_token,
+            "GPUFED_INSECURE": "1",  # plaintext to the loopback replica; TLS everywhere else
+        }
         (self.data / "demo.env").write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
-        with Client(endpoint, tenant) as c:
+        with Client(endpoint, tenant, insecure=True) as c:
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and len(c.list_nodes(state=1)) < len(NODES):
                 time.sleep(0.2)

@@ -26,7 +26,8 @@ from google.protobuf import duration_pb2, json_format
 from google.protobuf.message import Message
 
 from gpufed.client import Client, GpufedError
-from gpufed.settings import Settings
+from gpufed.settings import Settings, truthy
+from gpufed.transport import channel_credentials
 from gpufed.v1 import admin_pb2, common_pb2, lease_pb2
 
 (
@@ -461,6 +462,12 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(
             "--ca-cert", default=d(None), help="PEM of the CA that signed the server certificate"
         )
+        parser.add_argument(
+            "--insecure",
+            action="store_true",
+            default=d(None),
+            help="plaintext, for a replica on loopback (GPUFED_INSECURE=1); TLS otherwise",
+        )
         parser.add_argument("--timeout", type=float, default=d(10.0), help="per-call deadline, seconds")
         parser.add_argument("-o", "--output", choices=["table", "json", "yaml"], default=d("table"))
         return parser
@@ -549,12 +556,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = _settings()
     endpoint = cfg.get(args.endpoint, "GPUFED_ENDPOINT", "endpoint", "127.0.0.1:50051")
     token = cfg.get(args.token, "GPUFED_TOKEN", "token", "")
-    creds = None
-    if args.tls or args.ca_cert:
-        roots = Path(args.ca_cert).read_bytes() if args.ca_cert else None
-        creds = grpc.ssl_channel_credentials(root_certificates=roots)
+    insecure = cfg.get(args.insecure, "GPUFED_INSECURE", "insecure", False, truthy)
     try:
-        with Client(endpoint, token, timeout=args.timeout, credentials=creds) as client:
+        ca = Path(args.ca_cert).read_bytes() if args.ca_cert else None
+        creds = channel_credentials(ca_cert=ca, tls=args.tls, insecure=insecure)
+        with Client(endpoint, token, timeout=args.timeout, credentials=creds, insecure=insecure) as client:
             code: int = args.fn(client, args)
             return code
     except GpufedError as e:
@@ -563,6 +569,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_NO_CAPACITY
         return _EXIT_BY_CODE.get(e.code, EXIT_ERROR)
     except (argparse.ArgumentTypeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -24,6 +24,7 @@ import grpc
 from google.protobuf import duration_pb2
 
 from gpufed.errors import error_info
+from gpufed.transport import channel_credentials
 from gpufed.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -138,11 +139,16 @@ class Client:
         timeout: float = 10.0,
         retries: int = 3,
         credentials: grpc.ChannelCredentials | None = None,
+        insecure: bool | None = None,
     ) -> None:
+        """TLS with `credentials`, else with the system roots; plaintext only when `insecure`
+        (None: GPUFED_INSECURE=1), for a replica on loopback."""
         self.endpoint = endpoint or os.environ.get("GPUFED_ENDPOINT", DEFAULT_ENDPOINT)
         self.token = token if token is not None else os.environ.get("GPUFED_TOKEN", "")
         self.timeout = timeout
         self.retries = retries
+        if credentials is None:
+            credentials = channel_credentials(insecure=insecure)
         if credentials is not None:
             self.channel = grpc.secure_channel(self.endpoint, credentials)
         else:

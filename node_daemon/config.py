@@ -33,6 +33,7 @@ class DaemonConfig:
     fake_seed: int = 0
     token: str = ""
     tls: bool = False
+    insecure: bool = False  # plaintext to the control plane (loopback only, one warning)
     ca_cert: str = ""
     client_cert: str = ""
     client_key: str = ""
@@ -67,7 +68,13 @@ def parse_args(argv: Sequence[str] | None = None) -> DaemonConfig:
     p.add_argument("--fake-scenario", help="TOML file of fault events for the fake NVML")
     p.add_argument("--fake-event", action="append", help="fault event, e.g. 30s:gpu3:xid=79 (repeatable)")
     p.add_argument("--fake-seed", type=int)
-    p.add_argument("--tls", action="store_true", default=None)
+    p.add_argument("--tls", action="store_true", default=None, help="TLS with the system roots (the default)")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="plaintext, for a replica on loopback (GPUFED_INSECURE=1)",
+    )
     p.add_argument("--ca-cert")
     p.add_argument("--client-cert", help="PEM, for mTLS")
     p.add_argument("--client-key", help="PEM, for mTLS")
@@ -104,6 +111,7 @@ def parse_args(argv: Sequence[str] | None = None) -> DaemonConfig:
         fake_seed=pick(a.fake_seed, "GPUFED_FAKE_SEED", "fake_seed", 0, int),
         token=pick(None, "GPUFED_TOKEN", "token", ""),
         tls=pick(a.tls, "GPUFED_TLS", "tls", False, truthy),
+        insecure=pick(a.insecure, "GPUFED_INSECURE", "insecure", False, truthy),
         ca_cert=pick(a.ca_cert, "GPUFED_CA_CERT", "ca_cert", ""),
         client_cert=pick(a.client_cert, "GPUFED_CLIENT_CERT", "client_cert", ""),
         client_key=pick(a.client_key, "GPUFED_CLIENT_KEY", "client_key", ""),

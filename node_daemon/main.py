@@ -15,6 +15,7 @@ import pynvml
 
 from gpufed.clock import SYSTEM, Clock
 from gpufed.logs import configure_logging, get_logger
+from gpufed.transport import channel_credentials
 from node_daemon.collector import Collector, XidWatcher
 from node_daemon.config import DaemonConfig, parse_args
 from node_daemon.fake_nvml import FakeNvml, load_scenario, parse_event
@@ -33,16 +34,18 @@ def make_nvml(cfg: DaemonConfig, clock: Clock = SYSTEM) -> Any:
 
 
 def credentials(cfg: DaemonConfig) -> grpc.ChannelCredentials | None:
-    if not (cfg.tls or cfg.ca_cert or cfg.client_cert):
-        return None
+    """TLS (the given CA, else the system roots; the client certificate for mTLS), or None for
+    plaintext, only with --insecure (gpufed.transport)."""
 
     def read(path: str) -> bytes | None:
         return Path(path).read_bytes() if path else None
 
-    return grpc.ssl_channel_credentials(
-        root_certificates=read(cfg.ca_cert),
-        private_key=read(cfg.client_key),
-        certificate_chain=read(cfg.client_cert),
+    return channel_credentials(
+        ca_cert=read(cfg.ca_cert),
+        tls=cfg.tls,
+        client_cert=read(cfg.client_cert),
+        client_key=read(cfg.client_key),
+        insecure=cfg.insecure,
     )
 
 

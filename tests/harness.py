@@ -23,6 +23,9 @@ from control_plane.config import Config
 from control_plane.replica import Replica
 
 # A replica refuses a bootstrap token under 32 characters and a peer token equal to it.
+# The replicas of the tests serve plaintext on loopback; clients (SDK, CLI, daemons in their own
+# processes) speak TLS unless told otherwise, so the tests say so, once, here.
+os.environ.setdefault("GPUFED_INSECURE", "1")
 ADMIN_TOKEN = "test-admin-token-of-at-least-32-characters"
 PEER_TOKEN = "test-peer-token-of-its-own-for-replicas"
 
@@ -377,6 +380,8 @@ def daemon_config(
     defaults: dict[str, object] = dict(
         region="eu-central", latitude=50.11, longitude=8.68, price_per_gpu_hour=2.0, report_interval=0.5
     )
+    # Plaintext to loopback replicas, explicitly; a test that gives a CA gets TLS regardless.
+    defaults["insecure"] = not (kw.get("ca_cert") or kw.get("client_cert"))
     defaults.update(kw)
     return DaemonConfig(
         control_planes=endpoints,
