@@ -110,6 +110,45 @@ def parse_token(token: str) -> tuple[str, str] | None:
     return parts[1], parts[2]
 
 
+class FailureThrottle:
+    """Failed authentications per client address in a fixed window: past `limit`, the address
+    gets AUTH_THROTTLED until the window ends. Tokens already resolved are never throttled, so a
+    developer behind the same NAT as a guesser keeps working."""
+
+    def __init__(
+        self, limit: int = 30, window_s: float = 60.0, clock: Clock = SYSTEM, max_hosts: int = 10_000
+    ):
+        self.limit = limit
+        self.window_s = window_s
+        self.clock = clock
+        self.max_hosts = max_hosts
+        self._counts: dict[str, tuple[float, int]] = {}  # host -> (window start, failures)
+
+    def blocked(self, host: str) -> bool:
+        got = self._counts.get(host)
+        if got is None:
+            return False
+        start, failures = got
+        if self.clock.monotonic() - start >= self.window_s:
+            del self._counts[host]
+            return False
+        return failures >= self.limit
+
+    def failed(self, host: str) -> None:
+        now = self.clock.monotonic()
+        start, failures = self._counts.get(host, (now, 0))
+        if now - start >= self.window_s:
+            start, failures = now, 0
+        if host not in self._counts and len(self._counts) >= self.max_hosts:
+            self._counts.clear()  # a flood of addresses: start over rather than grow
+        self._counts[host] = (start, failures + 1)
+
+
+def client_host(peer: str) -> str:
+    """The address part of gRPC's peer string ("ipv4:10.0.0.1:5000" -> "ipv4:10.0.0.1")."""
+    return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
+
+
 # How long a token id etcd did not know is answered UNKNOWN_TOKEN without asking etcd again, and
 # how many such ids are remembered.
 UNKNOWN_TTL_S = 10.0
@@ -132,6 +171,7 @@ class Authenticator:
         # Token ids etcd did not know, until when (monotonic): a flood of bogus tokens costs no
         # etcd reads. Emptied on any token change too, so a token created meanwhile works at once.
         self._unknown: dict[str, float] = {}
+        self.throttle = FailureThrottle(clock=clock)
 
     def forget(self) -> None:
         self._resolved.clear()
@@ -146,12 +186,23 @@ class Authenticator:
         else:
             self.records[token_id] = TokenRecord.from_json(token_id, raw)
 
-    async def from_header(self, authorization: str) -> Principal:
-        """The principal of an `authorization` header value ("Bearer <token>")."""
+    async def from_header(self, authorization: str, peer: str = "") -> Principal:
+        """The principal of an `authorization` header value ("Bearer <token>") sent from `peer`
+        (gRPC's peer string; failures from one address are throttled)."""
         found = self._resolved.get(authorization)
         if found is not None:
             return found
-        principal = await self._resolve(authorization)
+        host = client_host(peer)
+        if host and self.throttle.blocked(host):
+            raise errors.exhausted(
+                "AUTH_THROTTLED", "too many failed authentications from this address; retry in a minute"
+            )
+        try:
+            principal = await self._resolve(authorization)
+        except errors.DomainError:
+            if host:
+                self.throttle.failed(host)
+            raise
         if len(self._resolved) > 10_000:
             self._resolved.clear()
         self._resolved[authorization] = principal

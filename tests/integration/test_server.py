@@ -11,7 +11,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from gpufed.errors import error_reason
 from gpufed.v1 import admin_pb2, admin_pb2_grpc, discovery_pb2, discovery_pb2_grpc
-from tests.harness import EtcdCluster, metadata, replica_process, wait_until
+from tests.harness import EtcdCluster, ReplicaThread, metadata, replica_process, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -200,3 +200,23 @@ def test_a_replica_refuses_to_start_with_a_weak_bootstrap_or_shared_peer_token(
         timeout=60,
     )
     assert out.returncode == 2 and message in out.stderr
+
+
+def test_a_flood_of_bad_tokens_from_one_address_is_throttled_but_known_tokens_pass(
+    replica: ReplicaThread,
+) -> None:
+    from tests.harness import ADMIN_TOKEN
+
+    with grpc.insecure_channel(replica.address) as ch:
+        stub = discovery_pb2_grpc.DiscoveryServiceStub(ch)
+        request = discovery_pb2.ListProvidersRequest()
+        stub.ListProviders(request, metadata=metadata(ADMIN_TOKEN))
+        codes = []
+        for i in range(35):
+            try:
+                stub.ListProviders(request, metadata=metadata(f"gpf_{i:012x}_guess"))
+            except grpc.RpcError as e:
+                codes.append((e.code(), error_reason(e)))
+        assert codes[0] == (grpc.StatusCode.UNAUTHENTICATED, "UNKNOWN_TOKEN")
+        assert codes[-1] == (grpc.StatusCode.RESOURCE_EXHAUSTED, "AUTH_THROTTLED")
+        stub.ListProviders(request, metadata=metadata(ADMIN_TOKEN))  # the known token still works

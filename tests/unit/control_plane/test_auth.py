@@ -88,3 +88,27 @@ def test_a_short_bootstrap_token_or_a_peer_token_equal_to_it_is_refused() -> Non
         check_tokens("x" * 32, "x" * 32)
     check_tokens("x" * 32, "y" * 32)
     check_tokens("", "y")  # no bootstrap token at all
+
+
+def test_failed_authentications_from_one_address_are_throttled_for_the_window() -> None:
+    from gpufed.clock import FakeClock
+
+    clock = FakeClock()
+    a = auth.Authenticator(None, admin_token="boot" * 8, clock=clock)
+    a.throttle.limit = 3
+    good = asyncio.run(a.from_header("Bearer " + "boot" * 8, "ipv4:10.0.0.9:1111"))  # resolved before
+
+    def reason(header: str, peer: str) -> str:
+        with pytest.raises(ApiError) as e:
+            asyncio.run(a.from_header(header, peer))
+        return e.value.reason
+
+    assert [reason(f"Bearer guess{i}", "ipv4:10.0.0.9:2222") for i in range(4)] == ["UNKNOWN_TOKEN"] * 3 + [
+        "AUTH_THROTTLED"
+    ]
+    assert (
+        asyncio.run(a.from_header("Bearer " + "boot" * 8, "ipv4:10.0.0.9:3333")) == good
+    )  # cached: not throttled
+    assert reason("Bearer guess", "ipv4:10.0.0.10:1") == "UNKNOWN_TOKEN"  # another address
+    clock.advance(a.throttle.window_s)
+    assert reason("Bearer guess", "ipv4:10.0.0.9:4444") == "UNKNOWN_TOKEN"  # a new window

@@ -29,6 +29,9 @@ class FakeContext:
     def invocation_metadata(self) -> list[tuple[str, str]]:
         return self.metadata
 
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:5000"
+
     async def abort_with_status(self, status: grpc.Status) -> None:
         self.status = status
         raise Aborted  # grpc.aio raises its own AbortError here
