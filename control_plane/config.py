@@ -40,6 +40,8 @@ class Config:
     etcd_ca: str = ""  # set: etcd is reached over TLS (https:// endpoints need it)
     etcd_cert: str = ""
     etcd_key: str = ""
+    etcd_user: str = ""  # etcd user authentication (the password: GPUFED_ETCD_PASSWORD or the file)
+    etcd_password: str = ""
 
     def __post_init__(self) -> None:
         if not self.replica_id:
@@ -148,6 +150,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     )
     p.add_argument("--etcd-key", help="PEM key of --etcd-cert (GPUFED_ETCD_KEY)")
     p.add_argument(
+        "--etcd-user",
+        help="etcd user (GPUFED_ETCD_USER); its password from GPUFED_ETCD_PASSWORD, never a flag",
+    )
+    p.add_argument(
         "--no-bootstrap-token",
         action="store_true",
         default=None,
@@ -197,4 +203,6 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         etcd_ca=s.get(a.etcd_ca, "GPUFED_ETCD_CA", "etcd_ca", ""),
         etcd_cert=s.get(a.etcd_cert, "GPUFED_ETCD_CERT", "etcd_cert", ""),
         etcd_key=s.get(a.etcd_key, "GPUFED_ETCD_KEY", "etcd_key", ""),
+        etcd_user=s.get(a.etcd_user, "GPUFED_ETCD_USER", "etcd_user", ""),
+        etcd_password=s.get(None, "GPUFED_ETCD_PASSWORD", "etcd_password", ""),
     )

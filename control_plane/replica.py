@@ -12,7 +12,7 @@ from grpc_reflection.v1alpha import reflection
 
 from control_plane.adapters.index import Change, ChangeKind, Inventory
 from control_plane.adapters.peer import PeerClient
-from control_plane.adapters.store import EtcdStore, EtcdTls, Session
+from control_plane.adapters.store import EtcdAuth, EtcdStore, EtcdTls, Session
 from control_plane.adapters.watcher import Watcher
 from control_plane.app.admin import Admin
 from control_plane.app.discovery import Discovery
@@ -101,7 +101,9 @@ class Replica:
             log.warning(
                 "no GPUFED_PEER_TOKEN: telemetry of nodes streaming to other replicas is not forwarded"
             )
-        self.store = EtcdStore(cfg.etcd_endpoints, cfg.etcd_prefix, tls=etcd_tls(cfg))
+        auth = EtcdAuth(cfg.etcd_user, cfg.etcd_password) if cfg.etcd_user else None
+        self.store = EtcdStore(cfg.etcd_endpoints, cfg.etcd_prefix, tls=etcd_tls(cfg), auth=auth)
+        await self.store.revision()  # fails fast on credentials etcd refuses (StoreRefused)
         self.inventory = Inventory(self.store.keys)
         self.auth = Authenticator(self.store, cfg.admin_token, cfg.peer_token, self.clock)
         self.inventory.subscribe(self._on_change)

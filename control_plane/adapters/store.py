@@ -40,6 +40,10 @@ _RANGE_PAGE = 2000
 CAS_ATTEMPTS = 8
 
 
+class StoreRefused(ConfigError):
+    """etcd refused the replica's credentials (a configuration error, not an outage)."""
+
+
 class StoreUnavailable(Exception):
     """etcd could not be reached or did not answer in time; the outcome of a write is unknown."""
 
@@ -211,6 +215,42 @@ class EtcdTls:
     key: bytes | None = None
 
 
+@dataclass(frozen=True)
+class EtcdAuth:
+    """etcd user authentication: the user and password exchanged for a token (Authenticate)."""
+
+    user: str
+    password: str
+
+
+class _TokenMetadata(
+    grpc.aio.UnaryUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.aio.UnaryStreamClientInterceptor,  # type: ignore[misc]
+    grpc.aio.StreamStreamClientInterceptor,  # type: ignore[misc]
+):
+    """Adds etcd's auth token to every call (installed only when a user is configured: an
+    interceptor costs every call a coroutine)."""
+
+    def __init__(self) -> None:
+        self.token = ""
+
+    def _details(self, details: Any) -> Any:
+        if not self.token:
+            return details
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        metadata.add("token", self.token)
+        return details._replace(metadata=metadata)
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self._details(details), requests)
+
+
 def parse_endpoints(endpoints: Sequence[str], tls: EtcdTls | None) -> tuple[list[tuple[str, str]], bool]:
     """(host, port) of each endpoint and whether to speak TLS. TLS when an endpoint says
     https:// or a CA is given; an https:// endpoint is never downgraded (no CA: refused), and
@@ -256,8 +296,12 @@ class EtcdStore:
         prefix: str = "/gpufed",
         timeout: float = 5.0,
         tls: EtcdTls | None = None,
+        auth: EtcdAuth | None = None,
     ) -> None:
         self.endpoints = list(endpoints)
+        self.auth = auth
+        self._token = _TokenMetadata() if auth is not None else None
+        self._token_lock = asyncio.Lock()
         self.keys = Keyspace(prefix)
         self.timeout = timeout
         hosts, secure = parse_endpoints(self.endpoints, tls)
@@ -272,31 +316,74 @@ class EtcdStore:
             ("grpc.max_reconnect_backoff_ms", 1000),
         ]
         target = _channel_target(self.endpoints, tls)
+        interceptors = [self._token] if self._token is not None else None
         if secure and tls is not None:
             # Every member's certificate names its own host; the target of an address list
             # has none, so the first member's host is the name checked against the certificate.
             options.append(("grpc.ssl_target_name_override", hosts[0][0]))
             creds = grpc.ssl_channel_credentials(tls.ca, tls.key, tls.cert)
-            self._channel = grpc.aio.secure_channel(target, creds, options=options)
+            self._channel = grpc.aio.secure_channel(target, creds, options=options, interceptors=interceptors)
         else:
-            self._channel = grpc.aio.insecure_channel(target, options=options)
+            self._channel = grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
         self._kv = rpc_grpc.KVStub(self._channel)
         self._lease = rpc_grpc.LeaseStub(self._channel)
         self._watch = rpc_grpc.WatchStub(self._channel)
         self._maintenance = rpc_grpc.MaintenanceStub(self._channel)
-        self._keepalive = _KeepAliveStream(self._lease)
+        self._auth_stub = rpc_grpc.AuthStub(self._channel)
+        self._keepalive = _KeepAliveStream(self._lease, self.authenticate)
 
     async def close(self) -> None:
         await self._keepalive.close()
         await self._channel.close()
 
+    async def authenticate(self, stale: str = "") -> None:
+        """Get an auth token when a user is configured and there is none yet, or when the
+        token the caller saw rejected (`stale`) is still the current one."""
+        if self._token is None or self.auth is None:
+            return
+        async with self._token_lock:
+            if self._token.token and self._token.token != stale:
+                return
+            self._token.token = ""
+            try:
+                resp = await self._auth_stub.Authenticate(
+                    rpc.AuthenticateRequest(name=self.auth.user, password=self.auth.password),
+                    timeout=self.timeout,
+                )
+            except grpc.aio.AioRpcError as e:
+                if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise StoreUnavailable(f"etcd: {e.code().name}: {e.details()}") from e
+                raise StoreRefused(f"etcd refused user {self.auth.user!r}: {e.details()}") from e
+            self._token.token = str(resp.token)
+
     async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        token = ""
+        if self._token is not None:
+            await self.authenticate()
+            token = self._token.token
         try:
             return await fn()
         except grpc.aio.AioRpcError as e:
-            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise StoreUnavailable(f"etcd: {e.code().name}: {e.details()}") from e
-            raise
+            if self._token is None or "auth token" not in (e.details() or ""):
+                raise self._mapped(e) from e
+        await self.authenticate(stale=token)  # the token expired: a new one, and once more
+        try:
+            return await fn()
+        except grpc.aio.AioRpcError as e:
+            raise self._mapped(e) from e
+
+    @staticmethod
+    def _mapped(e: grpc.aio.AioRpcError) -> Exception:
+        """An outage is StoreUnavailable (the outcome of a write is unknown); the rest as is."""
+        if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return StoreUnavailable(f"etcd: {e.code().name}: {e.details()}")
+        details = e.details() or ""
+        if e.code() == grpc.StatusCode.PERMISSION_DENIED or "user name is empty" in details:
+            return StoreRefused(
+                f"etcd refused the request ({details}): check --etcd-user and GPUFED_ETCD_PASSWORD"
+            )
+        other: Exception = e
+        return other
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -463,6 +550,7 @@ class EtcdStore:
         )
         requests: _Requests[rpc.WatchRequest] = _Requests()
         requests.send(create)
+        await self.authenticate()
         call = self._watch.Watch(requests.stream())
         try:
             async for resp in call:
@@ -490,6 +578,8 @@ class EtcdStore:
             task = asyncio.current_task()
             if e.code() == grpc.StatusCode.CANCELLED or (task is not None and task.cancelling()):
                 raise asyncio.CancelledError() from e
+            if self._token is not None and "auth token" in (e.details() or ""):
+                self._token.token = ""  # expired: the next watch authenticates again
             raise StoreUnavailable(f"etcd watch broke: {e.code().name}: {e.details()}") from e
         finally:
             call.cancel()
@@ -521,6 +611,7 @@ class _KeepAliveStream:
     """One shared LeaseKeepAlive stream: refreshes are multiplexed onto it, answers matched by id."""
 
     stub: Any
+    authenticate: Callable[[], Awaitable[None]] | None = None
     _call: Any = None
     _requests: _Requests[rpc.LeaseKeepAliveRequest] | None = None
     _waiters: dict[int, list[asyncio.Future[int]]] = field(default_factory=dict)
@@ -530,6 +621,8 @@ class _KeepAliveStream:
     async def _ensure(self) -> None:
         if self._reader is not None and not self._reader.done():
             return
+        if self.authenticate is not None:
+            await self.authenticate()
         requests: _Requests[rpc.LeaseKeepAliveRequest] = _Requests()
         self._requests = requests
         self._call = self.stub.LeaseKeepAlive(requests.stream())
