@@ -149,6 +149,7 @@ class Client:
         self.retries = retries
         if credentials is None:
             credentials = channel_credentials(insecure=insecure)
+        self.tls = credentials is not None
         if credentials is not None:
             self.channel = grpc.secure_channel(self.endpoint, credentials)
         else:
@@ -182,8 +183,20 @@ class Client:
                 if e.code() in _RETRYABLE and attempt + 1 < attempts:
                     threading.Event().wait(0.2 * 2**attempt)
                     continue
-                raise from_rpc_error(e) from None
+                raise self._explained(from_rpc_error(e)) from None
         raise AssertionError("unreachable")
+
+    def _explained(self, err: GpufedError) -> GpufedError:
+        """An unreachable replica, with the likeliest cause when TLS and plaintext disagree."""
+        if err.code != grpc.StatusCode.UNAVAILABLE or err.reason:
+            return err
+        text = err.message.lower()
+        hint = ""
+        if self.tls and ("handshake" in text or "ssl" in text):
+            hint = " (TLS failed: a replica serving plaintext on loopback needs --insecure)"
+        elif not self.tls and ("socket closed" in text or "connection reset" in text or "eof" in text):
+            hint = " (no plaintext answer: a replica serving TLS needs --ca-cert or --tls)"
+        return type(err)(err.code, err.reason, err.message + hint) if hint else err
 
     # -- discovery ------------------------------------------------------------------------------
 

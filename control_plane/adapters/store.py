@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -274,17 +275,36 @@ def parse_endpoints(endpoints: Sequence[str], tls: EtcdTls | None) -> tuple[list
     return hosts, tls is not None
 
 
-def _channel_target(endpoints: Sequence[str], tls: EtcdTls | None = None) -> str:
-    """One target for every endpoint: grpc's ipv4:/ipv6: lists fail over between members."""
+def _channel_target(
+    endpoints: Sequence[str], tls: EtcdTls | None = None, resolve: Callable[[str], list[str]] | None = None
+) -> str:
+    """One target for every endpoint: grpc's ipv4:/ipv6: address lists fail over between
+    members. One name stays a dns: target (gRPC re-resolves it: members behind one name);
+    several names are resolved here, once, into one address list, so they fail over too."""
     hosts, _ = parse_endpoints(endpoints, tls)
-    try:
-        families = {ipaddress.ip_address(h).version for h, _ in hosts}
-    except ValueError:
-        # Names: let DNS resolve the first; production puts the members behind one name.
-        return f"dns:///{hosts[0][0]}:{hosts[0][1]}"
+    addresses: list[tuple[str, str]] = []
+    for h, p in hosts:
+        try:
+            ipaddress.ip_address(h)
+            addresses.append((h, p))
+        except ValueError:
+            if len(hosts) == 1:
+                return f"dns:///{h}:{p}"
+            addresses.extend((ip, p) for ip in (resolve or _resolve)(h))
+    if not addresses:
+        raise ConfigError(f"no address for the etcd endpoints {list(endpoints)}")
+    families = {ipaddress.ip_address(h).version for h, _ in addresses}
     if families == {4}:
-        return "ipv4:" + ",".join(f"{h}:{p}" for h, p in hosts)
-    return "ipv6:" + ",".join(f"[{h}]:{p}" for h, p in hosts)
+        return "ipv4:" + ",".join(f"{h}:{p}" for h, p in addresses)
+    return "ipv6:" + ",".join(f"[{h}]:{p}" for h, p in addresses)
+
+
+def _resolve(host: str) -> list[str]:
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise ConfigError(f"etcd endpoint {host!r} does not resolve: {e}") from e
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
 class EtcdStore:

@@ -97,7 +97,10 @@ def test_sdk_and_cli_work_over_tls_and_a_plaintext_client_is_refused(
         timeout=60,
     )
     assert out.returncode == 0, out.stderr
-    with Client(tls_replica.address, tenant, retries=0, timeout=3) as plain, pytest.raises(Unavailable):
+    with (
+        Client(tls_replica.address, tenant, retries=0, timeout=3) as plain,
+        pytest.raises(Unavailable, match="a replica serving TLS needs --ca-cert or --tls"),
+    ):
         plain.list_nodes()
 
 

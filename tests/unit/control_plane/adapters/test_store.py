@@ -12,7 +12,10 @@ def test_prefix_ranges_select_every_key_below_a_prefix() -> None:
 
 def test_several_endpoints_become_one_failover_target() -> None:
     assert _channel_target(["127.0.0.1:1", "127.0.0.2:2"]) == "ipv4:127.0.0.1:1,127.0.0.2:2"
-    assert _channel_target(["etcd.example:2379"]) == "dns:///etcd.example:2379"
+    assert _channel_target(["etcd.example:2379"]) == "dns:///etcd.example:2379"  # re-resolved by gRPC
+    names = {"e1.example": ["10.0.0.1"], "e2.example": ["10.0.0.2", "10.0.0.3"]}
+    target = _channel_target(["e1.example:2379", "e2.example:2379"], None, lambda h: names[h])
+    assert target == "ipv4:10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379"  # several names fail over too
 
 
 def test_https_endpoints_are_never_downgraded_and_schemes_do_not_mix() -> None:
