@@ -17,7 +17,8 @@ import grpc
 import pytest
 
 from control_plane.adapters.store import EtcdStore
-from gpufed.client import Client, Unavailable
+from control_plane.config import Config
+from gpufed.client import Client, GpufedError, Unavailable
 from gpufed.v1 import common_pb2, node_pb2, node_pb2_grpc
 from node_daemon.fake_nvml import FakeNvml
 from scripts.dev_certs import Authority, Issued, issue, make_ca, provider_cert, replica_cert, write
@@ -219,3 +220,53 @@ def test_a_replica_refuses_plaintext_on_a_non_loopback_address(etcd: EtcdCluster
         timeout=60,
     )
     assert out.returncode == 2 and "refusing plaintext on 0.0.0.0" in out.stderr
+
+
+def test_replicas_forward_telemetry_to_each_other_over_tls_with_their_own_credential(
+    etcd: EtcdCluster, pki: Pki
+) -> None:
+    prefix = unique_prefix()
+
+    def tls_config() -> Config:
+        return replica_config(
+            etcd.endpoints,
+            prefix,
+            tls_cert=pki.path("replica.pem"),
+            tls_key=pki.path("replica-key.pem"),
+            client_ca=pki.path("ca.pem"),
+            node_listen=f"127.0.0.1:{free_port()}",
+        )
+
+    a, b = ReplicaThread(tls_config()).start(), ReplicaThread(tls_config()).start()
+    try:
+        with Client(a.address, ADMIN_TOKEN, credentials=_tls(pki)) as admin:
+            token = admin.create_token("provider", "prov-t").secret
+        cert, key = pki.provider("prov-t")
+        cfg = daemon_config(
+            [a.config.node_listen],
+            token,
+            "prov-t",
+            "n1",
+            ca_cert=pki.path("ca.pem"),
+            client_cert=cert,
+            client_key=key,
+        )
+        daemon = DaemonThread(cfg, FakeNvml("l40s-4")).start()
+        try:
+            with Client(b.address, ADMIN_TOKEN, credentials=_tls(pki)) as via_b:
+                wait_until(lambda: len(via_b.list_nodes(state=common_pb2.NODE_STATE_READY)) == 1)
+
+                def forwarded() -> bool:
+                    try:
+                        return bool(via_b.node_telemetry("providers/prov-t/nodes/n1").recent)
+                    except GpufedError:
+                        return False  # no report yet
+
+                wait_until(forwarded)
+                telemetry = via_b.node_telemetry("providers/prov-t/nodes/n1")
+            assert telemetry.replica == a.config.replica_id  # answered by A, asked through B
+        finally:
+            daemon.stop()
+    finally:
+        a.stop()
+        b.stop()
