@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -186,13 +187,14 @@ class Authenticator:
         else:
             self.records[token_id] = TokenRecord.from_json(token_id, raw)
 
-    async def from_header(self, authorization: str, peer: str = "") -> Principal:
+    async def from_header(self, authorization: str, peer: Callable[[], str] | str = "") -> Principal:
         """The principal of an `authorization` header value ("Bearer <token>") sent from `peer`
-        (gRPC's peer string; failures from one address are throttled)."""
+        (gRPC's peer string, or how to get it: only a token not resolved before needs it;
+        failures from one address are throttled)."""
         found = self._resolved.get(authorization)
         if found is not None:
             return found
-        host = client_host(peer)
+        host = client_host(peer if isinstance(peer, str) else (peer() or ""))
         if host and self.throttle.blocked(host):
             raise errors.exhausted(
                 "AUTH_THROTTLED", "too many failed authentications from this address; retry in a minute"

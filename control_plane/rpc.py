@@ -50,7 +50,7 @@ class _Call:
         # call costs more than the rest of a small RPC on some hosts.
         fields = {"request_id": request_id or f"{_RNG.getrandbits(64):016x}", "method": self.method}
         bind_rpc(fields)
-        principal = await self.i.authenticator.from_header(authorization, self.context.peer() or "")
+        principal = await self.i.authenticator.from_header(authorization, self.context.peer)
         auth.set_current_principal(principal)
         fields["principal"] = str(principal)
 
