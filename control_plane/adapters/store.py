@@ -361,6 +361,8 @@ class EtcdStore:
         token the caller saw rejected (`stale`) is still the current one."""
         if self._token is None or self.auth is None:
             return
+        if self._token.token and self._token.token != stale:
+            return  # the common case: a token nobody saw rejected, no lock needed
         async with self._token_lock:
             if self._token.token and self._token.token != stale:
                 return
