@@ -80,17 +80,6 @@ def set_current_principal(p: Principal | None) -> contextvars.Token[Principal | 
     return _current.set(p)
 
 
-def require(*kinds: Kind) -> Principal:
-    """The caller, if it is one of kinds; PERMISSION_DENIED otherwise."""
-    p = current_principal()
-    if p.kind not in kinds:
-        wanted = " or ".join(k.value for k in kinds)
-        raise errors.permission_denied(
-            "WRONG_TOKEN_KIND", f"this call needs a {wanted} token, not a {p.kind.value} token"
-        )
-    return p
-
-
 def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 

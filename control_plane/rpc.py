@@ -15,15 +15,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, cast
 
 import grpc
+from google.protobuf.message import Message
 
 from control_plane import auth, errors
 from control_plane.adapters.store import StoreUnavailable
+from control_plane.authorization import PRIVILEGED, authorize
 from control_plane.domain import errors as domain_errors
 from control_plane.domain.errors import DomainError
 from control_plane.metrics import Metrics
 from gpufed.logs import bind_rpc, get_logger
 
 log = get_logger(__name__)
+audit = get_logger("gpufed.audit")
 
 _RNG = random.Random()
 _OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
@@ -38,6 +41,9 @@ class _Call:
         self.context = context
         self.start = time.perf_counter()
         self.code = grpc.StatusCode.OK
+        self.principal: auth.Principal | None = None
+        self.denied = ""  # the reason, when the call was refused
+        self.target = ""  # the resource the request names, for the audit log
 
     async def begin(self) -> None:
         request_id = authorization = ""
@@ -51,8 +57,10 @@ class _Call:
         fields = {"request_id": request_id or f"{_RNG.getrandbits(64):016x}", "method": self.method}
         bind_rpc(fields)
         principal = await self.i.authenticator.from_header(authorization, self.context.peer)
-        auth.set_current_principal(principal)
         fields["principal"] = str(principal)
+        self.principal = principal
+        authorize(self.method, principal)
+        auth.set_current_principal(principal)
 
     async def fail(self, exc: BaseException) -> None:
         if isinstance(exc, DomainError):
@@ -67,6 +75,7 @@ class _Call:
         self.code = errors.grpc_code(err.code)
         if self.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
             log.warning("access denied", code=err.code.name, reason=err.reason, detail=err.message)
+            self.denied = err.reason
         await self.context.abort_with_status(errors.to_status(err))
 
     def end(self) -> None:
@@ -77,6 +86,16 @@ class _Call:
             latency.observe(elapsed)
         if self.i.log_calls:
             log.info("rpc", code=self.code.name, ms=round(elapsed * 1000, 2))
+        if self.denied or self.method in PRIVILEGED:
+            # One audit event per denial and per privileged act, with who, what and the outcome
+            # (the request id and method are bound to every line of the call).
+            audit.info(
+                "denied" if self.denied else "privileged call",
+                principal=str(self.principal) if self.principal else "",
+                target=self.target,
+                code=self.code.name,
+                reason=self.denied,
+            )
         bind_rpc(None)
         auth.set_current_principal(None)
 
@@ -129,6 +148,7 @@ class RpcWrapper:
     def _unary(self, fn: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
         async def behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             call = _Call(self, method, context)
+            call.target = _target(request)
             try:
                 await call.begin()
                 return await fn(request, context)
@@ -148,6 +168,7 @@ class RpcWrapper:
     ) -> Callable[..., AsyncIterator[Any]]:
         async def behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             call = _Call(self, method, context)
+            call.target = _target(request)
             try:
                 await call.begin()
                 async for item in fn(request, context):
@@ -162,6 +183,15 @@ class RpcWrapper:
                 call.end()
 
         return behaviour
+
+
+def _target(request: Any) -> str:
+    """The resource a request names (`name`), bounded: audit lines must not echo hostile input."""
+    if isinstance(request, Message):
+        name = getattr(request, "name", "")
+        if isinstance(name, str):
+            return name[:200]
+    return ""
 
 
 def _is_abort(e: BaseException) -> bool:

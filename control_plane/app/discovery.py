@@ -75,14 +75,29 @@ class Discovery:
         near.distance_km = round(c.distance_km, 3)
         return near
 
-    def node(self, name: str) -> common_pb2.Node:
-        parse_node_name(name)
+    def _view(self, name: str, tenant: str | None) -> common_pb2.Node | None:
+        """The node as `tenant` may see it: which lease holds a GPU only for its own leases
+        (None: an operator, who sees all)."""
         node = self.inv.view(name)
+        if node is None or tenant is None:
+            return node
+        for gpu in node.gpus:
+            if gpu.lease:
+                lease = self.inv.leases.get(gpu.lease.split("/", 1)[1])
+                if lease is None or lease.tenant != tenant:
+                    gpu.lease = ""
+        return node
+
+    def node(self, name: str, tenant: str | None = None) -> common_pb2.Node:
+        parse_node_name(name)
+        node = self._view(name, tenant)
         if node is None:
             raise errors.not_found("NODE_NOT_FOUND", f"{name} is not registered", node=name)
         return node
 
-    def list_nodes(self, request: discovery_pb2.ListNodesRequest) -> tuple[list[common_pb2.Node], str]:
+    def list_nodes(
+        self, request: discovery_pb2.ListNodesRequest, tenant: str | None = None
+    ) -> tuple[list[common_pb2.Node], str]:
         if request.provider and not valid_id(request.provider):
             raise errors.invalid("INVALID_PROVIDER", f"{request.provider!r} is not a valid provider name")
         if request.state not in common_pb2.NodeState.values():
@@ -96,7 +111,7 @@ class Discovery:
             and (not request.state or self.inv.state(n) == request.state)
         ]
         start, end, token = pagination.paginate(len(names), request.page_token, size, query)
-        return [v for n in names[start:end] if (v := self.inv.view(n)) is not None], token
+        return [v for n in names[start:end] if (v := self._view(n, tenant)) is not None], token
 
     def list_providers(self, page_size: int, page_token: str) -> tuple[list[discovery_pb2.Provider], str]:
         size = pagination.page_size(page_size)
@@ -129,7 +144,7 @@ class Discovery:
             revision=self.inv.revision,
         )
 
-    async def watch(self, provider: str) -> AsyncIterator[WatchEvent]:
+    async def watch(self, provider: str, tenant: str | None = None) -> AsyncIterator[WatchEvent]:
         """A snapshot (SNAPSHOT per node, then SNAPSHOT_END), then one event per node change.
         After a re-list of the index (a compacted watch) a fresh snapshot follows: changes in
         the gap were never seen, so the subscriber replaces its view."""
@@ -148,7 +163,7 @@ class Discovery:
         unsubscribe = self.inv.subscribe(on_change)
         stop = asyncio.ensure_future(self.shutdown.wait())
         try:
-            for ev in self._snapshot(provider):
+            for ev in self._snapshot(provider, tenant):
                 yield ev
             while True:
                 getter = asyncio.ensure_future(queue.get())
@@ -162,10 +177,10 @@ class Discovery:
                 if not name:
                     while not queue.empty():  # the snapshot covers whatever queued before it
                         queue.get_nowait()
-                    for ev in self._snapshot(provider):
+                    for ev in self._snapshot(provider, tenant):
                         yield ev
                     continue
-                view = self.inv.view(name)
+                view = self._view(name, tenant)
                 if view is None:
                     yield WatchEvent(
                         type=WatchEvent.EVENT_TYPE_NODE_REMOVED,
@@ -178,12 +193,12 @@ class Discovery:
             unsubscribe()
             stop.cancel()
 
-    def _snapshot(self, provider: str) -> list[WatchEvent]:
+    def _snapshot(self, provider: str, tenant: str | None) -> list[WatchEvent]:
         out = []
         for name, _ in sorted(self.inv.nodes.items()):
             if provider and name.split("/")[1] != provider:
                 continue
-            view = self.inv.view(name)
+            view = self._view(name, tenant)
             if view is not None:
                 out.append(
                     WatchEvent(type=WatchEvent.EVENT_TYPE_SNAPSHOT, node=view, revision=self.inv.revision)

@@ -13,6 +13,10 @@ from control_plane.domain.names import parse_node_name
 from gpufed.v1 import common_pb2, telemetry_pb2
 
 RING_SIZE = 300
+# Who asks, as the application scopes it: ("operator", "") sees everything, ("provider", NAME)
+# its own nodes, ("tenant", NAME) the GPUs its leases hold.
+Viewer = tuple[str, str]
+OPERATOR: Viewer = ("operator", "")
 DEFAULT_SAMPLES = 60
 MAX_SAMPLES = 600
 
@@ -81,10 +85,39 @@ class Telemetry:
         return resp
 
     async def get(
+        self, request: telemetry_pb2.GetNodeTelemetryRequest, viewer: Viewer = OPERATOR
+    ) -> telemetry_pb2.GetNodeTelemetryResponse:
+        """Here, or from the replica that holds the node's stream, as `viewer` may see it: a
+        provider its own nodes, a tenant only the GPUs it holds (anything else looks missing)."""
+        validate(request)
+        visible = self._visible_gpus(request.name, viewer)
+        resp = await self._get(request)
+        if visible is None:
+            return resp
+        for report in [*resp.recent, *([resp.latest] if resp.HasField("latest") else [])]:
+            kept = [g for g in report.gpus if g.uuid in visible]
+            del report.gpus[:]
+            report.gpus.extend(kept)
+        return resp
+
+    def _visible_gpus(self, name: str, viewer: Viewer) -> set[str] | None:
+        """The GPUs of the node the viewer may see (None: all); NOT_FOUND if none."""
+        entry = self.inv.nodes.get(name)
+        kind, who = viewer
+        if entry is not None and (kind == "operator" or (kind == "provider" and entry.node.provider == who)):
+            return None
+        held: set[str] = set()
+        if entry is not None and kind == "tenant":
+            for lease in self.inv.leases.values():
+                if lease.tenant == who:
+                    held.update(g.uuid for g in lease.gpus if g.node == name)
+        if not held:
+            raise errors.not_found("NODE_NOT_FOUND", f"{name} is not registered", node=name)
+        return held
+
+    async def _get(
         self, request: telemetry_pb2.GetNodeTelemetryRequest
     ) -> telemetry_pb2.GetNodeTelemetryResponse:
-        """Here, or from the replica that holds the node's stream."""
-        validate(request)
         if request.name not in self.inv.nodes:
             raise errors.not_found("NODE_NOT_FOUND", f"{request.name} is not registered", node=request.name)
         local = self.local(request)

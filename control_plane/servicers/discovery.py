@@ -7,10 +7,17 @@ from typing import Any, TypeAlias
 
 import grpc
 
+from control_plane import auth
 from control_plane.app.discovery import Discovery
 from gpufed.v1 import discovery_pb2, discovery_pb2_grpc
 
 Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+
+
+def _tenant() -> str | None:
+    """The tenant whose view this is; None for an operator (who sees which lease holds a GPU)."""
+    p = auth.current_principal()
+    return p.name if p.kind == auth.Kind.TENANT else None
 
 
 class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
@@ -25,14 +32,14 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
     async def GetNode(
         self, request: discovery_pb2.GetNodeRequest, context: Ctx
     ) -> discovery_pb2.GetNodeResponse:
-        node = self.discovery.node(request.name)
+        node = self.discovery.node(request.name, _tenant())
         return discovery_pb2.GetNodeResponse(node=node, revision=self.discovery.inv.revision)
 
     async def ListNodes(
         self, request: discovery_pb2.ListNodesRequest, context: Ctx
     ) -> discovery_pb2.ListNodesResponse:
         revision = self.discovery.inv.revision
-        nodes, token = self.discovery.list_nodes(request)
+        nodes, token = self.discovery.list_nodes(request, _tenant())
         return discovery_pb2.ListNodesResponse(nodes=nodes, next_page_token=token, revision=revision)
 
     async def ListProviders(
@@ -52,5 +59,5 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
     async def WatchCapacity(
         self, request: discovery_pb2.WatchCapacityRequest, context: Ctx
     ) -> AsyncIterator[discovery_pb2.WatchCapacityResponse]:
-        async for event in self.discovery.watch(request.provider):
+        async for event in self.discovery.watch(request.provider, _tenant()):
             yield event

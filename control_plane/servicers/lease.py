@@ -29,19 +29,19 @@ class LeaseServicer(lease_pb2_grpc.LeaseServiceServicer):
     async def CreateLease(
         self, request: lease_pb2.CreateLeaseRequest, context: Ctx
     ) -> lease_pb2.CreateLeaseResponse:
-        p = auth.require(auth.Kind.TENANT)
+        p = auth.current_principal()
         lease = await self.leases.create(p.name, lease_rules.validate_create(request))
         return lease_pb2.CreateLeaseResponse(lease=lease)
 
     async def GetLease(self, request: lease_pb2.GetLeaseRequest, context: Ctx) -> lease_pb2.GetLeaseResponse:
-        p = auth.require(auth.Kind.TENANT, auth.Kind.ADMIN)
+        p = auth.current_principal()
         lease, _ = await self.leases.get(request.name, _scope(p))
         return lease_pb2.GetLeaseResponse(lease=lease)
 
     async def ListLeases(
         self, request: lease_pb2.ListLeasesRequest, context: Ctx
     ) -> lease_pb2.ListLeasesResponse:
-        p = auth.require(auth.Kind.TENANT, auth.Kind.ADMIN)
+        p = auth.current_principal()
         leases, token = await self.leases.list_leases(
             _scope(p), request.state, request.page_size, request.page_token, p.name
         )
@@ -50,13 +50,13 @@ class LeaseServicer(lease_pb2_grpc.LeaseServiceServicer):
     async def RenewLease(
         self, request: lease_pb2.RenewLeaseRequest, context: Ctx
     ) -> lease_pb2.RenewLeaseResponse:
-        p = auth.require(auth.Kind.TENANT)
+        p = auth.current_principal()
         return lease_pb2.RenewLeaseResponse(lease=await self.leases.renew(request.name, p.name))
 
     async def KeepAlive(
         self, request_iterator: AsyncIterator[lease_pb2.KeepAliveRequest], context: Ctx
     ) -> AsyncIterator[lease_pb2.KeepAliveResponse]:
-        p = auth.require(auth.Kind.TENANT)
+        p = auth.current_principal()
         async for req in request_iterator:
             try:
                 renewed = await self.leases.renew(req.name, p.name)
@@ -67,7 +67,7 @@ class LeaseServicer(lease_pb2_grpc.LeaseServiceServicer):
     async def ReleaseLease(
         self, request: lease_pb2.ReleaseLeaseRequest, context: Ctx
     ) -> lease_pb2.ReleaseLeaseResponse:
-        p = auth.require(auth.Kind.TENANT)
+        p = auth.current_principal()
         lease_id = parse_lease_name(request.name)
         lease = await self.leases.end(lease_id, lease_pb2.LEASE_END_REASON_RELEASED, tenant=p.name)
         return lease_pb2.ReleaseLeaseResponse(lease=lease)
@@ -75,6 +75,6 @@ class LeaseServicer(lease_pb2_grpc.LeaseServiceServicer):
     async def WatchLease(
         self, request: lease_pb2.WatchLeaseRequest, context: Ctx
     ) -> AsyncIterator[lease_pb2.WatchLeaseResponse]:
-        p = auth.require(auth.Kind.TENANT, auth.Kind.ADMIN)
+        p = auth.current_principal()
         async for event in self.leases.watch(request.name, _scope(p)):
             yield event

@@ -22,7 +22,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         request_iterator: AsyncIterator[node_pb2.NodeMessage],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[node_pb2.ControlMessage]:
-        p = auth.require(auth.Kind.PROVIDER)
+        p = auth.current_principal()
         first = await anext(aiter(request_iterator), None)
         if first is None:
             return

@@ -235,15 +235,34 @@ def test_watch_capacity_sends_a_snapshot_then_changes(fed: Federation) -> None:
 
 
 def test_telemetry_is_forwarded_from_the_replica_holding_the_stream(fed: Federation) -> None:
-    # fra-1 streams to replica 0; ask replica 1.
-    with fed.client(1) as c:
+    # fra-1 streams to replica 0; ask replica 1 (as an operator, who sees every GPU).
+    with fed.admin(1) as c:
         resp = c.node_telemetry("providers/neo/nodes/fra-1", 5)
     assert resp.replica == fed.replicas[0].replica.id  # type: ignore[union-attr]
     assert 1 <= len(resp.recent) <= 5
     assert len(resp.latest.gpus) == 8
-    with fed.client(0) as c:
+    with fed.admin(0) as c:
         local = c.node_telemetry("providers/neo/nodes/fra-1", 1)
     assert local.replica == fed.replicas[0].replica.id  # type: ignore[union-attr]
+
+
+def test_a_tenant_sees_telemetry_only_of_the_gpus_it_holds(fed: Federation) -> None:
+    node = "providers/neo/nodes/fra-1"
+    with fed.client(1) as tenant:
+        with pytest.raises(NotFound):  # holds nothing there: the node looks missing
+            tenant.node_telemetry(node)
+        lease = tenant.create_lease(2, providers=["neo"], countries=["DE"])
+        try:
+            held = {g.uuid for g in lease.gpus}
+            assert {g.node for g in lease.gpus} == {node}
+            wait_until(lambda: bool(tenant.node_telemetry(node).recent))
+            resp = tenant.node_telemetry(node)
+            assert {g.uuid for g in resp.latest.gpus} == held
+            assert all({g.uuid for g in r.gpus} == held for r in resp.recent)
+            view = tenant.get_node(node)
+            assert {g.lease for g in view.gpus if g.lease} == {lease.name}  # its own lease only
+        finally:
+            tenant.release_lease(lease.name)
 
 
 def test_pages_from_replicas_with_different_hash_seeds_add_up_to_the_unpaged_answer(

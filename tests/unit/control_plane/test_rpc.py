@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -148,3 +149,38 @@ def test_the_field_at_fault_travels_in_the_error_info_metadata() -> None:
     info = error_details_pb2.ErrorInfo()
     proto.details[0].Unpack(info)
     assert info.metadata["field"] == "gpu_count" and proto.message == "too many"
+
+
+def test_privileged_calls_and_denials_are_audit_events(monkeypatch: pytest.MonkeyPatch) -> None:
+    import control_plane.rpc as rpc_module
+    from gpufed.v1 import admin_pb2
+
+    events: list[tuple[str, dict[str, Any]]] = []
+
+    class Recorder:
+        def info(self, event: str, **kw: Any) -> None:
+            events.append((event, kw))
+
+    monkeypatch.setattr(rpc_module, "audit", Recorder())
+
+    async def cordon(req: Any, c: Any) -> str:
+        return "ok"
+
+    def call(method: str, ctx: FakeContext) -> None:
+        h = _wrapper().handler(method, grpc.unary_unary_rpc_method_handler(cordon))
+        assert h is not None
+
+        async def go() -> None:
+            with contextlib.suppress(Aborted):
+                await h.unary_unary(admin_pb2.CordonNodeRequest(name="providers/p/nodes/n"), ctx)
+
+        asyncio.run(go())
+
+    call("/gpufed.v1.AdminService/CordonNode", FakeContext())
+    call("/gpufed.v1.AdminService/CordonNode", FakeContext(token="wrong"))
+    call("/gpufed.v1.DiscoveryService/SearchOffers", FakeContext())  # allowed, not privileged
+    assert [(e, kw["code"], kw["reason"], kw["target"]) for e, kw in events] == [
+        ("privileged call", "OK", "", "providers/p/nodes/n"),
+        ("denied", "UNAUTHENTICATED", "UNKNOWN_TOKEN", "providers/p/nodes/n"),
+    ]
+    assert events[0][1]["principal"] == "admin:bootstrap-admin"
