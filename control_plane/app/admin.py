@@ -10,6 +10,7 @@ from control_plane.adapters.store import EtcdStore, KeyValue, delete
 from control_plane.app.leases import Leases
 from control_plane.domain import errors, pagination
 from control_plane.domain.names import parse_lease_name, parse_node_name, valid_id
+from control_plane.domain.times import timestamp_ns
 from gpufed.clock import NS, SYSTEM, Clock, now_ts, timestamp
 from gpufed.v1 import admin_pb2, common_pb2, lease_pb2
 
@@ -89,8 +90,8 @@ class Admin:
                 raise errors.permission_denied("OTHER_PROVIDER", "a provider token sees only its own usage")
             provider = p.name
         size = pagination.page_size(request.page_size)
-        start_ns = request.start_time.ToNanoseconds() if request.HasField("start_time") else 0
-        end_ns = request.end_time.ToNanoseconds() if request.HasField("end_time") else 2**63 - 1
+        start_ns = timestamp_ns(request.start_time, "start_time") if request.HasField("start_time") else 0
+        end_ns = timestamp_ns(request.end_time, "end_time") if request.HasField("end_time") else 2**63 - 1
         kvs, _ = await self.store.get_prefix(self.keys.records_dir("usage"))
         records = []
         for kv in kvs:

@@ -10,6 +10,8 @@ from control_plane.domain import errors
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+MAX_TOKEN_LENGTH = 512  # our tokens are ~50 characters
+MAX_OFFSET = 10_000_000
 
 
 def page_size(requested: int) -> int:
@@ -35,15 +37,25 @@ def decode_token(token: str, query: str) -> int:
     """The offset a page token points at; 0 for the first page."""
     if not token:
         return 0
+    malformed = errors.invalid("INVALID_PAGE_TOKEN", "page_token is malformed", field="page_token")
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise malformed
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         d = json.loads(raw)
-        offset = int(d["o"])
-        same = d["q"] == query
-    except (ValueError, KeyError, TypeError) as e:
-        raise errors.invalid("INVALID_PAGE_TOKEN", "page_token is malformed") from e
-    if not same or offset < 0:
-        raise errors.invalid("INVALID_PAGE_TOKEN", "page_token belongs to a different query")
+    except (ValueError, RecursionError) as e:  # RecursionError: deeply nested arrays
+        raise malformed from e
+    # Only what encode_token writes: an object with a string query and an integer offset (not a
+    # float, not Infinity, not a bool), within bounds.
+    if not isinstance(d, dict) or not isinstance(d.get("q"), str):
+        raise malformed
+    offset = d.get("o")
+    if type(offset) is not int or not 0 <= offset <= MAX_OFFSET:
+        raise malformed
+    if d["q"] != query:
+        raise errors.invalid(
+            "INVALID_PAGE_TOKEN", "page_token belongs to a different query", field="page_token"
+        )
     return offset
 
 
