@@ -9,7 +9,8 @@ from control_plane.adapters.index import Inventory
 from control_plane.adapters.store import EtcdStore, KeyValue, delete
 from control_plane.app.leases import Leases
 from control_plane.domain import errors, pagination
-from control_plane.domain.names import parse_lease_name, parse_node_name, valid_id
+from control_plane.domain.errors import shown
+from control_plane.domain.names import parse_lease_name, parse_node_name, valid_id, valid_principal
 from control_plane.domain.times import timestamp_ns
 from gpufed.clock import NS, SYSTEM, Clock, now_ts, timestamp
 from gpufed.v1 import admin_pb2, common_pb2, lease_pb2
@@ -84,7 +85,7 @@ class Admin:
     ) -> tuple[list[admin_pb2.UsageRecord], str]:
         provider = request.provider
         if provider and not valid_id(provider):
-            raise errors.invalid("INVALID_PROVIDER", f"{provider!r} is not a valid provider name")
+            raise errors.invalid("INVALID_PROVIDER", f"{shown(provider)} is not a valid provider name")
         if p.kind == auth.Kind.PROVIDER:
             if provider and provider != p.name:
                 raise errors.permission_denied("OTHER_PROVIDER", "a provider token sees only its own usage")
@@ -109,8 +110,8 @@ class Admin:
         kind = KINDS.get(kind_pb)  # type: ignore[call-overload]
         if kind is None:
             raise errors.invalid("INVALID_TOKEN_KIND", "kind must be TENANT, PROVIDER or ADMIN")
-        if not valid_id(principal):
-            raise errors.invalid("INVALID_PRINCIPAL", f"{principal!r} must be a DNS label (a-z, 0-9, -)")
+        if not valid_principal(principal):
+            raise errors.invalid("INVALID_PRINCIPAL", f"{shown(principal)} must be a DNS label (a-z, 0-9, -)")
         secret, record = auth.new_token(kind, principal, self.clock)
         await self.store.put(self.keys.token(record.token_id), record.to_json())
         token = admin_pb2.Token(

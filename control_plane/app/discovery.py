@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 from control_plane.adapters.index import Change, ChangeKind, Inventory
 from control_plane.domain import errors, offers, pagination
+from control_plane.domain.errors import shown
 from control_plane.domain.filters import compile_filter
 from control_plane.domain.inventory import Candidate
 from control_plane.domain.names import parse_node_name, valid_id
@@ -99,7 +100,9 @@ class Discovery:
         self, request: discovery_pb2.ListNodesRequest, tenant: str | None = None
     ) -> tuple[list[common_pb2.Node], str]:
         if request.provider and not valid_id(request.provider):
-            raise errors.invalid("INVALID_PROVIDER", f"{request.provider!r} is not a valid provider name")
+            raise errors.invalid(
+                "INVALID_PROVIDER", f"{shown(request.provider)} is not a valid provider name"
+            )
         if request.state not in common_pb2.NodeState.values():
             raise errors.invalid("INVALID_STATE", f"unknown state {request.state}")
         size = pagination.page_size(request.page_size)
@@ -149,7 +152,7 @@ class Discovery:
         After a re-list of the index (a compacted watch) a fresh snapshot follows: changes in
         the gap were never seen, so the subscriber replaces its view."""
         if provider and not valid_id(provider):
-            raise errors.invalid("INVALID_PROVIDER", f"{provider!r} is not a valid provider name")
+            raise errors.invalid("INVALID_PROVIDER", f"{shown(provider)} is not a valid provider name")
         queue: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
 
         def on_change(change: Change) -> None:

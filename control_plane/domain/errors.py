@@ -50,6 +50,18 @@ class DomainError(Exception):
         return f"DomainError({self.code.name}, {self.reason!r}, {self.message!r})"
 
 
+MAX_SHOWN = 64
+
+
+def shown(value: str) -> str:
+    """A caller's value as an error message quotes it: repr, cut to MAX_SHOWN characters. A
+    message must stay readable and small (gRPC's default metadata limit is 16 KB), whatever
+    the input was."""
+    if len(value) <= MAX_SHOWN:
+        return repr(value)
+    return f"{value[:MAX_SHOWN]!r}... ({len(value)} characters)"
+
+
 def invalid(reason: str, message: str, **metadata: str) -> DomainError:
     return DomainError(Code.INVALID_ARGUMENT, reason, message, metadata)
 

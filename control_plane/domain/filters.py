@@ -10,6 +10,7 @@ from functools import lru_cache
 
 from control_plane.domain import errors
 from control_plane.domain.countries import is_country_code
+from control_plane.domain.errors import shown
 from control_plane.domain.geo import haversine_km, valid_coordinates
 from control_plane.domain.names import valid_id
 from gpufed.v1 import common_pb2
@@ -109,7 +110,7 @@ def _codes(values: list[str], field: str) -> frozenset[str]:
         if not is_country_code(code):
             raise errors.invalid(
                 "INVALID_COUNTRY_CODE",
-                f"{field}: {v!r} is not an ISO 3166-1 alpha-2 country code",
+                f"{field}: {shown(v)} is not an ISO 3166-1 alpha-2 country code",
                 field=field,
             )
         out.add(code)
@@ -135,7 +136,7 @@ def _compile(f: common_pb2.GpuFilter) -> Filter:
         raise errors.invalid("INVALID_GPU_MODEL", "gpu_model is longer than 128 characters")
     for p in f.providers:
         if not valid_id(p):
-            raise errors.invalid("INVALID_PROVIDER", f"providers: {p!r} is not a valid provider name")
+            raise errors.invalid("INVALID_PROVIDER", f"providers: {shown(p)} is not a valid provider name")
     near = None
     if f.HasField("near"):
         n = f.near

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from control_plane.domain import errors
+from control_plane.domain.errors import shown
 
 # DNS-label-like ids: lower case, digits, inner dots and dashes.
 _ID = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
@@ -12,8 +13,16 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _LEASE_ID = re.compile(r"^[0-9a-f]{16}$")
 
 
+# A principal (tenant, provider, operator) is a DNS label without dots, as CreateToken documents.
+_PRINCIPAL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def valid_principal(value: str) -> bool:
+    return bool(_PRINCIPAL.fullmatch(value))
+
+
 def valid_id(value: str) -> bool:
-    return bool(_ID.match(value))
+    return bool(_ID.fullmatch(value))
 
 
 def node_name(provider: str, node_id: str) -> str:
@@ -29,7 +38,8 @@ def parse_node_name(name: str) -> tuple[str, str]:
         or not (valid_id(parts[1]) and valid_id(parts[3]))
     ):
         raise errors.invalid(
-            "INVALID_NODE_NAME", f"node name must be providers/{{provider}}/nodes/{{node_id}}, got {name!r}"
+            "INVALID_NODE_NAME",
+            f"node name must be providers/{{provider}}/nodes/{{node_id}}, got {shown(name)}",
         )
     return parts[1], parts[3]
 
@@ -41,16 +51,16 @@ def lease_name(lease_id: str) -> str:
 def parse_lease_name(name: str) -> str:
     """The lease id of leases/{id}; INVALID_ARGUMENT if malformed."""
     prefix, _, lease_id = name.partition("/")
-    if prefix != "leases" or not _LEASE_ID.match(lease_id):
+    if prefix != "leases" or not _LEASE_ID.fullmatch(lease_id):
         raise errors.invalid(
-            "INVALID_LEASE_NAME", f"lease name must be leases/{{16 hex digits}}, got {name!r}"
+            "INVALID_LEASE_NAME", f"lease name must be leases/{{16 hex digits}}, got {shown(name)}"
         )
     return lease_id
 
 
 def validate_request_id(request_id: str) -> None:
     """Optional (AIP-155): empty means the request is not idempotent."""
-    if request_id and not _REQUEST_ID.match(request_id):
+    if request_id and not _REQUEST_ID.fullmatch(request_id):
         raise errors.invalid(
             "INVALID_REQUEST_ID", "request_id must be 1..128 characters of letters, digits and . _ : -"
         )

@@ -13,6 +13,7 @@ from google.protobuf import timestamp_pb2
 
 from control_plane.domain import errors
 from control_plane.domain.countries import is_country_code
+from control_plane.domain.errors import shown
 from control_plane.domain.geo import valid_coordinates
 from control_plane.domain.names import node_name, valid_id
 from gpufed.v1 import common_pb2, node_pb2
@@ -31,16 +32,18 @@ def validate_hello(hello: node_pb2.NodeHello, provider: str) -> None:
     if hello.provider != provider:
         raise errors.permission_denied(
             "PROVIDER_MISMATCH",
-            f"token of provider {provider!r} cannot register nodes of provider {hello.provider!r}",
+            f"token of provider {shown(provider)} cannot register nodes of provider {shown(hello.provider)}",
         )
     if not valid_id(hello.node_id):
         raise errors.invalid(
-            "INVALID_NODE_ID", f"node_id {hello.node_id!r} must be a DNS label (a-z, 0-9, . and -)"
+            "INVALID_NODE_ID",
+            f"node_id {shown(hello.node_id)} must be a DNS label (a-z, 0-9, . and -)",
         )
     loc = hello.location
     if not is_country_code(loc.country_code):
         raise errors.invalid(
-            "INVALID_COUNTRY_CODE", f"location.country_code {loc.country_code!r} is not ISO 3166-1 alpha-2"
+            "INVALID_COUNTRY_CODE",
+            f"location.country_code {shown(loc.country_code)} is not ISO 3166-1 alpha-2",
         )
     if not valid_coordinates(loc.latitude, loc.longitude):
         raise errors.invalid(
@@ -50,22 +53,22 @@ def validate_hello(hello: node_pb2.NodeHello, provider: str) -> None:
         raise errors.invalid("INVALID_LOCATION", "region and zone are at most 63 characters")
     if not (math.isfinite(hello.price_per_gpu_hour) and 0 <= hello.price_per_gpu_hour <= MAX_PRICE):
         raise errors.invalid("INVALID_PRICE", "price_per_gpu_hour must be a number in [0, 1e6]")
-    if hello.currency_code and not _CURRENCY.match(hello.currency_code):
+    if hello.currency_code and not _CURRENCY.fullmatch(hello.currency_code):
         raise errors.invalid("INVALID_CURRENCY", "currency_code must be an ISO 4217 code such as USD")
     if not 1 <= len(hello.gpus) <= MAX_GPUS_PER_NODE:
         raise errors.invalid("INVALID_INVENTORY", f"a node must report 1..{MAX_GPUS_PER_NODE} GPUs")
     seen: set[str] = set()
     for gpu in hello.gpus:
-        if not _UUID.match(gpu.uuid) or gpu.uuid in seen:
-            raise errors.invalid("INVALID_INVENTORY", f"GPU uuid {gpu.uuid!r} is malformed or repeated")
+        if not _UUID.fullmatch(gpu.uuid) or gpu.uuid in seen:
+            raise errors.invalid("INVALID_INVENTORY", f"GPU uuid {shown(gpu.uuid)} is malformed or repeated")
         seen.add(gpu.uuid)
         if not gpu.model or len(gpu.model) > 128:
             raise errors.invalid("INVALID_INVENTORY", f"GPU {gpu.uuid} has no model name")
     if len(hello.labels) > MAX_LABELS:
         raise errors.invalid("INVALID_LABELS", f"at most {MAX_LABELS} labels")
     for k, v in hello.labels.items():
-        if not _LABEL_KEY.match(k) or len(v) > 256:
-            raise errors.invalid("INVALID_LABELS", f"label {k!r} is malformed")
+        if not _LABEL_KEY.fullmatch(k) or len(v) > 256:
+            raise errors.invalid("INVALID_LABELS", f"label {shown(k)} is malformed")
 
 
 def check_certificate(provider: str, uris: list[str], trust_domain: str) -> None:

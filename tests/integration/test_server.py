@@ -220,3 +220,24 @@ def test_a_flood_of_bad_tokens_from_one_address_is_throttled_but_known_tokens_pa
         assert codes[0] == (grpc.StatusCode.UNAUTHENTICATED, "UNKNOWN_TOKEN")
         assert codes[-1] == (grpc.StatusCode.RESOURCE_EXHAUSTED, "AUTH_THROTTLED")
         stub.ListProviders(request, metadata=metadata(ADMIN_TOKEN))  # the known token still works
+
+
+def test_create_token_refuses_principals_off_its_pattern_and_writes_nothing(replica: ReplicaThread) -> None:
+    from tests.harness import ADMIN_TOKEN
+
+    with grpc.insecure_channel(replica.address) as ch:
+        stub = admin_pb2_grpc.AdminServiceStub(ch)
+        md = metadata(ADMIN_TOKEN)
+        before = stub.ListTokens(admin_pb2.ListTokensRequest(), metadata=md).tokens
+        for principal in ("x\n", "a.b", "A", "p" * 100_000):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.CreateToken(
+                    admin_pb2.CreateTokenRequest(kind=admin_pb2.TOKEN_KIND_TENANT, principal=principal),
+                    metadata=md,
+                )
+            assert (
+                e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                and error_reason(e.value) == "INVALID_PRINCIPAL"
+            )
+            assert len(e.value.details() or "") < 300  # the message quotes a bounded part
+        assert stub.ListTokens(admin_pb2.ListTokensRequest(), metadata=md).tokens == before
