@@ -43,7 +43,7 @@ class _Call:
         self.code = grpc.StatusCode.OK
         self.principal: auth.Principal | None = None
         self.denied = ""  # the reason, when the call was refused
-        self.target = ""  # the resource the request names, for the audit log
+        self.request: Any = None  # for the audit log's target, read only when auditing
 
     async def begin(self) -> None:
         request_id = authorization = ""
@@ -92,7 +92,7 @@ class _Call:
             audit.info(
                 "denied" if self.denied else "privileged call",
                 principal=str(self.principal) if self.principal else "",
-                target=self.target,
+                target=_target(self.request),
                 code=self.code.name,
                 reason=self.denied,
             )
@@ -148,7 +148,7 @@ class RpcWrapper:
     def _unary(self, fn: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
         async def behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             call = _Call(self, method, context)
-            call.target = _target(request)
+            call.request = request
             try:
                 await call.begin()
                 return await fn(request, context)
@@ -168,7 +168,7 @@ class RpcWrapper:
     ) -> Callable[..., AsyncIterator[Any]]:
         async def behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             call = _Call(self, method, context)
-            call.target = _target(request)
+            call.request = request
             try:
                 await call.begin()
                 async for item in fn(request, context):

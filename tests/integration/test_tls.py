@@ -50,6 +50,22 @@ class Pki:
         write(self.dir, f"provider-{name}", provider_cert(self.ca, name))
         return self.path(f"provider-{name}.pem"), self.path(f"provider-{name}-key.pem")
 
+    def daemon(self, replica: ReplicaThread, provider: str) -> DaemonThread:
+        """A daemon of `provider` on the replica's mTLS listener, with a certificate naming it."""
+        with Client(replica.address, ADMIN_TOKEN, credentials=_tls(self)) as admin:
+            token = admin.create_token("provider", provider).secret
+        cert, key = self.provider(provider)
+        cfg = daemon_config(
+            [replica.config.node_listen],
+            token,
+            provider,
+            "n1",
+            ca_cert=self.path("ca.pem"),
+            client_cert=cert,
+            client_key=key,
+        )
+        return DaemonThread(cfg, FakeNvml("l40s-4")).start()
+
 
 @pytest.fixture
 def pki(tmp_path: Path) -> Pki:
@@ -174,19 +190,7 @@ def test_a_daemon_registers_only_with_a_certificate_naming_its_tokens_provider(
 def test_certificates_rotate_without_a_restart_and_open_streams_stay(
     tls_replica: ReplicaThread, pki: Pki
 ) -> None:
-    with Client(tls_replica.address, ADMIN_TOKEN, credentials=_tls(pki)) as admin:
-        token = admin.create_token("provider", "prov-r").secret
-    cert, key = pki.provider("prov-r")
-    cfg = daemon_config(
-        [tls_replica.config.node_listen],
-        token,
-        "prov-r",
-        "n1",
-        ca_cert=pki.path("ca.pem"),
-        client_cert=cert,
-        client_key=key,
-    )
-    daemon = DaemonThread(cfg, FakeNvml("l40s-4")).start()
+    daemon = pki.daemon(tls_replica, "prov-r")
     try:
         assert tls_replica.replica is not None
         nodes = tls_replica.replica.nodes
@@ -239,19 +243,7 @@ def test_replicas_forward_telemetry_to_each_other_over_tls_with_their_own_creden
 
     a, b = ReplicaThread(tls_config()).start(), ReplicaThread(tls_config()).start()
     try:
-        with Client(a.address, ADMIN_TOKEN, credentials=_tls(pki)) as admin:
-            token = admin.create_token("provider", "prov-t").secret
-        cert, key = pki.provider("prov-t")
-        cfg = daemon_config(
-            [a.config.node_listen],
-            token,
-            "prov-t",
-            "n1",
-            ca_cert=pki.path("ca.pem"),
-            client_cert=cert,
-            client_key=key,
-        )
-        daemon = DaemonThread(cfg, FakeNvml("l40s-4")).start()
+        daemon = pki.daemon(a, "prov-t")
         try:
             with Client(b.address, ADMIN_TOKEN, credentials=_tls(pki)) as via_b:
                 wait_until(lambda: len(via_b.list_nodes(state=common_pb2.NODE_STATE_READY)) == 1)
