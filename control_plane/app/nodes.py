@@ -307,6 +307,7 @@ class Nodes:
         return False
 
     async def _ingest(self, session: NodeSession, report: common_pb2.NodeReport) -> None:
+        registration.validate_report(report)  # INVALID_ARGUMENT ends the stream, nothing kept
         self.telemetry.add(session.name, report)
         self.reports_ingested += 1
         if self.metrics is not None:
@@ -316,6 +317,9 @@ class Nodes:
             await self._update_health(session, reported)
 
     async def _event(self, session: NodeSession, event: node_pb2.NodeEvent) -> None:
+        # Validated first: an unknown health value would break GpuHealth.Name below.
+        where = f"event of GPU {errors.shown(event.gpu_uuid)}"
+        registration.validate_health(event.health, event.health_reasons, where)
         log.warning(
             "node event",
             node=session.name,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 
 from google.protobuf import timestamp_pb2
 
@@ -26,6 +27,36 @@ _LABEL_KEY = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?$")
 _UUID = re.compile(r"^[A-Za-z0-9-]{1,96}$")
 
 UNHEALTHY = common_pb2.GPU_HEALTH_UNHEALTHY
+# Bounds on what a daemon's messages copy into the node record (every replica's index holds it,
+# etcd stores it): one provider token must not be able to fill either.
+MAX_VERSION = 64
+MAX_REASONS = 16
+MAX_REASON_CODE = 64
+MAX_REASON_MESSAGE = 256
+_HEALTH_VALUES = frozenset(common_pb2.GpuHealth.values())
+
+
+def validate_health(health: int, reasons: Sequence[common_pb2.HealthReason], where: str) -> None:
+    """A GPU's health as a daemon reports it: a known value and a bounded list of reasons."""
+    if health not in _HEALTH_VALUES:
+        raise errors.invalid("INVALID_HEALTH", f"{where}: health {health} is not a GpuHealth value")
+    if len(reasons) > MAX_REASONS:
+        raise errors.invalid("INVALID_HEALTH", f"{where}: at most {MAX_REASONS} health reasons")
+    for r in reasons:
+        if len(r.code) > MAX_REASON_CODE or len(r.message) > MAX_REASON_MESSAGE:
+            raise errors.invalid(
+                "INVALID_HEALTH",
+                f"{where}: a health reason's code is at most {MAX_REASON_CODE} characters, "
+                f"its message {MAX_REASON_MESSAGE}",
+            )
+
+
+def validate_report(report: common_pb2.NodeReport) -> None:
+    """A report: at most one sample per GPU a node may have, each with a bounded health."""
+    if len(report.gpus) > MAX_GPUS_PER_NODE:
+        raise errors.invalid("INVALID_REPORT", f"a report carries at most {MAX_GPUS_PER_NODE} GPU samples")
+    for g in report.gpus:
+        validate_health(g.health, g.health_reasons, f"GPU {shown(g.uuid)}")
 
 
 def validate_hello(hello: node_pb2.NodeHello, provider: str) -> None:
@@ -64,6 +95,10 @@ def validate_hello(hello: node_pb2.NodeHello, provider: str) -> None:
         seen.add(gpu.uuid)
         if not gpu.model or len(gpu.model) > 128:
             raise errors.invalid("INVALID_INVENTORY", f"GPU {gpu.uuid} has no model name")
+        validate_health(gpu.health, gpu.health_reasons, f"GPU {gpu.uuid}")
+    for field in ("daemon_version", "driver_version", "cuda_driver_version"):
+        if len(getattr(hello, field)) > MAX_VERSION:
+            raise errors.invalid("INVALID_HELLO", f"{field} is at most {MAX_VERSION} characters", field=field)
     if len(hello.labels) > MAX_LABELS:
         raise errors.invalid("INVALID_LABELS", f"at most {MAX_LABELS} labels")
     for k, v in hello.labels.items():

@@ -146,3 +146,48 @@ def test_daemon_without_nvml_exits_with_one_clear_line() -> None:
     )
     assert proc.returncode == 1
     assert "--fake-nvml" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_hello_with_an_unknown_health_or_unbounded_strings_is_refused_and_writes_nothing(
+    replica: ReplicaThread,
+) -> None:
+    import asyncio
+
+    import grpc
+
+    from control_plane.adapters.store import EtcdStore
+    from gpufed.errors import error_reason
+    from gpufed.v1 import common_pb2, node_pb2, node_pb2_grpc
+    from tests.harness import metadata
+
+    with Client(replica.address, ADMIN_TOKEN) as admin:
+        token = admin.create_token("provider", "neo").secret
+
+    async def revision() -> int:
+        store = EtcdStore(replica.config.etcd_endpoints, replica.config.etcd_prefix)
+        try:
+            return await store.revision()
+        finally:
+            await store.close()
+
+    def hello(**gpu: object) -> node_pb2.NodeMessage:
+        h = node_pb2.NodeHello(
+            provider="neo", node_id="n1", location=common_pb2.Location(country_code="DE"), driver_version="1"
+        )
+        h.gpus.add(uuid="GPU-1", index=0, model="NVIDIA H100 80GB HBM3", **gpu)
+        return node_pb2.NodeMessage(hello=h)
+
+    long_reasons = hello()
+    for i in range(100):
+        long_reasons.hello.gpus[0].health_reasons.add(code=f"R{i}", message="x" * 10_000)
+    before = asyncio.run(revision())
+    with grpc.insecure_channel(replica.address) as ch:
+        stub = node_pb2_grpc.NodeServiceStub(ch)
+        for msg in (hello(health=7), long_reasons):
+            with pytest.raises(grpc.RpcError) as e:
+                list(stub.Connect(iter([msg]), metadata=metadata(token), timeout=10))
+            assert (
+                e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                and error_reason(e.value) == "INVALID_HEALTH"
+            )
+    assert asyncio.run(revision()) == before

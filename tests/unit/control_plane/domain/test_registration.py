@@ -109,3 +109,40 @@ def test_with_mtls_the_certificate_must_name_the_tokens_provider() -> None:
         with pytest.raises(DomainError) as e:
             registration.check_certificate("neo", uris, "gpufed.dev")
         assert (e.value.code, e.value.reason) == (Code.PERMISSION_DENIED, reason)
+
+
+def test_what_a_daemon_copies_into_the_record_is_bounded() -> None:
+    bad_health = hello()
+    bad_health.gpus[0].health = 7  # type: ignore[assignment]
+    many = hello()
+    for i in range(registration.MAX_REASONS + 1):
+        many.gpus[0].health_reasons.add(code=f"R{i}")
+    long_reason = hello()
+    long_reason.gpus[0].health_reasons.add(code="X" * 65)
+    long_version = hello(driver_version="9" * 65)
+    for h, reason in [
+        (bad_health, "INVALID_HEALTH"),
+        (many, "INVALID_HEALTH"),
+        (long_reason, "INVALID_HEALTH"),
+        (long_version, "INVALID_HELLO"),
+    ]:
+        with pytest.raises(DomainError) as e:
+            registration.validate_hello(h, "neo")
+        assert e.value.reason == reason
+
+
+def test_a_report_is_bounded_in_samples_and_health() -> None:
+    report = common_pb2.NodeReport()
+    for i in range(registration.MAX_GPUS_PER_NODE + 1):
+        report.gpus.add(uuid=f"GPU-{i}")
+    with pytest.raises(DomainError) as e:
+        registration.validate_report(report)
+    assert e.value.reason == "INVALID_REPORT"
+    one = common_pb2.NodeReport()
+    one.gpus.add(uuid="GPU-0", health=9)
+    with pytest.raises(DomainError) as e:
+        registration.validate_report(one)
+    assert e.value.reason == "INVALID_HEALTH"
+    fine = common_pb2.NodeReport()
+    fine.gpus.add(uuid="GPU-0", health=common_pb2.GPU_HEALTH_DEGRADED).health_reasons.add(code="THERMAL")
+    registration.validate_report(fine)
