@@ -307,12 +307,11 @@ class Nodes:
         return False
 
     async def _ingest(self, session: NodeSession, report: common_pb2.NodeReport) -> None:
-        registration.validate_report(report)  # INVALID_ARGUMENT ends the stream, nothing kept
+        reported = registration.reported_health(report)  # INVALID_ARGUMENT ends the stream
         self.telemetry.add(session.name, report)
         self.reports_ingested += 1
         if self.metrics is not None:
             self.metrics.reports.inc()
-        reported = {g.uuid: (g.health, list(g.health_reasons)) for g in report.gpus}
         if self._health_differs(session, reported):
             await self._update_health(session, reported)
 

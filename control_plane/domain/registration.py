@@ -51,12 +51,21 @@ def validate_health(health: int, reasons: Sequence[common_pb2.HealthReason], whe
             )
 
 
-def validate_report(report: common_pb2.NodeReport) -> None:
-    """A report: at most one sample per GPU a node may have, each with a bounded health."""
-    if len(report.gpus) > MAX_GPUS_PER_NODE:
+def reported_health(report: common_pb2.NodeReport) -> dict[str, tuple[int, list[common_pb2.HealthReason]]]:
+    """GPU uuid -> (health, reasons) of a report, validated: at most one sample per GPU a node may
+    have, each with a bounded health. Every report of every daemon passes here, so the fields
+    are read once (repeated-field access costs ~0.6 us on upb) and the checks run on what was
+    read; a message is built only for a report that fails."""
+    gpus = report.gpus
+    if len(gpus) > MAX_GPUS_PER_NODE:
         raise errors.invalid("INVALID_REPORT", f"a report carries at most {MAX_GPUS_PER_NODE} GPU samples")
-    for g in report.gpus:
-        validate_health(g.health, g.health_reasons, f"GPU {shown(g.uuid)}")
+    out: dict[str, tuple[int, list[common_pb2.HealthReason]]] = {
+        g.uuid: (int(g.health), list(g.health_reasons)) for g in gpus
+    }
+    for uuid, (health, reasons) in out.items():
+        if health not in _HEALTH_VALUES or reasons:  # reasons are rare: check them in full
+            validate_health(health, reasons, f"GPU {shown(uuid)}")
+    return out
 
 
 def validate_hello(hello: node_pb2.NodeHello, provider: str) -> None:

@@ -136,13 +136,13 @@ def test_a_report_is_bounded_in_samples_and_health() -> None:
     for i in range(registration.MAX_GPUS_PER_NODE + 1):
         report.gpus.add(uuid=f"GPU-{i}")
     with pytest.raises(DomainError) as e:
-        registration.validate_report(report)
+        registration.reported_health(report)
     assert e.value.reason == "INVALID_REPORT"
     one = common_pb2.NodeReport()
     one.gpus.add(uuid="GPU-0", health=9)
     with pytest.raises(DomainError) as e:
-        registration.validate_report(one)
+        registration.reported_health(one)
     assert e.value.reason == "INVALID_HEALTH"
     fine = common_pb2.NodeReport()
     fine.gpus.add(uuid="GPU-0", health=common_pb2.GPU_HEALTH_DEGRADED).health_reasons.add(code="THERMAL")
-    registration.validate_report(fine)
+    assert registration.reported_health(fine)["GPU-0"][0] == common_pb2.GPU_HEALTH_DEGRADED
