@@ -38,6 +38,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy gpufed control_plane node_daemon bench tests scripts
 	$(BIN)/python scripts/check_layers.py
+	$(BIN)/python scripts/render_authorization.py --check
 	@if command -v npm >/dev/null; then npm exec --yes --package=@bufbuild/buf@1.75.0 -- buf lint proto; \
 	else echo 'buf lint skipped: no npm'; fi
 

@@ -19,7 +19,7 @@ from typing import Any
 from bench.common import ADMIN_TOKEN, cpu_seconds, fresh_etcd, load_nodes
 from bench.leases import baseline_lifecycle, gpufed_cycles
 from gpufed.client import Client
-from tests.harness import free_port, wait_port, wait_until
+from tests.harness import ROOMY_ENV, free_port, wait_port, wait_until
 
 
 def start_replica(
@@ -38,6 +38,7 @@ def start_replica(
             "PYTHONPATH": tree,
             "GPUFED_ADMIN_TOKEN": ADMIN_TOKEN,
             "GPUFED_LOG_LEVEL": "WARNING",
+            **ROOMY_ENV,  # quotas out of the way (trees without them ignore these)
             **(env or {}),
         },
         stdout=subprocess.DEVNULL,

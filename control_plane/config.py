@@ -7,9 +7,17 @@ import argparse
 import os
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 from control_plane.affinity import parse_cpu_list
+from control_plane.domain.quotas import (
+    PROVIDER_BOUNDS,
+    TENANT_BOUNDS,
+    ProviderLimits,
+    TenantLimits,
+    typed_limits,
+)
 from gpufed.settings import Settings, csv, truthy
 
 
@@ -42,6 +50,9 @@ class Config:
     etcd_key: str = ""
     etcd_user: str = ""  # etcd user authentication (the password: GPUFED_ETCD_PASSWORD or the file)
     etcd_password: str = ""
+    # Default quotas, for principals without their own (AdminService.SetQuota).
+    tenant_quota: TenantLimits = field(default_factory=TenantLimits)
+    provider_quota: ProviderLimits = field(default_factory=ProviderLimits)
 
     def __post_init__(self) -> None:
         if not self.replica_id:
@@ -159,6 +170,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         default=None,
         help="ignore GPUFED_ADMIN_TOKEN once admin tokens exist in etcd (GPUFED_NO_BOOTSTRAP_TOKEN=1)",
     )
+    for name in TENANT_BOUNDS:
+        p.add_argument(f"--quota-tenant-{name.replace('_', '-')}", type=float, dest=f"qt_{name}")
+    for name in PROVIDER_BOUNDS:
+        p.add_argument(f"--quota-provider-{name.replace('_', '-')}", type=float, dest=f"qp_{name}")
     a = p.parse_args(argv)
     s = Settings.from_file(a.config or os.environ.get("GPUFED_CONFIG_FILE", ""))
     d = Config(replica_id="-")  # the defaults
@@ -205,4 +220,28 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         etcd_key=s.get(a.etcd_key, "GPUFED_ETCD_KEY", "etcd_key", ""),
         etcd_user=s.get(a.etcd_user, "GPUFED_ETCD_USER", "etcd_user", ""),
         etcd_password=s.get(None, "GPUFED_ETCD_PASSWORD", "etcd_password", ""),
+        tenant_quota=_limits(s, a, "qt", "tenant", TENANT_BOUNDS, TenantLimits()),
+        provider_quota=_limits(s, a, "qp", "provider", PROVIDER_BOUNDS, ProviderLimits()),
     )
+
+
+L = TypeVar("L", TenantLimits, ProviderLimits)
+
+
+def _limits(
+    s: Settings, a: argparse.Namespace, dest: str, kind: str, bounds: dict[str, tuple[float, float]], d: L
+) -> L:
+    """Default quotas: --quota-{kind}-{field}, GPUFED_QUOTA_{KIND}_{FIELD} or quota_{kind}_{field}."""
+    values: dict[str, Any] = {}
+    for name, (low, high) in bounds.items():
+        setting = f"quota_{kind}_{name}"
+        default = getattr(d, name)
+        env = "GPUFED_" + setting.upper()
+        try:
+            value = s.get(getattr(a, f"{dest}_{name}"), env, setting, float(default), float)
+        except ValueError as e:
+            raise ConfigError(f"--quota-{kind}-{name.replace('_', '-')}: {e}") from e
+        if not (low <= value <= high):
+            raise ConfigError(f"--quota-{kind}-{name.replace('_', '-')} must be in {low:g}..{high:g}")
+        values[name] = value
+    return replace(d, **typed_limits(type(d), values))

@@ -19,6 +19,7 @@ from control_plane.app.discovery import Discovery
 from control_plane.app.leader import Leader
 from control_plane.app.leases import Leases
 from control_plane.app.nodes import Nodes
+from control_plane.app.quotas import Quotas
 from control_plane.app.telemetry import Telemetry
 from control_plane.auth import Authenticator
 from control_plane.config import Config, ConfigError, check_tokens, read_pem
@@ -115,6 +116,7 @@ class Replica:
         async with asyncio.timeout(30):
             await self.watcher.synced.wait()
 
+        self.quotas = Quotas(self.store, self.inventory, cfg.tenant_quota, cfg.provider_quota, self.clock)
         self.nodes = Nodes(
             self.store,
             self.inventory,
@@ -125,8 +127,9 @@ class Replica:
             self.metrics,
             self.clock,
             trust_domain=cfg.trust_domain if cfg.client_ca else None,
+            quotas=self.quotas,
         )
-        self.leases = Leases(self.store, self.inventory, self.metrics, self.clock, self.shutdown)
+        self.leases = Leases(self.store, self.inventory, self.metrics, self.clock, self.shutdown, self.quotas)
         self.leases.start()
         self.peers = PeerClient(cfg.peer_token, peer_credentials(cfg))
         self.telemetry = Telemetry(
@@ -149,7 +152,9 @@ class Replica:
                 ("grpc.http2.min_ping_interval_without_data_ms", 5000),
             ],
         )
-        services = Services(server, RpcWrapper(self.auth, self.metrics, cfg.log_calls)).as_server()
+        services = Services(
+            server, RpcWrapper(self.auth, self.metrics, cfg.log_calls, self.quotas.stream_slot)
+        ).as_server()
         node_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(self.nodes), services)
         discovery_pb2_grpc.add_DiscoveryServiceServicer_to_server(
             DiscoveryServicer(Discovery(self.inventory, self.shutdown, cfg.search_cache)), services
@@ -157,7 +162,7 @@ class Replica:
         lease_pb2_grpc.add_LeaseServiceServicer_to_server(LeaseServicer(self.leases), services)
         telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(TelemetryServicer(self.telemetry), services)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(Admin(self.store, self.inventory, self.leases, self.clock)), services
+            AdminServicer(Admin(self.store, self.inventory, self.leases, self.clock), self.quotas), services
         )
         peer_pb2_grpc.add_PeerServiceServicer_to_server(PeerServicer(self.telemetry), services)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()

@@ -9,9 +9,11 @@ context live in the task that runs the RPC.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, cast
 
 import grpc
@@ -19,7 +21,7 @@ from google.protobuf.message import Message
 
 from control_plane import auth, errors
 from control_plane.adapters.store import StoreUnavailable
-from control_plane.authorization import PRIVILEGED, authorize
+from control_plane.authorization import AUDITED, PRIVILEGED, authorize
 from control_plane.domain import errors as domain_errors
 from control_plane.domain.errors import DomainError
 from control_plane.metrics import Metrics
@@ -43,7 +45,9 @@ class _Call:
         self.code = grpc.StatusCode.OK
         self.principal: auth.Principal | None = None
         self.denied = ""  # the reason, when the call was refused
+        self.reason = ""  # the ErrorInfo reason of a failed call
         self.request: Any = None  # for the audit log's target, read only when auditing
+        self.response: Any = None
 
     async def begin(self) -> None:
         request_id = authorization = ""
@@ -70,9 +74,12 @@ class _Call:
                 "ETCD_UNAVAILABLE", f"the cluster store is unavailable, retry: {exc}"
             )
         else:
-            log.exception("unexpected error in RPC")
-            err = domain_errors.unavailable("REPLICA_ERROR", "the replica failed to serve this call; retry")
+            # A bug: INTERNAL, which clients do not retry (UNAVAILABLE would make them hammer it),
+            # with the stack in the log and nothing of it in the answer.
+            log.error("unexpected error in RPC", exc_info=exc)
+            err = DomainError(domain_errors.Code.INTERNAL, "INTERNAL_ERROR", "the replica failed; reported")
         self.code = errors.grpc_code(err.code)
+        self.reason = err.reason
         if self.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
             log.warning("access denied", code=err.code.name, reason=err.reason, detail=err.message)
             self.denied = err.reason
@@ -86,15 +93,16 @@ class _Call:
             latency.observe(elapsed)
         if self.i.log_calls:
             log.info("rpc", code=self.code.name, ms=round(elapsed * 1000, 2))
-        if self.denied or self.method in PRIVILEGED:
-            # One audit event per denial and per privileged act, with who, what and the outcome
-            # (the request id and method are bound to every line of the call).
+        if self.denied or self.method in AUDITED:
+            # One audit event per denial, grant, release and operator act, with who, from
+            # where, what and the outcome (the request id and method are bound to every line).
             audit.info(
-                "denied" if self.denied else "privileged call",
+                "denied" if self.denied else "privileged call" if self.method in PRIVILEGED else "lease call",
                 principal=str(self.principal) if self.principal else "",
-                target=_target(self.request),
+                peer=_peer(self.context),
+                target=_target(self.request, self.response),
                 code=self.code.name,
-                reason=self.denied,
+                reason=self.denied or self.reason,
             )
         bind_rpc(None)
         auth.set_current_principal(None)
@@ -102,8 +110,14 @@ class _Call:
 
 class RpcWrapper:
     def __init__(
-        self, authenticator: auth.Authenticator, metrics: Metrics | None = None, log_calls: bool = False
+        self,
+        authenticator: auth.Authenticator,
+        metrics: Metrics | None = None,
+        log_calls: bool = False,
+        stream_slot: Callable[[auth.Principal | None], AbstractContextManager[None]] | None = None,
     ):
+        # A streaming call holds one of its principal's stream slots while it runs.
+        self.stream_slot = stream_slot or (lambda p: contextlib.nullcontext())
         self.authenticator = authenticator
         self.metrics = metrics
         self.log_calls = log_calls
@@ -151,7 +165,8 @@ class RpcWrapper:
             call.request = request
             try:
                 await call.begin()
-                return await fn(request, context)
+                call.response = await fn(request, context)
+                return call.response
             except (DomainError, StoreUnavailable) as e:
                 await call.fail(e)
             except Exception as e:
@@ -171,8 +186,9 @@ class RpcWrapper:
             call.request = request
             try:
                 await call.begin()
-                async for item in fn(request, context):
-                    yield item
+                with self.stream_slot(call.principal):
+                    async for item in fn(request, context):
+                        yield item
             except (DomainError, StoreUnavailable) as e:
                 await call.fail(e)
             except Exception as e:
@@ -185,13 +201,22 @@ class RpcWrapper:
         return behaviour
 
 
-def _target(request: Any) -> str:
-    """The resource a request names (`name`), bounded: audit lines must not echo hostile input."""
-    if isinstance(request, Message):
-        name = getattr(request, "name", "")
-        if isinstance(name, str):
-            return name[:200]
+def _target(request: Any, response: Any) -> str:
+    """The resource a call is about: the request's `name`, else the lease it created; bounded,
+    since audit lines must not echo hostile input."""
+    for msg, attr in ((request, "name"), (getattr(response, "lease", None), "name")):
+        if isinstance(msg, Message):
+            name = getattr(msg, attr, "")
+            if isinstance(name, str) and name:
+                return name[:200]
     return ""
+
+
+def _peer(context: Any) -> str:
+    try:
+        return str(context.peer())[:200]
+    except Exception:  # a context without a transport (tests)
+        return ""
 
 
 def _is_abort(e: BaseException) -> bool:

@@ -375,7 +375,7 @@ def cmd_admin_revoke(c: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_admin_usage(c: Client, args: argparse.Namespace) -> int:
-    req = admin_pb2.ListUsageRecordsRequest(provider=args.provider, page_size=1000)
+    req = admin_pb2.ListUsageRecordsRequest(provider=args.provider, tenant=args.tenant, page_size=1000)
     records: list[admin_pb2.UsageRecord] = []
     while True:
         resp = c.call(c.admin.ListUsageRecords, req)
@@ -403,6 +403,46 @@ def cmd_admin_usage(c: Client, args: argparse.Namespace) -> int:
             ]
         ),
     )
+    return EXIT_OK
+
+
+_TENANT_LIMITS = ("max_gpus", "max_leases", "create_leases_per_second", "create_leases_burst", "max_streams")
+_PROVIDER_LIMITS = ("max_nodes", "max_gpus_per_node", "reports_per_second", "report_burst")
+
+
+def _quota_name(args: argparse.Namespace) -> str:
+    return f"quotas/tenants/{args.tenant}" if args.tenant else f"quotas/providers/{args.provider}"
+
+
+def _quota_rows(quota: admin_pb2.Quota) -> list[list[str]]:
+    part: Message = quota.tenant if quota.HasField("tenant") else quota.provider
+    return [["LIMIT", "VALUE"]] + [[f.name, f"{v:g}"] for f, v in part.ListFields()]
+
+
+def cmd_quota_set(c: Client, args: argparse.Namespace) -> int:
+    names = _TENANT_LIMITS if args.tenant else _PROVIDER_LIMITS
+    limits = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    other = [n for n in (_PROVIDER_LIMITS if args.tenant else _TENANT_LIMITS) if getattr(args, n) is not None]
+    if other:
+        print(f"gpufed: --{other[0].replace('_', '-')} is not a limit of this kind of quota", file=sys.stderr)
+        return EXIT_USAGE
+    quota = c.set_quota(_quota_name(args), **limits)
+    _emit(args, quota, lambda: _quota_rows(quota))
+    return EXIT_OK
+
+
+def cmd_quota_get(c: Client, args: argparse.Namespace) -> int:
+    resp = c.get_quota(_quota_name(args))
+
+    def rows() -> list[list[str]]:
+        use = (
+            [["in use: active_leases", str(resp.active_leases)], ["in use: held_gpus", str(resp.held_gpus)]]
+            if resp.quota.HasField("tenant")
+            else [["in use: nodes", str(resp.nodes)]]
+        )
+        return _quota_rows(resp.quota) + use
+
+    _emit(args, resp, rows)
     return EXIT_OK
 
 
@@ -537,7 +577,21 @@ def build_parser() -> argparse.ArgumentParser:
     rv.set_defaults(fn=cmd_admin_revoke)
     us = admin.add_parser("usage", parents=[common])
     us.add_argument("--provider", default="")
+    us.add_argument("--tenant", default="")
     us.set_defaults(fn=cmd_admin_usage)
+    quota = admin.add_parser("quota", help="tenant and provider quotas").add_subparsers(
+        dest="action", required=True
+    )
+    for action, fn in (("set", cmd_quota_set), ("get", cmd_quota_get)):
+        qp = quota.add_parser(action, parents=[common])
+        who = qp.add_mutually_exclusive_group(required=True)
+        who.add_argument("--tenant", help="the tenant whose quota")
+        who.add_argument("--provider", help="the provider whose quota")
+        if action == "set":
+            for name in _TENANT_LIMITS + _PROVIDER_LIMITS:
+                kind = float if name.endswith("per_second") else int
+                qp.add_argument(f"--{name.replace('_', '-')}", type=kind, help="unset: the default")
+        qp.set_defaults(fn=fn)
     tokens = admin.add_parser("tokens", help="access tokens").add_subparsers(dest="action", required=True)
     tc = tokens.add_parser("create", parents=[common])
     tc.add_argument("--kind", choices=["tenant", "provider", "admin"], required=True)

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import duration_pb2
 
-from gpufed.errors import error_info
+from gpufed.errors import error_info, retry_delay
 from gpufed.transport import channel_credentials
 from gpufed.v1 import (
     admin_pb2,
@@ -40,6 +40,7 @@ from gpufed.v1 import (
 T = TypeVar("T")
 DEFAULT_ENDPOINT = "127.0.0.1:50051"
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED)
+MAX_RETRY_DELAY_S = 5.0
 
 
 class GpufedError(Exception):
@@ -174,15 +175,21 @@ class Client:
 
     def call(self, method: Any, request: Any, *, retry: bool = True, timeout: float | None = None) -> Any:
         """One unary call with a deadline; UNAVAILABLE and ABORTED are retried (every gpufed RPC is
-        safe to retry, CreateLease through its request_id)."""
+        safe to retry, CreateLease through its request_id), and so is a rate limit, after the
+        delay its RetryInfo names (at most MAX_RETRY_DELAY_S)."""
         attempts = self.retries + 1 if retry else 1
         for attempt in range(attempts):
             try:
                 return method(request, metadata=self.metadata, timeout=timeout or self.timeout)
             except grpc.RpcError as e:
-                if e.code() in _RETRYABLE and attempt + 1 < attempts:
-                    threading.Event().wait(0.2 * 2**attempt)
-                    continue
+                if attempt + 1 < attempts:
+                    if e.code() in _RETRYABLE:
+                        threading.Event().wait(0.2 * 2**attempt)
+                        continue
+                    delay = retry_delay(e) if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else None
+                    if delay is not None and delay <= MAX_RETRY_DELAY_S:
+                        threading.Event().wait(delay)
+                        continue
                 raise self._explained(from_rpc_error(e)) from None
         raise AssertionError("unreachable")
 
@@ -318,6 +325,20 @@ class Client:
             raise ValueError(f"kind must be one of {sorted(kinds)}")
         req = admin_pb2.CreateTokenRequest(kind=kinds[kind], principal=principal)
         return self.call(self.admin.CreateToken, req, retry=False)  # type: ignore[no-any-return]
+
+    def set_quota(self, name: str, **limits: float) -> admin_pb2.Quota:
+        """Set a quota: name "quotas/tenants/{t}" with TenantQuota fields (max_gpus=16, ...) or
+        "quotas/providers/{p}" with ProviderQuota fields; unset fields take the defaults."""
+        quota = admin_pb2.Quota(name=name)
+        part = quota.tenant if name.startswith("quotas/tenants/") else quota.provider
+        part.SetInParent()
+        for field, value in limits.items():
+            setattr(part, field, value)
+        req = admin_pb2.SetQuotaRequest(quota=quota)
+        return self.call(self.admin.SetQuota, req).quota  # type: ignore[no-any-return]
+
+    def get_quota(self, name: str) -> admin_pb2.GetQuotaResponse:
+        return self.call(self.admin.GetQuota, admin_pb2.GetQuotaRequest(name=name))  # type: ignore[no-any-return]
 
 
 class HeldLease:

@@ -26,3 +26,17 @@ def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
 def error_reason(error: grpc.RpcError) -> str:
     info = error_info(error)
     return info.reason if info is not None else ""
+
+
+def retry_delay(error: grpc.RpcError) -> float | None:
+    """Seconds a RetryInfo asks the caller to wait before trying again (RATE_LIMITED), or None."""
+    try:
+        status = rpc_status.from_call(error)
+    except ValueError:
+        return None
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return float(info.retry_delay.ToNanoseconds()) / 1e9
+    return None

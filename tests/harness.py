@@ -14,12 +14,13 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
 
 from control_plane.config import Config
+from control_plane.domain.quotas import ProviderLimits, TenantLimits
 from control_plane.replica import Replica
 
 # A replica refuses a bootstrap token under 32 characters and a peer token equal to it.
@@ -268,7 +269,24 @@ class ReplicaThread:
             self.thread.join(15)
 
 
+# Tests not about quotas run without them getting in the way (the quota tests set their own).
+ROOMY_TENANT = TenantLimits(
+    max_gpus=100_000,
+    max_leases=100_000,
+    create_leases_per_second=10_000,
+    create_leases_burst=100_000,
+    max_streams=10_000,
+)
+ROOMY_PROVIDER = ProviderLimits(reports_per_second=1000, report_burst=10_000)
+ROOMY_ENV = {
+    **{f"GPUFED_QUOTA_TENANT_{k.upper()}": str(v) for k, v in asdict(ROOMY_TENANT).items()},
+    **{f"GPUFED_QUOTA_PROVIDER_{k.upper()}": str(v) for k, v in asdict(ROOMY_PROVIDER).items()},
+}
+
+
 def replica_config(endpoints: list[str], prefix: str, **kw: object) -> Config:
+    kw.setdefault("tenant_quota", ROOMY_TENANT)
+    kw.setdefault("provider_quota", ROOMY_PROVIDER)
     return Config(
         listen="127.0.0.1:0",
         etcd_endpoints=endpoints,
@@ -287,36 +305,49 @@ def unique_prefix() -> str:
 def replica_process(
     endpoints: list[str], prefix: str, *extra: str, env: dict[str, str] | None = None
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """A replica as its own OS process (for tests that SIGKILL it)."""
+    """A replica as its own OS process (for tests that SIGKILL it). Its log goes to a file that
+    is removed afterwards (a pipe nobody reads would block the replica once it is full)."""
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "control_plane",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--etcd-endpoints",
-            ",".join(endpoints),
-            "--etcd-prefix",
-            prefix,
-            *extra,
-        ],
-        env={**os.environ, "GPUFED_ADMIN_TOKEN": ADMIN_TOKEN, "GPUFED_PEER_TOKEN": PEER_TOKEN, **(env or {})},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        wait_port(port, 30)
-        yield proc, f"127.0.0.1:{port}"
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
+    with tempfile.TemporaryFile(prefix="gpufed-replica-") as log_file:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "control_plane",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--etcd-endpoints",
+                ",".join(endpoints),
+                "--etcd-prefix",
+                prefix,
+                *extra,
+            ],
+            env={
+                **os.environ,
+                **ROOMY_ENV,
+                "GPUFED_ADMIN_TOKEN": ADMIN_TOKEN,
+                "GPUFED_PEER_TOKEN": PEER_TOKEN,
+                **(env or {}),
+            },
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+        )
+        try:
             try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                wait_port(port, 30)
+            except Exception:
+                log_file.seek(0)
+                sys.stderr.write(log_file.read()[-4000:].decode(errors="replace"))
+                raise
+            yield proc, f"127.0.0.1:{port}"
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 def metadata(token: str) -> tuple[tuple[str, str]]:

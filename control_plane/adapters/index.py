@@ -40,6 +40,7 @@ class ChangeKind(enum.Enum):
     TOKEN = "token"
     REPLICA = "replica"
     LEADER = "leader"
+    QUOTA = "quota"
     RESYNC = "resync"  # the whole view was replaced by a (re-)list
 
 
@@ -47,7 +48,7 @@ _CHANGE_OF = {k: ChangeKind[k.name] for k in KeyKind}
 # Members as module constants: attribute access on an Enum class costs ~0.17 us in Python 3.11,
 # and apply() runs for every event of the watch.
 _NODE, _ALIVE, _ALLOC, _LEASE = KeyKind.NODE, KeyKind.ALIVE, KeyKind.ALLOC, KeyKind.LEASE
-_REPLICA, _LEADER = KeyKind.REPLICA, KeyKind.LEADER
+_REPLICA, _LEADER, _QUOTA = KeyKind.REPLICA, KeyKind.LEADER, KeyKind.QUOTA
 
 
 class KeyValueLike(Protocol):
@@ -87,6 +88,12 @@ class Inventory:
     allocs: dict[str, dict[str, str]] = field(default_factory=dict)
     leases: dict[str, lease_pb2.Lease] = field(default_factory=dict)
     lease_revision: dict[str, int] = field(default_factory=dict)
+    # tenant -> lease id -> GPUs, of active leases: what the tenant's quota counts
+    tenant_leases: dict[str, dict[str, int]] = field(default_factory=dict)
+    # "tenants/{name}" | "providers/{name}" -> the overrides of its quota (JSON object)
+    quotas: dict[str, bytes] = field(default_factory=dict)
+    # provider -> registered nodes (its node quota)
+    node_counts: dict[str, int] = field(default_factory=dict)
     replicas: dict[str, str] = field(default_factory=dict)
     leader: str = ""
     revision: int = 0
@@ -108,6 +115,9 @@ class Inventory:
         self.allocs.clear()
         self.leases.clear()
         self.lease_revision.clear()
+        self.tenant_leases.clear()
+        self.quotas.clear()
+        self.node_counts.clear()
         self.replicas.clear()
         self.by_price.clear()
         self.by_country.clear()
@@ -163,6 +173,12 @@ class Inventory:
             if value is None:
                 lease = self.leases.pop(name, None)
                 self.lease_revision.pop(name, None)
+                if lease is not None:
+                    holds = self.tenant_leases.get(lease.tenant)
+                    if holds is not None:
+                        holds.pop(name, None)
+                        if not holds:
+                            del self.tenant_leases[lease.tenant]
             else:
                 lease = lease_pb2.Lease.FromString(value)
                 # The grant Txn's revision is the fencing token: the key's create revision.
@@ -170,6 +186,7 @@ class Inventory:
                     lease.fencing_token = create_revision or mod_revision
                 self.leases[name] = lease
                 self.lease_revision[name] = mod_revision
+                self.tenant_leases.setdefault(lease.tenant, {})[name] = len(lease.gpus)
         elif kind is _REPLICA:
             if value is None:
                 self.replicas.pop(name, None)
@@ -177,6 +194,11 @@ class Inventory:
                 self.replicas[name] = value.decode()
         elif kind is _LEADER:
             self.leader = value.decode() if value is not None else ""
+        elif kind is _QUOTA:
+            if value is None:
+                self.quotas.pop(name, None)
+            else:
+                self.quotas[name] = value
         change = Change(_CHANGE_OF[kind], name, value, mod_revision, lease)
         if notify:
             self._notify(change)
@@ -195,10 +217,13 @@ class Inventory:
                 if i < len(ordered) and ordered[i] == item:
                     del ordered[i]
         if value is None:
-            self.nodes.pop(name, None)
+            if self.nodes.pop(name, None) is not None:
+                self._count_node(old.node.provider if old else "", -1)
             self.draining.discard(name)
             return
         node = common_pb2.Node.FromString(value)
+        if old is None:
+            self._count_node(node.provider, 1)
         if node.state == _DRAINING:
             self.draining.add(name)
         else:
@@ -213,6 +238,13 @@ class Inventory:
         item = (node.price_per_gpu_hour, name)
         bisect.insort(self.by_price, item)
         bisect.insort(self.by_country.setdefault(node.location.country_code, []), item)
+
+    def _count_node(self, provider: str, delta: int) -> None:
+        n = self.node_counts.get(provider, 0) + delta
+        if n > 0:
+            self.node_counts[provider] = n
+        else:
+            self.node_counts.pop(provider, None)
 
     def _summarize(self, name: str) -> None:
         entry = self.nodes.get(name)
@@ -283,6 +315,14 @@ class Inventory:
 
     def is_schedulable(self, name: str) -> bool:
         return self.state(name) == _READY
+
+    def tenant_holds(self, tenant: str) -> tuple[int, int]:
+        """(active leases, GPUs they hold) of one tenant."""
+        held = self.tenant_leases.get(tenant)
+        return (len(held), sum(held.values())) if held else (0, 0)
+
+    def provider_nodes(self, provider: str) -> int:
+        return self.node_counts.get(provider, 0)
 
     def held(self, name: str) -> dict[str, str]:
         return self.allocs.get(name, {})

@@ -11,8 +11,12 @@ never streamed to every replica's index:
   tokens/{token_id}                     token record with the secret's hash
   replicas/{replica_id}                 peer address; on the replica's session lease
   leader                                replica id of the elected leader; on its session lease
+  quotas/{tenants|providers}/{name}     a principal's quota overrides (JSON)
 
   .records/requests/{tenant}/{request_id}  lease id, for CreateLease idempotency
+  .records/holds/{tenant}/{lease_id}       GPU count; on the lease's etcd lease. The grant Txn
+                                           compares the tenant's range unchanged, so two grants
+                                           can never both pass the tenant's quota
   .records/history/leases/{lease_id}       ended Lease records
   .records/usage/{lease_id}/{provider}     UsageRecord (written once, by the leader)
   .records/ledger/cursor                   revision the usage ledger has processed
@@ -35,12 +39,14 @@ class KeyKind(enum.Enum):
     TOKEN = "token"
     REPLICA = "replica"
     LEADER = "leader"
+    QUOTA = "quota"
 
 
 class Key(NamedTuple):
     """A watched key, parsed: its kind and the resource it belongs to.
 
-    name: the node's resource name (NODE, ALIVE, ALLOC), the lease id, token id or replica id;
+    name: the node's resource name (NODE, ALIVE, ALLOC), the lease id, token id or replica id,
+    "{tenants|providers}/{principal}" (QUOTA);
     gpu: the GPU uuid of an ALLOC key.
     """
 
@@ -58,6 +64,7 @@ _LAYOUT = {
     "tokens": (KeyKind.TOKEN, 1),
     "replicas": (KeyKind.REPLICA, 1),
     "leader": (KeyKind.LEADER, 0),
+    "quotas": (KeyKind.QUOTA, 2),
 }
 
 
@@ -90,6 +97,9 @@ class Keyspace:
     def leader(self) -> str:
         return self._k("leader")
 
+    def quota(self, kind: str, principal: str) -> str:
+        return self._k("quotas", kind, principal)
+
     # Records (request ids, history, usage, the ledger cursor) live beside the watched state, in
     # {prefix}.records/: read on demand, never streamed to every replica's index.
     def _r(self, *parts: str) -> str:
@@ -97,6 +107,12 @@ class Keyspace:
 
     def request(self, tenant: str, request_id: str) -> str:
         return self._r("requests", tenant, request_id)
+
+    def hold(self, tenant: str, lease_id: str) -> str:
+        return self._r("holds", tenant, lease_id)
+
+    def holds_dir(self, tenant: str) -> str:
+        return self._r("holds", tenant) + "/"
 
     def lease_history(self, lease_id: str) -> str:
         return self._r("history", "leases", lease_id)
@@ -131,6 +147,8 @@ class Keyspace:
         if layout is None or len(parts) != layout[1] + 1:
             return None
         kind = layout[0]
+        if kind is KeyKind.QUOTA:
+            return Key(kind, f"{parts[1]}/{parts[2]}")
         if len(parts) >= 3:  # nodes, alive, alloc: the node's resource name (and the GPU)
             return Key(kind, node_name(parts[1], parts[2]), parts[3] if len(parts) == 4 else "")
         return Key(kind, parts[1] if len(parts) == 2 else "leader")

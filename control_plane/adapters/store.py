@@ -82,6 +82,18 @@ def mod_revision_is(key: str | bytes, revision: int) -> rpc.Compare:
     return rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, key=_b(key), mod_revision=revision)
 
 
+def none_created_since(prefix: str | bytes, revision: int) -> rpc.Compare:
+    """No key under `prefix` was created after `revision` (a range compare: every key in it)."""
+    p = _b(prefix)
+    return rpc.Compare(
+        result=rpc.Compare.LESS,
+        target=rpc.Compare.CREATE,
+        key=p,
+        range_end=prefix_end(p),
+        create_revision=revision + 1,
+    )
+
+
 def value_is(key: str | bytes, value: bytes) -> rpc.Compare:
     return rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.VALUE, key=_b(key), value=value)
 
@@ -100,6 +112,7 @@ def get(key: str | bytes) -> rpc.RequestOp:
 
 _EQUAL = rpc.Compare.EQUAL
 _GREATER = rpc.Compare.GREATER
+_LESS = rpc.Compare.LESS
 
 
 class TxnBuilder:
@@ -125,6 +138,20 @@ class TxnBuilder:
     def present(self, key: bytes) -> None:
         self.req.compare.add(result=_GREATER, target=rpc.Compare.VERSION, key=key, version=0)
 
+    def range_unchanged_since(self, prefix: bytes, revision: int) -> None:
+        """No key under `prefix` was put after `revision` (deletions do not count). A range
+        compare: etcd checks it against every key in the range. Also marks the range as written,
+        so group commit never nests two Txns comparing it (their compares would both read the
+        state before the batch)."""
+        self.req.compare.add(
+            result=_LESS,
+            target=rpc.Compare.MOD,
+            key=prefix,
+            range_end=prefix_end(prefix),
+            mod_revision=revision + 1,
+        )
+        self.writes.add(prefix)
+
     def put(self, key: bytes, value: bytes, lease: int = 0) -> None:
         op = self.req.success.add().request_put
         op.key = key
@@ -141,6 +168,12 @@ class TxnBuilder:
 
     def read_on_failure(self, key: bytes) -> None:
         self.req.failure.add().request_range.key = key
+
+    def read_prefix_on_failure(self, prefix: bytes) -> None:
+        r = self.req.failure.add().request_range
+        r.key = prefix
+        r.range_end = prefix_end(prefix)
+        r.keys_only = True
 
 
 def newest_read(resp: rpc.TxnResponse) -> int:
@@ -469,11 +502,13 @@ class EtcdStore:
         what: str = "the record",
         reason: str = "CONFLICT",
         attempts: int = CAS_ATTEMPTS,
+        create_guard: rpc.Compare | None = None,
     ) -> Updated:
         """Read-modify-write of one key: `fn(current)` returns the new value, or None to leave it
         as it is; it may raise to refuse. The write compares the key's mod revision (absence for
-        a missing key); a failed compare reads the key back in the same Txn, so a retry costs one
-        Txn. `known` is a current guess (from the index) that saves the first read."""
+        a missing key, plus `create_guard` when given); a failed compare reads the key back in
+        the same Txn, so a retry costs one Txn. `known` is a current guess (from the index) that
+        saves the first read."""
         k = _b(key)
         kv: KeyValue | None = await self.get(k) if known is _UNKNOWN else known
 
@@ -482,8 +517,11 @@ class EtcdStore:
             new = fn(kv)
             if new is None:
                 return Updated(kv.value if kv is not None else None, 0)
-            cmp = mod_revision_is(k, kv.mod_revision) if kv is not None else absent(k)
-            resp = await self.txn([cmp], [put(k, new, lease)], [get(k)])
+            if kv is not None:
+                cmps = [mod_revision_is(k, kv.mod_revision)]
+            else:
+                cmps = [absent(k)] if create_guard is None else [absent(k), create_guard]
+            resp = await self.txn(cmps, [put(k, new, lease)], [get(k)])
             if resp.succeeded:
                 return Updated(new, int(resp.header.revision))
             kvs = resp.responses[0].response_range.kvs

@@ -49,9 +49,13 @@ class Admin:
         now + grace, when the leader ends the leases still on the node."""
         provider, node_id = parse_node_name(name)
         if len(reason) > MAX_REASON:
-            raise errors.invalid("INVALID_REASON", f"reason is at most {MAX_REASON} characters")
+            raise errors.invalid(
+                "INVALID_REASON", f"reason is at most {MAX_REASON} characters", field="reason"
+            )
         if grace_s is not None and not 0 <= grace_s <= MAX_DRAIN_GRACE_S:
-            raise errors.invalid("INVALID_GRACE", f"grace must be in [0, {MAX_DRAIN_GRACE_S}] seconds")
+            raise errors.invalid(
+                "INVALID_GRACE", f"grace must be in [0, {MAX_DRAIN_GRACE_S}] seconds", field="grace"
+            )
         now = self.clock.time_ns()
 
         def change(kv: KeyValue | None) -> bytes:
@@ -77,19 +81,31 @@ class Admin:
 
     async def revoke(self, name: str, reason: str) -> lease_pb2.Lease:
         if len(reason) > MAX_REASON:
-            raise errors.invalid("INVALID_REASON", f"reason is at most {MAX_REASON} characters")
+            raise errors.invalid(
+                "INVALID_REASON", f"reason is at most {MAX_REASON} characters", field="reason"
+            )
         return await self.leases.end(parse_lease_name(name), lease_pb2.LEASE_END_REASON_REVOKED, reason)
 
     async def usage(
         self, p: auth.Principal, request: admin_pb2.ListUsageRecordsRequest
     ) -> tuple[list[admin_pb2.UsageRecord], str]:
-        provider = request.provider
+        provider, tenant = request.provider, request.tenant
         if provider and not valid_id(provider):
-            raise errors.invalid("INVALID_PROVIDER", f"{shown(provider)} is not a valid provider name")
+            raise errors.invalid(
+                "INVALID_PROVIDER", f"{shown(provider)} is not a valid provider name", field="provider"
+            )
+        if tenant and not valid_principal(tenant):
+            raise errors.invalid(
+                "INVALID_TENANT", f"{shown(tenant)} is not a valid tenant name", field="tenant"
+            )
         if p.kind == auth.Kind.PROVIDER:
             if provider and provider != p.name:
                 raise errors.permission_denied("OTHER_PROVIDER", "a provider token sees only its own usage")
             provider = p.name
+        elif p.kind == auth.Kind.TENANT:
+            if tenant and tenant != p.name:
+                raise errors.permission_denied("OTHER_TENANT", "a tenant token sees only its own usage")
+            tenant = p.name
         size = pagination.page_size(request.page_size)
         start_ns = timestamp_ns(request.start_time, "start_time") if request.HasField("start_time") else 0
         end_ns = timestamp_ns(request.end_time, "end_time") if request.HasField("end_time") else 2**63 - 1
@@ -97,10 +113,14 @@ class Admin:
         records = []
         for kv in kvs:
             r = admin_pb2.UsageRecord.FromString(kv.value)
-            if (not provider or r.provider == provider) and start_ns <= r.end_time.ToNanoseconds() < end_ns:
+            if (
+                (not provider or r.provider == provider)
+                and (not tenant or r.tenant == tenant)
+                and start_ns <= r.end_time.ToNanoseconds() < end_ns
+            ):
                 records.append(r)
         records.sort(key=lambda r: (r.end_time.ToNanoseconds(), r.name))
-        query = pagination.query_hash("usage", provider, str(start_ns), str(end_ns))
+        query = pagination.query_hash("usage", provider, tenant, str(start_ns), str(end_ns))
         start, end, token = pagination.paginate(len(records), request.page_token, size, query)
         return records[start:end], token
 
@@ -109,9 +129,13 @@ class Admin:
     async def create_token(self, kind_pb: int, principal: str) -> tuple[admin_pb2.Token, str]:
         kind = KINDS.get(kind_pb)  # type: ignore[call-overload]
         if kind is None:
-            raise errors.invalid("INVALID_TOKEN_KIND", "kind must be TENANT, PROVIDER or ADMIN")
+            raise errors.invalid("INVALID_TOKEN_KIND", "kind must be TENANT, PROVIDER or ADMIN", field="kind")
         if not valid_principal(principal):
-            raise errors.invalid("INVALID_PRINCIPAL", f"{shown(principal)} must be a DNS label (a-z, 0-9, -)")
+            raise errors.invalid(
+                "INVALID_PRINCIPAL",
+                f"{shown(principal)} must be a DNS label (a-z, 0-9, -)",
+                field="principal",
+            )
         secret, record = auth.new_token(kind, principal, self.clock)
         await self.store.put(self.keys.token(record.token_id), record.to_json())
         token = admin_pb2.Token(
@@ -141,7 +165,7 @@ class Admin:
     async def delete_token(self, name: str) -> None:
         prefix, _, token_id = name.partition("/")
         if prefix != "tokens" or not token_id.isalnum():
-            raise errors.invalid("INVALID_TOKEN_NAME", "token name must be tokens/{id}")
+            raise errors.invalid("INVALID_TOKEN_NAME", "token name must be tokens/{id}", field="name")
         resp = await self.store.txn([], [delete(self.keys.token(token_id))])
         if not resp.responses[0].response_delete_range.deleted:
             raise errors.not_found("TOKEN_NOT_FOUND", f"{name} does not exist")

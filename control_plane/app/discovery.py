@@ -49,9 +49,9 @@ class Discovery:
     def _search(self, request: discovery_pb2.SearchOffersRequest) -> discovery_pb2.SearchOffersResponse:
         flt = compile_filter(request.filter)
         if request.order_by == discovery_pb2.OFFER_ORDER_DISTANCE and flt.near is None:
-            raise errors.invalid("NEAR_REQUIRED", "order_by DISTANCE needs filter.near")
+            raise errors.invalid("NEAR_REQUIRED", "order_by DISTANCE needs filter.near", field="order_by")
         if request.order_by not in discovery_pb2.OfferOrder.values():
-            raise errors.invalid("INVALID_ORDER", f"unknown order_by {request.order_by}")
+            raise errors.invalid("INVALID_ORDER", f"unknown order_by {request.order_by}", field="order_by")
         size = pagination.page_size(request.page_size)
         query = pagination.query_hash(flt.key(), str(request.min_free_gpus), str(request.order_by))
         start = pagination.decode_token(request.page_token, query)
@@ -101,10 +101,12 @@ class Discovery:
     ) -> tuple[list[common_pb2.Node], str]:
         if request.provider and not valid_id(request.provider):
             raise errors.invalid(
-                "INVALID_PROVIDER", f"{shown(request.provider)} is not a valid provider name"
+                "INVALID_PROVIDER",
+                f"{shown(request.provider)} is not a valid provider name",
+                field="provider",
             )
         if request.state not in common_pb2.NodeState.values():
-            raise errors.invalid("INVALID_STATE", f"unknown state {request.state}")
+            raise errors.invalid("INVALID_STATE", f"unknown state {request.state}", field="state")
         size = pagination.page_size(request.page_size)
         query = pagination.query_hash("nodes", request.provider, str(request.state))
         names = [
@@ -152,7 +154,11 @@ class Discovery:
         After a re-list of the index (a compacted watch) a fresh snapshot follows: changes in
         the gap were never seen, so the subscriber replaces its view."""
         if provider and not valid_id(provider):
-            raise errors.invalid("INVALID_PROVIDER", f"{shown(provider)} is not a valid provider name")
+            raise errors.invalid(
+                "INVALID_PROVIDER",
+                f"{shown(provider)} is not a valid provider name",
+                field="filter.providers",
+            )
         queue: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
 
         def on_change(change: Change) -> None:

@@ -19,6 +19,7 @@ from control_plane.adapters.commit import GroupCommit, LeasePool
 from control_plane.adapters.index import Change, ChangeKind, Inventory
 from control_plane.adapters.store import EtcdStore, KeyValue, newest_read, retry_cas
 from control_plane.app.lease_txns import grant_txn, release_txn
+from control_plane.app.quotas import Quotas
 from control_plane.domain import errors, lease_rules, offers, pagination
 from control_plane.domain.lease_watch import LeaseWatch
 from control_plane.domain.names import parse_lease_name
@@ -73,8 +74,10 @@ class Leases:
         metrics: Metrics | None = None,
         clock: Clock = SYSTEM,
         shutdown: asyncio.Event | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
         self.store = store
+        self.quotas = quotas or Quotas(store, inventory, clock=clock)
         self.keys = store.keys
         self.inv = inventory
         self.metrics = metrics
@@ -85,6 +88,9 @@ class Leases:
         self.pool = LeasePool(store, clock)
         # GPUs this replica is granting right now: its own grants should not race each other.
         self.pending: set[str] = set()
+        # A tenant's grants on this replica, one at a time: each is counted against the quota
+        # after the previous one is in the index, so they never fail each other's holds compare.
+        self._tenant_locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}  # lock, [users]
 
     def start(self) -> None:
         self.commits.start()
@@ -128,7 +134,7 @@ class Leases:
     ) -> tuple[list[lease_pb2.Lease], str]:
         """Leases newest first, optionally in one state, one AIP-158 page of them."""
         if state not in lease_pb2.LeaseState.values():
-            raise errors.invalid("INVALID_STATE", f"unknown state {state}")
+            raise errors.invalid("INVALID_STATE", f"unknown state {state}", field="state")
         size = pagination.page_size(page_size)
         found: dict[str, lease_pb2.Lease] = {}
         if state in (0, ENDED):
@@ -166,6 +172,21 @@ class Leases:
         return found[0]
 
     async def create(self, tenant: str, spec: lease_rules.CreateSpec) -> lease_pb2.Lease:
+        self.quotas.take_create(tenant)
+        lock, users = self._tenant_locks.setdefault(tenant, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                lease = await self._create(tenant, spec)
+                if lease.fencing_token:
+                    await self.inv.wait_for_revision(lease.fencing_token, timeout=1.0)
+                return lease
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._tenant_locks[tenant]
+
+    async def _create(self, tenant: str, spec: lease_rules.CreateSpec) -> lease_pb2.Lease:
         etcd_lease, ttl_from_ns = await self.pool.take(spec.ttl_s)
         lease_id = f"{_IDS.getrandbits(64):016x}"
         keep_etcd_lease = False
@@ -174,6 +195,14 @@ class Leases:
 
         async def attempt(n: int) -> lease_pb2.Lease | None:
             nonlocal keep_etcd_lease
+            try:
+                holds_revision = await self.quotas.check_lease(tenant, spec.gpu_count)
+            except errors.DomainError:
+                # A retry of a request that already holds a lease answers with that lease.
+                existing = await self.by_request(tenant, spec.request_id)
+                if existing is not None:
+                    return existing
+                raise
             picks = place(
                 offers.candidates(self.inv, spec.filter, 1),
                 spec.gpu_count,
@@ -194,7 +223,16 @@ class Leases:
             lease.etcd_lease_id = etcd_lease
             lease.expire_time.CopyFrom(timestamp(ttl_from_ns + spec.ttl_s * _NS))
             uuids = [u for p in picks for u in p.gpu_uuids]
-            txn = grant_txn(self.keys, lease_id, lease.SerializeToString(), req_key, etcd_lease, picks)
+            txn = grant_txn(
+                self.keys,
+                lease_id,
+                lease.SerializeToString(),
+                req_key,
+                etcd_lease,
+                picks,
+                tenant,
+                holds_revision,
+            )
             self.pending.update(uuids)
             # Until etcd answers the outcome is unknown (store unavailable, or this call
             # cancelled mid-commit): the Txn may have attached keys to the etcd lease, so it

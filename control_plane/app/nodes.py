@@ -23,11 +23,21 @@ from typing import Any, TypeAlias
 from google.protobuf import duration_pb2
 
 from control_plane.adapters.index import Change, ChangeKind, Inventory
-from control_plane.adapters.store import EtcdStore, KeyValue, StoreUnavailable, delete, value_is
+from control_plane.adapters.store import (
+    CAS_ATTEMPTS,
+    EtcdStore,
+    KeyValue,
+    StoreUnavailable,
+    delete,
+    none_created_since,
+    value_is,
+)
+from control_plane.app.quotas import Quotas
 from control_plane.app.telemetry import TelemetryRings
 from control_plane.domain import errors, registration
 from control_plane.domain.errors import DomainError
 from control_plane.domain.names import node_name
+from control_plane.domain.quotas import TokenBucket, rate_limited
 from control_plane.metrics import Metrics
 from gpufed.clock import SYSTEM, Clock, now_ts
 from gpufed.logs import get_logger
@@ -38,6 +48,7 @@ log = get_logger(__name__)
 NodeState = common_pb2.NodeState
 Reported: TypeAlias = dict[str, tuple[Any, list[common_pb2.HealthReason]]]
 _ACTIVE = lease_pb2.LEASE_STATE_ACTIVE
+_UNHEALTHY = common_pb2.GPU_HEALTH_UNHEALTHY
 _LEASE, _ALIVE, _NODE, _RESYNC = ChangeKind.LEASE, ChangeKind.ALIVE, ChangeKind.NODE, ChangeKind.RESYNC
 
 
@@ -57,6 +68,9 @@ class NodeSession:
     # the cleanup must not depend on gRPC still driving the response generator.
     on_end: Callable[[NodeSession], None] | None = None
     closed: bool = False
+    # Reports and events allowed (the provider's report rate); None: unlimited.
+    bucket: TokenBucket | None = None
+    last_health_write: float = float("-inf")  # monotonic
 
     @property
     def alive_value(self) -> str:
@@ -87,7 +101,11 @@ class Nodes:
         metrics: Metrics | None = None,
         clock: Clock = SYSTEM,
         trust_domain: str | None = None,
+        quotas: Quotas | None = None,
+        health_write_interval: float = 10.0,
     ) -> None:
+        self.health_write_interval = health_write_interval
+        self.quotas = quotas or Quotas(store, inventory, clock=clock)
         # Set (mTLS on): a daemon's certificate must name the provider of its token.
         self.trust_domain = trust_domain
         self.store = store
@@ -128,7 +146,9 @@ class Nodes:
         if self.trust_domain is not None:
             registration.check_certificate(provider, cert_uris, self.trust_domain)
         if first.WhichOneof("message") != "hello":
-            raise errors.invalid("HELLO_REQUIRED", "the first message of a Connect stream must be a hello")
+            raise errors.invalid(
+                "HELLO_REQUIRED", "the first message of a Connect stream must be a hello", field="hello"
+            )
         hello = first.hello
         registration.validate_hello(hello, provider)
         name = node_name(hello.provider, hello.node_id)
@@ -139,6 +159,7 @@ class Nodes:
             hello.node_id,
             f"{self.replica_id}/{uuid.uuid4().hex[:12]}",
             self.clock.monotonic(),
+            bucket=self.quotas.report_bucket(hello.provider),
         )
         session.on_end = self._schedule_close
         old = self.sessions.get(name)
@@ -187,8 +208,13 @@ class Nodes:
     async def _read(self, session: NodeSession, requests: AsyncIterator[node_pb2.NodeMessage]) -> None:
         try:
             async for msg in requests:
-                session.last_seen = self.clock.monotonic()
+                session.last_seen = now = self.clock.monotonic()
                 kind = msg.WhichOneof("message")
+                if kind in ("report", "event") and session.bucket is not None:
+                    wait = session.bucket.take(now)
+                    if wait:
+                        session.end(rate_limited("the node passed its provider's report rate", wait))
+                        return
                 if kind == "report":
                     await self._ingest(session, msg.report)
                 elif kind == "event":
@@ -204,7 +230,9 @@ class Nodes:
                         )
                 elif kind == "hello":
                     session.end(
-                        errors.invalid("UNEXPECTED_HELLO", "hello is only valid as the first message")
+                        errors.invalid(
+                            "UNEXPECTED_HELLO", "hello is only valid as the first message", field="hello"
+                        )
                     )
                     return
             session.end(None)
@@ -217,7 +245,7 @@ class Nodes:
         except Exception:
             log.exception("node stream reader failed", node=session.name)
             session.end(
-                errors.unavailable("REPLICA_ERROR", "the replica failed to read the stream; reconnect")
+                errors.DomainError(errors.Code.INTERNAL, "INTERNAL_ERROR", "the replica failed; reported")
             )
 
     def _schedule_close(self, session: NodeSession) -> None:
@@ -248,7 +276,14 @@ class Nodes:
     # -- registration and health ----------------------------------------------------------------
 
     async def _register(self, hello: node_pb2.NodeHello) -> None:
+        """Write the node record if the hello changed it, within the provider's node quota.
+
+        A new node is created only if no node of the provider was created since the index's
+        revision, which the quota was counted at: concurrent registrations on several replicas
+        cannot all pass it. The loser counts again once its index has moved."""
         now = now_ts(self.clock)
+        name = node_name(hello.provider, hello.node_id)
+        nodes_dir = self.keys.dir("nodes") + hello.provider + "/"
 
         def merge(kv: KeyValue | None) -> bytes | None:
             existing = common_pb2.Node.FromString(kv.value) if kv else None
@@ -257,12 +292,23 @@ class Nodes:
                 return None
             return record.SerializeToString()
 
-        await self.store.update(
-            self.keys.node(hello.provider, hello.node_id),
-            merge,
-            what="the node record",
-            reason="REGISTRATION_CONFLICT",
-        )
+        for n in range(CAS_ATTEMPTS):
+            self.quotas.check_node(hello.provider, name, len(hello.gpus))
+            seen = self.inventory.revision
+            try:
+                await self.store.update(
+                    self.keys.node(hello.provider, hello.node_id),
+                    merge,
+                    what="the node record",
+                    reason="REGISTRATION_CONFLICT",
+                    create_guard=none_created_since(nodes_dir, seen),
+                    attempts=2,
+                )
+                return
+            except DomainError as e:
+                if e.reason != "REGISTRATION_CONFLICT" or n == CAS_ATTEMPTS - 1:
+                    raise
+                await self.inventory.wait_for_revision(seen + 1, timeout=0.5)
 
     async def _update_health(self, session: NodeSession, reported: Reported) -> None:
         now = now_ts(self.clock)
@@ -283,6 +329,7 @@ class Nodes:
             if entry
             else None
         )
+        session.last_health_write = self.clock.monotonic()
         updated = await self.store.update(
             key, fold, known=known, what="the node record", reason="NODE_CHANGING"
         )
@@ -295,16 +342,22 @@ class Nodes:
             )
 
     def _health_differs(self, session: NodeSession, reported: Reported) -> bool:
+        """Whether the node record should be written for this health: at once when a GPU turns
+        UNHEALTHY (it must leave the offers), other changes at most once per
+        health_write_interval (a flapping GPU must not write etcd on every report; reports
+        carry the whole health, so the next one after the interval writes the latest)."""
         entry = self.inventory.nodes.get(session.name)
         if entry is None:
             return False
+        differs = False
         for gpu in entry.node.gpus:
             got = reported.get(gpu.uuid)
-            if got is None or got[0] in (0, gpu.health):
+            if got is None or got[0] in (0, gpu.health) or gpu.health == _UNHEALTHY:
                 continue
-            if gpu.health != common_pb2.GPU_HEALTH_UNHEALTHY:
+            if got[0] == _UNHEALTHY:
                 return True
-        return False
+            differs = True
+        return differs and self.clock.monotonic() - session.last_health_write >= self.health_write_interval
 
     async def _ingest(self, session: NodeSession, report: common_pb2.NodeReport) -> None:
         reported = registration.reported_health(report)  # INVALID_ARGUMENT ends the stream
@@ -318,7 +371,7 @@ class Nodes:
     async def _event(self, session: NodeSession, event: node_pb2.NodeEvent) -> None:
         # Validated first: an unknown health value would break GpuHealth.Name below.
         where = f"event of GPU {errors.shown(event.gpu_uuid)}"
-        registration.validate_health(event.health, event.health_reasons, where)
+        registration.validate_health(event.health, event.health_reasons, where, "event.health")
         log.warning(
             "node event",
             node=session.name,

@@ -48,7 +48,9 @@ def validate(request: telemetry_pb2.GetNodeTelemetryRequest) -> int:
     """The number of samples asked for; INVALID_ARGUMENT for a bad name or count."""
     parse_node_name(request.name)
     if not 0 <= request.max_samples <= MAX_SAMPLES:
-        raise errors.invalid("INVALID_MAX_SAMPLES", f"max_samples must be in 0..{MAX_SAMPLES}")
+        raise errors.invalid(
+            "INVALID_MAX_SAMPLES", f"max_samples must be in 0..{MAX_SAMPLES}", field="max_samples"
+        )
     return request.max_samples or DEFAULT_SAMPLES
 
 

@@ -12,7 +12,8 @@ import enum
 
 
 class Code(enum.Enum):
-    """The canonical status codes gpufed answers with (never INTERNAL or UNKNOWN)."""
+    """The canonical status codes gpufed answers with. INTERNAL is the RPC edge's alone: an
+    unexpected exception, a bug, never raised on purpose (and not retried by clients)."""
 
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
     NOT_FOUND = "NOT_FOUND"
@@ -23,6 +24,7 @@ class Code(enum.Enum):
     UNAUTHENTICATED = "UNAUTHENTICATED"
     ABORTED = "ABORTED"
     UNAVAILABLE = "UNAVAILABLE"
+    INTERNAL = "INTERNAL"
 
 
 class DomainError(Exception):
@@ -40,6 +42,8 @@ class DomainError(Exception):
         self.reason = reason
         self.message = message
         self.metadata = dict(metadata or {})
+        # Set on RATE_LIMITED and the like: when a retry may succeed (a RetryInfo at the edge).
+        self.retry_after_s: float | None = None
 
     @property
     def field(self) -> str:
@@ -62,8 +66,10 @@ def shown(value: str) -> str:
     return f"{value[:MAX_SHOWN]!r}... ({len(value)} characters)"
 
 
-def invalid(reason: str, message: str, **metadata: str) -> DomainError:
-    return DomainError(Code.INVALID_ARGUMENT, reason, message, metadata)
+def invalid(reason: str, message: str, *, field: str, **metadata: str) -> DomainError:
+    """INVALID_ARGUMENT, always about one request field (AIP-193: a BadRequest violation names
+    it; a path such as "filter.countries" or "hello.gpus")."""
+    return DomainError(Code.INVALID_ARGUMENT, reason, message, {"field": field, **metadata})
 
 
 def not_found(reason: str, message: str, **metadata: str) -> DomainError:

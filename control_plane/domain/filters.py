@@ -131,24 +131,42 @@ def _compile_cached(raw: bytes) -> Filter:
 def _compile(f: common_pb2.GpuFilter) -> Filter:
     for field in ("countries", "exclude_countries", "regions", "providers"):
         if len(getattr(f, field)) > MAX_FILTER_VALUES:
-            raise errors.invalid("TOO_MANY_FILTER_VALUES", f"{field}: at most {MAX_FILTER_VALUES} values")
+            raise errors.invalid(
+                "TOO_MANY_FILTER_VALUES",
+                f"{field}: at most {MAX_FILTER_VALUES} values",
+                field=f"filter.{field}",
+            )
     if len(f.gpu_model) > 128:
-        raise errors.invalid("INVALID_GPU_MODEL", "gpu_model is longer than 128 characters")
+        raise errors.invalid(
+            "INVALID_GPU_MODEL", "gpu_model is longer than 128 characters", field="filter.gpu_model"
+        )
     for p in f.providers:
         if not valid_id(p):
-            raise errors.invalid("INVALID_PROVIDER", f"providers: {shown(p)} is not a valid provider name")
+            raise errors.invalid(
+                "INVALID_PROVIDER",
+                f"providers: {shown(p)} is not a valid provider name",
+                field="filter.providers",
+            )
     near = None
     if f.HasField("near"):
         n = f.near
         if not valid_coordinates(n.latitude, n.longitude):
             raise errors.invalid(
-                "INVALID_COORDINATES", "near: latitude must be in [-90, 90], longitude in [-180, 180]"
+                "INVALID_COORDINATES",
+                "near: latitude must be in [-90, 90], longitude in [-180, 180]",
+                field="filter.near",
             )
         if not (math.isfinite(n.radius_km) and n.radius_km > 0):
-            raise errors.invalid("INVALID_RADIUS", "near.radius_km must be a positive number")
+            raise errors.invalid(
+                "INVALID_RADIUS", "near.radius_km must be a positive number", field="filter.near.radius_km"
+            )
         near = Near(n.latitude, n.longitude, n.radius_km)
     if not math.isfinite(f.max_price_per_gpu_hour) or f.max_price_per_gpu_hour < 0:
-        raise errors.invalid("INVALID_PRICE", "max_price_per_gpu_hour must be a non-negative number")
+        raise errors.invalid(
+            "INVALID_PRICE",
+            "max_price_per_gpu_hour must be a non-negative number",
+            field="filter.max_price_per_gpu_hour",
+        )
     return Filter(
         gpu_model=f.gpu_model.strip(),
         min_gpu_memory_bytes=f.min_gpu_memory_bytes,

@@ -31,19 +31,21 @@ class CreateSpec:
 def validate_create(req: lease_pb2.CreateLeaseRequest) -> CreateSpec:
     validate_request_id(req.request_id)
     if req.gpu_count < 1:
-        raise errors.invalid("INVALID_GPU_COUNT", "gpu_count must be at least 1")
+        raise errors.invalid("INVALID_GPU_COUNT", "gpu_count must be at least 1", field="gpu_count")
     if req.gpu_count > MAX_GANG:
         raise errors.exhausted(
             "GANG_TOO_LARGE",
             f"gpu_count {req.gpu_count} exceeds {MAX_GANG}, the most one atomic etcd transaction can grant",
         )
     if req.placement not in _PLACEMENTS:
-        raise errors.invalid("INVALID_PLACEMENT", f"unknown placement {req.placement}")
+        raise errors.invalid("INVALID_PLACEMENT", f"unknown placement {req.placement}", field="placement")
     ttl_s = DEFAULT_TTL_S
     if req.HasField("ttl"):
         if req.ttl.nanos or not MIN_TTL_S <= req.ttl.seconds <= MAX_TTL_S:
             raise errors.invalid(
-                "INVALID_TTL", f"ttl must be a whole number of seconds in [{MIN_TTL_S}, {MAX_TTL_S}]"
+                "INVALID_TTL",
+                f"ttl must be a whole number of seconds in [{MIN_TTL_S}, {MAX_TTL_S}]",
+                field="ttl",
             )
         ttl_s = req.ttl.seconds
     placement = req.placement or lease_pb2.PLACEMENT_SINGLE_NODE

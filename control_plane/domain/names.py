@@ -40,6 +40,7 @@ def parse_node_name(name: str) -> tuple[str, str]:
         raise errors.invalid(
             "INVALID_NODE_NAME",
             f"node name must be providers/{{provider}}/nodes/{{node_id}}, got {shown(name)}",
+            field="name",
         )
     return parts[1], parts[3]
 
@@ -53,7 +54,9 @@ def parse_lease_name(name: str) -> str:
     prefix, _, lease_id = name.partition("/")
     if prefix != "leases" or not _LEASE_ID.fullmatch(lease_id):
         raise errors.invalid(
-            "INVALID_LEASE_NAME", f"lease name must be leases/{{16 hex digits}}, got {shown(name)}"
+            "INVALID_LEASE_NAME",
+            f"lease name must be leases/{{16 hex digits}}, got {shown(name)}",
+            field="name",
         )
     return lease_id
 
@@ -62,5 +65,7 @@ def validate_request_id(request_id: str) -> None:
     """Optional (AIP-155): empty means the request is not idempotent."""
     if request_id and not _REQUEST_ID.fullmatch(request_id):
         raise errors.invalid(
-            "INVALID_REQUEST_ID", "request_id must be 1..128 characters of letters, digits and . _ : -"
+            "INVALID_REQUEST_ID",
+            "request_id must be 1..128 characters of letters, digits and . _ : -",
+            field="request_id",
         )

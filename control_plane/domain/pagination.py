@@ -16,7 +16,7 @@ MAX_OFFSET = 10_000_000
 
 def page_size(requested: int) -> int:
     if requested < 0:
-        raise errors.invalid("INVALID_PAGE_SIZE", "page_size must not be negative")
+        raise errors.invalid("INVALID_PAGE_SIZE", "page_size must not be negative", field="page_size")
     return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 

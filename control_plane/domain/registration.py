@@ -36,18 +36,21 @@ MAX_REASON_MESSAGE = 256
 _HEALTH_VALUES = frozenset(common_pb2.GpuHealth.values())
 
 
-def validate_health(health: int, reasons: Sequence[common_pb2.HealthReason], where: str) -> None:
+def validate_health(health: int, reasons: Sequence[common_pb2.HealthReason], where: str, field: str) -> None:
     """A GPU's health as a daemon reports it: a known value and a bounded list of reasons."""
     if health not in _HEALTH_VALUES:
-        raise errors.invalid("INVALID_HEALTH", f"{where}: health {health} is not a GpuHealth value")
+        raise errors.invalid(
+            "INVALID_HEALTH", f"{where}: health {health} is not a GpuHealth value", field=field
+        )
     if len(reasons) > MAX_REASONS:
-        raise errors.invalid("INVALID_HEALTH", f"{where}: at most {MAX_REASONS} health reasons")
+        raise errors.invalid("INVALID_HEALTH", f"{where}: at most {MAX_REASONS} health reasons", field=field)
     for r in reasons:
         if len(r.code) > MAX_REASON_CODE or len(r.message) > MAX_REASON_MESSAGE:
             raise errors.invalid(
                 "INVALID_HEALTH",
                 f"{where}: a health reason's code is at most {MAX_REASON_CODE} characters, "
                 f"its message {MAX_REASON_MESSAGE}",
+                field=field,
             )
 
 
@@ -58,13 +61,15 @@ def reported_health(report: common_pb2.NodeReport) -> dict[str, tuple[int, list[
     read; a message is built only for a report that fails."""
     gpus = report.gpus
     if len(gpus) > MAX_GPUS_PER_NODE:
-        raise errors.invalid("INVALID_REPORT", f"a report carries at most {MAX_GPUS_PER_NODE} GPU samples")
+        raise errors.invalid(
+            "INVALID_REPORT", f"a report carries at most {MAX_GPUS_PER_NODE} GPU samples", field="report.gpus"
+        )
     out: dict[str, tuple[int, list[common_pb2.HealthReason]]] = {
         g.uuid: (int(g.health), list(g.health_reasons)) for g in gpus
     }
     for uuid, (health, reasons) in out.items():
         if health not in _HEALTH_VALUES or reasons:  # reasons are rare: check them in full
-            validate_health(health, reasons, f"GPU {shown(uuid)}")
+            validate_health(health, reasons, f"GPU {shown(uuid)}", "report.gpus.health")
     return out
 
 
@@ -78,41 +83,63 @@ def validate_hello(hello: node_pb2.NodeHello, provider: str) -> None:
         raise errors.invalid(
             "INVALID_NODE_ID",
             f"node_id {shown(hello.node_id)} must be a DNS label (a-z, 0-9, . and -)",
+            field="hello.node_id",
         )
     loc = hello.location
     if not is_country_code(loc.country_code):
         raise errors.invalid(
             "INVALID_COUNTRY_CODE",
             f"location.country_code {shown(loc.country_code)} is not ISO 3166-1 alpha-2",
+            field="hello.location.country_code",
         )
     if not valid_coordinates(loc.latitude, loc.longitude):
         raise errors.invalid(
-            "INVALID_COORDINATES", "latitude must be in [-90, 90] and longitude in [-180, 180]"
+            "INVALID_COORDINATES",
+            "latitude must be in [-90, 90] and longitude in [-180, 180]",
+            field="hello.location",
         )
     if len(loc.region) > 63 or len(loc.zone) > 63:
-        raise errors.invalid("INVALID_LOCATION", "region and zone are at most 63 characters")
+        raise errors.invalid(
+            "INVALID_LOCATION", "region and zone are at most 63 characters", field="hello.location"
+        )
     if not (math.isfinite(hello.price_per_gpu_hour) and 0 <= hello.price_per_gpu_hour <= MAX_PRICE):
-        raise errors.invalid("INVALID_PRICE", "price_per_gpu_hour must be a number in [0, 1e6]")
+        raise errors.invalid(
+            "INVALID_PRICE",
+            "price_per_gpu_hour must be a number in [0, 1e6]",
+            field="hello.price_per_gpu_hour",
+        )
     if hello.currency_code and not _CURRENCY.fullmatch(hello.currency_code):
-        raise errors.invalid("INVALID_CURRENCY", "currency_code must be an ISO 4217 code such as USD")
+        raise errors.invalid(
+            "INVALID_CURRENCY",
+            "currency_code must be an ISO 4217 code such as USD",
+            field="hello.currency_code",
+        )
     if not 1 <= len(hello.gpus) <= MAX_GPUS_PER_NODE:
-        raise errors.invalid("INVALID_INVENTORY", f"a node must report 1..{MAX_GPUS_PER_NODE} GPUs")
+        raise errors.invalid(
+            "INVALID_INVENTORY", f"a node must report 1..{MAX_GPUS_PER_NODE} GPUs", field="hello.gpus"
+        )
     seen: set[str] = set()
     for gpu in hello.gpus:
         if not _UUID.fullmatch(gpu.uuid) or gpu.uuid in seen:
-            raise errors.invalid("INVALID_INVENTORY", f"GPU uuid {shown(gpu.uuid)} is malformed or repeated")
+            raise errors.invalid(
+                "INVALID_INVENTORY",
+                f"GPU uuid {shown(gpu.uuid)} is malformed or repeated",
+                field="hello.gpus.uuid",
+            )
         seen.add(gpu.uuid)
         if not gpu.model or len(gpu.model) > 128:
-            raise errors.invalid("INVALID_INVENTORY", f"GPU {gpu.uuid} has no model name")
-        validate_health(gpu.health, gpu.health_reasons, f"GPU {gpu.uuid}")
+            raise errors.invalid(
+                "INVALID_INVENTORY", f"GPU {gpu.uuid} has no model name", field="hello.gpus.model"
+            )
+        validate_health(gpu.health, gpu.health_reasons, f"GPU {gpu.uuid}", "hello.gpus.health")
     for field in ("daemon_version", "driver_version", "cuda_driver_version"):
         if len(getattr(hello, field)) > MAX_VERSION:
             raise errors.invalid("INVALID_HELLO", f"{field} is at most {MAX_VERSION} characters", field=field)
     if len(hello.labels) > MAX_LABELS:
-        raise errors.invalid("INVALID_LABELS", f"at most {MAX_LABELS} labels")
+        raise errors.invalid("INVALID_LABELS", f"at most {MAX_LABELS} labels", field="hello.labels")
     for k, v in hello.labels.items():
         if not _LABEL_KEY.fullmatch(k) or len(v) > 256:
-            raise errors.invalid("INVALID_LABELS", f"label {shown(k)} is malformed")
+            raise errors.invalid("INVALID_LABELS", f"label {shown(k)} is malformed", field="hello.labels")
 
 
 def check_certificate(provider: str, uris: list[str], trust_domain: str) -> None:

@@ -8,6 +8,7 @@ import grpc
 
 from control_plane import auth
 from control_plane.app.admin import Admin
+from control_plane.app.quotas import Quotas
 from gpufed.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 
 Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
@@ -15,8 +16,9 @@ NodeState = common_pb2.NodeState
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, admin: Admin) -> None:
+    def __init__(self, admin: Admin, quotas: Quotas) -> None:
         self.admin = admin
+        self.quotas = quotas
 
     async def CordonNode(
         self, request: admin_pb2.CordonNodeRequest, context: Ctx
@@ -65,3 +67,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.DeleteTokenResponse:
         await self.admin.delete_token(request.name)
         return admin_pb2.DeleteTokenResponse()
+
+    async def SetQuota(self, request: admin_pb2.SetQuotaRequest, context: Ctx) -> admin_pb2.SetQuotaResponse:
+        return admin_pb2.SetQuotaResponse(quota=await self.quotas.set(request.quota))
+
+    async def GetQuota(self, request: admin_pb2.GetQuotaRequest, context: Ctx) -> admin_pb2.GetQuotaResponse:
+        return self.quotas.get(request.name, auth.current_principal())

@@ -277,10 +277,15 @@ class ListUsageRecordsRequest(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
-    """Only this provider's records."""
+    """Only this provider's records (a provider token: its own, or empty for its own)."""
     page_size: _builtins.int
+    """0..1000; 0 means 100."""
     page_token: _builtins.str
+    """From the previous response; at most 512 characters, bound to the same filters."""
+    tenant: _builtins.str
+    """Only this tenant's records (a tenant token: its own, or empty for its own)."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Records whose end_time is in [start_time, end_time)."""
@@ -295,10 +300,11 @@ class ListUsageRecordsRequest(_message.Message):
         end_time: _timestamp_pb2.Timestamp | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "page_size", b"page_size", "page_token", b"page_token", "provider", b"provider", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "page_size", b"page_size", "page_token", b"page_token", "provider", b"provider", "start_time", b"start_time", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -474,3 +480,218 @@ class DeleteTokenResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteTokenResponse: _TypeAlias = DeleteTokenResponse  # noqa: Y015
+
+@_typing.final
+class TenantQuota(_message.Message):
+    """Limits of one tenant. Zero means "the replica's default" (its --quota-* flags). Exceeding one
+    answers RESOURCE_EXHAUSTED with the reason named on the field.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_GPUS_FIELD_NUMBER: _builtins.int
+    MAX_LEASES_FIELD_NUMBER: _builtins.int
+    CREATE_LEASES_PER_SECOND_FIELD_NUMBER: _builtins.int
+    CREATE_LEASES_BURST_FIELD_NUMBER: _builtins.int
+    MAX_STREAMS_FIELD_NUMBER: _builtins.int
+    max_gpus: _builtins.int
+    """GPUs held at once over all active leases, 1..100000 (QUOTA_GPUS)."""
+    max_leases: _builtins.int
+    """Active leases at once, 1..100000 (QUOTA_LEASES)."""
+    create_leases_per_second: _builtins.float
+    """CreateLease calls per second, a token bucket per replica, 0.01..10000 (RATE_LIMITED, with a
+    google.rpc.RetryInfo saying when the next call may succeed).
+    """
+    create_leases_burst: _builtins.int
+    """The bucket's size: calls that may come at once, 1..100000."""
+    max_streams: _builtins.int
+    """Concurrent streams (WatchLease, WatchCapacity, KeepAlive) per replica, 1..10000
+    (TOO_MANY_STREAMS).
+    """
+    def __init__(
+        self,
+        *,
+        max_gpus: _builtins.int = ...,
+        max_leases: _builtins.int = ...,
+        create_leases_per_second: _builtins.float = ...,
+        create_leases_burst: _builtins.int = ...,
+        max_streams: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_leases_burst", b"create_leases_burst", "create_leases_per_second", b"create_leases_per_second", "max_gpus", b"max_gpus", "max_leases", b"max_leases", "max_streams", b"max_streams"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TenantQuota: _TypeAlias = TenantQuota  # noqa: Y015
+
+@_typing.final
+class ProviderQuota(_message.Message):
+    """Limits of one provider. Zero means "the replica's default"."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_NODES_FIELD_NUMBER: _builtins.int
+    MAX_GPUS_PER_NODE_FIELD_NUMBER: _builtins.int
+    REPORTS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    REPORT_BURST_FIELD_NUMBER: _builtins.int
+    max_nodes: _builtins.int
+    """Registered nodes, 1..100000 (QUOTA_NODES on the hello of one more node)."""
+    max_gpus_per_node: _builtins.int
+    """GPUs in one node's hello, 1..1024 (QUOTA_NODE_GPUS)."""
+    reports_per_second: _builtins.float
+    """Reports and events per second on one node's stream, a token bucket, 0.01..1000; a stream
+    that goes past it ends with RESOURCE_EXHAUSTED RATE_LIMITED and a RetryInfo.
+    """
+    report_burst: _builtins.int
+    """The bucket's size, 1..10000."""
+    def __init__(
+        self,
+        *,
+        max_nodes: _builtins.int = ...,
+        max_gpus_per_node: _builtins.int = ...,
+        reports_per_second: _builtins.float = ...,
+        report_burst: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_gpus_per_node", b"max_gpus_per_node", "max_nodes", b"max_nodes", "report_burst", b"report_burst", "reports_per_second", b"reports_per_second"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProviderQuota: _TypeAlias = ProviderQuota  # noqa: Y015
+
+@_typing.final
+class Quota(_message.Message):
+    """Name: "quotas/tenants/{tenant}" or "quotas/providers/{provider}"."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    @_builtins.property
+    def tenant(self) -> Global___TenantQuota:
+        """Set for a tenant's quota."""
+
+    @_builtins.property
+    def provider(self) -> Global___ProviderQuota:
+        """Set for a provider's quota."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        tenant: Global___TenantQuota | None = ...,
+        provider: Global___ProviderQuota | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["provider", b"provider", "tenant", b"tenant", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "provider", b"provider", "tenant", b"tenant", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Quota: _TypeAlias = Quota  # noqa: Y015
+
+@_typing.final
+class SetQuotaRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUOTA_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def quota(self) -> Global___Quota:
+        """Its name says whose; exactly the matching one of tenant / provider is read."""
+
+    def __init__(
+        self,
+        *,
+        quota: Global___Quota | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quota", b"quota"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["quota", b"quota"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetQuotaRequest: _TypeAlias = SetQuotaRequest  # noqa: Y015
+
+@_typing.final
+class SetQuotaResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUOTA_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def quota(self) -> Global___Quota:
+        """The effective quota after the change."""
+
+    def __init__(
+        self,
+        *,
+        quota: Global___Quota | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quota", b"quota"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["quota", b"quota"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetQuotaResponse: _TypeAlias = SetQuotaResponse  # noqa: Y015
+
+@_typing.final
+class GetQuotaRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"quotas/tenants/{tenant}" or "quotas/providers/{provider}"."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetQuotaRequest: _TypeAlias = GetQuotaRequest  # noqa: Y015
+
+@_typing.final
+class GetQuotaResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUOTA_FIELD_NUMBER: _builtins.int
+    ACTIVE_LEASES_FIELD_NUMBER: _builtins.int
+    HELD_GPUS_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
+    active_leases: _builtins.int
+    """In use now: for a tenant, its active leases and the GPUs they hold; for a provider, its
+    registered nodes (the GPU fields stay zero).
+    """
+    held_gpus: _builtins.int
+    nodes: _builtins.int
+    @_builtins.property
+    def quota(self) -> Global___Quota:
+        """Effective: overrides merged over the defaults."""
+
+    def __init__(
+        self,
+        *,
+        quota: Global___Quota | None = ...,
+        active_leases: _builtins.int = ...,
+        held_gpus: _builtins.int = ...,
+        nodes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quota", b"quota"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_leases", b"active_leases", "held_gpus", b"held_gpus", "nodes", b"nodes", "quota", b"quota"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetQuotaResponse: _TypeAlias = GetQuotaResponse  # noqa: Y015

@@ -26,8 +26,9 @@ if _version_not_supported:
 
 
 class AdminServiceStub:
-    """Operator RPCs. Every RPC needs an admin token, except ListUsageRecords which a provider
-    token may call for its own provider.
+    """Operator RPCs. Every RPC needs an admin token, except ListUsageRecords (a tenant or provider
+    token sees its own records) and GetQuota (a tenant or provider token reads its own quota).
+    Who may call what is docs/api.md's table, rendered from control_plane/authorization.py.
     """
 
     def __init__(self, channel):
@@ -76,11 +77,22 @@ class AdminServiceStub:
                 request_serializer=gpufed_dot_v1_dot_admin__pb2.DeleteTokenRequest.SerializeToString,
                 response_deserializer=gpufed_dot_v1_dot_admin__pb2.DeleteTokenResponse.FromString,
                 _registered_method=True)
+        self.SetQuota = channel.unary_unary(
+                '/gpufed.v1.AdminService/SetQuota',
+                request_serializer=gpufed_dot_v1_dot_admin__pb2.SetQuotaRequest.SerializeToString,
+                response_deserializer=gpufed_dot_v1_dot_admin__pb2.SetQuotaResponse.FromString,
+                _registered_method=True)
+        self.GetQuota = channel.unary_unary(
+                '/gpufed.v1.AdminService/GetQuota',
+                request_serializer=gpufed_dot_v1_dot_admin__pb2.GetQuotaRequest.SerializeToString,
+                response_deserializer=gpufed_dot_v1_dot_admin__pb2.GetQuotaResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
-    """Operator RPCs. Every RPC needs an admin token, except ListUsageRecords which a provider
-    token may call for its own provider.
+    """Operator RPCs. Every RPC needs an admin token, except ListUsageRecords (a tenant or provider
+    token sees its own records) and GetQuota (a tenant or provider token reads its own quota).
+    Who may call what is docs/api.md's table, rendered from control_plane/authorization.py.
     """
 
     def CordonNode(self, request, context):
@@ -113,7 +125,9 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListUsageRecords(self, request, context):
-        """Usage records of ended leases, ordered by end time. A provider token sees only its own.
+        """Usage records of ended leases, ordered by end time. A provider token sees only its own
+        provider's records, a tenant token only its own tenant's; asking for another's is
+        PERMISSION_DENIED OTHER_PROVIDER / OTHER_TENANT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -136,6 +150,23 @@ class AdminServiceServicer:
     def DeleteToken(self, request, context):
         """Deletes a token; later calls with it are UNAUTHENTICATED (at once on the replica that
         answered, on the others as soon as their watch delivers the change). NOT_FOUND if unknown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetQuota(self, request, context):
+        """Sets a tenant's or a provider's quota; unset (zero) fields fall back to the replica's
+        defaults (flags). Takes effect on every replica as soon as its watch delivers the change.
+        INVALID_ARGUMENT INVALID_QUOTA for a name or value out of bounds. Audited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetQuota(self, request, context):
+        """The effective quota (overrides merged over the defaults) and what is in use now. A tenant
+        or provider token may read its own (PERMISSION_DENIED OTHER_PRINCIPAL otherwise).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -184,6 +215,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     request_deserializer=gpufed_dot_v1_dot_admin__pb2.DeleteTokenRequest.FromString,
                     response_serializer=gpufed_dot_v1_dot_admin__pb2.DeleteTokenResponse.SerializeToString,
             ),
+            'SetQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetQuota,
+                    request_deserializer=gpufed_dot_v1_dot_admin__pb2.SetQuotaRequest.FromString,
+                    response_serializer=gpufed_dot_v1_dot_admin__pb2.SetQuotaResponse.SerializeToString,
+            ),
+            'GetQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetQuota,
+                    request_deserializer=gpufed_dot_v1_dot_admin__pb2.GetQuotaRequest.FromString,
+                    response_serializer=gpufed_dot_v1_dot_admin__pb2.GetQuotaResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'gpufed.v1.AdminService', rpc_method_handlers)
@@ -193,8 +234,9 @@ def add_AdminServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AdminService:
-    """Operator RPCs. Every RPC needs an admin token, except ListUsageRecords which a provider
-    token may call for its own provider.
+    """Operator RPCs. Every RPC needs an admin token, except ListUsageRecords (a tenant or provider
+    token sees its own records) and GetQuota (a tenant or provider token reads its own quota).
+    Who may call what is docs/api.md's table, rendered from control_plane/authorization.py.
     """
 
     @staticmethod
@@ -403,6 +445,60 @@ class AdminService:
             '/gpufed.v1.AdminService/DeleteToken',
             gpufed_dot_v1_dot_admin__pb2.DeleteTokenRequest.SerializeToString,
             gpufed_dot_v1_dot_admin__pb2.DeleteTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpufed.v1.AdminService/SetQuota',
+            gpufed_dot_v1_dot_admin__pb2.SetQuotaRequest.SerializeToString,
+            gpufed_dot_v1_dot_admin__pb2.SetQuotaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpufed.v1.AdminService/GetQuota',
+            gpufed_dot_v1_dot_admin__pb2.GetQuotaRequest.SerializeToString,
+            gpufed_dot_v1_dot_admin__pb2.GetQuotaResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,8 +27,9 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class AdminServiceStub:
-    """Operator RPCs. Every RPC needs an admin token, except ListUsageRecords which a provider
-    token may call for its own provider.
+    """Operator RPCs. Every RPC needs an admin token, except ListUsageRecords (a tenant or provider
+    token sees its own records) and GetQuota (a tenant or provider token reads its own quota).
+    Who may call what is docs/api.md's table, rendered from control_plane/authorization.py.
     """
 
     @_typing.overload
@@ -46,7 +47,10 @@ class AdminServiceStub:
     RevokeLease: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeLeaseRequest, _admin_pb2.RevokeLeaseResponse]
     """Ends any tenant's lease now (reason REVOKED). Idempotent."""
     ListUsageRecords: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListUsageRecordsRequest, _admin_pb2.ListUsageRecordsResponse]
-    """Usage records of ended leases, ordered by end time. A provider token sees only its own."""
+    """Usage records of ended leases, ordered by end time. A provider token sees only its own
+    provider's records, a tenant token only its own tenant's; asking for another's is
+    PERMISSION_DENIED OTHER_PROVIDER / OTHER_TENANT.
+    """
     CreateToken: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateTokenRequest, _admin_pb2.CreateTokenResponse]
     """Creates an access token. The secret is returned once; only its hash is stored."""
     ListTokens: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListTokensRequest, _admin_pb2.ListTokensResponse]
@@ -55,11 +59,21 @@ class AdminServiceStub:
     """Deletes a token; later calls with it are UNAUTHENTICATED (at once on the replica that
     answered, on the others as soon as their watch delivers the change). NOT_FOUND if unknown.
     """
+    SetQuota: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetQuotaRequest, _admin_pb2.SetQuotaResponse]
+    """Sets a tenant's or a provider's quota; unset (zero) fields fall back to the replica's
+    defaults (flags). Takes effect on every replica as soon as its watch delivers the change.
+    INVALID_ARGUMENT INVALID_QUOTA for a name or value out of bounds. Audited.
+    """
+    GetQuota: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetQuotaRequest, _admin_pb2.GetQuotaResponse]
+    """The effective quota (overrides merged over the defaults) and what is in use now. A tenant
+    or provider token may read its own (PERMISSION_DENIED OTHER_PRINCIPAL otherwise).
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
-    """Operator RPCs. Every RPC needs an admin token, except ListUsageRecords which a provider
-    token may call for its own provider.
+    """Operator RPCs. Every RPC needs an admin token, except ListUsageRecords (a tenant or provider
+    token sees its own records) and GetQuota (a tenant or provider token reads its own quota).
+    Who may call what is docs/api.md's table, rendered from control_plane/authorization.py.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -74,7 +88,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     RevokeLease: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeLeaseRequest, _admin_pb2.RevokeLeaseResponse]  # type: ignore[assignment]
     """Ends any tenant's lease now (reason REVOKED). Idempotent."""
     ListUsageRecords: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListUsageRecordsRequest, _admin_pb2.ListUsageRecordsResponse]  # type: ignore[assignment]
-    """Usage records of ended leases, ordered by end time. A provider token sees only its own."""
+    """Usage records of ended leases, ordered by end time. A provider token sees only its own
+    provider's records, a tenant token only its own tenant's; asking for another's is
+    PERMISSION_DENIED OTHER_PROVIDER / OTHER_TENANT.
+    """
     CreateToken: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateTokenRequest, _admin_pb2.CreateTokenResponse]  # type: ignore[assignment]
     """Creates an access token. The secret is returned once; only its hash is stored."""
     ListTokens: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListTokensRequest, _admin_pb2.ListTokensResponse]  # type: ignore[assignment]
@@ -83,10 +100,20 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Deletes a token; later calls with it are UNAUTHENTICATED (at once on the replica that
     answered, on the others as soon as their watch delivers the change). NOT_FOUND if unknown.
     """
+    SetQuota: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetQuotaRequest, _admin_pb2.SetQuotaResponse]  # type: ignore[assignment]
+    """Sets a tenant's or a provider's quota; unset (zero) fields fall back to the replica's
+    defaults (flags). Takes effect on every replica as soon as its watch delivers the change.
+    INVALID_ARGUMENT INVALID_QUOTA for a name or value out of bounds. Audited.
+    """
+    GetQuota: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetQuotaRequest, _admin_pb2.GetQuotaResponse]  # type: ignore[assignment]
+    """The effective quota (overrides merged over the defaults) and what is in use now. A tenant
+    or provider token may read its own (PERMISSION_DENIED OTHER_PRINCIPAL otherwise).
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Operator RPCs. Every RPC needs an admin token, except ListUsageRecords which a provider
-    token may call for its own provider.
+    """Operator RPCs. Every RPC needs an admin token, except ListUsageRecords (a tenant or provider
+    token sees its own records) and GetQuota (a tenant or provider token reads its own quota).
+    Who may call what is docs/api.md's table, rendered from control_plane/authorization.py.
     """
 
     @_abc_1.abstractmethod
@@ -129,7 +156,10 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ListUsageRecordsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListUsageRecordsResponse, _abc.Awaitable[_admin_pb2.ListUsageRecordsResponse]]:
-        """Usage records of ended leases, ordered by end time. A provider token sees only its own."""
+        """Usage records of ended leases, ordered by end time. A provider token sees only its own
+        provider's records, a tenant token only its own tenant's; asking for another's is
+        PERMISSION_DENIED OTHER_PROVIDER / OTHER_TENANT.
+        """
 
     @_abc_1.abstractmethod
     def CreateToken(
@@ -155,6 +185,27 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.DeleteTokenResponse, _abc.Awaitable[_admin_pb2.DeleteTokenResponse]]:
         """Deletes a token; later calls with it are UNAUTHENTICATED (at once on the replica that
         answered, on the others as soon as their watch delivers the change). NOT_FOUND if unknown.
+        """
+
+    @_abc_1.abstractmethod
+    def SetQuota(
+        self,
+        request: _admin_pb2.SetQuotaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SetQuotaResponse, _abc.Awaitable[_admin_pb2.SetQuotaResponse]]:
+        """Sets a tenant's or a provider's quota; unset (zero) fields fall back to the replica's
+        defaults (flags). Takes effect on every replica as soon as its watch delivers the change.
+        INVALID_ARGUMENT INVALID_QUOTA for a name or value out of bounds. Audited.
+        """
+
+    @_abc_1.abstractmethod
+    def GetQuota(
+        self,
+        request: _admin_pb2.GetQuotaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.GetQuotaResponse, _abc.Awaitable[_admin_pb2.GetQuotaResponse]]:
+        """The effective quota (overrides merged over the defaults) and what is in use now. A tenant
+        or provider token may read its own (PERMISSION_DENIED OTHER_PRINCIPAL otherwise).
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -80,7 +80,7 @@ async def _raise(exc: BaseException) -> None:
         ),
         (errors.aborted("LEASE_CHANGING", "retry"), grpc.StatusCode.ABORTED, "LEASE_CHANGING"),
         (StoreUnavailable("etcd gone"), grpc.StatusCode.UNAVAILABLE, "ETCD_UNAVAILABLE"),
-        (RuntimeError("a bug"), grpc.StatusCode.UNAVAILABLE, "REPLICA_ERROR"),
+        (RuntimeError("a bug"), grpc.StatusCode.INTERNAL, "INTERNAL_ERROR"),
     ],
 )
 def test_every_failure_becomes_a_status_with_one_error_info(

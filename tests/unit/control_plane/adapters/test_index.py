@@ -73,3 +73,21 @@ def test_load_replaces_the_view_and_tells_one_resync_not_each_key() -> None:
     inv.load([KV(f"{P}/nodes/p/new", node.SerializeToString(), 9)], 10)
     assert list(inv.nodes) == ["providers/p/nodes/new"] and inv.revision == 10
     assert [c.kind for c in seen] == [ChangeKind.RESYNC]
+
+
+def test_a_tenants_holds_and_a_providers_nodes_are_counted_as_records_come_and_go() -> None:
+    inv = Inventory(Keyspace(P))
+    for i, (tenant, gpus) in enumerate([("t", 2), ("t", 3), ("u", 1)]):
+        lease = lease_pb2.Lease(name=f"leases/{i}", tenant=tenant)
+        for g in range(gpus):
+            lease.gpus.add(uuid=f"g{i}{g}")
+        inv.apply(f"{P}/leases/{i}".encode(), lease.SerializeToString(), 10 + i, 10 + i)
+    assert inv.tenant_holds("t") == (2, 5) and inv.tenant_holds("u") == (1, 1)
+    inv.apply(f"{P}/leases/0".encode(), None, 20)
+    assert inv.tenant_holds("t") == (1, 3) and inv.tenant_holds("nobody") == (0, 0)
+    add_node(inv, "p", "a", "DE", 2.0)
+    add_node(inv, "p", "b", "DE", 2.0)
+    add_node(inv, "p", "a", "DE", 3.0)  # an update is not a new node
+    assert inv.provider_nodes("p") == 2
+    inv.apply(f"{P}/nodes/p/a".encode(), None, 30)
+    assert inv.provider_nodes("p") == 1 and inv.provider_nodes("q") == 0

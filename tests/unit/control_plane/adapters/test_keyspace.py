@@ -13,6 +13,9 @@ def test_records_live_under_the_prefix_and_records_beside_it() -> None:
     assert K.node("p", "n") == "/gpufed/nodes/p/n"
     assert K.alloc("p", "n", "g") == "/gpufed/alloc/p/n/g"
     assert K.request("t", "r") == "/gpufed.records/requests/t/r"
+    assert K.hold("t", "00ff") == "/gpufed.records/holds/t/00ff"
+    assert K.hold("t", "00ff").startswith(K.holds_dir("t"))
+    assert not K.hold("tt", "00ff").startswith(K.holds_dir("t"))
     assert K.relative(b"/gpufed/alloc/p/n/g") == ["alloc", "p", "n", "g"]
 
 
@@ -26,6 +29,7 @@ def test_records_live_under_the_prefix_and_records_beside_it() -> None:
         (K.token("t1"), Key(KeyKind.TOKEN, "t1")),
         (K.replica("r1"), Key(KeyKind.REPLICA, "r1")),
         (K.leader, Key(KeyKind.LEADER, "leader")),
+        (K.quota("tenants", "acme"), Key(KeyKind.QUOTA, "tenants/acme")),
     ],
 )
 def test_every_watched_key_parses_to_its_kind_and_resource(key: str, parsed: Key) -> None:

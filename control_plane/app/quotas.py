@@ -1,0 +1,198 @@
+"""Quotas as the replica applies them: limits from the watched overrides over the defaults,
+exact counts for leases and nodes, token buckets and stream slots per replica.
+
+Where each limit holds:
+- GPUs held and active leases: exact across replicas. The grant Txn compares the tenant's
+  holds unchanged since the revision they were counted at (control_plane.app.lease_txns).
+- Nodes: exact as well; a new node's record is created only if none of the provider's node
+  records was created since the count.
+- CreateLease rate and concurrent streams: per replica (a client spread over N replicas gets N
+  times the rate), as local rate limits are; documented in docs/operations.md.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import asdict
+from typing import Any
+
+from control_plane.adapters.index import Inventory
+from control_plane.adapters.store import EtcdStore, delete
+from control_plane.auth import Kind, Principal
+from control_plane.domain import errors, quotas
+from control_plane.domain.quotas import ProviderLimits, TenantLimits, TokenBucket
+from gpufed.clock import SYSTEM, Clock
+from gpufed.logs import get_logger
+from gpufed.v1 import admin_pb2
+
+audit = get_logger("gpufed.audit")
+# Buckets are per principal; principals are authenticated tokens, so this only bounds memory
+# against a very large number of tokens (an evicted bucket starts full again).
+MAX_BUCKETS = 100_000
+
+
+class Quotas:
+    def __init__(
+        self,
+        store: EtcdStore,
+        inventory: Inventory,
+        tenant_default: TenantLimits | None = None,
+        provider_default: ProviderLimits | None = None,
+        clock: Clock = SYSTEM,
+    ) -> None:
+        self.store = store
+        self.keys = store.keys
+        self.inv = inventory
+        self.tenant_default = tenant_default or TenantLimits()
+        self.provider_default = provider_default or ProviderLimits()
+        self.clock = clock
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        self.streams: dict[str, int] = {}
+
+    # -- limits ---------------------------------------------------------------------------------
+
+    def _record(self, kind: str, principal: str) -> dict[str, Any]:
+        raw = self.inv.quotas.get(f"{kind}/{principal}")
+        if raw is None:
+            return {}
+        try:
+            found = json.loads(raw)
+        except ValueError:
+            return {}
+        return found if isinstance(found, dict) else {}
+
+    def _overrides(self, kind: str, principal: str) -> dict[str, float]:
+        limits = self._record(kind, principal).get("limits")
+        return limits if isinstance(limits, dict) else {}
+
+    def tenant(self, name: str) -> TenantLimits:
+        return quotas.tenant_limits(self.tenant_default, self._overrides(quotas.TENANTS, name))
+
+    def provider(self, name: str) -> ProviderLimits:
+        return quotas.provider_limits(self.provider_default, self._overrides(quotas.PROVIDERS, name))
+
+    # -- counted limits -------------------------------------------------------------------------
+
+    async def lease_counts(self, tenant: str, fresh: bool) -> tuple[int, int, int]:
+        """(active leases, GPUs held, the revision they were counted at): from the index, or
+        (fresh) from the tenant's holds in etcd, which the index may lag behind on a release."""
+        if not fresh:
+            leases, gpus = self.inv.tenant_holds(tenant)
+            return leases, gpus, self.inv.revision
+        kvs, revision = await self.store.get_prefix(self.keys.holds_dir(tenant))
+        return len(kvs), sum(int(kv.value or b"0") for kv in kvs), revision
+
+    async def check_lease(self, tenant: str, gpus: int) -> int:
+        """The revision the tenant's holds were counted at, if one more lease of `gpus` GPUs
+        stays within its quota; RESOURCE_EXHAUSTED QUOTA_LEASES / QUOTA_GPUS otherwise."""
+        limits = self.tenant(tenant)
+        leases, held, revision = await self.lease_counts(tenant, fresh=False)
+        try:
+            quotas.check_lease(limits, leases, held, gpus)
+        except errors.DomainError:
+            # The index may not have seen a release yet: only etcd may say no.
+            leases, held, revision = await self.lease_counts(tenant, fresh=True)
+            quotas.check_lease(limits, leases, held, gpus)
+        return revision
+
+    def check_node(self, provider: str, node_name: str, gpus: int) -> None:
+        quotas.check_node(
+            self.provider(provider), self.inv.provider_nodes(provider), node_name not in self.inv.nodes, gpus
+        )
+
+    # -- rates and streams ----------------------------------------------------------------------
+
+    def take_create(self, tenant: str) -> None:
+        limits = self.tenant(tenant)
+        now = self.clock.monotonic()
+        bucket = self._buckets.get(tenant)
+        if bucket is None or (bucket.rate, bucket.burst) != (
+            limits.create_leases_per_second,
+            limits.create_leases_burst,
+        ):
+            bucket = TokenBucket.full(limits.create_leases_per_second, limits.create_leases_burst, now)
+            self._buckets[tenant] = bucket
+            if len(self._buckets) > MAX_BUCKETS:
+                self._buckets.popitem(last=False)
+        self._buckets.move_to_end(tenant)
+        wait = bucket.take(now)
+        if wait:
+            raise quotas.rate_limited(
+                f"tenant {tenant} passed its rate of {limits.create_leases_per_second:g} CreateLease/s", wait
+            )
+
+    def report_bucket(self, provider: str) -> TokenBucket:
+        limits = self.provider(provider)
+        return TokenBucket.full(limits.reports_per_second, limits.report_burst, self.clock.monotonic())
+
+    def stream_slot(self, caller: Principal | None) -> AbstractContextManager[None]:
+        """What a streaming RPC holds while it runs: a tenant's stream slot (providers' streams
+        are bounded by their node quota, one per node; operators' are not counted)."""
+        if caller is None or caller.kind is not Kind.TENANT:
+            return nullcontext()
+        return self.stream(caller.name)
+
+    @contextmanager
+    def stream(self, tenant: str) -> Iterator[None]:
+        """One of the tenant's concurrent streams on this replica; TOO_MANY_STREAMS past its quota."""
+        limit = self.tenant(tenant).max_streams
+        open_now = self.streams.get(tenant, 0)
+        if open_now >= limit:
+            raise errors.exhausted(
+                "TOO_MANY_STREAMS",
+                f"tenant {tenant} has {open_now} streams open on this replica, its quota is {limit}",
+                limit=str(limit),
+            )
+        self.streams[tenant] = open_now + 1
+        try:
+            yield
+        finally:
+            left = self.streams[tenant] - 1
+            if left:
+                self.streams[tenant] = left
+            else:
+                del self.streams[tenant]
+
+    # -- admin ----------------------------------------------------------------------------------
+
+    async def set(self, quota: admin_pb2.Quota) -> admin_pb2.Quota:
+        kind, principal, overrides = quotas.overrides_of(quota)
+        key = self.keys.quota(kind, principal)
+        if overrides:
+            record = {"limits": overrides, "update_time_ns": self.clock.time_ns()}
+            revision = await self.store.put(key, json.dumps(record, sort_keys=True).encode())
+        else:  # nothing set: back to the defaults
+            revision = int((await self.store.txn([], [delete(key)])).header.revision)
+        await self.inv.wait_for_revision(revision, timeout=1.0)
+        audit.info("quota set", quota=quota.name, limits=overrides)
+        return self.effective(kind, principal)
+
+    def effective(self, kind: str, principal: str) -> admin_pb2.Quota:
+        out = admin_pb2.Quota(name=f"quotas/{kind}/{principal}")
+        at = self._record(kind, principal).get("update_time_ns")
+        if isinstance(at, int):
+            out.update_time.FromNanoseconds(at)
+        # The limits' field names are the proto's.
+        if kind == quotas.TENANTS:
+            out.tenant.CopyFrom(admin_pb2.TenantQuota(**asdict(self.tenant(principal))))
+        else:
+            out.provider.CopyFrom(admin_pb2.ProviderQuota(**asdict(self.provider(principal))))
+        return out
+
+    def get(self, name: str, caller: Principal) -> admin_pb2.GetQuotaResponse:
+        """The effective quota and its use; a tenant or provider reads only its own."""
+        kind, principal = quotas.parse_quota_name(name)
+        own = {Kind.TENANT: quotas.TENANTS, Kind.PROVIDER: quotas.PROVIDERS}.get(caller.kind)
+        if own is not None and (own, caller.name) != (kind, principal):
+            raise errors.permission_denied(
+                "OTHER_PRINCIPAL", f"a {caller.kind} token reads only its own quota"
+            )
+        out = admin_pb2.GetQuotaResponse(quota=self.effective(kind, principal))
+        if kind == quotas.TENANTS:
+            out.active_leases, out.held_gpus = self.inv.tenant_holds(principal)
+        else:
+            out.nodes = self.inv.provider_nodes(principal)
+        return out
