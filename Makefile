@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: all setup etcd run test test-fast bench proto lint clean
+.PHONY: all setup etcd run test test-fuzz bench proto lint clean
 
 all: test
 
@@ -26,6 +26,10 @@ run: setup
 
 test: setup
 	$(BIN)/pytest -q
+
+# The fuzz suite, 10x deeper than in `make test` (about 15 minutes).
+test-fuzz: setup
+	GPUFED_FUZZ_EXAMPLES=10 $(BIN)/pytest -q tests/fuzz --timeout 3600
 
 bench: setup
 	$(BIN)/python -m bench

@@ -124,6 +124,11 @@ class FailureThrottle:
             return False
         return failures >= self.limit
 
+    def retry_after(self, host: str) -> float:
+        """Seconds until a blocked address may try again."""
+        start, _ = self._counts.get(host, (self.clock.monotonic(), 0))
+        return max(0.0, start + self.window_s - self.clock.monotonic())
+
     def failed(self, host: str) -> None:
         now = self.clock.monotonic()
         start, failures = self._counts.get(host, (now, 0))
@@ -185,9 +190,11 @@ class Authenticator:
             return found
         host = client_host(peer if isinstance(peer, str) else (peer() or ""))
         if host and self.throttle.blocked(host):
-            raise errors.exhausted(
+            err = errors.exhausted(
                 "AUTH_THROTTLED", "too many failed authentications from this address; retry in a minute"
             )
+            err.retry_after_s = self.throttle.retry_after(host)
+            raise err
         try:
             principal = await self._resolve(authorization)
         except errors.DomainError:

@@ -50,6 +50,10 @@ class Config:
     etcd_key: str = ""
     etcd_user: str = ""  # etcd user authentication (the password: GPUFED_ETCD_PASSWORD or the file)
     etcd_password: str = ""
+    # Least seconds between two node-record writes of one node's non-UNHEALTHY health changes.
+    health_write_interval: float = 10.0
+    # Failed authentications one client address may make per minute before AUTH_THROTTLED.
+    auth_failures_per_minute: int = 30
     # Default quotas, for principals without their own (AdminService.SetQuota).
     tenant_quota: TenantLimits = field(default_factory=TenantLimits)
     provider_quota: ProviderLimits = field(default_factory=ProviderLimits)
@@ -170,6 +174,18 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         default=None,
         help="ignore GPUFED_ADMIN_TOKEN once admin tokens exist in etcd (GPUFED_NO_BOOTSTRAP_TOKEN=1)",
     )
+    p.add_argument(
+        "--health-write-interval",
+        type=float,
+        help="least seconds between two health writes of one node, but for UNHEALTHY, which is "
+        "written at once (GPUFED_HEALTH_WRITE_INTERVAL; default 10)",
+    )
+    p.add_argument(
+        "--auth-failures-per-minute",
+        type=int,
+        help="failed authentications per client address and minute before AUTH_THROTTLED "
+        "(GPUFED_AUTH_FAILURES_PER_MINUTE; default 30)",
+    )
     for name in TENANT_BOUNDS:
         p.add_argument(f"--quota-tenant-{name.replace('_', '-')}", type=float, dest=f"qt_{name}")
     for name in PROVIDER_BOUNDS:
@@ -220,6 +236,18 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         etcd_key=s.get(a.etcd_key, "GPUFED_ETCD_KEY", "etcd_key", ""),
         etcd_user=s.get(a.etcd_user, "GPUFED_ETCD_USER", "etcd_user", ""),
         etcd_password=s.get(None, "GPUFED_ETCD_PASSWORD", "etcd_password", ""),
+        health_write_interval=s.get(
+            a.health_write_interval,
+            "GPUFED_HEALTH_WRITE_INTERVAL",
+            "health_write_interval",
+            d.health_write_interval,
+        ),
+        auth_failures_per_minute=s.get(
+            a.auth_failures_per_minute,
+            "GPUFED_AUTH_FAILURES_PER_MINUTE",
+            "auth_failures_per_minute",
+            d.auth_failures_per_minute,
+        ),
         tenant_quota=_limits(s, a, "qt", "tenant", TENANT_BOUNDS, TenantLimits()),
         provider_quota=_limits(s, a, "qp", "provider", PROVIDER_BOUNDS, ProviderLimits()),
     )

@@ -33,6 +33,7 @@ from control_plane.servicers.telemetry import PeerServicer, TelemetryServicer
 from control_plane.tls import ReloadingCertificates, TlsConfigError, check_listeners
 from gpufed.clock import SYSTEM, Clock
 from gpufed.logs import get_logger
+from gpufed.transport import SERVER_OPTIONS
 from gpufed.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -107,6 +108,7 @@ class Replica:
         await self.store.revision()  # fails fast on credentials etcd refuses (StoreRefused)
         self.inventory = Inventory(self.store.keys)
         self.auth = Authenticator(self.store, cfg.admin_token, cfg.peer_token, self.clock)
+        self.auth.throttle.limit = cfg.auth_failures_per_minute
         self.inventory.subscribe(self._on_change)
         self.metrics.watch_inventory(self.inventory)
         self.session = Session(self.store, cfg.session_ttl, on_new_lease=self._on_new_session_lease)
@@ -128,6 +130,7 @@ class Replica:
             self.clock,
             trust_domain=cfg.trust_domain if cfg.client_ca else None,
             quotas=self.quotas,
+            health_write_interval=cfg.health_write_interval,
         )
         self.leases = Leases(self.store, self.inventory, self.metrics, self.clock, self.shutdown, self.quotas)
         self.leases.start()
@@ -150,6 +153,7 @@ class Replica:
                 ("grpc.so_reuseport", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+                *SERVER_OPTIONS,
             ],
         )
         services = Services(

@@ -150,7 +150,10 @@ class RpcWrapper:
         return wrapped
 
     def _wrap(self, h: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        kw = {"request_deserializer": h.request_deserializer, "response_serializer": h.response_serializer}
+        kw = {
+            "request_deserializer": _tolerant(h.request_deserializer),
+            "response_serializer": h.response_serializer,
+        }
         if h.unary_unary:
             return grpc.unary_unary_rpc_method_handler(self._unary(h.unary_unary, method), **kw)
         if h.stream_unary:
@@ -165,7 +168,7 @@ class RpcWrapper:
             call.request = request
             try:
                 await call.begin()
-                call.response = await fn(request, context)
+                call.response = await fn(_checked(request), context)
                 return call.response
             except (DomainError, StoreUnavailable) as e:
                 await call.fail(e)
@@ -187,7 +190,7 @@ class RpcWrapper:
             try:
                 await call.begin()
                 with self.stream_slot(call.principal):
-                    async for item in fn(request, context):
+                    async for item in fn(_checked(request), context):
                         yield item
             except (DomainError, StoreUnavailable) as e:
                 await call.fail(e)
@@ -199,6 +202,51 @@ class RpcWrapper:
                 call.end()
 
         return behaviour
+
+
+class _Malformed:
+    """What a request that does not parse deserializes to: the handler answers INVALID_ARGUMENT
+    (grpc itself would answer UNKNOWN, or INTERNAL, for a deserializer's exception)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as e:
+            return _Malformed(e)
+
+    return parse
+
+
+def _malformed() -> DomainError:
+    return domain_errors.invalid(
+        "MALFORMED_REQUEST", "the request is not a valid protobuf message of this RPC", field="request"
+    )
+
+
+def _checked(request: Any) -> Any:
+    """The request, or for a stream of requests an iterator that refuses a malformed one."""
+    if isinstance(request, _Malformed):
+        raise _malformed()
+    if isinstance(request, Message) or not hasattr(request, "__aiter__"):
+        return request
+    return _checked_stream(request)
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for r in requests:
+        if isinstance(r, _Malformed):
+            raise _malformed()
+        yield r
 
 
 def _target(request: Any, response: Any) -> str:

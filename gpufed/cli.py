@@ -60,6 +60,11 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _codes(value: str) -> list[str]:
+    """Country codes as people type them ("de, fr"): the API takes exact upper-case codes."""
+    return [v.upper() for v in _csv(value)]
+
+
 def _labels(values: list[str] | None) -> dict[str, str]:
     out = {}
     for item in values or []:
@@ -112,8 +117,8 @@ def _add_filter_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("filters")
     g.add_argument("--model", default="", help='GPU model or family, e.g. "H100"')
     g.add_argument("--min-memory-gb", type=float, default=0, help="minimum memory per GPU, GiB")
-    g.add_argument("--country", type=_csv, default=[], help="allowed countries, ISO codes: DE,FR")
-    g.add_argument("--exclude-country", type=_csv, default=[], help="denied countries: US,CN")
+    g.add_argument("--country", type=_codes, default=[], help="allowed countries, ISO codes: DE,FR")
+    g.add_argument("--exclude-country", type=_codes, default=[], help="denied countries: US,CN")
     g.add_argument("--region", type=_csv, default=[], help="regions")
     g.add_argument("--provider", type=_csv, default=[], help="providers")
     g.add_argument("--near", default="", help="LAT,LON,RADIUS_KM")
@@ -407,7 +412,13 @@ def cmd_admin_usage(c: Client, args: argparse.Namespace) -> int:
 
 
 _TENANT_LIMITS = ("max_gpus", "max_leases", "create_leases_per_second", "create_leases_burst", "max_streams")
-_PROVIDER_LIMITS = ("max_nodes", "max_gpus_per_node", "reports_per_second", "report_burst")
+_PROVIDER_LIMITS = (
+    "max_nodes",
+    "max_gpus_per_node",
+    "reports_per_second",
+    "report_burst",
+    "connects_per_minute",
+)
 
 
 def _quota_name(args: argparse.Namespace) -> str:

@@ -24,7 +24,7 @@ import grpc
 from google.protobuf import duration_pb2
 
 from gpufed.errors import error_info, retry_delay
-from gpufed.transport import channel_credentials
+from gpufed.transport import CLIENT_OPTIONS, channel_credentials
 from gpufed.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -152,9 +152,9 @@ class Client:
             credentials = channel_credentials(insecure=insecure)
         self.tls = credentials is not None
         if credentials is not None:
-            self.channel = grpc.secure_channel(self.endpoint, credentials)
+            self.channel = grpc.secure_channel(self.endpoint, credentials, options=CLIENT_OPTIONS)
         else:
-            self.channel = grpc.insecure_channel(self.endpoint)
+            self.channel = grpc.insecure_channel(self.endpoint, options=CLIENT_OPTIONS)
         self.discovery = discovery_pb2_grpc.DiscoveryServiceStub(self.channel)
         self.leases = lease_pb2_grpc.LeaseServiceStub(self.channel)
         self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)

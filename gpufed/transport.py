@@ -47,3 +47,18 @@ def channel_credentials(
     return grpc.ssl_channel_credentials(
         root_certificates=ca_cert, private_key=client_key, certificate_chain=client_cert
     )
+
+
+# Explicit message sizes, the same in every gpufed process. A request is small (the largest, a
+# node's hello, stays far below 1 MiB by the proto's bounds); an answer may carry a page of
+# 1,000 nodes. Past these, gRPC answers RESOURCE_EXHAUSTED before any gpufed code runs.
+MAX_REQUEST_BYTES = 4 << 20
+MAX_RESPONSE_BYTES = 16 << 20
+CLIENT_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_REQUEST_BYTES),
+    ("grpc.max_receive_message_length", MAX_RESPONSE_BYTES),
+]
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+    ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
+]

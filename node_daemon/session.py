@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 
 from gpufed.logs import get_logger
+from gpufed.transport import CLIENT_OPTIONS
 from gpufed.v1 import common_pb2, node_pb2, node_pb2_grpc
 from node_daemon import __version__
 from node_daemon.assignments import Assignments
@@ -176,6 +177,7 @@ class DaemonSession:
             ("grpc.keepalive_time_ms", 10_000),
             ("grpc.keepalive_timeout_ms", 5_000),
             ("grpc.keepalive_permit_without_calls", 1),
+            *CLIENT_OPTIONS,
         ]
         if self.credentials is not None:
             return grpc.aio.secure_channel(endpoint, self.credentials, options=opts)

@@ -277,7 +277,7 @@ ROOMY_TENANT = TenantLimits(
     create_leases_burst=100_000,
     max_streams=10_000,
 )
-ROOMY_PROVIDER = ProviderLimits(reports_per_second=1000, report_burst=10_000)
+ROOMY_PROVIDER = ProviderLimits(reports_per_second=1000, report_burst=10_000, connects_per_minute=6000)
 ROOMY_ENV = {
     **{f"GPUFED_QUOTA_TENANT_{k.upper()}": str(v) for k, v in asdict(ROOMY_TENANT).items()},
     **{f"GPUFED_QUOTA_PROVIDER_{k.upper()}": str(v) for k, v in asdict(ROOMY_PROVIDER).items()},

@@ -4,10 +4,10 @@ reflects, and the capacity watch."""
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 from control_plane.adapters.index import Change, ChangeKind, Inventory
+from control_plane.app.caches import BoundedCache
 from control_plane.domain import errors, offers, pagination
 from control_plane.domain.errors import shown
 from control_plane.domain.filters import compile_filter
@@ -17,6 +17,9 @@ from gpufed.v1 import common_pb2, discovery_pb2
 
 WATCH_QUEUE_LIMIT = 10_000
 OFFER_CACHE_SIZE = 65_536
+# Bytes the caches may hold whatever the requests: answers are pages of up to 1,000 offers.
+ANSWER_CACHE_BYTES = 64 << 20
+OFFER_CACHE_BYTES = 64 << 20
 WatchEvent = discovery_pb2.WatchCapacityResponse
 
 
@@ -25,10 +28,14 @@ class Discovery:
         self.inv = inventory
         self.shutdown = shutdown
         self.cache_size = cache_size
-        self._answers: OrderedDict[bytes, discovery_pb2.SearchOffersResponse] = OrderedDict()
+        self._answers: BoundedCache[bytes, discovery_pb2.SearchOffersResponse] = BoundedCache(
+            cache_size, ANSWER_CACHE_BYTES
+        )
         # Offers by (node, node record revision, GPUs): what an offer holds follows from these,
         # so under lease churn only the node that changed builds its offer again.
-        self._offers: OrderedDict[tuple[str, int, tuple[str, ...]], discovery_pb2.Offer] = OrderedDict()
+        self._offers: BoundedCache[tuple[str, int, tuple[str, ...]], discovery_pb2.Offer] = BoundedCache(
+            OFFER_CACHE_SIZE, OFFER_CACHE_BYTES
+        )
 
     def search(self, request: discovery_pb2.SearchOffersRequest) -> discovery_pb2.SearchOffersResponse:
         # Answers depend only on the request and the index revision (not on the caller), so the
@@ -37,13 +44,10 @@ class Discovery:
         key = request.SerializeToString(deterministic=True)
         hit = self._answers.get(key)
         if hit is not None and hit.revision == self.inv.revision:
-            self._answers.move_to_end(key)
             return hit
         resp = self._search(request)
         if self.cache_size:
-            self._answers[key] = resp
-            if len(self._answers) > self.cache_size:
-                self._answers.popitem(last=False)
+            self._answers.put(key, resp, len(key) + resp.ByteSize())
         return resp
 
     def _search(self, request: discovery_pb2.SearchOffersRequest) -> discovery_pb2.SearchOffersResponse:
@@ -66,9 +70,8 @@ class Discovery:
         key = (c.name, c.mod_revision, tuple(g.uuid for g in c.gpus))
         offer = self._offers.get(key)
         if offer is None:
-            offer = self._offers[key] = offers.base_offer(c)
-            if len(self._offers) > OFFER_CACHE_SIZE:
-                self._offers.popitem(last=False)
+            offer = offers.base_offer(c)
+            self._offers.put(key, offer, offer.ByteSize() + 64 * len(key[2]) + 100)
         if c.distance_km is None:
             return offer
         near = discovery_pb2.Offer()

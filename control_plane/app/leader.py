@@ -40,6 +40,7 @@ from gpufed.logs import get_logger
 from gpufed.v1 import lease_pb2
 
 log = get_logger(__name__)
+audit = get_logger("gpufed.audit")
 _WAKES = frozenset((ChangeKind.LEADER, ChangeKind.RESYNC))
 COMPACT_EVERY_S = 300
 # Leases per ledger Txn: each adds up to ~3 operations, and etcd allows 128 per branch.
@@ -210,6 +211,7 @@ class Leader:
         reads = await self.store.send_txn(lookup.req)
         hist_lease = await self.leases.history.lease_id()
         txn = TxnBuilder()
+        expired: list[lease_pb2.Lease] = []
         for lease, lease_id, read in zip(deleted, ids, reads.responses, strict=True):
             kvs = read.response_range.kvs
             if kvs:
@@ -222,8 +224,7 @@ class Leader:
                 if final.request_id:
                     spent = self.keys.request(final.tenant, final.request_id).encode()
                     txn.put(spent, lease_id.encode(), hist_lease)
-                if self.metrics is not None:
-                    self.metrics.leases_expired.inc()
+                expired.append(final)
             for r in usage_records(final, final.end_time):
                 key = self.keys.usage_record(lease_id, r.provider).encode()
                 txn.absent(key)
@@ -232,6 +233,16 @@ class Leader:
         resp = await self.store.send_txn(txn.req)
         if resp.succeeded:
             log.info("usage recorded", leases=len(deleted), revision=revision)
+            for final in expired:
+                if self.metrics is not None:
+                    self.metrics.leases_expired.inc()
+                audit.info(
+                    "lease expired",
+                    principal=f"tenant:{final.tenant}",
+                    target=final.name,
+                    end_time=final.end_time.ToJsonString(),
+                    code="OK",
+                )
             return
         if len(deleted) > 1:
             # Some were recorded before (a leader change mid-way): settle them one by one.

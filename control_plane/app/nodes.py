@@ -152,6 +152,7 @@ class Nodes:
         hello = first.hello
         registration.validate_hello(hello, provider)
         name = node_name(hello.provider, hello.node_id)
+        self.quotas.take_connect(provider, name)
         await self._register(hello)
         session = NodeSession(
             name,
@@ -360,8 +361,9 @@ class Nodes:
         return differs and self.clock.monotonic() - session.last_health_write >= self.health_write_interval
 
     async def _ingest(self, session: NodeSession, report: common_pb2.NodeReport) -> None:
-        reported = registration.reported_health(report)  # INVALID_ARGUMENT ends the stream
-        self.telemetry.add(session.name, report)
+        size = report.ByteSize()
+        reported = registration.reported_health(report, size)  # INVALID_ARGUMENT ends the stream
+        self.telemetry.add(session.name, report, size)
         self.reports_ingested += 1
         if self.metrics is not None:
             self.metrics.reports.inc()

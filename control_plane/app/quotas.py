@@ -49,7 +49,8 @@ class Quotas:
         self.tenant_default = tenant_default or TenantLimits()
         self.provider_default = provider_default or ProviderLimits()
         self.clock = clock
-        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()  # tenant -> CreateLease
+        self._connects: OrderedDict[str, TokenBucket] = OrderedDict()  # node name -> hellos
         self.streams: dict[str, int] = {}
 
     # -- limits ---------------------------------------------------------------------------------
@@ -105,23 +106,31 @@ class Quotas:
 
     # -- rates and streams ----------------------------------------------------------------------
 
+    def _take(self, buckets: OrderedDict[str, TokenBucket], key: str, rate: float, burst: int) -> float:
+        """0.0 when `key`'s bucket had a token; else the seconds until it will."""
+        now = self.clock.monotonic()
+        bucket = buckets.get(key)
+        if bucket is None or (bucket.rate, bucket.burst) != (rate, burst):
+            bucket = buckets[key] = TokenBucket.full(rate, burst, now)
+            if len(buckets) > MAX_BUCKETS:
+                buckets.popitem(last=False)
+        buckets.move_to_end(key)
+        return bucket.take(now)
+
     def take_create(self, tenant: str) -> None:
         limits = self.tenant(tenant)
-        now = self.clock.monotonic()
-        bucket = self._buckets.get(tenant)
-        if bucket is None or (bucket.rate, bucket.burst) != (
-            limits.create_leases_per_second,
-            limits.create_leases_burst,
-        ):
-            bucket = TokenBucket.full(limits.create_leases_per_second, limits.create_leases_burst, now)
-            self._buckets[tenant] = bucket
-            if len(self._buckets) > MAX_BUCKETS:
-                self._buckets.popitem(last=False)
-        self._buckets.move_to_end(tenant)
-        wait = bucket.take(now)
+        rate = limits.create_leases_per_second
+        wait = self._take(self._buckets, tenant, rate, limits.create_leases_burst)
+        if wait:
+            raise quotas.rate_limited(f"tenant {tenant} passed its rate of {rate:g} CreateLease/s", wait)
+
+    def take_connect(self, provider: str, node: str) -> None:
+        limits = self.provider(provider)
+        rate = limits.connects_per_minute / 60
+        wait = self._take(self._connects, node, rate, limits.connect_burst)
         if wait:
             raise quotas.rate_limited(
-                f"tenant {tenant} passed its rate of {limits.create_leases_per_second:g} CreateLease/s", wait
+                f"{node} passed its provider's {limits.connects_per_minute} connects per minute", wait
             )
 
     def report_bucket(self, provider: str) -> TokenBucket:

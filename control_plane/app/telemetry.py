@@ -13,6 +13,9 @@ from control_plane.domain.names import parse_node_name
 from gpufed.v1 import common_pb2, telemetry_pb2
 
 RING_SIZE = 300
+# And at most this many bytes of reports per node (the oldest go first): with reports bounded
+# at 128 KiB, a replica's telemetry memory is at most its streams x RING_BYTES.
+RING_BYTES = 512 * 1024
 # Who asks, as the application scopes it: ("operator", "") sees everything, ("provider", NAME)
 # its own nodes, ("tenant", NAME) the GPUs its leases hold.
 Viewer = tuple[str, str]
@@ -24,15 +27,28 @@ MAX_SAMPLES = 600
 class TelemetryRings:
     """Recent reports per node held by this replica, newest last."""
 
-    def __init__(self, size: int = RING_SIZE) -> None:
+    def __init__(self, size: int = RING_SIZE, max_bytes: int = RING_BYTES) -> None:
         self.size = size
+        self.max_bytes = max_bytes
         self.rings: dict[str, deque[common_pb2.NodeReport]] = {}
+        self.sizes: dict[str, deque[int]] = {}  # byte size of each report in the ring
+        self.bytes: dict[str, int] = {}
 
-    def add(self, name: str, report: common_pb2.NodeReport) -> None:
+    def add(self, name: str, report: common_pb2.NodeReport, size: int | None = None) -> None:
         ring = self.rings.get(name)
         if ring is None:
-            ring = self.rings[name] = deque(maxlen=self.size)
+            ring = self.rings[name] = deque()
+            self.sizes[name] = deque()
+            self.bytes[name] = 0
+        sizes = self.sizes[name]
+        n = report.ByteSize() if size is None else size
         ring.append(report)
+        sizes.append(n)
+        total = self.bytes[name] + n
+        while len(ring) > self.size or (total > self.max_bytes and len(ring) > 1):
+            ring.popleft()
+            total -= sizes.popleft()
+        self.bytes[name] = total
 
     def recent(self, name: str, n: int) -> list[common_pb2.NodeReport] | None:
         ring = self.rings.get(name)
@@ -42,6 +58,8 @@ class TelemetryRings:
 
     def drop(self, name: str) -> None:
         self.rings.pop(name, None)
+        self.sizes.pop(name, None)
+        self.bytes.pop(name, None)
 
 
 def validate(request: telemetry_pb2.GetNodeTelemetryRequest) -> int:
@@ -110,8 +128,9 @@ class Telemetry:
             return None
         held: set[str] = set()
         if entry is not None and kind == "tenant":
-            for lease in self.inv.leases.values():
-                if lease.tenant == who:
+            for lease_id in self.inv.tenant_leases.get(who, ()):
+                lease = self.inv.leases.get(lease_id)
+                if lease is not None:
                     held.update(g.uuid for g in lease.gpus if g.node == name)
         if not held:
             raise errors.not_found("NODE_NOT_FOUND", f"{name} is not registered", node=name)

@@ -16,6 +16,8 @@ from control_plane.domain.names import valid_id
 from gpufed.v1 import common_pb2
 
 MAX_FILTER_VALUES = 300
+MAX_FILTER_LABELS = 32
+MAX_FILTER_BYTES = 16 * 1024  # x 2,048 compiled filters cached: at most 32 MiB
 
 
 @lru_cache(maxsize=4096)
@@ -104,13 +106,15 @@ class Filter:
 
 
 def _codes(values: list[str], field: str) -> frozenset[str]:
+    """Country codes exactly as ISO 3166-1 writes them: two upper-case letters. The one rule for
+    codes everywhere (hello, filters): not normalized, rejected; clients (the CLI) normalize
+    what people type."""
     out = set()
-    for v in values:
-        code = v.strip().upper()
+    for code in values:
         if not is_country_code(code):
             raise errors.invalid(
                 "INVALID_COUNTRY_CODE",
-                f"{field}: {shown(v)} is not an ISO 3166-1 alpha-2 country code",
+                f"{field}: {shown(code)} is not an ISO 3166-1 alpha-2 country code (upper case)",
                 field=field,
             )
         out.add(code)
@@ -119,8 +123,14 @@ def _codes(values: list[str], field: str) -> frozenset[str]:
 
 def compile_filter(f: common_pb2.GpuFilter) -> Filter:
     """Validate a GpuFilter; INVALID_ARGUMENT with a reason for anything malformed. The same
-    filter arrives again and again (clients poll, retry, hold gangs): it is compiled once."""
-    return _compile_cached(f.SerializeToString(deterministic=True))
+    filter arrives again and again (clients poll, retry, hold gangs): it is compiled once, and
+    a filter is bounded in bytes, so the cache of compiled filters is too."""
+    raw = f.SerializeToString(deterministic=True)
+    if len(raw) > MAX_FILTER_BYTES:
+        raise errors.invalid(
+            "FILTER_TOO_LARGE", f"a filter is at most {MAX_FILTER_BYTES} bytes", field="filter"
+        )
+    return _compile_cached(raw)
 
 
 @lru_cache(maxsize=2048)
@@ -136,6 +146,10 @@ def _compile(f: common_pb2.GpuFilter) -> Filter:
                 f"{field}: at most {MAX_FILTER_VALUES} values",
                 field=f"filter.{field}",
             )
+    if len(f.labels) > MAX_FILTER_LABELS:
+        raise errors.invalid(
+            "TOO_MANY_FILTER_VALUES", f"labels: at most {MAX_FILTER_LABELS}", field="filter.labels"
+        )
     if len(f.gpu_model) > 128:
         raise errors.invalid(
             "INVALID_GPU_MODEL", "gpu_model is longer than 128 characters", field="filter.gpu_model"

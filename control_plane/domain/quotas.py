@@ -29,6 +29,11 @@ class ProviderLimits:
     max_gpus_per_node: int = 64
     reports_per_second: float = 5.0
     report_burst: int = 50
+    connects_per_minute: int = 6
+
+    @property
+    def connect_burst(self) -> int:
+        return max(3, self.connects_per_minute // 6)
 
 
 # field -> (lowest, highest): the bounds the proto documents.
@@ -44,6 +49,7 @@ PROVIDER_BOUNDS: dict[str, tuple[float, float]] = {
     "max_gpus_per_node": (1, 1024),
     "reports_per_second": (0.01, 1000),
     "report_burst": (1, 10_000),
+    "connects_per_minute": (1, 6000),
 }
 
 TENANTS, PROVIDERS = "tenants", "providers"

@@ -20,7 +20,8 @@ from control_plane.domain.names import node_name, valid_id
 from gpufed.v1 import common_pb2, node_pb2
 
 MAX_GPUS_PER_NODE = 64
-MAX_LABELS = 64
+MAX_LABELS = 32
+MAX_LABEL_VALUE = 128
 MAX_PRICE = 1_000_000.0
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 _LABEL_KEY = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?$")
@@ -30,9 +31,15 @@ UNHEALTHY = common_pb2.GPU_HEALTH_UNHEALTHY
 # Bounds on what a daemon's messages copy into the node record (every replica's index holds it,
 # etcd stores it): one provider token must not be able to fill either.
 MAX_VERSION = 64
-MAX_REASONS = 16
-MAX_REASON_CODE = 64
-MAX_REASON_MESSAGE = 256
+MAX_REASONS = 8
+MAX_REASON_CODE = 32
+MAX_REASON_MESSAGE = 128
+# What one node record may take in etcd: a provider's worst case is its node quota times this
+# (docs/operations.md). Every field at its bound makes 109,527 bytes, operator state included
+# (tests/unit/control_plane/domain/test_registration.py builds it); 8 real GPUs make ~2 KB.
+MAX_NODE_RECORD_BYTES = 128 * 1024
+# A report of 64 GPUs with every health reason at its bound is ~100 KB; 8 real GPUs ~1 KB.
+MAX_REPORT_BYTES = 128 * 1024
 _HEALTH_VALUES = frozenset(common_pb2.GpuHealth.values())
 
 
@@ -54,11 +61,17 @@ def validate_health(health: int, reasons: Sequence[common_pb2.HealthReason], whe
             )
 
 
-def reported_health(report: common_pb2.NodeReport) -> dict[str, tuple[int, list[common_pb2.HealthReason]]]:
+def reported_health(
+    report: common_pb2.NodeReport, size: int | None = None
+) -> dict[str, tuple[int, list[common_pb2.HealthReason]]]:
     """GPU uuid -> (health, reasons) of a report, validated: at most one sample per GPU a node may
     have, each with a bounded health. Every report of every daemon passes here, so the fields
     are read once (repeated-field access costs ~0.6 us on upb) and the checks run on what was
-    read; a message is built only for a report that fails."""
+    read; a message is built only for a report that fails. `size`: its ByteSize, if known."""
+    if (report.ByteSize() if size is None else size) > MAX_REPORT_BYTES:
+        raise errors.invalid(
+            "INVALID_REPORT", f"a report is at most {MAX_REPORT_BYTES} bytes", field="report"
+        )
     gpus = report.gpus
     if len(gpus) > MAX_GPUS_PER_NODE:
         raise errors.invalid(
@@ -138,7 +151,7 @@ def validate_hello(hello: node_pb2.NodeHello, provider: str) -> None:
     if len(hello.labels) > MAX_LABELS:
         raise errors.invalid("INVALID_LABELS", f"at most {MAX_LABELS} labels", field="hello.labels")
     for k, v in hello.labels.items():
-        if not _LABEL_KEY.fullmatch(k) or len(v) > 256:
+        if not _LABEL_KEY.fullmatch(k) or len(v) > MAX_LABEL_VALUE:
             raise errors.invalid("INVALID_LABELS", f"label {shown(k)} is malformed", field="hello.labels")
 
 
@@ -177,7 +190,6 @@ def record_from_hello(
         driver_version=hello.driver_version,
         cuda_driver_version=hello.cuda_driver_version,
     )
-    node.location.country_code = hello.location.country_code.upper()
     for g in hello.gpus:
         gpu = node.gpus.add()
         gpu.CopyFrom(g)
@@ -196,6 +208,14 @@ def record_from_hello(
         node.update_time.CopyFrom(now)
     if existing is None or not same_record(existing, node):
         node.update_time.CopyFrom(now)
+    # Only the fields the API defines: unknown ones a daemon sent must not ride into etcd.
+    node.DiscardUnknownFields()
+    if node.ByteSize() > MAX_NODE_RECORD_BYTES:
+        raise errors.invalid(
+            "NODE_RECORD_TOO_LARGE",
+            f"the node record would be {node.ByteSize()} bytes, at most {MAX_NODE_RECORD_BYTES}",
+            field="hello",
+        )
     return node
 
 

@@ -535,6 +535,7 @@ class ProviderQuota(_message.Message):
     MAX_GPUS_PER_NODE_FIELD_NUMBER: _builtins.int
     REPORTS_PER_SECOND_FIELD_NUMBER: _builtins.int
     REPORT_BURST_FIELD_NUMBER: _builtins.int
+    CONNECTS_PER_MINUTE_FIELD_NUMBER: _builtins.int
     max_nodes: _builtins.int
     """Registered nodes, 1..100000 (QUOTA_NODES on the hello of one more node)."""
     max_gpus_per_node: _builtins.int
@@ -545,6 +546,11 @@ class ProviderQuota(_message.Message):
     """
     report_burst: _builtins.int
     """The bucket's size, 1..10000."""
+    connects_per_minute: _builtins.int
+    """Connects (hellos) per minute of one node, 1..6000: each may rewrite the node record, so a
+    reconnect loop is bounded too (RATE_LIMITED with a RetryInfo). The burst is a sixth of it,
+    at least 3.
+    """
     def __init__(
         self,
         *,
@@ -552,10 +558,11 @@ class ProviderQuota(_message.Message):
         max_gpus_per_node: _builtins.int = ...,
         reports_per_second: _builtins.float = ...,
         report_burst: _builtins.int = ...,
+        connects_per_minute: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_gpus_per_node", b"max_gpus_per_node", "max_nodes", b"max_nodes", "report_burst", b"report_burst", "reports_per_second", b"reports_per_second"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connects_per_minute", b"connects_per_minute", "max_gpus_per_node", b"max_gpus_per_node", "max_nodes", b"max_nodes", "report_burst", b"report_burst", "reports_per_second", b"reports_per_second"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

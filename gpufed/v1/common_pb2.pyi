@@ -90,13 +90,15 @@ class Location(_message.Message):
     LATITUDE_FIELD_NUMBER: _builtins.int
     LONGITUDE_FIELD_NUMBER: _builtins.int
     region: _builtins.str
-    """Provider-chosen region name, e.g. "eu-central"."""
+    """Provider-chosen region name, e.g. "eu-central"; at most 63 characters."""
     country_code: _builtins.str
-    """ISO 3166-1 alpha-2 country code, e.g. "DE"."""
+    """ISO 3166-1 alpha-2 country code, exactly as ISO writes it: "DE" (not "de" or "DE ")."""
     zone: _builtins.str
-    """Free-form zone or data-centre name inside the region."""
+    """Free-form zone or data-centre name inside the region; at most 63 characters."""
     latitude: _builtins.float
-    """WGS84 degrees, used by radius search and distance ordering."""
+    """WGS84 degrees, used by radius search and distance ordering: latitude in -90..90,
+    longitude in -180..180.
+    """
     longitude: _builtins.float
     def __init__(
         self,
@@ -117,14 +119,18 @@ Global___Location: _TypeAlias = Location  # noqa: Y015
 
 @_typing.final
 class HealthReason(_message.Message):
-    """A machine-readable reason behind a health verdict, e.g. code "XID_79"."""
+    """A machine-readable reason behind a health verdict, e.g. code "XID_79".
+    At most 8 per GPU (INVALID_HEALTH past it).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     code: _builtins.str
+    """UPPER_SNAKE, at most 32 characters, e.g. "XID_79"."""
     message: _builtins.str
+    """At most 128 characters."""
     def __init__(
         self,
         *,
@@ -303,7 +309,7 @@ class GeoCircle(_message.Message):
     latitude: _builtins.float
     longitude: _builtins.float
     radius_km: _builtins.float
-    """Must be > 0."""
+    """Finite and > 0."""
     def __init__(
         self,
         *,
@@ -359,33 +365,37 @@ class GpuFilter(_message.Message):
     INCLUDE_DEGRADED_FIELD_NUMBER: _builtins.int
     gpu_model: _builtins.str
     """Exact model name, or a family matched case-insensitively as a word
-    ("H100" matches "NVIDIA H100 80GB HBM3").
+    ("H100" matches "NVIDIA H100 80GB HBM3"); at most 128 characters.
     """
     min_gpu_memory_bytes: _builtins.int
     """Minimum memory per GPU."""
     max_price_per_gpu_hour: _builtins.float
-    """Upper bound on the price per GPU-hour; 0 means no bound."""
+    """Upper bound on the price per GPU-hour, finite and >= 0; 0 means no bound."""
     include_degraded: _builtins.bool
     """Also match DEGRADED GPUs (never UNHEALTHY ones)."""
     @_builtins.property
     def countries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Allowed countries (ISO 3166-1 alpha-2). Data sovereignty: a GPU outside them is never
-        returned or leased. Unknown codes are INVALID_ARGUMENT.
+        returned or leased. Unknown or lower-case codes are INVALID_ARGUMENT; at most 300.
         """
 
     @_builtins.property
     def exclude_countries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Denied countries (ISO 3166-1 alpha-2); applied after `countries`."""
+        """Denied countries (ISO 3166-1 alpha-2); applied after `countries`. At most 300."""
 
     @_builtins.property
-    def regions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def regions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """At most 300."""
+
     @_builtins.property
-    def providers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def providers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Provider names (DNS labels); at most 300."""
+
     @_builtins.property
     def near(self) -> Global___GeoCircle: ...
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Every label must be present on the node with this value."""
+        """Every label must be present on the node with this value. At most 32."""
 
     def __init__(
         self,
@@ -620,7 +630,10 @@ Global___GpuSample: _TypeAlias = GpuSample  # noqa: Y015
 
 @_typing.final
 class NodeReport(_message.Message):
-    """One report: every GPU of the host, sampled together."""
+    """One report: every GPU of the host, sampled together. At most 128 KiB serialized and 64 GPU
+    samples, each health a known GpuHealth value with at most 8 reasons (INVALID_REPORT /
+    INVALID_HEALTH end the stream); at most the provider's reports_per_second (RATE_LIMITED).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -57,10 +57,15 @@ class SearchOffersRequest(_message.Message):
     min_free_gpus: _builtins.int
     """Only nodes with at least this many matching free GPUs."""
     order_by: Global___OfferOrder.ValueType
+    """A known OfferOrder value; DISTANCE needs filter.near."""
     page_size: _builtins.int
+    """0..1000; 0 means 50."""
     page_token: _builtins.str
+    """next_page_token of the previous page of the same query; at most 512 characters."""
     @_builtins.property
-    def filter(self) -> _common_pb2.GpuFilter: ...
+    def filter(self) -> _common_pb2.GpuFilter:
+        """At most 16 KiB serialized (FILTER_TOO_LARGE); see GpuFilter for each field's bound."""
+
     def __init__(
         self,
         *,
@@ -195,6 +200,7 @@ class GetNodeRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """"providers/{provider}/nodes/{node_id}", each a DNS label of at most 63 characters."""
     def __init__(
         self,
         *,
@@ -242,9 +248,11 @@ class ListNodesRequest(_message.Message):
     provider: _builtins.str
     """Only this provider's nodes."""
     state: _common_pb2.NodeState.ValueType
-    """Only nodes in this state."""
+    """Only nodes in this state (a known NodeState value)."""
     page_size: _builtins.int
+    """0..1000; 0 means 50."""
     page_token: _builtins.str
+    """next_page_token of the previous page of the same query; at most 512 characters."""
     def __init__(
         self,
         *,
@@ -294,7 +302,9 @@ class ListProvidersRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
+    """0..1000; 0 means 50."""
     page_token: _builtins.str
+    """next_page_token of the previous page of the same query; at most 512 characters."""
     def __init__(
         self,
         *,

@@ -227,11 +227,17 @@ class CreateLeaseRequest(_message.Message):
     request is not idempotent).
     """
     gpu_count: _builtins.int
+    """1..64 (also at most the tenant's QUOTA_GPUS headroom)."""
     placement: Global___Placement.ValueType
+    """A known Placement value (unknown values are INVALID_ARGUMENT)."""
     @_builtins.property
-    def filter(self) -> _common_pb2.GpuFilter: ...
+    def filter(self) -> _common_pb2.GpuFilter:
+        """Bounds as in SearchOffersRequest.filter."""
+
     @_builtins.property
-    def ttl(self) -> _duration_pb2.Duration: ...
+    def ttl(self) -> _duration_pb2.Duration:
+        """Whole seconds in 5..3600; unset means 60."""
+
     def __init__(
         self,
         *,
@@ -316,8 +322,11 @@ class ListLeasesRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     state: Global___LeaseState.ValueType
+    """A known LeaseState value, or UNSPECIFIED for all."""
     page_size: _builtins.int
+    """0..1000; 0 means 50."""
     page_token: _builtins.str
+    """next_page_token of the previous page of the same query; at most 512 characters."""
     def __init__(
         self,
         *,
@@ -362,6 +371,7 @@ class RenewLeaseRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """"leases/{16 hex digits}"."""
     def __init__(
         self,
         *,
@@ -401,6 +411,7 @@ class KeepAliveRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """"leases/{16 hex digits}"."""
     def __init__(
         self,
         *,

@@ -137,22 +137,32 @@ class NodeHello(_message.Message):
     DRIVER_VERSION_FIELD_NUMBER: _builtins.int
     CUDA_DRIVER_VERSION_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
-    """Must equal the provider of the caller's token."""
+    """Must equal the provider of the caller's token. The whole hello makes a node record of at
+    most 128 KiB (NODE_RECORD_TOO_LARGE); fields the API does not define are dropped.
+    """
     node_id: _builtins.str
     """[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])? — default on the daemon is the hostname."""
     price_per_gpu_hour: _builtins.float
+    """Finite, 0..1e6."""
     currency_code: _builtins.str
+    """ISO 4217, three upper-case letters; empty means USD."""
     daemon_version: _builtins.str
+    """Each at most 64 characters."""
     driver_version: _builtins.str
     cuda_driver_version: _builtins.str
     @_builtins.property
     def location(self) -> _common_pb2.Location: ...
     @_builtins.property
     def gpus(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Gpu]:
-        """Inventory; health as computed at start."""
+        """Inventory; health as computed at start. 1..64 GPUs (and at most the provider's
+        QUOTA_NODE_GPUS), uuids [A-Za-z0-9-]{1,96} and unique, models 1..128 characters, health a
+        known GpuHealth value.
+        """
 
     @_builtins.property
-    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """At most 32; keys [A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?, values at most 128."""
+
     def __init__(
         self,
         *,

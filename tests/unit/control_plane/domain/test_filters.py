@@ -36,8 +36,8 @@ def test_model_matches_exact_names_and_families_by_whole_words(wanted: str, mode
     assert model_matches(wanted, model) is ok
 
 
-def test_countries_are_normalized_validated_and_hard() -> None:
-    f = compile_filter(common_pb2.GpuFilter(countries=["de", " FR "], exclude_countries=["fr"]))
+def test_countries_are_exact_codes_and_a_hard_filter() -> None:
+    f = compile_filter(common_pb2.GpuFilter(countries=["DE", "FR"], exclude_countries=["FR"]))
     assert f.countries == frozenset({"DE", "FR"})
     assert f.node_matches(node("DE"))[0]
     assert not f.node_matches(node("FR"))[0]  # deny wins
@@ -49,6 +49,9 @@ def test_countries_are_normalized_validated_and_hard() -> None:
     [
         (common_pb2.GpuFilter(countries=["XX"]), "INVALID_COUNTRY_CODE"),
         (common_pb2.GpuFilter(countries=["DEU"]), "INVALID_COUNTRY_CODE"),
+        # One rule for codes everywhere: not normalized, refused (the CLI upper-cases input).
+        (common_pb2.GpuFilter(countries=["de"]), "INVALID_COUNTRY_CODE"),
+        (common_pb2.GpuFilter(exclude_countries=["GB "]), "INVALID_COUNTRY_CODE"),
         (
             common_pb2.GpuFilter(near=common_pb2.GeoCircle(latitude=0, longitude=200, radius_km=1)),
             "INVALID_COORDINATES",
@@ -88,3 +91,14 @@ def test_radius_price_labels_providers_regions() -> None:
     assert not f.node_matches(node(lat=40.7, lon=-74.0, tier="premium"))[0]
     assert not f.node_matches(node(price=3.0, tier="premium"))[0]
     assert not f.node_matches(node(tier="standard"))[0]
+
+
+def test_a_filter_is_bounded_in_bytes_and_labels() -> None:
+    big = common_pb2.GpuFilter(regions=["r" * 60] * 299)
+    with pytest.raises(ApiError) as e:
+        compile_filter(big)
+    assert (e.value.reason, e.value.field) == ("FILTER_TOO_LARGE", "filter")
+    many = common_pb2.GpuFilter(labels={f"k{i}": "v" for i in range(33)})
+    with pytest.raises(ApiError) as e:
+        compile_filter(many)
+    assert e.value.field == "filter.labels"

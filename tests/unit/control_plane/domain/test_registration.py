@@ -11,6 +11,7 @@ from google.protobuf import timestamp_pb2
 from control_plane.domain import registration
 from control_plane.domain.errors import Code, DomainError
 from gpufed.v1 import common_pb2, node_pb2
+from tests.hostile import maximal_hello
 
 T0 = timestamp_pb2.Timestamp(seconds=100)
 T1 = timestamp_pb2.Timestamp(seconds=200)
@@ -146,3 +147,24 @@ def test_a_report_is_bounded_in_samples_and_health() -> None:
     fine = common_pb2.NodeReport()
     fine.gpus.add(uuid="GPU-0", health=common_pb2.GPU_HEALTH_DEGRADED).health_reasons.add(code="THERMAL")
     assert registration.reported_health(fine)["GPU-0"][0] == common_pb2.GPU_HEALTH_DEGRADED
+
+
+def test_a_maximal_hello_makes_a_record_within_the_documented_bound() -> None:
+    hello = maximal_hello()
+    registration.validate_hello(hello, "p" * 63)
+    now = timestamp_pb2.Timestamp(seconds=2**40, nanos=999_999_999)
+    record = registration.record_from_hello(hello, None, now)
+    record.state, record.state_reason = common_pb2.NODE_STATE_DRAINING, "s" * 256
+    record.drain_deadline.CopyFrom(now)
+    assert record.ByteSize() <= registration.MAX_NODE_RECORD_BYTES
+    assert record.ByteSize() == 109_527  # the figure docs/operations.md computes with
+
+
+def test_fields_unknown_to_the_api_never_reach_the_record() -> None:
+    hello = maximal_hello()
+    junk = node_pb2.NodeHello.FromString(hello.SerializeToString() + b"\xfa\x3f\x10" + b"x" * 16)
+    gpu = junk.gpus[0]
+    gpu.MergeFromString(b"\xfa\x3f\x04junk")  # an unknown field inside a GPU too
+    now = timestamp_pb2.Timestamp(seconds=1)
+    record = registration.record_from_hello(junk, None, now)
+    assert record.ByteSize() == registration.record_from_hello(hello, None, now).ByteSize()
