@@ -132,7 +132,15 @@ class Replica:
             quotas=self.quotas,
             health_write_interval=cfg.health_write_interval,
         )
-        self.leases = Leases(self.store, self.inventory, self.metrics, self.clock, self.shutdown, self.quotas)
+        self.leases = Leases(
+            self.store,
+            self.inventory,
+            self.metrics,
+            self.clock,
+            self.shutdown,
+            self.quotas,
+            replica_id=self.id,
+        )
         self.leases.start()
         self.peers = PeerClient(cfg.peer_token, peer_credentials(cfg))
         self.telemetry = Telemetry(

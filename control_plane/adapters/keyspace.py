@@ -14,9 +14,11 @@ never streamed to every replica's index:
   quotas/{tenants|providers}/{name}     a principal's quota overrides (JSON)
 
   .records/requests/{tenant}/{request_id}  lease id, for CreateLease idempotency
-  .records/holds/{tenant}/{lease_id}       GPU count; on the lease's etcd lease. The grant Txn
-                                           compares the tenant's range unchanged, so two grants
-                                           can never both pass the tenant's quota
+  .records/holds/{tenant}/{replica}/{lease} GPU count; on the lease's etcd lease. The grant Txn
+                                           compares the other replicas' holds of the tenant
+                                           unchanged since its count (its own replica counts
+                                           its own grants itself): no two grants anywhere can
+                                           both pass the tenant's quota
   .records/history/leases/{lease_id}       ended Lease records
   .records/usage/{lease_id}/{provider}     UsageRecord (written once, by the leader)
   .records/ledger/cursor                   revision the usage ledger has processed
@@ -108,8 +110,8 @@ class Keyspace:
     def request(self, tenant: str, request_id: str) -> str:
         return self._r("requests", tenant, request_id)
 
-    def hold(self, tenant: str, lease_id: str) -> str:
-        return self._r("holds", tenant, lease_id)
+    def hold(self, tenant: str, replica: str, lease_id: str) -> str:
+        return self._r("holds", tenant, replica, lease_id)
 
     def holds_dir(self, tenant: str) -> str:
         return self._r("holds", tenant) + "/"

@@ -138,19 +138,18 @@ class TxnBuilder:
     def present(self, key: bytes) -> None:
         self.req.compare.add(result=_GREATER, target=rpc.Compare.VERSION, key=key, version=0)
 
-    def range_unchanged_since(self, prefix: bytes, revision: int) -> None:
-        """No key under `prefix` was put after `revision` (deletions do not count). A range
-        compare: etcd checks it against every key in the range. Also marks the range as written,
-        so group commit never nests two Txns comparing it (their compares would both read the
-        state before the batch)."""
+    def range_unchanged_since(self, prefix: bytes, revision: int, end: bytes | None = None) -> None:
+        """No key under `prefix` (or in [prefix, end)) was put after `revision` (deletions do not
+        count). A range compare: etcd checks it against every key in the range. Nested in a group commit, it
+        reads the state before the batch: Txns of one batch do not see each other's puts (the
+        tenant quota counts those in flight itself: control_plane.app.quotas)."""
         self.req.compare.add(
             result=_LESS,
             target=rpc.Compare.MOD,
             key=prefix,
-            range_end=prefix_end(prefix),
+            range_end=prefix_end(prefix) if end is None else end,
             mod_revision=revision + 1,
         )
-        self.writes.add(prefix)
 
     def put(self, key: bytes, value: bytes, lease: int = 0) -> None:
         op = self.req.success.add().request_put

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from control_plane.adapters.keyspace import Keyspace
-from control_plane.adapters.store import TxnBuilder
+from control_plane.adapters.store import TxnBuilder, prefix_end
 from control_plane.domain.placement import Pick
 from gpufed.v1 import lease_pb2
 
@@ -16,21 +16,25 @@ def grant_txn(
     etcd_lease: int,
     picks: list[Pick],
     tenant: str,
+    replica: str,
     holds_revision: int,
 ) -> TxnBuilder:
     """The grant: the record, the request key (when the request has an id), the tenant's hold
     and one allocation per GPU on the etcd lease, if each allocation and the request are absent,
-    each node is unchanged and alive, and no hold of the tenant was put after `holds_revision`
-    (the revision its quota was counted at). On failure it reads back the request key first,
-    then the tenant's holds, each node and allocation (what made it fail)."""
+    each node is unchanged and alive, and no other replica put a hold of the tenant after
+    `holds_revision` (the revision its quota was counted at; this replica's own holds it counts
+    itself). On failure it reads back the request key first, then the tenant's holds, each node
+    and allocation (what made it fail)."""
     txn = TxnBuilder()
     lease_key = keys.lease(lease_id).encode()
     holds = keys.holds_dir(tenant).encode()
+    own = (keys.holds_dir(tenant) + replica + "/").encode()
     value = lease_id.encode()
     if req_key is not None:
         txn.absent(req_key)
     txn.absent(lease_key)
-    txn.range_unchanged_since(holds, holds_revision)
+    txn.range_unchanged_since(holds, holds_revision, end=own)  # replicas sorting before ours
+    txn.range_unchanged_since(prefix_end(own), holds_revision, end=prefix_end(holds))  # after
     if req_key is not None:
         txn.read_on_failure(req_key)
     txn.read_prefix_on_failure(holds)
@@ -38,7 +42,7 @@ def grant_txn(
     if req_key is not None:
         txn.put(req_key, value, etcd_lease)
     gpus = sum(len(p.gpu_uuids) for p in picks)
-    txn.put(keys.hold(tenant, lease_id).encode(), str(gpus).encode(), etcd_lease)
+    txn.put(keys.hold(tenant, replica, lease_id).encode(), str(gpus).encode(), etcd_lease)
     for p in picks:
         node = p.candidate.node
         node_key = keys.node(node.provider, node.node_id).encode()
@@ -64,7 +68,7 @@ def release_txn(
     txn.mod_revision_is(key, revision)
     txn.delete(key)
     txn.put(keys.lease_history(lease_id).encode(), final, history_lease)
-    txn.delete(keys.hold(lease.tenant, lease_id).encode())
+    txn.delete(keys.hold(lease.tenant, lease.grant_replica, lease_id).encode())
     if lease.request_id:
         txn.put(keys.request(lease.tenant, lease.request_id).encode(), lease_id.encode(), history_lease)
     for g in lease.gpus:

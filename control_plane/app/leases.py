@@ -75,7 +75,10 @@ class Leases:
         clock: Clock = SYSTEM,
         shutdown: asyncio.Event | None = None,
         quotas: Quotas | None = None,
+        *,
+        replica_id: str,
     ) -> None:
+        self.replica_id = replica_id
         self.store = store
         self.quotas = quotas or Quotas(store, inventory, clock=clock)
         self.keys = store.keys
@@ -88,9 +91,6 @@ class Leases:
         self.pool = LeasePool(store, clock)
         # GPUs this replica is granting right now: its own grants should not race each other.
         self.pending: set[str] = set()
-        # A tenant's grants on this replica, one at a time: each is counted against the quota
-        # after the previous one is in the index, so they never fail each other's holds compare.
-        self._tenant_locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}  # lock, [users]
 
     def start(self) -> None:
         self.commits.start()
@@ -173,20 +173,6 @@ class Leases:
 
     async def create(self, tenant: str, spec: lease_rules.CreateSpec) -> lease_pb2.Lease:
         self.quotas.take_create(tenant)
-        lock, users = self._tenant_locks.setdefault(tenant, (asyncio.Lock(), [0]))
-        users[0] += 1
-        try:
-            async with lock:
-                lease = await self._create(tenant, spec)
-                if lease.fencing_token:
-                    await self.inv.wait_for_revision(lease.fencing_token, timeout=1.0)
-                return lease
-        finally:
-            users[0] -= 1
-            if not users[0]:
-                del self._tenant_locks[tenant]
-
-    async def _create(self, tenant: str, spec: lease_rules.CreateSpec) -> lease_pb2.Lease:
         etcd_lease, ttl_from_ns = await self.pool.take(spec.ttl_s)
         lease_id = f"{_IDS.getrandbits(64):016x}"
         keep_etcd_lease = False
@@ -194,15 +180,24 @@ class Leases:
         req_key = self.keys.request(tenant, spec.request_id).encode() if spec.request_id else None
 
         async def attempt(n: int) -> lease_pb2.Lease | None:
-            nonlocal keep_etcd_lease
             try:
-                holds_revision = await self.quotas.check_lease(tenant, spec.gpu_count)
+                reservation = await self.quotas.reserve_lease(tenant, spec.gpu_count)
             except errors.DomainError:
                 # A retry of a request that already holds a lease answers with that lease.
                 existing = await self.by_request(tenant, spec.request_id)
                 if existing is not None:
                     return existing
                 raise
+            committed = 0
+            try:
+                out = await grant(n, reservation.revision)
+                committed = out.fencing_token if out is not None else 0
+                return out
+            finally:
+                reservation.done(committed)
+
+        async def grant(n: int, holds_revision: int) -> lease_pb2.Lease | None:
+            nonlocal keep_etcd_lease
             picks = place(
                 offers.candidates(self.inv, spec.filter, 1),
                 spec.gpu_count,
@@ -221,6 +216,7 @@ class Leases:
                 raise _contended()
             lease = lease_rules.build_lease(lease_id, tenant, spec, picks, now_ts(self.clock))
             lease.etcd_lease_id = etcd_lease
+            lease.grant_replica = self.replica_id
             lease.expire_time.CopyFrom(timestamp(ttl_from_ns + spec.ttl_s * _NS))
             uuids = [u for p in picks for u in p.gpu_uuids]
             txn = grant_txn(
@@ -231,6 +227,7 @@ class Leases:
                 etcd_lease,
                 picks,
                 tenant,
+                self.replica_id,
                 holds_revision,
             )
             self.pending.update(uuids)
@@ -255,6 +252,8 @@ class Leases:
                     nodes=len(picks),
                     fencing_token=lease.fencing_token,
                     attempt=n,
+                    holds_revision=holds_revision,
+                    replica=self.replica_id,
                 )
                 return lease
             if req_key is not None and result.response.responses[0].response_range.kvs:

@@ -12,11 +12,12 @@ Where each limit holds:
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from control_plane.adapters.index import Inventory
@@ -32,6 +33,43 @@ audit = get_logger("gpufed.audit")
 # Buckets are per principal; principals are authenticated tokens, so this only bounds memory
 # against a very large number of tokens (an evicted bucket starts full again).
 MAX_BUCKETS = 100_000
+
+
+@dataclass(slots=True)
+class _Gate:
+    """One tenant's grants on this replica that the index cannot count yet."""
+
+    leases: int = 0  # reserved by grants in flight
+    gpus: int = 0
+    committed: list[tuple[int, int]] = field(default_factory=list)  # (revision, GPUs), oldest first
+
+    def prune(self, indexed: int) -> None:
+        while self.committed and self.committed[0][0] <= indexed:
+            self.committed.pop(0)
+
+    def uncounted(self, counted_at: int) -> tuple[int, int]:
+        """(leases, GPUs) of this replica's grants a count at revision `counted_at` misses.
+        Pure: only the index's own revision may prune (a fresher etcd read must not drop
+        grants the index has not seen yet)."""
+        late = [g for rev, g in self.committed if rev > counted_at]
+        return self.leases + len(late), self.gpus + sum(late)
+
+
+@dataclass(slots=True)
+class Reservation:
+    quotas: Quotas
+    tenant: str
+    gate: _Gate
+    gpus: int
+    revision: int  # the tenant's holds were counted at this revision
+
+    def done(self, committed_revision: int) -> None:
+        """The grant is settled: committed at `committed_revision`, or not (0)."""
+        self.gate.leases -= 1
+        self.gate.gpus -= self.gpus
+        if committed_revision:
+            bisect.insort(self.gate.committed, (committed_revision, self.gpus))
+        self.quotas._forget_gate(self.tenant, self.gate)
 
 
 class Quotas:
@@ -52,6 +90,7 @@ class Quotas:
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()  # tenant -> CreateLease
         self._connects: OrderedDict[str, TokenBucket] = OrderedDict()  # node name -> hellos
         self.streams: dict[str, int] = {}
+        self._gates: dict[str, _Gate] = {}  # tenant -> its grants in flight on this replica
 
     # -- limits ---------------------------------------------------------------------------------
 
@@ -86,18 +125,41 @@ class Quotas:
         kvs, revision = await self.store.get_prefix(self.keys.holds_dir(tenant))
         return len(kvs), sum(int(kv.value or b"0") for kv in kvs), revision
 
-    async def check_lease(self, tenant: str, gpus: int) -> int:
-        """The revision the tenant's holds were counted at, if one more lease of `gpus` GPUs
-        stays within its quota; RESOURCE_EXHAUSTED QUOTA_LEASES / QUOTA_GPUS otherwise."""
+    async def reserve_lease(self, tenant: str, gpus: int) -> Reservation:
+        """Room for one more lease of `gpus` GPUs within the tenant's quota; RESOURCE_EXHAUSTED
+        QUOTA_LEASES / QUOTA_GPUS otherwise. The reservation carries the revision the count is
+        complete at for the other replicas' grants, which the grant Txn compares unchanged.
+
+        This replica's own grants it counts itself, exactly: those in flight (grants of one
+        tenant share group commits, and etcd checks each nested Txn against the state before
+        the batch) and those committed but not yet in the index. So one tenant's concurrent
+        grants here neither wait for each other nor fail each other's compares."""
+        gate = self._gates.get(tenant)
+        if gate is None:
+            gate = self._gates[tenant] = _Gate()
         limits = self.tenant(tenant)
-        leases, held, revision = await self.lease_counts(tenant, fresh=False)
+        leases, held = self.inv.tenant_holds(tenant)
+        revision = self.inv.revision
+        gate.prune(revision)
+        own_leases, own_gpus = gate.uncounted(revision)
         try:
-            quotas.check_lease(limits, leases, held, gpus)
+            quotas.check_lease(limits, leases + own_leases, held + own_gpus, gpus)
         except errors.DomainError:
             # The index may not have seen a release yet: only etcd may say no.
             leases, held, revision = await self.lease_counts(tenant, fresh=True)
-            quotas.check_lease(limits, leases, held, gpus)
-        return revision
+            # While this waited, the gate may have emptied and been dropped (and another made):
+            # count and reserve on the one in place now, never on one nobody else sees.
+            gate = self._gates.setdefault(tenant, gate)
+            own_leases, own_gpus = gate.uncounted(revision)
+            quotas.check_lease(limits, leases + own_leases, held + own_gpus, gpus)
+        gate.leases += 1
+        gate.gpus += gpus
+        return Reservation(self, tenant, gate, gpus, revision)
+
+    def _forget_gate(self, tenant: str, gate: _Gate) -> None:
+        gate.prune(self.inv.revision)
+        if not gate.leases and not gate.committed and self._gates.get(tenant) is gate:
+            del self._gates[tenant]
 
     def check_node(self, provider: str, node_name: str, gpus: int) -> None:
         quotas.check_node(

@@ -27,53 +27,53 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from gpufed.v1 import common_pb2 as gpufed_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15gpufed/v1/lease.proto\x12\tgpufed.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16gpufed/v1/common.proto\"\xab\x01\n\tLeasedGpu\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0c\n\x04uuid\x18\x04 \x01(\t\x12\r\n\x05index\x18\x05 \x01(\r\x12\r\n\x05model\x18\x06 \x01(\t\x12%\n\x08location\x18\x07 \x01(\x0b\x32\x13.gpufed.v1.Location\x12\x1a\n\x12price_per_gpu_hour\x18\x08 \x01(\x01\"\x85\x04\n\x05Lease\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.gpufed.v1.LeaseState\x12\"\n\x04gpus\x18\x04 \x03(\x0b\x32\x14.gpufed.v1.LeasedGpu\x12\x16\n\x0eprice_per_hour\x18\x05 \x01(\x01\x12\x15\n\rcurrency_code\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x03ttl\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rfencing_token\x18\n \x01(\x03\x12,\n\x08\x65nd_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\nend_reason\x18\x0c \x01(\x0e\x32\x19.gpufed.v1.LeaseEndReason\x12\x12\n\nrequest_id\x18\r \x01(\t\x12\'\n\tplacement\x18\x0e \x01(\x0e\x32\x14.gpufed.v1.Placement\x12\x13\n\x0b\x65nd_message\x18\x0f \x01(\t\x12\x15\n\retcd_lease_id\x18\x10 \x01(\x03\"\xb2\x01\n\x12\x43reateLeaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tgpu_count\x18\x02 \x01(\r\x12$\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x14.gpufed.v1.GpuFilter\x12\'\n\tplacement\x18\x04 \x01(\x0e\x32\x14.gpufed.v1.Placement\x12&\n\x03ttl\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"6\n\x13\x43reateLeaseResponse\x12\x1f\n\x05lease\x18\x01 \x01(\x0b\x32\x10.gpufed.v1.Lease\"\x1f\n\x0fGetLeaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"3\n\x10GetLeaseResponse\x12\x1f\n\x05lease\x18\x01 \x01(\x0b\x32\x10.gpufed.v1.Lease\"`\n\x11ListLeasesRequest\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.gpufed.v1.LeaseState\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"O\n\x12ListLeasesResponse\x12 \n\x06leases\x18\x01 \x03(\x0b\x32\x10.gpufed.v1.Lease\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x11RenewLeaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"5\n\x12RenewLeaseResponse\x12\x1f\n\x05lease\x18\x01 \x01(\x0b\x32\x10.gpufed.v1.Lease\" \n\x10KeepAliveRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"a\n\x11KeepAliveResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"#\n\x13ReleaseLeaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"7\n\x14ReleaseLeaseResponse\x12\x1f\n\x05lease\x18\x01 \x01(\x0b\x32\x10.gpufed.v1.Lease\"!\n\x11WatchLeaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x8e\x03\n\x12WatchLeaseResponse\x12\x35\n\x04type\x18\x01 \x01(\x0e\x32\'.gpufed.v1.WatchLeaseResponse.EventType\x12\x1f\n\x05lease\x18\x02 \x01(\x0b\x32\x10.gpufed.v1.Lease\x12.\n\nevent_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08gpu_uuid\x18\x04 \x01(\t\x12\x0c\n\x04node\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\"\xbe\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45VENT_TYPE_GRANTED\x10\x01\x12\x16\n\x12\x45VENT_TYPE_RENEWED\x10\x02\x12\x1c\n\x18\x45VENT_TYPE_GPU_UNHEALTHY\x10\x03\x12\x18\n\x14\x45VENT_TYPE_NODE_LOST\x10\x04\x12\x17\n\x13\x45VENT_TYPE_EXPIRING\x10\x05\x12\x14\n\x10\x45VENT_TYPE_ENDED\x10\x06*W\n\tPlacement\x12\x19\n\x15PLACEMENT_UNSPECIFIED\x10\x00\x12\x19\n\x15PLACEMENT_SINGLE_NODE\x10\x01\x12\x14\n\x10PLACEMENT_SPREAD\x10\x02*X\n\nLeaseState\x12\x1b\n\x17LEASE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12LEASE_STATE_ACTIVE\x10\x01\x12\x15\n\x11LEASE_STATE_ENDED\x10\x02*\xab\x01\n\x0eLeaseEndReason\x12 \n\x1cLEASE_END_REASON_UNSPECIFIED\x10\x00\x12\x1d\n\x19LEASE_END_REASON_RELEASED\x10\x01\x12\x1c\n\x18LEASE_END_REASON_EXPIRED\x10\x02\x12\x1c\n\x18LEASE_END_REASON_REVOKED\x10\x03\x12\x1c\n\x18LEASE_END_REASON_DRAINED\x10\x04\x32\xa1\x04\n\x0cLeaseService\x12L\n\x0b\x43reateLease\x12\x1d.gpufed.v1.CreateLeaseRequest\x1a\x1e.gpufed.v1.CreateLeaseResponse\x12\x43\n\x08GetLease\x12\x1a.gpufed.v1.GetLeaseRequest\x1a\x1b.gpufed.v1.GetLeaseResponse\x12I\n\nListLeases\x12\x1c.gpufed.v1.ListLeasesRequest\x1a\x1d.gpufed.v1.ListLeasesResponse\x12I\n\nRenewLease\x12\x1c.gpufed.v1.RenewLeaseRequest\x1a\x1d.gpufed.v1.RenewLeaseResponse\x12J\n\tKeepAlive\x12\x1b.gpufed.v1.KeepAliveRequest\x1a\x1c.gpufed.v1.KeepAliveResponse(\x01\x30\x01\x12O\n\x0cReleaseLease\x12\x1e.gpufed.v1.ReleaseLeaseRequest\x1a\x1f.gpufed.v1.ReleaseLeaseResponse\x12K\n\nWatchLease\x12\x1c.gpufed.v1.WatchLeaseRequest\x1a\x1d.gpufed.v1.WatchLeaseResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15gpufed/v1/lease.proto\x12\tgpufed.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16gpufed/v1/common.proto\"\xab\x01\n\tLeasedGpu\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0c\n\x04uuid\x18\x04 \x01(\t\x12\r\n\x05index\x18\x05 \x01(\r\x12\r\n\x05model\x18\x06 \x01(\t\x12%\n\x08location\x18\x07 \x01(\x0b\x32\x13.gpufed.v1.Location\x12\x1a\n\x12price_per_gpu_hour\x18\x08 \x01(\x01\"\x9c\x04\n\x05Lease\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.gpufed.v1.LeaseState\x12\"\n\x04gpus\x18\x04 \x03(\x0b\x32\x14.gpufed.v1.LeasedGpu\x12\x16\n\x0eprice_per_hour\x18\x05 \x01(\x01\x12\x15\n\rcurrency_code\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x03ttl\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rfencing_token\x18\n \x01(\x03\x12,\n\x08\x65nd_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\nend_reason\x18\x0c \x01(\x0e\x32\x19.gpufed.v1.LeaseEndReason\x12\x12\n\nrequest_id\x18\r \x01(\t\x12\'\n\tplacement\x18\x0e \x01(\x0e\x32\x14.gpufed.v1.Placement\x12\x13\n\x0b\x65nd_message\x18\x0f \x01(\t\x12\x15\n\retcd_lease_id\x18\x10 \x01(\x03\x12\x15\n\rgrant_replica\x18\x11 \x01(\t\"\xb2\x01\n\x12\x43reateLeaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tgpu_count\x18\x02 \x01(\r\x12$\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x14.gpufed.v1.GpuFilter\x12\'\n\tplacement\x18\x04 \x01(\x0e\x32\x14.gpufed.v1.Placement\x12&\n\x03ttl\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"6\n\x13\x43reateLeaseResponse\x12\x1f\n\x05lease\x18\x01 \x01(\x0b\x32\x10.gpufed.v1.Lease\"\x1f\n\x0fGetLeaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"3\n\x10GetLeaseResponse\x12\x1f\n\x05lease\x18\x01 \x01(\x0b\x32\x10.gpufed.v1.Lease\"`\n\x11ListLeasesRequest\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.gpufed.v1.LeaseState\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"O\n\x12ListLeasesResponse\x12 \n\x06leases\x18\x01 \x03(\x0b\x32\x10.gpufed.v1.Lease\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x11RenewLeaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"5\n\x12RenewLeaseResponse\x12\x1f\n\x05lease\x18\x01 \x01(\x0b\x32\x10.gpufed.v1.Lease\" \n\x10KeepAliveRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"a\n\x11KeepAliveResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"#\n\x13ReleaseLeaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"7\n\x14ReleaseLeaseResponse\x12\x1f\n\x05lease\x18\x01 \x01(\x0b\x32\x10.gpufed.v1.Lease\"!\n\x11WatchLeaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x8e\x03\n\x12WatchLeaseResponse\x12\x35\n\x04type\x18\x01 \x01(\x0e\x32\'.gpufed.v1.WatchLeaseResponse.EventType\x12\x1f\n\x05lease\x18\x02 \x01(\x0b\x32\x10.gpufed.v1.Lease\x12.\n\nevent_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08gpu_uuid\x18\x04 \x01(\t\x12\x0c\n\x04node\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\"\xbe\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45VENT_TYPE_GRANTED\x10\x01\x12\x16\n\x12\x45VENT_TYPE_RENEWED\x10\x02\x12\x1c\n\x18\x45VENT_TYPE_GPU_UNHEALTHY\x10\x03\x12\x18\n\x14\x45VENT_TYPE_NODE_LOST\x10\x04\x12\x17\n\x13\x45VENT_TYPE_EXPIRING\x10\x05\x12\x14\n\x10\x45VENT_TYPE_ENDED\x10\x06*W\n\tPlacement\x12\x19\n\x15PLACEMENT_UNSPECIFIED\x10\x00\x12\x19\n\x15PLACEMENT_SINGLE_NODE\x10\x01\x12\x14\n\x10PLACEMENT_SPREAD\x10\x02*X\n\nLeaseState\x12\x1b\n\x17LEASE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12LEASE_STATE_ACTIVE\x10\x01\x12\x15\n\x11LEASE_STATE_ENDED\x10\x02*\xab\x01\n\x0eLeaseEndReason\x12 \n\x1cLEASE_END_REASON_UNSPECIFIED\x10\x00\x12\x1d\n\x19LEASE_END_REASON_RELEASED\x10\x01\x12\x1c\n\x18LEASE_END_REASON_EXPIRED\x10\x02\x12\x1c\n\x18LEASE_END_REASON_REVOKED\x10\x03\x12\x1c\n\x18LEASE_END_REASON_DRAINED\x10\x04\x32\xa1\x04\n\x0cLeaseService\x12L\n\x0b\x43reateLease\x12\x1d.gpufed.v1.CreateLeaseRequest\x1a\x1e.gpufed.v1.CreateLeaseResponse\x12\x43\n\x08GetLease\x12\x1a.gpufed.v1.GetLeaseRequest\x1a\x1b.gpufed.v1.GetLeaseResponse\x12I\n\nListLeases\x12\x1c.gpufed.v1.ListLeasesRequest\x1a\x1d.gpufed.v1.ListLeasesResponse\x12I\n\nRenewLease\x12\x1c.gpufed.v1.RenewLeaseRequest\x1a\x1d.gpufed.v1.RenewLeaseResponse\x12J\n\tKeepAlive\x12\x1b.gpufed.v1.KeepAliveRequest\x1a\x1c.gpufed.v1.KeepAliveResponse(\x01\x30\x01\x12O\n\x0cReleaseLease\x12\x1e.gpufed.v1.ReleaseLeaseRequest\x1a\x1f.gpufed.v1.ReleaseLeaseResponse\x12K\n\nWatchLease\x12\x1c.gpufed.v1.WatchLeaseRequest\x1a\x1d.gpufed.v1.WatchLeaseResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gpufed.v1.lease_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PLACEMENT']._serialized_start=2074
-  _globals['_PLACEMENT']._serialized_end=2161
-  _globals['_LEASESTATE']._serialized_start=2163
-  _globals['_LEASESTATE']._serialized_end=2251
-  _globals['_LEASEENDREASON']._serialized_start=2254
-  _globals['_LEASEENDREASON']._serialized_end=2425
+  _globals['_PLACEMENT']._serialized_start=2097
+  _globals['_PLACEMENT']._serialized_end=2184
+  _globals['_LEASESTATE']._serialized_start=2186
+  _globals['_LEASESTATE']._serialized_end=2274
+  _globals['_LEASEENDREASON']._serialized_start=2277
+  _globals['_LEASEENDREASON']._serialized_end=2448
   _globals['_LEASEDGPU']._serialized_start=126
   _globals['_LEASEDGPU']._serialized_end=297
   _globals['_LEASE']._serialized_start=300
-  _globals['_LEASE']._serialized_end=817
-  _globals['_CREATELEASEREQUEST']._serialized_start=820
-  _globals['_CREATELEASEREQUEST']._serialized_end=998
-  _globals['_CREATELEASERESPONSE']._serialized_start=1000
-  _globals['_CREATELEASERESPONSE']._serialized_end=1054
-  _globals['_GETLEASEREQUEST']._serialized_start=1056
-  _globals['_GETLEASEREQUEST']._serialized_end=1087
-  _globals['_GETLEASERESPONSE']._serialized_start=1089
-  _globals['_GETLEASERESPONSE']._serialized_end=1140
-  _globals['_LISTLEASESREQUEST']._serialized_start=1142
-  _globals['_LISTLEASESREQUEST']._serialized_end=1238
-  _globals['_LISTLEASESRESPONSE']._serialized_start=1240
-  _globals['_LISTLEASESRESPONSE']._serialized_end=1319
-  _globals['_RENEWLEASEREQUEST']._serialized_start=1321
-  _globals['_RENEWLEASEREQUEST']._serialized_end=1354
-  _globals['_RENEWLEASERESPONSE']._serialized_start=1356
-  _globals['_RENEWLEASERESPONSE']._serialized_end=1409
-  _globals['_KEEPALIVEREQUEST']._serialized_start=1411
-  _globals['_KEEPALIVEREQUEST']._serialized_end=1443
-  _globals['_KEEPALIVERESPONSE']._serialized_start=1445
-  _globals['_KEEPALIVERESPONSE']._serialized_end=1542
-  _globals['_RELEASELEASEREQUEST']._serialized_start=1544
-  _globals['_RELEASELEASEREQUEST']._serialized_end=1579
-  _globals['_RELEASELEASERESPONSE']._serialized_start=1581
-  _globals['_RELEASELEASERESPONSE']._serialized_end=1636
-  _globals['_WATCHLEASEREQUEST']._serialized_start=1638
-  _globals['_WATCHLEASEREQUEST']._serialized_end=1671
-  _globals['_WATCHLEASERESPONSE']._serialized_start=1674
-  _globals['_WATCHLEASERESPONSE']._serialized_end=2072
-  _globals['_WATCHLEASERESPONSE_EVENTTYPE']._serialized_start=1882
-  _globals['_WATCHLEASERESPONSE_EVENTTYPE']._serialized_end=2072
-  _globals['_LEASESERVICE']._serialized_start=2428
-  _globals['_LEASESERVICE']._serialized_end=2973
+  _globals['_LEASE']._serialized_end=840
+  _globals['_CREATELEASEREQUEST']._serialized_start=843
+  _globals['_CREATELEASEREQUEST']._serialized_end=1021
+  _globals['_CREATELEASERESPONSE']._serialized_start=1023
+  _globals['_CREATELEASERESPONSE']._serialized_end=1077
+  _globals['_GETLEASEREQUEST']._serialized_start=1079
+  _globals['_GETLEASEREQUEST']._serialized_end=1110
+  _globals['_GETLEASERESPONSE']._serialized_start=1112
+  _globals['_GETLEASERESPONSE']._serialized_end=1163
+  _globals['_LISTLEASESREQUEST']._serialized_start=1165
+  _globals['_LISTLEASESREQUEST']._serialized_end=1261
+  _globals['_LISTLEASESRESPONSE']._serialized_start=1263
+  _globals['_LISTLEASESRESPONSE']._serialized_end=1342
+  _globals['_RENEWLEASEREQUEST']._serialized_start=1344
+  _globals['_RENEWLEASEREQUEST']._serialized_end=1377
+  _globals['_RENEWLEASERESPONSE']._serialized_start=1379
+  _globals['_RENEWLEASERESPONSE']._serialized_end=1432
+  _globals['_KEEPALIVEREQUEST']._serialized_start=1434
+  _globals['_KEEPALIVEREQUEST']._serialized_end=1466
+  _globals['_KEEPALIVERESPONSE']._serialized_start=1468
+  _globals['_KEEPALIVERESPONSE']._serialized_end=1565
+  _globals['_RELEASELEASEREQUEST']._serialized_start=1567
+  _globals['_RELEASELEASEREQUEST']._serialized_end=1602
+  _globals['_RELEASELEASERESPONSE']._serialized_start=1604
+  _globals['_RELEASELEASERESPONSE']._serialized_end=1659
+  _globals['_WATCHLEASEREQUEST']._serialized_start=1661
+  _globals['_WATCHLEASEREQUEST']._serialized_end=1694
+  _globals['_WATCHLEASERESPONSE']._serialized_start=1697
+  _globals['_WATCHLEASERESPONSE']._serialized_end=2095
+  _globals['_WATCHLEASERESPONSE_EVENTTYPE']._serialized_start=1905
+  _globals['_WATCHLEASERESPONSE_EVENTTYPE']._serialized_end=2095
+  _globals['_LEASESERVICE']._serialized_start=2451
+  _globals['_LEASESERVICE']._serialized_end=2996
 # @@protoc_insertion_point(module_scope)

@@ -156,6 +156,7 @@ class Lease(_message.Message):
     PLACEMENT_FIELD_NUMBER: _builtins.int
     END_MESSAGE_FIELD_NUMBER: _builtins.int
     ETCD_LEASE_ID_FIELD_NUMBER: _builtins.int
+    GRANT_REPLICA_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     tenant: _builtins.str
     state: Global___LeaseState.ValueType
@@ -173,6 +174,8 @@ class Lease(_message.Message):
     """Output only: the etcd lease that holds the lease's keys (for operators). Replicas reuse
     etcd leases of released leases, so this is not unique over time; `name` is.
     """
+    grant_replica: _builtins.str
+    """Output only: the replica that granted the lease (it keeps the tenant's quota hold)."""
     @_builtins.property
     def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeasedGpu]: ...
     @_builtins.property
@@ -204,10 +207,11 @@ class Lease(_message.Message):
         placement: Global___Placement.ValueType = ...,
         end_message: _builtins.str = ...,
         etcd_lease_id: _builtins.int = ...,
+        grant_replica: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "expire_time", b"expire_time", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "currency_code", b"currency_code", "end_message", b"end_message", "end_reason", b"end_reason", "end_time", b"end_time", "etcd_lease_id", b"etcd_lease_id", "expire_time", b"expire_time", "fencing_token", b"fencing_token", "gpus", b"gpus", "name", b"name", "placement", b"placement", "price_per_hour", b"price_per_hour", "request_id", b"request_id", "state", b"state", "tenant", b"tenant", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "currency_code", b"currency_code", "end_message", b"end_message", "end_reason", b"end_reason", "end_time", b"end_time", "etcd_lease_id", b"etcd_lease_id", "expire_time", b"expire_time", "fencing_token", b"fencing_token", "gpus", b"gpus", "grant_replica", b"grant_replica", "name", b"name", "placement", b"placement", "price_per_hour", b"price_per_hour", "request_id", b"request_id", "state", b"state", "tenant", b"tenant", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

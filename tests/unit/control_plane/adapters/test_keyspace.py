@@ -13,9 +13,9 @@ def test_records_live_under_the_prefix_and_records_beside_it() -> None:
     assert K.node("p", "n") == "/gpufed/nodes/p/n"
     assert K.alloc("p", "n", "g") == "/gpufed/alloc/p/n/g"
     assert K.request("t", "r") == "/gpufed.records/requests/t/r"
-    assert K.hold("t", "00ff") == "/gpufed.records/holds/t/00ff"
-    assert K.hold("t", "00ff").startswith(K.holds_dir("t"))
-    assert not K.hold("tt", "00ff").startswith(K.holds_dir("t"))
+    assert K.hold("t", "r1", "00ff") == "/gpufed.records/holds/t/r1/00ff"
+    assert K.hold("t", "r1", "00ff").startswith(K.holds_dir("t"))
+    assert not K.hold("tt", "r1", "00ff").startswith(K.holds_dir("t"))
     assert K.relative(b"/gpufed/alloc/p/n/g") == ["alloc", "p", "n", "g"]
 
 

@@ -20,7 +20,7 @@ def _pick(node_id: str, uuids: tuple[str, ...], mod_revision: int) -> Pick:
 
 def test_grant_compares_every_allocation_absent_and_each_node_unchanged_and_alive() -> None:
     picks = [_pick("a", ("g0", "g1"), 7), _pick("b", ("g2",), 9)]
-    txn = grant_txn(K, "00ff", b"record", b"/g.records/requests/t/r1", 42, picks, "t", 30)
+    txn = grant_txn(K, "00ff", b"record", b"/g.records/requests/t/r1", 42, picks, "t", "r1", 30)
     compares = [(c.key, c.target, c.result) for c in txn.req.compare]
     C = rpc.Compare
     assert (b"/g/alloc/p/a/g0", C.CREATE, C.EQUAL) in compares
@@ -31,10 +31,10 @@ def test_grant_compares_every_allocation_absent_and_each_node_unchanged_and_aliv
     assert (b"/g.records/requests/t/r1", C.CREATE, C.EQUAL) in compares
     # Every write rides on the etcd lease: when it expires, the GPUs come back by themselves.
     puts = {op.request_put.key: op.request_put for op in txn.req.success}
-    assert set(puts) | {b"/g.records/holds/t/"} == txn.writes
-    assert puts[b"/g.records/holds/t/00ff"].value == b"3"
+    assert set(puts) == txn.writes
+    assert puts[b"/g.records/holds/t/r1/00ff"].value == b"3"
     assert set(puts) == {
-        b"/g.records/holds/t/00ff",
+        b"/g.records/holds/t/r1/00ff",
         b"/g/leases/00ff",
         b"/g.records/requests/t/r1",
         b"/g/alloc/p/a/g0",
@@ -46,24 +46,26 @@ def test_grant_compares_every_allocation_absent_and_each_node_unchanged_and_aliv
     assert txn.req.failure[0].request_range.key == b"/g.records/requests/t/r1"
 
 
-def test_grant_fails_if_the_tenant_was_granted_anything_since_its_quota_was_counted() -> None:
-    txn = grant_txn(K, "00ff", b"record", None, 42, [_pick("a", ("g0",), 7)], "t", 30)
-    holds = next(c for c in txn.req.compare if c.range_end)
+def test_grant_fails_if_another_replica_granted_the_tenant_anything_since_its_count() -> None:
+    txn = grant_txn(K, "00ff", b"record", None, 42, [_pick("a", ("g0",), 7)], "t", "r1", 30)
+    ranges = [c for c in txn.req.compare if c.range_end]
     C = rpc.Compare
-    assert (holds.key, holds.range_end) == (b"/g.records/holds/t/", b"/g.records/holds/t0")
-    assert (holds.target, holds.result, holds.mod_revision) == (C.MOD, C.LESS, 31)
-    # Marked written: group commit never nests two grants of one tenant in one batch.
-    assert b"/g.records/holds/t/" in txn.writes
+    # Every replica's holds of the tenant but r1's own (which r1 counts itself).
+    assert [(c.key, c.range_end) for c in ranges] == [
+        (b"/g.records/holds/t/", b"/g.records/holds/t/r1/"),
+        (b"/g.records/holds/t/r10", b"/g.records/holds/t0"),
+    ]
+    assert all((c.target, c.result, c.mod_revision) == (C.MOD, C.LESS, 31) for c in ranges)
 
 
 def test_release_deletes_record_and_allocations_and_keeps_history_if_unchanged() -> None:
-    lease = lease_pb2.Lease(name="leases/00ff", tenant="t", request_id="r1")
+    lease = lease_pb2.Lease(name="leases/00ff", tenant="t", request_id="r1", grant_replica="r1")
     lease.gpus.add(provider="p", node_id="a", uuid="g0")
     txn = release_txn(K, lease, 11, b"final", 5)
     (compare,) = txn.req.compare
     assert compare.key == b"/g/leases/00ff" and compare.mod_revision == 11
     deleted = {op.request_delete_range.key for op in txn.req.success if op.HasField("request_delete_range")}
-    assert deleted == {b"/g/leases/00ff", b"/g/alloc/p/a/g0", b"/g.records/holds/t/00ff"}
+    assert deleted == {b"/g/leases/00ff", b"/g/alloc/p/a/g0", b"/g.records/holds/t/r1/00ff"}
     kept = {op.request_put.key: op.request_put for op in txn.req.success if op.HasField("request_put")}
     assert kept[b"/g.records/history/leases/00ff"].value == b"final"
     assert all(p.lease == 5 for p in kept.values())
