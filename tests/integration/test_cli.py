@@ -94,3 +94,33 @@ def test_admin_tokens_capacity_and_nodes(fed: Federation) -> None:
     assert [n["node_id"] for n in json.loads(nodes.stdout)] == ["ams-1", "nyc-1"]
     node = gpufed(fed, "nodes", "get", "providers/blue/nodes/hel-1")
     assert "DEGRADED" in node.stdout
+
+
+def test_admin_quota_set_and_get_and_a_tenant_reads_its_own(fed: Federation) -> None:
+    from tests.harness import ADMIN_TOKEN
+
+    set_ = gpufed(
+        fed,
+        "admin",
+        "quota",
+        "set",
+        "--tenant",
+        "dev",
+        "--max-gpus",
+        "40",
+        "--max-leases",
+        "9",
+        token=ADMIN_TOKEN,
+    )
+    assert set_.returncode == 0, set_.stderr
+    assert any(line.split() == ["max_gpus", "40"] for line in set_.stdout.splitlines())
+    got = gpufed(fed, "-o", "json", "admin", "quota", "get", "--tenant", "dev")  # the tenant itself
+    assert got.returncode == 0, got.stderr
+    quota = json.loads(got.stdout)["quota"]["tenant"]
+    assert (quota["max_gpus"], quota["max_leases"]) == (40, 9)
+    wrong = gpufed(fed, "admin", "quota", "set", "--tenant", "dev", "--max-nodes", "3", token=ADMIN_TOKEN)
+    assert wrong.returncode != 0 and "not a limit" in wrong.stderr
+    back = gpufed(fed, "admin", "quota", "set", "--tenant", "dev", token=ADMIN_TOKEN)  # defaults again
+    assert back.returncode == 0, back.stderr
+    lower = gpufed(fed, "offers", "search", "--country", "de")  # the CLI upper-cases codes
+    assert lower.returncode == 0, lower.stderr
