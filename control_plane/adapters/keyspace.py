@@ -19,6 +19,10 @@ never streamed to every replica's index:
                                            unchanged since its count (its own replica counts
                                            its own grants itself): no two grants anywhere can
                                            both pass the tenant's quota
+  .records/nodes/{provider}/{replica}/{node} written with a node's first record by the replica
+                                           that registered it: a new node's Txn compares the
+                                           other replicas' markers of the provider unchanged
+                                           since its node count (its own it counts itself)
   .records/history/leases/{lease_id}       ended Lease records
   .records/usage/{lease_id}/{provider}     UsageRecord (written once, by the leader)
   .records/ledger/cursor                   revision the usage ledger has processed
@@ -112,6 +116,12 @@ class Keyspace:
 
     def hold(self, tenant: str, replica: str, lease_id: str) -> str:
         return self._r("holds", tenant, replica, lease_id)
+
+    def node_marker(self, provider: str, replica: str, node_id: str) -> str:
+        return self._r("nodes", provider, replica, node_id)
+
+    def node_markers_dir(self, provider: str) -> str:
+        return self._r("nodes", provider) + "/"
 
     def holds_dir(self, tenant: str) -> str:
         return self._r("holds", tenant) + "/"

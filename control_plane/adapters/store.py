@@ -82,14 +82,13 @@ def mod_revision_is(key: str | bytes, revision: int) -> rpc.Compare:
     return rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, key=_b(key), mod_revision=revision)
 
 
-def none_created_since(prefix: str | bytes, revision: int) -> rpc.Compare:
-    """No key under `prefix` was created after `revision` (a range compare: every key in it)."""
-    p = _b(prefix)
+def none_created_since(start: str | bytes, end: str | bytes, revision: int) -> rpc.Compare:
+    """No key in [start, end) was created after `revision` (a range compare: every key in it)."""
     return rpc.Compare(
         result=rpc.Compare.LESS,
         target=rpc.Compare.CREATE,
-        key=p,
-        range_end=prefix_end(p),
+        key=_b(start),
+        range_end=_b(end),
         create_revision=revision + 1,
     )
 
@@ -208,6 +207,7 @@ class Updated:
 
     value: bytes | None
     revision: int
+    created: bool = False
 
 
 _UNKNOWN: Any = object()
@@ -501,13 +501,13 @@ class EtcdStore:
         what: str = "the record",
         reason: str = "CONFLICT",
         attempts: int = CAS_ATTEMPTS,
-        create_guard: rpc.Compare | None = None,
+        on_create: tuple[list[rpc.Compare], list[rpc.RequestOp]] = ([], []),
     ) -> Updated:
         """Read-modify-write of one key: `fn(current)` returns the new value, or None to leave it
         as it is; it may raise to refuse. The write compares the key's mod revision (absence for
-        a missing key, plus `create_guard` when given); a failed compare reads the key back in
-        the same Txn, so a retry costs one Txn. `known` is a current guess (from the index) that
-        saves the first read."""
+        a missing key, with `on_create`'s compares, and then its writes too); a failed compare
+        reads the key back in the same Txn, so a retry costs one Txn. `known` is a current guess
+        (from the index) that saves the first read."""
         k = _b(key)
         kv: KeyValue | None = await self.get(k) if known is _UNKNOWN else known
 
@@ -517,12 +517,12 @@ class EtcdStore:
             if new is None:
                 return Updated(kv.value if kv is not None else None, 0)
             if kv is not None:
-                cmps = [mod_revision_is(k, kv.mod_revision)]
+                cmps, ops = [mod_revision_is(k, kv.mod_revision)], [put(k, new, lease)]
             else:
-                cmps = [absent(k)] if create_guard is None else [absent(k), create_guard]
-            resp = await self.txn(cmps, [put(k, new, lease)], [get(k)])
+                cmps, ops = [absent(k), *on_create[0]], [put(k, new, lease), *on_create[1]]
+            resp = await self.txn(cmps, ops, [get(k)])
             if resp.succeeded:
-                return Updated(new, int(resp.header.revision))
+                return Updated(new, int(resp.header.revision), created=kv is None)
             kvs = resp.responses[0].response_range.kvs
             kv = _kv(kvs[0]) if kvs else None
             return None

@@ -30,6 +30,8 @@ from control_plane.adapters.store import (
     StoreUnavailable,
     delete,
     none_created_since,
+    prefix_end,
+    put,
     value_is,
 )
 from control_plane.app.quotas import Quotas
@@ -279,12 +281,15 @@ class Nodes:
     async def _register(self, hello: node_pb2.NodeHello) -> None:
         """Write the node record if the hello changed it, within the provider's node quota.
 
-        A new node is created only if no node of the provider was created since the index's
-        revision, which the quota was counted at: concurrent registrations on several replicas
-        cannot all pass it. The loser counts again once its index has moved."""
+        A new node's record is written with this replica's marker of it, if no other replica
+        created a marker of the provider since the count (control_plane.app.quotas counts this
+        replica's own): registrations on several replicas cannot all pass the quota, and a
+        fleet coming up on one replica does not contend. A loser counts again once its index
+        has moved."""
         now = now_ts(self.clock)
         name = node_name(hello.provider, hello.node_id)
-        nodes_dir = self.keys.dir("nodes") + hello.provider + "/"
+        markers = self.keys.node_markers_dir(hello.provider)
+        own = f"{markers}{self.replica_id}/"
 
         def merge(kv: KeyValue | None) -> bytes | None:
             existing = common_pb2.Node.FromString(kv.value) if kv else None
@@ -294,22 +299,34 @@ class Nodes:
             return record.SerializeToString()
 
         for n in range(CAS_ATTEMPTS):
-            self.quotas.check_node(hello.provider, name, len(hello.gpus))
-            seen = self.inventory.revision
+            reservation = self.quotas.reserve_node(hello.provider, name, len(hello.gpus))
+            seen = reservation.revision if reservation is not None else self.inventory.revision
+            on_create = (
+                [
+                    none_created_since(markers, own, seen),
+                    none_created_since(prefix_end(own.encode()), prefix_end(markers.encode()), seen),
+                ],
+                [put(self.keys.node_marker(hello.provider, self.replica_id, hello.node_id), b"")],
+            )
+            created = 0
             try:
-                await self.store.update(
+                updated = await self.store.update(
                     self.keys.node(hello.provider, hello.node_id),
                     merge,
                     what="the node record",
                     reason="REGISTRATION_CONFLICT",
-                    create_guard=none_created_since(nodes_dir, seen),
+                    on_create=on_create,
                     attempts=2,
                 )
+                created = updated.revision if updated.created else 0
                 return
             except DomainError as e:
                 if e.reason != "REGISTRATION_CONFLICT" or n == CAS_ATTEMPTS - 1:
                     raise
-                await self.inventory.wait_for_revision(seen + 1, timeout=0.5)
+            finally:
+                if reservation is not None:
+                    reservation.done(created)
+            await self.inventory.wait_for_revision(seen + 1, timeout=0.5)
 
     async def _update_health(self, session: NodeSession, reported: Reported) -> None:
         now = now_ts(self.clock)

@@ -57,6 +57,8 @@ class _Gate:
 
 @dataclass(slots=True)
 class Reservation:
+    """Room held in a tenant's (or provider's, key "providers/{name}") quota until settled."""
+
     quotas: Quotas
     tenant: str
     gate: _Gate
@@ -161,10 +163,28 @@ class Quotas:
         if not gate.leases and not gate.committed and self._gates.get(tenant) is gate:
             del self._gates[tenant]
 
-    def check_node(self, provider: str, node_name: str, gpus: int) -> None:
-        quotas.check_node(
-            self.provider(provider), self.inv.provider_nodes(provider), node_name not in self.inv.nodes, gpus
-        )
+    def reserve_node(self, provider: str, node_name: str, gpus: int) -> Reservation | None:
+        """Room for the node within the provider's quota: a reservation for a node the index
+        does not know (its creation compares the other replicas' markers unchanged since the
+        count, like a tenant's holds), None for a known one; RESOURCE_EXHAUSTED otherwise."""
+        limits = self.provider(provider)
+        is_new = node_name not in self.inv.nodes
+        key = f"providers/{provider}"
+        gate = self._gates.get(key)
+        if gate is None:
+            gate = self._gates[key] = _Gate()
+        revision = self.inv.revision
+        gate.prune(revision)
+        own, _ = gate.uncounted(revision)
+        try:
+            quotas.check_node(limits, self.inv.provider_nodes(provider) + own, is_new, gpus)
+        finally:
+            self._forget_gate(key, gate)
+        if not is_new:
+            return None
+        gate = self._gates.setdefault(key, gate)
+        gate.leases += 1
+        return Reservation(self, key, gate, 0, revision)
 
     # -- rates and streams ----------------------------------------------------------------------
 
