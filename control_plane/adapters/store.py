@@ -134,6 +134,10 @@ class TxnBuilder:
     def mod_revision_is(self, key: bytes, revision: int) -> None:
         self.req.compare.add(result=_EQUAL, target=rpc.Compare.MOD, key=key, mod_revision=revision)
 
+    def created_at(self, key: bytes, revision: int) -> None:
+        """The key exists and was created at `revision` (a leader key's term: fencing)."""
+        self.req.compare.add(result=_EQUAL, target=rpc.Compare.CREATE, key=key, create_revision=revision)
+
     def present(self, key: bytes) -> None:
         self.req.compare.add(result=_GREATER, target=rpc.Compare.VERSION, key=key, version=0)
 

@@ -10,6 +10,11 @@ the others watch it (through the index) and try again when it goes. The leader r
   changes;
 - the drain sweep: leases on DRAINING nodes end at the drain deadline;
 - compaction, never past the ledger cursor.
+
+Fencing: the leader key's create revision is the leader's term. Every ledger write compares it
+in the same Txn, so a replica that lost the key (its session expired in a partition, another
+was elected) cannot write a usage record or move the cursor, whatever it still believes; it
+learns so from the failed compare (Deposed) and campaigns again.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+
+from etcd3.etcdrpc import rpc_pb2 as rpc
 
 from control_plane.adapters.index import Change, ChangeKind, Inventory
 from control_plane.adapters.store import (
@@ -52,6 +59,10 @@ LEDGER_RETRY_S = 0.5
 COMPACT_KEEP_REVISIONS = 10_000
 
 
+class Deposed(Exception):
+    """The leader key is no longer this replica's term: its writes were refused."""
+
+
 class Leader:
     def __init__(
         self,
@@ -72,6 +83,7 @@ class Leader:
         self.session_lease = session_lease
         self.metrics = metrics
         self.is_leader = asyncio.Event()
+        self.term = 0  # create revision of the leader key while this replica holds it
         self._changed = asyncio.Event()
         inventory.subscribe(self._on_change)
 
@@ -111,6 +123,11 @@ class Leader:
             [put(self.keys.leader, me, self.session_lease())],
             [get_op(self.keys.leader)],
         )
+        if resp.succeeded:
+            self.term = int(resp.header.revision)
+        else:
+            kvs = resp.responses[0].response_range.kvs
+            self.term = int(kvs[0].create_revision) if kvs and kvs[0].value == me else 0
         target = resp.header.revision if resp.succeeded else newest_read(resp)
         await self.inv.wait_for_revision(target, timeout=1.0)
 
@@ -121,7 +138,7 @@ class Leader:
             asyncio.create_task(self._compaction(), name="compaction"),
         ]
         try:
-            while self.inv.leader == self.replica_id and not any(t.done() for t in tasks):
+            while self.term and self.inv.leader == self.replica_id and not any(t.done() for t in tasks):
                 self._changed.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(1.0):
@@ -175,6 +192,11 @@ class Leader:
                 try:
                     await self._record([lease for lease, _ in batch], batch[-1][1])
                     break
+                except Deposed:
+                    log.warning("usage ledger: no longer the leader; a newer one replays this batch")
+                    self.term = 0
+                    self._changed.set()
+                    return
                 except StoreUnavailable as e:
                     log.warning("usage ledger: etcd unavailable; writing again", error=str(e))
                     await asyncio.sleep(LEDGER_RETRY_S)
@@ -210,7 +232,7 @@ class Leader:
             lookup.read(self.keys.lease_history(i).encode())
         reads = await self.store.send_txn(lookup.req)
         hist_lease = await self.leases.history.lease_id()
-        txn = TxnBuilder()
+        txn = self._fenced()
         expired: list[lease_pb2.Lease] = []
         for lease, lease_id, read in zip(deleted, ids, reads.responses, strict=True):
             kvs = read.response_range.kvs
@@ -244,12 +266,33 @@ class Leader:
                     code="OK",
                 )
             return
+        self._check_term(resp)
         if len(deleted) > 1:
             # Some were recorded before (a leader change mid-way): settle them one by one.
             for lease in deleted:
                 await self._record([lease], revision)
         else:
-            await self.store.put(self.keys.ledger_cursor, str(revision).encode())
+            cursor = self._fenced()
+            cursor.put(self.keys.ledger_cursor.encode(), str(revision).encode())
+            self._check_term(await self.store.send_txn(cursor.req))
+
+    def _fenced(self) -> TxnBuilder:
+        """A Txn that holds only while this replica's term does: it compares the leader key's
+        create revision and value first and reads the key back if the Txn fails."""
+        txn = TxnBuilder()
+        key = self.keys.leader.encode()
+        txn.created_at(key, self.term)
+        txn.req.compare.append(value_is(key, self.replica_id.encode()))
+        txn.read_on_failure(key)
+        return txn
+
+    def _check_term(self, resp: rpc.TxnResponse) -> None:
+        """Deposed if a fenced Txn failed on the term (its first read is the leader key)."""
+        if resp.succeeded:
+            return
+        kvs = resp.responses[0].response_range.kvs
+        if not kvs or kvs[0].create_revision != self.term or kvs[0].value != self.replica_id.encode():
+            raise Deposed(f"leader key now {kvs[0].value.decode() if kvs else 'absent'}")
 
     # -- drains ---------------------------------------------------------------------------------
 
