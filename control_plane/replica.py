@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -12,7 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from control_plane.adapters.index import Change, ChangeKind, Inventory
 from control_plane.adapters.peer import PeerClient
-from control_plane.adapters.store import EtcdAuth, EtcdStore, EtcdTls, Session
+from control_plane.adapters.store import EtcdAuth, EtcdStore, EtcdTls, Session, StoreUnavailable
 from control_plane.adapters.watcher import Watcher
 from control_plane.app.admin import Admin
 from control_plane.app.discovery import Discovery
@@ -60,6 +61,15 @@ SERVICE_NAMES = [
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
     peer_pb2.DESCRIPTOR.services_by_name["PeerService"].full_name,
 ]
+# What NOSPACE stops: leases and node registration write etcd (discovery, telemetry and reads
+# of leases keep working).
+WRITE_SERVICES = (
+    lease_pb2.DESCRIPTOR.services_by_name["LeaseService"].full_name,
+    node_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name,
+)
+HEALTH_CHECK_S = 0.5
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def etcd_tls(cfg: Config) -> EtcdTls | None:
@@ -193,6 +203,7 @@ class Replica:
         self.nodes.start()
         self._tasks.append(asyncio.create_task(self.leader.run(), name="leader"))
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._tasks.append(asyncio.create_task(self._watch_health(), name="health"))
         if cfg.metrics_listen:
             from prometheus_client import start_http_server
 
@@ -227,11 +238,36 @@ class Replica:
         if self.port == 0:
             raise TlsConfigError(f"cannot listen on {cfg.listen}")
 
-    async def _set_health(self, status: int) -> None:
-        for name in ["", *SERVICE_NAMES]:
+    async def _set_health(self, status: int, services: Sequence[str] = ("", *SERVICE_NAMES)) -> None:
+        for name in services:
             result = self.health.set(name, status)
             if asyncio.iscoroutine(result):
                 await result
+
+    async def _watch_health(self) -> None:
+        """Health tells the truth: NOT_SERVING while this replica's etcd session is not surely
+        alive (etcd unreachable, its member without a leader, a partition: the replica's view
+        may be stale and its work taken over), and the write services NOT_SERVING while etcd's
+        NOSPACE alarm is raised (reads still work)."""
+        serving, writable = True, True
+        while not self.shutdown.is_set():
+            await asyncio.sleep(HEALTH_CHECK_S)
+            now_serving = self.session.healthy
+            if now_serving != serving:
+                serving = now_serving
+                log.warning("health", serving=serving, reason="" if serving else "etcd session not confirmed")
+                await self._set_health(SERVING if serving else NOT_SERVING)
+                writable = True  # every service was just set alike
+            if not serving:
+                continue
+            try:
+                now_writable = not await self.store.no_space()
+            except StoreUnavailable:
+                continue
+            if now_writable != writable:
+                writable = now_writable
+                log.warning("health", writable=writable, reason="" if writable else "etcd NOSPACE alarm")
+                await self._set_health(SERVING if writable else NOT_SERVING, WRITE_SERVICES)
 
     def _on_change(self, change: Change) -> None:
         kind = change.kind

@@ -20,7 +20,7 @@ import grpc
 from google.protobuf.message import Message
 
 from control_plane import auth, errors
-from control_plane.adapters.store import StoreUnavailable
+from control_plane.adapters.store import StoreNoSpace, StoreUnavailable
 from control_plane.authorization import AUDITED, PRIVILEGED, authorize
 from control_plane.domain import errors as domain_errors
 from control_plane.domain.errors import DomainError
@@ -69,6 +69,10 @@ class _Call:
     async def fail(self, exc: BaseException) -> None:
         if isinstance(exc, DomainError):
             err = exc
+        elif isinstance(exc, StoreNoSpace):
+            err = domain_errors.unavailable(
+                "ETCD_NO_SPACE", "the cluster store is full and refuses writes until an operator frees it"
+            )
         elif isinstance(exc, StoreUnavailable):
             err = domain_errors.unavailable(
                 "ETCD_UNAVAILABLE", f"the cluster store is unavailable, retry: {exc}"

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import ipaddress
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -47,6 +48,11 @@ class StoreRefused(ConfigError):
 
 class StoreUnavailable(Exception):
     """etcd could not be reached or did not answer in time; the outcome of a write is unknown."""
+
+
+class StoreNoSpace(StoreUnavailable):
+    """etcd's NOSPACE alarm is raised (its backend quota is full): it refuses every write until
+    an operator compacts, defragments and disarms it. Reads still work."""
 
 
 class WatchCompacted(Exception):
@@ -433,9 +439,11 @@ class EtcdStore:
     @staticmethod
     def _mapped(e: grpc.aio.AioRpcError) -> Exception:
         """An outage is StoreUnavailable (the outcome of a write is unknown); the rest as is."""
-        if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            return StoreUnavailable(f"etcd: {e.code().name}: {e.details()}")
         details = e.details() or ""
+        if "space exceeded" in details:  # etcdserver: mvcc: database space exceeded
+            return StoreNoSpace(f"etcd: {details}")
+        if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return StoreUnavailable(f"etcd: {e.code().name}: {details}")
         if e.code() == grpc.StatusCode.PERMISSION_DENIED or "user name is empty" in details:
             return StoreRefused(
                 f"etcd refused the request ({details}): check --etcd-user and GPUFED_ETCD_PASSWORD"
@@ -541,6 +549,15 @@ class EtcdStore:
         )
         return int(resp.header.revision)
 
+    async def no_space(self) -> bool:
+        """Whether etcd's NOSPACE alarm is raised on any member (writes refused until disarmed)."""
+        resp = await self._call(
+            lambda: self._maintenance.Alarm(
+                rpc.AlarmRequest(action=rpc.AlarmRequest.GET), timeout=self.timeout
+            )
+        )
+        return any(a.alarm == rpc.NOSPACE for a in resp.alarms)
+
     async def compact(self, revision: int) -> None:
         await self._call(
             lambda: self._kv.Compact(rpc.CompactionRequest(revision=revision), timeout=self.timeout)
@@ -614,7 +631,9 @@ class EtcdStore:
         requests: _Requests[rpc.WatchRequest] = _Requests()
         requests.send(create)
         await self.authenticate()
-        call = self._watch.Watch(requests.stream())
+        # Require a leader: a member cut off from the quorum cancels the watch instead of
+        # serving a stream that silently stopped moving (etcd's WithRequireLeader).
+        call = self._watch.Watch(requests.stream(), metadata=(("hasleader", "true"),))
         try:
             async for resp in call:
                 if resp.compact_revision:
@@ -759,9 +778,17 @@ class Session:
         self._on_new_lease = on_new_lease
         self._task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
+        self.last_ok = 0.0  # monotonic time of the last keep-alive etcd answered
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the lease is surely alive: etcd confirmed it less than a ttl ago. Past that,
+        etcd may have expired it (keys on it gone, another replica took over its work)."""
+        return self.lease_id != 0 and time.monotonic() - self.last_ok < self.ttl
 
     async def start(self) -> int:
         self.lease_id = await self.store.grant(self.ttl)
+        self.last_ok = time.monotonic()
         self.ready.set()
         self._task = asyncio.create_task(self._run(), name="session-keepalive")
         return self.lease_id
@@ -771,13 +798,16 @@ class Session:
         while True:
             await asyncio.sleep(interval)
             try:
+                asked = time.monotonic()
                 ttl = await self.store.keepalive(self.lease_id)
                 if ttl > 0:
+                    self.last_ok = asked
                     continue
                 log.warning("session lease lost, granting a new one", lease=self.lease_id)
                 self.lease_id = await self.store.grant(self.ttl)
                 if self._on_new_lease is not None:
                     await self._on_new_lease(self.lease_id)
+                self.last_ok = asked  # healthy again once its keys are back
             except StoreUnavailable as e:
                 log.warning("session keep-alive failed", error=str(e))
             except Exception:
