@@ -58,7 +58,7 @@ def run(nodes: int = 1000, n: int = 3000) -> dict[str, Any]:
 
     req_key = keys.request("tenant", spec.request_id).encode()
     record = lease.SerializeToString()
-    ended = lease_rules.ended(lease, lease_pb2.LEASE_END_REASON_RELEASED, now()).SerializeToString()
+    ended = lease_rules.ended(lease, lease_pb2.LEASE_END_REASON_RELEASED, now())
 
     alloc = keys.alloc(
         picks[0].candidate.node.provider, picks[0].candidate.node.node_id, picks[0].gpu_uuids[0]

@@ -1,7 +1,7 @@
 """The etcd keyspace: where each record lives, and the one place keys are parsed back.
 
 All under a configurable prefix (default /gpufed); every replica watches {prefix}/, and the
-records in {prefix}.records/ (requests, history, usage, the ledger cursor) are read on demand,
+records in {prefix}.records/ (requests, history, usage, the journal) are read on demand,
 never streamed to every replica's index:
 
   nodes/{provider}/{node_id}            Node record (gpufed.v1.Node, binary)
@@ -24,8 +24,11 @@ never streamed to every replica's index:
                                            other replicas' markers of the provider unchanged
                                            since its node count (its own it counts itself)
   .records/history/leases/{lease_id}       ended Lease records
-  .records/usage/{lease_id}/{provider}     UsageRecord (written once, by the leader)
-  .records/ledger/cursor                   revision the usage ledger has processed
+  .records/journal/{lease_id}              the active Lease record, not on its etcd lease: written
+                                           by the grant and each renewal, deleted by the Txn that
+                                           writes the lease's usage records (exactly once)
+  .records/usage/{lease_id}/{provider}     UsageRecord (by the release Txn, or by the leader for
+                                           a lease whose journal outlived it: an expiry)
 """
 
 from __future__ import annotations
@@ -106,7 +109,7 @@ class Keyspace:
     def quota(self, kind: str, principal: str) -> str:
         return self._k("quotas", kind, principal)
 
-    # Records (request ids, history, usage, the ledger cursor) live beside the watched state, in
+    # Records (request ids, history, usage, the journal) live beside the watched state, in
     # {prefix}.records/: read on demand, never streamed to every replica's index.
     def _r(self, *parts: str) -> str:
         return "/".join((self.prefix.rstrip("/") + ".records", *parts))
@@ -135,9 +138,8 @@ class Keyspace:
     def records_dir(self, name: str) -> str:
         return self._r(name) + "/"
 
-    @property
-    def ledger_cursor(self) -> str:
-        return self._r("ledger", "cursor")
+    def journal(self, lease_id: str) -> str:
+        return self._r("journal", lease_id)
 
     def dir(self, name: str) -> str:
         """Prefix of one top-level directory, with a trailing slash: dir('nodes') -> /gpufed/nodes/."""

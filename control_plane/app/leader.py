@@ -3,17 +3,19 @@
 Election: put `leader` = replica id on the replica's session lease under `create_revision == 0`;
 the others watch it (through the index) and try again when it goes. The leader runs:
 
-- the usage ledger: it watches leases/ from the ledger cursor; each deleted lease record gets its
-  history (for expiries, ended at their expire_time: the last grant or renewal plus the ttl)
-  and one usage record per provider, in one Txn that compares the usage
-  keys absent and moves the cursor, so each record is written exactly once even across leader
-  changes;
+- the journal sweep: usage records exactly once, by construction. The grant Txn writes a
+  journal entry (the lease record, not on its etcd lease; renewals keep its expire_time), and a
+  release writes the usage records and deletes the entry in its own Txn. An entry whose lease
+  record is gone is an expiry: the leader writes its history (ended at its expire_time, the
+  last grant or renewal plus the ttl) and usage records and deletes the entry in one Txn that
+  compares the record absent and the entry unchanged. No watch event is needed, so a
+  compaction or a watch gap loses nothing;
 - the drain sweep: leases on DRAINING nodes end at the drain deadline;
-- compaction, never past the ledger cursor.
+- compaction.
 
-Fencing: the leader key's create revision is the leader's term. Every ledger write compares it
-in the same Txn, so a replica that lost the key (its session expired in a partition, another
-was elected) cannot write a usage record or move the cursor, whatever it still believes; it
+Fencing: the leader key's create revision is the leader's term. Every sweep write compares it
+(and the key's value) in the same Txn, so a replica that lost the key (its session expired in a
+partition, another was elected) cannot write a usage record, whatever it still believes; it
 learns so from the failed compare (Deposed) and campaigns again.
 """
 
@@ -28,9 +30,9 @@ from etcd3.etcdrpc import rpc_pb2 as rpc
 from control_plane.adapters.index import Change, ChangeKind, Inventory
 from control_plane.adapters.store import (
     EtcdStore,
+    KeyValue,
     StoreUnavailable,
     TxnBuilder,
-    WatchCompacted,
     absent,
     newest_read,
     put,
@@ -50,13 +52,10 @@ log = get_logger(__name__)
 audit = get_logger("gpufed.audit")
 _WAKES = frozenset((ChangeKind.LEADER, ChangeKind.RESYNC))
 COMPACT_EVERY_S = 300
-# Leases per ledger Txn: each adds up to ~3 operations, and etcd allows 128 per branch.
-LEDGER_CHUNK = 30
-# How long ended leases are gathered before their usage records are written together.
-LEDGER_FLUSH_S = 0.2
-# Pause before writing a batch again after etcd failed to answer.
-LEDGER_RETRY_S = 0.5
 COMPACT_KEEP_REVISIONS = 10_000
+# How often the leader looks for journal entries whose lease expired: expiries are billed
+# within this (the record's end_time is the expiry itself, whenever it is written).
+JOURNAL_SWEEP_S = 1.0
 
 
 class Deposed(Exception):
@@ -133,7 +132,7 @@ class Leader:
 
     async def _lead(self) -> None:
         tasks = [
-            asyncio.create_task(self._ledger(), name="usage-ledger"),
+            asyncio.create_task(self._journal_sweep(), name="journal-sweep"),
             asyncio.create_task(self._drain_sweep(), name="drain-sweep"),
             asyncio.create_task(self._compaction(), name="compaction"),
         ]
@@ -153,128 +152,67 @@ class Leader:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
 
-    # -- usage ledger ---------------------------------------------------------------------------
+    # -- usage of leases that ended without a release -------------------------------------------
 
-    async def _cursor(self) -> int:
-        kv = await self.store.get(self.keys.ledger_cursor)
-        if kv is not None:
-            return int(kv.value)
-        return await self.store.revision()
-
-    async def _ledger(self) -> None:
-        """Ended leases are gathered for up to LEDGER_FLUSH_S and recorded together: under load one
-        read and one write per batch instead of per lease. The stored cursor only moves with a
-        recorded batch, so a new leader replays whatever an old one had gathered but not written."""
-        cursor = await self._cursor()
-        prefix = self.keys.dir("leases")
-        pending: asyncio.Queue[tuple[lease_pb2.Lease, int]] = asyncio.Queue()
-        flusher = asyncio.create_task(self._flush_ledger(pending), name="usage-ledger-flush")
-        try:
-            await self._watch_ended(prefix, cursor, pending)
-        finally:
-            flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await flusher
-
-    async def _flush_ledger(self, pending: asyncio.Queue[tuple[lease_pb2.Lease, int]]) -> None:
+    async def _journal_sweep(self) -> None:
+        """Every JOURNAL_SWEEP_S: journal entries whose lease record is gone. A release deletes
+        its entry in its own Txn, so an entry that outlived its lease is an expiry (or a release
+        too wide to bill inline): its usage records are written and the entry deleted in one
+        Txn. Nothing here depends on having seen an event, so a watch gap or a compaction loses
+        nothing, and a new leader finds whatever an old one left."""
         while True:
-            batch = [await pending.get()]
-            if pending.qsize() < LEDGER_CHUNK - 1:
-                # Wait for company only when there is room for it: a backlog (more ended leases
-                # per flush than a chunk holds) is written back to back, or it would only grow.
-                await asyncio.sleep(LEDGER_FLUSH_S)
-            while not pending.empty() and len(batch) < LEDGER_CHUNK:
-                batch.append(pending.get_nowait())
-            while True:
-                # The batch is kept until it is recorded: a task that died here would leave the
-                # watch queuing ended leases for nobody. Writing again is safe: every record's
-                # Txn compares its key absent, so what an unanswered attempt wrote is not doubled.
-                try:
-                    await self._record([lease for lease, _ in batch], batch[-1][1])
-                    break
-                except Deposed:
-                    log.warning("usage ledger: no longer the leader; a newer one replays this batch")
-                    self.term = 0
-                    self._changed.set()
-                    return
-                except StoreUnavailable as e:
-                    log.warning("usage ledger: etcd unavailable; writing again", error=str(e))
-                    await asyncio.sleep(LEDGER_RETRY_S)
-
-    async def _watch_ended(
-        self, prefix: str, cursor: int, pending: asyncio.Queue[tuple[lease_pb2.Lease, int]]
-    ) -> None:
-        while True:
+            await asyncio.sleep(JOURNAL_SWEEP_S)
             try:
-                async for revision, events in self.store.watch_prefix(prefix, cursor + 1, deletes_only=True):
-                    for ev in events:
-                        if ev.value is None and ev.prev_value is not None:
-                            pending.put_nowait((lease_pb2.Lease.FromString(ev.prev_value), ev.mod_revision))
-                    cursor = max(cursor, revision)
-            except WatchCompacted as e:
-                # Never compacted past the cursor by us; someone else did. Records in between are lost:
-                # say so loudly and carry on from what is left.
-                log.error("usage ledger cursor was compacted away", cursor=cursor, compact=e.compact_revision)
-                cursor = e.compact_revision
+                indexed = self.inv.revision
+                kvs, _ = await self.store.get_prefix(self.keys.records_dir("journal"))
+                for kv in kvs:
+                    lease_id = kv.key.decode().rsplit("/", 1)[1]
+                    # Written after the index's revision: the index may not know the lease yet.
+                    if lease_id in self.inv.leases or kv.mod_revision > indexed:
+                        continue
+                    await self.settle(lease_id, kv)
+            except Deposed:
+                log.warning("journal sweep: no longer the leader; the new one settles the rest")
+                self.term = 0
+                self._changed.set()
+                return
             except StoreUnavailable as e:
-                log.warning("usage ledger watch broke", error=str(e))
-                await asyncio.sleep(0.5)
+                log.warning("journal sweep: etcd unavailable; next round", error=str(e))
 
-    async def _record(self, deleted: list[lease_pb2.Lease], revision: int) -> None:
-        """Usage records for leases whose record was deleted, in one read and one write.
-
-        A lease that was released, revoked or drained left its history in the same Txn that
-        deleted it; one deleted without history expired, and its history is written here.
-        """
-        ids = [lease.name.split("/", 1)[1] for lease in deleted]
-        lookup = TxnBuilder()
-        for i in ids:
-            lookup.read(self.keys.lease_history(i).encode())
-        reads = await self.store.send_txn(lookup.req)
-        hist_lease = await self.leases.history.lease_id()
+    async def settle(self, lease_id: str, journal: KeyValue) -> bool:
+        """Bill a lease whose journal entry outlived its record, once: the Txn compares the record
+        absent, the entry unchanged and this replica's term. False if it did not apply."""
+        last = lease_pb2.Lease.FromString(journal.value)
+        kv = await self.store.get(self.keys.lease_history(lease_id))
+        final = lease_pb2.Lease.FromString(kv.value) if kv is not None else lease_rules.expired(last)
         txn = self._fenced()
-        expired: list[lease_pb2.Lease] = []
-        for lease, lease_id, read in zip(deleted, ids, reads.responses, strict=True):
-            kvs = read.response_range.kvs
-            if kvs:
-                final = lease_pb2.Lease.FromString(kvs[0].value)
-            else:
-                final = lease_rules.expired(lease)
-                history = self.keys.lease_history(lease_id).encode()
-                txn.absent(history)
-                txn.put(history, final.SerializeToString(), hist_lease)
-                if final.request_id:
-                    spent = self.keys.request(final.tenant, final.request_id).encode()
-                    txn.put(spent, lease_id.encode(), hist_lease)
-                expired.append(final)
-            for r in usage_records(final, final.end_time):
-                key = self.keys.usage_record(lease_id, r.provider).encode()
-                txn.absent(key)
-                txn.put(key, r.SerializeToString())
-        txn.put(self.keys.ledger_cursor.encode(), str(revision).encode())
+        txn.absent(self.keys.lease(lease_id).encode())
+        txn.mod_revision_is(self.keys.journal(lease_id).encode(), journal.mod_revision)
+        if kv is None:
+            hist_lease = await self.leases.history.lease_id()
+            txn.put(self.keys.lease_history(lease_id).encode(), final.SerializeToString(), hist_lease)
+            if final.request_id:
+                spent = self.keys.request(final.tenant, final.request_id).encode()
+                txn.put(spent, lease_id.encode(), hist_lease)
+        for r in usage_records(final, final.end_time):
+            txn.put(self.keys.usage_record(lease_id, r.provider).encode(), r.SerializeToString())
+        txn.delete(self.keys.journal(lease_id).encode())
         resp = await self.store.send_txn(txn.req)
-        if resp.succeeded:
-            log.info("usage recorded", leases=len(deleted), revision=revision)
-            for final in expired:
-                if self.metrics is not None:
-                    self.metrics.leases_expired.inc()
-                audit.info(
-                    "lease expired",
-                    principal=f"tenant:{final.tenant}",
-                    target=final.name,
-                    end_time=final.end_time.ToJsonString(),
-                    code="OK",
-                )
-            return
         self._check_term(resp)
-        if len(deleted) > 1:
-            # Some were recorded before (a leader change mid-way): settle them one by one.
-            for lease in deleted:
-                await self._record([lease], revision)
-        else:
-            cursor = self._fenced()
-            cursor.put(self.keys.ledger_cursor.encode(), str(revision).encode())
-            self._check_term(await self.store.send_txn(cursor.req))
+        if not resp.succeeded:
+            return False  # renewed or settled meanwhile
+        log.info("usage recorded", lease=final.name, reason=final.end_reason)
+        if final.end_reason == lease_pb2.LEASE_END_REASON_EXPIRED:
+            if self.metrics is not None:
+                self.metrics.leases_expired.inc()
+            audit.info(
+                "lease expired",
+                principal=f"tenant:{final.tenant}",
+                target=final.name,
+                end_time=final.end_time.ToJsonString(),
+                code="OK",
+            )
+        return True
 
     def _fenced(self) -> TxnBuilder:
         """A Txn that holds only while this replica's term does: it compares the leader key's
@@ -323,10 +261,9 @@ class Leader:
         done = 0
         while True:
             await asyncio.sleep(COMPACT_EVERY_S)
-            kv = await self.store.get(self.keys.ledger_cursor)
-            if kv is None:
-                continue
-            target = min(int(kv.value), await self.store.revision() - COMPACT_KEEP_REVISIONS)
+            # Nothing reads history from the watch any more but the index, which re-lists past a
+            # compaction: keep enough for watches to catch up after a pause.
+            target = await self.store.revision() - COMPACT_KEEP_REVISIONS
             if target > done:
                 with contextlib.suppress(Exception):
                     await self.store.compact(target)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from control_plane.adapters.keyspace import Keyspace
-from control_plane.adapters.store import TxnBuilder, prefix_end
+from control_plane.adapters.store import MAX_TXN_OPS, TxnBuilder, prefix_end
 from control_plane.domain.placement import Pick
+from control_plane.domain.usage import usage_records
 from gpufed.v1 import lease_pb2
 
 
@@ -43,6 +44,8 @@ def grant_txn(
         txn.put(req_key, value, etcd_lease)
     gpus = sum(len(p.gpu_uuids) for p in picks)
     txn.put(keys.hold(tenant, replica, lease_id).encode(), str(gpus).encode(), etcd_lease)
+    # Not on the etcd lease: it outlives an expiry, so the leader finds what to bill.
+    txn.put(keys.journal(lease_id).encode(), record)
     for p in picks:
         node = p.candidate.node
         node_key = keys.node(node.provider, node.node_id).encode()
@@ -58,19 +61,27 @@ def grant_txn(
 
 
 def release_txn(
-    keys: Keyspace, lease: lease_pb2.Lease, revision: int, final: bytes, history_lease: int
+    keys: Keyspace, lease: lease_pb2.Lease, revision: int, final: lease_pb2.Lease, history_lease: int
 ) -> TxnBuilder:
-    """The end of an active lease: if its record is unchanged, delete it and its allocations, and
-    keep the final record and the spent request id (if any) as history."""
+    """The end of an active lease: if its record is unchanged, delete it and its allocations,
+    keep the final record and the spent request id (if any) as history, and write its usage
+    records and delete its journal entry: exactly once, since the compare holds only once.
+    (A lease too wide for one Txn leaves its journal entry to the leader, which bills from the
+    history written here.)"""
     lease_id = lease.name.split("/", 1)[1]
     key = keys.lease(lease_id).encode()
     txn = TxnBuilder()
     txn.mod_revision_is(key, revision)
     txn.delete(key)
-    txn.put(keys.lease_history(lease_id).encode(), final, history_lease)
+    txn.put(keys.lease_history(lease_id).encode(), final.SerializeToString(), history_lease)
     txn.delete(keys.hold(lease.tenant, lease.grant_replica, lease_id).encode())
     if lease.request_id:
         txn.put(keys.request(lease.tenant, lease.request_id).encode(), lease_id.encode(), history_lease)
     for g in lease.gpus:
         txn.delete(keys.alloc(g.provider, g.node_id, g.uuid).encode())
+    records = usage_records(final, final.end_time)
+    if len(txn.req.success) + len(records) + 1 <= MAX_TXN_OPS:
+        for r in records:
+            txn.put(keys.usage_record(lease_id, r.provider).encode(), r.SerializeToString())
+        txn.delete(keys.journal(lease_id).encode())
     return txn

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 
 from control_plane.adapters.commit import GroupCommit, LeasePool
 from control_plane.adapters.index import Change, ChangeKind, Inventory
-from control_plane.adapters.store import EtcdStore, KeyValue, newest_read, retry_cas
+from control_plane.adapters.store import EtcdStore, KeyValue, newest_read, put, retry_cas
 from control_plane.app.lease_txns import grant_txn, release_txn
 from control_plane.app.quotas import Quotas
 from control_plane.domain import errors, lease_rules, offers, pagination
@@ -301,6 +301,7 @@ class Leases:
                 return None  # a later renewal got there first
             return new.SerializeToString()
 
+        journal = self.keys.journal(name.split("/", 1)[1])
         updated = await self.store.update(
             key,
             renew_record,
@@ -308,6 +309,8 @@ class Leases:
             lease=lease.etcd_lease_id,
             what=f"{lease.name}",
             reason="LEASE_CHANGING",
+            # The journal keeps the newest expire_time: what an expiry is billed to.
+            with_ops=lambda new: [put(journal, new)],
         )
         if updated.revision:
             await self.inv.wait_for_revision(updated.revision, timeout=1.0)
@@ -332,10 +335,12 @@ class Leases:
             lease, revision = found
             if revision == 0:
                 return lease  # history: already ended
-            done = lease_rules.ended(lease, reason, now_ts(self.clock), message)
-            txn = release_txn(
-                self.keys, lease, revision, done.SerializeToString(), await self.history.lease_id()
-            )
+            # The true end: now, or the expiry if etcd has not yet deleted an expired lease.
+            now = now_ts(self.clock)
+            if lease.HasField("expire_time") and lease.expire_time.ToNanoseconds() < now.ToNanoseconds():
+                now = lease.expire_time
+            done = lease_rules.ended(lease, reason, now, message)
+            txn = release_txn(self.keys, lease, revision, done, await self.history.lease_id())
             result = await self.commits.submit(txn)
             if not result.succeeded:
                 return None  # changed or gone meanwhile: read it again

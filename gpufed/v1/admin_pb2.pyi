@@ -215,7 +215,11 @@ Global___RevokeLeaseResponse: _TypeAlias = RevokeLeaseResponse  # noqa: Y015
 
 @_typing.final
 class UsageRecord(_message.Message):
-    """What a provider bills from: one per ended lease and provider. Name: "usageRecords/{lease id}-{provider}"."""
+    """What a provider bills from: exactly one per ended lease and provider, never rewritten.
+    Name: "usageRecords/{lease id}-{provider}". A released, revoked or drained lease's records
+    exist when the call that ended it returns (the same etcd Txn writes them); an expired lease's
+    within about a second of its expiry (the leader's journal sweep).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -235,6 +239,7 @@ class UsageRecord(_message.Message):
     provider: _builtins.str
     tenant: _builtins.str
     gpu_seconds: _builtins.float
+    """(end_time - start_time) x the GPUs of this provider."""
     quoted_cost: _builtins.float
     """Quoted cost: sum over GPUs of price_per_gpu_hour * seconds / 3600."""
     currency_code: _builtins.str
@@ -242,9 +247,15 @@ class UsageRecord(_message.Message):
     @_builtins.property
     def gpus(self) -> _containers.RepeatedCompositeFieldContainer[_lease_pb2.LeasedGpu]: ...
     @_builtins.property
-    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """The grant."""
+
     @_builtins.property
-    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """The true end: the release (or revocation, drain), or for an expiry the last grant or
+        renewal plus the ttl, whenever the expiry was noticed.
+        """
+
     def __init__(
         self,
         *,

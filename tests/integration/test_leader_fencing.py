@@ -1,6 +1,6 @@
 """Leader writes are fenced by the leader key's term: a replica that lost the key (deposed in
-a partition, another elected) cannot write a usage record or move the ledger cursor, and the
-deposed replica steps down and campaigns again."""
+a partition, another elected) cannot write a usage record, and the deposed replica steps down
+and campaigns again."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def _ended_lease() -> lease_pb2.Lease:
     return lease
 
 
-def test_a_deposed_leaders_ledger_write_is_rejected_and_it_steps_down(etcd: EtcdCluster) -> None:
+def test_a_deposed_leaders_usage_write_is_rejected_and_it_steps_down(etcd: EtcdCluster) -> None:
     r = ReplicaThread(replica_config(etcd.endpoints, unique_prefix())).start()
     try:
         assert r.replica is not None
@@ -35,21 +35,23 @@ def test_a_deposed_leaders_ledger_write_is_rejected_and_it_steps_down(etcd: Etcd
 
         # What a partition looks like from etcd: another replica holds the key now. (One write,
         # so this replica cannot win the key back in between; the fence compares the value too.)
+        # A lease that expired: its journal entry outlived its record.
+        lease_id = "00000000000000aa"
+        r.call(store.put(keys.journal(lease_id), _ended_lease().SerializeToString()))
+        journal = r.call(store.get(keys.journal(lease_id)))
         r.call(store.put(keys.leader, b"usurper"))
-        lease = _ended_lease()
         with pytest.raises(Deposed):
-            r.call(leader._record([lease], 12345))
-        usage = r.call(store.get(keys.usage_record("00000000000000aa", "neo")))
-        history = r.call(store.get(keys.lease_history("00000000000000aa")))
+            r.call(leader.settle(lease_id, journal))  # type: ignore[arg-type]
+        usage = r.call(store.get(keys.usage_record(lease_id, "neo")))
+        history = r.call(store.get(keys.lease_history(lease_id)))
         assert usage is None and history is None, "a deposed leader wrote"
-        cursor = r.call(store.get(keys.ledger_cursor))
-        assert cursor is None or int(cursor.value) != 12345  # type: ignore[attr-defined]
+        assert r.call(store.get(keys.journal(lease_id))) is not None
 
-        # Once the usurper goes, the replica campaigns again and leads in a new term.
+        # Once the usurper goes, the replica campaigns again, leads in a new term and settles.
         r.call(store.txn([], [delete(keys.leader)]))
         wait_until(lambda: leader.is_leader.is_set() and leader.term > term, timeout=10)
-        r.call(leader._record([lease], 12345))
-        assert r.call(store.get(keys.usage_record("00000000000000aa", "neo"))) is not None
+        wait_until(lambda: r.call(store.get(keys.usage_record(lease_id, "neo"))) is not None, timeout=10)
+        assert r.call(store.get(keys.journal(lease_id))) is None
     finally:
         r.stop()
 

@@ -8,7 +8,7 @@ from control_plane.adapters.keyspace import Keyspace
 from control_plane.app.lease_txns import grant_txn, release_txn
 from control_plane.domain.inventory import Candidate
 from control_plane.domain.placement import Pick
-from gpufed.v1 import common_pb2, lease_pb2
+from gpufed.v1 import admin_pb2, common_pb2, lease_pb2
 
 K = Keyspace("/g")
 
@@ -34,6 +34,7 @@ def test_grant_compares_every_allocation_absent_and_each_node_unchanged_and_aliv
     assert set(puts) == txn.writes
     assert puts[b"/g.records/holds/t/r1/00ff"].value == b"3"
     assert set(puts) == {
+        b"/g.records/journal/00ff",
         b"/g.records/holds/t/r1/00ff",
         b"/g/leases/00ff",
         b"/g.records/requests/t/r1",
@@ -41,6 +42,9 @@ def test_grant_compares_every_allocation_absent_and_each_node_unchanged_and_aliv
         b"/g/alloc/p/a/g1",
         b"/g/alloc/p/b/g2",
     }
+    # Every write but the journal rides on the etcd lease: when it expires, the GPUs come back
+    # by themselves, and the journal entry tells the leader what to bill.
+    assert puts.pop(b"/g.records/journal/00ff").lease == 0
     assert all(p.lease == 42 for p in puts.values())
     # On failure the request key is read first (a retry finds its lease), then what conflicted.
     assert txn.req.failure[0].request_range.key == b"/g.records/requests/t/r1"
@@ -58,15 +62,37 @@ def test_grant_fails_if_another_replica_granted_the_tenant_anything_since_its_co
     assert all((c.target, c.result, c.mod_revision) == (C.MOD, C.LESS, 31) for c in ranges)
 
 
-def test_release_deletes_record_and_allocations_and_keeps_history_if_unchanged() -> None:
+def test_release_deletes_record_and_allocations_keeps_history_and_bills_once() -> None:
     lease = lease_pb2.Lease(name="leases/00ff", tenant="t", request_id="r1", grant_replica="r1")
-    lease.gpus.add(provider="p", node_id="a", uuid="g0")
-    txn = release_txn(K, lease, 11, b"final", 5)
+    lease.gpus.add(provider="p", node_id="a", uuid="g0", price_per_gpu_hour=3.6)
+    lease.create_time.FromSeconds(100)
+    final = lease_pb2.Lease()
+    final.CopyFrom(lease)
+    final.end_time.FromSeconds(200)
+    txn = release_txn(K, lease, 11, final, 5)
     (compare,) = txn.req.compare
     assert compare.key == b"/g/leases/00ff" and compare.mod_revision == 11
     deleted = {op.request_delete_range.key for op in txn.req.success if op.HasField("request_delete_range")}
-    assert deleted == {b"/g/leases/00ff", b"/g/alloc/p/a/g0", b"/g.records/holds/t/r1/00ff"}
+    assert deleted == {
+        b"/g/leases/00ff",
+        b"/g/alloc/p/a/g0",
+        b"/g.records/holds/t/r1/00ff",
+        b"/g.records/journal/00ff",  # billed here: the leader has nothing left to do
+    }
     kept = {op.request_put.key: op.request_put for op in txn.req.success if op.HasField("request_put")}
-    assert kept[b"/g.records/history/leases/00ff"].value == b"final"
-    assert all(p.lease == 5 for p in kept.values())
+    assert lease_pb2.Lease.FromString(kept[b"/g.records/history/leases/00ff"].value) == final
+    usage = admin_pb2.UsageRecord.FromString(kept[b"/g.records/usage/00ff/p"].value)
+    assert (usage.gpu_seconds, usage.quoted_cost) == (100.0, 0.1)
+    assert kept[b"/g.records/history/leases/00ff"].lease == 5 and kept[b"/g.records/usage/00ff/p"].lease == 0
     assert txn.writes == deleted | set(kept)
+
+
+def test_a_release_too_wide_for_one_txn_leaves_its_billing_to_the_leader() -> None:
+    lease = lease_pb2.Lease(name="leases/00ff", tenant="t", grant_replica="r1")
+    for i in range(64):
+        lease.gpus.add(provider=f"p{i}", node_id="a", uuid=f"g{i}")
+    txn = release_txn(K, lease, 11, lease, 5)
+    keys = {op.request_put.key for op in txn.req.success} | {
+        op.request_delete_range.key for op in txn.req.success
+    }
+    assert b"/g.records/journal/00ff" not in keys and len(txn.req.success) <= 128
