@@ -244,7 +244,7 @@ class KeyValue:
     lease: int
 
 
-def _kv(kv: Any) -> KeyValue:
+def key_value(kv: Any) -> KeyValue:
     return KeyValue(kv.key, kv.value, kv.mod_revision, kv.create_revision, kv.lease)
 
 
@@ -455,7 +455,7 @@ class EtcdStore:
 
     async def get(self, key: str | bytes) -> KeyValue | None:
         resp = await self._call(lambda: self._kv.Range(rpc.RangeRequest(key=_b(key)), timeout=self.timeout))
-        return _kv(resp.kvs[0]) if resp.kvs else None
+        return key_value(resp.kvs[0]) if resp.kvs else None
 
     async def get_prefix(self, prefix: str | bytes, revision: int = 0) -> tuple[list[KeyValue], int]:
         """Every key under prefix at one revision (the current one if 0), read in pages."""
@@ -474,7 +474,7 @@ class EtcdStore:
             resp = await self._call(lambda r=req: self._kv.Range(r, timeout=self.timeout))  # type: ignore[misc]
             if revision == 0:
                 revision = resp.header.revision
-            out.extend(_kv(kv) for kv in resp.kvs)
+            out.extend(key_value(kv) for kv in resp.kvs)
             if not resp.more or not resp.kvs:
                 return out, revision
             start = resp.kvs[-1].key + b"\0"
@@ -539,7 +539,7 @@ class EtcdStore:
             if resp.succeeded:
                 return Updated(new, int(resp.header.revision), created=kv is None)
             kvs = resp.responses[0].response_range.kvs
-            kv = _kv(kvs[0]) if kvs else None
+            kv = key_value(kvs[0]) if kvs else None
             return None
 
         return await retry_cas(

@@ -34,6 +34,7 @@ from control_plane.adapters.store import (
     StoreUnavailable,
     TxnBuilder,
     absent,
+    key_value,
     newest_read,
     put,
     value_is,
@@ -51,11 +52,15 @@ from gpufed.v1 import lease_pb2
 log = get_logger(__name__)
 audit = get_logger("gpufed.audit")
 _WAKES = frozenset((ChangeKind.LEADER, ChangeKind.RESYNC))
+_LEASE = ChangeKind.LEASE
 COMPACT_EVERY_S = 300
 COMPACT_KEEP_REVISIONS = 10_000
 # How often the leader looks for journal entries whose lease expired: expiries are billed
 # within this (the record's end_time is the expiry itself, whenever it is written).
 JOURNAL_SWEEP_S = 1.0
+# And the whole journal is read this often (and on election and after a re-list), for what the
+# candidates missed.
+JOURNAL_SCAN_S = 60.0
 
 
 class Deposed(Exception):
@@ -83,12 +88,21 @@ class Leader:
         self.metrics = metrics
         self.is_leader = asyncio.Event()
         self.term = 0  # create revision of the leader key while this replica holds it
+        self._gone: set[str] = set()  # lease ids the index saw deleted: journal candidates
+        self._rescan = True  # read the whole journal at the next sweep
         self._changed = asyncio.Event()
         inventory.subscribe(self._on_change)
 
     def _on_change(self, change: Change) -> None:
-        if change.kind in _WAKES:
+        kind = change.kind
+        if kind is _LEASE:
+            if change.value is None and self.is_leader.is_set():
+                self._gone.add(change.name)  # released (billed already) or expired
+            return
+        if kind in _WAKES:
             self._changed.set()
+            if kind is ChangeKind.RESYNC:
+                self._rescan = True
 
     async def run(self) -> None:
         while True:
@@ -102,6 +116,7 @@ class Leader:
                             await self._changed.wait()
                     continue
                 self.is_leader.set()
+                self._rescan = True
                 log.info("elected leader", replica=self.replica_id)
                 await self._lead()
             except asyncio.CancelledError:
@@ -155,16 +170,27 @@ class Leader:
     # -- usage of leases that ended without a release -------------------------------------------
 
     async def _journal_sweep(self) -> None:
-        """Every JOURNAL_SWEEP_S: journal entries whose lease record is gone. A release deletes
-        its entry in its own Txn, so an entry that outlived its lease is an expiry (or a release
-        too wide to bill inline): its usage records are written and the entry deleted in one
-        Txn. Nothing here depends on having seen an event, so a watch gap or a compaction loses
-        nothing, and a new leader finds whatever an old one left."""
+        """Journal entries whose lease record is gone. A release deletes its entry in its own
+        Txn, so an entry that outlived its lease is an expiry (or a release too wide to bill
+        inline): its usage records are written and the entry deleted in one Txn.
+
+        Candidates are the leases the index saw deleted, looked at every JOURNAL_SWEEP_S; the
+        whole journal is read when this replica starts leading and every JOURNAL_SCAN_S, so
+        what a watch gap, a compaction or an earlier leader left is found too (nothing here
+        needs to have seen an event to be right)."""
+        last_scan = -JOURNAL_SCAN_S
         while True:
             await asyncio.sleep(JOURNAL_SWEEP_S)
             try:
+                if self._rescan or self.clock.monotonic() - last_scan >= JOURNAL_SCAN_S:
+                    self._rescan = False
+                    self._gone.clear()
+                    last_scan = self.clock.monotonic()
+                    kvs, _ = await self.store.get_prefix(self.keys.records_dir("journal"))
+                else:
+                    gone, self._gone = sorted(self._gone), set()
+                    kvs = await self._journal_entries(gone)
                 indexed = self.inv.revision
-                kvs, _ = await self.store.get_prefix(self.keys.records_dir("journal"))
                 for kv in kvs:
                     lease_id = kv.key.decode().rsplit("/", 1)[1]
                     # Written after the index's revision: the index may not know the lease yet.
@@ -178,6 +204,21 @@ class Leader:
                 return
             except StoreUnavailable as e:
                 log.warning("journal sweep: etcd unavailable; next round", error=str(e))
+                self._rescan = True
+
+    async def _journal_entries(self, lease_ids: list[str]) -> list[KeyValue]:
+        """The journal entries left of these leases, read 100 to a Txn (most are gone already:
+        a release deletes its own)."""
+        out: list[KeyValue] = []
+        for i in range(0, len(lease_ids), 100):
+            reads = TxnBuilder()
+            for lease_id in lease_ids[i : i + 100]:
+                reads.read(self.keys.journal(lease_id).encode())
+            resp = await self.store.send_txn(reads.req)
+            for r in resp.responses:
+                for kv in r.response_range.kvs:
+                    out.append(key_value(kv))
+        return out
 
     async def settle(self, lease_id: str, journal: KeyValue) -> bool:
         """Bill a lease whose journal entry outlived its record, once: the Txn compares the record
