@@ -50,6 +50,11 @@ class Config:
     etcd_key: str = ""
     etcd_user: str = ""  # etcd user authentication (the password: GPUFED_ETCD_PASSWORD or the file)
     etcd_password: str = ""
+    # SIGTERM: health NOT_SERVING and daemons told to move at once; new streams refused; after
+    # shutdown_delay (for load balancers to notice) the streams end and in-flight RPCs drain;
+    # the replica is gone within shutdown_grace.
+    shutdown_grace: float = 15.0
+    shutdown_delay: float = 2.0
     # Least seconds between two node-record writes of one node's non-UNHEALTHY health changes.
     health_write_interval: float = 10.0
     # Failed authentications one client address may make per minute before AUTH_THROTTLED.
@@ -175,6 +180,16 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         help="ignore GPUFED_ADMIN_TOKEN once admin tokens exist in etcd (GPUFED_NO_BOOTSTRAP_TOKEN=1)",
     )
     p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        help="seconds from SIGTERM to exit at most (GPUFED_SHUTDOWN_GRACE; default 15)",
+    )
+    p.add_argument(
+        "--shutdown-delay",
+        type=float,
+        help="seconds NOT_SERVING before streams end, for load balancers (GPUFED_SHUTDOWN_DELAY; default 2)",
+    )
+    p.add_argument(
         "--health-write-interval",
         type=float,
         help="least seconds between two health writes of one node, but for UNHEALTHY, which is "
@@ -236,6 +251,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         etcd_key=s.get(a.etcd_key, "GPUFED_ETCD_KEY", "etcd_key", ""),
         etcd_user=s.get(a.etcd_user, "GPUFED_ETCD_USER", "etcd_user", ""),
         etcd_password=s.get(None, "GPUFED_ETCD_PASSWORD", "etcd_password", ""),
+        shutdown_grace=s.get(a.shutdown_grace, "GPUFED_SHUTDOWN_GRACE", "shutdown_grace", d.shutdown_grace),
+        shutdown_delay=s.get(a.shutdown_delay, "GPUFED_SHUTDOWN_DELAY", "shutdown_delay", d.shutdown_delay),
         health_write_interval=s.get(
             a.health_write_interval,
             "GPUFED_HEALTH_WRITE_INTERVAL",

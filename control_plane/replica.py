@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -175,7 +176,7 @@ class Replica:
             ],
         )
         services = Services(
-            server, RpcWrapper(self.auth, self.metrics, cfg.log_calls, self.quotas.stream_slot)
+            server, RpcWrapper(self.auth, self.metrics, cfg.log_calls, self.quotas.stream_slot, self.shutdown)
         ).as_server()
         node_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(self.nodes), services)
         discovery_pb2_grpc.add_DiscoveryServiceServicer_to_server(
@@ -281,14 +282,22 @@ class Replica:
         await self.store.put(self.store.keys.replica(self.id), self.address.encode(), lease=lease_id)
         await self.nodes.reattach(lease_id)
 
-    async def stop(self, grace: float = 3.0) -> None:
-        """Graceful: report NOT_SERVING, end streams, drain RPCs, give up liveness and leadership."""
-        log.info("replica stopping", replica=self.id)
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful, within `grace` seconds (default: --shutdown-grace): NOT_SERVING and daemons
+        told to move at once, new streams refused; after --shutdown-delay (load balancers see
+        NOT_SERVING meanwhile, unary RPCs are still served) the streams end and in-flight RPCs
+        drain; then liveness and leadership are given up."""
+        bound = self.config.shutdown_grace if grace is None else grace
+        deadline = time.monotonic() + bound
+        log.info("replica stopping", replica=self.id, within_s=bound)
         self.shutdown.set()
         with contextlib.suppress(Exception):
             await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.nodes.tell_move("the replica is shutting down")
+        await asyncio.sleep(max(0.0, min(self.config.shutdown_delay, bound / 3)))
         await self.nodes.stop()
-        await self.server.stop(grace)
+        # What is left of the bound, less a second for giving up liveness and leadership.
+        await self.server.stop(max(0.2, deadline - time.monotonic() - 1.0))
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:

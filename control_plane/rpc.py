@@ -9,6 +9,7 @@ context live in the task that runs the RPC.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import time
@@ -119,7 +120,11 @@ class RpcWrapper:
         metrics: Metrics | None = None,
         log_calls: bool = False,
         stream_slot: Callable[[auth.Principal | None], AbstractContextManager[None]] | None = None,
+        shutting_down: asyncio.Event | None = None,
     ):
+        # Set once the replica is going away: new streams are refused (UNAVAILABLE, so clients
+        # move to another replica); unary calls are still served while it drains.
+        self.shutting_down = shutting_down or asyncio.Event()
         # A streaming call holds one of its principal's stream slots while it runs.
         self.stream_slot = stream_slot or (lambda p: contextlib.nullcontext())
         self.authenticator = authenticator
@@ -193,6 +198,10 @@ class RpcWrapper:
             call.request = request
             try:
                 await call.begin()
+                if self.shutting_down.is_set():
+                    raise domain_errors.unavailable(
+                        "REPLICA_SHUTTING_DOWN", "this replica is shutting down; connect to another"
+                    )
                 with self.stream_slot(call.principal):
                     async for item in fn(_checked(request), context):
                         yield item

@@ -24,7 +24,13 @@ import grpc
 from google.protobuf import duration_pb2
 
 from gpufed.errors import error_info, retry_delay
-from gpufed.transport import CLIENT_OPTIONS, channel_credentials
+from gpufed.transport import (
+    CLIENT_OPTIONS,
+    REPLICAS_SERVICE_CONFIG,
+    address_target,
+    channel_credentials,
+    split_endpoints,
+)
 from gpufed.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -41,6 +47,7 @@ T = TypeVar("T")
 DEFAULT_ENDPOINT = "127.0.0.1:50051"
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED)
 MAX_RETRY_DELAY_S = 5.0
+_RNG = random.Random()
 
 
 class GpufedError(Exception):
@@ -130,11 +137,14 @@ def gpu_filter(
 
 
 class Client:
-    """A connection to one control plane endpoint. Thread-safe; close it (or use `with`)."""
+    """A connection to the control plane: one endpoint, several ("a:50051,b:50051" or a list),
+    or a DNS name that resolves to several. Calls spread over the replicas and skip any whose
+    health says NOT_SERVING (draining, or cut off from etcd); a call that fails UNAVAILABLE is
+    retried with backoff and jitter on the others. Thread-safe; close it (or use `with`)."""
 
     def __init__(
         self,
-        endpoint: str | None = None,
+        endpoint: str | Sequence[str] | None = None,
         token: str | None = None,
         *,
         timeout: float = 10.0,
@@ -144,17 +154,28 @@ class Client:
     ) -> None:
         """TLS with `credentials`, else with the system roots; plaintext only when `insecure`
         (None: GPUFED_INSECURE=1), for a replica on loopback."""
-        self.endpoint = endpoint or os.environ.get("GPUFED_ENDPOINT", DEFAULT_ENDPOINT)
+        given = endpoint or os.environ.get("GPUFED_ENDPOINT", DEFAULT_ENDPOINT)
+        self.endpoint = given if isinstance(given, str) else ",".join(given)
         self.token = token if token is not None else os.environ.get("GPUFED_TOKEN", "")
         self.timeout = timeout
         self.retries = retries
         if credentials is None:
             credentials = channel_credentials(insecure=insecure)
         self.tls = credentials is not None
-        if credentials is not None:
-            self.channel = grpc.secure_channel(self.endpoint, credentials, options=CLIENT_OPTIONS)
+        hosts = split_endpoints(self.endpoint)
+        options = [*CLIENT_OPTIONS, ("grpc.service_config", REPLICAS_SERVICE_CONFIG)]
+        if len(hosts) == 1:
+            target = self.endpoint  # as given: gRPC resolves (and re-resolves) the name itself
         else:
-            self.channel = grpc.insecure_channel(self.endpoint, options=CLIENT_OPTIONS)
+            target = address_target(hosts)
+            if self.tls:
+                # An address list names no host: replicas' certificates are checked against the
+                # first endpoint's name (give them all one name, or a SAN for each).
+                options.append(("grpc.ssl_target_name_override", hosts[0][0]))
+        if credentials is not None:
+            self.channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
         self.discovery = discovery_pb2_grpc.DiscoveryServiceStub(self.channel)
         self.leases = lease_pb2_grpc.LeaseServiceStub(self.channel)
         self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)
@@ -184,7 +205,9 @@ class Client:
             except grpc.RpcError as e:
                 if attempt + 1 < attempts:
                     if e.code() in _RETRYABLE:
-                        threading.Event().wait(0.2 * 2**attempt)
+                        # Jitter: clients of a replica that just went away must not come back
+                        # in lockstep.
+                        threading.Event().wait(0.2 * 2**attempt * _RNG.uniform(0.5, 1.0))
                         continue
                     delay = retry_delay(e) if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else None
                     if delay is not None and delay <= MAX_RETRY_DELAY_S:

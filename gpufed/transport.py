@@ -8,9 +8,12 @@ token then crosses the wire in the clear.
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import logging
 import os
-from collections.abc import Mapping
+import socket
+from collections.abc import Callable, Mapping, Sequence
 
 import grpc
 
@@ -62,3 +65,59 @@ SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
     ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
 ]
+
+
+def address_target(
+    hosts: Sequence[tuple[str, str]], resolve: Callable[[str], list[str]] | None = None
+) -> str:
+    """One gRPC target for several (host, port) endpoints: an ipv4:/ipv6: address list, which
+    gRPC fails over between. One name stays a dns: target (gRPC re-resolves it: replicas or
+    members behind one name); several names are resolved here, once. ValueError if nothing
+    resolves."""
+    addresses: list[tuple[str, str]] = []
+    for h, p in hosts:
+        try:
+            ipaddress.ip_address(h)
+            addresses.append((h, p))
+        except ValueError:
+            if len(hosts) == 1:
+                return f"dns:///{h}:{p}"
+            addresses.extend((ip, p) for ip in (resolve or resolve_host)(h))
+    if not addresses:
+        raise ValueError(f"no address for {list(hosts)}")
+    families = {ipaddress.ip_address(h).version for h, _ in addresses}
+    if families == {4}:
+        return "ipv4:" + ",".join(f"{h}:{p}" for h, p in addresses)
+    return "ipv6:" + ",".join(f"[{h}]:{p}" for h, p in addresses)
+
+
+def resolve_host(host: str) -> list[str]:
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise ValueError(f"{host!r} does not resolve: {e}") from e
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def split_endpoints(endpoints: str | Sequence[str]) -> list[tuple[str, str]]:
+    """("host", "port") of "h1:p1,h2:p2" or a list of "host:port" ("[v6]:port" too)."""
+    items = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
+    out = []
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"endpoint {item!r} must be host:port")
+        out.append((host.strip("[]"), port))
+    if not out:
+        raise ValueError("no endpoint given")
+    return out
+
+
+# Calls spread over every replica the target names and skip those whose health says
+# NOT_SERVING (gRPC's client-side health checking): a replica that drains, or lost etcd, gets no
+# new calls while its connection still stands.
+REPLICAS_SERVICE_CONFIG = json.dumps(
+    {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": ""}}
+)

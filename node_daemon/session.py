@@ -130,6 +130,11 @@ class DaemonSession:
                 try:
                     await self._connect(endpoint)
                     attempt = 0
+                except _Move as e:
+                    log.info("control plane asked the node to move", endpoint=endpoint, reason=str(e))
+                    i += 1
+                    attempt = 0
+                    continue  # at once: the replica is going away, the next one is not
                 except grpc.aio.AioRpcError as e:
                     self.state.last_error = f"{e.code().name}: {e.details()}"
                     log.warning(
@@ -280,8 +285,14 @@ class DaemonSession:
             self.state.cordoned = self.state.draining = False
         elif t == node_pb2.NODE_COMMAND_TYPE_SET_REPORT_INTERVAL:
             self._set_interval(cmd.report_interval.seconds + cmd.report_interval.nanos / 1e9)
+        elif t == node_pb2.NODE_COMMAND_TYPE_RECONNECT:
+            raise _Move(cmd.reason)
 
     def _set_interval(self, seconds: float) -> None:
         if seconds > 0 and seconds != self.interval:
             self.interval = max(0.1, seconds)
             self._interval_changed.set()
+
+
+class _Move(Exception):
+    """The replica said RECONNECT: it is going away; connect to the next endpoint now."""

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ from control_plane.config import ConfigError
 from control_plane.domain import errors
 from control_plane.domain.errors import DomainError
 from gpufed.logs import get_logger
+from gpufed.transport import address_target
 
 log = get_logger(__name__)
 
@@ -320,33 +319,13 @@ def parse_endpoints(endpoints: Sequence[str], tls: EtcdTls | None) -> tuple[list
 def _channel_target(
     endpoints: Sequence[str], tls: EtcdTls | None = None, resolve: Callable[[str], list[str]] | None = None
 ) -> str:
-    """One target for every endpoint: grpc's ipv4:/ipv6: address lists fail over between
-    members. One name stays a dns: target (gRPC re-resolves it: members behind one name);
-    several names are resolved here, once, into one address list, so they fail over too."""
+    """One target for every member (gpufed.transport.address_target): an address list fails
+    over between members, one name stays a re-resolved dns: target."""
     hosts, _ = parse_endpoints(endpoints, tls)
-    addresses: list[tuple[str, str]] = []
-    for h, p in hosts:
-        try:
-            ipaddress.ip_address(h)
-            addresses.append((h, p))
-        except ValueError:
-            if len(hosts) == 1:
-                return f"dns:///{h}:{p}"
-            addresses.extend((ip, p) for ip in (resolve or _resolve)(h))
-    if not addresses:
-        raise ConfigError(f"no address for the etcd endpoints {list(endpoints)}")
-    families = {ipaddress.ip_address(h).version for h, _ in addresses}
-    if families == {4}:
-        return "ipv4:" + ",".join(f"{h}:{p}" for h, p in addresses)
-    return "ipv6:" + ",".join(f"[{h}]:{p}" for h, p in addresses)
-
-
-def _resolve(host: str) -> list[str]:
     try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except OSError as e:
-        raise ConfigError(f"etcd endpoint {host!r} does not resolve: {e}") from e
-    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+        return address_target(hosts, resolve)
+    except ValueError as e:
+        raise ConfigError(f"etcd endpoints {list(endpoints)}: {e}") from e
 
 
 class EtcdStore:

@@ -140,6 +140,12 @@ class Nodes:
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
 
+    def tell_move(self, reason: str) -> None:
+        """Ask every daemon streaming here to move to another replica now (shutdown)."""
+        cmd = node_pb2.NodeCommand(type=node_pb2.NODE_COMMAND_TYPE_RECONNECT, reason=reason)
+        for s in list(self.sessions.values()):
+            s.outgoing.put_nowait(node_pb2.ControlMessage(command=cmd))
+
     # -- the stream -----------------------------------------------------------------------------
 
     async def open(self, first: node_pb2.NodeMessage, provider: str, cert_uris: list[str]) -> NodeSession:

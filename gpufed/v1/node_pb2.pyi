@@ -55,6 +55,10 @@ class _NodeCommandTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NodeC
     NODE_COMMAND_TYPE_DRAIN: _NodeCommandType.ValueType  # 3
     NODE_COMMAND_TYPE_SET_REPORT_INTERVAL: _NodeCommandType.ValueType  # 4
     """Report at `report_interval` from now on."""
+    NODE_COMMAND_TYPE_RECONNECT: _NodeCommandType.ValueType  # 5
+    """This replica is shutting down: end the stream and connect to another control-plane
+    endpoint now, without backoff. The replica ends the stream itself shortly after.
+    """
 
 class NodeCommandType(_NodeCommandType, metaclass=_NodeCommandTypeEnumTypeWrapper): ...
 
@@ -64,6 +68,10 @@ NODE_COMMAND_TYPE_UNCORDON: NodeCommandType.ValueType  # 2
 NODE_COMMAND_TYPE_DRAIN: NodeCommandType.ValueType  # 3
 NODE_COMMAND_TYPE_SET_REPORT_INTERVAL: NodeCommandType.ValueType  # 4
 """Report at `report_interval` from now on."""
+NODE_COMMAND_TYPE_RECONNECT: NodeCommandType.ValueType  # 5
+"""This replica is shutting down: end the stream and connect to another control-plane
+endpoint now, without backoff. The replica ends the stream itself shortly after.
+"""
 Global___NodeCommandType: _TypeAlias = NodeCommandType  # noqa: Y015
 
 @_typing.final

@@ -1,0 +1,49 @@
+"""Failover clients: the SDK given several replicas spreads calls over them, skips one whose
+health says NOT_SERVING, and keeps `with client.lease(...)` renewed while a replica goes away."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from gpufed.client import Client
+from gpufed.v1 import lease_pb2
+from node_daemon.fake_nvml import FakeNvml
+from tests.harness import ADMIN_TOKEN, DaemonThread, EtcdCluster, daemon_config, replica_process, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_held_lease_survives_its_replica_going_away(etcd: EtcdCluster, prefix: str) -> None:
+    grace = ("--shutdown-grace", "5", "--shutdown-delay", "1")
+    with (
+        replica_process(etcd.endpoints, prefix, *grace) as (going, addr_a),
+        replica_process(etcd.endpoints, prefix, *grace) as (_, addr_b),
+    ):
+        with Client(addr_b, ADMIN_TOKEN) as admin:
+            provider = admin.create_token("provider", "neo").secret
+            tenant = admin.create_token("tenant", "dev").secret
+        daemon = DaemonThread(
+            daemon_config([addr_b], provider, "neo", "n1", report_interval=0.5), FakeNvml("l40s-4")
+        ).start()
+        try:
+            with Client([addr_a, addr_b], tenant) as c:
+                wait_until(lambda: sum(o.free_gpus for o in c.search_offers()) == 4, timeout=20)
+                with c.lease(1, ttl_s=6) as held:
+                    going.send_signal(signal.SIGTERM)
+                    t0 = time.monotonic()
+                    calls = 0
+                    while time.monotonic() - t0 < 7:  # past A's exit, and two renewals
+                        assert c.get_lease(held.name).state == lease_pb2.LEASE_STATE_ACTIVE
+                        calls += 1
+                        time.sleep(0.1)
+                    going.wait(5)
+                    assert going.returncode == 0
+                    assert held.error is None, held.error
+                    assert held.renewals >= 2
+                    assert calls > 30
+                assert c.get_lease(held.name).state == lease_pb2.LEASE_STATE_ENDED  # released on B
+        finally:
+            daemon.stop()
