@@ -13,6 +13,7 @@ Errors come as GpufedError subclasses carrying the status code and the server's 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import random
 import threading
@@ -136,6 +137,14 @@ def gpu_filter(
     return f
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 class Client:
     """A connection to the control plane: one endpoint, several ("a:50051,b:50051" or a list),
     or a DNS name that resolves to several. Calls spread over the replicas and skip any whose
@@ -163,7 +172,11 @@ class Client:
             credentials = channel_credentials(insecure=insecure)
         self.tls = credentials is not None
         hosts = split_endpoints(self.endpoint)
-        options = [*CLIENT_OPTIONS, ("grpc.service_config", REPLICAS_SERVICE_CONFIG)]
+        options: list[tuple[str, int | str]] = list(CLIENT_OPTIONS)
+        if len(hosts) > 1 or not _is_ip(hosts[0][0]):
+            # Several replicas (or a name for several): spread calls, skip the NOT_SERVING ones.
+            # One address stays one: a draining replica that still answers beats no answer.
+            options.append(("grpc.service_config", REPLICAS_SERVICE_CONFIG))
         if len(hosts) == 1:
             target = self.endpoint  # as given: gRPC resolves (and re-resolves) the name itself
         else:
@@ -326,10 +339,23 @@ class Client:
         return self.call(self.leases.ReleaseLease, lease_pb2.ReleaseLeaseRequest(name=name)).lease  # type: ignore[no-any-return]
 
     def watch_lease(self, name: str) -> Iterator[lease_pb2.WatchLeaseResponse]:
-        try:
-            yield from self.leases.WatchLease(lease_pb2.WatchLeaseRequest(name=name), metadata=self.metadata)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+        """The lease's events until it ends. When its replica goes away (UNAVAILABLE) the watch
+        is opened again on another, up to `retries` times in a row: it then starts again from
+        the lease's current state (a GRANTED event with the current record)."""
+        failures = 0
+        while True:
+            try:
+                for event in self.leases.WatchLease(
+                    lease_pb2.WatchLeaseRequest(name=name), metadata=self.metadata
+                ):
+                    failures = 0
+                    yield event
+                return
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or failures >= self.retries:
+                    raise from_rpc_error(e) from None
+                failures += 1
+                threading.Event().wait(0.2 * 2**failures * _RNG.uniform(0.5, 1.0))
 
     def lease(self, gpu_count: int, *, ttl_s: int = 30, **kwargs: Any) -> HeldLease:
         """A lease held for the duration of a `with` block: renewed every ttl/3 in the background,

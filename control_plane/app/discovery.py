@@ -182,7 +182,7 @@ class Discovery:
                 done, _ = await asyncio.wait({getter, stop}, return_when=asyncio.FIRST_COMPLETED)
                 if stop in done:
                     getter.cancel()
-                    return
+                    raise _going_away()
                 if queue.qsize() > WATCH_QUEUE_LIMIT:
                     raise errors.aborted("WATCH_TOO_SLOW", "the watcher fell too far behind")
                 name, revision = getter.result()
@@ -217,3 +217,9 @@ class Discovery:
                 )
         out.append(WatchEvent(type=WatchEvent.EVENT_TYPE_SNAPSHOT_END, revision=self.inv.revision))
         return out
+
+
+def _going_away() -> errors.DomainError:
+    """How a watch ends when its replica shuts down: UNAVAILABLE, so clients watch again on
+    another replica (the SDK does), starting from a fresh snapshot."""
+    return errors.unavailable("REPLICA_SHUTTING_DOWN", "this replica is shutting down; watch again")

@@ -400,6 +400,12 @@ class Leases:
                 events += machine.tick(self.clock.time_ns())
                 for ev in events:
                     yield ev
+            if not machine.done:
+                # The replica is going away: UNAVAILABLE, so the client watches again elsewhere
+                # (the SDK does), starting from the lease's current state.
+                raise errors.unavailable(
+                    "REPLICA_SHUTTING_DOWN", "this replica is shutting down; watch again"
+                )
         finally:
             unsubscribe()
 

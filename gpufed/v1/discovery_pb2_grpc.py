@@ -118,9 +118,9 @@ class DiscoveryServiceServicer:
         """A snapshot of every node, then one event per node change, in revision order. When the
         replica had to re-list its view (its etcd watch fell behind a compaction), a fresh snapshot
         follows: SNAPSHOT events, then SNAPSHOT_END; replace everything you hold with it, since
-        changes in the gap were never seen. The stream ends with OK when the replica shuts down
-        (reconnect to another and you get a fresh snapshot) and with ABORTED (reason
-        WATCH_TOO_SLOW) if the watcher falls too far behind.
+        changes in the gap were never seen. The stream ends with UNAVAILABLE (reason
+        REPLICA_SHUTTING_DOWN) when the replica shuts down (watch again on another: a fresh
+        snapshot) and with ABORTED (reason WATCH_TOO_SLOW) if the watcher falls too far behind.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -149,8 +149,9 @@ class LeaseServiceServicer:
         renewal moved expire_time), GPU_UNHEALTHY (once per GPU), NODE_LOST (each time a node's
         daemon stops streaming), EXPIRING (once per expire_time, when less than a third of the ttl
         is left) and finally ENDED with the final record, after which the stream closes with OK. An
-        expired lease ends at its expire_time. Watching an ended lease sends ENDED at once. The
-        stream also ends with OK when the replica shuts down: watch again on another.
+        expired lease ends at its expire_time. Watching an ended lease sends ENDED at once. When
+        the replica shuts down the stream ends with UNAVAILABLE (reason REPLICA_SHUTTING_DOWN):
+        watch again on another replica, which starts again with GRANTED (the SDK does this).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -76,8 +76,9 @@ class LeaseServiceStub:
     renewal moved expire_time), GPU_UNHEALTHY (once per GPU), NODE_LOST (each time a node's
     daemon stops streaming), EXPIRING (once per expire_time, when less than a third of the ttl
     is left) and finally ENDED with the final record, after which the stream closes with OK. An
-    expired lease ends at its expire_time. Watching an ended lease sends ENDED at once. The
-    stream also ends with OK when the replica shuts down: watch again on another.
+    expired lease ends at its expire_time. Watching an ended lease sends ENDED at once. When
+    the replica shuts down the stream ends with UNAVAILABLE (reason REPLICA_SHUTTING_DOWN):
+    watch again on another replica, which starts again with GRANTED (the SDK does this).
     """
 
 @_typing.type_check_only
@@ -128,8 +129,9 @@ class LeaseServiceAsyncStub(LeaseServiceStub):
     renewal moved expire_time), GPU_UNHEALTHY (once per GPU), NODE_LOST (each time a node's
     daemon stops streaming), EXPIRING (once per expire_time, when less than a third of the ttl
     is left) and finally ENDED with the final record, after which the stream closes with OK. An
-    expired lease ends at its expire_time. Watching an ended lease sends ENDED at once. The
-    stream also ends with OK when the replica shuts down: watch again on another.
+    expired lease ends at its expire_time. Watching an ended lease sends ENDED at once. When
+    the replica shuts down the stream ends with UNAVAILABLE (reason REPLICA_SHUTTING_DOWN):
+    watch again on another replica, which starts again with GRANTED (the SDK does this).
     """
 
 class LeaseServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -219,8 +221,9 @@ class LeaseServiceServicer(metaclass=_abc_1.ABCMeta):
         renewal moved expire_time), GPU_UNHEALTHY (once per GPU), NODE_LOST (each time a node's
         daemon stops streaming), EXPIRING (once per expire_time, when less than a third of the ttl
         is left) and finally ENDED with the final record, after which the stream closes with OK. An
-        expired lease ends at its expire_time. Watching an ended lease sends ENDED at once. The
-        stream also ends with OK when the replica shuts down: watch again on another.
+        expired lease ends at its expire_time. Watching an ended lease sends ENDED at once. When
+        the replica shuts down the stream ends with UNAVAILABLE (reason REPLICA_SHUTTING_DOWN):
+        watch again on another replica, which starts again with GRANTED (the SDK does this).
         """
 
 def add_LeaseServiceServicer_to_server(servicer: LeaseServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -47,3 +47,34 @@ def test_a_held_lease_survives_its_replica_going_away(etcd: EtcdCluster, prefix:
                 assert c.get_lease(held.name).state == lease_pb2.LEASE_STATE_ENDED  # released on B
         finally:
             daemon.stop()
+
+
+def test_the_sdks_lease_watch_resumes_on_another_replica(etcd: EtcdCluster, prefix: str) -> None:
+    grace = ("--shutdown-grace", "5", "--shutdown-delay", "0.5")
+    with (
+        replica_process(etcd.endpoints, prefix, *grace) as (going, addr_a),
+        replica_process(etcd.endpoints, prefix, *grace) as (_, addr_b),
+    ):
+        with Client(addr_b, ADMIN_TOKEN) as admin:
+            provider = admin.create_token("provider", "neo").secret
+            tenant = admin.create_token("tenant", "dev").secret
+        daemon = DaemonThread(
+            daemon_config([addr_b], provider, "neo", "n1", report_interval=0.5), FakeNvml("l40s-4")
+        ).start()
+        try:
+            with Client(addr_b, tenant) as c:
+                wait_until(lambda: sum(o.free_gpus for o in c.search_offers()) == 4, timeout=20)
+                lease = c.create_lease(1, ttl_s=30)
+            W = lease_pb2.WatchLeaseResponse
+            # A watch on A alone (A first in the list: round robin starts the stream there or on B).
+            with Client([addr_a, addr_b], tenant) as c:
+                events = c.watch_lease(lease.name)
+                assert next(events).type == W.EVENT_TYPE_GRANTED
+                going.send_signal(signal.SIGTERM)
+                going.wait(10)
+                with Client(addr_b, tenant) as other:
+                    other.release_lease(lease.name)
+                kinds = [e.type for e in events]  # resumed if it was on A; ends with ENDED
+                assert kinds[-1] == W.EVENT_TYPE_ENDED
+        finally:
+            daemon.stop()
