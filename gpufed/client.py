@@ -17,7 +17,7 @@ import ipaddress
 import os
 import random
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -342,14 +342,25 @@ class Client:
         """The lease's events until it ends. When its replica goes away (UNAVAILABLE) the watch
         is opened again on another, up to `retries` times in a row: it then starts again from
         the lease's current state (a GRANTED event with the current record)."""
+        request = lease_pb2.WatchLeaseRequest(name=name)
+        yield from self._resumed(lambda: self.leases.WatchLease(request, metadata=self.metadata))
+
+    def watch_capacity(self, provider: str = "") -> Iterator[discovery_pb2.WatchCapacityResponse]:
+        """A snapshot of every node (SNAPSHOT ... SNAPSHOT_END), then node changes, forever.
+        A fresh snapshot may come at any time (after a re-list, or when the watch moved to
+        another replica because its own went away): replace what you hold with it."""
+        request = discovery_pb2.WatchCapacityRequest(provider=provider)
+        yield from self._resumed(lambda: self.discovery.WatchCapacity(request, metadata=self.metadata))
+
+    def _resumed(self, open_stream: Callable[[], Iterator[T]]) -> Iterator[T]:
+        """A server stream, opened again (with backoff and jitter) when it ends UNAVAILABLE:
+        its replica went away, another serves it. At most `retries` failures in a row."""
         failures = 0
         while True:
             try:
-                for event in self.leases.WatchLease(
-                    lease_pb2.WatchLeaseRequest(name=name), metadata=self.metadata
-                ):
+                for item in open_stream():
                     failures = 0
-                    yield event
+                    yield item
                 return
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.UNAVAILABLE or failures >= self.retries:

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from gpufed.client import Client
-from gpufed.v1 import lease_pb2
+from gpufed.v1 import admin_pb2, discovery_pb2, lease_pb2
 from node_daemon.fake_nvml import FakeNvml
 from tests.harness import ADMIN_TOKEN, DaemonThread, EtcdCluster, daemon_config, replica_process, wait_until
 
@@ -76,5 +76,40 @@ def test_the_sdks_lease_watch_resumes_on_another_replica(etcd: EtcdCluster, pref
                     other.release_lease(lease.name)
                 kinds = [e.type for e in events]  # resumed if it was on A; ends with ENDED
                 assert kinds[-1] == W.EVENT_TYPE_ENDED
+        finally:
+            daemon.stop()
+
+
+def test_the_sdks_capacity_watch_resumes_with_a_fresh_snapshot(etcd: EtcdCluster, prefix: str) -> None:
+    grace = ("--shutdown-grace", "5", "--shutdown-delay", "0.5")
+    with (
+        replica_process(etcd.endpoints, prefix, *grace) as (going, addr_a),
+        replica_process(etcd.endpoints, prefix, *grace) as (_, addr_b),
+    ):
+        with Client(addr_b, ADMIN_TOKEN) as admin:
+            provider = admin.create_token("provider", "neo").secret
+            tenant = admin.create_token("tenant", "dev").secret
+        daemon = DaemonThread(
+            daemon_config([addr_b], provider, "neo", "n1", report_interval=0.5), FakeNvml("l40s-4")
+        ).start()
+        try:
+            W = discovery_pb2.WatchCapacityResponse
+            with Client(addr_a, tenant) as only_a:  # A knows the node too
+                wait_until(lambda: len(only_a.list_nodes()) == 1, timeout=20)
+            with Client([addr_a, addr_b], tenant) as c:
+                events = c.watch_capacity()
+                first = [next(events).type for _ in range(2)]
+                assert first == [W.EVENT_TYPE_SNAPSHOT, W.EVENT_TYPE_SNAPSHOT_END]
+                going.send_signal(signal.SIGTERM)
+                going.wait(10)
+                # Wherever the watch was, it goes on: on B a change of the node arrives, or
+                # (moved from A) a fresh snapshot first.
+                with Client(addr_b, ADMIN_TOKEN) as admin:
+                    admin.call(
+                        admin.admin.CordonNode,
+                        admin_pb2.CordonNodeRequest(name="providers/neo/nodes/n1", reason="test"),
+                    )
+                seen = next(events)
+                assert seen.type in (W.EVENT_TYPE_SNAPSHOT, W.EVENT_TYPE_NODE_CHANGED)
         finally:
             daemon.stop()

@@ -139,7 +139,7 @@ def test_replica_process_stops_cleanly_on_sigterm(etcd: EtcdCluster, prefix: str
         assert proc.wait(15) == 0
 
 
-def test_watch_capacity_ends_cleanly_when_the_replica_shuts_down(etcd: EtcdCluster, prefix: str) -> None:
+def test_watch_capacity_ends_unavailable_when_the_replica_shuts_down(etcd: EtcdCluster, prefix: str) -> None:
     import threading
 
     from gpufed.v1 import discovery_pb2
@@ -159,7 +159,7 @@ def test_watch_capacity_ends_cleanly_when_the_replica_shuts_down(etcd: EtcdClust
                 kinds.append(ev.type)
             outcome.append("ok")
         except grpc.RpcError as e:
-            outcome.append(e.code())
+            outcome.append((e.code(), error_reason(e)))
 
     t = threading.Thread(target=read)
     t.start()
@@ -170,7 +170,8 @@ def test_watch_capacity_ends_cleanly_when_the_replica_shuts_down(etcd: EtcdClust
     t.join(10)
     ch.close()
     assert kinds[-1] == discovery_pb2.WatchCapacityResponse.EVENT_TYPE_SNAPSHOT_END
-    assert outcome == ["ok"]
+    # Not OK: a client must tell "the replica went away, watch again elsewhere" from an end.
+    assert outcome == [(grpc.StatusCode.UNAVAILABLE, "REPLICA_SHUTTING_DOWN")]
 
 
 @pytest.mark.parametrize(
