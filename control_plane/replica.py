@@ -253,22 +253,30 @@ class Replica:
         serving, writable = True, True
         while not self.shutdown.is_set():
             await asyncio.sleep(HEALTH_CHECK_S)
-            now_serving = self.session.healthy
-            if now_serving != serving:
-                serving = now_serving
-                log.warning("health", serving=serving, reason="" if serving else "etcd session not confirmed")
-                await self._set_health(SERVING if serving else NOT_SERVING)
-                writable = True  # every service was just set alike
-            if not serving:
-                continue
             try:
-                now_writable = not await self.store.no_space()
-            except StoreUnavailable:
-                continue
-            if now_writable != writable:
-                writable = now_writable
-                log.warning("health", writable=writable, reason="" if writable else "etcd NOSPACE alarm")
-                await self._set_health(SERVING if writable else NOT_SERVING, WRITE_SERVICES)
+                serving, writable = await self._check_health(serving, writable)
+            except Exception:  # health must go on, whatever one check met
+                log.exception("health check failed")
+
+    async def _check_health(self, serving: bool, writable: bool) -> tuple[bool, bool]:
+        """One look: the session (every service), then the NOSPACE alarm (write services)."""
+        now_serving = self.session.healthy
+        if now_serving != serving:
+            serving = now_serving
+            log.warning("health", serving=serving, reason="" if serving else "etcd session not confirmed")
+            await self._set_health(SERVING if serving else NOT_SERVING)
+            writable = True  # every service was just set alike
+        if not serving:
+            return serving, writable
+        try:
+            now_writable = not await self.store.no_space()
+        except StoreUnavailable:
+            return serving, writable
+        if now_writable != writable:
+            writable = now_writable
+            log.warning("health", writable=writable, reason="" if writable else "etcd NOSPACE alarm")
+            await self._set_health(SERVING if writable else NOT_SERVING, WRITE_SERVICES)
+        return serving, writable
 
     def _on_change(self, change: Change) -> None:
         kind = change.kind

@@ -41,6 +41,16 @@ _RANGE_PAGE = 2000
 CAS_ATTEMPTS = 8
 
 
+# What a member without a quorum answers, with status UNKNOWN: an outage, not a bug.
+_OUTAGE_MESSAGES = (
+    "context deadline exceeded",
+    "etcdserver: request timed out",
+    "etcdserver: no leader",
+    "etcdserver: leader changed",
+    "etcdserver: too many requests",
+)
+
+
 class StoreRefused(ConfigError):
     """etcd refused the replica's credentials (a configuration error, not an outage)."""
 
@@ -421,7 +431,9 @@ class EtcdStore:
         details = e.details() or ""
         if "space exceeded" in details:  # etcdserver: mvcc: database space exceeded
             return StoreNoSpace(f"etcd: {details}")
-        if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) or any(
+            m in details for m in _OUTAGE_MESSAGES
+        ):
             return StoreUnavailable(f"etcd: {e.code().name}: {details}")
         if e.code() == grpc.StatusCode.PERMISSION_DENIED or "user name is empty" in details:
             return StoreRefused(

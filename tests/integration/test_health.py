@@ -83,3 +83,25 @@ def test_etcd_nospace_takes_the_write_services_out_and_writes_say_so() -> None:
         channel.close()
         r.stop()
         cluster.stop()
+
+
+def test_a_replica_whose_etcd_member_lost_its_quorum_reports_not_serving(etcd_cluster: EtcdCluster) -> None:
+    # The replica talks to member 0 only; the other two die, so member 0 has no leader: it still
+    # accepts connections, but keep-alives (leader work) fail, so the session goes unconfirmed.
+    only = etcd_cluster.endpoints[:1]
+    r = ReplicaThread(replica_config(only, unique_prefix(), session_ttl=3)).start()
+    channel = grpc.insecure_channel(r.address)
+    try:
+        assert _status(channel) == SERVING
+        for m in etcd_cluster.members[1:]:
+            m.kill()
+        t0 = time.monotonic()
+        wait_until(lambda: _status(channel) == NOT_SERVING, timeout=15)
+        took = time.monotonic() - t0
+        assert took <= 3 + 6, f"NOT_SERVING after {took:.1f} s"
+        for m in etcd_cluster.members[1:]:
+            etcd_cluster.restart(m)
+        wait_until(lambda: _status(channel) == SERVING, timeout=30)
+    finally:
+        channel.close()
+        r.stop()

@@ -40,3 +40,22 @@ def test_https_endpoints_are_never_downgraded_and_schemes_do_not_mix() -> None:
         with pytest.raises(ConfigError, match=error):
             parse_endpoints(endpoints, t)
     assert _channel_target(["https://127.0.0.1:1", "https://[::1]:2"], tls) == "ipv6:[127.0.0.1]:1,[::1]:2"
+
+
+def test_what_a_member_without_quorum_answers_is_an_outage_not_a_bug() -> None:
+    import grpc
+
+    from control_plane.adapters.store import EtcdStore, StoreNoSpace, StoreUnavailable
+
+    def err(code: grpc.StatusCode, details: str) -> Exception:
+        return EtcdStore._mapped(
+            grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+        )
+
+    for details in ("context deadline exceeded", "etcdserver: request timed out", "etcdserver: no leader"):
+        assert isinstance(err(grpc.StatusCode.UNKNOWN, details), StoreUnavailable)
+    no_space = err(grpc.StatusCode.RESOURCE_EXHAUSTED, "etcdserver: mvcc: database space exceeded")
+    assert isinstance(no_space, StoreNoSpace)
+    assert not isinstance(
+        err(grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: key is not provided"), StoreUnavailable
+    )
