@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: all setup etcd run test test-fuzz bench proto lint clean
+.PHONY: all setup etcd run test test-faults test-fuzz bench proto lint clean
 
 all: test
 
@@ -26,6 +26,11 @@ run: setup
 
 test: setup
 	$(BIN)/pytest -q
+
+# The fault suite's long form (three rounds of every fault, twice the clients; about 5 minutes)
+# and every other test that kills processes. `make test` runs the short form.
+test-faults: setup
+	GPUFED_FAULTS=long $(BIN)/pytest -q -s -m fault tests --timeout 1800
 
 # The fuzz suite, 10x deeper than in `make test` (about 15 minutes).
 test-fuzz: setup
