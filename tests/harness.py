@@ -206,6 +206,24 @@ class EtcdCluster:
             time.sleep(0.1)
         raise TimeoutError(f"etcd cluster never became writable: {last}")
 
+    def leader(self) -> EtcdMember:
+        """The member that the first live one with a leader names leader."""
+        import etcd3
+
+        for m in self.members:
+            if m.proc is None or m.proc.poll() is not None:
+                continue
+            c = etcd3.client("127.0.0.1", m.client_port, timeout=2)
+            try:
+                status = c.status()
+                names = {mm.id: mm.name for mm in c.members}
+                return next(x for x in self.members if x.name == names[status.leader.id])
+            except Exception:  # no leader yet, or a member cut off: ask the next
+                continue
+            finally:
+                c.close()
+        raise RuntimeError("no etcd member knows a leader")
+
     def restart(self, member: EtcdMember) -> None:
         member.start(self._initial, state="existing")
         wait_port(member.client_port)

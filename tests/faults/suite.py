@@ -274,22 +274,6 @@ class Federation:
         self.etcd.wait_healthy(timeout)
         return time.time()
 
-    def etcd_leader(self) -> EtcdMember:
-        for m in self.etcd.members:
-            if m.proc is None or m.proc.poll() is not None:
-                continue
-            c = etcd3.client("127.0.0.1", m.client_port, timeout=2)
-            try:
-                status = c.status()
-                names = {mm.id: mm.name for mm in c.members}
-                leader = names[status.leader.id]
-                return next(x for x in self.etcd.members if x.name == leader)
-            except Exception:
-                continue
-            finally:
-                c.close()
-        raise RuntimeError("no etcd member knows a leader")
-
     def close(self) -> None:
         for proc in [*self.workers.values(), *self.daemons, *(p for p, _ in self.replicas.values())]:
             proc.kill()
@@ -408,7 +392,7 @@ class Suite:
 
     def kill_etcd_leader(self) -> None:
         f = self.fed
-        leader = f.etcd_leader()
+        leader = f.etcd.leader()
         self.fault(f"SIGKILL etcd leader {leader.name}")
         t = time.time()
         leader.kill()

@@ -27,21 +27,6 @@ from tests.harness import (
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
 
 
-def _leader(cluster: EtcdCluster) -> int:
-    for m in cluster.members:
-        if m.proc is None or m.proc.poll() is not None:
-            continue
-        c = etcd3.client("127.0.0.1", m.client_port, timeout=2)
-        try:
-            status = c.status()
-            members = {mm.id: mm.name for mm in c.members}
-            leader_name = members.get(status.leader.id)
-            return next(j for j, x in enumerate(cluster.members) if x.name == leader_name)
-        finally:
-            c.close()
-    raise RuntimeError("no live member")
-
-
 def test_replicas_keep_serving_when_the_etcd_leader_is_killed(etcd_cluster: EtcdCluster) -> None:
     prefix = unique_prefix()
     replica = ReplicaThread(replica_config(etcd_cluster.endpoints, prefix, report_interval=0.5)).start()
@@ -57,7 +42,7 @@ def test_replicas_keep_serving_when_the_etcd_leader_is_killed(etcd_cluster: Etcd
             wait_until(lambda: sum(o.free_gpus for o in c.search_offers()) == 8, timeout=20)
             held = c.create_lease(2, ttl_s=30)
 
-            etcd_cluster.members[_leader(etcd_cluster)].kill()
+            etcd_cluster.leader().kill()
             killed = time.monotonic()
 
             unreleased: list[str] = []
