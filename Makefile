@@ -45,7 +45,7 @@ proto: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy gpufed control_plane node_daemon bench tests scripts
+	$(BIN)/mypy gpufed control_plane node_daemon bench tests scripts hooks
 	$(BIN)/python scripts/check_layers.py
 	$(BIN)/python scripts/render_authorization.py --check
 	@if command -v npm >/dev/null; then npm exec --yes --package=@bufbuild/buf@1.75.0 -- buf lint proto; \

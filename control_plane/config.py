@@ -57,6 +57,9 @@ class Config:
     shutdown_delay: float = 2.0
     # Least seconds between two node-record writes of one node's non-UNHEALTHY health changes.
     health_write_interval: float = 10.0
+    # A lease still PROVISIONING this many seconds after its grant ends PROVISIONING_FAILED
+    # (the leader checks): a daemon that died mid-hook must not hold GPUs forever.
+    provision_timeout: float = 900.0
     # Failed authentications one client address may make per minute before AUTH_THROTTLED.
     auth_failures_per_minute: int = 30
     # Default quotas, for principals without their own (AdminService.SetQuota).
@@ -190,6 +193,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         help="seconds NOT_SERVING before streams end, for load balancers (GPUFED_SHUTDOWN_DELAY; default 2)",
     )
     p.add_argument(
+        "--provision-timeout",
+        type=float,
+        help="seconds a lease may stay PROVISIONING before it ends PROVISIONING_FAILED "
+        "(GPUFED_PROVISION_TIMEOUT; default 900)",
+    )
+    p.add_argument(
         "--health-write-interval",
         type=float,
         help="least seconds between two health writes of one node, but for UNHEALTHY, which is "
@@ -253,6 +262,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         etcd_password=s.get(None, "GPUFED_ETCD_PASSWORD", "etcd_password", ""),
         shutdown_grace=s.get(a.shutdown_grace, "GPUFED_SHUTDOWN_GRACE", "shutdown_grace", d.shutdown_grace),
         shutdown_delay=s.get(a.shutdown_delay, "GPUFED_SHUTDOWN_DELAY", "shutdown_delay", d.shutdown_delay),
+        provision_timeout=s.get(
+            a.provision_timeout, "GPUFED_PROVISION_TIMEOUT", "provision_timeout", d.provision_timeout
+        ),
         health_write_interval=s.get(
             a.health_write_interval,
             "GPUFED_HEALTH_WRITE_INTERVAL",

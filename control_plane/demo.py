@@ -166,6 +166,11 @@ class Demo:
                 "2",
                 "--label",
                 f"provider-tier={'premium' if n.price > 2.5 else 'standard'}",
+                # The demo's hook answers plausible access details and touches nothing.
+                "--lease-hook",
+                str(ROOT / "hooks" / "demo.py"),
+                "--state-dir",
+                str(self.data / "daemons" / n.node_id),
             ]
             for ev in n.events:
                 cmd += ["--fake-event", ev]
@@ -217,6 +222,7 @@ Try, in another terminal:
   {gpufed} capacity
   {gpufed} offers search --near 50.1,8.7,800 --order-by distance
   {gpufed} lease create --count 4 --model H100 --country DE --hold      # Ctrl-C releases it
+  {gpufed} lease create --count 1 --ssh-key ~/.ssh/id_ed25519.pub --wait # prints how to log in
   {gpufed} lease list
   GPUFED_TOKEN=$GPUFED_ADMIN_TOKEN {gpufed} nodes get providers/gallic-compute/nodes/fr-par-1
   GPUFED_TOKEN=$GPUFED_ADMIN_TOKEN {gpufed} admin usage

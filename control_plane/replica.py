@@ -153,6 +153,7 @@ class Replica:
             replica_id=self.id,
         )
         self.leases.start()
+        self.nodes.on_provisioned = self.leases.provisioned
         self.peers = PeerClient(cfg.peer_token, peer_credentials(cfg))
         self.telemetry = Telemetry(
             self.inventory, self.nodes.telemetry, lambda: self.nodes.sessions, self.id, self.peers
@@ -165,6 +166,7 @@ class Replica:
             lambda: self.session.lease_id,
             self.metrics,
             self.clock,
+            provision_timeout_s=cfg.provision_timeout,
         )
 
         server = grpc.aio.server(

@@ -247,7 +247,7 @@ def cmd_nodes_get(c: Client, args: argparse.Namespace) -> int:
 def _lease_rows(leases: Sequence[lease_pb2.Lease]) -> list[list[str]]:
     rows = [["LEASE", "STATE", "GPUS", "NODES", "PRICE/H", "EXPIRES/ENDED"]]
     for lease in leases:
-        active = lease.state == lease_pb2.LEASE_STATE_ACTIVE
+        active = lease.state != lease_pb2.LEASE_STATE_ENDED
         when = (
             lease.expire_time.ToJsonString()
             if active
@@ -270,15 +270,47 @@ def _lease_rows(leases: Sequence[lease_pb2.Lease]) -> list[list[str]]:
     return rows
 
 
+def _access_rows(lease: lease_pb2.Lease) -> list[list[str]]:
+    rows = [["NODE", "SSH", "ENDPOINT", "INSTRUCTIONS"]]
+    for d in lease.access_details:
+        rows.append([d.node, d.ssh or "-", d.endpoint or "-", " ".join(d.instructions.split()) or "-"])
+    return rows if len(rows) > 1 else []
+
+
+def _ssh_keys(paths: Sequence[str]) -> list[str]:
+    keys: list[str] = []
+    for path in paths:
+        p = Path(path).expanduser()
+        if p.suffix != ".pub" and p.with_suffix(p.suffix + ".pub").exists():
+            p = p.with_suffix(p.suffix + ".pub")  # --ssh-key ~/.ssh/id_ed25519 means its public half
+        keys.extend(line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip())
+    return keys
+
+
 def cmd_lease_create(c: Client, args: argparse.Namespace) -> int:
+    options = {}
+    for item in args.option:
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise SystemExit(f"gpufed: --option {item!r} must be KEY=VALUE")
+        options[k] = v
     lease = c.create_lease(
         args.count,
         ttl_s=args.ttl,
         spread=args.spread,
         request_id=args.request_id or None,
+        ssh_keys=_ssh_keys(args.ssh_key),
+        provider_options=options,
         **_filter_kwargs(args),
     )
-    _emit(args, lease, lambda: _lease_rows([lease]))
+    if args.wait and lease.state == lease_pb2.LEASE_STATE_PROVISIONING:
+        print(f"{lease.name} granted; waiting for the provider to set up access", file=sys.stderr)
+        lease = c.wait_active(lease.name, args.wait_timeout)
+    _emit(
+        args,
+        lease,
+        lambda: _lease_rows([lease]) + ([[""], *_access_rows(lease)] if _access_rows(lease) else []),
+    )
     if args.hold:
         from gpufed.client import HeldLease
 
@@ -306,6 +338,7 @@ def cmd_lease_get(c: Client, args: argparse.Namespace) -> int:
         lease,
         lambda: (
             _lease_rows([lease])
+            + ([[""], *_access_rows(lease)] if _access_rows(lease) else [])
             + [[""], ["GPU", "NODE", "MODEL", "INDEX", "COUNTRY", "PRICE/H"]]
             + [
                 [
@@ -324,7 +357,12 @@ def cmd_lease_get(c: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_lease_list(c: Client, args: argparse.Namespace) -> int:
-    state = {"": 0, "active": lease_pb2.LEASE_STATE_ACTIVE, "ended": lease_pb2.LEASE_STATE_ENDED}[args.state]
+    state = {
+        "": 0,
+        "active": lease_pb2.LEASE_STATE_ACTIVE,
+        "provisioning": lease_pb2.LEASE_STATE_PROVISIONING,
+        "ended": lease_pb2.LEASE_STATE_ENDED,
+    }[args.state]
     leases = c.list_leases(state)
     _emit(args, leases, lambda: _lease_rows(leases))
     return EXIT_OK
@@ -560,6 +598,20 @@ def build_parser() -> argparse.ArgumentParser:
     lc.add_argument("--spread", action="store_true", help="allow several nodes (fewest first)")
     lc.add_argument("--request-id", default="", help="idempotency key (default: random)")
     lc.add_argument("--hold", action="store_true", help="keep the lease alive until Ctrl-C, then release it")
+    lc.add_argument(
+        "--ssh-key",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="OpenSSH public key file for the provider to install (repeatable), e.g. ~/.ssh/id_ed25519.pub",
+    )
+    lc.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="provider option (repeatable)"
+    )
+    lc.add_argument(
+        "--wait", action="store_true", help="wait until the lease is ACTIVE and print how to reach it"
+    )
+    lc.add_argument("--wait-timeout", type=float, default=300, help="seconds --wait waits (default 300)")
     lc.set_defaults(fn=cmd_lease_create)
     for verb, fn in (
         ("get", cmd_lease_get),
@@ -571,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
         lp.add_argument("name", help="leases/ID")
         lp.set_defaults(fn=fn)
     ll = lease.add_parser("list", parents=[common])
-    ll.add_argument("--state", choices=["", "active", "ended"], default="")
+    ll.add_argument("--state", choices=["", "active", "provisioning", "ended"], default="")
     ll.set_defaults(fn=cmd_lease_list)
 
     admin = sub.add_parser("admin", help="operator commands").add_subparsers(dest="sub", required=True)

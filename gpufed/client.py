@@ -13,11 +13,13 @@ Errors come as GpufedError subclasses carrying the status code and the server's 
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import random
 import threading
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -65,6 +67,10 @@ class InvalidArgument(GpufedError): ...
 
 
 class NotFound(GpufedError): ...
+
+
+class LeaseEnded(GpufedError):
+    """The lease ended while it was waited for (reason: its end reason, e.g. PROVISIONING_FAILED)."""
 
 
 class NoCapacity(GpufedError):
@@ -308,16 +314,47 @@ class Client:
         ttl_s: int = 60,
         spread: bool = False,
         request_id: str | None = None,
+        ssh_keys: Sequence[str] = (),
+        provider_options: Mapping[str, str] | None = None,
         **filter_args: Any,
     ) -> lease_pb2.Lease:
+        """The granted lease: ACTIVE, or PROVISIONING while the providers' hooks set up access
+        with `ssh_keys` (OpenSSH public key lines) and `provider_options` (see wait_active)."""
         req = lease_pb2.CreateLeaseRequest(
             request_id=request_id or new_request_id(),
             gpu_count=gpu_count,
             filter=gpu_filter(**filter_args),
             placement=lease_pb2.PLACEMENT_SPREAD if spread else lease_pb2.PLACEMENT_SINGLE_NODE,
             ttl=duration_pb2.Duration(seconds=ttl_s),
+            access=lease_pb2.AccessRequest(
+                ssh_public_keys=list(ssh_keys), provider_options=dict(provider_options or {})
+            ),
         )
         return self.call(self.leases.CreateLease, req).lease  # type: ignore[no-any-return]
+
+    def wait_active(self, name: str, timeout: float = 300.0) -> lease_pb2.Lease:
+        """The lease once ACTIVE, with its `access_details` (at once if it is). A lease that
+        ends first (PROVISIONING_FAILED: a provider's hook failed) raises LeaseEnded with its
+        end message; no ACTIVE within `timeout` raises Unavailable (DEADLINE_EXCEEDED)."""
+        request = lease_pb2.WatchLeaseRequest(name=name)
+        deadline = time.monotonic() + timeout
+        W = lease_pb2.WatchLeaseResponse
+
+        def open_stream() -> Iterator[lease_pb2.WatchLeaseResponse]:
+            left = max(0.001, deadline - time.monotonic())
+            return self.leases.WatchLease(request, metadata=self.metadata, timeout=left)  # type: ignore[no-any-return]
+
+        for event in self._resumed(open_stream):
+            if event.type == W.EVENT_TYPE_ENDED:
+                reason = lease_pb2.LeaseEndReason.Name(event.lease.end_reason).removeprefix(
+                    "LEASE_END_REASON_"
+                )
+                raise LeaseEnded(
+                    grpc.StatusCode.FAILED_PRECONDITION, reason, event.lease.end_message or reason
+                )
+            if event.lease.state == lease_pb2.LEASE_STATE_ACTIVE:
+                return event.lease
+        raise LeaseEnded(grpc.StatusCode.FAILED_PRECONDITION, "LEASE_ENDED", f"{name} ended")
 
     def get_lease(self, name: str) -> lease_pb2.Lease:
         return self.call(self.leases.GetLease, lease_pb2.GetLeaseRequest(name=name)).lease  # type: ignore[no-any-return]
@@ -368,10 +405,11 @@ class Client:
                 failures += 1
                 threading.Event().wait(0.2 * 2**failures * _RNG.uniform(0.5, 1.0))
 
-    def lease(self, gpu_count: int, *, ttl_s: int = 30, **kwargs: Any) -> HeldLease:
+    def lease(self, gpu_count: int, *, ttl_s: int = 30, wait_s: float = 300.0, **kwargs: Any) -> HeldLease:
         """A lease held for the duration of a `with` block: renewed every ttl/3 in the background,
-        released on exit (also when the block raises)."""
-        return HeldLease(self, self.create_lease(gpu_count, ttl_s=ttl_s, **kwargs))
+        released on exit (also when the block raises). Entering waits until it is ACTIVE (its
+        `access` set) for at most `wait_s`, renewing meanwhile; a failed provisioning raises."""
+        return HeldLease(self, self.create_lease(gpu_count, ttl_s=ttl_s, **kwargs), wait_s)
 
     # -- admin ----------------------------------------------------------------------------------
 
@@ -404,9 +442,10 @@ class Client:
 class HeldLease:
     """A lease kept alive by a background thread until the `with` block ends."""
 
-    def __init__(self, client: Client, lease: lease_pb2.Lease) -> None:
+    def __init__(self, client: Client, lease: lease_pb2.Lease, wait_s: float = 300.0) -> None:
         self.client = client
         self.lease = lease
+        self.wait_s = wait_s
         self.name = lease.name
         self.renewals = 0
         self.error: GpufedError | None = None
@@ -415,6 +454,14 @@ class HeldLease:
 
     def __enter__(self) -> HeldLease:
         self._thread.start()
+        if self.lease.state == lease_pb2.LEASE_STATE_PROVISIONING:
+            try:
+                self.lease = self.client.wait_active(self.name, self.wait_s)
+            except GpufedError:
+                self._stop.set()
+                with contextlib.suppress(GpufedError):
+                    self.client.release_lease(self.name)  # not ACTIVE: nothing billed
+                raise
         return self
 
     def __exit__(
@@ -443,3 +490,8 @@ class HeldLease:
     @property
     def gpus(self) -> Sequence[lease_pb2.LeasedGpu]:
         return self.lease.gpus
+
+    @property
+    def access(self) -> Sequence[lease_pb2.AccessDetails]:
+        """How to reach the GPUs: one entry per node, as its provider's hook answered."""
+        return self.lease.access_details

@@ -24,6 +24,10 @@ class Assignments:
         """Accept or reject one assignment; (accepted, reason)."""
         if a.fencing_token <= 0 or a.action not in (STARTED, ENDED):
             return False, "MALFORMED_ASSIGNMENT"
+        if a.action == ENDED:
+            # Always: an end concerns only its own lease, however late it comes.
+            self.active.pop(a.lease, None)
+            return True, ""
         for uuid in a.gpu_uuids:
             if a.fencing_token < self.newest.get(uuid, 0):
                 return False, "STALE_FENCING_TOKEN"

@@ -38,6 +38,9 @@ class DaemonConfig:
     client_cert: str = ""
     client_key: str = ""
     backlog: int = 300
+    lease_hook: str = ""  # executable run on each lease's start and end (docs/providers.md)
+    lease_hook_timeout: float = 120.0
+    state_dir: str = ""  # where the leases handed to the hook are kept across restarts
 
 
 def _env_list(name: str) -> list[str]:
@@ -78,6 +81,17 @@ def parse_args(argv: Sequence[str] | None = None) -> DaemonConfig:
     p.add_argument("--ca-cert")
     p.add_argument("--client-cert", help="PEM, for mTLS")
     p.add_argument("--client-key", help="PEM, for mTLS")
+    p.add_argument("--lease-hook", help="executable run on each lease's start and end (GPUFED_LEASE_HOOK)")
+    p.add_argument(
+        "--lease-hook-timeout",
+        type=float,
+        help="seconds before a hook run fails (GPUFED_LEASE_HOOK_TIMEOUT; 120)",
+    )
+    p.add_argument(
+        "--state-dir",
+        help="keeps the leases handed to the hook across restarts (GPUFED_STATE_DIR; default "
+        "/var/lib/gpufed-node-daemon with --lease-hook)",
+    )
     a = p.parse_args(argv)
 
     settings = Settings.from_file(a.config)
@@ -115,7 +129,16 @@ def parse_args(argv: Sequence[str] | None = None) -> DaemonConfig:
         ca_cert=pick(a.ca_cert, "GPUFED_CA_CERT", "ca_cert", ""),
         client_cert=pick(a.client_cert, "GPUFED_CLIENT_CERT", "client_cert", ""),
         client_key=pick(a.client_key, "GPUFED_CLIENT_KEY", "client_key", ""),
+        lease_hook=pick(a.lease_hook, "GPUFED_LEASE_HOOK", "lease_hook", ""),
+        lease_hook_timeout=pick(
+            a.lease_hook_timeout, "GPUFED_LEASE_HOOK_TIMEOUT", "lease_hook_timeout", 120.0, float
+        ),
+        state_dir=pick(a.state_dir, "GPUFED_STATE_DIR", "state_dir", ""),
     )
+    if cfg.lease_hook and not cfg.state_dir:
+        cfg.state_dir = "/var/lib/gpufed-node-daemon"
+    if cfg.lease_hook and not os.access(cfg.lease_hook, os.X_OK):
+        p.error(f"--lease-hook {cfg.lease_hook}: not an executable file")
     if not cfg.provider:
         p.error("--provider (or GPUFED_PROVIDER) is required")
     if not cfg.country:

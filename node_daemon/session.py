@@ -25,6 +25,8 @@ from node_daemon import __version__
 from node_daemon.assignments import Assignments
 from node_daemon.collector import Collector, GpuEvent
 from node_daemon.config import DaemonConfig
+from node_daemon.hook import LeaseHook
+from node_daemon.provisioning import Provisioner
 
 log = get_logger(__name__)
 
@@ -65,6 +67,18 @@ class DaemonSession:
         self._stop = asyncio.Event()
         self._interval_changed = asyncio.Event()
         self.on_assignment: Callable[[node_pb2.LeaseAssignment, bool, str], None] | None = None
+        self._started_now: set[str] = set()  # leases STARTED on the current stream
+        self.provisioner: Provisioner | None = None
+        if config.lease_hook:
+            self.provisioner = Provisioner(
+                LeaseHook(config.lease_hook, config.lease_hook_timeout),
+                self.assignments,
+                self._send_or_keep,
+                lambda: {g.uuid: g.index for g in collector.inventory()},
+                config.provider,
+                config.node_id,
+                config.state_dir,
+            )
 
     # -- inputs from other threads -----------------------------------------------------------
 
@@ -112,6 +126,7 @@ class DaemonSession:
             labels=c.labels,
             daemon_version=__version__,
             driver_version=self.collector.driver_version,
+            lease_hook=self.provisioner is not None,
             cuda_driver_version=self.collector.cuda_driver_version,
         )
 
@@ -209,6 +224,7 @@ class DaemonSession:
                 node=w.node,
                 backlog=len(self.backlog),
             )
+            self._started_now = set()
             outgoing: asyncio.Queue[node_pb2.NodeMessage] = asyncio.Queue()
             # The backlog goes first, newest first: the freshest state matters most.
             while self.backlog:
@@ -269,6 +285,13 @@ class DaemonSession:
                 )
                 self.state.acks.append(ack)
                 outgoing.put_nowait(node_pb2.NodeMessage(assignment_ack=ack))
+                if ok and a.action == node_pb2.ASSIGNMENT_ACTION_STARTED:
+                    self._started_now.add(a.lease)
+                if ok and self.provisioner is not None:
+                    if a.action == node_pb2.ASSIGNMENT_ACTION_STARTED:
+                        self.provisioner.started(a)
+                    else:
+                        self.provisioner.ended(a.lease)
                 if self.on_assignment is not None:
                     self.on_assignment(a, ok, reason)
             elif kind == "command":
@@ -287,6 +310,12 @@ class DaemonSession:
             self._set_interval(cmd.report_interval.seconds + cmd.report_interval.nanos / 1e9)
         elif t == node_pb2.NODE_COMMAND_TYPE_RECONNECT:
             raise _Move(cmd.reason)
+        elif t == node_pb2.NODE_COMMAND_TYPE_ASSIGNMENTS_SYNCED:
+            # Leases held from before this stream that it did not start again have ended.
+            for name in [n for n in self.assignments.active if n not in self._started_now]:
+                self.assignments.active.pop(name, None)
+            if self.provisioner is not None:
+                self.provisioner.synced(self._started_now)
 
     def _set_interval(self, seconds: float) -> None:
         if seconds > 0 and seconds != self.interval:

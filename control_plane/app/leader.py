@@ -11,6 +11,8 @@ the others watch it (through the index) and try again when it goes. The leader r
   compares the record absent and the entry unchanged. No watch event is needed, so a
   compaction or a watch gap loses nothing;
 - the drain sweep: leases on DRAINING nodes end at the drain deadline;
+- the provisioning sweep: a lease whose hooks did not all answer within the provision timeout
+  (a daemon that died mid-hook) ends PROVISIONING_FAILED;
 - compaction.
 
 Fencing: the leader key's create revision is the leader's term. Every sweep write compares it
@@ -77,7 +79,9 @@ class Leader:
         session_lease: Callable[[], int],
         metrics: Metrics | None = None,
         clock: Clock = SYSTEM,
+        provision_timeout_s: float = 900.0,
     ) -> None:
+        self.provision_timeout_s = provision_timeout_s
         self.clock = clock
         self.store = store
         self.keys = store.keys
@@ -149,6 +153,7 @@ class Leader:
         tasks = [
             asyncio.create_task(self._journal_sweep(), name="journal-sweep"),
             asyncio.create_task(self._drain_sweep(), name="drain-sweep"),
+            asyncio.create_task(self._provisioning_sweep(), name="provisioning-sweep"),
             asyncio.create_task(self._compaction(), name="compaction"),
         ]
         try:
@@ -295,6 +300,24 @@ class Leader:
                         )
                     except Exception as e:
                         log.warning("drain could not end a lease", lease=lease_id, error=str(e))
+
+    # -- provisioning ---------------------------------------------------------------------------
+
+    async def _provisioning_sweep(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            deadline = self.clock.time_ns() - int(self.provision_timeout_s * 1e9)
+            for lease_id, lease in list(self.inv.leases.items()):
+                if lease.state != lease_pb2.LEASE_STATE_PROVISIONING or ts_ns(lease.create_time) > deadline:
+                    continue
+                try:
+                    await self.leases.end(
+                        lease_id,
+                        lease_pb2.LEASE_END_REASON_PROVISIONING_FAILED,
+                        f"no lease hook answered within {self.provision_timeout_s:.0f} s",
+                    )
+                except Exception as e:
+                    log.warning("could not end a lease stuck provisioning", lease=lease_id, error=str(e))
 
     # -- compaction -----------------------------------------------------------------------------
 

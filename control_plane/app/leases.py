@@ -20,14 +20,14 @@ from control_plane.adapters.index import Change, ChangeKind, Inventory
 from control_plane.adapters.store import EtcdStore, KeyValue, newest_read, put, retry_cas
 from control_plane.app.lease_txns import grant_txn, release_txn
 from control_plane.app.quotas import Quotas
-from control_plane.domain import errors, lease_rules, offers, pagination
+from control_plane.domain import access, errors, lease_rules, offers, pagination
 from control_plane.domain.lease_watch import LeaseWatch
 from control_plane.domain.names import parse_lease_name
 from control_plane.domain.placement import place
 from control_plane.metrics import Metrics
 from gpufed.clock import SYSTEM, Clock, now_ts, timestamp
 from gpufed.logs import get_logger
-from gpufed.v1 import common_pb2, lease_pb2
+from gpufed.v1 import common_pb2, lease_pb2, node_pb2
 
 log = get_logger(__name__)
 # Lease ids are names, not secrets (access goes by tenant token); the grant Txn compares the
@@ -35,6 +35,7 @@ log = get_logger(__name__)
 _IDS = random.Random()
 HISTORY_RETENTION_S = 24 * 3600
 ACTIVE = lease_pb2.LEASE_STATE_ACTIVE
+PROVISIONING = lease_pb2.LEASE_STATE_PROVISIONING
 ENDED = lease_pb2.LEASE_STATE_ENDED
 _NS = 1_000_000_000
 
@@ -140,9 +141,9 @@ class Leases:
         if state in (0, ENDED):
             for lease in await self._history(tenant):
                 found[lease.name] = lease
-        if state in (0, ACTIVE):
+        if state != ENDED:
             for lease in list(self.inv.leases.values()):
-                if (tenant is None or lease.tenant == tenant) and lease.state == ACTIVE:
+                if (tenant is None or lease.tenant == tenant) and lease.state == (state or lease.state):
                     found[lease.name] = lease
         ordered = sorted(found.values(), key=lambda lease: (-lease.create_time.ToNanoseconds(), lease.name))
         query = pagination.query_hash("leases", caller, str(state))
@@ -279,7 +280,7 @@ class Leases:
         """Keep the etcd lease alive, then record the renewal: expire_time = the renewal's time
         plus the ttl, taken before the keep-alive left, so it never runs past etcd's expiry."""
         lease, revision = await self.get(name, tenant)
-        if lease.state != ACTIVE:
+        if not lease_rules.is_live(lease):
             raise _ended(lease.name, "has ended")
         at = now_ts(self.clock)
         ttl = await self.store.keepalive(lease.etcd_lease_id)
@@ -315,6 +316,61 @@ class Leases:
         if updated.revision:
             await self.inv.wait_for_revision(updated.revision, timeout=1.0)
         return out
+
+    # -- provisioning ---------------------------------------------------------------------------
+
+    async def provisioned(self, node: str, result: node_pb2.ProvisionResult) -> str:
+        """One node's hook answered for a PROVISIONING lease: record its access details (ACTIVE
+        once every node answered), or end the lease PROVISIONING_FAILED. An answer for another
+        node, an older grant (fencing token) or a lease no longer provisioning changes nothing.
+        What happened, for the log: "recorded", "failed" or why it was ignored."""
+        try:
+            lease_id = parse_lease_name(result.lease)
+        except errors.DomainError:
+            return "not a lease name"
+        found = await self.load(lease_id)
+        if found is None or found[1] == 0:
+            return "no such live lease"
+        lease, revision = found
+        if node not in lease_rules.nodes_of(lease):
+            return "not a node of the lease"
+        if result.fencing_token != lease.fencing_token:
+            return "another grant's fencing token"
+        if lease.state != PROVISIONING:
+            return "not provisioning"
+        details = lease_pb2.AccessDetails()
+        details.CopyFrom(result.details)
+        details.node = node
+        problem = None if result.ok else (result.error[: access.MAX_HOOK_ERROR_CHARS] or "the hook failed")
+        problem = problem or access.details_problem(details)
+        if problem is not None:
+            await self.end(lease_id, lease_pb2.LEASE_END_REASON_PROVISIONING_FAILED, f"{node}: {problem}")
+            return "failed"
+        at = now_ts(self.clock)
+        key = self.keys.lease(lease_id)
+        known = KeyValue(key.encode(), lease.SerializeToString(), revision, 0, lease.etcd_lease_id)
+
+        def record(kv: KeyValue | None) -> bytes | None:
+            if kv is None:
+                raise _ended(lease.name, "has ended")
+            current = lease_pb2.Lease.FromString(kv.value)
+            if current.state != PROVISIONING:
+                return None
+            return lease_rules.provisioned(current, details, at).SerializeToString()
+
+        journal = self.keys.journal(lease_id)
+        updated = await self.store.update(
+            key,
+            record,
+            known=known,
+            lease=lease.etcd_lease_id,
+            what=lease.name,
+            reason="LEASE_CHANGING",
+            with_ops=lambda new: [put(journal, new)],  # billing starts at active_time
+        )
+        if updated.revision:
+            await self.inv.wait_for_revision(updated.revision, timeout=1.0)
+        return "recorded"
 
     # -- end ------------------------------------------------------------------------------------
 

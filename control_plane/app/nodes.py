@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
@@ -36,7 +36,7 @@ from control_plane.adapters.store import (
 )
 from control_plane.app.quotas import Quotas
 from control_plane.app.telemetry import TelemetryRings
-from control_plane.domain import errors, registration
+from control_plane.domain import errors, lease_rules, registration
 from control_plane.domain.errors import DomainError
 from control_plane.domain.names import node_name
 from control_plane.domain.quotas import TokenBucket, rate_limited
@@ -49,7 +49,6 @@ log = get_logger(__name__)
 
 NodeState = common_pb2.NodeState
 Reported: TypeAlias = dict[str, tuple[Any, list[common_pb2.HealthReason]]]
-_ACTIVE = lease_pb2.LEASE_STATE_ACTIVE
 _UNHEALTHY = common_pb2.GPU_HEALTH_UNHEALTHY
 _LEASE, _ALIVE, _NODE, _RESYNC = ChangeKind.LEASE, ChangeKind.ALIVE, ChangeKind.NODE, ChangeKind.RESYNC
 
@@ -125,6 +124,8 @@ class Nodes:
         self._unsubscribe = inventory.subscribe(self._on_change)
         self._sweeper: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
+        # Set by the replica: records a hook's ProvisionResult (Leases.provisioned).
+        self.on_provisioned: Callable[[str, node_pb2.ProvisionResult], Awaitable[str]] | None = None
 
     def start(self) -> None:
         self._sweeper = asyncio.create_task(self._sweep(), name="liveness-sweeper")
@@ -237,6 +238,8 @@ class Nodes:
                             lease=ack.lease,
                             reason=ack.reason,
                         )
+                elif kind == "provisioned":
+                    await self._provisioned(session, msg.provisioned)
                 elif kind == "hello":
                     session.end(
                         errors.invalid(
@@ -256,6 +259,16 @@ class Nodes:
             session.end(
                 errors.DomainError(errors.Code.INTERNAL, "INTERNAL_ERROR", "the replica failed; reported")
             )
+
+    async def _provisioned(self, session: NodeSession, result: node_pb2.ProvisionResult) -> None:
+        if self.on_provisioned is None:
+            return
+        try:
+            outcome = await self.on_provisioned(session.name, result)
+        except DomainError as e:  # about the lease (e.g. it kept changing), not the stream
+            outcome = f"not recorded: {e.reason}"
+        # Not the details: they may hold what only the tenant should read.
+        log.info("lease hook answered", node=session.name, lease=result.lease, ok=result.ok, outcome=outcome)
 
     def _schedule_close(self, session: NodeSession) -> None:
         task = asyncio.get_running_loop().create_task(self._close(session))
@@ -451,11 +464,16 @@ class Nodes:
                 expire_time=lease.expire_time,
                 fencing_token=token,
                 action=action,  # type: ignore[arg-type]
+                access=lease.access if action == node_pb2.ASSIGNMENT_ACTION_STARTED else None,
             )
         )
 
     def _initial_assignments(self, session: NodeSession) -> list[node_pb2.ControlMessage]:
         out = self._sync_assignments(session)
+        # The daemon may hold leases from before (it restarted, or its last stream died before
+        # an ENDED reached it): whatever was not just started again, it ends.
+        synced = node_pb2.NodeCommand(type=node_pb2.NODE_COMMAND_TYPE_ASSIGNMENTS_SYNCED)
+        out.append(node_pb2.ControlMessage(command=synced))
         entry = self.inventory.nodes.get(session.name)
         session.admin_state = entry.node.state if entry else 0
         if session.admin_state in (NodeState.NODE_STATE_CORDONED, NodeState.NODE_STATE_DRAINING):
@@ -468,7 +486,7 @@ class Nodes:
         out = []
         active: set[str] = set()
         for lease in list(self.inventory.leases.values()):
-            if lease.state != _ACTIVE or not any(g.node == session.name for g in lease.gpus):
+            if not lease_rules.is_live(lease) or not any(g.node == session.name for g in lease.gpus):
                 continue
             active.add(lease.name)
             if lease.name not in session.sent_started:
@@ -514,7 +532,7 @@ class Nodes:
             s = self.sessions.get(node)
             if s is None:
                 continue
-            if change.value is not None and lease.state == _ACTIVE:
+            if change.value is not None and lease_rules.is_live(lease):
                 if lease.name in s.sent_started:
                     continue  # a renewal: the daemon already has it
                 token = s.sent_started[lease.name] = lease.fencing_token

@@ -3,11 +3,11 @@ and the time."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from control_plane.domain import errors
+from control_plane.domain import access, errors
 from control_plane.domain.filters import Filter, compile_filter
 from control_plane.domain.names import lease_name, validate_request_id
 from control_plane.domain.placement import MAX_GANG, Pick
@@ -17,6 +17,14 @@ MIN_TTL_S = 5
 MAX_TTL_S = 3600
 DEFAULT_TTL_S = 60
 _PLACEMENTS = frozenset(lease_pb2.Placement.values())
+ACTIVE = lease_pb2.LEASE_STATE_ACTIVE
+PROVISIONING = lease_pb2.LEASE_STATE_PROVISIONING
+# The states of a lease record under leases/: it holds its GPUs.
+LIVE = frozenset((ACTIVE, PROVISIONING))
+
+
+def is_live(lease: lease_pb2.Lease) -> bool:
+    return lease.state in LIVE
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +34,7 @@ class CreateSpec:
     filter: Filter
     placement: int
     ttl_s: int
+    access: lease_pb2.AccessRequest = field(default_factory=lease_pb2.AccessRequest)
 
 
 def validate_create(req: lease_pb2.CreateLeaseRequest) -> CreateSpec:
@@ -49,16 +58,20 @@ def validate_create(req: lease_pb2.CreateLeaseRequest) -> CreateSpec:
             )
         ttl_s = req.ttl.seconds
     placement = req.placement or lease_pb2.PLACEMENT_SINGLE_NODE
-    return CreateSpec(req.request_id, req.gpu_count, compile_filter(req.filter), placement, ttl_s)
+    access.validate_request(req.access)
+    return CreateSpec(req.request_id, req.gpu_count, compile_filter(req.filter), placement, ttl_s, req.access)
 
 
 def build_lease(
     lease_id: str, tenant: str, spec: CreateSpec, picks: list[Pick], now: timestamp_pb2.Timestamp
 ) -> lease_pb2.Lease:
+    """The record of a grant: PROVISIONING while any of its nodes' hooks has to set up access,
+    else ACTIVE (and billed) from now."""
     lease = lease_pb2.Lease(
         name=lease_name(lease_id),
         tenant=tenant,
         state=lease_pb2.LEASE_STATE_ACTIVE,
+        access=spec.access,
         request_id=spec.request_id,
         placement=spec.placement,  # type: ignore[arg-type]
         ttl=duration_pb2.Duration(seconds=spec.ttl_s),
@@ -85,7 +98,34 @@ def build_lease(
             )
     lease.price_per_hour = round(sum(g.price_per_gpu_hour for g in lease.gpus), 6)
     lease.currency_code = currency or "USD"
+    for pick in picks:
+        if not pick.candidate.node.lease_hook:
+            lease.access_details.add(node=pick.candidate.name)  # nothing to hand over
+    if len(lease.access_details) < len(picks):
+        lease.state = PROVISIONING
+    else:
+        lease.active_time.CopyFrom(now)
     return lease
+
+
+def nodes_of(lease: lease_pb2.Lease) -> set[str]:
+    return {g.node for g in lease.gpus}
+
+
+def provisioned(
+    lease: lease_pb2.Lease, details: lease_pb2.AccessDetails, now: timestamp_pb2.Timestamp
+) -> lease_pb2.Lease:
+    """The record after one node's hook answered: its details set (again, for a repeated
+    answer), and ACTIVE from now once every node has answered."""
+    out = lease_pb2.Lease()
+    out.CopyFrom(lease)
+    kept = [d for d in out.access_details if d.node != details.node]
+    del out.access_details[:]
+    out.access_details.extend([*kept, details])
+    if out.state == PROVISIONING and {d.node for d in out.access_details} >= nodes_of(out):
+        out.state = ACTIVE
+        out.active_time.CopyFrom(now)
+    return out
 
 
 def renewed(lease: lease_pb2.Lease, at: timestamp_pb2.Timestamp) -> lease_pb2.Lease:

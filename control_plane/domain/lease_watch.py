@@ -4,6 +4,7 @@ Theory of operation. The machine holds the lease as last seen and turns inputs i
 
   input                                  event (at most)
   start                                  GRANTED (or ENDED for an ended lease; then done)
+  lease record PROVISIONING -> ACTIVE    PROVISIONED (the access details are in its record)
   lease record with a later expire_time  RENEWED   (only a renewal moves expire_time)
   lease record gone / ENDED              -> awaiting the final record; `ended(final)`: ENDED, done
   node record: one of our GPUs UNHEALTHY GPU_UNHEALTHY, once per GPU
@@ -23,12 +24,13 @@ from dataclasses import dataclass, field
 
 from google.protobuf import timestamp_pb2
 
-from control_plane.domain.lease_rules import DEFAULT_TTL_S
+from control_plane.domain.lease_rules import DEFAULT_TTL_S, is_live
 from gpufed.v1 import common_pb2, lease_pb2
 
 Event = lease_pb2.WatchLeaseResponse
 _NS = 1_000_000_000
 _ACTIVE = lease_pb2.LEASE_STATE_ACTIVE
+_PROVISIONING = lease_pb2.LEASE_STATE_PROVISIONING
 _UNHEALTHY = common_pb2.GPU_HEALTH_UNHEALTHY
 
 
@@ -64,7 +66,7 @@ class LeaseWatch:
         return _ns(self.lease.expire_time)
 
     def start(self, now_ns: int) -> list[Event]:
-        if self.lease.state != _ACTIVE:
+        if not is_live(self.lease):
             self.done = True
             return [Event(type=Event.EVENT_TYPE_ENDED, lease=self.lease, event_time=_ts(now_ns))]
         return [Event(type=Event.EVENT_TYPE_GRANTED, lease=self.lease, event_time=_ts(now_ns))]
@@ -75,14 +77,16 @@ class LeaseWatch:
         """The lease record changed (None: deleted)."""
         if self.done or self.awaiting_final:
             return []
-        if record is None or record.state != _ACTIVE:
+        if record is None or not is_live(record):
             self.awaiting_final = True
             return []
+        out = []
+        if self.lease.state == _PROVISIONING and record.state == _ACTIVE:
+            out.append(Event(type=Event.EVENT_TYPE_PROVISIONED, lease=record, event_time=_ts(now_ns)))
         if _ns(record.expire_time) > self.expire_ns:
-            self.lease = record
-            return [Event(type=Event.EVENT_TYPE_RENEWED, lease=record, event_time=_ts(now_ns))]
+            out.append(Event(type=Event.EVENT_TYPE_RENEWED, lease=record, event_time=_ts(now_ns)))
         self.lease = record
-        return []
+        return out
 
     def on_node(self, name: str, node: common_pb2.Node | None, now_ns: int) -> list[Event]:
         """A node record of the lease changed."""

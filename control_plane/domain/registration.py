@@ -189,6 +189,7 @@ def record_from_hello(
         daemon_version=hello.daemon_version,
         driver_version=hello.driver_version,
         cuda_driver_version=hello.cuda_driver_version,
+        lease_hook=hello.lease_hook,
     )
     for g in hello.gpus:
         gpu = node.gpus.add()

@@ -248,7 +248,11 @@ class UsageRecord(_message.Message):
     def gpus(self) -> _containers.RepeatedCompositeFieldContainer[_lease_pb2.LeasedGpu]: ...
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
-        """The grant."""
+        """When the lease became ACTIVE (Lease.active_time): billing starts there, not at the grant,
+        since a lease is PROVISIONING until its hooks set up access. Equal to end_time (zero
+        seconds) for a lease that never became ACTIVE (PROVISIONING_FAILED, or ended while
+        provisioning).
+        """
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:

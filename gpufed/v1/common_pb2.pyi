@@ -236,6 +236,7 @@ class Node(_message.Message):
     REPLICA_FIELD_NUMBER: _builtins.int
     DRAIN_DEADLINE_FIELD_NUMBER: _builtins.int
     STATE_REASON_FIELD_NUMBER: _builtins.int
+    LEASE_HOOK_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     provider: _builtins.str
     node_id: _builtins.str
@@ -253,6 +254,8 @@ class Node(_message.Message):
     """Output only: id of the replica holding the node's stream, empty when offline."""
     state_reason: _builtins.str
     """Operator's reason for cordon or drain."""
+    lease_hook: _builtins.bool
+    """Output only: the daemon hands leases to a provider hook (NodeHello.lease_hook)."""
     @_builtins.property
     def location(self) -> Global___Location: ...
     @_builtins.property
@@ -288,10 +291,11 @@ class Node(_message.Message):
         replica: _builtins.str = ...,
         drain_deadline: _timestamp_pb2.Timestamp | None = ...,
         state_reason: _builtins.str = ...,
+        lease_hook: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["drain_deadline", b"drain_deadline", "location", b"location", "register_time", b"register_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cuda_driver_version", b"cuda_driver_version", "currency_code", b"currency_code", "daemon_version", b"daemon_version", "drain_deadline", b"drain_deadline", "driver_version", b"driver_version", "free_gpu_count", b"free_gpu_count", "gpus", b"gpus", "labels", b"labels", "location", b"location", "name", b"name", "node_id", b"node_id", "price_per_gpu_hour", b"price_per_gpu_hour", "provider", b"provider", "register_time", b"register_time", "replica", b"replica", "state", b"state", "state_reason", b"state_reason", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cuda_driver_version", b"cuda_driver_version", "currency_code", b"currency_code", "daemon_version", b"daemon_version", "drain_deadline", b"drain_deadline", "driver_version", b"driver_version", "free_gpu_count", b"free_gpu_count", "gpus", b"gpus", "labels", b"labels", "lease_hook", b"lease_hook", "location", b"location", "name", b"name", "node_id", b"node_id", "price_per_gpu_hour", b"price_per_gpu_hour", "provider", b"provider", "register_time", b"register_time", "replica", b"replica", "state", b"state", "state_reason", b"state_reason", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

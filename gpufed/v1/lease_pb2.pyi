@@ -53,13 +53,24 @@ class _LeaseStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LeaseState
     DESCRIPTOR: _descriptor.EnumDescriptor
     LEASE_STATE_UNSPECIFIED: _LeaseState.ValueType  # 0
     LEASE_STATE_ACTIVE: _LeaseState.ValueType  # 1
+    """The GPUs are the tenant's and access is set up (`access_details`): billed from `active_time`."""
     LEASE_STATE_ENDED: _LeaseState.ValueType  # 2
+    LEASE_STATE_PROVISIONING: _LeaseState.ValueType  # 3
+    """Granted: the GPUs are held (exclusively, renewed like an ACTIVE lease) while the providers'
+    lease hooks set up access. Not billed. Leases on nodes without a hook skip this state.
+    """
 
-class LeaseState(_LeaseState, metaclass=_LeaseStateEnumTypeWrapper): ...
+class LeaseState(_LeaseState, metaclass=_LeaseStateEnumTypeWrapper):
+    """PROVISIONING -> ACTIVE -> ENDED (or PROVISIONING -> ENDED, reason PROVISIONING_FAILED)."""
 
 LEASE_STATE_UNSPECIFIED: LeaseState.ValueType  # 0
 LEASE_STATE_ACTIVE: LeaseState.ValueType  # 1
+"""The GPUs are the tenant's and access is set up (`access_details`): billed from `active_time`."""
 LEASE_STATE_ENDED: LeaseState.ValueType  # 2
+LEASE_STATE_PROVISIONING: LeaseState.ValueType  # 3
+"""Granted: the GPUs are held (exclusively, renewed like an ACTIVE lease) while the providers'
+lease hooks set up access. Not billed. Leases on nodes without a hook skip this state.
+"""
 Global___LeaseState: _TypeAlias = LeaseState  # noqa: Y015
 
 class _LeaseEndReason:
@@ -77,6 +88,10 @@ class _LeaseEndReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LeaseE
     """An operator revoked it."""
     LEASE_END_REASON_DRAINED: _LeaseEndReason.ValueType  # 4
     """Its node was drained."""
+    LEASE_END_REASON_PROVISIONING_FAILED: _LeaseEndReason.ValueType  # 5
+    """A provider's hook failed, timed out or answered out of bounds (end_message says which and
+    why), or no answer came within the control plane's --provision-timeout. Nothing is billed.
+    """
 
 class LeaseEndReason(_LeaseEndReason, metaclass=_LeaseEndReasonEnumTypeWrapper): ...
 
@@ -89,7 +104,106 @@ LEASE_END_REASON_REVOKED: LeaseEndReason.ValueType  # 3
 """An operator revoked it."""
 LEASE_END_REASON_DRAINED: LeaseEndReason.ValueType  # 4
 """Its node was drained."""
+LEASE_END_REASON_PROVISIONING_FAILED: LeaseEndReason.ValueType  # 5
+"""A provider's hook failed, timed out or answered out of bounds (end_message says which and
+why), or no answer came within the control plane's --provision-timeout. Nothing is billed.
+"""
 Global___LeaseEndReason: _TypeAlias = LeaseEndReason  # noqa: Y015
+
+@_typing.final
+class AccessRequest(_message.Message):
+    """How the tenant wants to reach its GPUs; handed to the provider's lease hook as is.
+    Visible to the lease's tenant, admins and the providers of its nodes (on their daemons'
+    streams), never to anyone else.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ProviderOptionsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    SSH_PUBLIC_KEYS_FIELD_NUMBER: _builtins.int
+    PROVIDER_OPTIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ssh_public_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """OpenSSH public key lines ("ssh-ed25519 AAAA... comment"): at most 8, each at most 4096
+        characters and one line; ssh-ed25519, ecdsa-sha2-nistp256/384/521, or ssh-rsa of at least
+        3072 bits (INVALID_ARGUMENT INVALID_SSH_KEY, TOO_MANY_SSH_KEYS).
+        """
+
+    @_builtins.property
+    def provider_options(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """What the provider's hook understands (for example `image` for a container hook): at most
+        16; names 1..63 characters of [a-z0-9_.-] starting with a letter, values at most 256
+        printable characters (INVALID_PROVIDER_OPTION, TOO_MANY_PROVIDER_OPTIONS).
+        """
+
+    def __init__(
+        self,
+        *,
+        ssh_public_keys: _abc.Iterable[_builtins.str] | None = ...,
+        provider_options: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["provider_options", b"provider_options", "ssh_public_keys", b"ssh_public_keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AccessRequest: _TypeAlias = AccessRequest  # noqa: Y015
+
+@_typing.final
+class AccessDetails(_message.Message):
+    """What one node's lease hook answered: how to reach the lease's GPUs on that node. Output only;
+    visible like AccessRequest.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    SSH_FIELD_NUMBER: _builtins.int
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    INSTRUCTIONS_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    """The node, "providers/{provider}/nodes/{node_id}"."""
+    ssh: _builtins.str
+    """A command line, e.g. "ssh -p 2222 gpufed@n1.example.net"; at most 512 characters, one line."""
+    endpoint: _builtins.str
+    """A URL or host:port, e.g. a notebook; at most 512 characters, one line."""
+    instructions: _builtins.str
+    """Free text for the developer; at most 4096 characters."""
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        ssh: _builtins.str = ...,
+        endpoint: _builtins.str = ...,
+        instructions: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "instructions", b"instructions", "node", b"node", "ssh", b"ssh"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AccessDetails: _TypeAlias = AccessDetails  # noqa: Y015
 
 @_typing.final
 class LeasedGpu(_message.Message):
@@ -157,6 +271,9 @@ class Lease(_message.Message):
     END_MESSAGE_FIELD_NUMBER: _builtins.int
     ETCD_LEASE_ID_FIELD_NUMBER: _builtins.int
     GRANT_REPLICA_FIELD_NUMBER: _builtins.int
+    ACCESS_FIELD_NUMBER: _builtins.int
+    ACCESS_DETAILS_FIELD_NUMBER: _builtins.int
+    ACTIVE_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     tenant: _builtins.str
     state: Global___LeaseState.ValueType
@@ -188,6 +305,22 @@ class Lease(_message.Message):
     def ttl(self) -> _duration_pb2.Duration: ...
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def access(self) -> Global___AccessRequest:
+        """The tenant's access request, as given to CreateLease."""
+
+    @_builtins.property
+    def access_details(self) -> _containers.RepeatedCompositeFieldContainer[Global___AccessDetails]:
+        """Output only: one per node of the lease once its hook answered (nodes without a hook have
+        an entry with only `node`); complete when the lease is ACTIVE.
+        """
+
+    @_builtins.property
+    def active_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only: when the lease became ACTIVE, where billing starts (UsageRecord.start_time).
+        create_time for a lease on nodes without hooks; unset for one that never became ACTIVE.
+        """
+
     def __init__(
         self,
         *,
@@ -208,10 +341,13 @@ class Lease(_message.Message):
         end_message: _builtins.str = ...,
         etcd_lease_id: _builtins.int = ...,
         grant_replica: _builtins.str = ...,
+        access: Global___AccessRequest | None = ...,
+        access_details: _abc.Iterable[Global___AccessDetails] | None = ...,
+        active_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "expire_time", b"expire_time", "ttl", b"ttl"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "active_time", b"active_time", "create_time", b"create_time", "end_time", b"end_time", "expire_time", b"expire_time", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "currency_code", b"currency_code", "end_message", b"end_message", "end_reason", b"end_reason", "end_time", b"end_time", "etcd_lease_id", b"etcd_lease_id", "expire_time", b"expire_time", "fencing_token", b"fencing_token", "gpus", b"gpus", "grant_replica", b"grant_replica", "name", b"name", "placement", b"placement", "price_per_hour", b"price_per_hour", "request_id", b"request_id", "state", b"state", "tenant", b"tenant", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "access_details", b"access_details", "active_time", b"active_time", "create_time", b"create_time", "currency_code", b"currency_code", "end_message", b"end_message", "end_reason", b"end_reason", "end_time", b"end_time", "etcd_lease_id", b"etcd_lease_id", "expire_time", b"expire_time", "fencing_token", b"fencing_token", "gpus", b"gpus", "grant_replica", b"grant_replica", "name", b"name", "placement", b"placement", "price_per_hour", b"price_per_hour", "request_id", b"request_id", "state", b"state", "tenant", b"tenant", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -226,6 +362,7 @@ class CreateLeaseRequest(_message.Message):
     FILTER_FIELD_NUMBER: _builtins.int
     PLACEMENT_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
+    ACCESS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Optional client-chosen idempotency key, 1..128 characters of [A-Za-z0-9._:-] (empty: the
     request is not idempotent).
@@ -242,6 +379,12 @@ class CreateLeaseRequest(_message.Message):
     def ttl(self) -> _duration_pb2.Duration:
         """Whole seconds in 5..3600; unset means 60."""
 
+    @_builtins.property
+    def access(self) -> Global___AccessRequest:
+        """Optional: keys and options for the providers' lease hooks. A lease on nodes with a hook
+        starts PROVISIONING and becomes ACTIVE (WatchLease: PROVISIONED) once every hook answered.
+        """
+
     def __init__(
         self,
         *,
@@ -250,10 +393,11 @@ class CreateLeaseRequest(_message.Message):
         filter: _common_pb2.GpuFilter | None = ...,
         placement: Global___Placement.ValueType = ...,
         ttl: _duration_pb2.Duration | None = ...,
+        access: Global___AccessRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "ttl", b"ttl"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "filter", b"filter", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "gpu_count", b"gpu_count", "placement", b"placement", "request_id", b"request_id", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "filter", b"filter", "gpu_count", b"gpu_count", "placement", b"placement", "request_id", b"request_id", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -531,6 +675,10 @@ class WatchLeaseResponse(_message.Message):
         EVENT_TYPE_NODE_LOST: WatchLeaseResponse._EventType.ValueType  # 4
         EVENT_TYPE_EXPIRING: WatchLeaseResponse._EventType.ValueType  # 5
         EVENT_TYPE_ENDED: WatchLeaseResponse._EventType.ValueType  # 6
+        EVENT_TYPE_PROVISIONED: WatchLeaseResponse._EventType.ValueType  # 7
+        """PROVISIONING -> ACTIVE: every node's hook answered; `lease.access_details` holds how to
+        reach the GPUs. Sent once; a watch opened later sees the details in GRANTED's record.
+        """
 
     class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper): ...
     EVENT_TYPE_UNSPECIFIED: WatchLeaseResponse.EventType.ValueType  # 0
@@ -540,6 +688,10 @@ class WatchLeaseResponse(_message.Message):
     EVENT_TYPE_NODE_LOST: WatchLeaseResponse.EventType.ValueType  # 4
     EVENT_TYPE_EXPIRING: WatchLeaseResponse.EventType.ValueType  # 5
     EVENT_TYPE_ENDED: WatchLeaseResponse.EventType.ValueType  # 6
+    EVENT_TYPE_PROVISIONED: WatchLeaseResponse.EventType.ValueType  # 7
+    """PROVISIONING -> ACTIVE: every node's hook answered; `lease.access_details` holds how to
+    reach the GPUs. Sent once; a watch opened later sees the details in GRANTED's record.
+    """
 
     TYPE_FIELD_NUMBER: _builtins.int
     LEASE_FIELD_NUMBER: _builtins.int

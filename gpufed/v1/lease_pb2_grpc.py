@@ -145,7 +145,8 @@ class LeaseServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchLease(self, request, context):
-        """Events of one lease: GRANTED first (the current record), then RENEWED (only after a
+        """Events of one lease: GRANTED first (the current record), PROVISIONED when a PROVISIONING
+        lease becomes ACTIVE, RENEWED (only after a
         renewal moved expire_time), GPU_UNHEALTHY (once per GPU), NODE_LOST (each time a node's
         daemon stops streaming), EXPIRING (once per expire_time, when less than a third of the ttl
         is left) and finally ENDED with the final record, after which the stream closes with OK. An

@@ -72,7 +72,8 @@ class LeaseServiceStub:
     returns it unchanged.
     """
     WatchLease: _grpc.UnaryStreamMultiCallable[_lease_pb2.WatchLeaseRequest, _lease_pb2.WatchLeaseResponse]
-    """Events of one lease: GRANTED first (the current record), then RENEWED (only after a
+    """Events of one lease: GRANTED first (the current record), PROVISIONED when a PROVISIONING
+    lease becomes ACTIVE, RENEWED (only after a
     renewal moved expire_time), GPU_UNHEALTHY (once per GPU), NODE_LOST (each time a node's
     daemon stops streaming), EXPIRING (once per expire_time, when less than a third of the ttl
     is left) and finally ENDED with the final record, after which the stream closes with OK. An
@@ -125,7 +126,8 @@ class LeaseServiceAsyncStub(LeaseServiceStub):
     returns it unchanged.
     """
     WatchLease: _aio.UnaryStreamMultiCallable[_lease_pb2.WatchLeaseRequest, _lease_pb2.WatchLeaseResponse]  # type: ignore[assignment]
-    """Events of one lease: GRANTED first (the current record), then RENEWED (only after a
+    """Events of one lease: GRANTED first (the current record), PROVISIONED when a PROVISIONING
+    lease becomes ACTIVE, RENEWED (only after a
     renewal moved expire_time), GPU_UNHEALTHY (once per GPU), NODE_LOST (each time a node's
     daemon stops streaming), EXPIRING (once per expire_time, when less than a third of the ttl
     is left) and finally ENDED with the final record, after which the stream closes with OK. An
@@ -217,7 +219,8 @@ class LeaseServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _lease_pb2.WatchLeaseRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_lease_pb2.WatchLeaseResponse], _abc.AsyncIterator[_lease_pb2.WatchLeaseResponse]]:
-        """Events of one lease: GRANTED first (the current record), then RENEWED (only after a
+        """Events of one lease: GRANTED first (the current record), PROVISIONED when a PROVISIONING
+        lease becomes ACTIVE, RENEWED (only after a
         renewal moved expire_time), GPU_UNHEALTHY (once per GPU), NODE_LOST (each time a node's
         daemon stops streaming), EXPIRING (once per expire_time, when less than a third of the ttl
         is left) and finally ENDED with the final record, after which the stream closes with OK. An

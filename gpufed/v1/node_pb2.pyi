@@ -11,6 +11,7 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from gpufed.v1 import common_pb2 as _common_pb2
+from gpufed.v1 import lease_pb2 as _lease_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -59,6 +60,10 @@ class _NodeCommandTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NodeC
     """This replica is shutting down: end the stream and connect to another control-plane
     endpoint now, without backoff. The replica ends the stream itself shortly after.
     """
+    NODE_COMMAND_TYPE_ASSIGNMENTS_SYNCED: _NodeCommandType.ValueType  # 6
+    """Sent once per stream, after the STARTED assignment of every lease active on the node: the
+    daemon ends (runs the hook's end for) any lease it still holds that was not among them.
+    """
 
 class NodeCommandType(_NodeCommandType, metaclass=_NodeCommandTypeEnumTypeWrapper): ...
 
@@ -72,6 +77,10 @@ NODE_COMMAND_TYPE_RECONNECT: NodeCommandType.ValueType  # 5
 """This replica is shutting down: end the stream and connect to another control-plane
 endpoint now, without backoff. The replica ends the stream itself shortly after.
 """
+NODE_COMMAND_TYPE_ASSIGNMENTS_SYNCED: NodeCommandType.ValueType  # 6
+"""Sent once per stream, after the STARTED assignment of every lease active on the node: the
+daemon ends (runs the hook's end for) any lease it still holds that was not among them.
+"""
 Global___NodeCommandType: _TypeAlias = NodeCommandType  # noqa: Y015
 
 @_typing.final
@@ -82,6 +91,7 @@ class NodeMessage(_message.Message):
     REPORT_FIELD_NUMBER: _builtins.int
     EVENT_FIELD_NUMBER: _builtins.int
     ASSIGNMENT_ACK_FIELD_NUMBER: _builtins.int
+    PROVISIONED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___NodeHello: ...
     @_builtins.property
@@ -90,6 +100,8 @@ class NodeMessage(_message.Message):
     def event(self) -> Global___NodeEvent: ...
     @_builtins.property
     def assignment_ack(self) -> Global___AssignmentAck: ...
+    @_builtins.property
+    def provisioned(self) -> Global___ProvisionResult: ...
     def __init__(
         self,
         *,
@@ -97,12 +109,13 @@ class NodeMessage(_message.Message):
         report: _common_pb2.NodeReport | None = ...,
         event: Global___NodeEvent | None = ...,
         assignment_ack: Global___AssignmentAck | None = ...,
+        provisioned: Global___ProvisionResult | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment_ack", b"assignment_ack", "event", b"event", "hello", b"hello", "message", b"message", "report", b"report"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment_ack", b"assignment_ack", "event", b"event", "hello", b"hello", "message", b"message", "provisioned", b"provisioned", "report", b"report"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment_ack", b"assignment_ack", "event", b"event", "hello", b"hello", "message", b"message", "report", b"report"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment_ack", b"assignment_ack", "event", b"event", "hello", b"hello", "message", b"message", "provisioned", b"provisioned", "report", b"report"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "report", "event", "assignment_ack"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "report", "event", "assignment_ack", "provisioned"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -144,6 +157,7 @@ class NodeHello(_message.Message):
     DAEMON_VERSION_FIELD_NUMBER: _builtins.int
     DRIVER_VERSION_FIELD_NUMBER: _builtins.int
     CUDA_DRIVER_VERSION_FIELD_NUMBER: _builtins.int
+    LEASE_HOOK_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
     """Must equal the provider of the caller's token. The whole hello makes a node record of at
     most 128 KiB (NODE_RECORD_TOO_LARGE); fields the API does not define are dropped.
@@ -158,6 +172,10 @@ class NodeHello(_message.Message):
     """Each at most 64 characters."""
     driver_version: _builtins.str
     cuda_driver_version: _builtins.str
+    lease_hook: _builtins.bool
+    """The daemon runs a lease hook (--lease-hook): leases on this node start PROVISIONING and
+    become ACTIVE when it answers with a ProvisionResult.
+    """
     @_builtins.property
     def location(self) -> _common_pb2.Location: ...
     @_builtins.property
@@ -184,14 +202,58 @@ class NodeHello(_message.Message):
         daemon_version: _builtins.str = ...,
         driver_version: _builtins.str = ...,
         cuda_driver_version: _builtins.str = ...,
+        lease_hook: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["location", b"location"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cuda_driver_version", b"cuda_driver_version", "currency_code", b"currency_code", "daemon_version", b"daemon_version", "driver_version", b"driver_version", "gpus", b"gpus", "labels", b"labels", "location", b"location", "node_id", b"node_id", "price_per_gpu_hour", b"price_per_gpu_hour", "provider", b"provider"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cuda_driver_version", b"cuda_driver_version", "currency_code", b"currency_code", "daemon_version", b"daemon_version", "driver_version", b"driver_version", "gpus", b"gpus", "labels", b"labels", "lease_hook", b"lease_hook", "location", b"location", "node_id", b"node_id", "price_per_gpu_hour", b"price_per_gpu_hour", "provider", b"provider"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NodeHello: _TypeAlias = NodeHello  # noqa: Y015
+
+@_typing.final
+class ProvisionResult(_message.Message):
+    """The answer of the daemon's lease hook to a STARTED assignment. Accepted only from the stream
+    holding one of the lease's nodes, for the lease's current fencing token, while it is
+    PROVISIONING; anything else is ignored (logged).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_FIELD_NUMBER: _builtins.int
+    FENCING_TOKEN_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    lease: _builtins.str
+    fencing_token: _builtins.int
+    ok: _builtins.bool
+    """True: `details` are how to reach the GPUs. False: the lease ends PROVISIONING_FAILED with
+    `error` as its end_message.
+    """
+    error: _builtins.str
+    """At most 1024 characters (longer is cut)."""
+    @_builtins.property
+    def details(self) -> _lease_pb2.AccessDetails:
+        """Bounded as AccessDetails says (out of bounds fails the lease); `node` is set by the replica."""
+
+    def __init__(
+        self,
+        *,
+        lease: _builtins.str = ...,
+        fencing_token: _builtins.int = ...,
+        ok: _builtins.bool = ...,
+        details: _lease_pb2.AccessDetails | None = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["details", b"details"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["details", b"details", "error", b"error", "fencing_token", b"fencing_token", "lease", b"lease", "ok", b"ok"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProvisionResult: _TypeAlias = ProvisionResult  # noqa: Y015
 
 @_typing.final
 class NodeEvent(_message.Message):
@@ -379,6 +441,7 @@ class LeaseAssignment(_message.Message):
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     FENCING_TOKEN_FIELD_NUMBER: _builtins.int
     ACTION_FIELD_NUMBER: _builtins.int
+    ACCESS_FIELD_NUMBER: _builtins.int
     lease: _builtins.str
     tenant: _builtins.str
     fencing_token: _builtins.int
@@ -387,6 +450,10 @@ class LeaseAssignment(_message.Message):
     def gpu_uuids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def access(self) -> _lease_pb2.AccessRequest:
+        """STARTED: the tenant's access request, for the hook."""
+
     def __init__(
         self,
         *,
@@ -396,10 +463,11 @@ class LeaseAssignment(_message.Message):
         expire_time: _timestamp_pb2.Timestamp | None = ...,
         fencing_token: _builtins.int = ...,
         action: Global___AssignmentAction.ValueType = ...,
+        access: _lease_pb2.AccessRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "expire_time", b"expire_time", "fencing_token", b"fencing_token", "gpu_uuids", b"gpu_uuids", "lease", b"lease", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "action", b"action", "expire_time", b"expire_time", "fencing_token", b"fencing_token", "gpu_uuids", b"gpu_uuids", "lease", b"lease", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,5 +1,5 @@
-"""`make run`'s demo: it comes up, answers searches with offers from every demo provider, and
-stops cleanly on Ctrl-C."""
+"""`make run`'s demo: it comes up, answers searches with offers from every demo provider, hands
+a lease over with access details, and stops cleanly on Ctrl-C."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 
 from control_plane.demo import NODES, PROVIDERS
 from gpufed.client import Client
+from gpufed.v1 import lease_pb2
 from tests.harness import free_port, wait_until
 
 pytestmark = pytest.mark.integration
@@ -63,6 +64,11 @@ def test_demo_offers_gpus_of_every_provider_and_stops_on_ctrl_c(tmp_path: Path) 
             assert {o.location.country_code for o in offers} >= {"DE", "FI", "SE", "FR", "US", "CA"}
             assert len({o.gpu_model for o in offers}) >= 4
             assert len(c.list_nodes()) == len(NODES)
+            # The demo's providers hand leases over: a lease with a key ends in access details.
+            key = (Path(__file__).parents[1] / "data" / "ssh_keys" / "ed25519.pub").read_text().strip()
+            with c.lease(1, ttl_s=30, ssh_keys=[key]) as held:
+                assert held.lease.state == lease_pb2.LEASE_STATE_ACTIVE
+                assert held.access[0].ssh.startswith("ssh lease-")
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0

@@ -19,12 +19,21 @@ def test_newer_assignment_is_accepted_and_recorded() -> None:
     assert s.apply(a("leases/2", 12, STARTED, "g1")) == (True, "")
 
 
-def test_older_token_for_a_gpu_is_rejected_as_stale() -> None:
+def test_an_older_start_for_a_gpu_is_rejected_as_stale() -> None:
     s = Assignments()
     s.apply(a("leases/2", 20, STARTED, "g0"))
     assert s.apply(a("leases/1", 15, STARTED, "g0")) == (False, "STALE_FENCING_TOKEN")
-    assert s.apply(a("leases/1", 15, ENDED, "g0")) == (False, "STALE_FENCING_TOKEN")
     assert s.holder("g0") == "leases/2"
+
+
+def test_an_end_is_always_taken_and_touches_only_its_own_lease() -> None:
+    s = Assignments()
+    s.apply(a("leases/1", 15, STARTED, "g0"))
+    s.apply(a("leases/2", 20, STARTED, "g1"))
+    # A late ENDED of an older lease: taken (it must not stay active here), others untouched.
+    assert s.apply(a("leases/1", 15, ENDED, "g0")) == (True, "")
+    assert s.holder("g0") is None
+    assert s.holder("g1") == "leases/2"
 
 
 def test_missing_token_is_malformed() -> None:

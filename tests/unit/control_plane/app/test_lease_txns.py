@@ -66,6 +66,7 @@ def test_release_deletes_record_and_allocations_keeps_history_and_bills_once() -
     lease = lease_pb2.Lease(name="leases/00ff", tenant="t", request_id="r1", grant_replica="r1")
     lease.gpus.add(provider="p", node_id="a", uuid="g0", price_per_gpu_hour=3.6)
     lease.create_time.FromSeconds(100)
+    lease.active_time.FromSeconds(100)  # billed from ACTIVE
     final = lease_pb2.Lease()
     final.CopyFrom(lease)
     final.end_time.FromSeconds(200)

@@ -53,3 +53,45 @@ def test_defaults_and_lease_record() -> None:
     lease = lease_rules.build_lease("abc", "t", spec, picks, now)
     assert lease.name == "leases/abc" and lease.price_per_hour == 3.0
     assert lease.expire_time.seconds == 1060 and len(lease.gpus) == 2
+
+
+def test_a_lease_on_a_hooked_node_provisions_and_is_active_once_every_node_answered() -> None:
+    spec = lease_rules.validate_create(
+        lease_pb2.CreateLeaseRequest(request_id="r", gpu_count=2, placement=lease_pb2.PLACEMENT_SPREAD)
+    )
+    hooked, plain = cand("a", 1.0, 1), cand("b", 1.0, 1)
+    hooked.node.lease_hook = True
+    picks = place([hooked, plain], 2, lease_pb2.PLACEMENT_SPREAD, rng=random.Random(0))
+    assert picks is not None
+    lease = lease_rules.build_lease("abc", "t", spec, picks, timestamp_pb2.Timestamp(seconds=1000))
+    # The plain node has nothing to hand over; the hooked one must answer first.
+    assert lease.state == lease_pb2.LEASE_STATE_PROVISIONING and not lease.HasField("active_time")
+    assert [d.node for d in lease.access_details] == ["providers/p/nodes/b"]
+    details = lease_pb2.AccessDetails(node="providers/p/nodes/a", ssh="ssh u@a")
+    active = lease_rules.provisioned(lease, details, timestamp_pb2.Timestamp(seconds=1003))
+    assert active.state == lease_pb2.LEASE_STATE_ACTIVE and active.active_time.seconds == 1003
+    # A repeated answer replaces the node's details and keeps the start of billing.
+    again = lease_rules.provisioned(
+        active,
+        lease_pb2.AccessDetails(node="providers/p/nodes/a", ssh="x"),
+        timestamp_pb2.Timestamp(seconds=1009),
+    )
+    assert [d.ssh for d in again.access_details if d.node.endswith("/a")] == [
+        "x"
+    ] and again.active_time.seconds == 1003
+
+
+def test_a_lease_on_nodes_without_hooks_is_active_and_billed_from_its_grant() -> None:
+    spec = lease_rules.validate_create(lease_pb2.CreateLeaseRequest(request_id="r", gpu_count=1))
+    picks = place([cand("a", 1.0, 1)], 1, 0, rng=random.Random(0))
+    assert picks is not None
+    lease = lease_rules.build_lease("abc", "t", spec, picks, timestamp_pb2.Timestamp(seconds=1000))
+    assert lease.state == lease_pb2.LEASE_STATE_ACTIVE and lease.active_time.seconds == 1000
+
+
+def test_an_access_request_is_validated_with_the_create() -> None:
+    req = lease_pb2.CreateLeaseRequest(request_id="r", gpu_count=1)
+    req.access.ssh_public_keys.append("ssh-rsa AAAA")
+    with pytest.raises(ApiError) as e:
+        lease_rules.validate_create(req)
+    assert e.value.reason == "INVALID_SSH_KEY" and e.value.field == "access.ssh_public_keys[0]"

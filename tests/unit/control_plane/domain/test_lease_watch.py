@@ -87,3 +87,16 @@ def test_an_ended_lease_is_ended_at_once() -> None:
     lease = lease_pb2.Lease(name="leases/00000000000000aa", state=lease_pb2.LEASE_STATE_ENDED)
     m = LeaseWatch(lease)
     assert _types(m.start(0)) == ["ENDED"] and m.done and m.next_deadline() is None
+
+
+def test_provisioned_is_told_once_when_a_provisioning_lease_becomes_active() -> None:
+    clock = FakeClock()
+    lease = _lease(clock, ttl=60)
+    lease.state = lease_pb2.LEASE_STATE_PROVISIONING
+    m = LeaseWatch(lease)
+    seen = m.start(clock.time_ns())
+    active = lease_rules.provisioned(lease, lease_pb2.AccessDetails(node=NODE, ssh="ssh u@a"), now_ts(clock))
+    seen += m.on_lease(active, clock.time_ns())
+    seen += m.on_lease(active, clock.time_ns())  # the same record again: nothing new
+    assert _types(seen) == ["GRANTED", "PROVISIONED"]
+    assert seen[-1].lease.access_details[0].ssh == "ssh u@a"

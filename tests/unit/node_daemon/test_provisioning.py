@@ -1,0 +1,141 @@
+"""The handoff's fencing on the host: a stale grant never starts, an end always follows a start,
+and a restarted daemon knows what it started."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from gpufed.v1 import lease_pb2, node_pb2
+from node_daemon.assignments import ENDED, STARTED, Assignments
+from node_daemon.hook import HookOutcome, LeaseHook, hook_input, parse_details
+from node_daemon.provisioning import Provisioner
+
+
+class FakeHook(LeaseHook):
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__("/nonexistent", 1.0)
+        self.docs: list[dict[str, Any]] = []
+        self.fail = fail
+
+    async def run(self, doc: dict[str, Any]) -> HookOutcome:
+        self.docs.append(doc)
+        await asyncio.sleep(0.05)
+        if self.fail:
+            return HookOutcome(False, lease_pb2.AccessDetails(), "boom")
+        return HookOutcome(True, lease_pb2.AccessDetails(ssh=f"ssh {doc['lease']}"))
+
+
+def assignment(
+    lease: str, token: int, action: int = STARTED, gpus: tuple[str, ...] = ("g0",)
+) -> node_pb2.LeaseAssignment:
+    return node_pb2.LeaseAssignment(lease=lease, fencing_token=token, action=action, gpu_uuids=list(gpus))  # type: ignore[arg-type]
+
+
+def setup(
+    state_dir: str = "", fail: bool = False
+) -> tuple[Provisioner, FakeHook, Assignments, list[node_pb2.NodeMessage]]:
+    hook, assignments = FakeHook(fail), Assignments()
+    sent: list[node_pb2.NodeMessage] = []
+    p = Provisioner(hook, assignments, sent.append, lambda: {"g0": 0, "g1": 1}, "neo", "n1", state_dir)
+    return p, hook, assignments, sent
+
+
+def deliver(p: Provisioner, s: Assignments, a: node_pb2.LeaseAssignment) -> None:
+    ok, _ = s.apply(a)
+    if ok and a.action == STARTED:
+        p.started(a)
+    elif ok:
+        p.ended(a.lease)
+
+
+def test_a_lease_ended_before_its_start_ran_is_never_started() -> None:
+    async def go() -> None:
+        p, _, s, sent = setup()
+        deliver(p, s, assignment("leases/a", 10))
+        deliver(p, s, assignment("leases/a", 10, ENDED))
+        await p.drain()
+        assert p.runs == [] and sent == []
+
+    asyncio.run(go())
+
+
+def test_a_start_superseded_before_its_turn_never_runs() -> None:
+    async def go() -> None:
+        p, _hook, s, sent = setup()
+        deliver(p, s, assignment("leases/a", 10))
+        deliver(p, s, assignment("leases/b", 20))  # a newer grant of the same GPU, before a's turn
+        await p.drain()
+        assert p.runs == [("start", "leases/b")]
+        assert [m.provisioned.lease for m in sent] == ["leases/b"]
+
+    asyncio.run(go())
+
+
+def test_a_stale_start_is_refused_before_it_reaches_the_hook() -> None:
+    async def go() -> None:
+        p, _hook, s, _ = setup()
+        deliver(p, s, assignment("leases/b", 20))
+        await p.drain()
+        deliver(p, s, assignment("leases/a", 10))  # older token: Assignments refuses it
+        await p.drain()
+        assert p.runs == [("start", "leases/b")]
+
+    asyncio.run(go())
+
+
+def test_an_end_runs_after_its_start_even_when_the_start_failed() -> None:
+    async def go() -> None:
+        p, _hook, s, sent = setup(fail=True)
+        deliver(p, s, assignment("leases/a", 10))
+        await asyncio.sleep(0.01)
+        deliver(p, s, assignment("leases/a", 10, ENDED))  # while the start runs
+        await p.drain()
+        assert p.runs == [("start", "leases/a"), ("end", "leases/a")]
+        assert sent[0].provisioned.ok is False and sent[0].provisioned.error == "boom"
+
+    asyncio.run(go())
+
+
+def test_a_restarted_daemon_ensures_what_is_still_live_and_ends_the_rest(tmp_path: Path) -> None:
+    async def first() -> None:
+        p, _, s, _ = setup(str(tmp_path))
+        deliver(p, s, assignment("leases/a", 10, gpus=("g0",)))
+        deliver(p, s, assignment("leases/b", 11, gpus=("g1",)))
+        await p.drain()
+
+    async def second() -> None:
+        p, _hook, s, sent = setup(str(tmp_path))
+        assert set(p.kept) == {"leases/a", "leases/b"}
+        # The new stream: a is live again, b is not; then ASSIGNMENTS_SYNCED.
+        deliver(p, s, assignment("leases/a", 10, gpus=("g0",)))
+        p.synced({"leases/a"})
+        await p.drain()
+        assert sorted(p.runs) == [("end", "leases/b"), ("start", "leases/a")]
+        assert [m.provisioned.lease for m in sent] == ["leases/a"]
+        # A later stream of the same process answers again without running the hook.
+        deliver(p, s, assignment("leases/a", 10, gpus=("g0",)))
+        await p.drain()
+        assert len(p.runs) == 2 and len(sent) == 2
+        # A start older than what ran before the restart is stale after it too.
+        assert s.apply(assignment("leases/old", 5, gpus=("g0",))) == (False, "STALE_FENCING_TOKEN")
+
+    asyncio.run(first())
+    asyncio.run(second())
+
+
+def test_the_hook_gets_gpus_indexes_token_and_access_and_answers_bounded_json() -> None:
+    a = assignment("leases/a", 7, gpus=("g1", "g0"))
+    a.access.ssh_public_keys.append("ssh-ed25519 AAAA k")
+    doc = hook_input("start", a, {"g0": 0, "g1": 1}, "neo", "n1")
+    assert doc["cuda_visible_devices"] == "1,0"
+    assert doc["fencing_token"] == 7 and doc["access"]["ssh_public_keys"] == ["ssh-ed25519 AAAA k"]
+    assert parse_details(b'{"ssh": "ssh u@h", "other": 1}').ssh == "ssh u@h"
+    assert parse_details(b"").ssh == ""
+    for bad in (b"[1]", b'{"ssh": 5}', b"not json", b"x" * 70_000):
+        try:
+            parse_details(bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"accepted {bad[:20]!r}")
