@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import ingest, lease_latency, lease_path, leases, report_cpu, search, tls
+from bench import handoff, ingest, lease_latency, lease_path, leases, report_cpu, search, tls
 from bench.common import machine
 from gpufed.logs import configure_logging
 
@@ -20,7 +20,7 @@ def main() -> int:
     p = argparse.ArgumentParser(prog="python -m bench")
     p.add_argument(
         "--only",
-        choices=["report_cpu", "search", "ingest", "lease_path", "lease_latency", "leases", "tls"],
+        choices=["report_cpu", "search", "ingest", "lease_path", "lease_latency", "leases", "tls", "handoff"],
         action="append",
     )
     p.add_argument("--quick", action="store_true", help="shorter runs (smoke test of the benchmarks)")
@@ -33,7 +33,9 @@ def main() -> int:
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": "make bench" + (" (--quick)" if a.quick else ""),
     }
-    wanted = a.only or ["report_cpu", "search", "ingest", "lease_path", "lease_latency", "leases", "tls"]
+    wanted = a.only or [
+        *("report_cpu", "search", "ingest", "lease_path", "lease_latency", "leases", "tls", "handoff")
+    ]
     if "report_cpu" in wanted:
         results["report_cpu"] = report_cpu.run(reports=int(3000 * scale))
     if "search" in wanted:
@@ -49,6 +51,8 @@ def main() -> int:
         results["leases"] = leases.run(duration=12 * scale)
     if "tls" in wanted:
         results["tls"] = tls.run(duration=4 * scale, connects=int(100 * scale))
+    if "handoff" in wanted:
+        results["handoff"] = handoff.run(cycles=int(60 * scale) or 1)
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=2))
