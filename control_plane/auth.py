@@ -36,6 +36,8 @@ class Kind(StrEnum):
 class Principal:
     kind: Kind
     name: str
+    # A provider token's tenant: the nodes it registers are that tenant's private pool.
+    private_to: str = ""
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.name}"
@@ -48,21 +50,30 @@ class TokenRecord:
     principal: str
     secret_sha256: str
     create_time: str
+    private_to: str = ""
 
     def to_json(self) -> bytes:
-        return json.dumps(
-            {
-                "kind": self.kind.value,
-                "principal": self.principal,
-                "secret_sha256": self.secret_sha256,
-                "create_time": self.create_time,
-            }
-        ).encode()
+        d = {
+            "kind": self.kind.value,
+            "principal": self.principal,
+            "secret_sha256": self.secret_sha256,
+            "create_time": self.create_time,
+        }
+        if self.private_to:
+            d["private_to"] = self.private_to
+        return json.dumps(d).encode()
 
     @classmethod
     def from_json(cls, token_id: str, raw: bytes) -> TokenRecord:
         d = json.loads(raw)
-        return cls(token_id, Kind(d["kind"]), d["principal"], d["secret_sha256"], d["create_time"])
+        return cls(
+            token_id,
+            Kind(d["kind"]),
+            d["principal"],
+            d["secret_sha256"],
+            d["create_time"],
+            d.get("private_to", ""),
+        )
 
 
 _current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("gpufed_principal", default=None)
@@ -84,12 +95,14 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def new_token(kind: Kind, principal: str, clock: Clock = SYSTEM) -> tuple[str, TokenRecord]:
+def new_token(
+    kind: Kind, principal: str, clock: Clock = SYSTEM, private_to: str = ""
+) -> tuple[str, TokenRecord]:
     """A fresh token: the full secret string (shown once) and the record to store."""
     token_id = secrets.token_hex(6)
     secret = secrets.token_urlsafe(32)
     created = datetime.fromtimestamp(clock.time_ns() // 1_000_000_000, UTC).isoformat(timespec="seconds")
-    record = TokenRecord(token_id, kind, principal, hash_secret(secret), created)
+    record = TokenRecord(token_id, kind, principal, hash_secret(secret), created, private_to)
     return f"{TOKEN_PREFIX}_{token_id}_{secret}", record
 
 
@@ -234,7 +247,7 @@ class Authenticator:
                         self._unknown.clear()
                     self._unknown[token_id] = self.clock.monotonic() + UNKNOWN_TTL_S
             if record is not None and hmac.compare_digest(hash_secret(secret), record.secret_sha256):
-                return Principal(record.kind, record.principal)
+                return Principal(record.kind, record.principal, record.private_to)
         raise errors.unauthenticated("UNKNOWN_TOKEN", "the bearer token is not valid")
 
     def _known_unknown(self, token_id: str) -> bool:

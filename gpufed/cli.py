@@ -116,6 +116,12 @@ def _gib(b: int) -> str:
 def _add_filter_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("filters")
     g.add_argument("--model", default="", help='GPU model or family, e.g. "H100"')
+    g.add_argument(
+        "--pool",
+        choices=["own-first", "own-only", "federation-only"],
+        default="",
+        help="with a private pool: your own nodes first (the default), only them, or only the federation's",
+    )
     g.add_argument("--min-memory-gb", type=float, default=0, help="minimum memory per GPU, GiB")
     g.add_argument("--country", type=_codes, default=[], help="allowed countries, ISO codes: DE,FR")
     g.add_argument("--exclude-country", type=_codes, default=[], help="denied countries: US,CN")
@@ -154,13 +160,15 @@ def _filter_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_offers_search(c: Client, args: argparse.Namespace) -> int:
     order = {"price": 1, "distance": 2, "free": 3}[args.order_by]
     found = list(
-        c.search_offers(min_free_gpus=args.count, order_by=order, limit=args.limit, **_filter_kwargs(args))
+        c.search_offers(
+            min_free_gpus=args.count, order_by=order, limit=args.limit, pool=args.pool, **_filter_kwargs(args)
+        )
     )
     _emit(
         args,
         found,
         lambda: (
-            [["NODE", "MODEL", "MEM", "FREE", "PRICE/GPU-H", "COUNTRY", "REGION", "DIST_KM"]]
+            [["NODE", "MODEL", "MEM", "FREE", "PRICE/GPU-H", "COUNTRY", "REGION", "DIST_KM", "POOL"]]
             + [
                 [
                     o.node,
@@ -171,6 +179,7 @@ def cmd_offers_search(c: Client, args: argparse.Namespace) -> int:
                     o.location.country_code,
                     o.location.region,
                     f"{o.distance_km:.0f}" if o.HasField("distance_km") else "-",
+                    "own" if o.pool == common_pb2.POOL_KIND_OWN else "federation",
                 ]
                 for o in found
             ]
@@ -214,6 +223,13 @@ def _node_rows(nodes: Sequence[common_pb2.Node]) -> list[list[str]]:
 def cmd_nodes_list(c: Client, args: argparse.Namespace) -> int:
     state = 0 if not args.state else common_pb2.NodeState.Value("NODE_STATE_" + args.state.upper())
     nodes = c.list_nodes(provider=args.provider, state=state)
+    _emit(args, nodes, lambda: _node_rows(nodes))
+    return EXIT_OK
+
+
+def cmd_pool_list(c: Client, args: argparse.Namespace) -> int:
+    """The caller's private pool (an admin: every pool), as `nodes list` shows nodes."""
+    nodes = [n for n in c.list_nodes() if n.pool_tenant]
     _emit(args, nodes, lambda: _node_rows(nodes))
     return EXIT_OK
 
@@ -301,6 +317,8 @@ def cmd_lease_create(c: Client, args: argparse.Namespace) -> int:
         request_id=args.request_id or None,
         ssh_keys=_ssh_keys(args.ssh_key),
         provider_options=options,
+        pool=args.pool,
+        allow_mixed=args.allow_mixed,
         **_filter_kwargs(args),
     )
     if args.wait and lease.state == lease_pb2.LEASE_STATE_PROVISIONING:
@@ -496,7 +514,7 @@ def cmd_quota_get(c: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_tokens_create(c: Client, args: argparse.Namespace) -> int:
-    resp = c.create_token(args.kind, args.name)
+    resp = c.create_token(args.kind, args.name, args.private_to)
     if args.output == "table":
         print(
             f"created {resp.token.name} ({args.kind} {resp.token.principal}); the secret is shown once:",
@@ -514,12 +532,13 @@ def cmd_tokens_list(c: Client, args: argparse.Namespace) -> int:
         args,
         tokens,
         lambda: (
-            [["TOKEN", "KIND", "PRINCIPAL", "CREATED"]]
+            [["TOKEN", "KIND", "PRINCIPAL", "PRIVATE TO", "CREATED"]]
             + [
                 [
                     t.name,
                     admin_pb2.TokenKind.Name(t.kind).removeprefix("TOKEN_KIND_").lower(),
                     t.principal,
+                    t.private_to or "-",
                     t.create_time.ToJsonString(),
                 ]
                 for t in tokens
@@ -581,6 +600,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_filter_flags(cap)
     cap.set_defaults(fn=cmd_capacity)
 
+    pool = sub.add_parser("pool", help="your private pool").add_subparsers(dest="sub", required=True)
+    pool.add_parser("list", parents=[common], help="the nodes of your private pool").set_defaults(
+        fn=cmd_pool_list
+    )
     nodes = sub.add_parser("nodes", help="provider nodes").add_subparsers(dest="sub", required=True)
     nl = nodes.add_parser("list", parents=[common])
     nl.add_argument("--provider", default="")
@@ -596,6 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
     lc.add_argument("--count", type=int, required=True, help="number of GPUs")
     lc.add_argument("--ttl", type=int, default=60, help="seconds; renew before it runs out")
     lc.add_argument("--spread", action="store_true", help="allow several nodes (fewest first)")
+    lc.add_argument(
+        "--allow-mixed", action="store_true", help="with --spread: own-pool and federation GPUs in one lease"
+    )
     lc.add_argument("--request-id", default="", help="idempotency key (default: random)")
     lc.add_argument("--hold", action="store_true", help="keep the lease alive until Ctrl-C, then release it")
     lc.add_argument(
@@ -659,6 +685,12 @@ def build_parser() -> argparse.ArgumentParser:
     tc = tokens.add_parser("create", parents=[common])
     tc.add_argument("--kind", choices=["tenant", "provider", "admin"], required=True)
     tc.add_argument("--name", required=True, help="tenant, provider or operator name")
+    tc.add_argument(
+        "--private-to",
+        default="",
+        metavar="TENANT",
+        help="provider tokens: the nodes it registers are this tenant's private pool",
+    )
     tc.set_defaults(fn=cmd_tokens_create)
     tokens.add_parser("list", parents=[common]).set_defaults(fn=cmd_tokens_list)
     td = tokens.add_parser("delete", parents=[common])

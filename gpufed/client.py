@@ -143,6 +143,20 @@ def gpu_filter(
     return f
 
 
+POOL_CHOICES = {
+    "": common_pb2.POOL_CHOICE_UNSPECIFIED,
+    "own-first": common_pb2.POOL_CHOICE_OWN_FIRST,
+    "own-only": common_pb2.POOL_CHOICE_OWN_ONLY,
+    "federation-only": common_pb2.POOL_CHOICE_FEDERATION_ONLY,
+}
+
+
+def pool_choice(name: str) -> common_pb2.PoolChoice.ValueType:
+    if name not in POOL_CHOICES:
+        raise ValueError(f"pool must be one of {sorted(k for k in POOL_CHOICES if k)}")
+    return POOL_CHOICES[name]
+
+
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -256,14 +270,17 @@ class Client:
         order_by: int = 0,
         page_size: int = 0,
         limit: int | None = None,
+        pool: str = "",
         **filter_args: Any,
     ) -> Iterator[discovery_pb2.Offer]:
-        """Every matching offer, page by page (up to `limit`)."""
+        """Every matching offer, page by page (up to `limit`). `pool`: "own-first" (the default
+        for a tenant with a private pool), "own-only" or "federation-only"."""
         req = discovery_pb2.SearchOffersRequest(
             filter=gpu_filter(**filter_args),
             min_free_gpus=min_free_gpus,
             order_by=order_by,  # type: ignore[arg-type]
             page_size=page_size,
+            pool=pool_choice(pool),
         )
         n = 0
         while True:
@@ -316,6 +333,8 @@ class Client:
         request_id: str | None = None,
         ssh_keys: Sequence[str] = (),
         provider_options: Mapping[str, str] | None = None,
+        pool: str = "",
+        allow_mixed: bool = False,
         **filter_args: Any,
     ) -> lease_pb2.Lease:
         """The granted lease: ACTIVE, or PROVISIONING while the providers' hooks set up access
@@ -329,6 +348,8 @@ class Client:
             access=lease_pb2.AccessRequest(
                 ssh_public_keys=list(ssh_keys), provider_options=dict(provider_options or {})
             ),
+            pool=pool_choice(pool),
+            allow_mixed=allow_mixed,
         )
         return self.call(self.leases.CreateLease, req).lease  # type: ignore[no-any-return]
 
@@ -413,7 +434,9 @@ class Client:
 
     # -- admin ----------------------------------------------------------------------------------
 
-    def create_token(self, kind: str, principal: str) -> admin_pb2.CreateTokenResponse:
+    def create_token(self, kind: str, principal: str, private_to: str = "") -> admin_pb2.CreateTokenResponse:
+        """A new token; `private_to` (provider tokens only) makes the nodes it registers that
+        tenant's private pool."""
         kinds = {
             "tenant": admin_pb2.TOKEN_KIND_TENANT,
             "provider": admin_pb2.TOKEN_KIND_PROVIDER,
@@ -421,7 +444,7 @@ class Client:
         }
         if kind not in kinds:
             raise ValueError(f"kind must be one of {sorted(kinds)}")
-        req = admin_pb2.CreateTokenRequest(kind=kinds[kind], principal=principal)
+        req = admin_pb2.CreateTokenRequest(kind=kinds[kind], principal=principal, private_to=private_to)
         return self.call(self.admin.CreateToken, req, retry=False)  # type: ignore[no-any-return]
 
     def set_quota(self, name: str, **limits: float) -> admin_pb2.Quota:

@@ -103,6 +103,8 @@ class Inventory:
     summaries: dict[str, NodeSummary] = field(default_factory=dict)
     # nodes whose record says DRAINING: the leader's drain sweep looks at these, not at every node
     draining: set[str] = field(default_factory=set)
+    # tenant -> the nodes of its private pool
+    pools: dict[str, set[str]] = field(default_factory=dict)
     _subscribers: list[Callable[[Change], None]] = field(default_factory=list)
     _revision_waiters: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)
 
@@ -123,6 +125,7 @@ class Inventory:
         self.by_country.clear()
         self.summaries.clear()
         self.draining.clear()
+        self.pools.clear()
         self.leader = ""
 
     def load(self, kvs: Iterable[KeyValueLike], revision: int) -> None:
@@ -216,12 +219,16 @@ class Inventory:
                 i = bisect.bisect_left(ordered, item)
                 if i < len(ordered) and ordered[i] == item:
                     del ordered[i]
+        if old is not None and old.node.pool_tenant:
+            self._pool(old.node.pool_tenant, name, add=False)
         if value is None:
             if self.nodes.pop(name, None) is not None:
                 self._count_node(old.node.provider if old else "", -1)
             self.draining.discard(name)
             return
         node = common_pb2.Node.FromString(value)
+        if node.pool_tenant:
+            self._pool(node.pool_tenant, name, add=True)
         if old is None:
             self._count_node(node.provider, 1)
         if node.state == _DRAINING:
@@ -238,6 +245,15 @@ class Inventory:
         item = (node.price_per_gpu_hour, name)
         bisect.insort(self.by_price, item)
         bisect.insort(self.by_country.setdefault(node.location.country_code, []), item)
+
+    def _pool(self, tenant: str, name: str, add: bool) -> None:
+        members = self.pools.setdefault(tenant, set())
+        if add:
+            members.add(name)
+        else:
+            members.discard(name)
+            if not members:
+                del self.pools[tenant]
 
     def _count_node(self, provider: str, delta: int) -> None:
         n = self.node_counts.get(provider, 0) + delta

@@ -126,7 +126,9 @@ class Admin:
 
     # -- tokens ---------------------------------------------------------------------------------
 
-    async def create_token(self, kind_pb: int, principal: str) -> tuple[admin_pb2.Token, str]:
+    async def create_token(
+        self, kind_pb: int, principal: str, private_to: str = ""
+    ) -> tuple[admin_pb2.Token, str]:
         kind = KINDS.get(kind_pb)  # type: ignore[call-overload]
         if kind is None:
             raise errors.invalid("INVALID_TOKEN_KIND", "kind must be TENANT, PROVIDER or ADMIN", field="kind")
@@ -136,13 +138,26 @@ class Admin:
                 f"{shown(principal)} must be a DNS label (a-z, 0-9, -)",
                 field="principal",
             )
-        secret, record = auth.new_token(kind, principal, self.clock)
+        if private_to and kind is not auth.Kind.PROVIDER:
+            raise errors.invalid(
+                "PRIVATE_TO_NOT_PROVIDER",
+                "only a provider token can be private to a tenant",
+                field="private_to",
+            )
+        if private_to and not valid_principal(private_to):
+            raise errors.invalid(
+                "INVALID_PRINCIPAL",
+                f"{shown(private_to)} must be a tenant name (a DNS label)",
+                field="private_to",
+            )
+        secret, record = auth.new_token(kind, principal, self.clock, private_to)
         await self.store.put(self.keys.token(record.token_id), record.to_json())
         token = admin_pb2.Token(
             name=f"tokens/{record.token_id}",
             kind=kind_pb,  # type: ignore[arg-type]
             principal=record.principal,
             create_time=_ts(record.create_time),
+            private_to=record.private_to,
         )
         return token, secret
 
@@ -158,6 +173,7 @@ class Admin:
                     kind=_KIND_PB[rec.kind],
                     principal=rec.principal,
                     create_time=_ts(rec.create_time),
+                    private_to=rec.private_to,
                 )
             )
         return tokens

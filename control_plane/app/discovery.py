@@ -4,13 +4,14 @@ reflects, and the capacity watch."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 
 from control_plane.adapters.index import Change, ChangeKind, Inventory
 from control_plane.app.caches import BoundedCache
-from control_plane.domain import errors, offers, pagination
+from control_plane.domain import errors, offers, pagination, pools
 from control_plane.domain.errors import shown
-from control_plane.domain.filters import compile_filter
+from control_plane.domain.filters import compile_filter, visible
 from control_plane.domain.inventory import Candidate
 from control_plane.domain.names import parse_node_name, valid_id
 from gpufed.v1 import common_pb2, discovery_pb2
@@ -37,29 +38,57 @@ class Discovery:
             OFFER_CACHE_SIZE, OFFER_CACHE_BYTES
         )
 
-    def search(self, request: discovery_pb2.SearchOffersRequest) -> discovery_pb2.SearchOffersResponse:
-        # Answers depend only on the request and the index revision (not on the caller), so the
-        # same search at the same revision is answered once: popular searches polled by many
-        # clients cost one evaluation per change of the federation.
-        key = request.SerializeToString(deterministic=True)
+    def search(
+        self, request: discovery_pb2.SearchOffersRequest, viewer: str | None = ""
+    ) -> discovery_pb2.SearchOffersResponse:
+        # Answers depend only on the request, whose private pool the caller sees and the index
+        # revision, so the same search at the same revision is answered once: popular searches
+        # polled by many clients cost one evaluation per change of the federation. Callers
+        # without a pool of their own share one view.
+        scope = viewer if viewer is None or viewer in self.inv.pools else ""
+        key = (
+            request.SerializeToString(deterministic=True)
+            + b"\x00"
+            + (b"*" if scope is None else scope.encode())
+        )
         hit = self._answers.get(key)
         if hit is not None and hit.revision == self.inv.revision:
             return hit
-        resp = self._search(request)
+        resp = self._search(request, scope)
         if self.cache_size:
             self._answers.put(key, resp, len(key) + resp.ByteSize())
         return resp
 
-    def _search(self, request: discovery_pb2.SearchOffersRequest) -> discovery_pb2.SearchOffersResponse:
-        flt = compile_filter(request.filter)
+    def _search(
+        self, request: discovery_pb2.SearchOffersRequest, viewer: str | None
+    ) -> discovery_pb2.SearchOffersResponse:
+        flt = dataclasses.replace(compile_filter(request.filter), viewer=viewer)
         if request.order_by == discovery_pb2.OFFER_ORDER_DISTANCE and flt.near is None:
             raise errors.invalid("NEAR_REQUIRED", "order_by DISTANCE needs filter.near", field="order_by")
         if request.order_by not in discovery_pb2.OfferOrder.values():
             raise errors.invalid("INVALID_ORDER", f"unknown order_by {request.order_by}", field="order_by")
+        pools.validate_choice(request.pool)
         size = pagination.page_size(request.page_size)
-        query = pagination.query_hash(flt.key(), str(request.min_free_gpus), str(request.order_by))
+        query = pagination.query_hash(
+            flt.key(), str(request.min_free_gpus), str(request.order_by), str(request.pool)
+        )
         start = pagination.decode_token(request.page_token, query)
-        found, more = offers.search(self.inv, flt, request.min_free_gpus, request.order_by, start + size)
+        # OWN_FIRST: the pool's offers, then the federation's, each in the requested order.
+        found: list[Candidate] = []
+        more = False
+        if viewer is None and not request.pool:
+            scopes = ["any"]  # an operator: every pool
+        else:
+            scopes = pools.stages(request.pool, viewer is not None and viewer in self.inv.pools)
+        for scope in scopes:
+            need = start + size - len(found)
+            got, more = offers.search(
+                self.inv, dataclasses.replace(flt, pool=scope), request.min_free_gpus, request.order_by, need
+            )
+            found += got
+            if len(found) >= start + size:
+                more = True
+                break
         return discovery_pb2.SearchOffersResponse(
             offers=[self._offer(c) for c in found[start:]],
             next_page_token=pagination.encode_token(query, start + size) if more else "",
@@ -83,7 +112,9 @@ class Discovery:
         """The node as `tenant` may see it: which lease holds a GPU only for its own leases
         (None: an operator, who sees all)."""
         node = self.inv.view(name)
-        if node is None or tenant is None:
+        if node is None or not visible(node, tenant):
+            return None
+        if tenant is None:
             return node
         for gpu in node.gpus:
             if gpu.lease:
@@ -111,21 +142,26 @@ class Discovery:
         if request.state not in common_pb2.NodeState.values():
             raise errors.invalid("INVALID_STATE", f"unknown state {request.state}", field="state")
         size = pagination.page_size(request.page_size)
-        query = pagination.query_hash("nodes", request.provider, str(request.state))
+        query = pagination.query_hash("nodes", request.provider, str(request.state), str(tenant))
         names = [
             n
             for n, e in sorted(self.inv.nodes.items())
             if (not request.provider or e.node.provider == request.provider)
             and (not request.state or self.inv.state(n) == request.state)
+            and visible(e.node, tenant)
         ]
         start, end, token = pagination.paginate(len(names), request.page_token, size, query)
         return [v for n in names[start:end] if (v := self._view(n, tenant)) is not None], token
 
-    def list_providers(self, page_size: int, page_token: str) -> tuple[list[discovery_pb2.Provider], str]:
+    def list_providers(
+        self, page_size: int, page_token: str, tenant: str | None = ""
+    ) -> tuple[list[discovery_pb2.Provider], str]:
         size = pagination.page_size(page_size)
         by: dict[str, discovery_pb2.Provider] = {}
         countries: dict[str, set[str]] = {}
         for name, entry in self.inv.nodes.items():
+            if not visible(entry.node, tenant):
+                continue  # another tenant's pool: not in any count
             p = entry.node.provider
             prov = by.get(p)
             if prov is None:
@@ -140,11 +176,13 @@ class Discovery:
         ordered = [by[p] for p in sorted(by)]
         for prov in ordered:
             prov.country_codes.extend(sorted(countries[prov.provider]))
-        start, end, token = pagination.paginate(len(ordered), page_token, size, "providers")
+        start, end, token = pagination.paginate(len(ordered), page_token, size, f"providers/{tenant}")
         return ordered[start:end], token
 
-    def summarize(self, f: common_pb2.GpuFilter) -> discovery_pb2.SummarizeCapacityResponse:
-        buckets = offers.summarize(self.inv, compile_filter(f))
+    def summarize(
+        self, f: common_pb2.GpuFilter, viewer: str | None = ""
+    ) -> discovery_pb2.SummarizeCapacityResponse:
+        buckets = offers.summarize(self.inv, dataclasses.replace(compile_filter(f), viewer=viewer))
         return discovery_pb2.SummarizeCapacityResponse(
             buckets=buckets,
             total_gpus=sum(b.total_gpus for b in buckets),
@@ -164,6 +202,8 @@ class Discovery:
             )
         queue: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
 
+        shown_names: set[str] = set()  # what the subscriber holds: a removal names only these
+
         def on_change(change: Change) -> None:
             if change.kind in (ChangeKind.NODE, ChangeKind.ALIVE, ChangeKind.ALLOC) and (
                 not provider or change.name.split("/")[1] == provider
@@ -176,6 +216,7 @@ class Discovery:
         stop = asyncio.ensure_future(self.shutdown.wait())
         try:
             for ev in self._snapshot(provider, tenant):
+                shown_names.add(ev.node.name)
                 yield ev
             while True:
                 getter = asyncio.ensure_future(queue.get())
@@ -189,17 +230,23 @@ class Discovery:
                 if not name:
                     while not queue.empty():  # the snapshot covers whatever queued before it
                         queue.get_nowait()
+                    shown_names.clear()
                     for ev in self._snapshot(provider, tenant):
+                        shown_names.add(ev.node.name)
                         yield ev
                     continue
                 view = self._view(name, tenant)
                 if view is None:
+                    if name not in shown_names:
+                        continue  # never shown (another tenant's pool): nothing to remove
+                    shown_names.discard(name)
                     yield WatchEvent(
                         type=WatchEvent.EVENT_TYPE_NODE_REMOVED,
                         node=common_pb2.Node(name=name),
                         revision=revision,
                     )
                 else:
+                    shown_names.add(name)
                     yield WatchEvent(type=WatchEvent.EVENT_TYPE_NODE_CHANGED, node=view, revision=revision)
         finally:
             unsubscribe()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 from collections.abc import AsyncIterator
 
@@ -20,7 +21,7 @@ from control_plane.adapters.index import Change, ChangeKind, Inventory
 from control_plane.adapters.store import EtcdStore, KeyValue, newest_read, put, retry_cas
 from control_plane.app.lease_txns import grant_txn, release_txn
 from control_plane.app.quotas import Quotas
-from control_plane.domain import access, errors, lease_rules, offers, pagination
+from control_plane.domain import access, errors, lease_rules, offers, pagination, pools
 from control_plane.domain.lease_watch import LeaseWatch
 from control_plane.domain.names import parse_lease_name
 from control_plane.domain.placement import place
@@ -179,6 +180,7 @@ class Leases:
         keep_etcd_lease = False
         avoid: set[str] = set()
         req_key = self.keys.request(tenant, spec.request_id).encode() if spec.request_id else None
+        visible_to = dataclasses.replace(spec.filter, viewer=tenant)  # the federation and its own pool
 
         async def attempt(n: int) -> lease_pb2.Lease | None:
             try:
@@ -199,12 +201,17 @@ class Leases:
 
         async def grant(n: int, holds_revision: int) -> lease_pb2.Lease | None:
             nonlocal keep_etcd_lease
-            picks = place(
-                offers.candidates(self.inv, spec.filter, 1),
-                spec.gpu_count,
-                spec.placement,
-                avoid | self.pending if avoid else self.pending,
-            )
+            picks = None
+            mixed = spec.allow_mixed and spec.placement == lease_pb2.PLACEMENT_SPREAD
+            for scope in pools.stages(spec.pool, tenant in self.inv.pools, mixed):
+                picks = place(
+                    offers.candidates(self.inv, dataclasses.replace(visible_to, pool=scope), 1),
+                    spec.gpu_count,
+                    spec.placement,
+                    avoid | self.pending if avoid else self.pending,
+                )
+                if picks is not None:
+                    break
             if picks is None:
                 # A retry of a request that already holds a lease answers with that lease.
                 existing = await self.by_request(tenant, spec.request_id)

@@ -149,9 +149,12 @@ class Nodes:
 
     # -- the stream -----------------------------------------------------------------------------
 
-    async def open(self, first: node_pb2.NodeMessage, provider: str, cert_uris: list[str]) -> NodeSession:
+    async def open(
+        self, first: node_pb2.NodeMessage, provider: str, cert_uris: list[str], pool_tenant: str = ""
+    ) -> NodeSession:
         """A session from the stream's first message, which must be a hello of `provider`;
-        with mTLS on, from a daemon whose certificate (`cert_uris`) names that provider."""
+        with mTLS on, from a daemon whose certificate (`cert_uris`) names that provider. A token
+        private to a tenant (`pool_tenant`) puts the node into that tenant's private pool."""
         if self.trust_domain is not None:
             registration.check_certificate(provider, cert_uris, self.trust_domain)
         if first.WhichOneof("message") != "hello":
@@ -162,7 +165,7 @@ class Nodes:
         registration.validate_hello(hello, provider)
         name = node_name(hello.provider, hello.node_id)
         self.quotas.take_connect(provider, name)
-        await self._register(hello)
+        await self._register(hello, pool_tenant)
         session = NodeSession(
             name,
             hello.provider,
@@ -297,7 +300,7 @@ class Nodes:
 
     # -- registration and health ----------------------------------------------------------------
 
-    async def _register(self, hello: node_pb2.NodeHello) -> None:
+    async def _register(self, hello: node_pb2.NodeHello, pool_tenant: str = "") -> None:
         """Write the node record if the hello changed it, within the provider's node quota.
 
         A new node's record is written with this replica's marker of it, if no other replica
@@ -312,7 +315,7 @@ class Nodes:
 
         def merge(kv: KeyValue | None) -> bytes | None:
             existing = common_pb2.Node.FromString(kv.value) if kv else None
-            record = registration.record_from_hello(hello, existing, now)
+            record = registration.record_from_hello(hello, existing, now, pool_tenant)
             if existing is not None and registration.same_record(existing, record):
                 return None
             return record.SerializeToString()

@@ -56,9 +56,21 @@ class Filter:
     max_price: float = 0.0
     labels: tuple[tuple[str, str], ...] = ()
     include_degraded: bool = False
+    # Whose private pool the caller may see besides the federation: a tenant's name, or None
+    # for an operator (every pool). The default "" sees no private pool: a caller that forgot
+    # to say who it is sees less, never more.
+    viewer: str | None = ""
+    # Within what the viewer sees: "any", only its "own" pool, or only the "federation".
+    pool: str = "any"
 
     def node_matches(self, node: common_pb2.Node) -> tuple[bool, float | None]:
         """Whether the node's place, provider, price and labels pass; with its distance if near."""
+        if not visible(node, self.viewer):
+            return False, None
+        if self.pool != "any" and (self.pool == "own") != (
+            bool(node.pool_tenant) and node.pool_tenant == self.viewer
+        ):
+            return False, None
         loc = node.location
         if self.countries is not None and loc.country_code not in self.countries:
             return False, None
@@ -101,8 +113,16 @@ class Filter:
                 self.max_price,
                 self.labels,
                 self.include_degraded,
+                self.viewer,
+                self.pool,
             )
         )
+
+
+def visible(node: common_pb2.Node, viewer: str | None) -> bool:
+    """A federation node is visible to everyone; a private pool's only to its tenant and to
+    operators (viewer None)."""
+    return not node.pool_tenant or viewer is None or node.pool_tenant == viewer
 
 
 def _codes(values: list[str], field: str) -> frozenset[str]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from control_plane.domain import access, errors
+from control_plane.domain import access, errors, pools
 from control_plane.domain.filters import Filter, compile_filter
 from control_plane.domain.names import lease_name, validate_request_id
 from control_plane.domain.placement import MAX_GANG, Pick
@@ -35,6 +35,8 @@ class CreateSpec:
     placement: int
     ttl_s: int
     access: lease_pb2.AccessRequest = field(default_factory=lease_pb2.AccessRequest)
+    pool: int = 0  # common_pb2.PoolChoice
+    allow_mixed: bool = False
 
 
 def validate_create(req: lease_pb2.CreateLeaseRequest) -> CreateSpec:
@@ -59,7 +61,19 @@ def validate_create(req: lease_pb2.CreateLeaseRequest) -> CreateSpec:
         ttl_s = req.ttl.seconds
     placement = req.placement or lease_pb2.PLACEMENT_SINGLE_NODE
     access.validate_request(req.access)
-    return CreateSpec(req.request_id, req.gpu_count, compile_filter(req.filter), placement, ttl_s, req.access)
+    pools.validate_choice(req.pool)
+    if req.allow_mixed and placement != lease_pb2.PLACEMENT_SPREAD:
+        raise errors.invalid("MIXED_NEEDS_SPREAD", "allow_mixed needs placement SPREAD", field="allow_mixed")
+    return CreateSpec(
+        req.request_id,
+        req.gpu_count,
+        compile_filter(req.filter),
+        placement,
+        ttl_s,
+        req.access,
+        req.pool,
+        req.allow_mixed,
+    )
 
 
 def build_lease(
@@ -95,6 +109,7 @@ def build_lease(
                 model=g.model,
                 location=node.location,
                 price_per_gpu_hour=node.price_per_gpu_hour,
+                pool=pools.kind_of(node.pool_tenant, tenant),
             )
     lease.price_per_hour = round(sum(g.price_per_gpu_hour for g in lease.gpus), 6)
     lease.currency_code = currency or "USD"

@@ -155,6 +155,8 @@ def base_offer(c: Candidate) -> discovery_pb2.Offer:
         currency_code=node.currency_code,
         health=worst,
         labels=dict(node.labels),
+        # Only the pool's tenant (and operators) ever get an offer of a pool node.
+        pool=common_pb2.POOL_KIND_OWN if node.pool_tenant else common_pb2.POOL_KIND_FEDERATION,
     )
     return offer
 

@@ -174,7 +174,10 @@ def check_certificate(provider: str, uris: list[str], trust_domain: str) -> None
 
 
 def record_from_hello(
-    hello: node_pb2.NodeHello, existing: common_pb2.Node | None, now: timestamp_pb2.Timestamp
+    hello: node_pb2.NodeHello,
+    existing: common_pb2.Node | None,
+    now: timestamp_pb2.Timestamp,
+    pool_tenant: str = "",
 ) -> common_pb2.Node:
     """The node record after this hello: the daemon's view of inventory and health (a restarted
     daemon that shows a clean GPU is how health recovers), the operator's state kept."""
@@ -190,6 +193,7 @@ def record_from_hello(
         driver_version=hello.driver_version,
         cuda_driver_version=hello.cuda_driver_version,
         lease_hook=hello.lease_hook,
+        pool_tenant=pool_tenant,  # from the token, never from the hello
     )
     for g in hello.gpus:
         gpu = node.gpus.add()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from google.protobuf import timestamp_pb2
 
-from gpufed.v1 import admin_pb2, lease_pb2
+from gpufed.v1 import admin_pb2, common_pb2, lease_pb2
 
 
 def usage_records(lease: lease_pb2.Lease, end: timestamp_pb2.Timestamp) -> list[admin_pb2.UsageRecord]:
@@ -31,6 +31,9 @@ def usage_records(lease: lease_pb2.Lease, end: timestamp_pb2.Timestamp) -> list[
                 quoted_cost=round(sum(g.price_per_gpu_hour for g in gpus) * seconds / 3600.0, 6),
                 currency_code=lease.currency_code,
                 end_reason=lease.end_reason,
+                pool=common_pb2.POOL_KIND_OWN
+                if all(g.pool == common_pb2.POOL_KIND_OWN for g in gpus)
+                else common_pb2.POOL_KIND_FEDERATION,
             )
         )
     return out

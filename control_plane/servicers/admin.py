@@ -54,7 +54,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def CreateToken(
         self, request: admin_pb2.CreateTokenRequest, context: Ctx
     ) -> admin_pb2.CreateTokenResponse:
-        token, secret = await self.admin.create_token(request.kind, request.principal)
+        token, secret = await self.admin.create_token(request.kind, request.principal, request.private_to)
         return admin_pb2.CreateTokenResponse(token=token, secret=secret)
 
     async def ListTokens(

@@ -15,7 +15,8 @@ Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
 def _tenant() -> str | None:
-    """The tenant whose view this is; None for an operator (who sees which lease holds a GPU)."""
+    """The tenant whose view this is (its own leases, its own private pool); None for an
+    operator, who sees every pool and which lease holds a GPU."""
     p = auth.current_principal()
     return p.name if p.kind == auth.Kind.TENANT else None
 
@@ -27,7 +28,7 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
     async def SearchOffers(
         self, request: discovery_pb2.SearchOffersRequest, context: Ctx
     ) -> discovery_pb2.SearchOffersResponse:
-        return self.discovery.search(request)
+        return self.discovery.search(request, _tenant())
 
     async def GetNode(
         self, request: discovery_pb2.GetNodeRequest, context: Ctx
@@ -46,7 +47,7 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
         self, request: discovery_pb2.ListProvidersRequest, context: Ctx
     ) -> discovery_pb2.ListProvidersResponse:
         revision = self.discovery.inv.revision
-        providers, token = self.discovery.list_providers(request.page_size, request.page_token)
+        providers, token = self.discovery.list_providers(request.page_size, request.page_token, _tenant())
         return discovery_pb2.ListProvidersResponse(
             providers=providers, next_page_token=token, revision=revision
         )
@@ -54,7 +55,7 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
     async def SummarizeCapacity(
         self, request: discovery_pb2.SummarizeCapacityRequest, context: Ctx
     ) -> discovery_pb2.SummarizeCapacityResponse:
-        return self.discovery.summarize(request.filter)
+        return self.discovery.summarize(request.filter, _tenant())
 
     async def WatchCapacity(
         self, request: discovery_pb2.WatchCapacityRequest, context: Ctx

@@ -26,6 +26,6 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         first = await anext(aiter(request_iterator), None)
         if first is None:
             return
-        session = await self.nodes.open(first, p.name, peer_spiffe_ids(context.auth_context()))
+        session = await self.nodes.open(first, p.name, peer_spiffe_ids(context.auth_context()), p.private_to)
         async for msg in self.nodes.serve(session, request_iterator):
             yield msg

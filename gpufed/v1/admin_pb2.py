@@ -28,15 +28,15 @@ from gpufed.v1 import common_pb2 as gpufed_dot_v1_dot_common__pb2
 from gpufed.v1 import lease_pb2 as gpufed_dot_v1_dot_lease__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15gpufed/v1/admin.proto\x12\tgpufed.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16gpufed/v1/common.proto\x1a\x15gpufed/v1/lease.proto\"1\n\x11\x43ordonNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"3\n\x12\x43ordonNodeResponse\x12\x1d\n\x04node\x18\x01 \x01(\x0b\x32\x0f.gpufed.v1.Node\"#\n\x13UncordonNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"5\n\x14UncordonNodeResponse\x12\x1d\n\x04node\x18\x01 \x01(\x0b\x32\x0f.gpufed.v1.Node\"Z\n\x10\x44rainNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x05grace\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x03 \x01(\t\"2\n\x11\x44rainNodeResponse\x12\x1d\n\x04node\x18\x01 \x01(\x0b\x32\x0f.gpufed.v1.Node\"2\n\x12RevokeLeaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x13RevokeLeaseResponse\x12\x1f\n\x05lease\x18\x01 \x01(\x0b\x32\x10.gpufed.v1.Lease\"\xbe\x02\n\x0bUsageRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05lease\x18\x02 \x01(\t\x12\x10\n\x08provider\x18\x03 \x01(\t\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\"\n\x04gpus\x18\x05 \x03(\x0b\x32\x14.gpufed.v1.LeasedGpu\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bgpu_seconds\x18\x08 \x01(\x01\x12\x13\n\x0bquoted_cost\x18\t \x01(\x01\x12\x15\n\rcurrency_code\x18\n \x01(\t\x12-\n\nend_reason\x18\x0b \x01(\x0e\x32\x19.gpufed.v1.LeaseEndReason\"\xc0\x01\n\x17ListUsageRecordsRequest\x12\x10\n\x08provider\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\x12\x0e\n\x06tenant\x18\x06 \x01(\t\"b\n\x18ListUsageRecordsResponse\x12-\n\rusage_records\x18\x01 \x03(\x0b\x32\x16.gpufed.v1.UsageRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"}\n\x05Token\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.gpufed.v1.TokenKind\x12\x11\n\tprincipal\x18\x03 \x01(\t\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"K\n\x12\x43reateTokenRequest\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.gpufed.v1.TokenKind\x12\x11\n\tprincipal\x18\x02 \x01(\t\"F\n\x13\x43reateTokenResponse\x12\x1f\n\x05token\x18\x01 \x01(\x0b\x32\x10.gpufed.v1.Token\x12\x0e\n\x06secret\x18\x02 \x01(\t\"\x13\n\x11ListTokensRequest\"6\n\x12ListTokensResponse\x12 \n\x06tokens\x18\x01 \x03(\x0b\x32\x10.gpufed.v1.Token\"\"\n\x12\x44\x65leteTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteTokenResponse\"\x87\x01\n\x0bTenantQuota\x12\x10\n\x08max_gpus\x18\x01 \x01(\r\x12\x12\n\nmax_leases\x18\x02 \x01(\r\x12 \n\x18\x63reate_leases_per_second\x18\x03 \x01(\x01\x12\x1b\n\x13\x63reate_leases_burst\x18\x04 \x01(\r\x12\x13\n\x0bmax_streams\x18\x05 \x01(\r\"\x8c\x01\n\rProviderQuota\x12\x11\n\tmax_nodes\x18\x01 \x01(\r\x12\x19\n\x11max_gpus_per_node\x18\x02 \x01(\r\x12\x1a\n\x12reports_per_second\x18\x03 \x01(\x01\x12\x14\n\x0creport_burst\x18\x04 \x01(\r\x12\x1b\n\x13\x63onnects_per_minute\x18\x05 \x01(\r\"\x9a\x01\n\x05Quota\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x06tenant\x18\x02 \x01(\x0b\x32\x16.gpufed.v1.TenantQuota\x12*\n\x08provider\x18\x03 \x01(\x0b\x32\x18.gpufed.v1.ProviderQuota\x12/\n\x0bupdate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"2\n\x0fSetQuotaRequest\x12\x1f\n\x05quota\x18\x01 \x01(\x0b\x32\x10.gpufed.v1.Quota\"3\n\x10SetQuotaResponse\x12\x1f\n\x05quota\x18\x01 \x01(\x0b\x32\x10.gpufed.v1.Quota\"\x1f\n\x0fGetQuotaRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"l\n\x10GetQuotaResponse\x12\x1f\n\x05quota\x18\x01 \x01(\x0b\x32\x10.gpufed.v1.Quota\x12\x15\n\ractive_leases\x18\x02 \x01(\r\x12\x11\n\theld_gpus\x18\x03 \x01(\r\x12\r\n\x05nodes\x18\x04 \x01(\r*m\n\tTokenKind\x12\x1a\n\x16TOKEN_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11TOKEN_KIND_TENANT\x10\x01\x12\x17\n\x13TOKEN_KIND_PROVIDER\x10\x02\x12\x14\n\x10TOKEN_KIND_ADMIN\x10\x03\x32\x8e\x06\n\x0c\x41\x64minService\x12I\n\nCordonNode\x12\x1c.gpufed.v1.CordonNodeRequest\x1a\x1d.gpufed.v1.CordonNodeResponse\x12O\n\x0cUncordonNode\x12\x1e.gpufed.v1.UncordonNodeRequest\x1a\x1f.gpufed.v1.UncordonNodeResponse\x12\x46\n\tDrainNode\x12\x1b.gpufed.v1.DrainNodeRequest\x1a\x1c.gpufed.v1.DrainNodeResponse\x12L\n\x0bRevokeLease\x12\x1d.gpufed.v1.RevokeLeaseRequest\x1a\x1e.gpufed.v1.RevokeLeaseResponse\x12[\n\x10ListUsageRecords\x12\".gpufed.v1.ListUsageRecordsRequest\x1a#.gpufed.v1.ListUsageRecordsResponse\x12L\n\x0b\x43reateToken\x12\x1d.gpufed.v1.CreateTokenRequest\x1a\x1e.gpufed.v1.CreateTokenResponse\x12I\n\nListTokens\x12\x1c.gpufed.v1.ListTokensRequest\x1a\x1d.gpufed.v1.ListTokensResponse\x12L\n\x0b\x44\x65leteToken\x12\x1d.gpufed.v1.DeleteTokenRequest\x1a\x1e.gpufed.v1.DeleteTokenResponse\x12\x43\n\x08SetQuota\x12\x1a.gpufed.v1.SetQuotaRequest\x1a\x1b.gpufed.v1.SetQuotaResponse\x12\x43\n\x08GetQuota\x12\x1a.gpufed.v1.GetQuotaRequest\x1a\x1b.gpufed.v1.GetQuotaResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15gpufed/v1/admin.proto\x12\tgpufed.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16gpufed/v1/common.proto\x1a\x15gpufed/v1/lease.proto\"1\n\x11\x43ordonNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"3\n\x12\x43ordonNodeResponse\x12\x1d\n\x04node\x18\x01 \x01(\x0b\x32\x0f.gpufed.v1.Node\"#\n\x13UncordonNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"5\n\x14UncordonNodeResponse\x12\x1d\n\x04node\x18\x01 \x01(\x0b\x32\x0f.gpufed.v1.Node\"Z\n\x10\x44rainNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x05grace\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x03 \x01(\t\"2\n\x11\x44rainNodeResponse\x12\x1d\n\x04node\x18\x01 \x01(\x0b\x32\x0f.gpufed.v1.Node\"2\n\x12RevokeLeaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x13RevokeLeaseResponse\x12\x1f\n\x05lease\x18\x01 \x01(\x0b\x32\x10.gpufed.v1.Lease\"\xe1\x02\n\x0bUsageRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05lease\x18\x02 \x01(\t\x12\x10\n\x08provider\x18\x03 \x01(\t\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\"\n\x04gpus\x18\x05 \x03(\x0b\x32\x14.gpufed.v1.LeasedGpu\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bgpu_seconds\x18\x08 \x01(\x01\x12\x13\n\x0bquoted_cost\x18\t \x01(\x01\x12\x15\n\rcurrency_code\x18\n \x01(\t\x12-\n\nend_reason\x18\x0b \x01(\x0e\x32\x19.gpufed.v1.LeaseEndReason\x12!\n\x04pool\x18\x0c \x01(\x0e\x32\x13.gpufed.v1.PoolKind\"\xc0\x01\n\x17ListUsageRecordsRequest\x12\x10\n\x08provider\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\x12\x0e\n\x06tenant\x18\x06 \x01(\t\"b\n\x18ListUsageRecordsResponse\x12-\n\rusage_records\x18\x01 \x03(\x0b\x32\x16.gpufed.v1.UsageRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x91\x01\n\x05Token\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.gpufed.v1.TokenKind\x12\x11\n\tprincipal\x18\x03 \x01(\t\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nprivate_to\x18\x05 \x01(\t\"_\n\x12\x43reateTokenRequest\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.gpufed.v1.TokenKind\x12\x11\n\tprincipal\x18\x02 \x01(\t\x12\x12\n\nprivate_to\x18\x03 \x01(\t\"F\n\x13\x43reateTokenResponse\x12\x1f\n\x05token\x18\x01 \x01(\x0b\x32\x10.gpufed.v1.Token\x12\x0e\n\x06secret\x18\x02 \x01(\t\"\x13\n\x11ListTokensRequest\"6\n\x12ListTokensResponse\x12 \n\x06tokens\x18\x01 \x03(\x0b\x32\x10.gpufed.v1.Token\"\"\n\x12\x44\x65leteTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteTokenResponse\"\x87\x01\n\x0bTenantQuota\x12\x10\n\x08max_gpus\x18\x01 \x01(\r\x12\x12\n\nmax_leases\x18\x02 \x01(\r\x12 \n\x18\x63reate_leases_per_second\x18\x03 \x01(\x01\x12\x1b\n\x13\x63reate_leases_burst\x18\x04 \x01(\r\x12\x13\n\x0bmax_streams\x18\x05 \x01(\r\"\x8c\x01\n\rProviderQuota\x12\x11\n\tmax_nodes\x18\x01 \x01(\r\x12\x19\n\x11max_gpus_per_node\x18\x02 \x01(\r\x12\x1a\n\x12reports_per_second\x18\x03 \x01(\x01\x12\x14\n\x0creport_burst\x18\x04 \x01(\r\x12\x1b\n\x13\x63onnects_per_minute\x18\x05 \x01(\r\"\x9a\x01\n\x05Quota\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x06tenant\x18\x02 \x01(\x0b\x32\x16.gpufed.v1.TenantQuota\x12*\n\x08provider\x18\x03 \x01(\x0b\x32\x18.gpufed.v1.ProviderQuota\x12/\n\x0bupdate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"2\n\x0fSetQuotaRequest\x12\x1f\n\x05quota\x18\x01 \x01(\x0b\x32\x10.gpufed.v1.Quota\"3\n\x10SetQuotaResponse\x12\x1f\n\x05quota\x18\x01 \x01(\x0b\x32\x10.gpufed.v1.Quota\"\x1f\n\x0fGetQuotaRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"l\n\x10GetQuotaResponse\x12\x1f\n\x05quota\x18\x01 \x01(\x0b\x32\x10.gpufed.v1.Quota\x12\x15\n\ractive_leases\x18\x02 \x01(\r\x12\x11\n\theld_gpus\x18\x03 \x01(\r\x12\r\n\x05nodes\x18\x04 \x01(\r*m\n\tTokenKind\x12\x1a\n\x16TOKEN_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11TOKEN_KIND_TENANT\x10\x01\x12\x17\n\x13TOKEN_KIND_PROVIDER\x10\x02\x12\x14\n\x10TOKEN_KIND_ADMIN\x10\x03\x32\x8e\x06\n\x0c\x41\x64minService\x12I\n\nCordonNode\x12\x1c.gpufed.v1.CordonNodeRequest\x1a\x1d.gpufed.v1.CordonNodeResponse\x12O\n\x0cUncordonNode\x12\x1e.gpufed.v1.UncordonNodeRequest\x1a\x1f.gpufed.v1.UncordonNodeResponse\x12\x46\n\tDrainNode\x12\x1b.gpufed.v1.DrainNodeRequest\x1a\x1c.gpufed.v1.DrainNodeResponse\x12L\n\x0bRevokeLease\x12\x1d.gpufed.v1.RevokeLeaseRequest\x1a\x1e.gpufed.v1.RevokeLeaseResponse\x12[\n\x10ListUsageRecords\x12\".gpufed.v1.ListUsageRecordsRequest\x1a#.gpufed.v1.ListUsageRecordsResponse\x12L\n\x0b\x43reateToken\x12\x1d.gpufed.v1.CreateTokenRequest\x1a\x1e.gpufed.v1.CreateTokenResponse\x12I\n\nListTokens\x12\x1c.gpufed.v1.ListTokensRequest\x1a\x1d.gpufed.v1.ListTokensResponse\x12L\n\x0b\x44\x65leteToken\x12\x1d.gpufed.v1.DeleteTokenRequest\x1a\x1e.gpufed.v1.DeleteTokenResponse\x12\x43\n\x08SetQuota\x12\x1a.gpufed.v1.SetQuotaRequest\x1a\x1b.gpufed.v1.SetQuotaResponse\x12\x43\n\x08GetQuota\x12\x1a.gpufed.v1.GetQuotaRequest\x1a\x1b.gpufed.v1.GetQuotaResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gpufed.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOKENKIND']._serialized_start=2310
-  _globals['_TOKENKIND']._serialized_end=2419
+  _globals['_TOKENKIND']._serialized_start=2386
+  _globals['_TOKENKIND']._serialized_end=2495
   _globals['_CORDONNODEREQUEST']._serialized_start=148
   _globals['_CORDONNODEREQUEST']._serialized_end=197
   _globals['_CORDONNODERESPONSE']._serialized_start=199
@@ -54,39 +54,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REVOKELEASERESPONSE']._serialized_start=540
   _globals['_REVOKELEASERESPONSE']._serialized_end=594
   _globals['_USAGERECORD']._serialized_start=597
-  _globals['_USAGERECORD']._serialized_end=915
-  _globals['_LISTUSAGERECORDSREQUEST']._serialized_start=918
-  _globals['_LISTUSAGERECORDSREQUEST']._serialized_end=1110
-  _globals['_LISTUSAGERECORDSRESPONSE']._serialized_start=1112
-  _globals['_LISTUSAGERECORDSRESPONSE']._serialized_end=1210
-  _globals['_TOKEN']._serialized_start=1212
-  _globals['_TOKEN']._serialized_end=1337
-  _globals['_CREATETOKENREQUEST']._serialized_start=1339
-  _globals['_CREATETOKENREQUEST']._serialized_end=1414
-  _globals['_CREATETOKENRESPONSE']._serialized_start=1416
-  _globals['_CREATETOKENRESPONSE']._serialized_end=1486
-  _globals['_LISTTOKENSREQUEST']._serialized_start=1488
-  _globals['_LISTTOKENSREQUEST']._serialized_end=1507
-  _globals['_LISTTOKENSRESPONSE']._serialized_start=1509
-  _globals['_LISTTOKENSRESPONSE']._serialized_end=1563
-  _globals['_DELETETOKENREQUEST']._serialized_start=1565
-  _globals['_DELETETOKENREQUEST']._serialized_end=1599
-  _globals['_DELETETOKENRESPONSE']._serialized_start=1601
-  _globals['_DELETETOKENRESPONSE']._serialized_end=1622
-  _globals['_TENANTQUOTA']._serialized_start=1625
-  _globals['_TENANTQUOTA']._serialized_end=1760
-  _globals['_PROVIDERQUOTA']._serialized_start=1763
-  _globals['_PROVIDERQUOTA']._serialized_end=1903
-  _globals['_QUOTA']._serialized_start=1906
-  _globals['_QUOTA']._serialized_end=2060
-  _globals['_SETQUOTAREQUEST']._serialized_start=2062
-  _globals['_SETQUOTAREQUEST']._serialized_end=2112
-  _globals['_SETQUOTARESPONSE']._serialized_start=2114
-  _globals['_SETQUOTARESPONSE']._serialized_end=2165
-  _globals['_GETQUOTAREQUEST']._serialized_start=2167
-  _globals['_GETQUOTAREQUEST']._serialized_end=2198
-  _globals['_GETQUOTARESPONSE']._serialized_start=2200
-  _globals['_GETQUOTARESPONSE']._serialized_end=2308
-  _globals['_ADMINSERVICE']._serialized_start=2422
-  _globals['_ADMINSERVICE']._serialized_end=3204
+  _globals['_USAGERECORD']._serialized_end=950
+  _globals['_LISTUSAGERECORDSREQUEST']._serialized_start=953
+  _globals['_LISTUSAGERECORDSREQUEST']._serialized_end=1145
+  _globals['_LISTUSAGERECORDSRESPONSE']._serialized_start=1147
+  _globals['_LISTUSAGERECORDSRESPONSE']._serialized_end=1245
+  _globals['_TOKEN']._serialized_start=1248
+  _globals['_TOKEN']._serialized_end=1393
+  _globals['_CREATETOKENREQUEST']._serialized_start=1395
+  _globals['_CREATETOKENREQUEST']._serialized_end=1490
+  _globals['_CREATETOKENRESPONSE']._serialized_start=1492
+  _globals['_CREATETOKENRESPONSE']._serialized_end=1562
+  _globals['_LISTTOKENSREQUEST']._serialized_start=1564
+  _globals['_LISTTOKENSREQUEST']._serialized_end=1583
+  _globals['_LISTTOKENSRESPONSE']._serialized_start=1585
+  _globals['_LISTTOKENSRESPONSE']._serialized_end=1639
+  _globals['_DELETETOKENREQUEST']._serialized_start=1641
+  _globals['_DELETETOKENREQUEST']._serialized_end=1675
+  _globals['_DELETETOKENRESPONSE']._serialized_start=1677
+  _globals['_DELETETOKENRESPONSE']._serialized_end=1698
+  _globals['_TENANTQUOTA']._serialized_start=1701
+  _globals['_TENANTQUOTA']._serialized_end=1836
+  _globals['_PROVIDERQUOTA']._serialized_start=1839
+  _globals['_PROVIDERQUOTA']._serialized_end=1979
+  _globals['_QUOTA']._serialized_start=1982
+  _globals['_QUOTA']._serialized_end=2136
+  _globals['_SETQUOTAREQUEST']._serialized_start=2138
+  _globals['_SETQUOTAREQUEST']._serialized_end=2188
+  _globals['_SETQUOTARESPONSE']._serialized_start=2190
+  _globals['_SETQUOTARESPONSE']._serialized_end=2241
+  _globals['_GETQUOTAREQUEST']._serialized_start=2243
+  _globals['_GETQUOTAREQUEST']._serialized_end=2274
+  _globals['_GETQUOTARESPONSE']._serialized_start=2276
+  _globals['_GETQUOTARESPONSE']._serialized_end=2384
+  _globals['_ADMINSERVICE']._serialized_start=2498
+  _globals['_ADMINSERVICE']._serialized_end=3280
 # @@protoc_insertion_point(module_scope)

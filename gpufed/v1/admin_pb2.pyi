@@ -234,6 +234,7 @@ class UsageRecord(_message.Message):
     QUOTED_COST_FIELD_NUMBER: _builtins.int
     CURRENCY_CODE_FIELD_NUMBER: _builtins.int
     END_REASON_FIELD_NUMBER: _builtins.int
+    POOL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     lease: _builtins.str
     provider: _builtins.str
@@ -244,6 +245,8 @@ class UsageRecord(_message.Message):
     """Quoted cost: sum over GPUs of price_per_gpu_hour * seconds / 3600."""
     currency_code: _builtins.str
     end_reason: _lease_pb2.LeaseEndReason.ValueType
+    pool: _common_pb2.PoolKind.ValueType
+    """OWN when every GPU of the record is from the tenant's private pool, else FEDERATION."""
     @_builtins.property
     def gpus(self) -> _containers.RepeatedCompositeFieldContainer[_lease_pb2.LeasedGpu]: ...
     @_builtins.property
@@ -274,10 +277,11 @@ class UsageRecord(_message.Message):
         quoted_cost: _builtins.float = ...,
         currency_code: _builtins.str = ...,
         end_reason: _lease_pb2.LeaseEndReason.ValueType = ...,
+        pool: _common_pb2.PoolKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency_code", b"currency_code", "end_reason", b"end_reason", "end_time", b"end_time", "gpu_seconds", b"gpu_seconds", "gpus", b"gpus", "lease", b"lease", "name", b"name", "provider", b"provider", "quoted_cost", b"quoted_cost", "start_time", b"start_time", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency_code", b"currency_code", "end_reason", b"end_reason", "end_time", b"end_time", "gpu_seconds", b"gpu_seconds", "gpus", b"gpus", "lease", b"lease", "name", b"name", "pool", b"pool", "provider", b"provider", "quoted_cost", b"quoted_cost", "start_time", b"start_time", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -358,10 +362,13 @@ class Token(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     PRINCIPAL_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    PRIVATE_TO_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     kind: Global___TokenKind.ValueType
     principal: _builtins.str
     """The tenant, provider or operator name the token acts as."""
+    private_to: _builtins.str
+    """A provider token bound to a tenant: the nodes it registers form that tenant's private pool."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -371,10 +378,11 @@ class Token(_message.Message):
         kind: Global___TokenKind.ValueType = ...,
         principal: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        private_to: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "kind", b"kind", "name", b"name", "principal", b"principal"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "kind", b"kind", "name", b"name", "principal", b"principal", "private_to", b"private_to"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -386,18 +394,26 @@ class CreateTokenRequest(_message.Message):
 
     KIND_FIELD_NUMBER: _builtins.int
     PRINCIPAL_FIELD_NUMBER: _builtins.int
+    PRIVATE_TO_FIELD_NUMBER: _builtins.int
     kind: Global___TokenKind.ValueType
     principal: _builtins.str
     """[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"""
+    private_to: _builtins.str
+    """Only for PROVIDER tokens: a tenant name (same syntax as principal). The nodes this token
+    registers are that tenant's private pool: visible and leasable by that tenant (and admins)
+    only; no other tenant sees them in any read (INVALID_ARGUMENT PRIVATE_TO_NOT_PROVIDER
+    for another kind).
+    """
     def __init__(
         self,
         *,
         kind: Global___TokenKind.ValueType = ...,
         principal: _builtins.str = ...,
+        private_to: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "principal", b"principal"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "principal", b"principal", "private_to", b"private_to"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -46,6 +46,59 @@ GPU_HEALTH_UNHEALTHY: GpuHealth.ValueType  # 3
 """Not fit for work (fatal XID, double-bit ECC, lost); never offered."""
 Global___GpuHealth: _TypeAlias = GpuHealth  # noqa: Y015
 
+class _PoolChoice:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PoolChoiceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PoolChoice.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    POOL_CHOICE_UNSPECIFIED: _PoolChoice.ValueType  # 0
+    """OWN_FIRST for a tenant with a private pool; FEDERATION_ONLY for one without."""
+    POOL_CHOICE_OWN_ONLY: _PoolChoice.ValueType  # 1
+    """Only the tenant's private pool."""
+    POOL_CHOICE_FEDERATION_ONLY: _PoolChoice.ValueType  # 2
+    """Only federation nodes."""
+    POOL_CHOICE_OWN_FIRST: _PoolChoice.ValueType  # 3
+    """The private pool first; federation capacity only for what the pool cannot hold (burst)."""
+
+class PoolChoice(_PoolChoice, metaclass=_PoolChoiceEnumTypeWrapper):
+    """Lifecycle of a node as every replica sees it.
+    Which capacity a tenant's search or lease may use. A tenant without a private pool has only
+    the federation, whatever it asks (OWN_ONLY finds nothing).
+    """
+
+POOL_CHOICE_UNSPECIFIED: PoolChoice.ValueType  # 0
+"""OWN_FIRST for a tenant with a private pool; FEDERATION_ONLY for one without."""
+POOL_CHOICE_OWN_ONLY: PoolChoice.ValueType  # 1
+"""Only the tenant's private pool."""
+POOL_CHOICE_FEDERATION_ONLY: PoolChoice.ValueType  # 2
+"""Only federation nodes."""
+POOL_CHOICE_OWN_FIRST: PoolChoice.ValueType  # 3
+"""The private pool first; federation capacity only for what the pool cannot hold (burst)."""
+Global___PoolChoice: _TypeAlias = PoolChoice  # noqa: Y015
+
+class _PoolKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PoolKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PoolKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    POOL_KIND_UNSPECIFIED: _PoolKind.ValueType  # 0
+    POOL_KIND_OWN: _PoolKind.ValueType  # 1
+    """The tenant's own private pool."""
+    POOL_KIND_FEDERATION: _PoolKind.ValueType  # 2
+    """A provider of the federation."""
+
+class PoolKind(_PoolKind, metaclass=_PoolKindEnumTypeWrapper):
+    """Where a GPU comes from, as its tenant sees it."""
+
+POOL_KIND_UNSPECIFIED: PoolKind.ValueType  # 0
+POOL_KIND_OWN: PoolKind.ValueType  # 1
+"""The tenant's own private pool."""
+POOL_KIND_FEDERATION: PoolKind.ValueType  # 2
+"""A provider of the federation."""
+Global___PoolKind: _TypeAlias = PoolKind  # noqa: Y015
+
 class _NodeState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -62,8 +115,7 @@ class _NodeStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NodeState.V
     NODE_STATE_DRAINING: _NodeState.ValueType  # 4
     """Closed to new leases; existing leases end at the drain deadline."""
 
-class NodeState(_NodeState, metaclass=_NodeStateEnumTypeWrapper):
-    """Lifecycle of a node as every replica sees it."""
+class NodeState(_NodeState, metaclass=_NodeStateEnumTypeWrapper): ...
 
 NODE_STATE_UNSPECIFIED: NodeState.ValueType  # 0
 NODE_STATE_READY: NodeState.ValueType  # 1
@@ -237,6 +289,7 @@ class Node(_message.Message):
     DRAIN_DEADLINE_FIELD_NUMBER: _builtins.int
     STATE_REASON_FIELD_NUMBER: _builtins.int
     LEASE_HOOK_FIELD_NUMBER: _builtins.int
+    POOL_TENANT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     provider: _builtins.str
     node_id: _builtins.str
@@ -256,6 +309,10 @@ class Node(_message.Message):
     """Operator's reason for cordon or drain."""
     lease_hook: _builtins.bool
     """Output only: the daemon hands leases to a provider hook (NodeHello.lease_hook)."""
+    pool_tenant: _builtins.str
+    """Output only: the tenant whose private pool the node is in (its provider token is private to
+    that tenant), empty for a federation node. Only that tenant and admins ever see the node.
+    """
     @_builtins.property
     def location(self) -> Global___Location: ...
     @_builtins.property
@@ -292,10 +349,11 @@ class Node(_message.Message):
         drain_deadline: _timestamp_pb2.Timestamp | None = ...,
         state_reason: _builtins.str = ...,
         lease_hook: _builtins.bool = ...,
+        pool_tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["drain_deadline", b"drain_deadline", "location", b"location", "register_time", b"register_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cuda_driver_version", b"cuda_driver_version", "currency_code", b"currency_code", "daemon_version", b"daemon_version", "drain_deadline", b"drain_deadline", "driver_version", b"driver_version", "free_gpu_count", b"free_gpu_count", "gpus", b"gpus", "labels", b"labels", "lease_hook", b"lease_hook", "location", b"location", "name", b"name", "node_id", b"node_id", "price_per_gpu_hour", b"price_per_gpu_hour", "provider", b"provider", "register_time", b"register_time", "replica", b"replica", "state", b"state", "state_reason", b"state_reason", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cuda_driver_version", b"cuda_driver_version", "currency_code", b"currency_code", "daemon_version", b"daemon_version", "drain_deadline", b"drain_deadline", "driver_version", b"driver_version", "free_gpu_count", b"free_gpu_count", "gpus", b"gpus", "labels", b"labels", "lease_hook", b"lease_hook", "location", b"location", "name", b"name", "node_id", b"node_id", "pool_tenant", b"pool_tenant", "price_per_gpu_hour", b"price_per_gpu_hour", "provider", b"provider", "register_time", b"register_time", "replica", b"replica", "state", b"state", "state_reason", b"state_reason", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -54,6 +54,7 @@ class SearchOffersRequest(_message.Message):
     ORDER_BY_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    POOL_FIELD_NUMBER: _builtins.int
     min_free_gpus: _builtins.int
     """Only nodes with at least this many matching free GPUs."""
     order_by: Global___OfferOrder.ValueType
@@ -62,6 +63,10 @@ class SearchOffersRequest(_message.Message):
     """0..1000; 0 means 50."""
     page_token: _builtins.str
     """next_page_token of the previous page of the same query; at most 512 characters."""
+    pool: _common_pb2.PoolChoice.ValueType
+    """A known PoolChoice value. OWN_FIRST lists the private pool's offers (in `order_by`) before
+    the federation's.
+    """
     @_builtins.property
     def filter(self) -> _common_pb2.GpuFilter:
         """At most 16 KiB serialized (FILTER_TOO_LARGE); see GpuFilter for each field's bound."""
@@ -74,10 +79,11 @@ class SearchOffersRequest(_message.Message):
         order_by: Global___OfferOrder.ValueType = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        pool: _common_pb2.PoolChoice.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "min_free_gpus", b"min_free_gpus", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "min_free_gpus", b"min_free_gpus", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token", "pool", b"pool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -122,6 +128,7 @@ class Offer(_message.Message):
     DISTANCE_KM_FIELD_NUMBER: _builtins.int
     HEALTH_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    POOL_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     provider: _builtins.str
     node_id: _builtins.str
@@ -134,6 +141,8 @@ class Offer(_message.Message):
     """Set when the search has `near`."""
     health: _common_pb2.GpuHealth.ValueType
     """The worst health among the offered GPUs."""
+    pool: _common_pb2.PoolKind.ValueType
+    """OWN for the caller's private pool, else FEDERATION."""
     @_builtins.property
     def location(self) -> _common_pb2.Location: ...
     @_builtins.property
@@ -156,10 +165,11 @@ class Offer(_message.Message):
         distance_km: _builtins.float | None = ...,
         health: _common_pb2.GpuHealth.ValueType = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        pool: _common_pb2.PoolKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_distance_km", b"_distance_km", "distance_km", b"distance_km", "location", b"location"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_distance_km", b"_distance_km", "currency_code", b"currency_code", "distance_km", b"distance_km", "free_gpus", b"free_gpus", "gpu_memory_bytes", b"gpu_memory_bytes", "gpu_model", b"gpu_model", "gpu_uuids", b"gpu_uuids", "health", b"health", "labels", b"labels", "location", b"location", "node", b"node", "node_id", b"node_id", "price_per_gpu_hour", b"price_per_gpu_hour", "provider", b"provider"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_distance_km", b"_distance_km", "currency_code", b"currency_code", "distance_km", b"distance_km", "free_gpus", b"free_gpus", "gpu_memory_bytes", b"gpu_memory_bytes", "gpu_model", b"gpu_model", "gpu_uuids", b"gpu_uuids", "health", b"health", "labels", b"labels", "location", b"location", "node", b"node", "node_id", b"node_id", "pool", b"pool", "price_per_gpu_hour", b"price_per_gpu_hour", "provider", b"provider"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__distance_km: _TypeAlias = _typing.Literal["distance_km"]  # noqa: Y015
     _WhichOneofArgType__distance_km: _TypeAlias = _typing.Literal["_distance_km", b"_distance_km"]  # noqa: Y015

@@ -219,6 +219,7 @@ class LeasedGpu(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     LOCATION_FIELD_NUMBER: _builtins.int
     PRICE_PER_GPU_HOUR_FIELD_NUMBER: _builtins.int
+    POOL_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     provider: _builtins.str
     node_id: _builtins.str
@@ -226,6 +227,9 @@ class LeasedGpu(_message.Message):
     index: _builtins.int
     model: _builtins.str
     price_per_gpu_hour: _builtins.float
+    """For an own-pool GPU the pool's internal price (its daemon's, default 0)."""
+    pool: _common_pb2.PoolKind.ValueType
+    """OWN (the tenant's private pool) or FEDERATION."""
     @_builtins.property
     def location(self) -> _common_pb2.Location: ...
     def __init__(
@@ -239,10 +243,11 @@ class LeasedGpu(_message.Message):
         model: _builtins.str = ...,
         location: _common_pb2.Location | None = ...,
         price_per_gpu_hour: _builtins.float = ...,
+        pool: _common_pb2.PoolKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["location", b"location"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "location", b"location", "model", b"model", "node", b"node", "node_id", b"node_id", "price_per_gpu_hour", b"price_per_gpu_hour", "provider", b"provider", "uuid", b"uuid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "location", b"location", "model", b"model", "node", b"node", "node_id", b"node_id", "pool", b"pool", "price_per_gpu_hour", b"price_per_gpu_hour", "provider", b"provider", "uuid", b"uuid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -363,6 +368,8 @@ class CreateLeaseRequest(_message.Message):
     PLACEMENT_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
     ACCESS_FIELD_NUMBER: _builtins.int
+    POOL_FIELD_NUMBER: _builtins.int
+    ALLOW_MIXED_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Optional client-chosen idempotency key, 1..128 characters of [A-Za-z0-9._:-] (empty: the
     request is not idempotent).
@@ -371,6 +378,13 @@ class CreateLeaseRequest(_message.Message):
     """1..64 (also at most the tenant's QUOTA_GPUS headroom)."""
     placement: Global___Placement.ValueType
     """A known Placement value (unknown values are INVALID_ARGUMENT)."""
+    pool: _common_pb2.PoolChoice.ValueType
+    """A known PoolChoice value. OWN_ONLY with the pool full is FAILED_PRECONDITION
+    (NO_MATCHING_CAPACITY); OWN_FIRST takes federation GPUs only when the pool cannot hold the
+    whole lease.
+    """
+    allow_mixed: _builtins.bool
+    """SPREAD only: one lease may combine own-pool and federation GPUs (else all come from one)."""
     @_builtins.property
     def filter(self) -> _common_pb2.GpuFilter:
         """Bounds as in SearchOffersRequest.filter."""
@@ -394,10 +408,12 @@ class CreateLeaseRequest(_message.Message):
         placement: Global___Placement.ValueType = ...,
         ttl: _duration_pb2.Duration | None = ...,
         access: Global___AccessRequest | None = ...,
+        pool: _common_pb2.PoolChoice.ValueType = ...,
+        allow_mixed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "filter", b"filter", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "filter", b"filter", "gpu_count", b"gpu_count", "placement", b"placement", "request_id", b"request_id", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "allow_mixed", b"allow_mixed", "filter", b"filter", "gpu_count", b"gpu_count", "placement", b"placement", "pool", b"pool", "request_id", b"request_id", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
