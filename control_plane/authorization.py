@@ -64,6 +64,8 @@ TABLE: dict[str, Rule] = {
     "AdminService.DeleteToken": _rule("any token", A),
     "AdminService.SetQuota": _rule("any tenant or provider", A),
     "AdminService.GetQuota": _rule("a tenant or provider: its own; an admin: any", T, P, A),
+    "AdminService.SetBurstPolicy": _rule("a tenant: its own; an admin: any", T, A),
+    "AdminService.GetBurstPolicy": _rule("a tenant: its own; an admin: any", T, A),
     "PeerService.ForwardNodeTelemetry": _rule("telemetry of nodes streaming to this replica", R, A),
 }
 
@@ -81,7 +83,11 @@ PRIVILEGED = frozenset(
 )
 # Every call of these is audited too, besides denials: grants and releases. (Expiries are
 # audited by the leader, which sees them; see control_plane.app.leader.)
-AUDITED = PRIVILEGED | {"LeaseService.CreateLease", "LeaseService.ReleaseLease"}
+AUDITED = PRIVILEGED | {
+    "LeaseService.CreateLease",
+    "LeaseService.ReleaseLease",
+    "AdminService.SetBurstPolicy",
+}
 
 
 def authorize(method: str, principal: Principal) -> None:

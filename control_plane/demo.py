@@ -44,6 +44,13 @@ NODES = [
     DemoNode("atlantic-ai", "ca-mtl-1", "CA", "ca-east", 45.50, -73.57, "a100-mig", 1.20),
 ]
 PROVIDERS = sorted({n.provider for n in NODES})
+# Tenant "acme" owns two hosts: its private pool, which no other tenant sees; its leases fill
+# them first and burst into the federation when they are full. Internal price 0.
+POOL_TENANT = "acme"
+POOL = [
+    DemoNode("acme-own", "acme-gpu-1", "DE", "eu-central", 50.11, 8.68, "l40s-4", 0.0),
+    DemoNode("acme-own", "acme-gpu-2", "DE", "eu-central", 50.11, 8.68, "l40s-4", 0.0),
+]
 
 
 def _etcd_binary() -> str:
@@ -137,8 +144,11 @@ class Demo:
 
         with Client(endpoint, a.admin_token, insecure=True) as admin:
             tenant = admin.create_token("tenant", "demo-developer").secret
+            pool_tenant = admin.create_token("tenant", POOL_TENANT).secret
             provider_tokens = {p: admin.create_token("provider", p).secret for p in PROVIDERS}
-        for n in NODES:
+            for p in {n.provider for n in POOL}:
+                provider_tokens[p] = admin.create_token("provider", p, private_to=POOL_TENANT).secret
+        for n in NODES + POOL:
             cmd = [
                 sys.executable,
                 "-m",
@@ -183,6 +193,7 @@ class Demo:
             "GPUFED_ENDPOINT": endpoint,
             "GPUFED_TOKEN": tenant,
             "GPUFED_ADMIN_TOKEN": a.admin_token,
+            "GPUFED_ACME_TOKEN": pool_tenant,  # the tenant with a private pool
             "GPUFED_INSECURE": "1",  # plaintext to the loopback replica; TLS everywhere else
         }
         (self.data / "demo.env").write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
@@ -208,7 +219,8 @@ def banner(env: dict[str, str], args: argparse.Namespace, data: Path) -> str:
     gpufed = f"{Path(sys.executable).parent}/gpufed"
     return f"""
 gpufed demo is up: 1 etcd member, 1 control plane, {len(NODES)} nodes of {len(PROVIDERS)} providers in
-{len({n.country for n in NODES})} countries (fake NVML).
+{len({n.country for n in NODES})} countries (fake NVML); tenant {POOL_TENANT} has a private pool of
+{len(POOL)} nodes.
 GPU 3 of gallic-compute/fr-par-1 fails with XID 79 after 45 s.
 
   control plane  {env["GPUFED_ENDPOINT"]}   (gRPC, reflection + health on)
@@ -223,6 +235,8 @@ Try, in another terminal:
   {gpufed} offers search --near 50.1,8.7,800 --order-by distance
   {gpufed} lease create --count 4 --model H100 --country DE --hold      # Ctrl-C releases it
   {gpufed} lease create --count 1 --ssh-key ~/.ssh/id_ed25519.pub --wait # prints how to log in
+  GPUFED_TOKEN=$GPUFED_ACME_TOKEN {gpufed} pool list                      # acme's own 2 nodes
+  GPUFED_TOKEN=$GPUFED_ACME_TOKEN {gpufed} offers search --model L40S      # own first, then the federation
   {gpufed} lease list
   GPUFED_TOKEN=$GPUFED_ADMIN_TOKEN {gpufed} nodes get providers/gallic-compute/nodes/fr-par-1
   GPUFED_TOKEN=$GPUFED_ADMIN_TOKEN {gpufed} admin usage

@@ -17,6 +17,7 @@ from control_plane.adapters.peer import PeerClient
 from control_plane.adapters.store import EtcdAuth, EtcdStore, EtcdTls, Session, StoreUnavailable
 from control_plane.adapters.watcher import Watcher
 from control_plane.app.admin import Admin
+from control_plane.app.burst import BurstPolicies
 from control_plane.app.discovery import Discovery
 from control_plane.app.leader import Leader
 from control_plane.app.leases import Leases
@@ -187,7 +188,12 @@ class Replica:
         lease_pb2_grpc.add_LeaseServiceServicer_to_server(LeaseServicer(self.leases), services)
         telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(TelemetryServicer(self.telemetry), services)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(Admin(self.store, self.inventory, self.leases, self.clock), self.quotas), services
+            AdminServicer(
+                Admin(self.store, self.inventory, self.leases, self.clock),
+                self.quotas,
+                BurstPolicies(self.store, self.inventory, self.clock),
+            ),
+            services,
         )
         peer_pb2_grpc.add_PeerServiceServicer_to_server(PeerServicer(self.telemetry), services)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()

@@ -234,6 +234,23 @@ def cmd_pool_list(c: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_pool_burst(c: Client, args: argparse.Namespace) -> int:
+    """Show a tenant's burst policy, or set it with --max-price / --country (0 and none: no limit)."""
+    if args.max_price is None and args.country is None:
+        policy = c.get_burst_policy(args.tenant)
+    else:
+        policy = c.set_burst_policy(args.tenant, args.max_price or 0.0, args.country or [])
+    _emit(
+        args,
+        policy,
+        lambda: [
+            ["POLICY", "MAX PRICE/GPU-H", "COUNTRIES"],
+            [policy.name, f"{policy.max_price_per_gpu_hour:g}" or "-", ",".join(policy.countries) or "any"],
+        ],
+    )
+    return EXIT_OK
+
+
 def cmd_nodes_get(c: Client, args: argparse.Namespace) -> int:
     node = c.get_node(args.name)
     _emit(
@@ -604,6 +621,15 @@ def build_parser() -> argparse.ArgumentParser:
     pool.add_parser("list", parents=[common], help="the nodes of your private pool").set_defaults(
         fn=cmd_pool_list
     )
+    pb = pool.add_parser(
+        "burst", parents=[common], help="show or set how far a tenant bursts into the federation"
+    )
+    pb.add_argument("--tenant", required=True, help="your tenant name (an admin: any)")
+    pb.add_argument(
+        "--max-price", type=float, default=None, help="highest price per GPU-hour for federation GPUs"
+    )
+    pb.add_argument("--country", type=_codes, default=None, help="countries federation GPUs may be in: DE,FR")
+    pb.set_defaults(fn=cmd_pool_burst)
     nodes = sub.add_parser("nodes", help="provider nodes").add_subparsers(dest="sub", required=True)
     nl = nodes.add_parser("list", parents=[common])
     nl.add_argument("--provider", default="")

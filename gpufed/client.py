@@ -458,6 +458,22 @@ class Client:
         req = admin_pb2.SetQuotaRequest(quota=quota)
         return self.call(self.admin.SetQuota, req).quota  # type: ignore[no-any-return]
 
+    def set_burst_policy(
+        self, tenant: str, max_price_per_gpu_hour: float = 0.0, countries: Sequence[str] = ()
+    ) -> admin_pb2.BurstPolicy:
+        """How far `tenant`'s leases may go into the federation (0 / empty: no limit)."""
+        policy = admin_pb2.BurstPolicy(
+            name=f"burstPolicies/{tenant}",
+            max_price_per_gpu_hour=max_price_per_gpu_hour,
+            countries=list(countries),
+        )
+        req = admin_pb2.SetBurstPolicyRequest(policy=policy)
+        return self.call(self.admin.SetBurstPolicy, req).policy  # type: ignore[no-any-return]
+
+    def get_burst_policy(self, tenant: str) -> admin_pb2.BurstPolicy:
+        req = admin_pb2.GetBurstPolicyRequest(name=f"burstPolicies/{tenant}")
+        return self.call(self.admin.GetBurstPolicy, req).policy  # type: ignore[no-any-return]
+
     def get_quota(self, name: str) -> admin_pb2.GetQuotaResponse:
         return self.call(self.admin.GetQuota, admin_pb2.GetQuotaRequest(name=name))  # type: ignore[no-any-return]
 

@@ -41,6 +41,7 @@ class ChangeKind(enum.Enum):
     REPLICA = "replica"
     LEADER = "leader"
     QUOTA = "quota"
+    BURST = "burst"
     RESYNC = "resync"  # the whole view was replaced by a (re-)list
 
 
@@ -48,7 +49,7 @@ _CHANGE_OF = {k: ChangeKind[k.name] for k in KeyKind}
 # Members as module constants: attribute access on an Enum class costs ~0.17 us in Python 3.11,
 # and apply() runs for every event of the watch.
 _NODE, _ALIVE, _ALLOC, _LEASE = KeyKind.NODE, KeyKind.ALIVE, KeyKind.ALLOC, KeyKind.LEASE
-_REPLICA, _LEADER, _QUOTA = KeyKind.REPLICA, KeyKind.LEADER, KeyKind.QUOTA
+_REPLICA, _LEADER, _QUOTA, _BURST = KeyKind.REPLICA, KeyKind.LEADER, KeyKind.QUOTA, KeyKind.BURST
 
 
 class KeyValueLike(Protocol):
@@ -92,6 +93,8 @@ class Inventory:
     tenant_leases: dict[str, dict[str, int]] = field(default_factory=dict)
     # "tenants/{name}" | "providers/{name}" -> the overrides of its quota (JSON object)
     quotas: dict[str, bytes] = field(default_factory=dict)
+    # tenant -> its burst policy (JSON)
+    burst: dict[str, bytes] = field(default_factory=dict)
     # provider -> registered nodes (its node quota)
     node_counts: dict[str, int] = field(default_factory=dict)
     replicas: dict[str, str] = field(default_factory=dict)
@@ -119,6 +122,7 @@ class Inventory:
         self.lease_revision.clear()
         self.tenant_leases.clear()
         self.quotas.clear()
+        self.burst.clear()
         self.node_counts.clear()
         self.replicas.clear()
         self.by_price.clear()
@@ -202,6 +206,11 @@ class Inventory:
                 self.quotas.pop(name, None)
             else:
                 self.quotas[name] = value
+        elif kind is _BURST:
+            if value is None:
+                self.burst.pop(name, None)
+            else:
+                self.burst[name] = value
         change = Change(_CHANGE_OF[kind], name, value, mod_revision, lease)
         if notify:
             self._notify(change)

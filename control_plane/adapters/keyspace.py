@@ -12,6 +12,7 @@ never streamed to every replica's index:
   replicas/{replica_id}                 peer address; on the replica's session lease
   leader                                replica id of the elected leader; on its session lease
   quotas/{tenants|providers}/{name}     a principal's quota overrides (JSON)
+  burst/{tenant}                        the tenant's burst policy (JSON: max price, countries)
 
   .records/requests/{tenant}/{request_id}  lease id, for CreateLease idempotency
   .records/holds/{tenant}/{replica}/{lease} GPU count; on the lease's etcd lease. The grant Txn
@@ -49,6 +50,7 @@ class KeyKind(enum.Enum):
     REPLICA = "replica"
     LEADER = "leader"
     QUOTA = "quota"
+    BURST = "burst"
 
 
 class Key(NamedTuple):
@@ -74,6 +76,7 @@ _LAYOUT = {
     "replicas": (KeyKind.REPLICA, 1),
     "leader": (KeyKind.LEADER, 0),
     "quotas": (KeyKind.QUOTA, 2),
+    "burst": (KeyKind.BURST, 1),
 }
 
 
@@ -108,6 +111,9 @@ class Keyspace:
 
     def quota(self, kind: str, principal: str) -> str:
         return self._k("quotas", kind, principal)
+
+    def burst(self, tenant: str) -> str:
+        return self._k("burst", tenant)
 
     # Records (request ids, history, usage, the journal) live beside the watched state, in
     # {prefix}.records/: read on demand, never streamed to every replica's index.

@@ -45,7 +45,8 @@ class Discovery:
         # revision, so the same search at the same revision is answered once: popular searches
         # polled by many clients cost one evaluation per change of the federation. Callers
         # without a pool of their own share one view.
-        scope = viewer if viewer is None or viewer in self.inv.pools else ""
+        personal = viewer is None or viewer in self.inv.pools or viewer in self.inv.burst
+        scope = viewer if personal else ""
         key = (
             request.SerializeToString(deterministic=True)
             + b"\x00"
@@ -76,15 +77,15 @@ class Discovery:
         # OWN_FIRST: the pool's offers, then the federation's, each in the requested order.
         found: list[Candidate] = []
         more = False
-        if viewer is None and not request.pool:
-            scopes = ["any"]  # an operator: every pool
+        if viewer is None:
+            filters = [flt]  # an operator: every pool, no burst policy
         else:
-            scopes = pools.stages(request.pool, viewer is not None and viewer in self.inv.pools)
-        for scope in scopes:
+            burst = pools.from_json(self.inv.burst.get(viewer))[0]
+            scopes = pools.stages(request.pool, viewer in self.inv.pools)
+            filters = [f for scope in scopes for f in pools.scoped(flt, scope, burst)]
+        for f in filters:
             need = start + size - len(found)
-            got, more = offers.search(
-                self.inv, dataclasses.replace(flt, pool=scope), request.min_free_gpus, request.order_by, need
-            )
+            got, more = offers.search(self.inv, f, request.min_free_gpus, request.order_by, need)
             found += got
             if len(found) >= start + size:
                 more = True

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import random
 from collections.abc import AsyncIterator
 
@@ -203,9 +204,13 @@ class Leases:
             nonlocal keep_etcd_lease
             picks = None
             mixed = spec.allow_mixed and spec.placement == lease_pb2.PLACEMENT_SPREAD
+            burst = pools.from_json(self.inv.burst.get(tenant))[0]
             for scope in pools.stages(spec.pool, tenant in self.inv.pools, mixed):
+                cands = itertools.chain.from_iterable(
+                    offers.candidates(self.inv, f, 1) for f in pools.scoped(visible_to, scope, burst)
+                )
                 picks = place(
-                    offers.candidates(self.inv, dataclasses.replace(visible_to, pool=scope), 1),
+                    cands,
                     spec.gpu_count,
                     spec.placement,
                     avoid | self.pending if avoid else self.pending,

@@ -125,7 +125,7 @@ def visible(node: common_pb2.Node, viewer: str | None) -> bool:
     return not node.pool_tenant or viewer is None or node.pool_tenant == viewer
 
 
-def _codes(values: list[str], field: str) -> frozenset[str]:
+def country_codes(values: list[str], field: str) -> frozenset[str]:
     """Country codes exactly as ISO 3166-1 writes them: two upper-case letters. The one rule for
     codes everywhere (hello, filters): not normalized, rejected; clients (the CLI) normalize
     what people type."""
@@ -204,8 +204,8 @@ def _compile(f: common_pb2.GpuFilter) -> Filter:
     return Filter(
         gpu_model=f.gpu_model.strip(),
         min_gpu_memory_bytes=f.min_gpu_memory_bytes,
-        countries=_codes(list(f.countries), "countries") if f.countries else None,
-        exclude_countries=_codes(list(f.exclude_countries), "exclude_countries"),
+        countries=country_codes(list(f.countries), "countries") if f.countries else None,
+        exclude_countries=country_codes(list(f.exclude_countries), "exclude_countries"),
         regions=frozenset(f.regions) if f.regions else None,
         providers=frozenset(f.providers) if f.providers else None,
         near=near,

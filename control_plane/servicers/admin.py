@@ -8,6 +8,7 @@ import grpc
 
 from control_plane import auth
 from control_plane.app.admin import Admin
+from control_plane.app.burst import BurstPolicies
 from control_plane.app.quotas import Quotas
 from gpufed.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 
@@ -16,9 +17,10 @@ NodeState = common_pb2.NodeState
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, admin: Admin, quotas: Quotas) -> None:
+    def __init__(self, admin: Admin, quotas: Quotas, burst: BurstPolicies) -> None:
         self.admin = admin
         self.quotas = quotas
+        self.burst = burst
 
     async def CordonNode(
         self, request: admin_pb2.CordonNodeRequest, context: Ctx
@@ -73,3 +75,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     async def GetQuota(self, request: admin_pb2.GetQuotaRequest, context: Ctx) -> admin_pb2.GetQuotaResponse:
         return self.quotas.get(request.name, auth.current_principal())
+
+    async def SetBurstPolicy(
+        self, request: admin_pb2.SetBurstPolicyRequest, context: Ctx
+    ) -> admin_pb2.SetBurstPolicyResponse:
+        policy = await self.burst.set(request.policy, auth.current_principal())
+        return admin_pb2.SetBurstPolicyResponse(policy=policy)
+
+    async def GetBurstPolicy(
+        self, request: admin_pb2.GetBurstPolicyRequest, context: Ctx
+    ) -> admin_pb2.GetBurstPolicyResponse:
+        return admin_pb2.GetBurstPolicyResponse(policy=self.burst.get(request.name, auth.current_principal()))

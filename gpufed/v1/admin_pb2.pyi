@@ -681,6 +681,127 @@ class SetQuotaResponse(_message.Message):
 Global___SetQuotaResponse: _TypeAlias = SetQuotaResponse  # noqa: Y015
 
 @_typing.final
+class BurstPolicy(_message.Message):
+    """Limits on the federation capacity a tenant's searches and leases use (data sovereignty stays
+    the request's own hard filter in every mode: both apply). Name: "burstPolicies/{tenant}".
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    MAX_PRICE_PER_GPU_HOUR_FIELD_NUMBER: _builtins.int
+    COUNTRIES_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    max_price_per_gpu_hour: _builtins.float
+    """The highest price per GPU-hour paid for a federation GPU; 0 means no limit. Finite, 0..1e6."""
+    @_builtins.property
+    def countries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """ISO 3166-1 alpha-2 codes (two upper-case letters) federation GPUs may be in; empty means
+        any. At most 64.
+        """
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        max_price_per_gpu_hour: _builtins.float = ...,
+        countries: _abc.Iterable[_builtins.str] | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["countries", b"countries", "max_price_per_gpu_hour", b"max_price_per_gpu_hour", "name", b"name", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BurstPolicy: _TypeAlias = BurstPolicy  # noqa: Y015
+
+@_typing.final
+class SetBurstPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> Global___BurstPolicy: ...
+    def __init__(
+        self,
+        *,
+        policy: Global___BurstPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetBurstPolicyRequest: _TypeAlias = SetBurstPolicyRequest  # noqa: Y015
+
+@_typing.final
+class SetBurstPolicyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> Global___BurstPolicy: ...
+    def __init__(
+        self,
+        *,
+        policy: Global___BurstPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetBurstPolicyResponse: _TypeAlias = SetBurstPolicyResponse  # noqa: Y015
+
+@_typing.final
+class GetBurstPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"burstPolicies/{tenant}"."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBurstPolicyRequest: _TypeAlias = GetBurstPolicyRequest  # noqa: Y015
+
+@_typing.final
+class GetBurstPolicyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> Global___BurstPolicy: ...
+    def __init__(
+        self,
+        *,
+        policy: Global___BurstPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBurstPolicyResponse: _TypeAlias = GetBurstPolicyResponse  # noqa: Y015
+
+@_typing.final
 class GetQuotaRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -87,6 +87,16 @@ class AdminServiceStub:
                 request_serializer=gpufed_dot_v1_dot_admin__pb2.GetQuotaRequest.SerializeToString,
                 response_deserializer=gpufed_dot_v1_dot_admin__pb2.GetQuotaResponse.FromString,
                 _registered_method=True)
+        self.SetBurstPolicy = channel.unary_unary(
+                '/gpufed.v1.AdminService/SetBurstPolicy',
+                request_serializer=gpufed_dot_v1_dot_admin__pb2.SetBurstPolicyRequest.SerializeToString,
+                response_deserializer=gpufed_dot_v1_dot_admin__pb2.SetBurstPolicyResponse.FromString,
+                _registered_method=True)
+        self.GetBurstPolicy = channel.unary_unary(
+                '/gpufed.v1.AdminService/GetBurstPolicy',
+                request_serializer=gpufed_dot_v1_dot_admin__pb2.GetBurstPolicyRequest.SerializeToString,
+                response_deserializer=gpufed_dot_v1_dot_admin__pb2.GetBurstPolicyResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -172,6 +182,24 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetBurstPolicy(self, request, context):
+        """Sets how far a tenant's leases may burst into the federation (its own pool is not limited):
+        the tenant itself or an admin. An empty policy (no price, no countries) removes the limits.
+        Audited. INVALID_ARGUMENT for an unknown tenant name syntax, a price out of bounds or a
+        country that is not two upper-case letters; PERMISSION_DENIED OTHER_PRINCIPAL for another
+        tenant's policy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBurstPolicy(self, request, context):
+        """A tenant's burst policy (the tenant itself or an admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -224,6 +252,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetQuota,
                     request_deserializer=gpufed_dot_v1_dot_admin__pb2.GetQuotaRequest.FromString,
                     response_serializer=gpufed_dot_v1_dot_admin__pb2.GetQuotaResponse.SerializeToString,
+            ),
+            'SetBurstPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetBurstPolicy,
+                    request_deserializer=gpufed_dot_v1_dot_admin__pb2.SetBurstPolicyRequest.FromString,
+                    response_serializer=gpufed_dot_v1_dot_admin__pb2.SetBurstPolicyResponse.SerializeToString,
+            ),
+            'GetBurstPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBurstPolicy,
+                    request_deserializer=gpufed_dot_v1_dot_admin__pb2.GetBurstPolicyRequest.FromString,
+                    response_serializer=gpufed_dot_v1_dot_admin__pb2.GetBurstPolicyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -499,6 +537,60 @@ class AdminService:
             '/gpufed.v1.AdminService/GetQuota',
             gpufed_dot_v1_dot_admin__pb2.GetQuotaRequest.SerializeToString,
             gpufed_dot_v1_dot_admin__pb2.GetQuotaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetBurstPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpufed.v1.AdminService/SetBurstPolicy',
+            gpufed_dot_v1_dot_admin__pb2.SetBurstPolicyRequest.SerializeToString,
+            gpufed_dot_v1_dot_admin__pb2.SetBurstPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBurstPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpufed.v1.AdminService/GetBurstPolicy',
+            gpufed_dot_v1_dot_admin__pb2.GetBurstPolicyRequest.SerializeToString,
+            gpufed_dot_v1_dot_admin__pb2.GetBurstPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,

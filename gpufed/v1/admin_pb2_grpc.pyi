@@ -68,6 +68,15 @@ class AdminServiceStub:
     """The effective quota (overrides merged over the defaults) and what is in use now. A tenant
     or provider token may read its own (PERMISSION_DENIED OTHER_PRINCIPAL otherwise).
     """
+    SetBurstPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetBurstPolicyRequest, _admin_pb2.SetBurstPolicyResponse]
+    """Sets how far a tenant's leases may burst into the federation (its own pool is not limited):
+    the tenant itself or an admin. An empty policy (no price, no countries) removes the limits.
+    Audited. INVALID_ARGUMENT for an unknown tenant name syntax, a price out of bounds or a
+    country that is not two upper-case letters; PERMISSION_DENIED OTHER_PRINCIPAL for another
+    tenant's policy.
+    """
+    GetBurstPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetBurstPolicyRequest, _admin_pb2.GetBurstPolicyResponse]
+    """A tenant's burst policy (the tenant itself or an admin)."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -109,6 +118,15 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """The effective quota (overrides merged over the defaults) and what is in use now. A tenant
     or provider token may read its own (PERMISSION_DENIED OTHER_PRINCIPAL otherwise).
     """
+    SetBurstPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetBurstPolicyRequest, _admin_pb2.SetBurstPolicyResponse]  # type: ignore[assignment]
+    """Sets how far a tenant's leases may burst into the federation (its own pool is not limited):
+    the tenant itself or an admin. An empty policy (no price, no countries) removes the limits.
+    Audited. INVALID_ARGUMENT for an unknown tenant name syntax, a price out of bounds or a
+    country that is not two upper-case letters; PERMISSION_DENIED OTHER_PRINCIPAL for another
+    tenant's policy.
+    """
+    GetBurstPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetBurstPolicyRequest, _admin_pb2.GetBurstPolicyResponse]  # type: ignore[assignment]
+    """A tenant's burst policy (the tenant itself or an admin)."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """Operator RPCs. Every RPC needs an admin token, except ListUsageRecords (a tenant or provider
@@ -207,5 +225,26 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """The effective quota (overrides merged over the defaults) and what is in use now. A tenant
         or provider token may read its own (PERMISSION_DENIED OTHER_PRINCIPAL otherwise).
         """
+
+    @_abc_1.abstractmethod
+    def SetBurstPolicy(
+        self,
+        request: _admin_pb2.SetBurstPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SetBurstPolicyResponse, _abc.Awaitable[_admin_pb2.SetBurstPolicyResponse]]:
+        """Sets how far a tenant's leases may burst into the federation (its own pool is not limited):
+        the tenant itself or an admin. An empty policy (no price, no countries) removes the limits.
+        Audited. INVALID_ARGUMENT for an unknown tenant name syntax, a price out of bounds or a
+        country that is not two upper-case letters; PERMISSION_DENIED OTHER_PRINCIPAL for another
+        tenant's policy.
+        """
+
+    @_abc_1.abstractmethod
+    def GetBurstPolicy(
+        self,
+        request: _admin_pb2.GetBurstPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.GetBurstPolicyResponse, _abc.Awaitable[_admin_pb2.GetBurstPolicyResponse]]:
+        """A tenant's burst policy (the tenant itself or an admin)."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

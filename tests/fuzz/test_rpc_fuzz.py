@@ -254,6 +254,8 @@ UNARY = [
     (admin_pb2, "AdminService", "DeleteToken"),
     (admin_pb2, "AdminService", "SetQuota"),
     (admin_pb2, "AdminService", "GetQuota"),
+    (admin_pb2, "AdminService", "SetBurstPolicy"),
+    (admin_pb2, "AdminService", "GetBurstPolicy"),
     (peer_pb2, "PeerService", "ForwardNodeTelemetry"),
 ]
 WHO = st.sampled_from(["tenant", "tenant", "provider", "admin", "admin", "peer", "bogus"])

@@ -76,6 +76,8 @@ EXPLICIT: dict[tuple[str, str], grpc.StatusCode] = {
     ("TelemetryService.GetNodeTelemetry", "other tenant"): NOT_FOUND,  # holds no GPU of it
     ("TelemetryService.GetNodeTelemetry", "other provider"): NOT_FOUND,
     ("AdminService.GetQuota", "other tenant"): DENIED,  # OTHER_PRINCIPAL
+    ("AdminService.SetBurstPolicy", "other tenant"): DENIED,  # OTHER_PRINCIPAL
+    ("AdminService.GetBurstPolicy", "other tenant"): DENIED,
     ("AdminService.GetQuota", "provider"): DENIED,
     ("AdminService.GetQuota", "other provider"): DENIED,
 }
@@ -247,6 +249,16 @@ def _calls() -> dict[str, Call]:
         ),
         "AdminService.DeleteToken": delete_token,
         "AdminService.SetQuota": set_quota,
+        "AdminService.SetBurstPolicy": lambda w, md, who: admin(w).SetBurstPolicy(
+            admin_pb2.SetBurstPolicyRequest(
+                policy=admin_pb2.BurstPolicy(name="burstPolicies/dev", max_price_per_gpu_hour=9.0)
+            ),
+            metadata=md,
+            timeout=10,
+        ),
+        "AdminService.GetBurstPolicy": lambda w, md, who: admin(w).GetBurstPolicy(
+            admin_pb2.GetBurstPolicyRequest(name="burstPolicies/dev"), metadata=md, timeout=10
+        ),
         "AdminService.GetQuota": lambda w, md, who: admin(w).GetQuota(
             admin_pb2.GetQuotaRequest(name="quotas/tenants/dev"), metadata=md, timeout=10
         ),

@@ -1,4 +1,6 @@
-"""Contention: 32 clients across two replica processes compete for fewer GPUs than they ask for.
+"""Contention: 32 clients across two replica processes compete for fewer GPUs than they ask for,
+over federation nodes and the tenant's own private pool (provider acme's token is private to it),
+with every pool choice.
 
 Afterwards two checkers: one over the recorded client history (no GPU in two leases whose
 certainly-active intervals overlap; every lease within its constraints) and one over etcd's own
@@ -18,6 +20,7 @@ import pytest
 
 from control_plane.adapters.store import EtcdStore
 from gpufed.client import Client, GpufedError
+from gpufed.v1 import common_pb2
 from node_daemon.fake_nvml import FakeNvml
 from tests.harness import ADMIN_TOKEN, DaemonThread, EtcdCluster, daemon_config, replica_process, wait_until
 
@@ -38,20 +41,27 @@ CONSTRAINTS: list[dict[str, object]] = [
     {"countries": ["DE", "FR"]},
     {"gpu_model": "H100", "exclude_countries": ["DE"]},
     {},
+    {"pool": "own-only"},
+    {"pool": "federation-only"},
+    {"pool": "own-first", "spread": True, "allow_mixed": True},
 ]
 
 
 @dataclass
 class Grant:
     name: str
-    gpus: list[tuple[str, str, str]]  # (uuid, country, model)
+    gpus: list[tuple[str, str, str, int]]  # (uuid, country, model, pool)
     constraint: dict[str, object]
     token: int
     granted_at: float
     release_at: float = 0.0
 
 
-def satisfies(constraint: dict[str, object], country: str, model: str) -> bool:
+def satisfies(constraint: dict[str, object], country: str, model: str, pool: int) -> bool:
+    if constraint.get("pool") == "own-only" and pool != common_pb2.POOL_KIND_OWN:
+        return False
+    if constraint.get("pool") == "federation-only" and pool != common_pb2.POOL_KIND_FEDERATION:
+        return False
     if "countries" in constraint and country not in constraint["countries"]:  # type: ignore[operator]
         return False
     if country in constraint.get("exclude_countries", []):  # type: ignore[operator]
@@ -67,7 +77,10 @@ def test_no_gpu_is_ever_in_two_active_leases_under_contention(etcd: EtcdCluster,
     ):
         with Client(addr_a, ADMIN_TOKEN) as admin:
             tenant = admin.create_token("tenant", "dev").secret
-            tokens = {p: admin.create_token("provider", p).secret for p in ("neo", "acme")}
+            tokens = {
+                "neo": admin.create_token("provider", "neo").secret,
+                "acme": admin.create_token("provider", "acme", private_to="dev").secret,  # dev's own pool
+            }
         daemons = [
             DaemonThread(
                 daemon_config([addr_a if i % 2 else addr_b], tokens[p], p, n, c, report_interval=1.0),
@@ -99,7 +112,7 @@ def test_no_gpu_is_ever_in_two_active_leases_under_contention(etcd: EtcdCluster,
                             continue
                         g = Grant(
                             lease.name,
-                            [(x.uuid, x.location.country_code, x.model) for x in lease.gpus],
+                            [(x.uuid, x.location.country_code, x.model, x.pool) for x in lease.gpus],
                             constraint,
                             lease.fencing_token,
                             time.monotonic(),
@@ -127,14 +140,16 @@ def test_no_gpu_is_ever_in_two_active_leases_under_contention(etcd: EtcdCluster,
     assert attempts == CLIENTS * CYCLES_PER_CLIENT
     assert len(grants) > attempts // 4, "contention must still grant most of the time"
     assert set(failures) <= {"NO_MATCHING_CAPACITY", "CAPACITY_CONTENDED"}
+    pools = {x[3] for g in grants for x in g.gpus}
+    assert pools == {common_pb2.POOL_KIND_OWN, common_pb2.POOL_KIND_FEDERATION}, "both pools were contended"
 
     # 1. The client history: per GPU, certainly-active intervals never overlap, and the grant
     #    order agrees with the fencing tokens.
     by_gpu: dict[str, list[Grant]] = {}
     for g in grants:
-        assert len({u for u, _, _ in g.gpus}) == len(g.gpus)
-        for uuid, country, model in g.gpus:
-            assert satisfies(g.constraint, country, model), (g.constraint, country, model)
+        assert len({u for u, _, _, _ in g.gpus}) == len(g.gpus)
+        for uuid, country, model, pool in g.gpus:
+            assert satisfies(g.constraint, country, model, pool), (g.constraint, country, model, pool)
             by_gpu.setdefault(uuid, []).append(g)
     for uuid, held in by_gpu.items():
         held.sort(key=lambda g: g.granted_at)

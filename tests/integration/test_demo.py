@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from control_plane.demo import NODES, PROVIDERS
+from control_plane.demo import NODES, POOL, PROVIDERS
 from gpufed.client import Client
-from gpufed.v1 import lease_pb2
+from gpufed.v1 import common_pb2, lease_pb2
 from tests.harness import free_port, wait_until
 
 pytestmark = pytest.mark.integration
@@ -69,6 +69,16 @@ def test_demo_offers_gpus_of_every_provider_and_stops_on_ctrl_c(tmp_path: Path) 
             with c.lease(1, ttl_s=30, ssh_keys=[key]) as held:
                 assert held.lease.state == lease_pb2.LEASE_STATE_ACTIVE
                 assert held.access[0].ssh.startswith("ssh lease-")
+            assert not [n for n in c.list_nodes() if n.pool_tenant]  # acme's pool is not ours to see
+        # acme fills its own 8 L40S first, then bursts into the federation (nordic-gpu's L40S).
+        with Client(env["GPUFED_ENDPOINT"], env["GPUFED_ACME_TOKEN"]) as acme:
+            wait_until(lambda: len([n for n in acme.list_nodes() if n.pool_tenant]) == len(POOL), timeout=30)
+            own = [acme.create_lease(4, ttl_s=30, gpu_model="L40S") for _ in range(2)]
+            assert {g.pool for lease in own for g in lease.gpus} == {common_pb2.POOL_KIND_OWN}
+            burst = acme.create_lease(4, ttl_s=30, gpu_model="L40S")
+            assert {g.provider for g in burst.gpus} == {"nordic-gpu"}
+            for lease in [*own, burst]:
+                acme.release_lease(lease.name)
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0

@@ -50,6 +50,7 @@ WRITES = {
     "LeaseService.RenewLease",
     "LeaseService.KeepAlive",
     "LeaseService.ReleaseLease",
+    "AdminService.SetBurstPolicy",
 }
 
 
@@ -134,6 +135,9 @@ READS: dict[str, Callable[..., Any]] = {
     ),
     "AdminService.ListTokens": lambda d, ls, a, t, r, md: a.ListTokens(
         admin_pb2.ListTokensRequest(), metadata=md
+    ),
+    "AdminService.GetBurstPolicy": lambda d, ls, a, t, r, md: a.GetBurstPolicy(
+        admin_pb2.GetBurstPolicyRequest(name="burstPolicies/acme"), metadata=md
     ),
     "AdminService.GetQuota": lambda d, ls, a, t, r, md: a.GetQuota(
         admin_pb2.GetQuotaRequest(name="quotas/providers/acme-own"), metadata=md
@@ -278,3 +282,33 @@ def test_own_first_fills_the_pool_then_bursts_and_own_only_answers_failed_precon
         by_provider = {(u.lease, u.provider): u.pool for u in records.usage_records}
     assert by_provider[(burst.name, "neo")] == common_pb2.POOL_KIND_FEDERATION
     assert by_provider[(held[0].name, "acme-own")] == common_pb2.POOL_KIND_OWN
+
+
+def test_bursting_stays_within_the_tenants_price_and_countries(pool: Pool) -> None:
+    with Client(pool.address, pool.tokens["acme"]) as acme, Client(pool.address, pool.tokens["eve"]) as eve:
+        free_own = sum(o.free_gpus for o in acme.search_offers(pool="own-only"))
+        held = [acme.create_lease(1, ttl_s=30) for _ in range(free_own)]  # the pool is full
+        try:
+            for policy in ({"max_price_per_gpu_hour": 1.0}, {"countries": ["FR", "NL"]}):
+                acme.set_burst_policy("acme", **policy)
+                # neo's n1 (DE, 2.0/h) is outside the policy: no burst, and no offer of it.
+                assert not [o for o in acme.search_offers() if o.pool == common_pb2.POOL_KIND_FEDERATION]
+                with pytest.raises(GpufedError) as e:
+                    acme.create_lease(1, ttl_s=30)
+                assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            acme.set_burst_policy("acme", max_price_per_gpu_hour=2.5, countries=["DE"])
+            burst = acme.create_lease(1, ttl_s=30)
+            assert burst.gpus[0].pool == common_pb2.POOL_KIND_FEDERATION
+            held.append(burst)
+            got = acme.get_burst_policy("acme")
+            assert (got.max_price_per_gpu_hour, list(got.countries)) == (2.5, ["DE"])
+            # Only acme (and admins) read or set acme's policy; others' leases are not limited by it.
+            with pytest.raises(GpufedError) as e:
+                eve.set_burst_policy("acme", max_price_per_gpu_hour=0.1)
+            assert e.value.code == grpc.StatusCode.PERMISSION_DENIED
+            lease = eve.create_lease(1, ttl_s=30)
+            eve.release_lease(lease.name)
+        finally:
+            acme.set_burst_policy("acme")  # no limits again
+            for lease in held:
+                acme.release_lease(lease.name)
