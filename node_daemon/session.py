@@ -142,6 +142,8 @@ class DaemonSession:
         try:
             while not self._stop.is_set():
                 endpoint = self.config.control_planes[i % len(self.config.control_planes)]
+                welcomed = self.state.connects
+                config_problem = False
                 try:
                     await self._connect(endpoint)
                     attempt = 0
@@ -163,6 +165,7 @@ class DaemonSession:
                         grpc.StatusCode.PERMISSION_DENIED,
                         grpc.StatusCode.INVALID_ARGUMENT,
                     ):
+                        config_problem = True
                         attempt = max(attempt, 4)  # a config problem: do not hammer the server
                 except (TimeoutError, OSError) as e:
                     self.state.last_error = str(e)
@@ -171,6 +174,10 @@ class DaemonSession:
                     self.state.connected = False
                 if self._stop.is_set():
                     break
+                if self.state.connects > welcomed and not config_problem:
+                    # The stream was up: a new outage, not the next failure of the last one, so
+                    # the backoff starts again from its shortest delay.
+                    attempt = 0
                 i += 1
                 attempt += 1
                 delay = min(BACKOFF_MAX, BACKOFF_START * 2 ** min(attempt, 10))

@@ -191,3 +191,24 @@ def test_a_hello_with_an_unknown_health_or_unbounded_strings_is_refused_and_writ
                 and error_reason(e.value) == "INVALID_HEALTH"
             )
     assert asyncio.run(revision()) == before
+
+
+def test_every_outage_after_a_working_stream_starts_the_backoff_again(replica: ReplicaThread) -> None:
+    from control_plane.domain import errors
+
+    with Client(replica.address, ADMIN_TOKEN) as admin:
+        token = admin.create_token("provider", "neo").secret
+    d = DaemonThread(daemon_config([replica.address], token, "neo", "n1"), FakeNvml("l40s-4")).start()
+    try:
+        session = d.session
+        assert session is not None
+        wait_until(lambda: session.state.connected, timeout=10)  # type: ignore[attr-defined]
+        nodes = replica.replica.nodes  # type: ignore[union-attr]
+        for n in range(6):  # six outages in a row: each must be as short as the first
+            connects = session.state.connects  # type: ignore[attr-defined]
+            ended = errors.unavailable("TEST_OUTAGE", "the test ends the stream")
+            replica.loop.call_soon_threadsafe(nodes.sessions[NODE].end, ended)
+            took = wait_until(lambda c=connects: session.state.connects > c, timeout=15)  # type: ignore[attr-defined]
+            assert took < 1.5, f"outage {n + 1}: back after {took:.1f} s"
+    finally:
+        d.stop()
