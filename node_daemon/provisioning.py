@@ -19,6 +19,7 @@ import base64
 import contextlib
 import json
 import os
+from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +61,8 @@ class Provisioner:
         self.state_file = Path(state_dir) / "leases.json" if state_dir else None
         self.kept: dict[str, Kept] = {}
         self._chains: dict[str, asyncio.Task[None]] = {}
-        self.runs: list[tuple[str, str]] = []  # (action, lease) as run, for tests and the log
+        # The latest hook runs, (action, lease), bounded: a daemon runs for months.
+        self.runs: deque[tuple[str, str]] = deque(maxlen=256)
         self._load()
 
     # -- inputs from the stream -------------------------------------------------------------------

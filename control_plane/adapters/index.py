@@ -106,6 +106,8 @@ class Inventory:
     summaries: dict[str, NodeSummary] = field(default_factory=dict)
     # nodes whose record says DRAINING: the leader's drain sweep looks at these, not at every node
     draining: set[str] = field(default_factory=set)
+    # leases whose record says PROVISIONING: the leader's provisioning sweep looks at these only
+    provisioning: set[str] = field(default_factory=set)
     # tenant -> the nodes of its private pool
     pools: dict[str, set[str]] = field(default_factory=dict)
     _subscribers: list[Callable[[Change], None]] = field(default_factory=list)
@@ -129,6 +131,7 @@ class Inventory:
         self.by_country.clear()
         self.summaries.clear()
         self.draining.clear()
+        self.provisioning.clear()
         self.pools.clear()
         self.leader = ""
 
@@ -180,6 +183,7 @@ class Inventory:
             if value is None:
                 lease = self.leases.pop(name, None)
                 self.lease_revision.pop(name, None)
+                self.provisioning.discard(name)
                 if lease is not None:
                     holds = self.tenant_leases.get(lease.tenant)
                     if holds is not None:
@@ -193,6 +197,10 @@ class Inventory:
                     lease.fencing_token = create_revision or mod_revision
                 self.leases[name] = lease
                 self.lease_revision[name] = mod_revision
+                if lease.state == lease_pb2.LEASE_STATE_PROVISIONING:
+                    self.provisioning.add(name)
+                else:
+                    self.provisioning.discard(name)
                 self.tenant_leases.setdefault(lease.tenant, {})[name] = len(lease.gpus)
         elif kind is _REPLICA:
             if value is None:

@@ -307,8 +307,9 @@ class Leader:
         while True:
             await asyncio.sleep(1.0)
             deadline = self.clock.time_ns() - int(self.provision_timeout_s * 1e9)
-            for lease_id, lease in list(self.inv.leases.items()):
-                if lease.state != lease_pb2.LEASE_STATE_PROVISIONING or ts_ns(lease.create_time) > deadline:
+            for lease_id in list(self.inv.provisioning):
+                lease = self.inv.leases.get(lease_id)
+                if lease is None or ts_ns(lease.create_time) > deadline:
                     continue
                 try:
                     await self.leases.end(

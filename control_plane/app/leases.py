@@ -182,6 +182,7 @@ class Leases:
         avoid: set[str] = set()
         req_key = self.keys.request(tenant, spec.request_id).encode() if spec.request_id else None
         visible_to = dataclasses.replace(spec.filter, viewer=tenant)  # the federation and its own pool
+        burst = pools.from_json(self.inv.burst.get(tenant))[0]
 
         async def attempt(n: int) -> lease_pb2.Lease | None:
             try:
@@ -204,7 +205,6 @@ class Leases:
             nonlocal keep_etcd_lease
             picks = None
             mixed = spec.allow_mixed and spec.placement == lease_pb2.PLACEMENT_SPREAD
-            burst = pools.from_json(self.inv.burst.get(tenant))[0]
             for scope in pools.stages(spec.pool, tenant in self.inv.pools, mixed):
                 cands = itertools.chain.from_iterable(
                     offers.candidates(self.inv, f, 1) for f in pools.scoped(visible_to, scope, burst)

@@ -67,9 +67,8 @@ class Filter:
         """Whether the node's place, provider, price and labels pass; with its distance if near."""
         if not visible(node, self.viewer):
             return False, None
-        if self.pool != "any" and (self.pool == "own") != (
-            bool(node.pool_tenant) and node.pool_tenant == self.viewer
-        ):
+        # visible() let through no other tenant's pool: a pool node here is the viewer's own.
+        if (self.pool == "own" and not node.pool_tenant) or (self.pool == "federation" and node.pool_tenant):
             return False, None
         loc = node.location
         if self.countries is not None and loc.country_code not in self.countries:

@@ -105,7 +105,8 @@ def from_json(raw: bytes | None) -> tuple[Burst, int]:
 def narrowed(flt: Filter, b: Burst) -> Filter | None:
     """The filter for federation capacity under the policy: the lower price cap and the common
     countries (None: no country is left, so no federation GPU may be used)."""
-    price = min(x for x in (flt.max_price, b.max_price) if x) if (flt.max_price or b.max_price) else 0.0
+    caps = [x for x in (flt.max_price, b.max_price) if x]  # 0 means no cap
+    price = min(caps, default=0.0)
     countries = flt.countries
     if b.countries is not None:
         countries = b.countries if countries is None else countries & b.countries

@@ -18,7 +18,15 @@ from gpufed import cli
 from gpufed.client import Client, GpufedError, LeaseEnded
 from gpufed.v1 import admin_pb2, common_pb2, lease_pb2
 from node_daemon.fake_nvml import FakeNvml
-from tests.harness import ADMIN_TOKEN, DaemonThread, ReplicaThread, daemon_config, wait_until
+from tests.harness import (
+    ADMIN_TOKEN,
+    DaemonThread,
+    EtcdCluster,
+    ReplicaThread,
+    daemon_config,
+    replica_config,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -286,3 +294,25 @@ def test_another_providers_daemon_cannot_set_a_leases_access_details(
         outbox.put(None)
         stream.cancel()
         ch.close()
+
+
+def test_a_lease_no_hook_answers_within_the_provision_timeout_ends_provisioning_failed(
+    etcd: EtcdCluster, prefix: str, tmp_path: Path
+) -> None:
+    r = ReplicaThread(
+        replica_config(etcd.endpoints, prefix, report_interval=0.5, provision_timeout=1.5)
+    ).start()
+    try:
+        body = "if doc['action'] == 'start':\n    time.sleep(60)"  # a daemon that never answers
+        with (
+            hooked_node(r, tmp_path, body=body, timeout=120) as (tenant, _, _d),
+            Client(r.address, tenant) as c,
+        ):
+            lease = c.create_lease(1, ttl_s=60)
+            with pytest.raises(LeaseEnded) as e:
+                c.wait_active(lease.name, timeout=20)
+            assert e.value.reason == "PROVISIONING_FAILED"
+            assert "no lease hook answered within" in e.value.message
+            assert sum(o.free_gpus for o in c.search_offers(providers=["neo"])) == 4
+    finally:
+        r.stop()

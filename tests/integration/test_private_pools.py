@@ -62,9 +62,6 @@ class Pool:
     acme_lease: str
 
 
-Read = Callable[[Pool, str], str]
-
-
 def _stubs(p: Pool) -> tuple[Any, ...]:
     ch = grpc.insecure_channel(p.address)
     return (

@@ -56,7 +56,7 @@ def test_a_lease_ended_before_its_start_ran_is_never_started() -> None:
         deliver(p, s, assignment("leases/a", 10))
         deliver(p, s, assignment("leases/a", 10, ENDED))
         await p.drain()
-        assert p.runs == [] and sent == []
+        assert list(p.runs) == [] and sent == []
 
     asyncio.run(go())
 
@@ -67,7 +67,7 @@ def test_a_start_superseded_before_its_turn_never_runs() -> None:
         deliver(p, s, assignment("leases/a", 10))
         deliver(p, s, assignment("leases/b", 20))  # a newer grant of the same GPU, before a's turn
         await p.drain()
-        assert p.runs == [("start", "leases/b")]
+        assert list(p.runs) == [("start", "leases/b")]
         assert [m.provisioned.lease for m in sent] == ["leases/b"]
 
     asyncio.run(go())
@@ -80,7 +80,7 @@ def test_a_stale_start_is_refused_before_it_reaches_the_hook() -> None:
         await p.drain()
         deliver(p, s, assignment("leases/a", 10))  # older token: Assignments refuses it
         await p.drain()
-        assert p.runs == [("start", "leases/b")]
+        assert list(p.runs) == [("start", "leases/b")]
 
     asyncio.run(go())
 
@@ -92,7 +92,7 @@ def test_an_end_runs_after_its_start_even_when_the_start_failed() -> None:
         await asyncio.sleep(0.01)
         deliver(p, s, assignment("leases/a", 10, ENDED))  # while the start runs
         await p.drain()
-        assert p.runs == [("start", "leases/a"), ("end", "leases/a")]
+        assert list(p.runs) == [("start", "leases/a"), ("end", "leases/a")]
         assert sent[0].provisioned.ok is False and sent[0].provisioned.error == "boom"
 
     asyncio.run(go())
