@@ -66,6 +66,7 @@ TABLE: dict[str, Rule] = {
     "AdminService.GetQuota": _rule("a tenant or provider: its own; an admin: any", T, P, A),
     "AdminService.SetBurstPolicy": _rule("a tenant: its own; an admin: any", T, A),
     "AdminService.GetBurstPolicy": _rule("a tenant: its own; an admin: any", T, A),
+    "AdminService.SetGpuHealthy": _rule("any node's GPUs", A),
     "PeerService.ForwardNodeTelemetry": _rule("telemetry of nodes streaming to this replica", R, A),
 }
 
@@ -79,6 +80,7 @@ PRIVILEGED = frozenset(
         "AdminService.CreateToken",
         "AdminService.DeleteToken",
         "AdminService.SetQuota",
+        "AdminService.SetGpuHealthy",
     }
 )
 # Every call of these is audited too, besides denials: grants and releases. (Expiries are

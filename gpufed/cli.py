@@ -131,6 +131,9 @@ def _add_filter_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-price", type=float, default=0.0, help="max price per GPU-hour")
     g.add_argument("--label", action="append", help="KEY=VALUE (repeatable)")
     g.add_argument("--include-degraded", action="store_true")
+    g.add_argument(
+        "--mig-profile", default="", help="MIG instances of this profile (1g.10gb), not whole GPUs"
+    )
 
 
 def _filter_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -151,6 +154,7 @@ def _filter_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         max_price=args.max_price,
         labels=_labels(args.label),
         include_degraded=args.include_degraded,
+        mig_profile=args.mig_profile,
     )
 
 
@@ -172,7 +176,7 @@ def cmd_offers_search(c: Client, args: argparse.Namespace) -> int:
             + [
                 [
                     o.node,
-                    o.gpu_model,
+                    f"{o.gpu_model} MIG {o.mig_profile}" if o.mig_profile else o.gpu_model,
                     _gib(o.gpu_memory_bytes),
                     str(o.free_gpus),
                     f"{o.price_per_gpu_hour:.2f} {o.currency_code}",
@@ -258,17 +262,17 @@ def cmd_nodes_get(c: Client, args: argparse.Namespace) -> int:
         node,
         lambda: (
             _node_rows([node])
-            + [[""], ["GPU", "INDEX", "MODEL", "MEM", "HEALTH", "LEASE", "REASONS"]]
+            + [[""], ["GPU", "INDEX", "MODEL", "MEM", "HEALTH", "REPAIR", "LEASE", "REASONS"]]
             + [
                 [
                     g.uuid,
                     str(g.index),
-                    g.model,
+                    f"{g.model} MIG {g.mig_profile}" if g.mig_profile else g.model,
                     _gib(g.memory_total_bytes),
                     _health(g.health),
+                    _repair(g),
                     g.lease or "-",
                     ",".join(r.code for r in g.health_reasons) or "-",
-                    "",
                 ]
                 for g in node.gpus
             ]
@@ -441,6 +445,27 @@ def cmd_admin_node(c: Client, args: argparse.Namespace) -> int:
         )
         node = c.call(c.admin.DrainNode, req).node
     _emit(args, node, lambda: _node_rows([node]))
+    return EXIT_OK
+
+
+def _repair(g: common_pb2.Gpu) -> str:
+    """The pending repair action ("-" when none), as the API names it without its prefix."""
+    if g.HasField("repair") and g.repair.action > common_pb2.REPAIR_ACTION_RESTART_APP:
+        return common_pb2.RepairAction.Name(g.repair.action).removeprefix("REPAIR_ACTION_")
+    return "-"
+
+
+def cmd_admin_gpu_healthy(c: Client, args: argparse.Namespace) -> int:
+    node = c.set_gpu_healthy(args.node, args.uuid, args.reason)
+    gpu = next((g for g in node.gpus if g.uuid == args.uuid), None)
+    _emit(
+        args,
+        node,
+        lambda: (
+            [["GPU", "HEALTH", "REPAIR", "CLEARED BY"]]
+            + ([[gpu.uuid, _health(gpu.health), _repair(gpu), gpu.repair.cleared_by]] if gpu else [])
+        ),
+    )
     return EXIT_OK
 
 
@@ -686,6 +711,14 @@ def build_parser() -> argparse.ArgumentParser:
         if action == "drain":
             ap.add_argument("--grace", type=int, default=0, help="seconds before its leases end")
         ap.set_defaults(fn=cmd_admin_node, action=action)
+    gpus = admin.add_parser("gpus", help="GPU repairs").add_subparsers(dest="action", required=True)
+    gh = gpus.add_parser(
+        "set-healthy", parents=[common], help="clear a GPU's repair after inspection (audited)"
+    )
+    gh.add_argument("node", help="providers/P/nodes/N")
+    gh.add_argument("uuid", help="the GPU's uuid (GPU-...)")
+    gh.add_argument("--reason", required=True, help="what was done, for the audit log")
+    gh.set_defaults(fn=cmd_admin_gpu_healthy)
     rv = admin.add_parser("revoke", parents=[common])
     rv.add_argument("name", help="leases/ID")
     rv.add_argument("--reason", default="")

@@ -126,6 +126,7 @@ def gpu_filter(
     max_price: float = 0.0,
     labels: dict[str, str] | None = None,
     include_degraded: bool = False,
+    mig_profile: str = "",
 ) -> common_pb2.GpuFilter:
     f = common_pb2.GpuFilter(
         gpu_model=gpu_model,
@@ -137,6 +138,7 @@ def gpu_filter(
         max_price_per_gpu_hour=max_price,
         labels=labels or {},
         include_degraded=include_degraded,
+        mig_profile=mig_profile,
     )
     if near is not None:
         f.near.CopyFrom(common_pb2.GeoCircle(latitude=near[0], longitude=near[1], radius_km=near[2]))
@@ -323,6 +325,11 @@ class Client:
         return self.call(self.telemetry.GetNodeTelemetry, req)  # type: ignore[no-any-return]
 
     # -- leases ---------------------------------------------------------------------------------
+
+    def set_gpu_healthy(self, node: str, gpu_uuid: str, reason: str) -> common_pb2.Node:
+        """An operator's word that a GPU is fit again: clears its repair (admin only; audited)."""
+        req = admin_pb2.SetGpuHealthyRequest(node=node, gpu_uuid=gpu_uuid, reason=reason)
+        return self.call(self.admin.SetGpuHealthy, req).node  # type: ignore[no-any-return]
 
     def create_lease(
         self,

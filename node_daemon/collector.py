@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,26 @@ class GpuLost(Exception):
     pass
 
 
+@dataclass(frozen=True, slots=True)
+class MigInfo:
+    handle: Any
+    uuid: str
+    profile: str
+    memory_total: int
+    gpu_instance_id: int
+    compute_instance_id: int
+
+
+def mig_profile_name(gpu_slices: int, compute_slices: int, memory_mb: int, gpu_memory_bytes: int) -> str:
+    """A MIG instance's profile as NVIDIA names it ("1g.10gb", "1c.2g.20gb"): the instance's
+    share of the GPU's memory rounded up to eighths, times the GPU's memory in whole GiB."""
+    gib = 1024**3
+    share = math.ceil(memory_mb * 1024**2 / gpu_memory_bytes * 8) / 8
+    gb = round(share * ((gpu_memory_bytes + gib - 1) // gib))
+    prefix = f"{compute_slices}c." if compute_slices != gpu_slices else ""
+    return f"{prefix}{gpu_slices}g.{gb}gb"
+
+
 def handle_key(handle: Any) -> int:
     """Identity of a device handle (a c_nvmlDevice_t pointer) without asking NVML."""
     return int(ctypes.cast(handle, ctypes.c_void_p).value or 0)
@@ -56,6 +77,8 @@ class GpuInfo:
     nvlink_cache: tuple[int, int] | None = None  # (active links, error count)
     lost: bool = False
     xids: set[int] = field(default_factory=set)
+    migs: list[MigInfo] = field(default_factory=list)
+    last_xid: int = 0  # any XID, the application's too (dcgm-exporter's DCGM_FI_DEV_XID_ERRORS)
     last_verdict: health.Verdict = field(default_factory=lambda: health.Verdict(health.HEALTHY))
 
 
@@ -69,6 +92,7 @@ class Collector:
         self.driver_version = ""
         self.cuda_driver_version = ""
         self.sequence = 0
+        self.last_report: common_pb2.NodeReport | None = None  # what /metrics shows
         self._lock = threading.Lock()
 
     # -- start -----------------------------------------------------------------------------------
@@ -94,6 +118,8 @@ class Collector:
                 log.error("GPU lost at start; leaving it out of the inventory", index=i)
                 continue
             info.nvlinks = self._count_nvlinks(h)
+            if info.mig_enabled:
+                info.migs = self._migs(h, info.memory_total)
             self.gpus.append(info)
             self.by_handle[handle_key(h)] = info
             self.by_uuid[info.uuid] = info
@@ -110,6 +136,40 @@ class Collector:
             return bool(current == pynvml.NVML_DEVICE_MIG_ENABLE)
         except _NOT_SUPPORTED:
             return False
+
+    def _migs(self, h: Any, gpu_memory: int) -> list[MigInfo]:
+        """The GPU's MIG instances, by NVML's MIG device handles (empty slots are NotFound)."""
+        n = self.nvml
+        out = []
+        try:
+            slots = int(n.nvmlDeviceGetMaxMigDeviceCount(h))
+        except pynvml.NVMLError as e:
+            log.warning("MIG is on but its devices cannot be listed", error=str(e))
+            return []
+        for i in range(slots):
+            try:
+                m = n.nvmlDeviceGetMigDeviceHandleByIndex(h, i)
+                attrs = n.nvmlDeviceGetAttributes(m)
+                out.append(
+                    MigInfo(
+                        handle=m,
+                        uuid=_text(n.nvmlDeviceGetUUID(m)),
+                        profile=mig_profile_name(
+                            attrs.gpuInstanceSliceCount,
+                            attrs.computeInstanceSliceCount,
+                            attrs.memorySizeMB,
+                            gpu_memory,
+                        ),
+                        memory_total=int(n.nvmlDeviceGetMemoryInfo(m).total),
+                        gpu_instance_id=int(n.nvmlDeviceGetGpuInstanceId(m)),
+                        compute_instance_id=int(n.nvmlDeviceGetComputeInstanceId(m)),
+                    )
+                )
+            except pynvml.NVMLError_NotFound:
+                continue
+            except pynvml.NVMLError as e:
+                log.warning("cannot read a MIG device", slot=i, error=str(e))
+        return out
 
     def _count_nvlinks(self, h: Any) -> int:
         links = 0
@@ -141,14 +201,44 @@ class Collector:
                 gpu.health = s.health
                 gpu.health_reasons.extend(s.health_reasons)
             out.append(gpu)
+            for m in g.migs:
+                out.append(
+                    common_pb2.Gpu(
+                        uuid=m.uuid,
+                        index=g.index,
+                        model=g.model,
+                        memory_total_bytes=m.memory_total,
+                        health=gpu.health,
+                        parent_uuid=g.uuid,
+                        mig_profile=m.profile,
+                        gpu_instance_id=m.gpu_instance_id,
+                        compute_instance_id=m.compute_instance_id,
+                    )
+                )
         return out
 
     # -- sampling --------------------------------------------------------------------------------
 
     def note_xid(self, gpu: GpuInfo, xid: int) -> health.Verdict:
-        with self._lock:
-            gpu.xids.add(xid)
-        return self._verdict(gpu, None)
+        """The GPU's verdict with this XID: one that points at the GPU stays with it; one
+        that points at the application is only in this verdict (the event's)."""
+        gpu.last_xid = xid
+        if health.is_sticky(xid):
+            with self._lock:
+                gpu.xids.add(xid)
+            return self._verdict(gpu, None)
+        prev = gpu.last_verdict
+        return health.verdict_of([(prev.health, r) for r in prev.reasons] + [health.xid_reason(xid)])
+
+    def clear_faults(self, uuids: list[str]) -> None:
+        """An operator cleared these GPUs: forget their XIDs; the next reading judges them."""
+        for uuid in uuids:
+            gpu = self.by_uuid.get(uuid)
+            if gpu is not None:
+                with self._lock:
+                    gpu.xids.clear()
+                gpu.last_verdict = health.Verdict(health.HEALTHY)
+                log.info("GPU faults cleared by an operator", uuid=uuid)
 
     def _verdict(self, gpu: GpuInfo, s: common_pb2.GpuSample | None) -> health.Verdict:
         def opt(name: str) -> Any:
@@ -169,9 +259,9 @@ class Collector:
             prev = gpu.last_verdict
             # An event alone: keep what the last sample saw and add the event's verdict.
             ev = health.evaluate(reading)
-            merged = dict(prev.reasons)
-            merged.update(ev.reasons)
-            verdict = health.Verdict(max(prev.health, ev.health), tuple(merged.items()))
+            merged = {r.code: r for r in prev.reasons}
+            merged.update((r.code, r) for r in ev.reasons)
+            verdict = health.Verdict(max(prev.health, ev.health), tuple(merged.values()))
         else:
             verdict = health.evaluate(reading)
         gpu.last_verdict = verdict
@@ -211,8 +301,7 @@ class Collector:
     def _read_all(self, s: common_pb2.GpuSample, n: Any, h: Any, g: GpuInfo) -> None:
         r = self._read
         try:
-            mem = n.nvmlDeviceGetMemoryInfo(h)
-            s.memory_total_bytes, s.memory_used_bytes, s.memory_free_bytes = mem.total, mem.used, mem.free
+            self._read_memory(s, n, h)
         except _NOT_SUPPORTED:
             pass
         except _LOST as e:
@@ -227,6 +316,10 @@ class Collector:
         r(s, "temperature_celsius", lambda: n.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU))
         r(s, "power_watts", lambda: n.nvmlDeviceGetPowerUsage(h) / 1000.0)
         r(s, "sm_clock_mhz", lambda: n.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM))
+        r(s, "mem_clock_mhz", lambda: n.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_MEM))
+        r(s, "total_energy_millijoules", lambda: n.nvmlDeviceGetTotalEnergyConsumption(h))
+        r(s, "encoder_utilization_percent", lambda: n.nvmlDeviceGetEncoderUtilization(h)[0])
+        r(s, "decoder_utilization_percent", lambda: n.nvmlDeviceGetDecoderUtilization(h)[0])
         r(s, "pcie_replay_count", lambda: n.nvmlDeviceGetPcieReplayCounter(h))
         ce, ue = pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED, pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED
         vol, agg = pynvml.NVML_VOLATILE_ECC, pynvml.NVML_AGGREGATE_ECC
@@ -253,12 +346,62 @@ class Collector:
             raise GpuLost() from e
         r(s, "clock_event_reasons", lambda: n.nvmlDeviceGetCurrentClocksEventReasons(h))
         s.mig_enabled = g.mig_enabled
+        self._read_fields(s, n, h, g)
         if g.nvlinks:
             # NVLink counters move slowly and cost 4 NVML calls per link: read them every
             # NVLINK_EVERY reports and repeat the last reading in between.
             if g.nvlink_cache is None or self.sequence % NVLINK_EVERY == 0:
                 g.nvlink_cache = self._read_nvlink(n, h, g)
             s.nvlink_active_links, s.nvlink_errors = g.nvlink_cache
+        for m in g.migs:
+            ms = s.mig_devices.add(
+                uuid=m.uuid,
+                mig_profile=m.profile,
+                gpu_instance_id=m.gpu_instance_id,
+                compute_instance_id=m.compute_instance_id,
+            )
+            with contextlib.suppress(_NOT_SUPPORTED):
+                mem = n.nvmlDeviceGetMemoryInfo(m.handle)
+                ms.memory_total_bytes, ms.memory_used_bytes, ms.memory_free_bytes = (
+                    mem.total,
+                    mem.used,
+                    mem.free,
+                )
+
+    @staticmethod
+    def _read_memory(s: common_pb2.GpuSample, n: Any, h: Any) -> None:
+        """Memory with the driver's reservation apart (nvmlMemory_v2); v1 on older drivers."""
+        try:
+            mem = n.nvmlDeviceGetMemoryInfo(h, version=pynvml.nvmlMemory_v2)
+            s.memory_reserved_bytes = mem.reserved
+        except (pynvml.NVMLError_FunctionNotFound, pynvml.NVMLError_NotSupported):
+            mem = n.nvmlDeviceGetMemoryInfo(h)
+        s.memory_total_bytes, s.memory_used_bytes, s.memory_free_bytes = mem.total, mem.used, mem.free
+
+    def _read_fields(self, s: common_pb2.GpuSample, n: Any, h: Any, g: GpuInfo) -> None:
+        """Counters only NVML's field values give, in one call: HBM temperature and NVLink
+        data volume (each link's TX and RX). A field the GPU lacks comes back NotSupported
+        in its own nvmlReturn and stays absent."""
+        ids: list[Any] = [pynvml.NVML_FI_DEV_MEMORY_TEMP]
+        for link in range(g.nvlinks):
+            ids.append((pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, link))
+            ids.append((pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX, link))
+        try:
+            values = n.nvmlDeviceGetFieldValues(h, ids)
+        except _LOST as e:
+            raise GpuLost() from e
+        except pynvml.NVMLError:
+            return
+        kib = None
+        for v in values:
+            if v.nvmlReturn != pynvml.NVML_SUCCESS:
+                continue
+            if v.fieldId == pynvml.NVML_FI_DEV_MEMORY_TEMP:
+                s.memory_temperature_celsius = int(_field_value(v))
+            else:
+                kib = (kib or 0) + int(_field_value(v))
+        if kib is not None:
+            s.nvlink_data_kib = kib
 
     def _read_nvlink(self, n: Any, h: Any, g: GpuInfo) -> tuple[int, int]:
         active = 0
@@ -281,6 +424,7 @@ class Collector:
         self.sequence += 1
         report.sample_time.CopyFrom(now_ts(self.clock))
         report.gpus.extend(self._sample_gpu(g) for g in self.gpus)
+        self.last_report = report
         return report
 
 
@@ -350,6 +494,19 @@ class XidWatcher:
         finally:
             with contextlib.suppress(pynvml.NVMLError):
                 n.nvmlEventSetFree(event_set)
+
+
+def _field_value(v: Any) -> float:
+    t = v.valueType
+    if t == pynvml.NVML_VALUE_TYPE_DOUBLE:
+        return float(v.value.dVal)
+    if t == pynvml.NVML_VALUE_TYPE_UNSIGNED_INT:
+        return float(v.value.uiVal)
+    if t == pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG:
+        return float(v.value.ulVal)
+    if t == pynvml.NVML_VALUE_TYPE_SIGNED_LONG_LONG:
+        return float(v.value.sllVal)
+    return float(v.value.ullVal)
 
 
 def _text(v: str | bytes) -> str:

@@ -41,6 +41,18 @@ class DaemonConfig:
     lease_hook: str = ""  # executable run on each lease's start and end (docs/providers.md)
     lease_hook_timeout: float = 120.0
     state_dir: str = ""  # where the leases handed to the hook are kept across restarts
+    # A new boot id is a reboot: it clears a GPU's RESET_GPU / REBOOT_SYSTEM repair.
+    boot_id: str = ""
+    metrics_listen: str = ""  # HOST:PORT of the dcgm-exporter-compatible /metrics; empty: off
+
+
+def read_boot_id(path: str = "/proc/sys/kernel/random/boot_id") -> str:
+    """The kernel's id of this boot (a reboot changes it); empty where there is none."""
+    try:
+        with open(path) as f:
+            return f.read().strip()[:64]
+    except OSError:
+        return ""
 
 
 def _env_list(name: str) -> list[str]:
@@ -92,6 +104,14 @@ def parse_args(argv: Sequence[str] | None = None) -> DaemonConfig:
         help="keeps the leases handed to the hook across restarts (GPUFED_STATE_DIR; default "
         "/var/lib/gpufed-node-daemon with --lease-hook)",
     )
+    p.add_argument(
+        "--metrics-listen",
+        help="HOST:PORT for dcgm-exporter-compatible Prometheus metrics at /metrics "
+        "(GPUFED_METRICS_LISTEN; off by default; dcgm-exporter's own port is 9400)",
+    )
+    p.add_argument(
+        "--boot-id", help="this boot's id (GPUFED_BOOT_ID; default /proc/sys/kernel/random/boot_id)"
+    )
     a = p.parse_args(argv)
 
     settings = Settings.from_file(a.config)
@@ -134,6 +154,8 @@ def parse_args(argv: Sequence[str] | None = None) -> DaemonConfig:
             a.lease_hook_timeout, "GPUFED_LEASE_HOOK_TIMEOUT", "lease_hook_timeout", 120.0, float
         ),
         state_dir=pick(a.state_dir, "GPUFED_STATE_DIR", "state_dir", ""),
+        boot_id=pick(a.boot_id, "GPUFED_BOOT_ID", "boot_id", "") or read_boot_id(),
+        metrics_listen=pick(a.metrics_listen, "GPUFED_METRICS_LISTEN", "metrics_listen", ""),
     )
     if cfg.lease_hook and not cfg.state_dir:
         cfg.state_dir = "/var/lib/gpufed-node-daemon"

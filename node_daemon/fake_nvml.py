@@ -37,6 +37,35 @@ MIB = 1024**2
 
 
 @dataclass(frozen=True, slots=True)
+class MigSlice:
+    """A MIG instance's shape as NVML's device attributes give it."""
+
+    gpu_slices: int
+    compute_slices: int
+    memory_mb: int
+    multiprocessors: int
+
+
+# Real A100-SXM4-80GB and H100 80GB HBM3 instance shapes (nvidia-smi mig -lgip).
+A100_80_MIG = {
+    "1g.10gb": MigSlice(1, 1, 9728, 14),
+    "2g.20gb": MigSlice(2, 2, 19968, 28),
+    "3g.40gb": MigSlice(3, 3, 40192, 42),
+    "4g.40gb": MigSlice(4, 4, 40192, 56),
+    "7g.80gb": MigSlice(7, 7, 80896, 98),
+}
+H100_80_MIG = {
+    "1g.10gb": MigSlice(1, 1, 9856, 16),
+    "1g.20gb": MigSlice(1, 1, 19968, 26),
+    "2g.20gb": MigSlice(2, 2, 19968, 32),
+    "3g.40gb": MigSlice(3, 3, 40448, 60),
+    "4g.40gb": MigSlice(4, 4, 40448, 64),
+    "7g.80gb": MigSlice(7, 7, 80640, 132),
+}
+MAX_MIG_DEVICES = 7
+
+
+@dataclass(frozen=True, slots=True)
 class GpuSpec:
     name: str
     memory_bytes: int
@@ -45,20 +74,53 @@ class GpuSpec:
     max_sm_clock_mhz: int
     nvlinks: int = 0
     mig: bool = False
+    # With MIG on: the instances created, by profile name (keys of `mig_shapes`).
+    mig_layout: tuple[str, ...] = ()
+    mig_shapes: tuple[tuple[str, MigSlice], ...] = ()
+    mem_clock_mhz: int = 1593
+    hbm: bool = True  # HBM reports its own temperature; GDDR does not
+
+    def shape(self, profile: str) -> MigSlice:
+        return dict(self.mig_shapes)[profile]
 
 
-H100_SXM = GpuSpec("NVIDIA H100 80GB HBM3", 81559 * MIB, 700.0, 70.0, 1980, nvlinks=18)
+H100_SXM = GpuSpec("NVIDIA H100 80GB HBM3", 81559 * MIB, 700.0, 70.0, 1980, nvlinks=18, mem_clock_mhz=2619)
 A100_SXM = GpuSpec("NVIDIA A100-SXM4-80GB", 81920 * MIB, 400.0, 55.0, 1410, nvlinks=12)
-L40S = GpuSpec("NVIDIA L40S", 46068 * MIB, 350.0, 35.0, 2520)
-H200 = GpuSpec("NVIDIA H200", 143771 * MIB, 700.0, 75.0, 1980, nvlinks=18)
-A100_MIG = GpuSpec("NVIDIA A100-SXM4-80GB", 81920 * MIB, 400.0, 55.0, 1410, nvlinks=12, mig=True)
+L40S = GpuSpec("NVIDIA L40S", 46068 * MIB, 350.0, 35.0, 2520, mem_clock_mhz=9001, hbm=False)
+H200 = GpuSpec("NVIDIA H200", 143771 * MIB, 700.0, 75.0, 1980, nvlinks=18, mem_clock_mhz=3201)
+A100_MIG = GpuSpec(
+    "NVIDIA A100-SXM4-80GB",
+    81920 * MIB,
+    400.0,
+    55.0,
+    1410,
+    nvlinks=12,
+    mig=True,
+    mig_layout=("3g.40gb", "2g.20gb", "1g.10gb", "1g.10gb"),
+    mig_shapes=tuple(A100_80_MIG.items()),
+)
+H100_MIG = GpuSpec(
+    "NVIDIA H100 80GB HBM3",
+    81559 * MIB,
+    700.0,
+    70.0,
+    1980,
+    nvlinks=18,
+    mem_clock_mhz=2619,
+    mig=True,
+    mig_layout=("1g.10gb",) * 7,
+    mig_shapes=tuple(H100_80_MIG.items()),
+)
 
 PROFILES: dict[str, tuple[GpuSpec, ...]] = {
     "h100-sxm-8": (H100_SXM,) * 8,
     "a100-80g-8": (A100_SXM,) * 8,
     "l40s-4": (L40S,) * 4,
     "h200-8": (H200,) * 8,
+    # One A100 split 3g.40gb + 2g.20gb + 2 x 1g.10gb.
     "a100-mig": (A100_MIG,),
+    # Eight H100s: two split into seven 1g.10gb each, six whole.
+    "h100-mig": (H100_MIG,) * 2 + (H100_SXM,) * 6,
 }
 
 DRIVER_VERSION = "550.90.07"
@@ -125,12 +187,18 @@ def load_scenario(path: str | Path) -> list[ScenarioEvent]:
     return out
 
 
-# Handles are real `c_nvmlDevice_t` pointers, as pynvml returns; their address encodes the index.
+# Handles are real `c_nvmlDevice_t` pointers, as pynvml returns; their address encodes the index
+# (a MIG device's: its parent's index and its slot).
 _HANDLE_BASE = 0x6F00
+_MIG_HANDLE_BASE = 0x7F000
 
 
 def _handle(index: int) -> Any:
     return ctypes.cast(ctypes.c_void_p(_HANDLE_BASE + index), pynvml.c_nvmlDevice_t)
+
+
+def _mig_handle(parent: int, slot: int) -> Any:
+    return ctypes.cast(ctypes.c_void_p(_MIG_HANDLE_BASE + parent * 16 + slot), pynvml.c_nvmlDevice_t)
 
 
 def handle_key(handle: Any) -> int:
@@ -170,6 +238,20 @@ class _Gpu:
     clock_reasons: int = 0
     pcie_replay: int = 0
     nvlink_replay: int = 0
+    energy_mj: float = 0.0
+    energy_at: float = 0.0
+    nvlink_kib: float = 0.0
+    migs: list[_Mig] = field(default_factory=list)
+
+
+@dataclass
+class _Mig:
+    slot: int
+    profile: str
+    shape: MigSlice
+    uuid: str
+    gpu_instance_id: int
+    compute_instance_id: int = 0
 
 
 class FakeNvml:
@@ -200,7 +282,13 @@ class FakeNvml:
             digest = hashlib.sha256(f"{host}/{seed}/{i}".encode()).hexdigest()
             uuid = f"GPU-{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:32]}"
             rng = random.Random(f"{seed}/{host}/{i}")
-            self.gpus.append(_Gpu(i, spec, uuid, rng, phase=rng.uniform(0, 2 * math.pi)))
+            gpu = _Gpu(i, spec, uuid, rng, phase=rng.uniform(0, 2 * math.pi))
+            for slot, profile in enumerate(spec.mig_layout if spec.mig else ()):
+                d = hashlib.sha256(f"{host}/{seed}/{i}/mig{slot}".encode()).hexdigest()
+                mig_uuid = f"MIG-{d[:8]}-{d[8:12]}-{d[12:16]}-{d[16:20]}-{d[20:32]}"
+                # NVML numbers GPU instances by placement; any distinct ids do here.
+                gpu.migs.append(_Mig(slot, profile, spec.shape(profile), mig_uuid, slot + 1))
+            self.gpus.append(gpu)
         self._events: deque[tuple[int, int, int]] = deque()  # (gpu index, event type, data)
         self._cond = threading.Condition()
         self._lock = threading.Lock()
@@ -272,15 +360,39 @@ class FakeNvml:
         if self._next_event < len(self.scenario):
             self._advance()
         try:
-            index = handle_key(handle) - _HANDLE_BASE
+            key = handle_key(handle)
         except (TypeError, ctypes.ArgumentError) as e:
             raise NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT) from e
+        if key >= _MIG_HANDLE_BASE and self._find_mig(key) is not None:
+            # Device-level queries on a MIG device handle: NVML answers NotSupported.
+            raise NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        index = key - _HANDLE_BASE
         if not 0 <= index < len(self.gpus):
             raise NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
         g = self.gpus[index]
         if g.lost:
             raise NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
         return g
+
+    def _find_mig(self, key: int) -> tuple[_Gpu, _Mig] | None:
+        parent, slot = divmod(key - _MIG_HANDLE_BASE, 16)
+        if 0 <= parent < len(self.gpus):
+            for m in self.gpus[parent].migs:
+                if m.slot == slot:
+                    return self.gpus[parent], m
+        return None
+
+    def _mig(self, handle: FakeHandle) -> tuple[_Gpu, _Mig]:
+        self._check_init()
+        found = self._find_mig(handle_key(handle))
+        if found is None:
+            raise NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        if found[0].lost:
+            raise NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
+        return found
+
+    def _is_mig(self, handle: FakeHandle) -> bool:
+        return self._find_mig(handle_key(handle)) is not None
 
     def _load(self, g: _Gpu) -> float:
         """Utilization in [0, 1] by the GPU's pattern at this time."""
@@ -332,19 +444,134 @@ class FakeNvml:
         return self._gpu(handle).index
 
     def nvmlDeviceGetUUID(self, handle: FakeHandle) -> str:
+        if self._is_mig(handle):
+            return self._mig(handle)[1].uuid
         return self._gpu(handle).uuid
 
     def nvmlDeviceGetName(self, handle: FakeHandle) -> str:
+        if self._is_mig(handle):
+            return self._mig(handle)[0].spec.name
         return self._gpu(handle).spec.name
 
     def nvmlDeviceGetMemoryInfo(self, handle: FakeHandle, version: int | None = None) -> Any:
-        g = self._gpu(handle)
-        mem = pynvml.c_nvmlMemory_t()
-        mem.total = g.spec.memory_bytes
-        used = int(g.spec.memory_bytes * (0.02 + 0.9 * self._load(g)))
-        mem.used = used
-        mem.free = g.spec.memory_bytes - used
+        if self._is_mig(handle):
+            g, m = self._mig(handle)
+            total = m.shape.memory_mb * MIB
+            reserved = 0
+        else:
+            g = self._gpu(handle)
+            total = g.spec.memory_bytes
+            # The driver keeps some memory for itself (nvidia-smi's "Reserved").
+            reserved = 0 if g.spec.mig else 512 * MIB
+        mem = pynvml.c_nvmlMemory_v2_t() if version else pynvml.c_nvmlMemory_t()
+        if version:
+            mem.version = version
+            mem.reserved = reserved
+        used = int((total - reserved) * (0.02 + 0.9 * self._load(g)))
+        mem.total = total
+        mem.used = used + (0 if version else reserved)
+        mem.free = total - reserved - used
         return mem
+
+    # -- MIG -----------------------------------------------------------------------------------
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, handle: FakeHandle) -> int:
+        self.nvmlDeviceGetMigMode(handle)  # NotSupported on GPUs without MIG
+        return MAX_MIG_DEVICES
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle: FakeHandle, index: int) -> FakeHandle:
+        g = self._gpu(handle)
+        if not g.spec.mig:
+            raise NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        if not 0 <= index < MAX_MIG_DEVICES:
+            raise NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        if index >= len(g.migs):
+            raise NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
+        return _mig_handle(g.index, g.migs[index].slot)
+
+    def nvmlDeviceIsMigDeviceHandle(self, handle: FakeHandle) -> int:
+        self._check_init()
+        return int(self._is_mig(handle))
+
+    def nvmlDeviceGetDeviceHandleFromMigDeviceHandle(self, handle: FakeHandle) -> FakeHandle:
+        return _handle(self._mig(handle)[0].index)
+
+    def nvmlDeviceGetGpuInstanceId(self, handle: FakeHandle) -> int:
+        if not self._is_mig(handle):
+            self._gpu(handle)
+            raise NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return self._mig(handle)[1].gpu_instance_id
+
+    def nvmlDeviceGetComputeInstanceId(self, handle: FakeHandle) -> int:
+        if not self._is_mig(handle):
+            self._gpu(handle)
+            raise NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return self._mig(handle)[1].compute_instance_id
+
+    def nvmlDeviceGetAttributes(self, handle: FakeHandle) -> Any:
+        a = pynvml.c_nvmlDeviceAttributes()
+        if self._is_mig(handle):
+            shape = self._mig(handle)[1].shape
+        else:
+            g = self._gpu(handle)
+            full = dict(g.spec.mig_shapes).get("7g.80gb")
+            shape = full or MigSlice(0, 0, g.spec.memory_bytes // MIB, 132)
+        a.multiprocessorCount = shape.multiprocessors
+        a.gpuInstanceSliceCount = shape.gpu_slices
+        a.computeInstanceSliceCount = shape.compute_slices
+        a.memorySizeMB = shape.memory_mb
+        return a
+
+    def nvmlDeviceGetAttributes_v2(self, handle: FakeHandle) -> Any:
+        return self.nvmlDeviceGetAttributes(handle)
+
+    # -- counters dcgm-exporter shows ------------------------------------------------------------
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle: FakeHandle) -> int:
+        g = self._gpu(handle)
+        now = self.elapsed()
+        g.energy_mj += self.nvmlDeviceGetPowerUsage(handle) * max(0.0, now - g.energy_at)
+        g.energy_at = now
+        return int(g.energy_mj)
+
+    def nvmlDeviceGetEncoderUtilization(self, handle: FakeHandle) -> list[int]:
+        g = self._gpu(handle)
+        if g.spec.mig:
+            raise NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return [0, 167000]
+
+    def nvmlDeviceGetDecoderUtilization(self, handle: FakeHandle) -> list[int]:
+        g = self._gpu(handle)
+        if g.spec.mig:
+            raise NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return [round(5 * self._load(g)), 167000]
+
+    def nvmlDeviceGetFieldValues(self, handle: FakeHandle, field_ids: list[Any]) -> Any:
+        g = self._gpu(handle)
+        values = (pynvml.c_nvmlFieldValue_t * len(field_ids))()
+        for i, fid in enumerate(field_ids):
+            field_id, scope = fid if isinstance(fid, tuple) else (fid, 0)
+            v = values[i]
+            v.fieldId, v.scopeId = field_id, scope
+            v.timestamp = self.clock.time_ns() // 1000
+            v.nvmlReturn = pynvml.NVML_SUCCESS
+            if field_id == pynvml.NVML_FI_DEV_MEMORY_TEMP and g.spec.hbm:
+                v.valueType = pynvml.NVML_VALUE_TYPE_UNSIGNED_INT
+                v.value.uiVal = round(30 + 40 * self._load(g))
+            elif (
+                field_id
+                in (
+                    pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX,
+                    pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX,
+                )
+                and 0 <= scope < g.spec.nvlinks
+            ):
+                # KiB moved over the link since the driver loaded: ~25 GB/s per link at full load.
+                v.valueType = pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
+                v.value.ullVal = int(self.elapsed() * 25e6 * (0.1 + self._load(g)))
+            else:
+                v.nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED
+        return values
 
     def nvmlDeviceGetUtilizationRates(self, handle: FakeHandle) -> Any:
         g = self._gpu(handle)
@@ -370,6 +597,8 @@ class FakeNvml:
 
     def nvmlDeviceGetClockInfo(self, handle: FakeHandle, clock_type: int) -> int:
         g = self._gpu(handle)
+        if clock_type == pynvml.NVML_CLOCK_MEM:
+            return g.spec.mem_clock_mhz
         if clock_type != pynvml.NVML_CLOCK_SM:
             raise NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
         factor = 0.6 if g.clock_reasons else 1.0

@@ -1,16 +1,21 @@
-"""GPU health rules, from NVIDIA's own tables (XID catalogue and the DCGM/NVSentinel guidance).
+"""GPU health rules and repair actions, from NVIDIA's own tables (docs/health.md cites them).
 
 Theory of operation: a GPU's health is the worst verdict of a small set of table rows, each a
-pure predicate over one reading. Verdicts carry machine-readable reason codes (XID_79,
-ECC_DBE_VOLATILE, ...) so operators and tenants see why. XIDs are sticky for the life of the
-daemon process: a GPU that threw a fatal XID stays UNHEALTHY until the daemon restarts on a clean
-GPU (after the reset an operator does anyway), which is how health recovers.
+pure predicate over one reading. Every reason carries a machine-readable code (XID_79,
+ECC_DBE_VOLATILE, ...) and the repair it asks for (RepairAction), so operators, tenants and
+the control plane's repair lifecycle (control_plane/domain/repair.py) see why and what to do.
+
+XIDs that point at the GPU are sticky for the life of the daemon process; XIDs that point at
+the application (RESTART_APP) are told once, in the event, and leave the GPU's health alone.
+What clears a fault is the control plane's business: a reboot that shows the GPU clean, or an
+operator (AdminService.SetGpuHealthy, which makes the daemon forget the GPU's XIDs).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from gpufed.v1 import common_pb2
 
@@ -18,12 +23,60 @@ HEALTHY = common_pb2.GPU_HEALTH_HEALTHY
 DEGRADED = common_pb2.GPU_HEALTH_DEGRADED
 UNHEALTHY = common_pb2.GPU_HEALTH_UNHEALTHY
 
-# XIDs after which the GPU needs a reset or replacement: 48 DBE, 64 ECC page retirement failure,
-# 74 NVLink error, 79 fallen off the bus, 95 uncontained ECC, 119/120 GSP errors, 140 unrecovered
-# ECC.
-FATAL_XIDS = frozenset({48, 64, 74, 79, 95, 119, 120, 140})
-# Raised by applications (illegal address, exceptions, timeouts): not the GPU's fault.
-APPLICATION_XIDS = frozenset({13, 31, 43, 45, 68, 109})
+NONE = common_pb2.REPAIR_ACTION_NONE
+RESTART_APP = common_pb2.REPAIR_ACTION_RESTART_APP
+RESET_GPU = common_pb2.REPAIR_ACTION_RESET_GPU
+REBOOT_SYSTEM = common_pb2.REPAIR_ACTION_REBOOT_SYSTEM
+HARDWARE_INSPECTION = common_pb2.REPAIR_ACTION_HARDWARE_INSPECTION
+
+
+class XidRule(NamedTuple):
+    health: int
+    action: int
+    name: str
+
+
+# NVIDIA's Xid catalog (Ampere and newer), "Resolution Bucket (Immediate Action)": RESTART_APP,
+# RESET_GPU, RESTART_BM (here REBOOT_SYSTEM), IGNORE (NONE). What the GPU's health becomes is
+# ours: a fault of the application leaves the GPU HEALTHY; one that needs a reset or a reboot
+# takes the GPU out of offers.
+XID_CATALOG: dict[int, XidRule] = {
+    8: XidRule(HEALTHY, RESTART_APP, "GPU stopped processing"),
+    13: XidRule(HEALTHY, RESTART_APP, "graphics engine exception"),
+    31: XidRule(HEALTHY, RESTART_APP, "GPU memory page fault"),
+    43: XidRule(HEALTHY, RESTART_APP, "GPU stopped processing"),
+    45: XidRule(HEALTHY, NONE, "preemptive cleanup after an earlier error"),
+    48: XidRule(UNHEALTHY, RESET_GPU, "double-bit ECC error"),
+    61: XidRule(UNHEALTHY, RESET_GPU, "internal micro-controller breakpoint"),
+    62: XidRule(UNHEALTHY, RESET_GPU, "internal micro-controller halt"),
+    63: XidRule(DEGRADED, RESET_GPU, "ECC page retirement or row remap recorded"),
+    64: XidRule(UNHEALTHY, RESET_GPU, "ECC page retirement or row remap recording failed"),
+    68: XidRule(HEALTHY, RESTART_APP, "video decoder exception"),
+    69: XidRule(HEALTHY, RESTART_APP, "graphics engine class error"),
+    74: XidRule(UNHEALTHY, RESET_GPU, "NVLink error"),
+    79: XidRule(UNHEALTHY, REBOOT_SYSTEM, "GPU has fallen off the bus"),
+    92: XidRule(DEGRADED, NONE, "high single-bit ECC error rate"),
+    94: XidRule(HEALTHY, RESTART_APP, "contained ECC error"),
+    95: XidRule(UNHEALTHY, RESET_GPU, "uncontained ECC error"),
+    109: XidRule(HEALTHY, RESTART_APP, "context switch timeout"),
+    119: XidRule(UNHEALTHY, RESET_GPU, "GSP RPC timeout"),
+    120: XidRule(UNHEALTHY, RESET_GPU, "GSP error"),
+    121: XidRule(HEALTHY, NONE, "C2C link corrected error"),
+    140: XidRule(UNHEALTHY, RESET_GPU, "unrecovered ECC error"),
+    143: XidRule(UNHEALTHY, REBOOT_SYSTEM, "GPU initialization failure"),
+}
+# An XID the catalog does not list: shown, and the GPU offered only on request.
+UNLISTED_XID = XidRule(DEGRADED, NONE, "not in NVIDIA's Xid catalog")
+
+
+def xid_rule(xid: int) -> XidRule:
+    return XID_CATALOG.get(xid, UNLISTED_XID)
+
+
+def is_sticky(xid: int) -> bool:
+    """Whether an XID stays on the GPU (it points at the GPU) or is told once (the app's)."""
+    return xid_rule(xid).health != HEALTHY
+
 
 # NVML clock event reasons that mean the GPU is being slowed by heat or power trouble.
 THERMAL_SLOWDOWN = 0x20 | 0x40  # SwThermalSlowdown | HwThermalSlowdown
@@ -43,55 +96,89 @@ class Reading:
     clock_event_reasons: int | None = None
 
 
+class Reason(NamedTuple):
+    code: str
+    message: str
+    action: int
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
     health: int
-    reasons: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    reasons: tuple[Reason, ...] = field(default_factory=tuple)
+
+    @property
+    def codes(self) -> frozenset[str]:
+        return frozenset(r.code for r in self.reasons)
+
+    @property
+    def action(self) -> int:
+        """The worst action of the reasons (NONE for a clean GPU)."""
+        return max((r.action for r in self.reasons), default=NONE)
 
     def to_proto_reasons(self) -> list[common_pb2.HealthReason]:
-        return [common_pb2.HealthReason(code=c, message=m) for c, m in self.reasons]
+        return [
+            common_pb2.HealthReason(code=r.code, message=r.message, action=r.action)  # type: ignore[arg-type]
+            for r in self.reasons
+        ]
 
 
-Rule = Callable[[Reading], Iterable[tuple[int, str, str]]]
+Hit = tuple[int, Reason]
+Rule = Callable[[Reading], Iterable[Hit]]
 
 
-def _lost(r: Reading) -> Iterable[tuple[int, str, str]]:
+def xid_reason(xid: int) -> Hit:
+    rule = xid_rule(xid)
+    return rule.health, Reason(f"XID_{xid}", f"XID {xid}: {rule.name}", rule.action)
+
+
+def _lost(r: Reading) -> Iterable[Hit]:
     if r.lost:
-        yield UNHEALTHY, "GPU_LOST", "NVML reports the GPU as lost or failing"
+        yield UNHEALTHY, Reason("GPU_LOST", "NVML reports the GPU as lost or failing", REBOOT_SYSTEM)
 
 
-def _xids(r: Reading) -> Iterable[tuple[int, str, str]]:
+def _xids(r: Reading) -> Iterable[Hit]:
     for xid in sorted(r.xids):
-        if xid in FATAL_XIDS:
-            yield UNHEALTHY, f"XID_{xid}", f"XID {xid}: the GPU needs a reset"
-        elif xid not in APPLICATION_XIDS:
-            yield DEGRADED, f"XID_{xid}", f"XID {xid} seen"
+        yield xid_reason(xid)
 
 
-def _ecc(r: Reading) -> Iterable[tuple[int, str, str]]:
+def _ecc(r: Reading) -> Iterable[Hit]:
     if r.ecc_volatile_uncorrected:
         yield (
             UNHEALTHY,
-            "ECC_DBE_VOLATILE",
-            f"{r.ecc_volatile_uncorrected} uncorrectable ECC errors since boot",
+            Reason(
+                "ECC_DBE_VOLATILE",
+                f"{r.ecc_volatile_uncorrected} uncorrectable ECC errors since boot",
+                RESET_GPU,
+            ),
         )
 
 
-def _remap(r: Reading) -> Iterable[tuple[int, str, str]]:
+def _remap(r: Reading) -> Iterable[Hit]:
+    # NVIDIA's row-remapping guidance: a failed remap means the bank has no spare rows left
+    # (replace the GPU); a pending one takes effect at the next GPU reset.
     if r.remapped_rows_failure:
-        yield UNHEALTHY, "ROW_REMAP_FAILURE", "row remapping failed: the GPU should be replaced"
+        yield (
+            UNHEALTHY,
+            Reason(
+                "ROW_REMAP_FAILURE", "row remapping failed: the GPU should be replaced", HARDWARE_INSPECTION
+            ),
+        )
     if r.remapped_rows_pending:
-        yield DEGRADED, "ROW_REMAP_PENDING", "a row remap is pending: reset the GPU"
+        yield DEGRADED, Reason("ROW_REMAP_PENDING", "a row remap is pending: reset the GPU", RESET_GPU)
     if r.retired_pages_pending:
-        yield DEGRADED, "PAGE_RETIREMENT_PENDING", "a page retirement is pending: reset the GPU"
+        yield (
+            DEGRADED,
+            Reason("PAGE_RETIREMENT_PENDING", "a page retirement is pending: reset the GPU", RESET_GPU),
+        )
 
 
-def _slowdown(r: Reading) -> Iterable[tuple[int, str, str]]:
+def _slowdown(r: Reading) -> Iterable[Hit]:
     reasons = r.clock_event_reasons or 0
     if reasons & THERMAL_SLOWDOWN:
-        yield DEGRADED, "THERMAL_SLOWDOWN", "clocks reduced by thermal slowdown"
+        yield DEGRADED, Reason("THERMAL_SLOWDOWN", "clocks reduced by thermal slowdown", NONE)
     if reasons & POWER_SLOWDOWN:
-        yield DEGRADED, "POWER_SLOWDOWN", "clocks reduced by power or hardware slowdown"
+        yield DEGRADED, Reason("POWER_SLOWDOWN", "clocks reduced by power or hardware slowdown", NONE)
 
 
 RULES: tuple[Rule, ...] = (_lost, _xids, _ecc, _remap, _slowdown)
@@ -99,7 +186,11 @@ RULES: tuple[Rule, ...] = (_lost, _xids, _ecc, _remap, _slowdown)
 
 def evaluate(reading: Reading) -> Verdict:
     found = [hit for rule in RULES for hit in rule(reading)]
+    return verdict_of(found)
+
+
+def verdict_of(found: list[Hit]) -> Verdict:
     if not found:
         return Verdict(HEALTHY)
-    worst = max(h for h, _, _ in found)
-    return Verdict(worst, tuple((code, msg) for _, code, msg in found))
+    worst = max(h for h, _ in found)
+    return Verdict(worst, tuple(reason for _, reason in found))

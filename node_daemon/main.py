@@ -19,6 +19,7 @@ from gpufed.transport import channel_credentials
 from node_daemon.collector import Collector, XidWatcher
 from node_daemon.config import DaemonConfig, parse_args
 from node_daemon.fake_nvml import FakeNvml, load_scenario, parse_event
+from node_daemon.metrics import GpuView, Host, MetricsServer, render
 from node_daemon.session import DaemonSession
 
 log = get_logger(__name__)
@@ -63,14 +64,44 @@ async def run(cfg: DaemonConfig, clock: Clock = SYSTEM) -> None:
     loop = asyncio.get_running_loop()
     watcher = XidWatcher(collector, lambda ev: session.event_from_thread(loop, ev))
     watcher.start()
+    metrics = None
+    if cfg.metrics_listen:
+        metrics = MetricsServer(cfg.metrics_listen, lambda: metrics_page(cfg, collector, session))
+        metrics.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, session.stop)
     try:
         await session.run()
     finally:
+        if metrics is not None:
+            metrics.stop()
         watcher.stop()
         collector.shutdown()
         log.info("stopped")
+
+
+def metrics_page(cfg: DaemonConfig, collector: Collector, session: DaemonSession) -> str:
+    """The dcgm-exporter page from the last report, each GPU labelled with its lease."""
+    report = collector.last_report
+    if report is None:
+        report = collector.sample()
+    holders = {u: name for name, a in list(session.assignments.active.items()) for u in a.gpu_uuids}
+    views = []
+    for s in report.gpus:
+        info = collector.by_uuid.get(s.uuid)
+        views.append(
+            GpuView(
+                sample=s,
+                model=info.model if info else "",
+                last_xid=info.last_xid if info else 0,
+                lease=holders.get(s.uuid, ""),
+                mig_leases={m.uuid: holders[m.uuid] for m in s.mig_devices if m.uuid in holders},
+            )
+        )
+    host = Host(
+        cfg.node_id, collector.driver_version, cfg.provider, f"providers/{cfg.provider}/nodes/{cfg.node_id}"
+    )
+    return render(host, views)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

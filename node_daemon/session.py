@@ -128,6 +128,7 @@ class DaemonSession:
             driver_version=self.collector.driver_version,
             lease_hook=self.provisioner is not None,
             cuda_driver_version=self.collector.cuda_driver_version,
+            boot_id=c.boot_id,
         )
 
     # -- main loop -------------------------------------------------------------------------------
@@ -317,6 +318,8 @@ class DaemonSession:
             self._set_interval(cmd.report_interval.seconds + cmd.report_interval.nanos / 1e9)
         elif t == node_pb2.NODE_COMMAND_TYPE_RECONNECT:
             raise _Move(cmd.reason)
+        elif t == node_pb2.NODE_COMMAND_TYPE_CLEAR_GPU_FAULTS:
+            self.collector.clear_faults(list(cmd.gpu_uuids))
         elif t == node_pb2.NODE_COMMAND_TYPE_ASSIGNMENTS_SYNCED:
             # Leases held from before this stream that it did not start again have ended.
             for name in [n for n in self.assignments.active if n not in self._started_now]:

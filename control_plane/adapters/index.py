@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from control_plane.adapters.keyspace import KeyKind, Keyspace
+from control_plane.domain import mig
 from control_plane.domain.geo import unit_vector
 from control_plane.domain.inventory import GpuGroup, NodeEntry, NodeSummary
 from gpufed.v1 import common_pb2, lease_pb2
@@ -285,13 +286,15 @@ class Inventory:
             self.summaries.pop(name, None)
             return
         held = self.allocs.get(name, {})
-        groups: dict[tuple[str, int], GpuGroup] = {}
-        for uuid, model, health, memory, gpu in entry.gpus:
-            if uuid in held or health == _UNHEALTHY:
+        parents_held = mig.held_parents(entry.node.gpus, held) if held else ()
+        groups: dict[tuple[str, int, str], GpuGroup] = {}
+        for _, model, health, memory, gpu in entry.gpus:
+            if health == _UNHEALTHY or not mig.is_free(gpu, held, parents_held):
                 continue
-            g = groups.get((model, health))
+            key = (model, health, gpu.mig_profile)
+            g = groups.get(key)
             if g is None:
-                g = groups[(model, health)] = GpuGroup(model, health, memory, [])
+                g = groups[key] = GpuGroup(model, health, memory, [], gpu.mig_profile)
             elif memory < g.memory_bytes:
                 g.memory_bytes = memory
             g.gpus.append(gpu)

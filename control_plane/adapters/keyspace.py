@@ -7,6 +7,10 @@ never streamed to every replica's index:
   nodes/{provider}/{node_id}            Node record (gpufed.v1.Node, binary)
   alive/{provider}/{node_id}            session of the stream holding the node; on its replica's lease
   alloc/{provider}/{node_id}/{gpu_uuid} lease id; on the gpufed lease's etcd lease
+  alloc/{provider}/{node_id}/{gpu_uuid}/{mig_uuid}
+                                        the same for a MIG instance, under its parent GPU: a
+                                        whole-GPU grant compares that range empty, an instance's
+                                        grant compares the parent's key absent
   leases/{lease_id}                     Lease record; on its own etcd lease
   tokens/{token_id}                     token record with the secret's hash
   replicas/{replica_id}                 peer address; on the replica's session lease
@@ -93,8 +97,14 @@ class Keyspace:
     def alive(self, provider: str, node_id: str) -> str:
         return self._k("alive", provider, node_id)
 
-    def alloc(self, provider: str, node_id: str, gpu_uuid: str) -> str:
+    def alloc(self, provider: str, node_id: str, gpu_uuid: str, parent_uuid: str = "") -> str:
+        if parent_uuid:
+            return self._k("alloc", provider, node_id, parent_uuid, gpu_uuid)
         return self._k("alloc", provider, node_id, gpu_uuid)
+
+    def alloc_instances(self, provider: str, node_id: str, gpu_uuid: str) -> str:
+        """Prefix of the allocations of a GPU's MIG instances."""
+        return self._k("alloc", provider, node_id, gpu_uuid) + "/"
 
     def lease(self, lease_id: str) -> str:
         return self._k("leases", lease_id)
@@ -164,9 +174,13 @@ class Keyspace:
         """The watched key's kind and resource; None for a key outside the layout."""
         parts = self.relative(key)
         layout = _LAYOUT.get(parts[0])
-        if layout is None or len(parts) != layout[1] + 1:
+        if layout is None:
             return None
         kind = layout[0]
+        if kind is KeyKind.ALLOC and len(parts) == 5:  # a MIG instance's, under its parent
+            return Key(kind, node_name(parts[1], parts[2]), parts[4])
+        if len(parts) != layout[1] + 1:
+            return None
         if kind is KeyKind.QUOTA:
             return Key(kind, f"{parts[1]}/{parts[2]}")
         if len(parts) >= 3:  # nodes, alive, alloc: the node's resource name (and the GPU)

@@ -169,6 +169,22 @@ class TxnBuilder:
             mod_revision=revision + 1,
         )
 
+    def range_absent(self, prefix: bytes) -> None:
+        """No key under `prefix` exists (etcd compares every key in the range; none passes)."""
+        self.req.compare.add(
+            result=_EQUAL,
+            target=rpc.Compare.CREATE,
+            key=prefix,
+            range_end=prefix_end(prefix),
+            create_revision=0,
+        )
+
+    def guard(self, key: bytes) -> None:
+        """Never share a group commit with another Txn guarding or writing `key`: the nested
+        Txns of one batch all read the state before it, so two whose compares exclude each
+        other (a MIG instance's grant and its parent's) must not commit together."""
+        self.writes.add(key)
+
     def put(self, key: bytes, value: bytes, lease: int = 0) -> None:
         op = self.req.success.add().request_put
         op.key = key

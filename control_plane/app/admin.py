@@ -8,7 +8,7 @@ from control_plane import auth
 from control_plane.adapters.index import Inventory
 from control_plane.adapters.store import EtcdStore, KeyValue, delete
 from control_plane.app.leases import Leases
-from control_plane.domain import errors, pagination
+from control_plane.domain import errors, pagination, registration, repair
 from control_plane.domain.errors import shown
 from control_plane.domain.names import parse_lease_name, parse_node_name, valid_id, valid_principal
 from control_plane.domain.times import timestamp_ns
@@ -67,6 +67,32 @@ class Admin:
             node.ClearField("drain_deadline")
             if grace_s is not None:
                 node.drain_deadline.CopyFrom(timestamp(now + int(grace_s * NS)))
+            node.update_time.CopyFrom(now_ts(self.clock))
+            return node.SerializeToString()
+
+        updated = await self.store.update(
+            self.keys.node(provider, node_id), change, what="the node record", reason="NODE_CHANGING"
+        )
+        await self.inv.wait_for_revision(updated.revision)
+        view = self.inv.view(name)
+        return view if view is not None else common_pb2.Node.FromString(updated.value or b"")
+
+    async def set_gpu_healthy(self, name: str, gpu_uuid: str, reason: str, who: str) -> common_pb2.Node:
+        """An operator's clear of a GPU's repair and faults (its MIG instances follow it); the
+        replica streaming the node tells its daemon (control_plane.app.nodes)."""
+        provider, node_id = parse_node_name(name)
+        if not 1 <= len(reason) <= MAX_REASON:
+            raise errors.invalid("REASON_REQUIRED", f"say why, in 1..{MAX_REASON} characters", field="reason")
+
+        def change(kv: KeyValue | None) -> bytes:
+            if kv is None:
+                raise errors.not_found("NODE_NOT_FOUND", f"{name} is not registered", node=name)
+            node = common_pb2.Node.FromString(kv.value)
+            gpu = next((g for g in node.gpus if g.uuid == gpu_uuid and not g.parent_uuid), None)
+            if gpu is None:
+                raise errors.not_found("GPU_NOT_FOUND", f"{name} has no GPU {shown(gpu_uuid)}", node=name)
+            repair.set_healthy(gpu, who, reason, now_ts(self.clock))
+            registration.follow_parents(node)
             node.update_time.CopyFrom(now_ts(self.clock))
             return node.SerializeToString()
 

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from control_plane.adapters.index import Change, ChangeKind, Inventory
 from control_plane.app.caches import BoundedCache
-from control_plane.domain import errors, offers, pagination, pools
+from control_plane.domain import errors, offers, pagination, pools, registration
 from control_plane.domain.errors import shown
 from control_plane.domain.filters import compile_filter, visible
 from control_plane.domain.inventory import Candidate
@@ -168,7 +168,7 @@ class Discovery:
             if prov is None:
                 prov = by[p] = discovery_pb2.Provider(name=f"providers/{p}", provider=p)
             prov.node_count += 1
-            prov.gpu_count += len(entry.node.gpus)
+            prov.gpu_count += registration.whole_gpus(entry.node.gpus)
             if self.inv.is_schedulable(name):
                 prov.ready_node_count += 1
                 view = self.inv.view(name)

@@ -52,11 +52,22 @@ def grant_txn(
         txn.mod_revision_is(node_key, p.candidate.mod_revision)
         txn.present(keys.alive(node.provider, node.node_id).encode())
         txn.read_on_failure(node_key)
+        by_uuid = {g.uuid: g for g in p.candidate.gpus}
         for u in p.gpu_uuids:
-            key = keys.alloc(node.provider, node.node_id, u).encode()
+            gpu = by_uuid.get(u)
+            parent = gpu.parent_uuid if gpu is not None else ""
+            key = keys.alloc(node.provider, node.node_id, u, parent).encode()
             txn.absent(key)
             txn.put(key, value, etcd_lease)
             txn.read_on_failure(key)
+            # A GPU and its MIG instances are never held together: an instance's grant needs
+            # its parent free, a whole GPU's needs every instance free (one range compare).
+            if parent:
+                parent_key = keys.alloc(node.provider, node.node_id, parent).encode()
+                txn.absent(parent_key)
+                txn.guard(parent_key)
+            elif gpu is not None and gpu.mig_enabled:
+                txn.range_absent(keys.alloc_instances(node.provider, node.node_id, u).encode())
     return txn
 
 
@@ -78,7 +89,7 @@ def release_txn(
     if lease.request_id:
         txn.put(keys.request(lease.tenant, lease.request_id).encode(), lease_id.encode(), history_lease)
     for g in lease.gpus:
-        txn.delete(keys.alloc(g.provider, g.node_id, g.uuid).encode())
+        txn.delete(keys.alloc(g.provider, g.node_id, g.uuid, g.parent_uuid).encode())
     records = usage_records(final, final.end_time)
     if len(txn.req.success) + len(records) + 1 <= MAX_TXN_OPS:
         for r in records:

@@ -72,6 +72,8 @@ class NodeSession:
     # Reports and events allowed (the provider's report rate); None: unlimited.
     bucket: TokenBucket | None = None
     last_health_write: float = float("-inf")  # monotonic
+    # GPU uuid -> the operator clear (GpuRepair.cleared_time, ns) the daemon was told of.
+    clears: dict[str, int] = field(default_factory=dict)
 
     @property
     def alive_value(self) -> str:
@@ -321,7 +323,7 @@ class Nodes:
             return record.SerializeToString()
 
         for n in range(CAS_ATTEMPTS):
-            reservation = self.quotas.reserve_node(hello.provider, name, len(hello.gpus))
+            reservation = self.quotas.reserve_node(hello.provider, name, registration.whole_gpus(hello.gpus))
             seen = reservation.revision if reservation is not None else self.inventory.revision
             on_create = (
                 [
@@ -357,7 +359,7 @@ class Nodes:
             if kv is None:
                 return None
             node = common_pb2.Node.FromString(kv.value)
-            if not registration.apply_health(node, reported):
+            if not registration.apply_health(node, reported, now):
                 return None
             node.update_time.CopyFrom(now)
             return node.SerializeToString()
@@ -479,6 +481,8 @@ class Nodes:
         out.append(node_pb2.ControlMessage(command=synced))
         entry = self.inventory.nodes.get(session.name)
         session.admin_state = entry.node.state if entry else 0
+        if entry is not None:
+            session.clears = _operator_clears(entry.node)  # a new daemon has nothing to forget
         if session.admin_state in (NodeState.NODE_STATE_CORDONED, NodeState.NODE_STATE_DRAINING):
             out.append(_command_for(session.admin_state, entry.node.state_reason if entry else ""))
         return out
@@ -554,6 +558,16 @@ class Nodes:
         if record.state != s.admin_state:
             s.admin_state = record.state
             s.outgoing.put_nowait(_command_for(record.state, record.state_reason))
+        clears = _operator_clears(record)
+        fresh = [u for u, t in clears.items() if t > s.clears.get(u, 0)]
+        s.clears = clears
+        if fresh:  # an operator cleared these (SetGpuHealthy): the daemon forgets their XIDs
+            cmd = node_pb2.NodeCommand(
+                type=node_pb2.NODE_COMMAND_TYPE_CLEAR_GPU_FAULTS,
+                gpu_uuids=fresh,
+                reason="cleared by an operator",
+            )
+            s.outgoing.put_nowait(node_pb2.ControlMessage(command=cmd))
 
     def _resync(self) -> None:
         """The index was re-listed: changes in the gap were never seen, so each session is
@@ -568,6 +582,14 @@ class Nodes:
             entry = self.inventory.nodes.get(s.name)
             if entry is not None:
                 self._sync_state(s, entry.node)
+
+
+def _operator_clears(node: common_pb2.Node) -> dict[str, int]:
+    return {
+        g.uuid: g.repair.cleared_time.ToNanoseconds()
+        for g in node.gpus
+        if g.HasField("repair") and g.repair.cleared_by not in ("", "reboot")
+    }
 
 
 def _command_for(state: int, reason: str) -> node_pb2.ControlMessage:

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from control_plane.domain import errors
+from control_plane.domain import errors, mig
 from control_plane.domain.countries import is_country_code
 from control_plane.domain.errors import shown
 from control_plane.domain.geo import haversine_km, valid_coordinates
@@ -62,6 +62,8 @@ class Filter:
     viewer: str | None = ""
     # Within what the viewer sees: "any", only its "own" pool, or only the "federation".
     pool: str = "any"
+    # MIG instances of this profile instead of whole GPUs ("" for whole GPUs).
+    mig_profile: str = ""
 
     def node_matches(self, node: common_pb2.Node) -> tuple[bool, float | None]:
         """Whether the node's place, provider, price and labels pass; with its distance if near."""
@@ -114,6 +116,7 @@ class Filter:
                 self.include_degraded,
                 self.viewer,
                 self.pool,
+                self.mig_profile,
             )
         )
 
@@ -194,6 +197,12 @@ def _compile(f: common_pb2.GpuFilter) -> Filter:
                 "INVALID_RADIUS", "near.radius_km must be a positive number", field="filter.near.radius_km"
             )
         near = Near(n.latitude, n.longitude, n.radius_km)
+    if f.mig_profile and not mig.valid_profile(f.mig_profile):
+        raise errors.invalid(
+            "INVALID_MIG_PROFILE",
+            f"mig_profile {shown(f.mig_profile)} is not a MIG profile such as 1g.10gb",
+            field="filter.mig_profile",
+        )
     if not math.isfinite(f.max_price_per_gpu_hour) or f.max_price_per_gpu_hour < 0:
         raise errors.invalid(
             "INVALID_PRICE",
@@ -211,4 +220,5 @@ def _compile(f: common_pb2.GpuFilter) -> Filter:
         max_price=f.max_price_per_gpu_hour,
         labels=tuple(sorted(f.labels.items())),
         include_degraded=f.include_degraded,
+        mig_profile=f.mig_profile,
     )

@@ -26,12 +26,14 @@ class NodeEntry:
 
 @dataclass(slots=True)
 class GpuGroup:
-    """Free GPUs of one model and health on one node (the unit searches look at)."""
+    """Free GPUs (or MIG instances of one profile) of one model and health on one node (the
+    unit searches look at)."""
 
     model: str
     health: int
     memory_bytes: int
     gpus: list[common_pb2.Gpu]
+    mig_profile: str = ""
 
 
 @dataclass(slots=True)

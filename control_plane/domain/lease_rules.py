@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from control_plane.domain import access, errors, pools
+from control_plane.domain import access, errors, mig, pools
 from control_plane.domain.filters import Filter, compile_filter
 from control_plane.domain.names import lease_name, validate_request_id
 from control_plane.domain.placement import MAX_GANG, Pick
@@ -108,8 +108,10 @@ def build_lease(
                 index=g.index,
                 model=g.model,
                 location=node.location,
-                price_per_gpu_hour=node.price_per_gpu_hour,
+                price_per_gpu_hour=mig.unit_price(node.price_per_gpu_hour, g),
                 pool=pools.kind_of(node.pool_tenant, tenant),
+                parent_uuid=g.parent_uuid,
+                mig_profile=g.mig_profile,
             )
     lease.price_per_hour = round(sum(g.price_per_gpu_hour for g in lease.gpus), 6)
     lease.currency_code = currency or "USD"

@@ -94,16 +94,22 @@ class LeaseWatch:
             return []
         ours = {g.uuid for g in self.lease.gpus if g.node == name}
         out = []
+        by_uuid = {g.uuid: g for g in node.gpus}
         for g in node.gpus:
             if g.uuid in ours and g.health == _UNHEALTHY and g.uuid not in self._unhealthy:
                 self._unhealthy.add(g.uuid)
+                # A MIG instance's health is its GPU's: so are the reasons.
+                judged = by_uuid.get(g.parent_uuid, g) if g.parent_uuid else g
+                reasons = list(judged.health_reasons)
                 out.append(
                     Event(
                         type=Event.EVENT_TYPE_GPU_UNHEALTHY,
                         gpu_uuid=g.uuid,
                         node=name,
-                        message=", ".join(r.code for r in g.health_reasons),
+                        message=", ".join(r.code for r in reasons),
                         event_time=_ts(now_ns),
+                        health_reasons=reasons,
+                        repair_action=max((r.action for r in reasons), default=0),  # type: ignore[arg-type]
                     )
                 )
         return out

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from control_plane.domain import mig
 from control_plane.domain.filters import Filter, model_matches
 from control_plane.domain.geo import EARTH_RADIUS_KM, unit_vector
 from control_plane.domain.inventory import Candidate, InventoryView, NodeSummary
@@ -30,6 +31,8 @@ def _candidates_of(s: NodeSummary, flt: Filter, min_free: int) -> Iterator[Candi
     by_model: dict[str, list[common_pb2.Gpu]] = {}
     merged = False
     for g in s.groups:
+        if g.mig_profile != flt.mig_profile:
+            continue  # whole GPUs, or instances of the one profile asked for
         if g.health != HEALTHY and not (flt.include_degraded and g.health == DEGRADED):
             continue
         if g.memory_bytes < flt.min_gpu_memory_bytes or not model_matches(flt.gpu_model, g.model):
@@ -142,6 +145,7 @@ def to_offer(c: Candidate) -> discovery_pb2.Offer:
 def base_offer(c: Candidate) -> discovery_pb2.Offer:
     node = c.node
     worst = max(g.health for g in c.gpus)
+    first = c.gpus[0]
     offer = discovery_pb2.Offer(
         node=c.name,
         provider=node.provider,
@@ -151,9 +155,10 @@ def base_offer(c: Candidate) -> discovery_pb2.Offer:
         gpu_memory_bytes=min(g.memory_total_bytes for g in c.gpus),
         free_gpus=len(c.gpus),
         gpu_uuids=[g.uuid for g in c.gpus],
-        price_per_gpu_hour=node.price_per_gpu_hour,
+        price_per_gpu_hour=mig.unit_price(node.price_per_gpu_hour, first),
         currency_code=node.currency_code,
         health=worst,
+        mig_profile=first.mig_profile,
         labels=dict(node.labels),
         # Only the pool's tenant (and operators) ever get an offer of a pool node.
         pool=common_pb2.POOL_KIND_OWN if node.pool_tenant else common_pb2.POOL_KIND_FEDERATION,
@@ -172,15 +177,17 @@ def summarize(inv: InventoryView, flt: Filter) -> list[discovery_pb2.CapacityBuc
         if not ok:
             continue
         held = inv.allocs.get(name, {})
+        parents_held = mig.held_parents(entry.node.gpus, held) if held else ()
         for gpu in entry.node.gpus:
             if (
-                not model_matches(flt.gpu_model, gpu.model)
+                gpu.mig_profile != flt.mig_profile
+                or not model_matches(flt.gpu_model, gpu.model)
                 or gpu.memory_total_bytes < flt.min_gpu_memory_bytes
             ):
                 continue
             b = buckets.setdefault((gpu.model, entry.node.location.country_code, gpu.health), [0, 0])
             b[0] += 1
-            if gpu.uuid not in held:
+            if mig.is_free(gpu, held, parents_held):
                 b[1] += 1
     return [
         discovery_pb2.CapacityBucket(gpu_model=m, country_code=c, health=h, total_gpus=t, free_gpus=f)  # type: ignore[arg-type]

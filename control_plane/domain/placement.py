@@ -36,6 +36,17 @@ def max_nodes_for(gpu_count: int) -> int:
     return max(1, (TXN_OP_LIMIT - 2 - gpu_count) // 2)
 
 
+def _fits_txn(nodes: int, gpu_count: int, mig_units: int) -> bool:
+    """Whether a grant of `gpu_count` GPUs on `nodes` nodes fits one Txn; a MIG instance or a
+    MIG-enabled GPU costs one more compare (its parent's or its instances' allocations)."""
+    return nodes * 2 + mig_units <= max(2, TXN_OP_LIMIT - 2 - gpu_count)
+
+
+def _mig_units(c: Candidate, uuids: Iterable[str]) -> int:
+    wanted = set(uuids)
+    return sum(1 for g in c.gpus if g.uuid in wanted and (g.parent_uuid or g.mig_enabled))
+
+
 def place(
     cands: Iterable[Candidate],
     gpu_count: int,
@@ -58,10 +69,12 @@ def place(
     usable.sort(key=lambda cf: (-len(cf[1]), cf[0].node.price_per_gpu_hour))
     picks: list[Pick] = []
     need = gpu_count
+    mig_units = 0
     for c, free in usable:
-        if len(picks) == max_nodes_for(gpu_count):
-            return None
         take = free[:need]
+        mig_units += _mig_units(c, take)
+        if not _fits_txn(len(picks) + 1, gpu_count, mig_units):
+            return None
         picks.append(Pick(c, tuple(take)))
         need -= len(take)
         if need == 0:
@@ -90,4 +103,7 @@ def _place_single(
     c, free = ties[rng.randrange(len(ties))]
     # A random window of the free GPUs, so two grants on one node rarely want the same ones.
     start = rng.randrange(len(free) - gpu_count + 1)
-    return [Pick(c, tuple(free[start : start + gpu_count]))]
+    take = tuple(free[start : start + gpu_count])
+    if not _fits_txn(1, gpu_count, _mig_units(c, take)):
+        return None
+    return [Pick(c, take)]

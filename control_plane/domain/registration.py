@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from google.protobuf import timestamp_pb2
 
-from control_plane.domain import errors
+from control_plane.domain import errors, mig, repair
 from control_plane.domain.countries import is_country_code
 from control_plane.domain.errors import shown
 from control_plane.domain.geo import valid_coordinates
@@ -41,6 +41,7 @@ MAX_NODE_RECORD_BYTES = 128 * 1024
 # A report of 64 GPUs with every health reason at its bound is ~100 KB; 8 real GPUs ~1 KB.
 MAX_REPORT_BYTES = 128 * 1024
 _HEALTH_VALUES = frozenset(common_pb2.GpuHealth.values())
+_ACTIONS = frozenset(common_pb2.RepairAction.values())
 
 
 def validate_health(health: int, reasons: Sequence[common_pb2.HealthReason], where: str, field: str) -> None:
@@ -52,6 +53,12 @@ def validate_health(health: int, reasons: Sequence[common_pb2.HealthReason], whe
     if len(reasons) > MAX_REASONS:
         raise errors.invalid("INVALID_HEALTH", f"{where}: at most {MAX_REASONS} health reasons", field=field)
     for r in reasons:
+        if r.action not in _ACTIONS:
+            raise errors.invalid(
+                "INVALID_HEALTH",
+                f"{where}: repair action {r.action} is not a RepairAction value",
+                field=field,
+            )
         if len(r.code) > MAX_REASON_CODE or len(r.message) > MAX_REASON_MESSAGE:
             raise errors.invalid(
                 "INVALID_HEALTH",
@@ -127,10 +134,11 @@ def validate_hello(hello: node_pb2.NodeHello, provider: str) -> None:
             "currency_code must be an ISO 4217 code such as USD",
             field="hello.currency_code",
         )
-    if not 1 <= len(hello.gpus) <= MAX_GPUS_PER_NODE:
+    if not 1 <= whole_gpus(hello.gpus) <= MAX_GPUS_PER_NODE:
         raise errors.invalid(
             "INVALID_INVENTORY", f"a node must report 1..{MAX_GPUS_PER_NODE} GPUs", field="hello.gpus"
         )
+    _validate_mig(hello.gpus)
     seen: set[str] = set()
     for gpu in hello.gpus:
         if not _UUID.fullmatch(gpu.uuid) or gpu.uuid in seen:
@@ -145,7 +153,7 @@ def validate_hello(hello: node_pb2.NodeHello, provider: str) -> None:
                 "INVALID_INVENTORY", f"GPU {gpu.uuid} has no model name", field="hello.gpus.model"
             )
         validate_health(gpu.health, gpu.health_reasons, f"GPU {gpu.uuid}", "hello.gpus.health")
-    for field in ("daemon_version", "driver_version", "cuda_driver_version"):
+    for field in ("daemon_version", "driver_version", "cuda_driver_version", "boot_id"):
         if len(getattr(hello, field)) > MAX_VERSION:
             raise errors.invalid("INVALID_HELLO", f"{field} is at most {MAX_VERSION} characters", field=field)
     if len(hello.labels) > MAX_LABELS:
@@ -153,6 +161,56 @@ def validate_hello(hello: node_pb2.NodeHello, provider: str) -> None:
     for k, v in hello.labels.items():
         if not _LABEL_KEY.fullmatch(k) or len(v) > MAX_LABEL_VALUE:
             raise errors.invalid("INVALID_LABELS", f"label {shown(k)} is malformed", field="hello.labels")
+
+
+def whole_gpus(gpus: Sequence[common_pb2.Gpu]) -> int:
+    """GPUs, not counting MIG instances (what GPU quotas and bounds count)."""
+    return sum(1 for g in gpus if not g.parent_uuid)
+
+
+def _validate_mig(gpus: Sequence[common_pb2.Gpu]) -> None:
+    """Each MIG instance names a MIG-enabled GPU of the same inventory and a valid profile; at
+    most seven per GPU."""
+    parents = {g.uuid for g in gpus if not g.parent_uuid and g.mig_enabled}
+    per_parent: dict[str, int] = {}
+    for g in gpus:
+        if not g.parent_uuid:
+            if g.mig_profile:
+                raise errors.invalid(
+                    "INVALID_INVENTORY",
+                    f"GPU {shown(g.uuid)} has a MIG profile but no parent",
+                    field="hello.gpus",
+                )
+            continue
+        if g.parent_uuid not in parents:
+            raise errors.invalid(
+                "INVALID_INVENTORY",
+                f"MIG instance {shown(g.uuid)} names {shown(g.parent_uuid)}, "
+                "not a MIG-enabled GPU of this node",
+                field="hello.gpus.parent_uuid",
+            )
+        if not mig.valid_profile(g.mig_profile):
+            raise errors.invalid(
+                "INVALID_INVENTORY",
+                f"MIG instance {shown(g.uuid)}: profile {shown(g.mig_profile)} is not like 1g.10gb",
+                field="hello.gpus.mig_profile",
+            )
+        per_parent[g.parent_uuid] = n = per_parent.get(g.parent_uuid, 0) + 1
+        if n > mig.MAX_INSTANCES_PER_GPU:
+            raise errors.invalid(
+                "INVALID_INVENTORY",
+                f"GPU {shown(g.parent_uuid)} has more than {mig.MAX_INSTANCES_PER_GPU} MIG instances",
+                field="hello.gpus",
+            )
+
+
+def follow_parents(node: common_pb2.Node) -> None:
+    """A MIG instance's health is its GPU's (NVML reports health per GPU)."""
+    health = {g.uuid: g.health for g in node.gpus if not g.parent_uuid}
+    for g in node.gpus:
+        if g.parent_uuid and g.parent_uuid in health:
+            g.health = health[g.parent_uuid]
+            del g.health_reasons[:]
 
 
 def check_certificate(provider: str, uris: list[str], trust_domain: str) -> None:
@@ -194,13 +252,23 @@ def record_from_hello(
         cuda_driver_version=hello.cuda_driver_version,
         lease_hook=hello.lease_hook,
         pool_tenant=pool_tenant,  # from the token, never from the hello
+        boot_id=hello.boot_id,
     )
+    # A reboot: a boot id the record has not seen (none known: never taken for a reboot).
+    new_boot = bool(hello.boot_id) and (existing is None or existing.boot_id != hello.boot_id)
+    repairs = {g.uuid: g.repair for g in existing.gpus if g.HasField("repair")} if existing else {}
     for g in hello.gpus:
         gpu = node.gpus.add()
         gpu.CopyFrom(g)
         gpu.lease = ""
+        gpu.ClearField("repair")  # the control plane's, never the daemon's
         if gpu.health == common_pb2.GPU_HEALTH_UNSPECIFIED:
             gpu.health = common_pb2.GPU_HEALTH_HEALTHY
+        if not gpu.parent_uuid:
+            if gpu.uuid in repairs:
+                gpu.repair.CopyFrom(repairs[gpu.uuid])
+            repair.observe(gpu, gpu.health, list(gpu.health_reasons), hello.boot_id, now, new_boot)
+    follow_parents(node)
     if existing is not None:
         node.state = existing.state
         node.state_reason = existing.state_reason
@@ -235,25 +303,29 @@ def same_record(a: common_pb2.Node, b: common_pb2.Node) -> bool:
 
 
 def apply_health(
-    node: common_pb2.Node, reported: dict[str, tuple[int, list[common_pb2.HealthReason]]]
+    node: common_pb2.Node,
+    reported: dict[str, tuple[int, list[common_pb2.HealthReason]]],
+    now: timestamp_pb2.Timestamp | None = None,
 ) -> bool:
-    """Fold a report's per-GPU health into the record; True if anything changed.
+    """Fold a report's per-GPU health into the record, and its faults into each GPU's repair
+    (control_plane.domain.repair); True if anything changed.
 
-    Within one daemon session health only gets worse: an UNHEALTHY GPU stays so until a daemon
-    restart shows it clean (a GPU that threw a fatal XID needs a reset, which restarts the daemon).
-    """
+    Within one daemon session an UNHEALTHY GPU stays so; what clears it is the repair
+    lifecycle (a reboot that shows it clean, or an operator)."""
+    now = now or timestamp_pb2.Timestamp()
     changed = False
     for gpu in node.gpus:
         got = reported.get(gpu.uuid)
-        if got is None:
+        if got is None or gpu.parent_uuid:
             continue
         health, reasons = got
         if health == common_pb2.GPU_HEALTH_UNSPECIFIED or health == gpu.health:
             continue
         if gpu.health == UNHEALTHY:
             continue
-        gpu.health = health  # type: ignore[assignment]
-        del gpu.health_reasons[:]
-        gpu.health_reasons.extend(reasons)
-        changed = True
+        before = gpu.SerializeToString()
+        repair.observe(gpu, health, reasons, node.boot_id, now, new_boot=False)
+        changed = changed or gpu.SerializeToString() != before
+    if changed:
+        follow_parents(node)
     return changed

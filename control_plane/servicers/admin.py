@@ -28,6 +28,13 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         node = await self.admin.set_state(request.name, NodeState.NODE_STATE_CORDONED, request.reason)
         return admin_pb2.CordonNodeResponse(node=node)
 
+    async def SetGpuHealthy(
+        self, request: admin_pb2.SetGpuHealthyRequest, context: Ctx
+    ) -> admin_pb2.SetGpuHealthyResponse:
+        who = str(auth.current_principal())
+        node = await self.admin.set_gpu_healthy(request.node, request.gpu_uuid, request.reason, who)
+        return admin_pb2.SetGpuHealthyResponse(node=node)
+
     async def UncordonNode(
         self, request: admin_pb2.UncordonNodeRequest, context: Ctx
     ) -> admin_pb2.UncordonNodeResponse:

@@ -43,6 +43,54 @@ TOKEN_KIND_ADMIN: TokenKind.ValueType  # 3
 Global___TokenKind: _TypeAlias = TokenKind  # noqa: Y015
 
 @_typing.final
+class SetGpuHealthyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    GPU_UUID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    """"providers/{provider}/nodes/{node_id}"."""
+    gpu_uuid: _builtins.str
+    """The GPU's uuid ("GPU-..."); its MIG instances follow it."""
+    reason: _builtins.str
+    """Why, for the audit log and the repair record: 1..256 characters."""
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        gpu_uuid: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpu_uuid", b"gpu_uuid", "node", b"node", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetGpuHealthyRequest: _TypeAlias = SetGpuHealthyRequest  # noqa: Y015
+
+@_typing.final
+class SetGpuHealthyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def node(self) -> _common_pb2.Node: ...
+    def __init__(
+        self,
+        *,
+        node: _common_pb2.Node | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetGpuHealthyResponse: _TypeAlias = SetGpuHealthyResponse  # noqa: Y015
+
+@_typing.final
 class CordonNodeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

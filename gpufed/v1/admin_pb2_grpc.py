@@ -97,6 +97,11 @@ class AdminServiceStub:
                 request_serializer=gpufed_dot_v1_dot_admin__pb2.GetBurstPolicyRequest.SerializeToString,
                 response_deserializer=gpufed_dot_v1_dot_admin__pb2.GetBurstPolicyResponse.FromString,
                 _registered_method=True)
+        self.SetGpuHealthy = channel.unary_unary(
+                '/gpufed.v1.AdminService/SetGpuHealthy',
+                request_serializer=gpufed_dot_v1_dot_admin__pb2.SetGpuHealthyRequest.SerializeToString,
+                response_deserializer=gpufed_dot_v1_dot_admin__pb2.SetGpuHealthyResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -200,6 +205,17 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetGpuHealthy(self, request, context):
+        """An operator's word that a GPU is fit again (after a hardware inspection, or a reset the
+        control plane could not see): clears its repair, whatever the action, and its health
+        reasons; the node's daemon forgets the GPU's XIDs, and its next reading decides its health.
+        Admin only; audited. NOT_FOUND NODE_NOT_FOUND / GPU_NOT_FOUND; INVALID_ARGUMENT
+        REASON_REQUIRED without a reason (1..256 characters).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -262,6 +278,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetBurstPolicy,
                     request_deserializer=gpufed_dot_v1_dot_admin__pb2.GetBurstPolicyRequest.FromString,
                     response_serializer=gpufed_dot_v1_dot_admin__pb2.GetBurstPolicyResponse.SerializeToString,
+            ),
+            'SetGpuHealthy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetGpuHealthy,
+                    request_deserializer=gpufed_dot_v1_dot_admin__pb2.SetGpuHealthyRequest.FromString,
+                    response_serializer=gpufed_dot_v1_dot_admin__pb2.SetGpuHealthyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -591,6 +612,33 @@ class AdminService:
             '/gpufed.v1.AdminService/GetBurstPolicy',
             gpufed_dot_v1_dot_admin__pb2.GetBurstPolicyRequest.SerializeToString,
             gpufed_dot_v1_dot_admin__pb2.GetBurstPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetGpuHealthy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpufed.v1.AdminService/SetGpuHealthy',
+            gpufed_dot_v1_dot_admin__pb2.SetGpuHealthyRequest.SerializeToString,
+            gpufed_dot_v1_dot_admin__pb2.SetGpuHealthyResponse.FromString,
             options,
             channel_credentials,
             insecure,

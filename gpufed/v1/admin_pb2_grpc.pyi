@@ -77,6 +77,13 @@ class AdminServiceStub:
     """
     GetBurstPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetBurstPolicyRequest, _admin_pb2.GetBurstPolicyResponse]
     """A tenant's burst policy (the tenant itself or an admin)."""
+    SetGpuHealthy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetGpuHealthyRequest, _admin_pb2.SetGpuHealthyResponse]
+    """An operator's word that a GPU is fit again (after a hardware inspection, or a reset the
+    control plane could not see): clears its repair, whatever the action, and its health
+    reasons; the node's daemon forgets the GPU's XIDs, and its next reading decides its health.
+    Admin only; audited. NOT_FOUND NODE_NOT_FOUND / GPU_NOT_FOUND; INVALID_ARGUMENT
+    REASON_REQUIRED without a reason (1..256 characters).
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -127,6 +134,13 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """
     GetBurstPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetBurstPolicyRequest, _admin_pb2.GetBurstPolicyResponse]  # type: ignore[assignment]
     """A tenant's burst policy (the tenant itself or an admin)."""
+    SetGpuHealthy: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetGpuHealthyRequest, _admin_pb2.SetGpuHealthyResponse]  # type: ignore[assignment]
+    """An operator's word that a GPU is fit again (after a hardware inspection, or a reset the
+    control plane could not see): clears its repair, whatever the action, and its health
+    reasons; the node's daemon forgets the GPU's XIDs, and its next reading decides its health.
+    Admin only; audited. NOT_FOUND NODE_NOT_FOUND / GPU_NOT_FOUND; INVALID_ARGUMENT
+    REASON_REQUIRED without a reason (1..256 characters).
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """Operator RPCs. Every RPC needs an admin token, except ListUsageRecords (a tenant or provider
@@ -246,5 +260,18 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.GetBurstPolicyResponse, _abc.Awaitable[_admin_pb2.GetBurstPolicyResponse]]:
         """A tenant's burst policy (the tenant itself or an admin)."""
+
+    @_abc_1.abstractmethod
+    def SetGpuHealthy(
+        self,
+        request: _admin_pb2.SetGpuHealthyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SetGpuHealthyResponse, _abc.Awaitable[_admin_pb2.SetGpuHealthyResponse]]:
+        """An operator's word that a GPU is fit again (after a hardware inspection, or a reset the
+        control plane could not see): clears its repair, whatever the action, and its health
+        reasons; the node's daemon forgets the GPU's XIDs, and its next reading decides its health.
+        Admin only; audited. NOT_FOUND NODE_NOT_FOUND / GPU_NOT_FOUND; INVALID_ARGUMENT
+        REASON_REQUIRED without a reason (1..256 characters).
+        """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

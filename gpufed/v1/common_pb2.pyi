@@ -46,6 +46,46 @@ GPU_HEALTH_UNHEALTHY: GpuHealth.ValueType  # 3
 """Not fit for work (fatal XID, double-bit ECC, lost); never offered."""
 Global___GpuHealth: _TypeAlias = GpuHealth  # noqa: Y015
 
+class _RepairAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RepairActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RepairAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REPAIR_ACTION_UNSPECIFIED: _RepairAction.ValueType  # 0
+    REPAIR_ACTION_NONE: _RepairAction.ValueType  # 1
+    """Nothing to do now: informational, or transient (a thermal slowdown)."""
+    REPAIR_ACTION_RESTART_APP: _RepairAction.ValueType  # 2
+    """The application that hit the fault should restart; the GPU itself is fine."""
+    REPAIR_ACTION_RESET_GPU: _RepairAction.ValueType  # 3
+    """Reset the GPU (or reboot). A reboot that shows the GPU clean clears it."""
+    REPAIR_ACTION_REBOOT_SYSTEM: _RepairAction.ValueType  # 4
+    """Reboot the host. A reboot that shows the GPU clean clears it."""
+    REPAIR_ACTION_HARDWARE_INSPECTION: _RepairAction.ValueType  # 5
+    """The hardware must be inspected (RMA, reseat, cooling). Only an operator clears it
+    (AdminService.SetGpuHealthy).
+    """
+
+class RepairAction(_RepairAction, metaclass=_RepairActionEnumTypeWrapper):
+    """What a GPU's fault asks for, from NVIDIA's XID catalog and its ECC / row-remapping guidance
+    (docs/health.md), cheapest first: each action includes the ones before it.
+    """
+
+REPAIR_ACTION_UNSPECIFIED: RepairAction.ValueType  # 0
+REPAIR_ACTION_NONE: RepairAction.ValueType  # 1
+"""Nothing to do now: informational, or transient (a thermal slowdown)."""
+REPAIR_ACTION_RESTART_APP: RepairAction.ValueType  # 2
+"""The application that hit the fault should restart; the GPU itself is fine."""
+REPAIR_ACTION_RESET_GPU: RepairAction.ValueType  # 3
+"""Reset the GPU (or reboot). A reboot that shows the GPU clean clears it."""
+REPAIR_ACTION_REBOOT_SYSTEM: RepairAction.ValueType  # 4
+"""Reboot the host. A reboot that shows the GPU clean clears it."""
+REPAIR_ACTION_HARDWARE_INSPECTION: RepairAction.ValueType  # 5
+"""The hardware must be inspected (RMA, reseat, cooling). Only an operator clears it
+(AdminService.SetGpuHealthy).
+"""
+Global___RepairAction: _TypeAlias = RepairAction  # noqa: Y015
+
 class _PoolChoice:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -179,23 +219,95 @@ class HealthReason(_message.Message):
 
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
     code: _builtins.str
     """UPPER_SNAKE, at most 32 characters, e.g. "XID_79"."""
     message: _builtins.str
     """At most 128 characters."""
+    action: Global___RepairAction.ValueType
+    """What the fault asks for (a known RepairAction value; INVALID_HEALTH otherwise)."""
     def __init__(
         self,
         *,
         code: _builtins.str = ...,
         message: _builtins.str = ...,
+        action: Global___RepairAction.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "code", b"code", "message", b"message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HealthReason: _TypeAlias = HealthReason  # noqa: Y015
+
+@_typing.final
+class GpuRepair(_message.Message):
+    """The repair a GPU waits for. Kept by the control plane in the node record, across daemon
+    restarts and reboots: a new boot (NodeHello.boot_id) that shows the GPU clean clears
+    RESET_GPU and REBOOT_SYSTEM; HARDWARE_INSPECTION stays until an operator clears it. A cleared
+    fault that comes back within 7 days escalates one step (RESET_GPU -> REBOOT_SYSTEM ->
+    HARDWARE_INSPECTION).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTION_FIELD_NUMBER: _builtins.int
+    CODES_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    BOOT_ID_FIELD_NUMBER: _builtins.int
+    ESCALATIONS_FIELD_NUMBER: _builtins.int
+    CLEARED_CODES_FIELD_NUMBER: _builtins.int
+    CLEARED_TIME_FIELD_NUMBER: _builtins.int
+    CLEARED_BY_FIELD_NUMBER: _builtins.int
+    CLEARED_REASON_FIELD_NUMBER: _builtins.int
+    HEALTH_FIELD_NUMBER: _builtins.int
+    action: Global___RepairAction.ValueType
+    """RESET_GPU, REBOOT_SYSTEM or HARDWARE_INSPECTION while pending; NONE once cleared (the
+    record then only remembers what was cleared, for escalation).
+    """
+    boot_id: _builtins.str
+    """The host boot on which the fault was last seen."""
+    escalations: _builtins.int
+    """How many times a cleared fault came back."""
+    cleared_by: _builtins.str
+    """Who cleared it: "reboot" or the operator's principal, with the operator's reason."""
+    cleared_reason: _builtins.str
+    health: Global___GpuHealth.ValueType
+    """The worst health the fault brought: the GPU's health stays at least this while pending."""
+    @_builtins.property
+    def codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The fault codes behind it (HealthReason codes), at most 8."""
+
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def cleared_codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the last reboot or operator cleared, and when."""
+
+    @_builtins.property
+    def cleared_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        action: Global___RepairAction.ValueType = ...,
+        codes: _abc.Iterable[_builtins.str] | None = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        boot_id: _builtins.str = ...,
+        escalations: _builtins.int = ...,
+        cleared_codes: _abc.Iterable[_builtins.str] | None = ...,
+        cleared_time: _timestamp_pb2.Timestamp | None = ...,
+        cleared_by: _builtins.str = ...,
+        cleared_reason: _builtins.str = ...,
+        health: Global___GpuHealth.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cleared_time", b"cleared_time", "since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "boot_id", b"boot_id", "cleared_by", b"cleared_by", "cleared_codes", b"cleared_codes", "cleared_reason", b"cleared_reason", "cleared_time", b"cleared_time", "codes", b"codes", "escalations", b"escalations", "health", b"health", "since", b"since"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GpuRepair: _TypeAlias = GpuRepair  # noqa: Y015
 
 @_typing.final
 class Gpu(_message.Message):
@@ -211,6 +323,11 @@ class Gpu(_message.Message):
     HEALTH_REASONS_FIELD_NUMBER: _builtins.int
     MIG_ENABLED_FIELD_NUMBER: _builtins.int
     LEASE_FIELD_NUMBER: _builtins.int
+    REPAIR_FIELD_NUMBER: _builtins.int
+    PARENT_UUID_FIELD_NUMBER: _builtins.int
+    MIG_PROFILE_FIELD_NUMBER: _builtins.int
+    GPU_INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    COMPUTE_INSTANCE_ID_FIELD_NUMBER: _builtins.int
     uuid: _builtins.str
     """NVML UUID, e.g. "GPU-5f1c...". Unique across the federation."""
     index: _builtins.int
@@ -222,8 +339,24 @@ class Gpu(_message.Message):
     mig_enabled: _builtins.bool
     lease: _builtins.str
     """Output only: name of the lease holding this GPU ("leases/{id}"), empty when free."""
+    parent_uuid: _builtins.str
+    """A MIG instance (uuid "MIG-..."): the uuid of its parent GPU, listed in the same inventory
+    with mig_enabled. Empty for a whole GPU. A lease of an instance takes its parent out of
+    whole-GPU offers; a lease of the parent takes all its instances.
+    """
+    mig_profile: _builtins.str
+    """A MIG instance's profile as nvidia-smi names it, e.g. "1g.10gb", "3g.40gb"; at most 32
+    characters [0-9a-z.+]. Empty for a whole GPU.
+    """
+    gpu_instance_id: _builtins.int
+    """NVML GPU and compute instance ids of a MIG instance."""
+    compute_instance_id: _builtins.int
     @_builtins.property
     def health_reasons(self) -> _containers.RepeatedCompositeFieldContainer[Global___HealthReason]: ...
+    @_builtins.property
+    def repair(self) -> Global___GpuRepair:
+        """Output only: the repair this GPU waits for; absent when none ever was."""
+
     def __init__(
         self,
         *,
@@ -235,10 +368,15 @@ class Gpu(_message.Message):
         health_reasons: _abc.Iterable[Global___HealthReason] | None = ...,
         mig_enabled: _builtins.bool = ...,
         lease: _builtins.str = ...,
+        repair: Global___GpuRepair | None = ...,
+        parent_uuid: _builtins.str = ...,
+        mig_profile: _builtins.str = ...,
+        gpu_instance_id: _builtins.int = ...,
+        compute_instance_id: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["repair", b"repair"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["health", b"health", "health_reasons", b"health_reasons", "index", b"index", "lease", b"lease", "memory_total_bytes", b"memory_total_bytes", "mig_enabled", b"mig_enabled", "model", b"model", "uuid", b"uuid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_instance_id", b"compute_instance_id", "gpu_instance_id", b"gpu_instance_id", "health", b"health", "health_reasons", b"health_reasons", "index", b"index", "lease", b"lease", "memory_total_bytes", b"memory_total_bytes", "mig_enabled", b"mig_enabled", "mig_profile", b"mig_profile", "model", b"model", "parent_uuid", b"parent_uuid", "repair", b"repair", "uuid", b"uuid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -290,6 +428,7 @@ class Node(_message.Message):
     STATE_REASON_FIELD_NUMBER: _builtins.int
     LEASE_HOOK_FIELD_NUMBER: _builtins.int
     POOL_TENANT_FIELD_NUMBER: _builtins.int
+    BOOT_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     provider: _builtins.str
     node_id: _builtins.str
@@ -313,6 +452,8 @@ class Node(_message.Message):
     """Output only: the tenant whose private pool the node is in (its provider token is private to
     that tenant), empty for a federation node. Only that tenant and admins ever see the node.
     """
+    boot_id: _builtins.str
+    """Output only: the host's boot id from its daemon's last hello (a new one is a reboot)."""
     @_builtins.property
     def location(self) -> Global___Location: ...
     @_builtins.property
@@ -350,10 +491,11 @@ class Node(_message.Message):
         state_reason: _builtins.str = ...,
         lease_hook: _builtins.bool = ...,
         pool_tenant: _builtins.str = ...,
+        boot_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["drain_deadline", b"drain_deadline", "location", b"location", "register_time", b"register_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cuda_driver_version", b"cuda_driver_version", "currency_code", b"currency_code", "daemon_version", b"daemon_version", "drain_deadline", b"drain_deadline", "driver_version", b"driver_version", "free_gpu_count", b"free_gpu_count", "gpus", b"gpus", "labels", b"labels", "lease_hook", b"lease_hook", "location", b"location", "name", b"name", "node_id", b"node_id", "pool_tenant", b"pool_tenant", "price_per_gpu_hour", b"price_per_gpu_hour", "provider", b"provider", "register_time", b"register_time", "replica", b"replica", "state", b"state", "state_reason", b"state_reason", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_id", b"boot_id", "cuda_driver_version", b"cuda_driver_version", "currency_code", b"currency_code", "daemon_version", b"daemon_version", "drain_deadline", b"drain_deadline", "driver_version", b"driver_version", "free_gpu_count", b"free_gpu_count", "gpus", b"gpus", "labels", b"labels", "lease_hook", b"lease_hook", "location", b"location", "name", b"name", "node_id", b"node_id", "pool_tenant", b"pool_tenant", "price_per_gpu_hour", b"price_per_gpu_hour", "provider", b"provider", "register_time", b"register_time", "replica", b"replica", "state", b"state", "state_reason", b"state_reason", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -425,6 +567,7 @@ class GpuFilter(_message.Message):
     MAX_PRICE_PER_GPU_HOUR_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     INCLUDE_DEGRADED_FIELD_NUMBER: _builtins.int
+    MIG_PROFILE_FIELD_NUMBER: _builtins.int
     gpu_model: _builtins.str
     """Exact model name, or a family matched case-insensitively as a word
     ("H100" matches "NVIDIA H100 80GB HBM3"); at most 128 characters.
@@ -435,6 +578,10 @@ class GpuFilter(_message.Message):
     """Upper bound on the price per GPU-hour, finite and >= 0; 0 means no bound."""
     include_degraded: _builtins.bool
     """Also match DEGRADED GPUs (never UNHEALTHY ones)."""
+    mig_profile: _builtins.str
+    """Match MIG instances of this profile ("1g.10gb") instead of whole GPUs; empty: whole GPUs
+    only. At most 32 characters [0-9a-z.+] (INVALID_MIG_PROFILE).
+    """
     @_builtins.property
     def countries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Allowed countries (ISO 3166-1 alpha-2). Data sovereignty: a GPU outside them is never
@@ -472,10 +619,11 @@ class GpuFilter(_message.Message):
         max_price_per_gpu_hour: _builtins.float = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         include_degraded: _builtins.bool = ...,
+        mig_profile: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["near", b"near"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["countries", b"countries", "exclude_countries", b"exclude_countries", "gpu_model", b"gpu_model", "include_degraded", b"include_degraded", "labels", b"labels", "max_price_per_gpu_hour", b"max_price_per_gpu_hour", "min_gpu_memory_bytes", b"min_gpu_memory_bytes", "near", b"near", "providers", b"providers", "regions", b"regions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["countries", b"countries", "exclude_countries", b"exclude_countries", "gpu_model", b"gpu_model", "include_degraded", b"include_degraded", "labels", b"labels", "max_price_per_gpu_hour", b"max_price_per_gpu_hour", "mig_profile", b"mig_profile", "min_gpu_memory_bytes", b"min_gpu_memory_bytes", "near", b"near", "providers", b"providers", "regions", b"regions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -517,6 +665,14 @@ class GpuSample(_message.Message):
     HEALTH_FIELD_NUMBER: _builtins.int
     HEALTH_REASONS_FIELD_NUMBER: _builtins.int
     XIDS_FIELD_NUMBER: _builtins.int
+    MEM_CLOCK_MHZ_FIELD_NUMBER: _builtins.int
+    MEMORY_TEMPERATURE_CELSIUS_FIELD_NUMBER: _builtins.int
+    TOTAL_ENERGY_MILLIJOULES_FIELD_NUMBER: _builtins.int
+    ENCODER_UTILIZATION_PERCENT_FIELD_NUMBER: _builtins.int
+    DECODER_UTILIZATION_PERCENT_FIELD_NUMBER: _builtins.int
+    MEMORY_RESERVED_BYTES_FIELD_NUMBER: _builtins.int
+    NVLINK_DATA_KIB_FIELD_NUMBER: _builtins.int
+    MIG_DEVICES_FIELD_NUMBER: _builtins.int
     uuid: _builtins.str
     index: _builtins.int
     memory_total_bytes: _builtins.int
@@ -547,11 +703,26 @@ class GpuSample(_message.Message):
     lost: _builtins.bool
     """True when NVML answered GpuIsLost or Unknown for this GPU."""
     health: Global___GpuHealth.ValueType
+    mem_clock_mhz: _builtins.int
+    memory_temperature_celsius: _builtins.int
+    """HBM temperature; absent on GDDR boards."""
+    total_energy_millijoules: _builtins.int
+    """Since the driver loaded."""
+    encoder_utilization_percent: _builtins.int
+    decoder_utilization_percent: _builtins.int
+    memory_reserved_bytes: _builtins.int
+    """Memory the driver reserves for itself (not in used or free)."""
+    nvlink_data_kib: _builtins.int
+    """KiB sent plus received over all NVLinks since the driver loaded."""
     @_builtins.property
     def health_reasons(self) -> _containers.RepeatedCompositeFieldContainer[Global___HealthReason]: ...
     @_builtins.property
     def xids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """XID codes seen on this GPU since the daemon started."""
+
+    @_builtins.property
+    def mig_devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___MigSample]:
+        """The GPU's MIG instances (MIG on), at most 7."""
 
     def __init__(
         self,
@@ -586,13 +757,23 @@ class GpuSample(_message.Message):
         health: Global___GpuHealth.ValueType = ...,
         health_reasons: _abc.Iterable[Global___HealthReason] | None = ...,
         xids: _abc.Iterable[_builtins.int] | None = ...,
+        mem_clock_mhz: _builtins.int | None = ...,
+        memory_temperature_celsius: _builtins.int | None = ...,
+        total_energy_millijoules: _builtins.int | None = ...,
+        encoder_utilization_percent: _builtins.int | None = ...,
+        decoder_utilization_percent: _builtins.int | None = ...,
+        memory_reserved_bytes: _builtins.int | None = ...,
+        nvlink_data_kib: _builtins.int | None = ...,
+        mig_devices: _abc.Iterable[Global___MigSample] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_clock_event_reasons", b"_clock_event_reasons", "_ecc_aggregate_corrected", b"_ecc_aggregate_corrected", "_ecc_aggregate_uncorrected", b"_ecc_aggregate_uncorrected", "_ecc_volatile_corrected", b"_ecc_volatile_corrected", "_ecc_volatile_uncorrected", b"_ecc_volatile_uncorrected", "_memory_free_bytes", b"_memory_free_bytes", "_memory_total_bytes", b"_memory_total_bytes", "_memory_used_bytes", b"_memory_used_bytes", "_mig_enabled", b"_mig_enabled", "_nvlink_active_links", b"_nvlink_active_links", "_nvlink_errors", b"_nvlink_errors", "_pcie_replay_count", b"_pcie_replay_count", "_power_watts", b"_power_watts", "_remapped_rows_correctable", b"_remapped_rows_correctable", "_remapped_rows_failure", b"_remapped_rows_failure", "_remapped_rows_pending", b"_remapped_rows_pending", "_remapped_rows_uncorrectable", b"_remapped_rows_uncorrectable", "_retired_pages_double_bit", b"_retired_pages_double_bit", "_retired_pages_pending", b"_retired_pages_pending", "_retired_pages_single_bit", b"_retired_pages_single_bit", "_sm_clock_mhz", b"_sm_clock_mhz", "_temperature_celsius", b"_temperature_celsius", "_utilization_gpu_percent", b"_utilization_gpu_percent", "_utilization_memory_percent", b"_utilization_memory_percent", "clock_event_reasons", b"clock_event_reasons", "ecc_aggregate_corrected", b"ecc_aggregate_corrected", "ecc_aggregate_uncorrected", b"ecc_aggregate_uncorrected", "ecc_volatile_corrected", b"ecc_volatile_corrected", "ecc_volatile_uncorrected", b"ecc_volatile_uncorrected", "memory_free_bytes", b"memory_free_bytes", "memory_total_bytes", b"memory_total_bytes", "memory_used_bytes", b"memory_used_bytes", "mig_enabled", b"mig_enabled", "nvlink_active_links", b"nvlink_active_links", "nvlink_errors", b"nvlink_errors", "pcie_replay_count", b"pcie_replay_count", "power_watts", b"power_watts", "remapped_rows_correctable", b"remapped_rows_correctable", "remapped_rows_failure", b"remapped_rows_failure", "remapped_rows_pending", b"remapped_rows_pending", "remapped_rows_uncorrectable", b"remapped_rows_uncorrectable", "retired_pages_double_bit", b"retired_pages_double_bit", "retired_pages_pending", b"retired_pages_pending", "retired_pages_single_bit", b"retired_pages_single_bit", "sm_clock_mhz", b"sm_clock_mhz", "temperature_celsius", b"temperature_celsius", "utilization_gpu_percent", b"utilization_gpu_percent", "utilization_memory_percent", b"utilization_memory_percent"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_clock_event_reasons", b"_clock_event_reasons", "_decoder_utilization_percent", b"_decoder_utilization_percent", "_ecc_aggregate_corrected", b"_ecc_aggregate_corrected", "_ecc_aggregate_uncorrected", b"_ecc_aggregate_uncorrected", "_ecc_volatile_corrected", b"_ecc_volatile_corrected", "_ecc_volatile_uncorrected", b"_ecc_volatile_uncorrected", "_encoder_utilization_percent", b"_encoder_utilization_percent", "_mem_clock_mhz", b"_mem_clock_mhz", "_memory_free_bytes", b"_memory_free_bytes", "_memory_reserved_bytes", b"_memory_reserved_bytes", "_memory_temperature_celsius", b"_memory_temperature_celsius", "_memory_total_bytes", b"_memory_total_bytes", "_memory_used_bytes", b"_memory_used_bytes", "_mig_enabled", b"_mig_enabled", "_nvlink_active_links", b"_nvlink_active_links", "_nvlink_data_kib", b"_nvlink_data_kib", "_nvlink_errors", b"_nvlink_errors", "_pcie_replay_count", b"_pcie_replay_count", "_power_watts", b"_power_watts", "_remapped_rows_correctable", b"_remapped_rows_correctable", "_remapped_rows_failure", b"_remapped_rows_failure", "_remapped_rows_pending", b"_remapped_rows_pending", "_remapped_rows_uncorrectable", b"_remapped_rows_uncorrectable", "_retired_pages_double_bit", b"_retired_pages_double_bit", "_retired_pages_pending", b"_retired_pages_pending", "_retired_pages_single_bit", b"_retired_pages_single_bit", "_sm_clock_mhz", b"_sm_clock_mhz", "_temperature_celsius", b"_temperature_celsius", "_total_energy_millijoules", b"_total_energy_millijoules", "_utilization_gpu_percent", b"_utilization_gpu_percent", "_utilization_memory_percent", b"_utilization_memory_percent", "clock_event_reasons", b"clock_event_reasons", "decoder_utilization_percent", b"decoder_utilization_percent", "ecc_aggregate_corrected", b"ecc_aggregate_corrected", "ecc_aggregate_uncorrected", b"ecc_aggregate_uncorrected", "ecc_volatile_corrected", b"ecc_volatile_corrected", "ecc_volatile_uncorrected", b"ecc_volatile_uncorrected", "encoder_utilization_percent", b"encoder_utilization_percent", "mem_clock_mhz", b"mem_clock_mhz", "memory_free_bytes", b"memory_free_bytes", "memory_reserved_bytes", b"memory_reserved_bytes", "memory_temperature_celsius", b"memory_temperature_celsius", "memory_total_bytes", b"memory_total_bytes", "memory_used_bytes", b"memory_used_bytes", "mig_enabled", b"mig_enabled", "nvlink_active_links", b"nvlink_active_links", "nvlink_data_kib", b"nvlink_data_kib", "nvlink_errors", b"nvlink_errors", "pcie_replay_count", b"pcie_replay_count", "power_watts", b"power_watts", "remapped_rows_correctable", b"remapped_rows_correctable", "remapped_rows_failure", b"remapped_rows_failure", "remapped_rows_pending", b"remapped_rows_pending", "remapped_rows_uncorrectable", b"remapped_rows_uncorrectable", "retired_pages_double_bit", b"retired_pages_double_bit", "retired_pages_pending", b"retired_pages_pending", "retired_pages_single_bit", b"retired_pages_single_bit", "sm_clock_mhz", b"sm_clock_mhz", "temperature_celsius", b"temperature_celsius", "total_energy_millijoules", b"total_energy_millijoules", "utilization_gpu_percent", b"utilization_gpu_percent", "utilization_memory_percent", b"utilization_memory_percent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_clock_event_reasons", b"_clock_event_reasons", "_ecc_aggregate_corrected", b"_ecc_aggregate_corrected", "_ecc_aggregate_uncorrected", b"_ecc_aggregate_uncorrected", "_ecc_volatile_corrected", b"_ecc_volatile_corrected", "_ecc_volatile_uncorrected", b"_ecc_volatile_uncorrected", "_memory_free_bytes", b"_memory_free_bytes", "_memory_total_bytes", b"_memory_total_bytes", "_memory_used_bytes", b"_memory_used_bytes", "_mig_enabled", b"_mig_enabled", "_nvlink_active_links", b"_nvlink_active_links", "_nvlink_errors", b"_nvlink_errors", "_pcie_replay_count", b"_pcie_replay_count", "_power_watts", b"_power_watts", "_remapped_rows_correctable", b"_remapped_rows_correctable", "_remapped_rows_failure", b"_remapped_rows_failure", "_remapped_rows_pending", b"_remapped_rows_pending", "_remapped_rows_uncorrectable", b"_remapped_rows_uncorrectable", "_retired_pages_double_bit", b"_retired_pages_double_bit", "_retired_pages_pending", b"_retired_pages_pending", "_retired_pages_single_bit", b"_retired_pages_single_bit", "_sm_clock_mhz", b"_sm_clock_mhz", "_temperature_celsius", b"_temperature_celsius", "_utilization_gpu_percent", b"_utilization_gpu_percent", "_utilization_memory_percent", b"_utilization_memory_percent", "clock_event_reasons", b"clock_event_reasons", "ecc_aggregate_corrected", b"ecc_aggregate_corrected", "ecc_aggregate_uncorrected", b"ecc_aggregate_uncorrected", "ecc_volatile_corrected", b"ecc_volatile_corrected", "ecc_volatile_uncorrected", b"ecc_volatile_uncorrected", "health", b"health", "health_reasons", b"health_reasons", "index", b"index", "lost", b"lost", "memory_free_bytes", b"memory_free_bytes", "memory_total_bytes", b"memory_total_bytes", "memory_used_bytes", b"memory_used_bytes", "mig_enabled", b"mig_enabled", "nvlink_active_links", b"nvlink_active_links", "nvlink_errors", b"nvlink_errors", "pcie_replay_count", b"pcie_replay_count", "power_watts", b"power_watts", "remapped_rows_correctable", b"remapped_rows_correctable", "remapped_rows_failure", b"remapped_rows_failure", "remapped_rows_pending", b"remapped_rows_pending", "remapped_rows_uncorrectable", b"remapped_rows_uncorrectable", "retired_pages_double_bit", b"retired_pages_double_bit", "retired_pages_pending", b"retired_pages_pending", "retired_pages_single_bit", b"retired_pages_single_bit", "sm_clock_mhz", b"sm_clock_mhz", "temperature_celsius", b"temperature_celsius", "utilization_gpu_percent", b"utilization_gpu_percent", "utilization_memory_percent", b"utilization_memory_percent", "uuid", b"uuid", "xids", b"xids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_clock_event_reasons", b"_clock_event_reasons", "_decoder_utilization_percent", b"_decoder_utilization_percent", "_ecc_aggregate_corrected", b"_ecc_aggregate_corrected", "_ecc_aggregate_uncorrected", b"_ecc_aggregate_uncorrected", "_ecc_volatile_corrected", b"_ecc_volatile_corrected", "_ecc_volatile_uncorrected", b"_ecc_volatile_uncorrected", "_encoder_utilization_percent", b"_encoder_utilization_percent", "_mem_clock_mhz", b"_mem_clock_mhz", "_memory_free_bytes", b"_memory_free_bytes", "_memory_reserved_bytes", b"_memory_reserved_bytes", "_memory_temperature_celsius", b"_memory_temperature_celsius", "_memory_total_bytes", b"_memory_total_bytes", "_memory_used_bytes", b"_memory_used_bytes", "_mig_enabled", b"_mig_enabled", "_nvlink_active_links", b"_nvlink_active_links", "_nvlink_data_kib", b"_nvlink_data_kib", "_nvlink_errors", b"_nvlink_errors", "_pcie_replay_count", b"_pcie_replay_count", "_power_watts", b"_power_watts", "_remapped_rows_correctable", b"_remapped_rows_correctable", "_remapped_rows_failure", b"_remapped_rows_failure", "_remapped_rows_pending", b"_remapped_rows_pending", "_remapped_rows_uncorrectable", b"_remapped_rows_uncorrectable", "_retired_pages_double_bit", b"_retired_pages_double_bit", "_retired_pages_pending", b"_retired_pages_pending", "_retired_pages_single_bit", b"_retired_pages_single_bit", "_sm_clock_mhz", b"_sm_clock_mhz", "_temperature_celsius", b"_temperature_celsius", "_total_energy_millijoules", b"_total_energy_millijoules", "_utilization_gpu_percent", b"_utilization_gpu_percent", "_utilization_memory_percent", b"_utilization_memory_percent", "clock_event_reasons", b"clock_event_reasons", "decoder_utilization_percent", b"decoder_utilization_percent", "ecc_aggregate_corrected", b"ecc_aggregate_corrected", "ecc_aggregate_uncorrected", b"ecc_aggregate_uncorrected", "ecc_volatile_corrected", b"ecc_volatile_corrected", "ecc_volatile_uncorrected", b"ecc_volatile_uncorrected", "encoder_utilization_percent", b"encoder_utilization_percent", "health", b"health", "health_reasons", b"health_reasons", "index", b"index", "lost", b"lost", "mem_clock_mhz", b"mem_clock_mhz", "memory_free_bytes", b"memory_free_bytes", "memory_reserved_bytes", b"memory_reserved_bytes", "memory_temperature_celsius", b"memory_temperature_celsius", "memory_total_bytes", b"memory_total_bytes", "memory_used_bytes", b"memory_used_bytes", "mig_devices", b"mig_devices", "mig_enabled", b"mig_enabled", "nvlink_active_links", b"nvlink_active_links", "nvlink_data_kib", b"nvlink_data_kib", "nvlink_errors", b"nvlink_errors", "pcie_replay_count", b"pcie_replay_count", "power_watts", b"power_watts", "remapped_rows_correctable", b"remapped_rows_correctable", "remapped_rows_failure", b"remapped_rows_failure", "remapped_rows_pending", b"remapped_rows_pending", "remapped_rows_uncorrectable", b"remapped_rows_uncorrectable", "retired_pages_double_bit", b"retired_pages_double_bit", "retired_pages_pending", b"retired_pages_pending", "retired_pages_single_bit", b"retired_pages_single_bit", "sm_clock_mhz", b"sm_clock_mhz", "temperature_celsius", b"temperature_celsius", "total_energy_millijoules", b"total_energy_millijoules", "utilization_gpu_percent", b"utilization_gpu_percent", "utilization_memory_percent", b"utilization_memory_percent", "uuid", b"uuid", "xids", b"xids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__clock_event_reasons: _TypeAlias = _typing.Literal["clock_event_reasons"]  # noqa: Y015
     _WhichOneofArgType__clock_event_reasons: _TypeAlias = _typing.Literal["_clock_event_reasons", b"_clock_event_reasons"]  # noqa: Y015
+    _WhichOneofReturnType__decoder_utilization_percent: _TypeAlias = _typing.Literal["decoder_utilization_percent"]  # noqa: Y015
+    _WhichOneofArgType__decoder_utilization_percent: _TypeAlias = _typing.Literal["_decoder_utilization_percent", b"_decoder_utilization_percent"]  # noqa: Y015
     _WhichOneofReturnType__ecc_aggregate_corrected: _TypeAlias = _typing.Literal["ecc_aggregate_corrected"]  # noqa: Y015
     _WhichOneofArgType__ecc_aggregate_corrected: _TypeAlias = _typing.Literal["_ecc_aggregate_corrected", b"_ecc_aggregate_corrected"]  # noqa: Y015
     _WhichOneofReturnType__ecc_aggregate_uncorrected: _TypeAlias = _typing.Literal["ecc_aggregate_uncorrected"]  # noqa: Y015
@@ -601,8 +782,16 @@ class GpuSample(_message.Message):
     _WhichOneofArgType__ecc_volatile_corrected: _TypeAlias = _typing.Literal["_ecc_volatile_corrected", b"_ecc_volatile_corrected"]  # noqa: Y015
     _WhichOneofReturnType__ecc_volatile_uncorrected: _TypeAlias = _typing.Literal["ecc_volatile_uncorrected"]  # noqa: Y015
     _WhichOneofArgType__ecc_volatile_uncorrected: _TypeAlias = _typing.Literal["_ecc_volatile_uncorrected", b"_ecc_volatile_uncorrected"]  # noqa: Y015
+    _WhichOneofReturnType__encoder_utilization_percent: _TypeAlias = _typing.Literal["encoder_utilization_percent"]  # noqa: Y015
+    _WhichOneofArgType__encoder_utilization_percent: _TypeAlias = _typing.Literal["_encoder_utilization_percent", b"_encoder_utilization_percent"]  # noqa: Y015
+    _WhichOneofReturnType__mem_clock_mhz: _TypeAlias = _typing.Literal["mem_clock_mhz"]  # noqa: Y015
+    _WhichOneofArgType__mem_clock_mhz: _TypeAlias = _typing.Literal["_mem_clock_mhz", b"_mem_clock_mhz"]  # noqa: Y015
     _WhichOneofReturnType__memory_free_bytes: _TypeAlias = _typing.Literal["memory_free_bytes"]  # noqa: Y015
     _WhichOneofArgType__memory_free_bytes: _TypeAlias = _typing.Literal["_memory_free_bytes", b"_memory_free_bytes"]  # noqa: Y015
+    _WhichOneofReturnType__memory_reserved_bytes: _TypeAlias = _typing.Literal["memory_reserved_bytes"]  # noqa: Y015
+    _WhichOneofArgType__memory_reserved_bytes: _TypeAlias = _typing.Literal["_memory_reserved_bytes", b"_memory_reserved_bytes"]  # noqa: Y015
+    _WhichOneofReturnType__memory_temperature_celsius: _TypeAlias = _typing.Literal["memory_temperature_celsius"]  # noqa: Y015
+    _WhichOneofArgType__memory_temperature_celsius: _TypeAlias = _typing.Literal["_memory_temperature_celsius", b"_memory_temperature_celsius"]  # noqa: Y015
     _WhichOneofReturnType__memory_total_bytes: _TypeAlias = _typing.Literal["memory_total_bytes"]  # noqa: Y015
     _WhichOneofArgType__memory_total_bytes: _TypeAlias = _typing.Literal["_memory_total_bytes", b"_memory_total_bytes"]  # noqa: Y015
     _WhichOneofReturnType__memory_used_bytes: _TypeAlias = _typing.Literal["memory_used_bytes"]  # noqa: Y015
@@ -611,6 +800,8 @@ class GpuSample(_message.Message):
     _WhichOneofArgType__mig_enabled: _TypeAlias = _typing.Literal["_mig_enabled", b"_mig_enabled"]  # noqa: Y015
     _WhichOneofReturnType__nvlink_active_links: _TypeAlias = _typing.Literal["nvlink_active_links"]  # noqa: Y015
     _WhichOneofArgType__nvlink_active_links: _TypeAlias = _typing.Literal["_nvlink_active_links", b"_nvlink_active_links"]  # noqa: Y015
+    _WhichOneofReturnType__nvlink_data_kib: _TypeAlias = _typing.Literal["nvlink_data_kib"]  # noqa: Y015
+    _WhichOneofArgType__nvlink_data_kib: _TypeAlias = _typing.Literal["_nvlink_data_kib", b"_nvlink_data_kib"]  # noqa: Y015
     _WhichOneofReturnType__nvlink_errors: _TypeAlias = _typing.Literal["nvlink_errors"]  # noqa: Y015
     _WhichOneofArgType__nvlink_errors: _TypeAlias = _typing.Literal["_nvlink_errors", b"_nvlink_errors"]  # noqa: Y015
     _WhichOneofReturnType__pcie_replay_count: _TypeAlias = _typing.Literal["pcie_replay_count"]  # noqa: Y015
@@ -635,12 +826,16 @@ class GpuSample(_message.Message):
     _WhichOneofArgType__sm_clock_mhz: _TypeAlias = _typing.Literal["_sm_clock_mhz", b"_sm_clock_mhz"]  # noqa: Y015
     _WhichOneofReturnType__temperature_celsius: _TypeAlias = _typing.Literal["temperature_celsius"]  # noqa: Y015
     _WhichOneofArgType__temperature_celsius: _TypeAlias = _typing.Literal["_temperature_celsius", b"_temperature_celsius"]  # noqa: Y015
+    _WhichOneofReturnType__total_energy_millijoules: _TypeAlias = _typing.Literal["total_energy_millijoules"]  # noqa: Y015
+    _WhichOneofArgType__total_energy_millijoules: _TypeAlias = _typing.Literal["_total_energy_millijoules", b"_total_energy_millijoules"]  # noqa: Y015
     _WhichOneofReturnType__utilization_gpu_percent: _TypeAlias = _typing.Literal["utilization_gpu_percent"]  # noqa: Y015
     _WhichOneofArgType__utilization_gpu_percent: _TypeAlias = _typing.Literal["_utilization_gpu_percent", b"_utilization_gpu_percent"]  # noqa: Y015
     _WhichOneofReturnType__utilization_memory_percent: _TypeAlias = _typing.Literal["utilization_memory_percent"]  # noqa: Y015
     _WhichOneofArgType__utilization_memory_percent: _TypeAlias = _typing.Literal["_utilization_memory_percent", b"_utilization_memory_percent"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__clock_event_reasons) -> _WhichOneofReturnType__clock_event_reasons | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__decoder_utilization_percent) -> _WhichOneofReturnType__decoder_utilization_percent | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__ecc_aggregate_corrected) -> _WhichOneofReturnType__ecc_aggregate_corrected | None: ...
     @_typing.overload
@@ -650,7 +845,15 @@ class GpuSample(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__ecc_volatile_uncorrected) -> _WhichOneofReturnType__ecc_volatile_uncorrected | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__encoder_utilization_percent) -> _WhichOneofReturnType__encoder_utilization_percent | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__mem_clock_mhz) -> _WhichOneofReturnType__mem_clock_mhz | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__memory_free_bytes) -> _WhichOneofReturnType__memory_free_bytes | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__memory_reserved_bytes) -> _WhichOneofReturnType__memory_reserved_bytes | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__memory_temperature_celsius) -> _WhichOneofReturnType__memory_temperature_celsius | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__memory_total_bytes) -> _WhichOneofReturnType__memory_total_bytes | None: ...
     @_typing.overload
@@ -659,6 +862,8 @@ class GpuSample(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__mig_enabled) -> _WhichOneofReturnType__mig_enabled | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__nvlink_active_links) -> _WhichOneofReturnType__nvlink_active_links | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__nvlink_data_kib) -> _WhichOneofReturnType__nvlink_data_kib | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__nvlink_errors) -> _WhichOneofReturnType__nvlink_errors | None: ...
     @_typing.overload
@@ -684,11 +889,63 @@ class GpuSample(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature_celsius) -> _WhichOneofReturnType__temperature_celsius | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__total_energy_millijoules) -> _WhichOneofReturnType__total_energy_millijoules | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__utilization_gpu_percent) -> _WhichOneofReturnType__utilization_gpu_percent | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__utilization_memory_percent) -> _WhichOneofReturnType__utilization_memory_percent | None: ...
 
 Global___GpuSample: _TypeAlias = GpuSample  # noqa: Y015
+
+@_typing.final
+class MigSample(_message.Message):
+    """What NVML gives of one MIG instance (device-level counters are the parent's)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UUID_FIELD_NUMBER: _builtins.int
+    MIG_PROFILE_FIELD_NUMBER: _builtins.int
+    GPU_INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    COMPUTE_INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    MEMORY_TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    MEMORY_USED_BYTES_FIELD_NUMBER: _builtins.int
+    MEMORY_FREE_BYTES_FIELD_NUMBER: _builtins.int
+    uuid: _builtins.str
+    mig_profile: _builtins.str
+    gpu_instance_id: _builtins.int
+    compute_instance_id: _builtins.int
+    memory_total_bytes: _builtins.int
+    memory_used_bytes: _builtins.int
+    memory_free_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        uuid: _builtins.str = ...,
+        mig_profile: _builtins.str = ...,
+        gpu_instance_id: _builtins.int = ...,
+        compute_instance_id: _builtins.int = ...,
+        memory_total_bytes: _builtins.int | None = ...,
+        memory_used_bytes: _builtins.int | None = ...,
+        memory_free_bytes: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_memory_free_bytes", b"_memory_free_bytes", "_memory_total_bytes", b"_memory_total_bytes", "_memory_used_bytes", b"_memory_used_bytes", "memory_free_bytes", b"memory_free_bytes", "memory_total_bytes", b"memory_total_bytes", "memory_used_bytes", b"memory_used_bytes"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_memory_free_bytes", b"_memory_free_bytes", "_memory_total_bytes", b"_memory_total_bytes", "_memory_used_bytes", b"_memory_used_bytes", "compute_instance_id", b"compute_instance_id", "gpu_instance_id", b"gpu_instance_id", "memory_free_bytes", b"memory_free_bytes", "memory_total_bytes", b"memory_total_bytes", "memory_used_bytes", b"memory_used_bytes", "mig_profile", b"mig_profile", "uuid", b"uuid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__memory_free_bytes: _TypeAlias = _typing.Literal["memory_free_bytes"]  # noqa: Y015
+    _WhichOneofArgType__memory_free_bytes: _TypeAlias = _typing.Literal["_memory_free_bytes", b"_memory_free_bytes"]  # noqa: Y015
+    _WhichOneofReturnType__memory_total_bytes: _TypeAlias = _typing.Literal["memory_total_bytes"]  # noqa: Y015
+    _WhichOneofArgType__memory_total_bytes: _TypeAlias = _typing.Literal["_memory_total_bytes", b"_memory_total_bytes"]  # noqa: Y015
+    _WhichOneofReturnType__memory_used_bytes: _TypeAlias = _typing.Literal["memory_used_bytes"]  # noqa: Y015
+    _WhichOneofArgType__memory_used_bytes: _TypeAlias = _typing.Literal["_memory_used_bytes", b"_memory_used_bytes"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__memory_free_bytes) -> _WhichOneofReturnType__memory_free_bytes | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__memory_total_bytes) -> _WhichOneofReturnType__memory_total_bytes | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__memory_used_bytes) -> _WhichOneofReturnType__memory_used_bytes | None: ...
+
+Global___MigSample: _TypeAlias = MigSample  # noqa: Y015
 
 @_typing.final
 class NodeReport(_message.Message):

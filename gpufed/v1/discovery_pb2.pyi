@@ -129,6 +129,7 @@ class Offer(_message.Message):
     HEALTH_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     POOL_FIELD_NUMBER: _builtins.int
+    MIG_PROFILE_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     provider: _builtins.str
     node_id: _builtins.str
@@ -143,6 +144,11 @@ class Offer(_message.Message):
     """The worst health among the offered GPUs."""
     pool: _common_pb2.PoolKind.ValueType
     """OWN for the caller's private pool, else FEDERATION."""
+    mig_profile: _builtins.str
+    """Set when the search asked for MIG instances: their profile (gpu_uuids are "MIG-...",
+    gpu_memory_bytes each instance's memory, the price the node's per-GPU price x the
+    instance's share of the GPU's seven slices).
+    """
     @_builtins.property
     def location(self) -> _common_pb2.Location: ...
     @_builtins.property
@@ -166,10 +172,11 @@ class Offer(_message.Message):
         health: _common_pb2.GpuHealth.ValueType = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         pool: _common_pb2.PoolKind.ValueType = ...,
+        mig_profile: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_distance_km", b"_distance_km", "distance_km", b"distance_km", "location", b"location"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_distance_km", b"_distance_km", "currency_code", b"currency_code", "distance_km", b"distance_km", "free_gpus", b"free_gpus", "gpu_memory_bytes", b"gpu_memory_bytes", "gpu_model", b"gpu_model", "gpu_uuids", b"gpu_uuids", "health", b"health", "labels", b"labels", "location", b"location", "node", b"node", "node_id", b"node_id", "pool", b"pool", "price_per_gpu_hour", b"price_per_gpu_hour", "provider", b"provider"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_distance_km", b"_distance_km", "currency_code", b"currency_code", "distance_km", b"distance_km", "free_gpus", b"free_gpus", "gpu_memory_bytes", b"gpu_memory_bytes", "gpu_model", b"gpu_model", "gpu_uuids", b"gpu_uuids", "health", b"health", "labels", b"labels", "location", b"location", "mig_profile", b"mig_profile", "node", b"node", "node_id", b"node_id", "pool", b"pool", "price_per_gpu_hour", b"price_per_gpu_hour", "provider", b"provider"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__distance_km: _TypeAlias = _typing.Literal["distance_km"]  # noqa: Y015
     _WhichOneofArgType__distance_km: _TypeAlias = _typing.Literal["_distance_km", b"_distance_km"]  # noqa: Y015

@@ -220,6 +220,8 @@ class LeasedGpu(_message.Message):
     LOCATION_FIELD_NUMBER: _builtins.int
     PRICE_PER_GPU_HOUR_FIELD_NUMBER: _builtins.int
     POOL_FIELD_NUMBER: _builtins.int
+    PARENT_UUID_FIELD_NUMBER: _builtins.int
+    MIG_PROFILE_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     provider: _builtins.str
     node_id: _builtins.str
@@ -230,6 +232,11 @@ class LeasedGpu(_message.Message):
     """For an own-pool GPU the pool's internal price (its daemon's, default 0)."""
     pool: _common_pb2.PoolKind.ValueType
     """OWN (the tenant's private pool) or FEDERATION."""
+    parent_uuid: _builtins.str
+    """A MIG instance: its parent GPU's uuid and its profile ("1g.10gb"); `uuid` is "MIG-...",
+    which CUDA_VISIBLE_DEVICES accepts as it is.
+    """
+    mig_profile: _builtins.str
     @_builtins.property
     def location(self) -> _common_pb2.Location: ...
     def __init__(
@@ -244,10 +251,12 @@ class LeasedGpu(_message.Message):
         location: _common_pb2.Location | None = ...,
         price_per_gpu_hour: _builtins.float = ...,
         pool: _common_pb2.PoolKind.ValueType = ...,
+        parent_uuid: _builtins.str = ...,
+        mig_profile: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["location", b"location"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "location", b"location", "model", b"model", "node", b"node", "node_id", b"node_id", "pool", b"pool", "price_per_gpu_hour", b"price_per_gpu_hour", "provider", b"provider", "uuid", b"uuid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "location", b"location", "mig_profile", b"mig_profile", "model", b"model", "node", b"node", "node_id", b"node_id", "parent_uuid", b"parent_uuid", "pool", b"pool", "price_per_gpu_hour", b"price_per_gpu_hour", "provider", b"provider", "uuid", b"uuid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -715,15 +724,22 @@ class WatchLeaseResponse(_message.Message):
     GPU_UUID_FIELD_NUMBER: _builtins.int
     NODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    HEALTH_REASONS_FIELD_NUMBER: _builtins.int
+    REPAIR_ACTION_FIELD_NUMBER: _builtins.int
     type: Global___WatchLeaseResponse.EventType.ValueType
     gpu_uuid: _builtins.str
     """The GPU concerned by GPU_UNHEALTHY, the node by NODE_LOST."""
     node: _builtins.str
     message: _builtins.str
+    repair_action: _common_pb2.RepairAction.ValueType
     @_builtins.property
     def lease(self) -> Global___Lease: ...
     @_builtins.property
     def event_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def health_reasons(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.HealthReason]:
+        """GPU_UNHEALTHY: why, and the repair the GPU waits for (the worst action of its reasons)."""
+
     def __init__(
         self,
         *,
@@ -733,10 +749,12 @@ class WatchLeaseResponse(_message.Message):
         gpu_uuid: _builtins.str = ...,
         node: _builtins.str = ...,
         message: _builtins.str = ...,
+        health_reasons: _abc.Iterable[_common_pb2.HealthReason] | None = ...,
+        repair_action: _common_pb2.RepairAction.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "lease", b"lease"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "gpu_uuid", b"gpu_uuid", "lease", b"lease", "message", b"message", "node", b"node", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "gpu_uuid", b"gpu_uuid", "health_reasons", b"health_reasons", "lease", b"lease", "message", b"message", "node", b"node", "repair_action", b"repair_action", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

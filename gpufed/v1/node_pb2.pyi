@@ -64,6 +64,10 @@ class _NodeCommandTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NodeC
     """Sent once per stream, after the STARTED assignment of every lease active on the node: the
     daemon ends (runs the hook's end for) any lease it still holds that was not among them.
     """
+    NODE_COMMAND_TYPE_CLEAR_GPU_FAULTS: _NodeCommandType.ValueType  # 7
+    """An operator cleared the faults of `gpu_uuids` (AdminService.SetGpuHealthy): the daemon
+    forgets the XIDs it kept for them and judges them afresh from their next reading.
+    """
 
 class NodeCommandType(_NodeCommandType, metaclass=_NodeCommandTypeEnumTypeWrapper): ...
 
@@ -80,6 +84,10 @@ endpoint now, without backoff. The replica ends the stream itself shortly after.
 NODE_COMMAND_TYPE_ASSIGNMENTS_SYNCED: NodeCommandType.ValueType  # 6
 """Sent once per stream, after the STARTED assignment of every lease active on the node: the
 daemon ends (runs the hook's end for) any lease it still holds that was not among them.
+"""
+NODE_COMMAND_TYPE_CLEAR_GPU_FAULTS: NodeCommandType.ValueType  # 7
+"""An operator cleared the faults of `gpu_uuids` (AdminService.SetGpuHealthy): the daemon
+forgets the XIDs it kept for them and judges them afresh from their next reading.
 """
 Global___NodeCommandType: _TypeAlias = NodeCommandType  # noqa: Y015
 
@@ -158,6 +166,7 @@ class NodeHello(_message.Message):
     DRIVER_VERSION_FIELD_NUMBER: _builtins.int
     CUDA_DRIVER_VERSION_FIELD_NUMBER: _builtins.int
     LEASE_HOOK_FIELD_NUMBER: _builtins.int
+    BOOT_ID_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
     """Must equal the provider of the caller's token. The whole hello makes a node record of at
     most 128 KiB (NODE_RECORD_TOO_LARGE); fields the API does not define are dropped.
@@ -175,6 +184,10 @@ class NodeHello(_message.Message):
     lease_hook: _builtins.bool
     """The daemon runs a lease hook (--lease-hook): leases on this node start PROVISIONING and
     become ACTIVE when it answers with a ProvisionResult.
+    """
+    boot_id: _builtins.str
+    """The host's boot id (/proc/sys/kernel/random/boot_id), at most 64 characters: a new one is
+    a reboot, which clears a GPU's RESET_GPU or REBOOT_SYSTEM repair if it shows the GPU clean.
     """
     @_builtins.property
     def location(self) -> _common_pb2.Location: ...
@@ -203,10 +216,11 @@ class NodeHello(_message.Message):
         driver_version: _builtins.str = ...,
         cuda_driver_version: _builtins.str = ...,
         lease_hook: _builtins.bool = ...,
+        boot_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["location", b"location"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cuda_driver_version", b"cuda_driver_version", "currency_code", b"currency_code", "daemon_version", b"daemon_version", "driver_version", b"driver_version", "gpus", b"gpus", "labels", b"labels", "lease_hook", b"lease_hook", "location", b"location", "node_id", b"node_id", "price_per_gpu_hour", b"price_per_gpu_hour", "provider", b"provider"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_id", b"boot_id", "cuda_driver_version", b"cuda_driver_version", "currency_code", b"currency_code", "daemon_version", b"daemon_version", "driver_version", b"driver_version", "gpus", b"gpus", "labels", b"labels", "lease_hook", b"lease_hook", "location", b"location", "node_id", b"node_id", "price_per_gpu_hour", b"price_per_gpu_hour", "provider", b"provider"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -480,20 +494,26 @@ class NodeCommand(_message.Message):
     TYPE_FIELD_NUMBER: _builtins.int
     REPORT_INTERVAL_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    GPU_UUIDS_FIELD_NUMBER: _builtins.int
     type: Global___NodeCommandType.ValueType
     reason: _builtins.str
     @_builtins.property
     def report_interval(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def gpu_uuids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """CLEAR_GPU_FAULTS: the GPUs concerned."""
+
     def __init__(
         self,
         *,
         type: Global___NodeCommandType.ValueType = ...,
         report_interval: _duration_pb2.Duration | None = ...,
         reason: _builtins.str = ...,
+        gpu_uuids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["report_interval", b"report_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "report_interval", b"report_interval", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpu_uuids", b"gpu_uuids", "reason", b"reason", "report_interval", b"report_interval", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

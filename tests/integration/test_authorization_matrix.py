@@ -259,6 +259,13 @@ def _calls() -> dict[str, Call]:
         "AdminService.GetBurstPolicy": lambda w, md, who: admin(w).GetBurstPolicy(
             admin_pb2.GetBurstPolicyRequest(name="burstPolicies/dev"), metadata=md, timeout=10
         ),
+        "AdminService.SetGpuHealthy": lambda w, md, who: admin(w).SetGpuHealthy(
+            admin_pb2.SetGpuHealthyRequest(
+                node=NODE, gpu_uuid=FakeNvml("l40s-4").gpus[3].uuid, reason="inspected"
+            ),
+            metadata=md,
+            timeout=10,
+        ),
         "AdminService.GetQuota": lambda w, md, who: admin(w).GetQuota(
             admin_pb2.GetQuotaRequest(name="quotas/tenants/dev"), metadata=md, timeout=10
         ),

@@ -9,7 +9,8 @@ import pynvml
 import pytest
 
 from gpufed.v1 import common_pb2
-from node_daemon.collector import Collector, GpuEvent, XidWatcher
+from node_daemon import health
+from node_daemon.collector import Collector, GpuEvent, XidWatcher, mig_profile_name
 from node_daemon.fake_nvml import FakeNvml, parse_event
 from tests.nvml_c_shim import real_pynvml_over
 
@@ -69,7 +70,7 @@ def test_a100_reports_every_field_and_host_versions() -> None:
     s = report.gpus[0]
     missing = [f for f in EVERY_FIELD if not s.HasField(f)]  # type: ignore[arg-type]
     assert missing == []
-    assert s.memory_used_bytes + s.memory_free_bytes == s.memory_total_bytes
+    assert s.memory_used_bytes + s.memory_free_bytes + s.memory_reserved_bytes == s.memory_total_bytes
     assert 0 < s.power_watts <= 400
     assert s.nvlink_active_links == 12
     assert s.health == HEALTHY
@@ -117,10 +118,10 @@ def test_unknown_error_counts_as_lost() -> None:
     c, fake = collector("l40s-4")
     original = fake.nvmlDeviceGetMemoryInfo
 
-    def broken(h: object, version: object = None) -> object:
+    def broken(h: object, version: int | None = None) -> object:
         if fake.nvmlDeviceGetIndex(h) == 1:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_UNKNOWN)
-        return original(h)
+        return original(h, version)
 
     fake.nvmlDeviceGetMemoryInfo = broken  # type: ignore[method-assign,assignment]
     report = c.sample()
@@ -153,15 +154,73 @@ def test_xid_watcher_delivers_the_event_at_once_and_health_stays_sticky() -> Non
     w = XidWatcher(c, recorder(got, arrived), wait_ms=50)
     w.start()
     try:
-        fake.apply(parse_event("0:4:xid=94"))  # contained ECC error: degraded
+        fake.apply(parse_event("0:4:xid=63"))  # a row remap recorded: degraded, reset the GPU
         assert arrived.wait(5)
     finally:
         w.stop()
-    assert got[0].xid == 94 and got[0].gpu_uuid == c.gpus[4].uuid
-    assert got[0].verdict.health == DEGRADED
-    # Sticky: later clean readings keep the XID until the daemon restarts.
+    assert got[0].xid == 63 and got[0].gpu_uuid == c.gpus[4].uuid
+    assert (got[0].verdict.health, got[0].verdict.action) == (DEGRADED, health.RESET_GPU)
+    # Sticky: later clean readings keep the XID until it is cleared.
     assert c.sample().gpus[4].health == DEGRADED
-    assert 94 in c.sample().gpus[4].xids
+    assert 63 in c.sample().gpus[4].xids
+    c.clear_faults([c.gpus[4].uuid])  # an operator's SetGpuHealthy reached the daemon
+    assert c.sample().gpus[4].health == HEALTHY and not c.sample().gpus[4].xids
+
+
+def test_an_application_xid_is_told_in_its_event_and_leaves_the_gpu_healthy() -> None:
+    c, fake = collector("h100-sxm-8")
+    got: list[GpuEvent] = []
+    arrived = threading.Event()
+    w = XidWatcher(c, recorder(got, arrived), wait_ms=50)
+    w.start()
+    try:
+        fake.apply(parse_event("0:2:xid=13"))  # graphics engine exception: the app's
+        assert arrived.wait(5)
+    finally:
+        w.stop()
+    assert (got[0].verdict.health, got[0].verdict.action) == (HEALTHY, health.RESTART_APP)
+    assert "XID_13" in got[0].verdict.codes
+    s = c.sample().gpus[2]
+    assert s.health == HEALTHY and not s.xids and not s.health_reasons
+    assert c.gpus[2].last_xid == 13  # dcgm-exporter's DCGM_FI_DEV_XID_ERRORS shows it
+
+
+def test_mig_instances_are_listed_with_their_profiles_under_their_parent() -> None:
+    c, _ = collector("a100-mig")
+    inv = c.inventory()
+    parent, *instances = inv
+    assert parent.mig_enabled and not parent.parent_uuid
+    assert [g.mig_profile for g in instances] == ["3g.40gb", "2g.20gb", "1g.10gb", "1g.10gb"]
+    assert all(g.uuid.startswith("MIG-") and g.parent_uuid == parent.uuid for g in instances)
+    assert len({g.gpu_instance_id for g in instances}) == 4
+    s = c.sample().gpus[0]
+    assert not s.HasField("utilization_gpu_percent")  # NotSupported on a MIG-enabled GPU: absent
+    assert [m.uuid for m in s.mig_devices] == [g.uuid for g in instances]
+    assert all(
+        m.memory_total_bytes == g.memory_total_bytes for m, g in zip(s.mig_devices, instances, strict=True)
+    )
+
+
+@pytest.mark.parametrize(
+    ("gpu_slices", "memory_mb", "gpu_memory_mib", "name"),
+    [
+        # nvidia-smi mig -lgip on an A100-SXM4-80GB and an H100 80GB HBM3.
+        (1, 9728, 81920, "1g.10gb"),
+        (2, 19968, 81920, "2g.20gb"),
+        (3, 40192, 81920, "3g.40gb"),
+        (7, 80896, 81920, "7g.80gb"),
+        (1, 9856, 81559, "1g.10gb"),
+        (1, 19968, 81559, "1g.20gb"),
+        (7, 80640, 81559, "7g.80gb"),
+        # A100-SXM4-40GB.
+        (1, 4864, 40960, "1g.5gb"),
+        (3, 20096, 40960, "3g.20gb"),
+    ],
+)
+def test_mig_profile_names_follow_nvidias_naming(
+    gpu_slices: int, memory_mb: int, gpu_memory_mib: int, name: str
+) -> None:
+    assert mig_profile_name(gpu_slices, gpu_slices, memory_mb, gpu_memory_mib * 1024**2) == name
 
 
 def test_collector_runs_unchanged_through_the_real_pynvml_module() -> None:
