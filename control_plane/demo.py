@@ -44,6 +44,7 @@ NODES = [
     DemoNode("atlantic-ai", "ca-mtl-1", "CA", "ca-east", 45.50, -73.57, "a100-mig", 1.20),
 ]
 PROVIDERS = sorted({n.provider for n in NODES})
+DCGM_NODE = "de-ber-1"
 # Tenant "acme" owns two hosts: its private pool, which no other tenant sees; its leases fill
 # them first and burst into the federation when they are full. Internal price 0.
 POOL_TENANT = "acme"
@@ -184,6 +185,8 @@ class Demo:
             ]
             for ev in n.events:
                 cmd += ["--fake-event", ev]
+            if n.node_id == DCGM_NODE:  # dcgm-exporter's metrics, as a provider scrapes them
+                cmd += ["--metrics-listen", f"127.0.0.1:{a.dcgm_port}"]
             self.spawn(
                 f"daemon-{n.node_id}",
                 cmd,
@@ -225,6 +228,7 @@ GPU 3 of gallic-compute/fr-par-1 fails with XID 79 after 45 s.
 
   control plane  {env["GPUFED_ENDPOINT"]}   (gRPC, reflection + health on)
   metrics        http://127.0.0.1:{args.metrics_port}/metrics
+  dcgm metrics   http://127.0.0.1:{args.dcgm_port}/metrics   (node {DCGM_NODE}, dcgm-exporter's names)
   logs           {data / "logs"}
 
 Try, in another terminal:
@@ -232,6 +236,7 @@ Try, in another terminal:
   source {data / "demo.env"}
   {gpufed} offers search --model H100 --country DE,FR
   {gpufed} capacity
+  {gpufed} offers search --mig-profile 1g.10gb                          # MIG instances (ca-mtl-1)
   {gpufed} offers search --near 50.1,8.7,800 --order-by distance
   {gpufed} lease create --count 4 --model H100 --country DE --hold      # Ctrl-C releases it
   {gpufed} lease create --count 1 --ssh-key ~/.ssh/id_ed25519.pub --wait # prints how to log in
@@ -258,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--metrics-port", type=int, default=int(os.environ.get("GPUFED_DEMO_METRICS_PORT", "9464"))
     )
+    p.add_argument("--dcgm-port", type=int, default=int(os.environ.get("GPUFED_DEMO_DCGM_PORT", "9400")))
     p.add_argument("--data-dir", default=str(ROOT / ".run"))
     p.add_argument(
         "--admin-token",

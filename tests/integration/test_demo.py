@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ pytestmark = pytest.mark.integration
 
 def test_demo_offers_gpus_of_every_provider_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     port, etcd_port, peer_port, metrics_port = free_port(), free_port(), free_port(), free_port()
+    dcgm_port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -34,6 +36,8 @@ def test_demo_offers_gpus_of_every_provider_and_stops_on_ctrl_c(tmp_path: Path) 
             str(peer_port),
             "--metrics-port",
             str(metrics_port),
+            "--dcgm-port",
+            str(dcgm_port),
             "--data-dir",
             str(tmp_path),
         ],
@@ -70,6 +74,10 @@ def test_demo_offers_gpus_of_every_provider_and_stops_on_ctrl_c(tmp_path: Path) 
                 assert held.lease.state == lease_pb2.LEASE_STATE_ACTIVE
                 assert held.access[0].ssh.startswith("ssh lease-")
             assert not [n for n in c.list_nodes() if n.pool_tenant]  # acme's pool is not ours to see
+            # MIG instances of ca-mtl-1's A100, and dcgm-exporter's metrics of de-ber-1.
+            assert [o.mig_profile for o in c.search_offers(mig_profile="1g.10gb")] == ["1g.10gb"]
+            with urllib.request.urlopen(f"http://127.0.0.1:{dcgm_port}/metrics", timeout=5) as r:
+                assert b'DCGM_FI_DEV_GPU_TEMP{gpu="0"' in r.read()
         # acme fills its own 8 L40S first, then bursts into the federation (nordic-gpu's L40S).
         with Client(env["GPUFED_ENDPOINT"], env["GPUFED_ACME_TOKEN"]) as acme:
             wait_until(lambda: len([n for n in acme.list_nodes() if n.pool_tenant]) == len(POOL), timeout=30)
