@@ -60,6 +60,10 @@ class Config:
     # A lease still PROVISIONING this many seconds after its grant ends PROVISIONING_FAILED
     # (the leader checks): a daemon that died mid-hook must not hold GPUs forever.
     provision_timeout: float = 900.0
+    # Usage records that ended longer ago than this are exported (to usage_export_dir, which all
+    # replicas should share: any of them may lead) and deleted by the leader. No dir: kept.
+    usage_retention_days: float = 90.0
+    usage_export_dir: str = ""
     # Failed authentications one client address may make per minute before AUTH_THROTTLED.
     auth_failures_per_minute: int = 30
     # Default quotas, for principals without their own (AdminService.SetQuota).
@@ -199,6 +203,17 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         "(GPUFED_PROVISION_TIMEOUT; default 900)",
     )
     p.add_argument(
+        "--usage-retention-days",
+        type=float,
+        help="usage records older than this are exported and deleted by the leader "
+        "(GPUFED_USAGE_RETENTION_DAYS; default 90)",
+    )
+    p.add_argument(
+        "--usage-export-dir",
+        help="where the leader exports expired usage records as JSON lines; shared by every replica "
+        "(GPUFED_USAGE_EXPORT_DIR; default none: records are kept)",
+    )
+    p.add_argument(
         "--health-write-interval",
         type=float,
         help="least seconds between two health writes of one node, but for UNHEALTHY, which is "
@@ -265,6 +280,14 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         provision_timeout=s.get(
             a.provision_timeout, "GPUFED_PROVISION_TIMEOUT", "provision_timeout", d.provision_timeout
         ),
+        usage_retention_days=s.get(
+            a.usage_retention_days,
+            "GPUFED_USAGE_RETENTION_DAYS",
+            "usage_retention_days",
+            d.usage_retention_days,
+            float,
+        ),
+        usage_export_dir=s.get(a.usage_export_dir, "GPUFED_USAGE_EXPORT_DIR", "usage_export_dir", ""),
         health_write_interval=s.get(
             a.health_write_interval,
             "GPUFED_HEALTH_WRITE_INTERVAL",

@@ -23,6 +23,7 @@ from control_plane.app.leader import Leader
 from control_plane.app.leases import Leases
 from control_plane.app.nodes import Nodes
 from control_plane.app.quotas import Quotas
+from control_plane.app.retention import DAY_S
 from control_plane.app.telemetry import Telemetry
 from control_plane.auth import Authenticator
 from control_plane.config import Config, ConfigError, check_tokens, read_pem
@@ -168,6 +169,8 @@ class Replica:
             self.metrics,
             self.clock,
             provision_timeout_s=cfg.provision_timeout,
+            usage_retention_s=cfg.usage_retention_days * DAY_S,
+            usage_export_dir=cfg.usage_export_dir,
         )
 
         server = grpc.aio.server(

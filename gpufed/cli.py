@@ -11,6 +11,7 @@ Exit codes: 0 ok, 1 other error, 2 usage, 3 not found, 4 no capacity, 5 not allo
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import signal
@@ -22,7 +23,7 @@ from typing import Any
 
 import grpc
 import yaml
-from google.protobuf import duration_pb2, json_format
+from google.protobuf import duration_pb2, json_format, timestamp_pb2
 from google.protobuf.message import Message
 
 from gpufed.client import Client, GpufedError
@@ -85,6 +86,13 @@ def _emit(
     if args.output == "json":
         payload = _to_dict(data) if isinstance(data, Message) else [_to_dict(m) for m in data]
         print(json.dumps(payload, indent=2))
+    elif args.output == "jsonl":
+        for m in [data] if isinstance(data, Message) else data:
+            print(json.dumps(_to_dict(m), separators=(",", ":")))
+    elif args.output == "csv":
+        rows = table()
+        writer = csv.writer(sys.stdout)
+        writer.writerows(r for r in rows if any(r))
     elif args.output == "yaml":
         payload = _to_dict(data) if isinstance(data, Message) else [_to_dict(m) for m in data]
         print(yaml.safe_dump(payload, sort_keys=False).rstrip())
@@ -477,15 +485,23 @@ def cmd_admin_revoke(c: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _when(text: str) -> timestamp_pb2.Timestamp | None:
+    """RFC 3339 (2026-09-01T00:00:00Z) or a date (2026-09-01, midnight UTC)."""
+    if not text:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    try:
+        ts.FromJsonString(text if "T" in text else f"{text}T00:00:00Z")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date or an RFC 3339 time") from e
+    return ts
+
+
 def cmd_admin_usage(c: Client, args: argparse.Namespace) -> int:
-    req = admin_pb2.ListUsageRecordsRequest(provider=args.provider, tenant=args.tenant, page_size=1000)
-    records: list[admin_pb2.UsageRecord] = []
-    while True:
-        resp = c.call(c.admin.ListUsageRecords, req)
-        records.extend(resp.usage_records)
-        if not resp.next_page_token:
-            break
-        req.page_token = resp.next_page_token
+    since, until = _when(args.since), _when(args.until)
+    if args.action == "export":
+        return _export_usage(c, args, since, until)
+    records = list(c.usage_records(args.provider, args.tenant, since, until))
     _emit(
         args,
         records,
@@ -506,6 +522,47 @@ def cmd_admin_usage(c: Client, args: argparse.Namespace) -> int:
             ]
         ),
     )
+    return EXIT_OK
+
+
+EXPORT_COLUMNS = [
+    "name", "lease", "provider", "tenant", "gpus", "start_time", "end_time", "gpu_seconds",
+    "quoted_cost", "currency_code", "end_reason", "pool",
+]  # fmt: skip
+
+
+def _export_usage(
+    c: Client,
+    args: argparse.Namespace,
+    since: timestamp_pb2.Timestamp | None,
+    until: timestamp_pb2.Timestamp | None,
+) -> int:
+    """Every record of the window, streamed page by page (never all in memory): JSON lines (the
+    records as the API writes them) or CSV with one row per record."""
+    out = open(args.file, "w", newline="") if args.file else sys.stdout  # noqa: SIM115
+    try:
+        writer = csv.writer(out) if args.output == "csv" else None
+        if writer is not None:
+            writer.writerow(EXPORT_COLUMNS)
+        n = 0
+        for r in c.usage_records(args.provider, args.tenant, since, until):
+            n += 1
+            if writer is None:
+                out.write(json.dumps(_to_dict(r), separators=(",", ":")) + "\n")
+                continue
+            writer.writerow(
+                [
+                    r.name, r.lease, r.provider, r.tenant, " ".join(g.uuid for g in r.gpus),
+                    r.start_time.ToJsonString(), r.end_time.ToJsonString(), f"{r.gpu_seconds:g}",
+                    f"{r.quoted_cost:.6f}", r.currency_code,
+                    lease_pb2.LeaseEndReason.Name(r.end_reason).removeprefix("LEASE_END_REASON_"),
+                    common_pb2.PoolKind.Name(r.pool).removeprefix("POOL_KIND_"),
+                ]
+            )  # fmt: skip
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    print(f"exported {n} usage records", file=sys.stderr)
     return EXIT_OK
 
 
@@ -569,7 +626,7 @@ def cmd_tokens_create(c: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_tokens_list(c: Client, args: argparse.Namespace) -> int:
-    tokens = list(c.call(c.admin.ListTokens, admin_pb2.ListTokensRequest()).tokens)
+    tokens = c.list_tokens()
     _emit(
         args,
         tokens,
@@ -619,7 +676,13 @@ def build_parser() -> argparse.ArgumentParser:
             help="plaintext, for a replica on loopback (GPUFED_INSECURE=1); TLS otherwise",
         )
         parser.add_argument("--timeout", type=float, default=d(10.0), help="per-call deadline, seconds")
-        parser.add_argument("-o", "--output", choices=["table", "json", "yaml"], default=d("table"))
+        parser.add_argument(
+            "-o",
+            "--output",
+            choices=["table", "json", "yaml", "jsonl", "csv"],
+            default=d("table"),
+            help="jsonl and csv: one line per record (lists; `admin usage export`)",
+        )
         return parser
 
     common = connection_flags(suppress=True)
@@ -723,9 +786,15 @@ def build_parser() -> argparse.ArgumentParser:
     rv.add_argument("name", help="leases/ID")
     rv.add_argument("--reason", default="")
     rv.set_defaults(fn=cmd_admin_revoke)
-    us = admin.add_parser("usage", parents=[common])
+    us = admin.add_parser(
+        "usage", parents=[common], help="usage records; `export` streams them (-o jsonl or csv)"
+    )
+    us.add_argument("action", nargs="?", choices=["list", "export"], default="list")
     us.add_argument("--provider", default="")
     us.add_argument("--tenant", default="")
+    us.add_argument("--since", default="", help="records ending at or after (2026-09-01 or RFC 3339)")
+    us.add_argument("--until", default="", help="records ending before")
+    us.add_argument("--file", default="", help="export: write here instead of stdout")
     us.set_defaults(fn=cmd_admin_usage)
     quota = admin.add_parser("quota", help="tenant and provider quotas").add_subparsers(
         dest="action", required=True

@@ -24,7 +24,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from gpufed.errors import error_info, retry_delay
 from gpufed.transport import (
@@ -395,6 +395,37 @@ class Client:
             out.extend(resp.leases)
             if not resp.next_page_token:
                 return out
+            req.page_token = resp.next_page_token
+
+    def list_tokens(self) -> list[admin_pb2.Token]:
+        """Every token, without secrets (admin), page by page."""
+        req = admin_pb2.ListTokensRequest(page_size=1000)
+        out: list[admin_pb2.Token] = []
+        while True:
+            resp = self.call(self.admin.ListTokens, req)
+            out.extend(resp.tokens)
+            if not resp.next_page_token:
+                return out
+            req.page_token = resp.next_page_token
+
+    def usage_records(
+        self,
+        provider: str = "",
+        tenant: str = "",
+        since: timestamp_pb2.Timestamp | None = None,
+        until: timestamp_pb2.Timestamp | None = None,
+    ) -> Iterator[admin_pb2.UsageRecord]:
+        """Usage records ending in [since, until), page by page, as the caller may see them."""
+        req = admin_pb2.ListUsageRecordsRequest(provider=provider, tenant=tenant, page_size=1000)
+        if since is not None:
+            req.start_time.CopyFrom(since)
+        if until is not None:
+            req.end_time.CopyFrom(until)
+        while True:
+            resp = self.call(self.admin.ListUsageRecords, req)
+            yield from resp.usage_records
+            if not resp.next_page_token:
+                return
             req.page_token = resp.next_page_token
 
     def renew_lease(self, name: str) -> lease_pb2.Lease:

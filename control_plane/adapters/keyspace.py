@@ -28,12 +28,24 @@ never streamed to every replica's index:
                                            that registered it: a new node's Txn compares the
                                            other replicas' markers of the provider unchanged
                                            since its node count (its own it counts itself)
-  .records/history/leases/{lease_id}       ended Lease records
+  .records/history/leases/{lease_id}       ended Lease records, by id (GetLease); on the hourly
+                                           history etcd lease, so they expire by themselves
+  .records/tenants/{tenant}/leases/{inverted create time}/{lease_id}
+                                           the same record under its tenant, newest first: a
+                                           tenant's ListLeases reads only its own range
   .records/journal/{lease_id}              the active Lease record, not on its etcd lease: written
                                            by the grant and each renewal, deleted by the Txn that
                                            writes the lease's usage records (exactly once)
-  .records/usage/{lease_id}/{provider}     UsageRecord (by the release Txn, or by the leader for
-                                           a lease whose journal outlived it: an expiry)
+  .records/usage/{provider}/{end time}/{lease_id}
+                                           UsageRecord (by the release Txn, or by the leader for
+                                           a lease whose journal outlived it: an expiry), in end
+                                           time order per provider
+  .records/tenant-usage/{tenant}/{end time}/{lease_id}/{provider}
+                                           the same record under its tenant, written in the
+                                           same Txn: each List reads only its caller's range.
+                                           The leader exports both past the retention and
+                                           deletes them (control_plane.app.retention)
+Times in keys are zero-padded nanoseconds (20 digits), so key order is time order.
 """
 
 from __future__ import annotations
@@ -69,6 +81,9 @@ class Key(NamedTuple):
     name: str
     gpu: str = ""
 
+
+# Times in record keys: nanoseconds since the epoch, zero-padded; MAX_NS - t sorts newest first.
+MAX_NS = 10**20 - 1
 
 # top directory -> (kind, number of parts below it)
 _LAYOUT = {
@@ -148,8 +163,36 @@ class Keyspace:
     def lease_history(self, lease_id: str) -> str:
         return self._r("history", "leases", lease_id)
 
-    def usage_record(self, lease_id: str, provider: str) -> str:
-        return self._r("usage", lease_id, provider)
+    def tenant_history(self, tenant: str, create_ns: int, lease_id: str) -> str:
+        return self._r("tenants", tenant, "leases", f"{MAX_NS - create_ns:020d}", lease_id)
+
+    def tenant_history_dir(self, tenant: str | None = None) -> str:
+        """One tenant's ended leases, or (None) every tenant's."""
+        return self._r("tenants", tenant, "leases") + "/" if tenant is not None else self._r("tenants") + "/"
+
+    def history_sort_key(self, key: bytes | str) -> str:
+        """ "{tenant}/{inverted time}/{lease_id}" of a tenant history key: the order ListLeases
+        pages in (a tenant's newest first; an operator's by tenant, then newest first)."""
+        text = key.decode() if isinstance(key, bytes) else key
+        tenant, _, inverted, lease_id = text[len(self._r("tenants")) + 1 :].split("/")
+        return f"{tenant}/{inverted}/{lease_id}"
+
+    def history_key_of(self, sort_key: str) -> str:
+        tenant, inverted, lease_id = sort_key.split("/")
+        return self._r("tenants", tenant, "leases", inverted, lease_id)
+
+    def usage_record(self, provider: str, end_ns: int, lease_id: str) -> str:
+        return self._r("usage", provider, f"{end_ns:020d}", lease_id)
+
+    def tenant_usage(self, tenant: str, end_ns: int, lease_id: str, provider: str) -> str:
+        return self._r("tenant-usage", tenant, f"{end_ns:020d}", lease_id, provider)
+
+    def usage_dir(self, provider: str = "") -> str:
+        """Every provider's usage records, or one provider's."""
+        return self._r("usage", provider) + "/" if provider else self._r("usage") + "/"
+
+    def tenant_usage_dir(self, tenant: str) -> str:
+        return self._r("tenant-usage", tenant) + "/"
 
     def records_dir(self, name: str) -> str:
         return self._r(name) + "/"

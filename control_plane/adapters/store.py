@@ -371,6 +371,8 @@ class EtcdStore:
         self._token_lock = asyncio.Lock()
         self.keys = Keyspace(prefix)
         self.timeout = timeout
+        # Keys etcd returned to this replica's reads (not the watch): what a List costs.
+        self.keys_read = 0
         hosts, secure = parse_endpoints(self.endpoints, tls)
         options: list[tuple[str, int | str]] = [
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -462,7 +464,25 @@ class EtcdStore:
 
     async def get(self, key: str | bytes) -> KeyValue | None:
         resp = await self._call(lambda: self._kv.Range(rpc.RangeRequest(key=_b(key)), timeout=self.timeout))
+        self.keys_read += len(resp.kvs)
         return key_value(resp.kvs[0]) if resp.kvs else None
+
+    async def get_range(
+        self, start: str | bytes, end: str | bytes, limit: int, keys_only: bool = False
+    ) -> tuple[list[KeyValue], bool]:
+        """Up to `limit` keys in [start, end), in key order, and whether more follow: the read
+        of every paginated List (a page reads its own keys, never the whole prefix)."""
+        req = rpc.RangeRequest(
+            key=_b(start),
+            range_end=_b(end),
+            limit=limit,
+            keys_only=keys_only,
+            sort_order=rpc.RangeRequest.ASCEND,
+            sort_target=rpc.RangeRequest.KEY,
+        )
+        resp = await self._call(lambda: self._kv.Range(req, timeout=self.timeout))
+        self.keys_read += len(resp.kvs)
+        return [key_value(kv) for kv in resp.kvs], bool(resp.more)
 
     async def get_prefix(self, prefix: str | bytes, revision: int = 0) -> tuple[list[KeyValue], int]:
         """Every key under prefix at one revision (the current one if 0), read in pages."""
@@ -481,6 +501,7 @@ class EtcdStore:
             resp = await self._call(lambda r=req: self._kv.Range(r, timeout=self.timeout))  # type: ignore[misc]
             if revision == 0:
                 revision = resp.header.revision
+            self.keys_read += len(resp.kvs)
             out.extend(key_value(kv) for kv in resp.kvs)
             if not resp.more or not resp.kvs:
                 return out, revision

@@ -6,7 +6,8 @@ from google.protobuf import timestamp_pb2
 
 from control_plane import auth
 from control_plane.adapters.index import Inventory
-from control_plane.adapters.store import EtcdStore, KeyValue, delete
+from control_plane.adapters.keyspace import MAX_NS
+from control_plane.adapters.store import EtcdStore, KeyValue, delete, prefix_end
 from control_plane.app.leases import Leases
 from control_plane.domain import errors, pagination, registration, repair
 from control_plane.domain.errors import shown
@@ -18,6 +19,8 @@ from gpufed.v1 import admin_pb2, common_pb2, lease_pb2
 NodeState = common_pb2.NodeState
 MAX_DRAIN_GRACE_S = 7 * 24 * 3600
 MAX_REASON = 256
+# Keys one ListUsageRecords page may read past its filter before it answers with what it has.
+USAGE_SCAN_LIMIT = 2000
 KINDS = {
     admin_pb2.TOKEN_KIND_TENANT: auth.Kind.TENANT,
     admin_pb2.TOKEN_KIND_PROVIDER: auth.Kind.PROVIDER,
@@ -134,21 +137,41 @@ class Admin:
             tenant = p.name
         size = pagination.page_size(request.page_size)
         start_ns = timestamp_ns(request.start_time, "start_time") if request.HasField("start_time") else 0
-        end_ns = timestamp_ns(request.end_time, "end_time") if request.HasField("end_time") else 2**63 - 1
-        kvs, _ = await self.store.get_prefix(self.keys.records_dir("usage"))
-        records = []
-        for kv in kvs:
-            r = admin_pb2.UsageRecord.FromString(kv.value)
-            if (
-                (not provider or r.provider == provider)
-                and (not tenant or r.tenant == tenant)
-                and start_ns <= r.end_time.ToNanoseconds() < end_ns
-            ):
-                records.append(r)
-        records.sort(key=lambda r: (r.end_time.ToNanoseconds(), r.name))
+        end_ns = timestamp_ns(request.end_time, "end_time") if request.HasField("end_time") else MAX_NS
         query = pagination.query_hash("usage", provider, tenant, str(start_ns), str(end_ns))
-        start, end, token = pagination.paginate(len(records), request.page_token, size, query)
-        return records[start:end], token
+        after = pagination.decode_cursor(request.page_token, query)
+        # The caller's own range: its provider's records, else its tenant's, else (an operator
+        # asking for everything) every provider's, by provider and end time.
+        if provider and p.kind != auth.Kind.TENANT:
+            top, by_time = self.keys.usage_dir(provider), True
+        elif tenant:
+            top, by_time = self.keys.tenant_usage_dir(tenant), True
+        else:
+            top, by_time = self.keys.usage_dir(), False
+        lo = top + (f"{start_ns:020d}" if by_time else "")
+        hi = (top + f"{end_ns:020d}").encode() if by_time else prefix_end(top.encode())
+        start = (top + after + "\0") if after else lo
+        records: list[admin_pb2.UsageRecord] = []
+        last, scanned = "", 0
+        while len(records) < size and scanned < USAGE_SCAN_LIMIT:
+            kvs, more = await self.store.get_range(start, hi, min(USAGE_SCAN_LIMIT, size - len(records) + 1))
+            for kv in kvs:
+                scanned += 1
+                r = admin_pb2.UsageRecord.FromString(kv.value)
+                if len(records) == size:
+                    return records, pagination.encode_cursor(query, last)
+                last = kv.key.decode()[len(top) :]
+                if (
+                    (not tenant or r.tenant == tenant)
+                    and (not provider or r.provider == provider)
+                    and start_ns <= r.end_time.ToNanoseconds() < end_ns
+                ):
+                    records.append(r)
+            if not more or not kvs:
+                return records, ""
+            start = top + last + "\0"
+        # A page filled (or scanned as far as one page may): the rest from where it stopped.
+        return records, pagination.encode_cursor(query, last)
 
     # -- tokens ---------------------------------------------------------------------------------
 
@@ -187,8 +210,16 @@ class Admin:
         )
         return token, secret
 
-    async def list_tokens(self) -> list[admin_pb2.Token]:
-        kvs, _ = await self.store.get_prefix(self.keys.dir("tokens"))
+    async def list_tokens(
+        self, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[admin_pb2.Token], str]:
+        """Tokens in id order, one page by key."""
+        size = pagination.page_size(page_size)
+        query = pagination.query_hash("tokens")
+        after = pagination.decode_cursor(page_token, query)
+        top = self.keys.dir("tokens")
+        start = top + after + "\0" if after else top
+        kvs, more = await self.store.get_range(start, prefix_end(top.encode()), size)
         tokens = []
         for kv in kvs:
             token_id = self.keys.relative(kv.key)[1]
@@ -202,7 +233,8 @@ class Admin:
                     private_to=rec.private_to,
                 )
             )
-        return tokens
+        last = self.keys.relative(kvs[-1].key)[1] if kvs else ""
+        return tokens, pagination.encode_cursor(query, last) if more else ""
 
     async def delete_token(self, name: str) -> None:
         prefix, _, token_id = name.partition("/")

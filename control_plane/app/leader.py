@@ -43,7 +43,9 @@ from control_plane.adapters.store import (
 )
 from control_plane.adapters.store import delete as delete_op
 from control_plane.adapters.store import get as get_op
+from control_plane.app.lease_txns import put_history, put_usage
 from control_plane.app.leases import Leases
+from control_plane.app.retention import DAY_S, UsageRetention
 from control_plane.domain import lease_rules
 from control_plane.domain.usage import usage_records
 from control_plane.metrics import Metrics
@@ -63,6 +65,8 @@ JOURNAL_SWEEP_S = 1.0
 # And the whole journal is read this often (and on election and after a re-list), for what the
 # candidates missed.
 JOURNAL_SCAN_S = 60.0
+# How often the leader exports and deletes usage records past the retention.
+RETENTION_SWEEP_S = 3600.0
 
 
 class Deposed(Exception):
@@ -80,8 +84,13 @@ class Leader:
         metrics: Metrics | None = None,
         clock: Clock = SYSTEM,
         provision_timeout_s: float = 900.0,
+        usage_retention_s: float = 90 * DAY_S,
+        usage_export_dir: str = "",
     ) -> None:
         self.provision_timeout_s = provision_timeout_s
+        self.retention = UsageRetention(
+            store, clock, usage_retention_s, usage_export_dir, self._fenced, self._check_term
+        )
         self.clock = clock
         self.store = store
         self.keys = store.keys
@@ -155,6 +164,7 @@ class Leader:
             asyncio.create_task(self._drain_sweep(), name="drain-sweep"),
             asyncio.create_task(self._provisioning_sweep(), name="provisioning-sweep"),
             asyncio.create_task(self._compaction(), name="compaction"),
+            asyncio.create_task(self._retention(), name="usage-retention"),
         ]
         try:
             while self.term and self.inv.leader == self.replica_id and not any(t.done() for t in tasks):
@@ -236,12 +246,11 @@ class Leader:
         txn.mod_revision_is(self.keys.journal(lease_id).encode(), journal.mod_revision)
         if kv is None:
             hist_lease = await self.leases.history.lease_id()
-            txn.put(self.keys.lease_history(lease_id).encode(), final.SerializeToString(), hist_lease)
+            put_history(txn, self.keys, final, hist_lease)
             if final.request_id:
                 spent = self.keys.request(final.tenant, final.request_id).encode()
                 txn.put(spent, lease_id.encode(), hist_lease)
-        for r in usage_records(final, final.end_time):
-            txn.put(self.keys.usage_record(lease_id, r.provider).encode(), r.SerializeToString())
+        put_usage(txn, self.keys, usage_records(final, final.end_time))
         txn.delete(self.keys.journal(lease_id).encode())
         resp = await self.store.send_txn(txn.req)
         self._check_term(resp)
@@ -277,6 +286,18 @@ class Leader:
         kvs = resp.responses[0].response_range.kvs
         if not kvs or kvs[0].create_revision != self.term or kvs[0].value != self.replica_id.encode():
             raise Deposed(f"leader key now {kvs[0].value.decode() if kvs else 'absent'}")
+
+    # -- retention ------------------------------------------------------------------------------
+
+    async def _retention(self) -> None:
+        while True:
+            try:
+                await self.retention.sweep_once()
+            except StoreUnavailable as e:
+                log.warning("usage retention: etcd unavailable; next round", error=str(e))
+            except OSError as e:  # the export dir: nothing is deleted that was not exported
+                log.error("usage retention: cannot export", error=str(e))
+            await asyncio.sleep(RETENTION_SWEEP_S)
 
     # -- drains ---------------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ from control_plane.adapters.keyspace import Keyspace
 from control_plane.adapters.store import MAX_TXN_OPS, TxnBuilder, prefix_end
 from control_plane.domain.placement import Pick
 from control_plane.domain.usage import usage_records
-from gpufed.v1 import lease_pb2
+from gpufed.v1 import admin_pb2, lease_pb2
 
 
 def grant_txn(
@@ -84,15 +84,31 @@ def release_txn(
     txn = TxnBuilder()
     txn.mod_revision_is(key, revision)
     txn.delete(key)
-    txn.put(keys.lease_history(lease_id).encode(), final.SerializeToString(), history_lease)
+    put_history(txn, keys, final, history_lease)
     txn.delete(keys.hold(lease.tenant, lease.grant_replica, lease_id).encode())
     if lease.request_id:
         txn.put(keys.request(lease.tenant, lease.request_id).encode(), lease_id.encode(), history_lease)
     for g in lease.gpus:
         txn.delete(keys.alloc(g.provider, g.node_id, g.uuid, g.parent_uuid).encode())
     records = usage_records(final, final.end_time)
-    if len(txn.req.success) + len(records) + 1 <= MAX_TXN_OPS:
-        for r in records:
-            txn.put(keys.usage_record(lease_id, r.provider).encode(), r.SerializeToString())
+    if len(txn.req.success) + 2 * len(records) + 1 <= MAX_TXN_OPS:
+        put_usage(txn, keys, records)
         txn.delete(keys.journal(lease_id).encode())
     return txn
+
+
+def put_history(txn: TxnBuilder, keys: Keyspace, final: lease_pb2.Lease, history_lease: int) -> None:
+    """The ended record by id and under its tenant (newest first), on the history etcd lease."""
+    lease_id = final.name.split("/", 1)[1]
+    value = final.SerializeToString()
+    txn.put(keys.lease_history(lease_id).encode(), value, history_lease)
+    created = final.create_time.ToNanoseconds()
+    txn.put(keys.tenant_history(final.tenant, created, lease_id).encode(), value, history_lease)
+
+
+def put_usage(txn: TxnBuilder, keys: Keyspace, records: list[admin_pb2.UsageRecord]) -> None:
+    """Each record under its provider and under its tenant, in end time order."""
+    for r in records:
+        lease_id, end, value = r.lease.split("/", 1)[1], r.end_time.ToNanoseconds(), r.SerializeToString()
+        txn.put(keys.usage_record(r.provider, end, lease_id).encode(), value)
+        txn.put(keys.tenant_usage(r.tenant, end, lease_id, r.provider).encode(), value)

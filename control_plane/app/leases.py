@@ -19,7 +19,8 @@ from collections.abc import AsyncIterator
 
 from control_plane.adapters.commit import GroupCommit, LeasePool
 from control_plane.adapters.index import Change, ChangeKind, Inventory
-from control_plane.adapters.store import EtcdStore, KeyValue, newest_read, put, retry_cas
+from control_plane.adapters.keyspace import MAX_NS
+from control_plane.adapters.store import EtcdStore, KeyValue, newest_read, prefix_end, put, retry_cas
 from control_plane.app.lease_txns import grant_txn, release_txn
 from control_plane.app.quotas import Quotas
 from control_plane.domain import access, errors, lease_rules, offers, pagination, pools
@@ -135,31 +136,53 @@ class Leases:
     async def list_leases(
         self, tenant: str | None, state: int, page_size: int, page_token: str, caller: str
     ) -> tuple[list[lease_pb2.Lease], str]:
-        """Leases newest first, optionally in one state, one AIP-158 page of them."""
+        """Leases, a tenant's newest first (an operator's by tenant, then newest first),
+        optionally in one state: one AIP-158 page by key. Active leases come from the index,
+        ended ones from the tenant's own history range, read from the page's cursor with a
+        limit: a page costs its own keys, whatever other tenants hold."""
         if state not in lease_pb2.LeaseState.values():
             raise errors.invalid("INVALID_STATE", f"unknown state {state}", field="state")
         size = pagination.page_size(page_size)
-        found: dict[str, lease_pb2.Lease] = {}
-        if state in (0, ENDED):
-            for lease in await self._history(tenant):
-                found[lease.name] = lease
-        if state != ENDED:
-            for lease in list(self.inv.leases.values()):
-                if (tenant is None or lease.tenant == tenant) and lease.state == (state or lease.state):
-                    found[lease.name] = lease
-        ordered = sorted(found.values(), key=lambda lease: (-lease.create_time.ToNanoseconds(), lease.name))
         query = pagination.query_hash("leases", caller, str(state))
-        start, end, token = pagination.paginate(len(ordered), page_token, size, query)
-        return ordered[start:end], token
+        after = pagination.decode_cursor(page_token, query)
+        if after and (after.count("/") != 2 or (tenant is not None and not after.startswith(tenant + "/"))):
+            raise errors.invalid("INVALID_PAGE_TOKEN", "page_token is malformed", field="page_token")
+        found: dict[str, tuple[str, lease_pb2.Lease]] = {}
+        if state != ENDED:
+            held = self.inv.tenant_leases.get(tenant, {}) if tenant is not None else self.inv.leases
+            ids = list(held)
+            for lease_id in ids:
+                lease = self.inv.leases.get(lease_id)
+                if lease is None or (state and lease.state != state):
+                    continue
+                key = _sort_key(lease)
+                if key > after:
+                    found[lease.name] = (key, lease)
+        more = False
+        if state in (0, ENDED):
+            ended, more = await self._ended_page(tenant, after, size + 1)
+            for key, lease in ended:
+                found[lease.name] = (key, lease)  # the history, over an index that lags behind
+        ordered = sorted(found.values(), key=lambda kl: kl[0])
+        page = ordered[:size]
+        token = pagination.encode_cursor(query, page[-1][0]) if page and (more or len(ordered) > size) else ""
+        return [lease for _, lease in page], token
 
-    async def _history(self, tenant: str | None) -> list[lease_pb2.Lease]:
-        kvs, _ = await self.store.get_prefix(self.keys.records_dir("history") + "leases/")
+    async def _ended_page(
+        self, tenant: str | None, after: str, limit: int
+    ) -> tuple[list[tuple[str, lease_pb2.Lease]], bool]:
+        """Up to `limit` ended leases of the tenant (None: every tenant) after the cursor."""
+        top = self.keys.tenant_history_dir(tenant)
+        start = self.keys.history_key_of(after) + "\0" if after else top
+        kvs, more = await self.store.get_range(start, prefix_end(top.encode()), limit)
         out = []
         for kv in kvs:
-            lease = lease_pb2.Lease.FromString(kv.value)
-            if tenant is None or lease.tenant == tenant:
-                out.append(lease)
-        return out
+            try:
+                key = self.keys.history_sort_key(kv.key)
+            except ValueError:
+                continue  # not a history record (nothing else lives there)
+            out.append((key, lease_pb2.Lease.FromString(kv.value)))
+        return out, more
 
     # -- grant ----------------------------------------------------------------------------------
 
@@ -500,6 +523,13 @@ class Leases:
         if kv is not None:
             return lease_pb2.Lease.FromString(kv.value)
         return lease_rules.expired(last)
+
+
+def _sort_key(lease: lease_pb2.Lease) -> str:
+    """The key ListLeases orders and pages by: the tenant, then newest first (as the tenant
+    history keys sort)."""
+    inverted = MAX_NS - lease.create_time.ToNanoseconds()
+    return f"{lease.tenant}/{inverted:020d}/{lease.name.split('/', 1)[1]}"
 
 
 def _contended() -> errors.DomainError:

@@ -64,3 +64,37 @@ def paginate(total: int, token: str, size: int, query: str) -> tuple[int, int, s
     start = decode_token(token, query)
     end = min(start + size, total)
     return start, end, encode_token(query, end) if end < total else ""
+
+
+# Key-based pages (AIP-158 over a key range): the token holds the last key returned (relative
+# to the range) and the query's hash, so a page costs the keys it returns whatever came before
+# it, and leases created between pages neither repeat nor push others out of the next page.
+MAX_CURSOR = 300
+
+
+def encode_cursor(query: str, last: str) -> str:
+    raw = json.dumps({"q": query, "k": last}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(token: str, query: str) -> str:
+    """The last key of the previous page ("" for the first page)."""
+    if not token:
+        return ""
+    malformed = errors.invalid("INVALID_PAGE_TOKEN", "page_token is malformed", field="page_token")
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise malformed
+    try:
+        d = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except (ValueError, RecursionError) as e:
+        raise malformed from e
+    if not isinstance(d, dict) or not isinstance(d.get("q"), str):
+        raise malformed
+    last = d.get("k")
+    if not isinstance(last, str) or not 0 < len(last) <= MAX_CURSOR:
+        raise malformed
+    if d["q"] != query:
+        raise errors.invalid(
+            "INVALID_PAGE_TOKEN", "page_token belongs to a different query", field="page_token"
+        )
+    return last

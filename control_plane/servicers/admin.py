@@ -69,7 +69,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def ListTokens(
         self, request: admin_pb2.ListTokensRequest, context: Ctx
     ) -> admin_pb2.ListTokensResponse:
-        return admin_pb2.ListTokensResponse(tokens=await self.admin.list_tokens())
+        tokens, token = await self.admin.list_tokens(request.page_size, request.page_token)
+        return admin_pb2.ListTokensResponse(tokens=tokens, next_page_token=token)
 
     async def DeleteToken(
         self, request: admin_pb2.DeleteTokenRequest, context: Ctx

@@ -28,15 +28,15 @@ from gpufed.v1 import common_pb2 as gpufed_dot_v1_dot_common__pb2
 from gpufed.v1 import lease_pb2 as gpufed_dot_v1_dot_lease__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15gpufed/v1/admin.proto\x12\tgpufed.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16gpufed/v1/common.proto\x1a\x15gpufed/v1/lease.proto\"F\n\x14SetGpuHealthyRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x10\n\x08gpu_uuid\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"6\n\x15SetGpuHealthyResponse\x12\x1d\n\x04node\x18\x01 \x01(\x0b\x32\x0f.gpufed.v1.Node\"1\n\x11\x43ordonNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"3\n\x12\x43ordonNodeResponse\x12\x1d\n\x04node\x18\x01 \x01(\x0b\x32\x0f.gpufed.v1.Node\"#\n\x13UncordonNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"5\n\x14UncordonNodeResponse\x12\x1d\n\x04node\x18\x01 \x01(\x0b\x32\x0f.gpufed.v1.Node\"Z\n\x10\x44rainNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x05grace\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x03 \x01(\t\"2\n\x11\x44rainNodeResponse\x12\x1d\n\x04node\x18\x01 \x01(\x0b\x32\x0f.gpufed.v1.Node\"2\n\x12RevokeLeaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x13RevokeLeaseResponse\x12\x1f\n\x05lease\x18\x01 \x01(\x0b\x32\x10.gpufed.v1.Lease\"\xe1\x02\n\x0bUsageRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05lease\x18\x02 \x01(\t\x12\x10\n\x08provider\x18\x03 \x01(\t\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\"\n\x04gpus\x18\x05 \x03(\x0b\x32\x14.gpufed.v1.LeasedGpu\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bgpu_seconds\x18\x08 \x01(\x01\x12\x13\n\x0bquoted_cost\x18\t \x01(\x01\x12\x15\n\rcurrency_code\x18\n \x01(\t\x12-\n\nend_reason\x18\x0b \x01(\x0e\x32\x19.gpufed.v1.LeaseEndReason\x12!\n\x04pool\x18\x0c \x01(\x0e\x32\x13.gpufed.v1.PoolKind\"\xc0\x01\n\x17ListUsageRecordsRequest\x12\x10\n\x08provider\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\x12\x0e\n\x06tenant\x18\x06 \x01(\t\"b\n\x18ListUsageRecordsResponse\x12-\n\rusage_records\x18\x01 \x03(\x0b\x32\x16.gpufed.v1.UsageRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x91\x01\n\x05Token\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.gpufed.v1.TokenKind\x12\x11\n\tprincipal\x18\x03 \x01(\t\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nprivate_to\x18\x05 \x01(\t\"_\n\x12\x43reateTokenRequest\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.gpufed.v1.TokenKind\x12\x11\n\tprincipal\x18\x02 \x01(\t\x12\x12\n\nprivate_to\x18\x03 \x01(\t\"F\n\x13\x43reateTokenResponse\x12\x1f\n\x05token\x18\x01 \x01(\x0b\x32\x10.gpufed.v1.Token\x12\x0e\n\x06secret\x18\x02 \x01(\t\"\x13\n\x11ListTokensRequest\"6\n\x12ListTokensResponse\x12 \n\x06tokens\x18\x01 \x03(\x0b\x32\x10.gpufed.v1.Token\"\"\n\x12\x44\x65leteTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteTokenResponse\"\x87\x01\n\x0bTenantQuota\x12\x10\n\x08max_gpus\x18\x01 \x01(\r\x12\x12\n\nmax_leases\x18\x02 \x01(\r\x12 \n\x18\x63reate_leases_per_second\x18\x03 \x01(\x01\x12\x1b\n\x13\x63reate_leases_burst\x18\x04 \x01(\r\x12\x13\n\x0bmax_streams\x18\x05 \x01(\r\"\x8c\x01\n\rProviderQuota\x12\x11\n\tmax_nodes\x18\x01 \x01(\r\x12\x19\n\x11max_gpus_per_node\x18\x02 \x01(\r\x12\x1a\n\x12reports_per_second\x18\x03 \x01(\x01\x12\x14\n\x0creport_burst\x18\x04 \x01(\r\x12\x1b\n\x13\x63onnects_per_minute\x18\x05 \x01(\r\"\x9a\x01\n\x05Quota\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x06tenant\x18\x02 \x01(\x0b\x32\x16.gpufed.v1.TenantQuota\x12*\n\x08provider\x18\x03 \x01(\x0b\x32\x18.gpufed.v1.ProviderQuota\x12/\n\x0bupdate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"2\n\x0fSetQuotaRequest\x12\x1f\n\x05quota\x18\x01 \x01(\x0b\x32\x10.gpufed.v1.Quota\"3\n\x10SetQuotaResponse\x12\x1f\n\x05quota\x18\x01 \x01(\x0b\x32\x10.gpufed.v1.Quota\"\x7f\n\x0b\x42urstPolicy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1e\n\x16max_price_per_gpu_hour\x18\x02 \x01(\x01\x12\x11\n\tcountries\x18\x03 \x03(\t\x12/\n\x0bupdate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"?\n\x15SetBurstPolicyRequest\x12&\n\x06policy\x18\x01 \x01(\x0b\x32\x16.gpufed.v1.BurstPolicy\"@\n\x16SetBurstPolicyResponse\x12&\n\x06policy\x18\x01 \x01(\x0b\x32\x16.gpufed.v1.BurstPolicy\"%\n\x15GetBurstPolicyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"@\n\x16GetBurstPolicyResponse\x12&\n\x06policy\x18\x01 \x01(\x0b\x32\x16.gpufed.v1.BurstPolicy\"\x1f\n\x0fGetQuotaRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"l\n\x10GetQuotaResponse\x12\x1f\n\x05quota\x18\x01 \x01(\x0b\x32\x10.gpufed.v1.Quota\x12\x15\n\ractive_leases\x18\x02 \x01(\r\x12\x11\n\theld_gpus\x18\x03 \x01(\r\x12\r\n\x05nodes\x18\x04 \x01(\r*m\n\tTokenKind\x12\x1a\n\x16TOKEN_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11TOKEN_KIND_TENANT\x10\x01\x12\x17\n\x13TOKEN_KIND_PROVIDER\x10\x02\x12\x14\n\x10TOKEN_KIND_ADMIN\x10\x03\x32\x90\x08\n\x0c\x41\x64minService\x12I\n\nCordonNode\x12\x1c.gpufed.v1.CordonNodeRequest\x1a\x1d.gpufed.v1.CordonNodeResponse\x12O\n\x0cUncordonNode\x12\x1e.gpufed.v1.UncordonNodeRequest\x1a\x1f.gpufed.v1.UncordonNodeResponse\x12\x46\n\tDrainNode\x12\x1b.gpufed.v1.DrainNodeRequest\x1a\x1c.gpufed.v1.DrainNodeResponse\x12L\n\x0bRevokeLease\x12\x1d.gpufed.v1.RevokeLeaseRequest\x1a\x1e.gpufed.v1.RevokeLeaseResponse\x12[\n\x10ListUsageRecords\x12\".gpufed.v1.ListUsageRecordsRequest\x1a#.gpufed.v1.ListUsageRecordsResponse\x12L\n\x0b\x43reateToken\x12\x1d.gpufed.v1.CreateTokenRequest\x1a\x1e.gpufed.v1.CreateTokenResponse\x12I\n\nListTokens\x12\x1c.gpufed.v1.ListTokensRequest\x1a\x1d.gpufed.v1.ListTokensResponse\x12L\n\x0b\x44\x65leteToken\x12\x1d.gpufed.v1.DeleteTokenRequest\x1a\x1e.gpufed.v1.DeleteTokenResponse\x12\x43\n\x08SetQuota\x12\x1a.gpufed.v1.SetQuotaRequest\x1a\x1b.gpufed.v1.SetQuotaResponse\x12\x43\n\x08GetQuota\x12\x1a.gpufed.v1.GetQuotaRequest\x1a\x1b.gpufed.v1.GetQuotaResponse\x12U\n\x0eSetBurstPolicy\x12 .gpufed.v1.SetBurstPolicyRequest\x1a!.gpufed.v1.SetBurstPolicyResponse\x12U\n\x0eGetBurstPolicy\x12 .gpufed.v1.GetBurstPolicyRequest\x1a!.gpufed.v1.GetBurstPolicyResponse\x12R\n\rSetGpuHealthy\x12\x1f.gpufed.v1.SetGpuHealthyRequest\x1a .gpufed.v1.SetGpuHealthyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15gpufed/v1/admin.proto\x12\tgpufed.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16gpufed/v1/common.proto\x1a\x15gpufed/v1/lease.proto\"F\n\x14SetGpuHealthyRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x10\n\x08gpu_uuid\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"6\n\x15SetGpuHealthyResponse\x12\x1d\n\x04node\x18\x01 \x01(\x0b\x32\x0f.gpufed.v1.Node\"1\n\x11\x43ordonNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"3\n\x12\x43ordonNodeResponse\x12\x1d\n\x04node\x18\x01 \x01(\x0b\x32\x0f.gpufed.v1.Node\"#\n\x13UncordonNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"5\n\x14UncordonNodeResponse\x12\x1d\n\x04node\x18\x01 \x01(\x0b\x32\x0f.gpufed.v1.Node\"Z\n\x10\x44rainNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x05grace\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x03 \x01(\t\"2\n\x11\x44rainNodeResponse\x12\x1d\n\x04node\x18\x01 \x01(\x0b\x32\x0f.gpufed.v1.Node\"2\n\x12RevokeLeaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x13RevokeLeaseResponse\x12\x1f\n\x05lease\x18\x01 \x01(\x0b\x32\x10.gpufed.v1.Lease\"\xe1\x02\n\x0bUsageRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05lease\x18\x02 \x01(\t\x12\x10\n\x08provider\x18\x03 \x01(\t\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\"\n\x04gpus\x18\x05 \x03(\x0b\x32\x14.gpufed.v1.LeasedGpu\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bgpu_seconds\x18\x08 \x01(\x01\x12\x13\n\x0bquoted_cost\x18\t \x01(\x01\x12\x15\n\rcurrency_code\x18\n \x01(\t\x12-\n\nend_reason\x18\x0b \x01(\x0e\x32\x19.gpufed.v1.LeaseEndReason\x12!\n\x04pool\x18\x0c \x01(\x0e\x32\x13.gpufed.v1.PoolKind\"\xc0\x01\n\x17ListUsageRecordsRequest\x12\x10\n\x08provider\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\x12\x0e\n\x06tenant\x18\x06 \x01(\t\"b\n\x18ListUsageRecordsResponse\x12-\n\rusage_records\x18\x01 \x03(\x0b\x32\x16.gpufed.v1.UsageRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x91\x01\n\x05Token\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.gpufed.v1.TokenKind\x12\x11\n\tprincipal\x18\x03 \x01(\t\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nprivate_to\x18\x05 \x01(\t\"_\n\x12\x43reateTokenRequest\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.gpufed.v1.TokenKind\x12\x11\n\tprincipal\x18\x02 \x01(\t\x12\x12\n\nprivate_to\x18\x03 \x01(\t\"F\n\x13\x43reateTokenResponse\x12\x1f\n\x05token\x18\x01 \x01(\x0b\x32\x10.gpufed.v1.Token\x12\x0e\n\x06secret\x18\x02 \x01(\t\":\n\x11ListTokensRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"O\n\x12ListTokensResponse\x12 \n\x06tokens\x18\x01 \x03(\x0b\x32\x10.gpufed.v1.Token\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x12\x44\x65leteTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteTokenResponse\"\x87\x01\n\x0bTenantQuota\x12\x10\n\x08max_gpus\x18\x01 \x01(\r\x12\x12\n\nmax_leases\x18\x02 \x01(\r\x12 \n\x18\x63reate_leases_per_second\x18\x03 \x01(\x01\x12\x1b\n\x13\x63reate_leases_burst\x18\x04 \x01(\r\x12\x13\n\x0bmax_streams\x18\x05 \x01(\r\"\x8c\x01\n\rProviderQuota\x12\x11\n\tmax_nodes\x18\x01 \x01(\r\x12\x19\n\x11max_gpus_per_node\x18\x02 \x01(\r\x12\x1a\n\x12reports_per_second\x18\x03 \x01(\x01\x12\x14\n\x0creport_burst\x18\x04 \x01(\r\x12\x1b\n\x13\x63onnects_per_minute\x18\x05 \x01(\r\"\x9a\x01\n\x05Quota\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x06tenant\x18\x02 \x01(\x0b\x32\x16.gpufed.v1.TenantQuota\x12*\n\x08provider\x18\x03 \x01(\x0b\x32\x18.gpufed.v1.ProviderQuota\x12/\n\x0bupdate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"2\n\x0fSetQuotaRequest\x12\x1f\n\x05quota\x18\x01 \x01(\x0b\x32\x10.gpufed.v1.Quota\"3\n\x10SetQuotaResponse\x12\x1f\n\x05quota\x18\x01 \x01(\x0b\x32\x10.gpufed.v1.Quota\"\x7f\n\x0b\x42urstPolicy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1e\n\x16max_price_per_gpu_hour\x18\x02 \x01(\x01\x12\x11\n\tcountries\x18\x03 \x03(\t\x12/\n\x0bupdate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"?\n\x15SetBurstPolicyRequest\x12&\n\x06policy\x18\x01 \x01(\x0b\x32\x16.gpufed.v1.BurstPolicy\"@\n\x16SetBurstPolicyResponse\x12&\n\x06policy\x18\x01 \x01(\x0b\x32\x16.gpufed.v1.BurstPolicy\"%\n\x15GetBurstPolicyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"@\n\x16GetBurstPolicyResponse\x12&\n\x06policy\x18\x01 \x01(\x0b\x32\x16.gpufed.v1.BurstPolicy\"\x1f\n\x0fGetQuotaRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"l\n\x10GetQuotaResponse\x12\x1f\n\x05quota\x18\x01 \x01(\x0b\x32\x10.gpufed.v1.Quota\x12\x15\n\ractive_leases\x18\x02 \x01(\r\x12\x11\n\theld_gpus\x18\x03 \x01(\r\x12\r\n\x05nodes\x18\x04 \x01(\r*m\n\tTokenKind\x12\x1a\n\x16TOKEN_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11TOKEN_KIND_TENANT\x10\x01\x12\x17\n\x13TOKEN_KIND_PROVIDER\x10\x02\x12\x14\n\x10TOKEN_KIND_ADMIN\x10\x03\x32\x90\x08\n\x0c\x41\x64minService\x12I\n\nCordonNode\x12\x1c.gpufed.v1.CordonNodeRequest\x1a\x1d.gpufed.v1.CordonNodeResponse\x12O\n\x0cUncordonNode\x12\x1e.gpufed.v1.UncordonNodeRequest\x1a\x1f.gpufed.v1.UncordonNodeResponse\x12\x46\n\tDrainNode\x12\x1b.gpufed.v1.DrainNodeRequest\x1a\x1c.gpufed.v1.DrainNodeResponse\x12L\n\x0bRevokeLease\x12\x1d.gpufed.v1.RevokeLeaseRequest\x1a\x1e.gpufed.v1.RevokeLeaseResponse\x12[\n\x10ListUsageRecords\x12\".gpufed.v1.ListUsageRecordsRequest\x1a#.gpufed.v1.ListUsageRecordsResponse\x12L\n\x0b\x43reateToken\x12\x1d.gpufed.v1.CreateTokenRequest\x1a\x1e.gpufed.v1.CreateTokenResponse\x12I\n\nListTokens\x12\x1c.gpufed.v1.ListTokensRequest\x1a\x1d.gpufed.v1.ListTokensResponse\x12L\n\x0b\x44\x65leteToken\x12\x1d.gpufed.v1.DeleteTokenRequest\x1a\x1e.gpufed.v1.DeleteTokenResponse\x12\x43\n\x08SetQuota\x12\x1a.gpufed.v1.SetQuotaRequest\x1a\x1b.gpufed.v1.SetQuotaResponse\x12\x43\n\x08GetQuota\x12\x1a.gpufed.v1.GetQuotaRequest\x1a\x1b.gpufed.v1.GetQuotaResponse\x12U\n\x0eSetBurstPolicy\x12 .gpufed.v1.SetBurstPolicyRequest\x1a!.gpufed.v1.SetBurstPolicyResponse\x12U\n\x0eGetBurstPolicy\x12 .gpufed.v1.GetBurstPolicyRequest\x1a!.gpufed.v1.GetBurstPolicyResponse\x12R\n\rSetGpuHealthy\x12\x1f.gpufed.v1.SetGpuHealthyRequest\x1a .gpufed.v1.SetGpuHealthyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gpufed.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOKENKIND']._serialized_start=2879
-  _globals['_TOKENKIND']._serialized_end=2988
+  _globals['_TOKENKIND']._serialized_start=2943
+  _globals['_TOKENKIND']._serialized_end=3052
   _globals['_SETGPUHEALTHYREQUEST']._serialized_start=148
   _globals['_SETGPUHEALTHYREQUEST']._serialized_end=218
   _globals['_SETGPUHEALTHYRESPONSE']._serialized_start=220
@@ -70,37 +70,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATETOKENRESPONSE']._serialized_start=1620
   _globals['_CREATETOKENRESPONSE']._serialized_end=1690
   _globals['_LISTTOKENSREQUEST']._serialized_start=1692
-  _globals['_LISTTOKENSREQUEST']._serialized_end=1711
-  _globals['_LISTTOKENSRESPONSE']._serialized_start=1713
-  _globals['_LISTTOKENSRESPONSE']._serialized_end=1767
-  _globals['_DELETETOKENREQUEST']._serialized_start=1769
-  _globals['_DELETETOKENREQUEST']._serialized_end=1803
-  _globals['_DELETETOKENRESPONSE']._serialized_start=1805
-  _globals['_DELETETOKENRESPONSE']._serialized_end=1826
-  _globals['_TENANTQUOTA']._serialized_start=1829
-  _globals['_TENANTQUOTA']._serialized_end=1964
-  _globals['_PROVIDERQUOTA']._serialized_start=1967
-  _globals['_PROVIDERQUOTA']._serialized_end=2107
-  _globals['_QUOTA']._serialized_start=2110
-  _globals['_QUOTA']._serialized_end=2264
-  _globals['_SETQUOTAREQUEST']._serialized_start=2266
-  _globals['_SETQUOTAREQUEST']._serialized_end=2316
-  _globals['_SETQUOTARESPONSE']._serialized_start=2318
-  _globals['_SETQUOTARESPONSE']._serialized_end=2369
-  _globals['_BURSTPOLICY']._serialized_start=2371
-  _globals['_BURSTPOLICY']._serialized_end=2498
-  _globals['_SETBURSTPOLICYREQUEST']._serialized_start=2500
-  _globals['_SETBURSTPOLICYREQUEST']._serialized_end=2563
-  _globals['_SETBURSTPOLICYRESPONSE']._serialized_start=2565
-  _globals['_SETBURSTPOLICYRESPONSE']._serialized_end=2629
-  _globals['_GETBURSTPOLICYREQUEST']._serialized_start=2631
-  _globals['_GETBURSTPOLICYREQUEST']._serialized_end=2668
-  _globals['_GETBURSTPOLICYRESPONSE']._serialized_start=2670
-  _globals['_GETBURSTPOLICYRESPONSE']._serialized_end=2734
-  _globals['_GETQUOTAREQUEST']._serialized_start=2736
-  _globals['_GETQUOTAREQUEST']._serialized_end=2767
-  _globals['_GETQUOTARESPONSE']._serialized_start=2769
-  _globals['_GETQUOTARESPONSE']._serialized_end=2877
-  _globals['_ADMINSERVICE']._serialized_start=2991
-  _globals['_ADMINSERVICE']._serialized_end=4031
+  _globals['_LISTTOKENSREQUEST']._serialized_end=1750
+  _globals['_LISTTOKENSRESPONSE']._serialized_start=1752
+  _globals['_LISTTOKENSRESPONSE']._serialized_end=1831
+  _globals['_DELETETOKENREQUEST']._serialized_start=1833
+  _globals['_DELETETOKENREQUEST']._serialized_end=1867
+  _globals['_DELETETOKENRESPONSE']._serialized_start=1869
+  _globals['_DELETETOKENRESPONSE']._serialized_end=1890
+  _globals['_TENANTQUOTA']._serialized_start=1893
+  _globals['_TENANTQUOTA']._serialized_end=2028
+  _globals['_PROVIDERQUOTA']._serialized_start=2031
+  _globals['_PROVIDERQUOTA']._serialized_end=2171
+  _globals['_QUOTA']._serialized_start=2174
+  _globals['_QUOTA']._serialized_end=2328
+  _globals['_SETQUOTAREQUEST']._serialized_start=2330
+  _globals['_SETQUOTAREQUEST']._serialized_end=2380
+  _globals['_SETQUOTARESPONSE']._serialized_start=2382
+  _globals['_SETQUOTARESPONSE']._serialized_end=2433
+  _globals['_BURSTPOLICY']._serialized_start=2435
+  _globals['_BURSTPOLICY']._serialized_end=2562
+  _globals['_SETBURSTPOLICYREQUEST']._serialized_start=2564
+  _globals['_SETBURSTPOLICYREQUEST']._serialized_end=2627
+  _globals['_SETBURSTPOLICYRESPONSE']._serialized_start=2629
+  _globals['_SETBURSTPOLICYRESPONSE']._serialized_end=2693
+  _globals['_GETBURSTPOLICYREQUEST']._serialized_start=2695
+  _globals['_GETBURSTPOLICYREQUEST']._serialized_end=2732
+  _globals['_GETBURSTPOLICYRESPONSE']._serialized_start=2734
+  _globals['_GETBURSTPOLICYRESPONSE']._serialized_end=2798
+  _globals['_GETQUOTAREQUEST']._serialized_start=2800
+  _globals['_GETQUOTAREQUEST']._serialized_end=2831
+  _globals['_GETQUOTARESPONSE']._serialized_start=2833
+  _globals['_GETQUOTARESPONSE']._serialized_end=2941
+  _globals['_ADMINSERVICE']._serialized_start=3055
+  _globals['_ADMINSERVICE']._serialized_end=4095
 # @@protoc_insertion_point(module_scope)

@@ -140,9 +140,13 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListUsageRecords(self, request, context):
-        """Usage records of ended leases, ordered by end time. A provider token sees only its own
-        provider's records, a tenant token only its own tenant's; asking for another's is
-        PERMISSION_DENIED OTHER_PROVIDER / OTHER_TENANT.
+        """Usage records of ended leases, ordered by end time (an admin asking for neither a provider
+        nor a tenant: by provider, then end time). A provider token sees only its own provider's
+        records, a tenant token only its own tenant's; asking for another's is PERMISSION_DENIED
+        OTHER_PROVIDER / OTHER_TENANT. Pages by key over the caller's own range; a page that
+        filters (an admin's provider and tenant together) may come back short with a token.
+        Records past the retention (--usage-retention-days, default 90) are exported by the leader
+        and deleted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -156,7 +160,7 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListTokens(self, request, context):
-        """Tokens without secrets.
+        """Tokens without secrets, in id order; AIP-158 pages by key.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -47,14 +47,18 @@ class AdminServiceStub:
     RevokeLease: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeLeaseRequest, _admin_pb2.RevokeLeaseResponse]
     """Ends any tenant's lease now (reason REVOKED). Idempotent."""
     ListUsageRecords: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListUsageRecordsRequest, _admin_pb2.ListUsageRecordsResponse]
-    """Usage records of ended leases, ordered by end time. A provider token sees only its own
-    provider's records, a tenant token only its own tenant's; asking for another's is
-    PERMISSION_DENIED OTHER_PROVIDER / OTHER_TENANT.
+    """Usage records of ended leases, ordered by end time (an admin asking for neither a provider
+    nor a tenant: by provider, then end time). A provider token sees only its own provider's
+    records, a tenant token only its own tenant's; asking for another's is PERMISSION_DENIED
+    OTHER_PROVIDER / OTHER_TENANT. Pages by key over the caller's own range; a page that
+    filters (an admin's provider and tenant together) may come back short with a token.
+    Records past the retention (--usage-retention-days, default 90) are exported by the leader
+    and deleted.
     """
     CreateToken: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateTokenRequest, _admin_pb2.CreateTokenResponse]
     """Creates an access token. The secret is returned once; only its hash is stored."""
     ListTokens: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListTokensRequest, _admin_pb2.ListTokensResponse]
-    """Tokens without secrets."""
+    """Tokens without secrets, in id order; AIP-158 pages by key."""
     DeleteToken: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DeleteTokenRequest, _admin_pb2.DeleteTokenResponse]
     """Deletes a token; later calls with it are UNAUTHENTICATED (at once on the replica that
     answered, on the others as soon as their watch delivers the change). NOT_FOUND if unknown.
@@ -104,14 +108,18 @@ class AdminServiceAsyncStub(AdminServiceStub):
     RevokeLease: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeLeaseRequest, _admin_pb2.RevokeLeaseResponse]  # type: ignore[assignment]
     """Ends any tenant's lease now (reason REVOKED). Idempotent."""
     ListUsageRecords: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListUsageRecordsRequest, _admin_pb2.ListUsageRecordsResponse]  # type: ignore[assignment]
-    """Usage records of ended leases, ordered by end time. A provider token sees only its own
-    provider's records, a tenant token only its own tenant's; asking for another's is
-    PERMISSION_DENIED OTHER_PROVIDER / OTHER_TENANT.
+    """Usage records of ended leases, ordered by end time (an admin asking for neither a provider
+    nor a tenant: by provider, then end time). A provider token sees only its own provider's
+    records, a tenant token only its own tenant's; asking for another's is PERMISSION_DENIED
+    OTHER_PROVIDER / OTHER_TENANT. Pages by key over the caller's own range; a page that
+    filters (an admin's provider and tenant together) may come back short with a token.
+    Records past the retention (--usage-retention-days, default 90) are exported by the leader
+    and deleted.
     """
     CreateToken: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateTokenRequest, _admin_pb2.CreateTokenResponse]  # type: ignore[assignment]
     """Creates an access token. The secret is returned once; only its hash is stored."""
     ListTokens: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListTokensRequest, _admin_pb2.ListTokensResponse]  # type: ignore[assignment]
-    """Tokens without secrets."""
+    """Tokens without secrets, in id order; AIP-158 pages by key."""
     DeleteToken: _aio.UnaryUnaryMultiCallable[_admin_pb2.DeleteTokenRequest, _admin_pb2.DeleteTokenResponse]  # type: ignore[assignment]
     """Deletes a token; later calls with it are UNAUTHENTICATED (at once on the replica that
     answered, on the others as soon as their watch delivers the change). NOT_FOUND if unknown.
@@ -188,9 +196,13 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ListUsageRecordsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListUsageRecordsResponse, _abc.Awaitable[_admin_pb2.ListUsageRecordsResponse]]:
-        """Usage records of ended leases, ordered by end time. A provider token sees only its own
-        provider's records, a tenant token only its own tenant's; asking for another's is
-        PERMISSION_DENIED OTHER_PROVIDER / OTHER_TENANT.
+        """Usage records of ended leases, ordered by end time (an admin asking for neither a provider
+        nor a tenant: by provider, then end time). A provider token sees only its own provider's
+        records, a tenant token only its own tenant's; asking for another's is PERMISSION_DENIED
+        OTHER_PROVIDER / OTHER_TENANT. Pages by key over the caller's own range; a page that
+        filters (an admin's provider and tenant together) may come back short with a token.
+        Records past the retention (--usage-retention-days, default 90) are exported by the leader
+        and deleted.
         """
 
     @_abc_1.abstractmethod
@@ -207,7 +219,7 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ListTokensRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListTokensResponse, _abc.Awaitable[_admin_pb2.ListTokensResponse]]:
-        """Tokens without secrets."""
+        """Tokens without secrets, in id order; AIP-158 pages by key."""
 
     @_abc_1.abstractmethod
     def DeleteToken(

@@ -111,7 +111,10 @@ class LeaseServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListLeases(self, request, context):
-        """The caller's leases, newest first, optionally in one state. AIP-158 pagination.
+        """The caller's leases, newest first (an admin's: by tenant, then newest first), optionally in
+        one state. AIP-158 pagination by key: a page reads only the caller's own records, and
+        leases created between pages sort before the cursor (they neither repeat nor shift a page).
+        A token of another query, or a forged one, is INVALID_ARGUMENT INVALID_PAGE_TOKEN.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -55,7 +55,11 @@ class LeaseServiceStub:
     GetLease: _grpc.UnaryUnaryMultiCallable[_lease_pb2.GetLeaseRequest, _lease_pb2.GetLeaseResponse]
     """One lease by name ("leases/{id}"); ended leases stay readable for 24 h."""
     ListLeases: _grpc.UnaryUnaryMultiCallable[_lease_pb2.ListLeasesRequest, _lease_pb2.ListLeasesResponse]
-    """The caller's leases, newest first, optionally in one state. AIP-158 pagination."""
+    """The caller's leases, newest first (an admin's: by tenant, then newest first), optionally in
+    one state. AIP-158 pagination by key: a page reads only the caller's own records, and
+    leases created between pages sort before the cursor (they neither repeat nor shift a page).
+    A token of another query, or a forged one, is INVALID_ARGUMENT INVALID_PAGE_TOKEN.
+    """
     RenewLease: _grpc.UnaryUnaryMultiCallable[_lease_pb2.RenewLeaseRequest, _lease_pb2.RenewLeaseResponse]
     """Extends an active lease by its ttl from now: the answer's expire_time is the renewal's time
     plus the ttl, the same value GetLease, ListLeases and WatchLease report on every replica
@@ -109,7 +113,11 @@ class LeaseServiceAsyncStub(LeaseServiceStub):
     GetLease: _aio.UnaryUnaryMultiCallable[_lease_pb2.GetLeaseRequest, _lease_pb2.GetLeaseResponse]  # type: ignore[assignment]
     """One lease by name ("leases/{id}"); ended leases stay readable for 24 h."""
     ListLeases: _aio.UnaryUnaryMultiCallable[_lease_pb2.ListLeasesRequest, _lease_pb2.ListLeasesResponse]  # type: ignore[assignment]
-    """The caller's leases, newest first, optionally in one state. AIP-158 pagination."""
+    """The caller's leases, newest first (an admin's: by tenant, then newest first), optionally in
+    one state. AIP-158 pagination by key: a page reads only the caller's own records, and
+    leases created between pages sort before the cursor (they neither repeat nor shift a page).
+    A token of another query, or a forged one, is INVALID_ARGUMENT INVALID_PAGE_TOKEN.
+    """
     RenewLease: _aio.UnaryUnaryMultiCallable[_lease_pb2.RenewLeaseRequest, _lease_pb2.RenewLeaseResponse]  # type: ignore[assignment]
     """Extends an active lease by its ttl from now: the answer's expire_time is the renewal's time
     plus the ttl, the same value GetLease, ListLeases and WatchLease report on every replica
@@ -178,7 +186,11 @@ class LeaseServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _lease_pb2.ListLeasesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_lease_pb2.ListLeasesResponse, _abc.Awaitable[_lease_pb2.ListLeasesResponse]]:
-        """The caller's leases, newest first, optionally in one state. AIP-158 pagination."""
+        """The caller's leases, newest first (an admin's: by tenant, then newest first), optionally in
+        one state. AIP-158 pagination by key: a page reads only the caller's own records, and
+        leases created between pages sort before the cursor (they neither repeat nor shift a page).
+        A token of another query, or a forged one, is INVALID_ARGUMENT INVALID_PAGE_TOKEN.
+        """
 
     @_abc_1.abstractmethod
     def RenewLease(

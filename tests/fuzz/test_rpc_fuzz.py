@@ -286,7 +286,8 @@ class Target:
         lease may expire meanwhile), and what the leader writes when it bills such an expiry
         (history, usage, the journal, the spent request id) at any moment."""
         billing = tuple(
-            self.prefix + b".records/" + d for d in (b"history/", b"usage/", b"journal/", b"requests/")
+            self.prefix + b".records/" + d
+            for d in (b"history/", b"tenants/", b"usage/", b"tenant-usage/", b"journal/", b"requests/")
         )
         out: list[bytes] = []
         for start in (self.prefix + b"/", self.prefix + b".records/"):

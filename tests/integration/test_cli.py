@@ -124,3 +124,26 @@ def test_admin_quota_set_and_get_and_a_tenant_reads_its_own(fed: Federation) -> 
     assert back.returncode == 0, back.stderr
     lower = gpufed(fed, "offers", "search", "--country", "de")  # the CLI upper-cases codes
     assert lower.returncode == 0, lower.stderr
+
+
+def test_admin_usage_export_streams_a_window_as_csv_and_json_lines(fed: Federation, tmp_path: object) -> None:
+    import csv
+    import io
+    from datetime import UTC, datetime, timedelta
+
+    created = gpufed(fed, "-o", "json", "lease", "create", "--count", "1", "--ttl", "30")
+    lease = json.loads(created.stdout)["name"]
+    assert gpufed(fed, "lease", "release", lease).returncode == 0
+    today = datetime.now(UTC).date()
+    window = ("--since", str(today), "--until", str(today + timedelta(days=1)))
+    rows = gpufed(fed, "-o", "csv", "admin", "usage", "export", *window)
+    assert rows.returncode == 0, rows.stderr
+    table = list(csv.DictReader(io.StringIO(rows.stdout)))
+    mine = [r for r in table if r["lease"] == lease]
+    assert len(mine) == 1 and mine[0]["tenant"] == "dev" and mine[0]["end_reason"] == "RELEASED"
+    lines = gpufed(fed, "-o", "jsonl", "admin", "usage", "export", *window)
+    records = [json.loads(line) for line in lines.stdout.splitlines()]
+    assert [r["lease"] for r in records if r["lease"] == lease] == [lease]
+    # A window that ends before today holds none of today's records.
+    before = gpufed(fed, "-o", "jsonl", "admin", "usage", "export", "--until", str(today))
+    assert lease not in before.stdout

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from control_plane.adapters.store import delete
+from control_plane.adapters.store import KeyValue, delete
 from control_plane.app.leader import Deposed, Leader
 from gpufed.v1 import lease_pb2
 from tests.harness import EtcdCluster, ReplicaThread, replica_config, unique_prefix, wait_until
@@ -42,15 +42,19 @@ def test_a_deposed_leaders_usage_write_is_rejected_and_it_steps_down(etcd: EtcdC
         r.call(store.put(keys.leader, b"usurper"))
         with pytest.raises(Deposed):
             r.call(leader.settle(lease_id, journal))  # type: ignore[arg-type]
-        usage = r.call(store.get(keys.usage_record(lease_id, "neo")))
+
+        def usage() -> list[KeyValue]:
+            listed: tuple[list[KeyValue], int] = r.call(store.get_prefix(keys.usage_dir("neo")))  # type: ignore[assignment]
+            return [kv for kv in listed[0] if kv.key.decode().endswith("/" + lease_id)]
+
         history = r.call(store.get(keys.lease_history(lease_id)))
-        assert usage is None and history is None, "a deposed leader wrote"
+        assert not usage() and history is None, "a deposed leader wrote"
         assert r.call(store.get(keys.journal(lease_id))) is not None
 
         # Once the usurper goes, the replica campaigns again, leads in a new term and settles.
         r.call(store.txn([], [delete(keys.leader)]))
         wait_until(lambda: leader.is_leader.is_set() and leader.term > term, timeout=10)
-        wait_until(lambda: r.call(store.get(keys.usage_record(lease_id, "neo"))) is not None, timeout=10)
+        wait_until(lambda: len(usage()) == 1, timeout=10)
         assert r.call(store.get(keys.journal(lease_id))) is None
     finally:
         r.stop()

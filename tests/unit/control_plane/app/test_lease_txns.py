@@ -81,10 +81,18 @@ def test_release_deletes_record_and_allocations_keeps_history_and_bills_once() -
         b"/g.records/journal/00ff",  # billed here: the leader has nothing left to do
     }
     kept = {op.request_put.key: op.request_put for op in txn.req.success if op.HasField("request_put")}
-    assert lease_pb2.Lease.FromString(kept[b"/g.records/history/leases/00ff"].value) == final
-    usage = admin_pb2.UsageRecord.FromString(kept[b"/g.records/usage/00ff/p"].value)
+    by_id, by_tenant = b"/g.records/history/leases/00ff", K.tenant_history("t", 100 * 10**9, "00ff").encode()
+    assert (
+        lease_pb2.Lease.FromString(kept[by_id].value)
+        == final
+        == lease_pb2.Lease.FromString(kept[by_tenant].value)
+    )
+    end = f"{200 * 10**9:020d}"
+    by_provider = f"/g.records/usage/p/{end}/00ff".encode()
+    assert kept[f"/g.records/tenant-usage/t/{end}/00ff/p".encode()].value == kept[by_provider].value
+    usage = admin_pb2.UsageRecord.FromString(kept[by_provider].value)
     assert (usage.gpu_seconds, usage.quoted_cost) == (100.0, 0.1)
-    assert kept[b"/g.records/history/leases/00ff"].lease == 5 and kept[b"/g.records/usage/00ff/p"].lease == 0
+    assert kept[by_id].lease == kept[by_tenant].lease == 5 and kept[by_provider].lease == 0
     assert txn.writes == deleted | set(kept)
 
 
