@@ -128,7 +128,8 @@ class Replica:
         await self.session.start()
         self.watcher = Watcher(self.store, self.inventory)
         self._tasks.append(asyncio.create_task(self.watcher.run(), name="watcher"))
-        async with asyncio.timeout(30):
+        # The first listing: ~10 s at 100,000 nodes on one core (BENCHMARKS.md, scale).
+        async with asyncio.timeout(300):
             await self.watcher.synced.wait()
 
         self.quotas = Quotas(self.store, self.inventory, cfg.tenant_quota, cfg.provider_quota, self.clock)

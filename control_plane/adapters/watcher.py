@@ -20,10 +20,21 @@ class Watcher:
         self.synced = asyncio.Event()
 
     async def list(self) -> int:
-        kvs, revision = await self.store.get_prefix(self.store.keys.root)
-        self.inventory.load(kvs, revision)
+        """The keyspace at one revision, page by page into a fresh index that replaces the
+        live one's contents at the end: searches never see half a listing, and at 100,000
+        nodes the parsing gives the event loop back between pages (the session keep-alive and
+        health must not starve)."""
+        fresh = Inventory(self.store.keys, bulk=True)
+        at = 0
+        async for page, page_revision in self.store.prefix_pages(self.store.keys.root):
+            at = page_revision
+            for kv in page:
+                fresh.apply(kv.key, kv.value, kv.mod_revision, kv.create_revision, notify=False)
+            await asyncio.sleep(0)
+        at = at or await self.store.revision()
+        self.inventory.adopt(fresh, at)
         self.synced.set()
-        return revision
+        return at
 
     async def run(self, listed: bool = False) -> None:
         """Forever: list (unless the index already holds a listing: `listed`), then watch."""

@@ -19,8 +19,8 @@ class NodeEntry:
     node: common_pb2.Node
     mod_revision: int
     # Derived once per record, reused by every summary of it (allocations change far more often):
-    # (uuid, model, health, memory, gpu) in NVML index order, and the node's unit vector.
-    gpus: list[tuple[str, str, int, int, common_pb2.Gpu]] = field(default_factory=list)
+    # (model, health, memory, gpu) in NVML index order, and the node's unit vector.
+    gpus: list[tuple[str, int, int, common_pb2.Gpu]] = field(default_factory=list)
     xyz: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 

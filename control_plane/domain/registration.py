@@ -257,7 +257,8 @@ def record_from_hello(
     # A reboot: a boot id the record has not seen (none known: never taken for a reboot).
     new_boot = bool(hello.boot_id) and (existing is None or existing.boot_id != hello.boot_id)
     repairs = {g.uuid: g.repair for g in existing.gpus if g.HasField("repair")} if existing else {}
-    for g in hello.gpus:
+    # In NVML index order, each GPU before its MIG instances: readers rely on it.
+    for g in sorted(hello.gpus, key=lambda g: (g.index, bool(g.parent_uuid))):
         gpu = node.gpus.add()
         gpu.CopyFrom(g)
         gpu.lease = ""

@@ -29,9 +29,9 @@ class ScriptedStore:
     lists: int = 0
     watched_from: list[int] = field(default_factory=list)
 
-    async def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
+    async def prefix_pages(self, prefix: str) -> AsyncIterator[tuple[list[KeyValue], int]]:
         self.lists += 1
-        return self.listing, self.list_revision
+        yield self.listing, self.list_revision
 
     async def watch_prefix(self, prefix: str, start: int, prev_kv: bool = True) -> AsyncIterator[Any]:
         self.watched_from.append(start)
