@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from bench import handoff, ingest, lease_latency, lease_path, leases, report_cpu, search, tls
+from bench import handoff, ingest, lease_latency, lease_path, leases, report_cpu, scale, scaleout, search, tls
 from bench.common import machine
 from gpufed.logs import configure_logging
 
@@ -20,13 +21,16 @@ def main() -> int:
     p = argparse.ArgumentParser(prog="python -m bench")
     p.add_argument(
         "--only",
-        choices=["report_cpu", "search", "ingest", "lease_path", "lease_latency", "leases", "tls", "handoff"],
+        choices=[
+            *("report_cpu", "search", "ingest", "lease_path", "lease_latency", "leases", "tls", "handoff"),
+            *("scale", "scaleout"),
+        ],
         action="append",
     )
     p.add_argument("--quick", action="store_true", help="shorter runs (smoke test of the benchmarks)")
     a = p.parse_args()
     configure_logging(level="WARNING")
-    scale = 0.3 if a.quick else 1.0
+    scale_factor = 0.3 if a.quick else 1.0
     results: dict[str, Any] = {
         "machine": machine(),
         "python": platform.python_version(),
@@ -34,25 +38,32 @@ def main() -> int:
         "command": "make bench" + (" (--quick)" if a.quick else ""),
     }
     wanted = a.only or [
-        *("report_cpu", "search", "ingest", "lease_path", "lease_latency", "leases", "tls", "handoff")
+        *("report_cpu", "search", "ingest", "lease_path", "lease_latency", "leases", "tls", "handoff"),
+        *("scale", "scaleout"),
     ]
     if "report_cpu" in wanted:
-        results["report_cpu"] = report_cpu.run(reports=int(3000 * scale))
+        results["report_cpu"] = report_cpu.run(reports=int(3000 * scale_factor))
     if "search" in wanted:
-        results["search"] = search.run(duration=10 * scale, cache=True)
-        results["search_uncached"] = search.run(duration=10 * scale, cache=False)
+        results["search"] = search.run(duration=10 * scale_factor, cache=True)
+        results["search_uncached"] = search.run(duration=10 * scale_factor, cache=False)
     if "ingest" in wanted:
-        results["ingest"] = ingest.run(duration=10 * scale)
+        results["ingest"] = ingest.run(duration=10 * scale_factor)
     if "lease_path" in wanted:
-        results["lease_path"] = lease_path.run(n=int(3000 * scale))
+        results["lease_path"] = lease_path.run(n=int(3000 * scale_factor))
     if "lease_latency" in wanted:
-        results["lease_latency"] = lease_latency.run(cycles=int(500 * scale))
+        results["lease_latency"] = lease_latency.run(cycles=int(500 * scale_factor))
     if "leases" in wanted:
-        results["leases"] = leases.run(duration=12 * scale)
+        results["leases"] = leases.run(duration=12 * scale_factor)
     if "tls" in wanted:
-        results["tls"] = tls.run(duration=4 * scale, connects=int(100 * scale))
+        results["tls"] = tls.run(duration=4 * scale_factor, connects=int(100 * scale_factor))
     if "handoff" in wanted:
-        results["handoff"] = handoff.run(cycles=int(60 * scale) or 1)
+        results["handoff"] = handoff.run(cycles=int(60 * scale_factor) or 1)
+    if "scale" in wanted:
+        sizes = (1_000, 10_000) if a.quick else (1_000, 10_000, 100_000)
+        results["scale"] = scale.run(sizes, searches=100 if a.quick else 300)
+    if "scaleout" in wanted:
+        etcd_cpus, replica_cpus = scaleout.default_layout(sorted(os.sched_getaffinity(0)))
+        results["scaleout"] = scaleout.run(etcd_cpus, replica_cpus, duration=12 * scale_factor)
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=2))
