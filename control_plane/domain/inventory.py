@@ -22,6 +22,9 @@ class NodeEntry:
     # (model, health, memory, gpu) in NVML index order, and the node's unit vector.
     gpus: list[tuple[str, int, int, common_pb2.Gpu]] = field(default_factory=list)
     xyz: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    # GPU counts by (model, health, MIG profile, memory), made by the first SummarizeCapacity
+    # that needs them (control_plane.domain.offers) and kept with the record.
+    counts: list[tuple[tuple[str, int, str, int], int]] | None = None
 
 
 @dataclass(slots=True)

@@ -14,7 +14,7 @@ from typing import Any
 from control_plane.domain import mig
 from control_plane.domain.filters import Filter, model_matches
 from control_plane.domain.geo import EARTH_RADIUS_KM, unit_vector
-from control_plane.domain.inventory import Candidate, InventoryView, NodeSummary
+from control_plane.domain.inventory import Candidate, InventoryView, NodeEntry, NodeSummary
 from gpufed.v1 import common_pb2, discovery_pb2
 
 OfferOrder = discovery_pb2.OfferOrder
@@ -166,6 +166,16 @@ def base_offer(c: Candidate) -> discovery_pb2.Offer:
     return offer
 
 
+def _counts(entry: NodeEntry) -> list[tuple[tuple[str, int, str, int], int]]:
+    if entry.counts is None:
+        tally: dict[tuple[str, int, str, int], int] = {}
+        for model, health, memory, gpu in entry.gpus:
+            key = (model, health, gpu.mig_profile, memory)
+            tally[key] = tally.get(key, 0) + 1
+        entry.counts = list(tally.items())
+    return entry.counts
+
+
 def summarize(inv: InventoryView, flt: Filter) -> list[discovery_pb2.CapacityBucket]:
     """Totals and free GPUs by model x country x health over READY nodes that pass the node filter.
     The GPU filter's model and memory apply; health is a dimension here, not a filter."""
@@ -177,7 +187,17 @@ def summarize(inv: InventoryView, flt: Filter) -> list[discovery_pb2.CapacityBuc
         if not ok:
             continue
         held = inv.allocs.get(name, {})
-        parents_held = mig.held_parents(entry.node.gpus, held) if held else ()
+        country = entry.node.location.country_code
+        if not held:  # nothing held: every GPU is free, counted once per record
+            for (model, health, profile, memory), n in _counts(entry):
+                if profile != flt.mig_profile or memory < flt.min_gpu_memory_bytes:
+                    continue
+                if model_matches(flt.gpu_model, model):
+                    b = buckets.setdefault((model, country, health), [0, 0])
+                    b[0] += n
+                    b[1] += n
+            continue
+        parents_held = mig.held_parents(entry.node.gpus, held)
         for gpu in entry.node.gpus:
             if (
                 gpu.mig_profile != flt.mig_profile

@@ -61,6 +61,47 @@ def test_summaries_by_model_country_and_health() -> None:
     assert [(b.country_code, b.total_gpus, b.free_gpus) for b in buckets] == [("DE", 2, 1)]
 
 
+def test_summaries_of_nodes_without_allocations_count_as_the_per_gpu_path_does() -> None:
+    """A node nothing is held on is counted from its cached per-record tallies: the same
+    buckets as counting its GPUs one by one, filters and MIG profiles included."""
+    inv = Inventory(Keyspace(P))
+    n = common_pb2.Node(provider="p", node_id="a", location=common_pb2.Location(country_code="DE"))
+    n.gpus.add(
+        uuid="GPU-0", index=0, model="NVIDIA A100", memory_total_bytes=80 << 30, health=1, mig_enabled=True
+    )
+    for i in range(2):
+        n.gpus.add(uuid=f"MIG-{i}", index=0, model="NVIDIA A100", memory_total_bytes=10 << 30, health=1,
+                   parent_uuid="GPU-0", mig_profile="1g.10gb")  # fmt: skip
+    n.gpus.add(uuid="GPU-1", index=1, model="NVIDIA A100", memory_total_bytes=80 << 30, health=3)
+    n.gpus.add(uuid="GPU-2", index=2, model="NVIDIA L40S", memory_total_bytes=48 << 30, health=1)
+    inv.apply(f"{P}/alive/p/a".encode(), b"r/s", 1)
+    inv.apply(f"{P}/nodes/p/a".encode(), n.SerializeToString(), 2)
+
+    def rows(**kw: object) -> list[tuple[str, int, int, int]]:
+        got = offers.summarize(inv, compile_filter(common_pb2.GpuFilter(**kw)))  # type: ignore[arg-type]
+        return [(b.gpu_model, b.health, b.total_gpus, b.free_gpus) for b in got]
+
+    cached = [
+        rows(),
+        rows(gpu_model="A100"),
+        rows(mig_profile="1g.10gb"),
+        rows(min_gpu_memory_bytes=50 << 30),
+    ]
+    assert cached[0] == [("NVIDIA A100", 1, 1, 1), ("NVIDIA A100", 3, 1, 1), ("NVIDIA L40S", 1, 1, 1)]
+    assert cached[2] == [("NVIDIA A100", 1, 2, 2)]
+    # One instance held: the per-GPU path, which takes its parent out too.
+    inv.apply(f"{P}/alloc/p/a/GPU-0/MIG-0".encode(), b"l1", 3)
+    assert rows(mig_profile="1g.10gb") == [("NVIDIA A100", 1, 2, 1)]
+    assert rows()[0] == ("NVIDIA A100", 1, 1, 0)
+    inv.apply(f"{P}/alloc/p/a/GPU-0/MIG-0".encode(), None, 4)
+    assert [
+        rows(),
+        rows(gpu_model="A100"),
+        rows(mig_profile="1g.10gb"),
+        rows(min_gpu_memory_bytes=50 << 30),
+    ] == cached
+
+
 def test_gpu_health_memory_and_model_decide_which_gpus_are_offered() -> None:
     inv = Inventory(Keyspace(P))
     n = common_pb2.Node(provider="p", node_id="a", location=common_pb2.Location(country_code="DE"))
