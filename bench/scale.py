@@ -160,6 +160,9 @@ def _serve(channel: grpc.Channel, address: str, searches: int) -> dict[str, Any]
         disc.SearchOffers(r, metadata=md, timeout=30)
     mixed = _timed(searches, lambda i: disc.SearchOffers(every[i % len(every)], metadata=md, timeout=30))
     narrow = _timed(searches, lambda i: disc.SearchOffers(filtered, metadata=md, timeout=30))
+    # The worst case: a model nobody has walks every node (searches stop once a page is full).
+    nothing = discovery_pb2.SearchOffersRequest(filter=gpu_filter(gpu_model="B300"), page_size=20)
+    none_found = _timed(max(5, searches // 20), lambda i: disc.SearchOffers(nothing, metadata=md, timeout=60))
     summary = _timed(
         max(5, searches // 20),
         lambda i: disc.SummarizeCapacity(discovery_pb2.SummarizeCapacityRequest(), metadata=md, timeout=60),
@@ -176,6 +179,7 @@ def _serve(channel: grpc.Channel, address: str, searches: int) -> dict[str, Any]
         "search_all_p99_ms": _pct(mixed, 99),
         "search_filtered_p50_ms": _pct(narrow, 50),
         "search_filtered_p99_ms": _pct(narrow, 99),
+        "search_no_match_p50_ms": _pct(none_found, 50),
         "summarize_p50_ms": _pct(summary, 50),
         "summarize_mean_ms": round(statistics.fmean(summary) * 1000, 2),
         "list_leases_p50_ms": _pct(lists, 50),

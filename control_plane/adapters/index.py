@@ -112,6 +112,9 @@ class Inventory:
     provisioning: set[str] = field(default_factory=set)
     # tenant -> the nodes of its private pool
     pools: dict[str, set[str]] = field(default_factory=dict)
+    # GPU model name -> nodes that have it: a search for a model nobody has answers at once
+    # instead of walking every node.
+    models: dict[str, int] = field(default_factory=dict)
     # Being built by a listing (Watcher.list): price lists are appended to and sorted by adopt().
     bulk: bool = False
     _subscribers: list[Callable[[Change], None]] = field(default_factory=list)
@@ -137,6 +140,7 @@ class Inventory:
         self.draining.clear()
         self.provisioning.clear()
         self.pools.clear()
+        self.models.clear()
         self.leader = ""
 
     def load(self, kvs: Iterable[KeyValueLike], revision: int) -> None:
@@ -257,6 +261,8 @@ class Inventory:
                     del ordered[i]
         if old is not None and old.node.pool_tenant:
             self._pool(old.node.pool_tenant, name, add=False)
+        if old is not None:
+            self._count_models(old, -1)
         if value is None:
             if self.nodes.pop(name, None) is not None:
                 self._count_node(old.node.provider if old else "", -1)
@@ -274,9 +280,11 @@ class Inventory:
         # In NVML index order, as registration writes them (field reads are the cost here: at
         # 100,000 nodes this line is a third of a cold start).
         gpus = [(g.model, int(g.health), g.memory_total_bytes, g) for g in node.gpus]
-        self.nodes[name] = NodeEntry(
+        entry = NodeEntry(
             node, mod_revision, gpus, unit_vector(node.location.latitude, node.location.longitude)
         )
+        self.nodes[name] = entry
+        self._count_models(entry, 1)
         item = (node.price_per_gpu_hour, name)
         by_country = self.by_country.setdefault(node.location.country_code, [])
         if self.bulk:  # a listing: sorted once at the end (adopt)
@@ -285,6 +293,14 @@ class Inventory:
         else:
             bisect.insort(self.by_price, item)
             bisect.insort(by_country, item)
+
+    def _count_models(self, entry: NodeEntry, delta: int) -> None:
+        for model in {t[0] for t in entry.gpus}:
+            n = self.models.get(model, 0) + delta
+            if n > 0:
+                self.models[model] = n
+            else:
+                self.models.pop(model, None)
 
     def _pool(self, tenant: str, name: str, add: bool) -> None:
         members = self.pools.setdefault(tenant, set())

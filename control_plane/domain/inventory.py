@@ -86,4 +86,9 @@ class InventoryView(Protocol):
     @property
     def by_country(self) -> Mapping[str, Sequence[tuple[float, str]]]: ...
 
+    @property
+    def models(self) -> Mapping[str, int]:
+        """GPU model name -> number of nodes with it."""
+        ...
+
     def is_schedulable(self, name: str) -> bool: ...

@@ -70,6 +70,8 @@ def candidates(
     inv: InventoryView, flt: Filter, min_free: int = 1, names: Iterable[str] | None = None
 ) -> Iterator[Candidate]:
     """Matching candidates in price order (then name), unless `names` gives another order."""
+    if flt.gpu_model and not any(model_matches(flt.gpu_model, m) for m in list(inv.models)):
+        return  # no node has such a GPU: nothing to walk
     summaries = inv.summaries
     for name in names if names is not None else _price_order(inv, flt):
         s = summaries.get(name)
@@ -110,6 +112,8 @@ def _nearest(inv: InventoryView, flt: Filter, min_free: int, stop_after: int) ->
     """Nearest first without evaluating every node: rank nodes by a cheap great-circle distance
     (unit vectors, one dot product each), then look at them in that order until the page fills."""
     assert flt.near is not None
+    if flt.gpu_model and not any(model_matches(flt.gpu_model, m) for m in list(inv.models)):
+        return [], False
     origin = unit_vector(flt.near.latitude, flt.near.longitude)
     limit = math.cos(min(flt.near.radius_km / EARTH_RADIUS_KM, math.pi))
     ranked = []

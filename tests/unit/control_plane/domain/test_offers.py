@@ -125,3 +125,26 @@ def test_gpu_health_memory_and_model_decide_which_gpus_are_offered() -> None:
     assert offered(gpu_model="H100", min_gpu_memory_bytes=60 << 30, include_degraded=True) == ["g0", "g1"]
     assert offered() == ["g0", "g3"]  # never the UNHEALTHY one
     assert offered(min_gpu_memory_bytes=100 << 30) == [] and offered(gpu_model="B200") == []
+
+
+def test_a_search_for_a_model_nobody_has_walks_no_node_and_model_counts_follow_records() -> None:
+    inv = Inventory(Keyspace(P))
+    add_node(inv, "p", "a", "DE", 2.0, gpus=2)
+    add_node(inv, "p", "b", "FR", 1.0, gpus=2)
+    (model,) = inv.models
+    assert inv.models[model] == 2
+    walked: list[str] = []
+    real = inv.summaries
+
+    class Spy(dict[str, object]):
+        def get(self, name: str, default: object = None) -> object:
+            walked.append(name)
+            return real.get(name, default)
+
+    inv.summaries = Spy()  # type: ignore[assignment]
+    assert search(inv, gpu_model="B300") == [] and walked == []
+    inv.summaries = real
+    inv.apply(f"{P}/nodes/p/a".encode(), None, 50)
+    assert inv.models == {model: 1}
+    inv.apply(f"{P}/nodes/p/b".encode(), None, 51)
+    assert inv.models == {}
