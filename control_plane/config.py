@@ -63,6 +63,8 @@ class Config:
     # Usage records that ended longer ago than this are exported (to usage_export_dir, which all
     # replicas should share: any of them may lead) and deleted by the leader. No dir: kept.
     usage_retention_days: float = 90.0
+    # Ended leases (and spent request ids) stay readable this long, then etcd deletes them.
+    lease_history_hours: float = 24.0
     usage_export_dir: str = ""
     # Failed authentications one client address may make per minute before AUTH_THROTTLED.
     auth_failures_per_minute: int = 30
@@ -209,6 +211,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         "(GPUFED_USAGE_RETENTION_DAYS; default 90)",
     )
     p.add_argument(
+        "--lease-history-hours",
+        type=float,
+        help="ended leases and spent request ids stay readable this long (GPUFED_LEASE_HISTORY_HOURS; 24)",
+    )
+    p.add_argument(
         "--usage-export-dir",
         help="where the leader exports expired usage records as JSON lines; shared by every replica "
         "(GPUFED_USAGE_EXPORT_DIR; default none: records are kept)",
@@ -288,6 +295,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
             float,
         ),
         usage_export_dir=s.get(a.usage_export_dir, "GPUFED_USAGE_EXPORT_DIR", "usage_export_dir", ""),
+        lease_history_hours=s.get(
+            a.lease_history_hours,
+            "GPUFED_LEASE_HISTORY_HOURS",
+            "lease_history_hours",
+            d.lease_history_hours,
+            float,
+        ),
         health_write_interval=s.get(
             a.health_write_interval,
             "GPUFED_HEALTH_WRITE_INTERVAL",

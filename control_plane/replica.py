@@ -154,6 +154,7 @@ class Replica:
             self.shutdown,
             self.quotas,
             replica_id=self.id,
+            history_retention_s=cfg.lease_history_hours * 3600,
         )
         self.leases.start()
         self.nodes.on_provisioned = self.leases.provisioned

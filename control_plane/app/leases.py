@@ -44,11 +44,15 @@ _NS = 1_000_000_000
 
 
 class HistoryLeases:
-    """One etcd lease per hour for records kept 24 h (ended leases, spent request ids)."""
+    """One etcd lease per hour for records kept `retention_s` (ended leases, spent request ids):
+    etcd deletes them by itself, so no sweep has to find them."""
 
-    def __init__(self, store: EtcdStore, clock: Clock = SYSTEM) -> None:
+    def __init__(
+        self, store: EtcdStore, clock: Clock = SYSTEM, retention_s: float = HISTORY_RETENTION_S
+    ) -> None:
         self.store = store
         self.clock = clock
+        self.retention_s = int(retention_s)
         self._hour = -1
         self._id = 0
         self._lock = asyncio.Lock()
@@ -59,7 +63,7 @@ class HistoryLeases:
             return self._id  # every release asks: skip the lock within the hour
         async with self._lock:
             if hour != self._hour:
-                self._id = await self.store.grant(HISTORY_RETENTION_S + 3600)
+                self._id = await self.store.grant(self.retention_s + 3600)
                 self._hour = hour
             return self._id
 
@@ -81,6 +85,7 @@ class Leases:
         quotas: Quotas | None = None,
         *,
         replica_id: str,
+        history_retention_s: float = HISTORY_RETENTION_S,
     ) -> None:
         self.replica_id = replica_id
         self.store = store
@@ -90,7 +95,7 @@ class Leases:
         self.metrics = metrics
         self.clock = clock
         self.shutdown = shutdown or asyncio.Event()
-        self.history = HistoryLeases(store, clock)
+        self.history = HistoryLeases(store, clock, history_retention_s)
         self.commits = GroupCommit(store, observe=metrics.txn_latency.observe if metrics else None)
         self.pool = LeasePool(store, clock)
         # GPUs this replica is granting right now: its own grants should not race each other.

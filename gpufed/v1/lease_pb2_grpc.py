@@ -104,7 +104,8 @@ class LeaseServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetLease(self, request, context):
-        """One lease by name ("leases/{id}"); ended leases stay readable for 24 h.
+        """One lease by name ("leases/{id}"); ended leases stay readable for the replicas'
+        --lease-history-hours (24 by default), then etcd deletes them (their usage records stay).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -53,7 +53,9 @@ class LeaseServiceStub:
     retries is RESOURCE_EXHAUSTED (reason CAPACITY_CONTENDED), safe to retry.
     """
     GetLease: _grpc.UnaryUnaryMultiCallable[_lease_pb2.GetLeaseRequest, _lease_pb2.GetLeaseResponse]
-    """One lease by name ("leases/{id}"); ended leases stay readable for 24 h."""
+    """One lease by name ("leases/{id}"); ended leases stay readable for the replicas'
+    --lease-history-hours (24 by default), then etcd deletes them (their usage records stay).
+    """
     ListLeases: _grpc.UnaryUnaryMultiCallable[_lease_pb2.ListLeasesRequest, _lease_pb2.ListLeasesResponse]
     """The caller's leases, newest first (an admin's: by tenant, then newest first), optionally in
     one state. AIP-158 pagination by key: a page reads only the caller's own records, and
@@ -111,7 +113,9 @@ class LeaseServiceAsyncStub(LeaseServiceStub):
     retries is RESOURCE_EXHAUSTED (reason CAPACITY_CONTENDED), safe to retry.
     """
     GetLease: _aio.UnaryUnaryMultiCallable[_lease_pb2.GetLeaseRequest, _lease_pb2.GetLeaseResponse]  # type: ignore[assignment]
-    """One lease by name ("leases/{id}"); ended leases stay readable for 24 h."""
+    """One lease by name ("leases/{id}"); ended leases stay readable for the replicas'
+    --lease-history-hours (24 by default), then etcd deletes them (their usage records stay).
+    """
     ListLeases: _aio.UnaryUnaryMultiCallable[_lease_pb2.ListLeasesRequest, _lease_pb2.ListLeasesResponse]  # type: ignore[assignment]
     """The caller's leases, newest first (an admin's: by tenant, then newest first), optionally in
     one state. AIP-158 pagination by key: a page reads only the caller's own records, and
@@ -178,7 +182,9 @@ class LeaseServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _lease_pb2.GetLeaseRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_lease_pb2.GetLeaseResponse, _abc.Awaitable[_lease_pb2.GetLeaseResponse]]:
-        """One lease by name ("leases/{id}"); ended leases stay readable for 24 h."""
+        """One lease by name ("leases/{id}"); ended leases stay readable for the replicas'
+        --lease-history-hours (24 by default), then etcd deletes them (their usage records stay).
+        """
 
     @_abc_1.abstractmethod
     def ListLeases(
