@@ -38,7 +38,8 @@ def hook_input(
     node_id: str,
 ) -> dict[str, Any]:
     """The document on the hook's stdin. GPUs in the assignment's order; CUDA_VISIBLE_DEVICES by
-    index (NVML's, which is CUDA's with CUDA_DEVICE_ORDER=PCI_BUS_ID)."""
+    index (NVML's, which is CUDA's with CUDA_DEVICE_ORDER=PCI_BUS_ID), a MIG instance by its
+    MIG-... uuid (its index is its GPU's, which would give away the whole GPU)."""
     gpus = [{"uuid": u, "index": indexes.get(u, -1)} for u in a.gpu_uuids]
     return {
         "version": 1,
@@ -48,7 +49,9 @@ def hook_input(
         "provider": provider,
         "node_id": node_id,
         "gpus": gpus,
-        "cuda_visible_devices": ",".join(str(g["index"]) for g in gpus),
+        "cuda_visible_devices": ",".join(
+            str(g["uuid"]) if str(g["uuid"]).startswith("MIG-") else str(g["index"]) for g in gpus
+        ),
         "fencing_token": a.fencing_token,
         "expire_time": a.expire_time.ToJsonString() if a.HasField("expire_time") else "",
         "access": {

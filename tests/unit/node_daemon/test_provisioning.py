@@ -133,6 +133,12 @@ def test_the_hook_gets_gpus_indexes_token_and_access_and_answers_bounded_json() 
     assert doc["fencing_token"] == 7 and doc["access"]["ssh_public_keys"] == ["ssh-ed25519 AAAA k"]
     assert parse_details(b'{"ssh": "ssh u@h", "other": 1}').ssh == "ssh u@h"
     assert parse_details(b"").ssh == ""
+
+
+def test_a_mig_instance_is_handed_to_the_hook_by_its_uuid_not_its_gpus_index() -> None:
+    a = assignment("leases/m", 3, gpus=("MIG-aa", "g1"))
+    doc = hook_input("start", a, {"MIG-aa": 0, "g1": 1}, "neo", "n1")
+    assert doc["cuda_visible_devices"] == "MIG-aa,1"
     for bad in (b"[1]", b'{"ssh": 5}', b"not json", b"x" * 70_000):
         try:
             parse_details(bad)
