@@ -134,6 +134,9 @@ class Demo:
                 "/gpufed",
                 "--metrics-listen",
                 f"127.0.0.1:{a.metrics_port}",
+                # Usage records past the retention (90 days) are exported here, then deleted.
+                "--usage-export-dir",
+                str(self.data / "usage-export"),
                 "--replica-id",
                 "demo-1",
             ],
