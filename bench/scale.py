@@ -163,6 +163,10 @@ def _serve(channel: grpc.Channel, address: str, searches: int) -> dict[str, Any]
     # The worst case: a model nobody has walks every node (searches stop once a page is full).
     nothing = discovery_pb2.SearchOffersRequest(filter=gpu_filter(gpu_model="B300"), page_size=20)
     none_found = _timed(max(5, searches // 20), lambda i: disc.SearchOffers(nothing, metadata=md, timeout=60))
+    no_label = discovery_pb2.SearchOffersRequest(filter=gpu_filter(labels={"tier": "gold"}), page_size=20)
+    label_missed = _timed(
+        max(5, searches // 20), lambda i: disc.SearchOffers(no_label, metadata=md, timeout=60)
+    )
     summary = _timed(
         max(5, searches // 20),
         lambda i: disc.SummarizeCapacity(discovery_pb2.SummarizeCapacityRequest(), metadata=md, timeout=60),
@@ -180,6 +184,7 @@ def _serve(channel: grpc.Channel, address: str, searches: int) -> dict[str, Any]
         "search_filtered_p50_ms": _pct(narrow, 50),
         "search_filtered_p99_ms": _pct(narrow, 99),
         "search_no_match_p50_ms": _pct(none_found, 50),
+        "search_label_nobody_has_p50_ms": _pct(label_missed, 50),
         "summarize_p50_ms": _pct(summary, 50),
         "summarize_mean_ms": round(statistics.fmean(summary) * 1000, 2),
         "list_leases_p50_ms": _pct(lists, 50),

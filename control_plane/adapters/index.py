@@ -115,6 +115,8 @@ class Inventory:
     # GPU model name -> nodes that have it: a search for a model nobody has answers at once
     # instead of walking every node.
     models: dict[str, int] = field(default_factory=dict)
+    # "provider:P", "region:R", "label:K=V" -> nodes with it: the same for those filters.
+    facets: dict[str, int] = field(default_factory=dict)
     # Being built by a listing (Watcher.list): price lists are appended to and sorted by adopt().
     bulk: bool = False
     _subscribers: list[Callable[[Change], None]] = field(default_factory=list)
@@ -141,6 +143,7 @@ class Inventory:
         self.provisioning.clear()
         self.pools.clear()
         self.models.clear()
+        self.facets.clear()
         self.leader = ""
 
     def load(self, kvs: Iterable[KeyValueLike], revision: int) -> None:
@@ -295,12 +298,21 @@ class Inventory:
             bisect.insort(by_country, item)
 
     def _count_models(self, entry: NodeEntry, delta: int) -> None:
-        for model in {t[0] for t in entry.gpus}:
-            n = self.models.get(model, 0) + delta
+        node = entry.node
+        facets = [
+            *(("model", m) for m in {t[0] for t in entry.gpus}),
+            ("provider", node.provider),
+            ("region", node.location.region),
+            *(("label", f"{k}={v}") for k, v in node.labels.items()),
+        ]
+        for key in facets:
+            counts = self.models if key[0] == "model" else self.facets
+            name = key[1] if key[0] == "model" else f"{key[0]}:{key[1]}"
+            n = counts.get(name, 0) + delta
             if n > 0:
-                self.models[model] = n
+                counts[name] = n
             else:
-                self.models.pop(model, None)
+                counts.pop(name, None)
 
     def _pool(self, tenant: str, name: str, add: bool) -> None:
         members = self.pools.setdefault(tenant, set())

@@ -91,4 +91,9 @@ class InventoryView(Protocol):
         """GPU model name -> number of nodes with it."""
         ...
 
+    @property
+    def facets(self) -> Mapping[str, int]:
+        """ "provider:P", "region:R", "label:K=V" -> number of nodes with it."""
+        ...
+
     def is_schedulable(self, name: str) -> bool: ...

@@ -49,6 +49,19 @@ def _candidates_of(s: NodeSummary, flt: Filter, min_free: int) -> Iterator[Candi
             yield Candidate(s.name, s.node, gpus, distance, s.mod_revision)
 
 
+def impossible(inv: InventoryView, flt: Filter) -> bool:
+    """Whether no node at all can match (a model, provider, region or label nobody has), known
+    from the index's counts without walking a node: such searches would walk every one."""
+    if flt.gpu_model and not any(model_matches(flt.gpu_model, m) for m in list(inv.models)):
+        return True
+    facets = inv.facets
+    if flt.providers is not None and not any(f"provider:{p}" in facets for p in flt.providers):
+        return True
+    if flt.regions is not None and not any(f"region:{r}" in facets for r in flt.regions):
+        return True
+    return any(f"label:{k}={v}" not in facets for k, v in flt.labels)
+
+
 def _index(g: common_pb2.Gpu) -> int:
     return g.index
 
@@ -70,8 +83,8 @@ def candidates(
     inv: InventoryView, flt: Filter, min_free: int = 1, names: Iterable[str] | None = None
 ) -> Iterator[Candidate]:
     """Matching candidates in price order (then name), unless `names` gives another order."""
-    if flt.gpu_model and not any(model_matches(flt.gpu_model, m) for m in list(inv.models)):
-        return  # no node has such a GPU: nothing to walk
+    if impossible(inv, flt):
+        return  # no node has such a GPU, provider, region or label: nothing to walk
     summaries = inv.summaries
     for name in names if names is not None else _price_order(inv, flt):
         s = summaries.get(name)
@@ -112,7 +125,7 @@ def _nearest(inv: InventoryView, flt: Filter, min_free: int, stop_after: int) ->
     """Nearest first without evaluating every node: rank nodes by a cheap great-circle distance
     (unit vectors, one dot product each), then look at them in that order until the page fills."""
     assert flt.near is not None
-    if flt.gpu_model and not any(model_matches(flt.gpu_model, m) for m in list(inv.models)):
+    if impossible(inv, flt):
         return [], False
     origin = unit_vector(flt.near.latitude, flt.near.longitude)
     limit = math.cos(min(flt.near.radius_km / EARTH_RADIUS_KM, math.pi))

@@ -148,3 +148,25 @@ def test_a_search_for_a_model_nobody_has_walks_no_node_and_model_counts_follow_r
     assert inv.models == {model: 1}
     inv.apply(f"{P}/nodes/p/b".encode(), None, 51)
     assert inv.models == {}
+
+
+def test_a_provider_region_or_label_nobody_has_is_known_impossible_and_one_that_exists_is_not() -> None:
+    inv = Inventory(Keyspace(P))
+    n = common_pb2.Node(
+        provider="neo", node_id="a", location=common_pb2.Location(country_code="DE", region="eu")
+    )
+    n.labels["tier"] = "premium"
+    n.gpus.add(uuid="g0", index=0, model="NVIDIA L40S", memory_total_bytes=48 << 30, health=1)
+    inv.apply(f"{P}/alive/neo/a".encode(), b"r/s", 1)
+    inv.apply(f"{P}/nodes/neo/a".encode(), n.SerializeToString(), 2)
+    for kw in ({"providers": ["other"]}, {"regions": ["us"]}, {"labels": {"tier": "standard"}}):
+        assert offers.impossible(inv, compile_filter(common_pb2.GpuFilter(**kw)))
+        assert search(inv, **kw) == []
+    for kw in ({"providers": ["other", "neo"]}, {"regions": ["eu"]}, {"labels": {"tier": "premium"}}, {}):
+        assert not offers.impossible(inv, compile_filter(common_pb2.GpuFilter(**kw)))
+        assert search(inv, **kw) == ["a"]
+    n.labels["tier"] = "standard"  # a changed record moves its counts
+    inv.apply(f"{P}/nodes/neo/a".encode(), n.SerializeToString(), 3)
+    assert search(inv, labels={"tier": "standard"}) == ["a"] and search(inv, labels={"tier": "premium"}) == []
+    inv.apply(f"{P}/nodes/neo/a".encode(), None, 4)
+    assert inv.facets == {} and inv.models == {}
