@@ -30,19 +30,10 @@ Sample = common_pb2.GpuSample
 
 
 def _opt(name: str, scale: float = 1.0) -> Callable[[Sample, int], float | None]:
+    """The sample's field (a flag as 0 or 1), scaled; None when NVML did not give it."""
+
     def read(s: Sample, last_xid: int) -> float | None:
-        return getattr(s, name) * scale if s.HasField(name) else None  # type: ignore[arg-type]
-
-    return read
-
-
-def _fb_used(s: Sample, last_xid: int) -> float | None:
-    return s.memory_used_bytes / MIB if s.HasField("memory_used_bytes") else None
-
-
-def _flag(name: str) -> Callable[[Sample, int], float | None]:
-    def read(s: Sample, last_xid: int) -> float | None:
-        return float(getattr(s, name)) if s.HasField(name) else None  # type: ignore[arg-type]
+        return float(getattr(s, name)) * scale if s.HasField(name) else None  # type: ignore[arg-type]
 
     return read
 
@@ -99,7 +90,12 @@ FIELDS: tuple[Field, ...] = (
         "Framebuffer memory free (in MiB).",
         _opt("memory_free_bytes", 1 / MIB),
     ),
-    Field("DCGM_FI_DEV_FB_USED", "gauge", "Framebuffer memory used (in MiB).", _fb_used),
+    Field(
+        "DCGM_FI_DEV_FB_USED",
+        "gauge",
+        "Framebuffer memory used (in MiB).",
+        _opt("memory_used_bytes", 1 / MIB),
+    ),
     Field(
         "DCGM_FI_DEV_FB_RESERVED",
         "gauge",
@@ -128,7 +124,7 @@ FIELDS: tuple[Field, ...] = (
         "DCGM_FI_DEV_ROW_REMAP_FAILURE",
         "gauge",
         "Whether remapping of rows has failed.",
-        _flag("remapped_rows_failure"),
+        _opt("remapped_rows_failure"),
     ),
 )
 # Per MIG instance, as dcgm-exporter does: the instance's own framebuffer.

@@ -115,7 +115,8 @@ class Inventory:
     # GPU model name -> nodes that have it: a search for a model nobody has answers at once
     # instead of walking every node.
     models: dict[str, int] = field(default_factory=dict)
-    # "provider:P", "region:R", "label:K=V" -> nodes with it: the same for those filters.
+    # "region:R", "label:K=V" -> nodes with it: the same for those filters (node_counts for
+    # providers).
     facets: dict[str, int] = field(default_factory=dict)
     # Being built by a listing (Watcher.list): price lists are appended to and sorted by adopt().
     bulk: bool = False
@@ -124,41 +125,17 @@ class Inventory:
 
     # -- feeding --------------------------------------------------------------------------------
 
-    def reset(self) -> None:
-        self.nodes.clear()
-        self.alive.clear()
-        self.alive_revision.clear()
-        self.allocs.clear()
-        self.leases.clear()
-        self.lease_revision.clear()
-        self.tenant_leases.clear()
-        self.quotas.clear()
-        self.burst.clear()
-        self.node_counts.clear()
-        self.replicas.clear()
-        self.by_price.clear()
-        self.by_country.clear()
-        self.summaries.clear()
-        self.draining.clear()
-        self.provisioning.clear()
-        self.pools.clear()
-        self.models.clear()
-        self.facets.clear()
-        self.leader = ""
-
     def load(self, kvs: Iterable[KeyValueLike], revision: int) -> None:
         """Replace the whole view with a listing at `revision`, then tell subscribers RESYNC
         (not one change per key: what was deleted in a gap would never be told)."""
-        self.reset()
+        fresh = Inventory(self.keys, bulk=True)
         for kv in kvs:
-            self.apply(kv.key, kv.value, kv.mod_revision, kv.create_revision, notify=False)
-        self.revision = 0  # let advance() wake waiters even if the revision did not move
-        self.advance(revision)
-        self._notify(Change(ChangeKind.RESYNC, "", None, revision))
+            fresh.apply(kv.key, kv.value, kv.mod_revision, kv.create_revision, notify=False)
+        self.adopt(fresh, revision)
 
     def adopt(self, fresh: Inventory, revision: int) -> None:
-        """Take over a listing built in `fresh` (Watcher.list), keeping this index's
-        subscribers and waiters; then RESYNC, as load() does."""
+        """Take over a listing built in `fresh` (load(); Watcher.list builds one page by page),
+        keeping this index's subscribers and waiters; then RESYNC."""
         if fresh.bulk:
             fresh.by_price.sort()
             for ordered in fresh.by_country.values():
@@ -167,7 +144,7 @@ class Inventory:
         for f in dataclasses.fields(self):
             if f.name not in ("keys", "_subscribers", "_revision_waiters"):
                 setattr(self, f.name, getattr(fresh, f.name))
-        self.revision = 0
+        self.revision = 0  # let advance() wake waiters even if the revision did not move
         self.advance(revision)
         self._notify(Change(ChangeKind.RESYNC, "", None, revision))
 
@@ -265,7 +242,7 @@ class Inventory:
         if old is not None and old.node.pool_tenant:
             self._pool(old.node.pool_tenant, name, add=False)
         if old is not None:
-            self._count_models(old, -1)
+            self._count_facets(old, -1)
         if value is None:
             if self.nodes.pop(name, None) is not None:
                 self._count_node(old.node.provider if old else "", -1)
@@ -287,7 +264,7 @@ class Inventory:
             node, mod_revision, gpus, unit_vector(node.location.latitude, node.location.longitude)
         )
         self.nodes[name] = entry
-        self._count_models(entry, 1)
+        self._count_facets(entry, 1)
         item = (node.price_per_gpu_hour, name)
         by_country = self.by_country.setdefault(node.location.country_code, [])
         if self.bulk:  # a listing: sorted once at the end (adopt)
@@ -297,22 +274,13 @@ class Inventory:
             bisect.insort(self.by_price, item)
             bisect.insort(by_country, item)
 
-    def _count_models(self, entry: NodeEntry, delta: int) -> None:
+    def _count_facets(self, entry: NodeEntry, delta: int) -> None:
         node = entry.node
-        facets = [
-            *(("model", m) for m in {t[0] for t in entry.gpus}),
-            ("provider", node.provider),
-            ("region", node.location.region),
-            *(("label", f"{k}={v}") for k, v in node.labels.items()),
-        ]
-        for key in facets:
-            counts = self.models if key[0] == "model" else self.facets
-            name = key[1] if key[0] == "model" else f"{key[0]}:{key[1]}"
-            n = counts.get(name, 0) + delta
-            if n > 0:
-                counts[name] = n
-            else:
-                counts.pop(name, None)
+        for model in {t[0] for t in entry.gpus}:
+            _bump(self.models, model, delta)
+        _bump(self.facets, f"region:{node.location.region}", delta)
+        for k, v in node.labels.items():
+            _bump(self.facets, f"label:{k}={v}", delta)
 
     def _pool(self, tenant: str, name: str, add: bool) -> None:
         members = self.pools.setdefault(tenant, set())
@@ -324,11 +292,7 @@ class Inventory:
                 del self.pools[tenant]
 
     def _count_node(self, provider: str, delta: int) -> None:
-        n = self.node_counts.get(provider, 0) + delta
-        if n > 0:
-            self.node_counts[provider] = n
-        else:
-            self.node_counts.pop(provider, None)
+        _bump(self.node_counts, provider, delta)
 
     def _summarize(self, name: str) -> None:
         entry = self.nodes.get(name)
@@ -432,3 +396,12 @@ class Inventory:
         alive = self.alive.get(name, "")
         out.replica = alive.split("/", 1)[0] if alive else ""
         return out
+
+
+def _bump(counts: dict[str, int], name: str, delta: int) -> None:
+    """Add `delta` to a count, dropping it at zero (the counts say "none" by absence)."""
+    n = counts.get(name, 0) + delta
+    if n > 0:
+        counts[name] = n
+    else:
+        counts.pop(name, None)

@@ -496,14 +496,14 @@ class EtcdStore:
         async for page, page_revision in self.prefix_pages(prefix, revision):
             out.extend(page)
             at = page_revision
-        return out, at or await self.revision()
+        return out, at
 
     async def prefix_pages(
         self, prefix: str | bytes, revision: int = 0
     ) -> AsyncIterator[tuple[list[KeyValue], int]]:
         """Every key under prefix at one revision (the current one if 0), a page at a time with
-        that revision, so a caller can work through a large keyspace without holding all of it
-        or holding the event loop."""
+        that revision (the first page always comes, empty or not), so a caller can work through
+        a large keyspace without holding all of it or holding the event loop."""
         start = _b(prefix)
         end = prefix_end(start)
         limit = _RANGE_PAGE

@@ -31,7 +31,6 @@ class Watcher:
             for kv in page:
                 fresh.apply(kv.key, kv.value, kv.mod_revision, kv.create_revision, notify=False)
             await asyncio.sleep(0)
-        at = at or await self.store.revision()
         self.inventory.adopt(fresh, at)
         self.synced.set()
         return at

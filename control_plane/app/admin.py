@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from google.protobuf import timestamp_pb2
 
 from control_plane import auth
@@ -50,7 +52,7 @@ class Admin:
     ) -> common_pb2.Node:
         """Write the operator state of a node (UNSPECIFIED: uncordon). A drain gets a deadline of
         now + grace, when the leader ends the leases still on the node."""
-        provider, node_id = parse_node_name(name)
+        parse_node_name(name)  # INVALID_ARGUMENT before any other check
         if len(reason) > MAX_REASON:
             raise errors.invalid(
                 "INVALID_REASON", f"reason is at most {MAX_REASON} characters", field="reason"
@@ -61,20 +63,29 @@ class Admin:
             )
         now = self.clock.time_ns()
 
-        def change(kv: KeyValue | None) -> bytes:
-            if kv is None:
-                raise errors.not_found("NODE_NOT_FOUND", f"{name} is not registered", node=name)
-            node = common_pb2.Node.FromString(kv.value)
+        def change(node: common_pb2.Node) -> None:
             node.state = state  # type: ignore[assignment]
             node.state_reason = reason if state else ""
             node.ClearField("drain_deadline")
             if grace_s is not None:
                 node.drain_deadline.CopyFrom(timestamp(now + int(grace_s * NS)))
+
+        return await self._change_node(name, change)
+
+    async def _change_node(self, name: str, change: Callable[[common_pb2.Node], None]) -> common_pb2.Node:
+        """An operator's change of a node record (compare-and-swap), once the index has it."""
+        provider, node_id = parse_node_name(name)
+
+        def update(kv: KeyValue | None) -> bytes:
+            if kv is None:
+                raise errors.not_found("NODE_NOT_FOUND", f"{name} is not registered", node=name)
+            node = common_pb2.Node.FromString(kv.value)
+            change(node)
             node.update_time.CopyFrom(now_ts(self.clock))
             return node.SerializeToString()
 
         updated = await self.store.update(
-            self.keys.node(provider, node_id), change, what="the node record", reason="NODE_CHANGING"
+            self.keys.node(provider, node_id), update, what="the node record", reason="NODE_CHANGING"
         )
         await self.inv.wait_for_revision(updated.revision)
         view = self.inv.view(name)
@@ -83,28 +94,18 @@ class Admin:
     async def set_gpu_healthy(self, name: str, gpu_uuid: str, reason: str, who: str) -> common_pb2.Node:
         """An operator's clear of a GPU's repair and faults (its MIG instances follow it); the
         replica streaming the node tells its daemon (control_plane.app.nodes)."""
-        provider, node_id = parse_node_name(name)
+        parse_node_name(name)
         if not 1 <= len(reason) <= MAX_REASON:
             raise errors.invalid("REASON_REQUIRED", f"say why, in 1..{MAX_REASON} characters", field="reason")
 
-        def change(kv: KeyValue | None) -> bytes:
-            if kv is None:
-                raise errors.not_found("NODE_NOT_FOUND", f"{name} is not registered", node=name)
-            node = common_pb2.Node.FromString(kv.value)
+        def change(node: common_pb2.Node) -> None:
             gpu = next((g for g in node.gpus if g.uuid == gpu_uuid and not g.parent_uuid), None)
             if gpu is None:
                 raise errors.not_found("GPU_NOT_FOUND", f"{name} has no GPU {shown(gpu_uuid)}", node=name)
             repair.set_healthy(gpu, who, reason, now_ts(self.clock))
             registration.follow_parents(node)
-            node.update_time.CopyFrom(now_ts(self.clock))
-            return node.SerializeToString()
 
-        updated = await self.store.update(
-            self.keys.node(provider, node_id), change, what="the node record", reason="NODE_CHANGING"
-        )
-        await self.inv.wait_for_revision(updated.revision)
-        view = self.inv.view(name)
-        return view if view is not None else common_pb2.Node.FromString(updated.value or b"")
+        return await self._change_node(name, change)
 
     # -- leases and usage -----------------------------------------------------------------------
 

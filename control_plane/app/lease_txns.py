@@ -54,8 +54,8 @@ def grant_txn(
         txn.read_on_failure(node_key)
         by_uuid = {g.uuid: g for g in p.candidate.gpus}
         for u in p.gpu_uuids:
-            gpu = by_uuid.get(u)
-            parent = gpu.parent_uuid if gpu is not None else ""
+            gpu = by_uuid[u]
+            parent = gpu.parent_uuid
             key = keys.alloc(node.provider, node.node_id, u, parent).encode()
             txn.absent(key)
             txn.put(key, value, etcd_lease)
@@ -66,7 +66,7 @@ def grant_txn(
                 parent_key = keys.alloc(node.provider, node.node_id, parent).encode()
                 txn.absent(parent_key)
                 txn.guard(parent_key)
-            elif gpu is not None and gpu.mig_enabled:
+            elif gpu.mig_enabled:
                 txn.range_absent(keys.alloc_instances(node.provider, node.node_id, u).encode())
     return txn
 

@@ -93,7 +93,12 @@ class InventoryView(Protocol):
 
     @property
     def facets(self) -> Mapping[str, int]:
-        """ "provider:P", "region:R", "label:K=V" -> number of nodes with it."""
+        """ "region:R", "label:K=V" -> number of nodes with it."""
+        ...
+
+    @property
+    def node_counts(self) -> Mapping[str, int]:
+        """provider -> number of its nodes."""
         ...
 
     def is_schedulable(self, name: str) -> bool: ...

@@ -55,7 +55,7 @@ def impossible(inv: InventoryView, flt: Filter) -> bool:
     if flt.gpu_model and not any(model_matches(flt.gpu_model, m) for m in list(inv.models)):
         return True
     facets = inv.facets
-    if flt.providers is not None and not any(f"provider:{p}" in facets for p in flt.providers):
+    if flt.providers is not None and not any(p in inv.node_counts for p in flt.providers):
         return True
     if flt.regions is not None and not any(f"region:{r}" in facets for r in flt.regions):
         return True

@@ -15,7 +15,8 @@ K = Keyspace("/g")
 
 def _pick(node_id: str, uuids: tuple[str, ...], mod_revision: int) -> Pick:
     node = common_pb2.Node(provider="p", node_id=node_id)
-    return Pick(Candidate(f"nodes/p/{node_id}", node, [], None, mod_revision), uuids)
+    gpus = [node.gpus.add(uuid=u) for u in uuids]
+    return Pick(Candidate(f"nodes/p/{node_id}", node, gpus, None, mod_revision), uuids)
 
 
 def test_grant_compares_every_allocation_absent_and_each_node_unchanged_and_alive() -> None:
