@@ -75,6 +75,7 @@ class GpuInfo:
     mig_enabled: bool
     nvlinks: int = 0
     nvlink_cache: tuple[int, int] | None = None  # (active links, error count)
+    nvlink_kib: int | None = None  # data over all links, read with the error counters
     lost: bool = False
     xids: set[int] = field(default_factory=set)
     migs: list[MigInfo] = field(default_factory=list)
@@ -346,13 +347,16 @@ class Collector:
             raise GpuLost() from e
         r(s, "clock_event_reasons", lambda: n.nvmlDeviceGetCurrentClocksEventReasons(h))
         s.mig_enabled = g.mig_enabled
-        self._read_fields(s, n, h, g)
+        # NVLink counters move slowly and cost 4 NVML calls and 2 field values per link: read
+        # them every NVLINK_EVERY reports and repeat the last reading in between.
+        nvlink_due = g.nvlinks > 0 and (g.nvlink_cache is None or self.sequence % NVLINK_EVERY == 0)
+        self._read_fields(s, n, h, g, nvlink_due)
         if g.nvlinks:
-            # NVLink counters move slowly and cost 4 NVML calls per link: read them every
-            # NVLINK_EVERY reports and repeat the last reading in between.
-            if g.nvlink_cache is None or self.sequence % NVLINK_EVERY == 0:
+            if nvlink_due:
                 g.nvlink_cache = self._read_nvlink(n, h, g)
-            s.nvlink_active_links, s.nvlink_errors = g.nvlink_cache
+            s.nvlink_active_links, s.nvlink_errors = g.nvlink_cache  # type: ignore[misc]
+            if g.nvlink_kib is not None:
+                s.nvlink_data_kib = g.nvlink_kib
         for m in g.migs:
             ms = s.mig_devices.add(
                 uuid=m.uuid,
@@ -378,12 +382,12 @@ class Collector:
             mem = n.nvmlDeviceGetMemoryInfo(h)
         s.memory_total_bytes, s.memory_used_bytes, s.memory_free_bytes = mem.total, mem.used, mem.free
 
-    def _read_fields(self, s: common_pb2.GpuSample, n: Any, h: Any, g: GpuInfo) -> None:
-        """Counters only NVML's field values give, in one call: HBM temperature and NVLink
-        data volume (each link's TX and RX). A field the GPU lacks comes back NotSupported
-        in its own nvmlReturn and stays absent."""
+    def _read_fields(self, s: common_pb2.GpuSample, n: Any, h: Any, g: GpuInfo, nvlink: bool) -> None:
+        """Counters only NVML's field values give, in one call: HBM temperature and (`nvlink`)
+        NVLink data volume, each link's TX and RX, into g.nvlink_kib. A field the GPU lacks
+        comes back NotSupported in its own nvmlReturn and stays absent."""
         ids: list[Any] = [pynvml.NVML_FI_DEV_MEMORY_TEMP]
-        for link in range(g.nvlinks):
+        for link in range(g.nvlinks if nvlink else 0):
             ids.append((pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, link))
             ids.append((pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX, link))
         try:
@@ -401,7 +405,7 @@ class Collector:
             else:
                 kib = (kib or 0) + int(_field_value(v))
         if kib is not None:
-            s.nvlink_data_kib = kib
+            g.nvlink_kib = kib
 
     def _read_nvlink(self, n: Any, h: Any, g: GpuInfo) -> tuple[int, int]:
         active = 0

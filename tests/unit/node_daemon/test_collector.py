@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import pynvml
 import pytest
@@ -268,3 +269,24 @@ def test_real_pynvml_delivers_xid_events_to_the_watcher() -> None:
             w.stop()
     assert got[0].gpu_uuid == c.gpus[3].uuid
     assert got[0].verdict.health == UNHEALTHY
+
+
+def test_nvlink_data_volume_is_read_with_the_error_counters_and_repeated_in_between() -> None:
+    from node_daemon.collector import NVLINK_EVERY
+
+    c, fake = collector("h100-sxm-8")
+    asked: list[int] = []
+    real = fake.nvmlDeviceGetFieldValues
+
+    def counting(h: Any, ids: list[Any]) -> Any:
+        asked.append(len(ids))
+        return real(h, ids)
+
+    fake.nvmlDeviceGetFieldValues = counting  # type: ignore[method-assign,assignment]
+    reports = [c.sample() for _ in range(NVLINK_EVERY + 1)]
+    per_gpu = asked[:: len(c.gpus)]
+    # HBM temperature every report; the 18 links' TX and RX with the error counters only.
+    assert per_gpu.count(1 + 2 * 18) == 2 and per_gpu.count(1) == NVLINK_EVERY - 1
+    due = [i for i, n in enumerate(per_gpu) if n > 1]
+    kib = [r.gpus[0].nvlink_data_kib for r in reports]
+    assert kib[due[0] : due[1]] == [kib[due[0]]] * (due[1] - due[0]) and kib[due[1]] > kib[due[0]] > 0
