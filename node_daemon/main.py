@@ -19,7 +19,8 @@ from gpufed.transport import channel_credentials
 from node_daemon.collector import Collector, XidWatcher
 from node_daemon.config import DaemonConfig, parse_args
 from node_daemon.fake_nvml import FakeNvml, load_scenario, parse_event
-from node_daemon.metrics import GpuView, Host, MetricsServer, render
+from node_daemon.metrics import GpuView, Host, MetricsServer, escape_label, render
+from node_daemon.provisioning import Unended
 from node_daemon.session import DaemonSession
 
 log = get_logger(__name__)
@@ -101,7 +102,26 @@ def metrics_page(cfg: DaemonConfig, collector: Collector, session: DaemonSession
     host = Host(
         cfg.node_id, collector.driver_version, cfg.provider, f"providers/{cfg.provider}/nodes/{cfg.node_id}"
     )
-    return render(host, views)
+    page = render(host, views)
+    if session.provisioner is not None:
+        page += leftovers_page(session.provisioner.unended)
+    return page
+
+
+def leftovers_page(unended: dict[str, Unended]) -> str:
+    """Leases whose end has not yet succeeded on this host: alert on any."""
+    lines = [
+        "# HELP gpufed_node_lease_ends_unfinished Leases whose hook end has not yet succeeded here.",
+        "# TYPE gpufed_node_lease_ends_unfinished gauge",
+        f"gpufed_node_lease_ends_unfinished {len(unended)}",
+        "# HELP gpufed_node_lease_end_failures Failed hook ends of each unfinished lease.",
+        "# TYPE gpufed_node_lease_end_failures gauge",
+        *(
+            f'gpufed_node_lease_end_failures{{lease="{escape_label(n)}"}} {u.attempts}'
+            for n, u in sorted(unended.items())
+        ),
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -150,12 +150,12 @@ class GpuView:
     mig_leases: dict[str, str]  # MIG uuid -> lease
 
 
-def _escape(v: str) -> str:
+def escape_label(v: str) -> str:
     return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _labels(pairs: Iterable[tuple[str, str]]) -> str:
-    return ",".join(f'{k}="{_escape(v)}"' for k, v in pairs if v != "")
+    return ",".join(f'{k}="{escape_label(v)}"' for k, v in pairs if v != "")
 
 
 def _number(v: float) -> str:

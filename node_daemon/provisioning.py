@@ -7,7 +7,10 @@
 - what was started is kept in a state file (--state-dir), so a restarted daemon still knows;
   on each stream the control plane sends STARTED for every live lease and then
   ASSIGNMENTS_SYNCED: a kept lease started again is ensured (the hook's start runs again, it is
-  idempotent) and a kept lease that was not is ended.
+  idempotent) and a kept lease that was not is ended;
+- an end that fails is retried with backoff (also across restarts: it stays in the state file)
+  until it succeeds; meanwhile the lease's GPUs are reported UNHEALTHY with the reason
+  LEASE_CLEANUP_PENDING, so no other tenant is given a GPU its last tenant may still reach.
 
 Hook runs of one lease are serialized; different leases run concurrently.
 """
@@ -26,11 +29,16 @@ from pathlib import Path
 from typing import Any
 
 from gpufed.logs import get_logger
-from gpufed.v1 import lease_pb2, node_pb2
+from gpufed.v1 import common_pb2, lease_pb2, node_pb2
 from node_daemon.assignments import Assignments
 from node_daemon.hook import HookOutcome, LeaseHook, hook_input
 
 log = get_logger(__name__)
+
+RETRY_START = 1.0
+RETRY_MAX = 300.0
+CLEANUP_REASON = "LEASE_CLEANUP_PENDING"
+MAX_REASONS = 8  # per GPU, as the control plane bounds them
 
 
 @dataclass
@@ -40,6 +48,15 @@ class Kept:
     assignment: node_pb2.LeaseAssignment
     outcome: HookOutcome | None = None  # None while its start runs
     ensured: bool = False  # started in this process (else loaded from the state file)
+
+
+@dataclass
+class Unended:
+    """A lease whose end has not yet succeeded here: retried until it does."""
+
+    assignment: node_pb2.LeaseAssignment
+    attempts: int = 0
+    error: str = ""
 
 
 class Provisioner:
@@ -60,6 +77,8 @@ class Provisioner:
         self.provider, self.node_id = provider, node_id
         self.state_file = Path(state_dir) / "leases.json" if state_dir else None
         self.kept: dict[str, Kept] = {}
+        self.unended: dict[str, Unended] = {}
+        self._retries: dict[str, asyncio.TimerHandle] = {}
         self._chains: dict[str, asyncio.Task[None]] = {}
         # The latest hook runs, (action, lease), bounded: a daemon runs for months.
         self.runs: deque[tuple[str, str]] = deque(maxlen=256)
@@ -89,6 +108,39 @@ class Provisioner:
         """ASSIGNMENTS_SYNCED: every live lease of the node was just sent as STARTED."""
         for name in [n for n in self.kept if n not in started_now]:
             self.ended(name)
+
+    def resume(self) -> None:
+        """Retry the ends a previous process left unfinished (call once the loop runs)."""
+        for lease in list(self.unended):
+            if lease not in self._chains and lease not in self._retries:
+                self._chain(lease, self._run_end(lease))
+
+    def leftovers(self) -> dict[str, str]:
+        """GPU (or MIG instance) uuid -> the lease whose end has not yet succeeded on it."""
+        return {u: name for name, e in self.unended.items() for u in e.assignment.gpu_uuids}
+
+    def mark_leftovers(self, report: common_pb2.NodeReport) -> None:
+        """Report every GPU that holds a lease's leftovers (or one of whose MIG instances does)
+        UNHEALTHY, with the lease in the reason: discovery offers it to nobody meanwhile."""
+        held = self.leftovers()
+        if not held:
+            return
+        for s in report.gpus:
+            lease = held.get(s.uuid) or next((held[m.uuid] for m in s.mig_devices if m.uuid in held), "")
+            if not lease:
+                continue
+            s.health = max(s.health, common_pb2.GPU_HEALTH_UNHEALTHY)
+            del s.health_reasons[MAX_REASONS - 1 :]
+            s.health_reasons.add(
+                code=CLEANUP_REASON,
+                message=f"the end of {lease} has not finished on this host"[:128],
+                action=common_pb2.REPAIR_ACTION_NONE,
+            )
+
+    def close(self) -> None:
+        for handle in self._retries.values():
+            handle.cancel()
+        self._retries.clear()
 
     async def drain(self) -> None:
         """Wait for every hook run queued so far (tests, and a clean stop)."""
@@ -145,12 +197,37 @@ class Provisioner:
         k = self.kept.pop(lease, None)
         if k is None:
             return
+        self.unended[lease] = Unended(k.assignment)  # until the hook says it is done
         self._save()
+        await self._run_end(lease)
+
+    async def _run_end(self, lease: str) -> None:
+        self._retries.pop(lease, None)
+        u = self.unended.get(lease)
+        if u is None:
+            return
         self.runs.append(("end", lease))
         outcome = await self.hook.run(
-            hook_input("end", k.assignment, self.indexes(), self.provider, self.node_id)
+            hook_input("end", u.assignment, self.indexes(), self.provider, self.node_id)
         )
-        log.info("lease hook end", lease=lease, ok=outcome.ok, error=outcome.error)
+        if outcome.ok:
+            del self.unended[lease]
+            self._save()
+            log.info("lease hook end", lease=lease, ok=True, attempts=u.attempts + 1)
+            return
+        u.attempts += 1
+        u.error = outcome.error
+        self._save()
+        delay = min(RETRY_MAX, RETRY_START * 2 ** min(u.attempts - 1, 20))
+        log.error(
+            "lease hook end failed: the host holds the lease's leftovers; retrying",
+            lease=lease,
+            attempts=u.attempts,
+            retry_in_s=delay,
+            error=outcome.error,
+        )
+        loop = asyncio.get_running_loop()
+        self._retries[lease] = loop.call_later(delay, lambda: self._chain(lease, self._run_end(lease)))
 
     def _answer(self, a: node_pb2.LeaseAssignment, outcome: HookOutcome) -> None:
         result = node_pb2.ProvisionResult(
@@ -167,7 +244,7 @@ class Provisioner:
     def _save(self) -> None:
         if self.state_file is None:
             return
-        doc = {
+        doc: dict[str, dict[str, Any]] = {
             name: {
                 "assignment": base64.b64encode(k.assignment.SerializeToString()).decode(),
                 "ok": None if k.outcome is None else k.outcome.ok,
@@ -178,6 +255,13 @@ class Provisioner:
             }
             for name, k in self.kept.items()
         }
+        for name, u in self.unended.items():
+            doc[name] = {
+                "assignment": base64.b64encode(u.assignment.SerializeToString()).decode(),
+                "ending": True,
+                "attempts": u.attempts,
+                "error": u.error,
+            }
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc), encoding="utf-8")
@@ -190,6 +274,9 @@ class Provisioner:
             doc = json.loads(self.state_file.read_text(encoding="utf-8"))
             for name, v in doc.items():
                 a = node_pb2.LeaseAssignment.FromString(base64.b64decode(v["assignment"]))
+                if v.get("ending"):
+                    self.unended[name] = Unended(a, int(v.get("attempts", 0)), str(v.get("error", "")))
+                    continue
                 outcome = None
                 if v["ok"] is not None:
                     details = lease_pb2.AccessDetails.FromString(base64.b64decode(v["details"]))
@@ -202,5 +289,8 @@ class Provisioner:
                 "lease state file unreadable; starting without it", path=str(self.state_file), error=str(e)
             )
             self.kept.clear()
+            self.unended.clear()
         if self.kept:
             log.info("leases kept from before", leases=sorted(self.kept))
+        if self.unended:
+            log.warning("lease ends unfinished from before: retrying them", leases=sorted(self.unended))

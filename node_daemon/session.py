@@ -138,6 +138,8 @@ class DaemonSession:
 
     async def run(self) -> None:
         sampler = asyncio.create_task(self._sample_loop(), name="sampler")
+        if self.provisioner is not None:
+            self.provisioner.resume()
         attempt = 0
         i = 0
         try:
@@ -187,6 +189,8 @@ class DaemonSession:
                     async with asyncio.timeout(delay):
                         await self._stop.wait()
         finally:
+            if self.provisioner is not None:
+                self.provisioner.close()
             sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sampler
@@ -194,6 +198,8 @@ class DaemonSession:
     async def _sample_loop(self) -> None:
         while True:
             report = self.collector.sample()
+            if self.provisioner is not None:
+                self.provisioner.mark_leftovers(report)
             self._send_or_keep(node_pb2.NodeMessage(report=report))
             self._interval_changed.clear()
             with contextlib.suppress(TimeoutError):

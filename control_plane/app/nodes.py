@@ -387,14 +387,19 @@ class Nodes:
         """Whether the node record should be written for this health: at once when a GPU turns
         UNHEALTHY (it must leave the offers), other changes at most once per
         health_write_interval (a flapping GPU must not write etcd on every report; reports
-        carry the whole health, so the next one after the interval writes the latest)."""
+        carry the whole health, so the next one after the interval writes the latest). A GPU
+        stays UNHEALTHY within a session, unless only a lease's unfinished end made it so."""
         entry = self.inventory.nodes.get(session.name)
         if entry is None:
             return False
         differs = False
         for gpu in entry.node.gpus:
             got = reported.get(gpu.uuid)
-            if got is None or got[0] in (0, gpu.health) or gpu.health == _UNHEALTHY:
+            if got is None or got[0] in (0, gpu.health):
+                continue
+            if gpu.health == _UNHEALTHY:
+                if registration.cleanup_only(gpu.health_reasons):
+                    return True  # the host finished a lease's end: the GPU is offered again at once
                 continue
             if got[0] == _UNHEALTHY:
                 return True

@@ -303,6 +303,14 @@ def same_record(a: common_pb2.Node, b: common_pb2.Node) -> bool:
     return a2 == b2
 
 
+# The reason node_daemon/provisioning.py reports while a lease's hook end is being retried.
+CLEANUP_PENDING = "LEASE_CLEANUP_PENDING"
+
+
+def cleanup_only(reasons: Sequence[common_pb2.HealthReason]) -> bool:
+    return bool(reasons) and all(r.code == CLEANUP_PENDING for r in reasons)
+
+
 def apply_health(
     node: common_pb2.Node,
     reported: dict[str, tuple[int, list[common_pb2.HealthReason]]],
@@ -312,7 +320,9 @@ def apply_health(
     (control_plane.domain.repair); True if anything changed.
 
     Within one daemon session an UNHEALTHY GPU stays so; what clears it is the repair
-    lifecycle (a reboot that shows it clean, or an operator)."""
+    lifecycle (a reboot that shows it clean, or an operator). Except a GPU unhealthy only
+    because a lease's end has not finished on the host (CLEANUP_PENDING): it follows the
+    reports, and is offered again once the daemon's retried end succeeds."""
     now = now or timestamp_pb2.Timestamp()
     changed = False
     for gpu in node.gpus:
@@ -322,7 +332,7 @@ def apply_health(
         health, reasons = got
         if health == common_pb2.GPU_HEALTH_UNSPECIFIED or health == gpu.health:
             continue
-        if gpu.health == UNHEALTHY:
+        if gpu.health == UNHEALTHY and not cleanup_only(gpu.health_reasons):
             continue
         before = gpu.SerializeToString()
         repair.observe(gpu, health, reasons, node.boot_id, now, new_boot=False)

@@ -18,6 +18,7 @@ from gpufed import cli
 from gpufed.client import Client, GpufedError, LeaseEnded
 from gpufed.v1 import admin_pb2, common_pb2, lease_pb2
 from node_daemon.fake_nvml import FakeNvml
+from node_daemon.session import DaemonSession
 from tests.harness import (
     ADMIN_TOKEN,
     DaemonThread,
@@ -190,6 +191,40 @@ def test_a_failing_hook_ends_the_lease_frees_the_gpus_at_once_and_bills_nothing(
             ).usage_records
         assert usage.gpu_seconds == 0 and usage.quoted_cost == 0
         assert usage.end_reason == lease_pb2.LEASE_END_REASON_PROVISIONING_FAILED
+
+
+def test_a_failed_end_keeps_its_gpus_out_of_offers_until_the_daemons_retry_succeeds(
+    replica: ReplicaThread, tmp_path: Path
+) -> None:
+    stuck = tmp_path / "processes-survive"
+    stuck.write_text("1", encoding="utf-8")
+    body = (
+        f"if doc['action'] == 'end' and os.path.exists({str(stuck)!r}):\n"
+        "    print('3 processes of the user survive', file=sys.stderr); sys.exit(1)"
+    )
+    with (
+        hooked_node(replica, tmp_path, body="import os\n" + body) as (tenant, log, daemon),
+        Client(replica.address, tenant) as c,
+    ):
+        lease = c.wait_active(c.create_lease(2, ttl_s=60).name, timeout=20)
+        c.release_lease(lease.name)
+        wait_until(lambda: [r["action"] for r in runs(log)].count("end") >= 1, timeout=10)
+        # The last tenant may still reach those GPUs: nobody else is offered them meanwhile.
+        wait_until(lambda: sum(o.free_gpus for o in c.search_offers(providers=["neo"])) == 2, timeout=10)
+        with Client(replica.address, ADMIN_TOKEN) as admin:
+            node = admin.get_node("providers/neo/nodes/n1")
+        held = {g.uuid: g for g in node.gpus if g.uuid in {x.uuid for x in lease.gpus}}
+        assert {g.health for g in held.values()} == {common_pb2.GPU_HEALTH_UNHEALTHY}
+        assert all(lease.name in r.message for g in held.values() for r in g.health_reasons)
+        assert {r.code for g in held.values() for r in g.health_reasons} == {"LEASE_CLEANUP_PENDING"}
+        session = daemon.session
+        assert isinstance(session, DaemonSession) and session.provisioner is not None
+        assert session.provisioner.unended[lease.name].attempts >= 1
+
+        stuck.unlink()  # the operator fixed what blocked the end: the next retry succeeds
+
+        wait_until(lambda: sum(o.free_gpus for o in c.search_offers(providers=["neo"])) == 4, timeout=15)
+        assert not session.provisioner.unended
 
 
 def test_a_hook_that_times_out_fails_the_lease(replica: ReplicaThread, tmp_path: Path) -> None:

@@ -4,24 +4,32 @@ and a restarted daemon knows what it started."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gpufed.v1 import lease_pb2, node_pb2
+import pytest
+
+from gpufed.v1 import common_pb2, lease_pb2, node_pb2
+from node_daemon import provisioning
 from node_daemon.assignments import ENDED, STARTED, Assignments
 from node_daemon.hook import HookOutcome, LeaseHook, hook_input, parse_details
 from node_daemon.provisioning import Provisioner
 
 
 class FakeHook(LeaseHook):
-    def __init__(self, fail: bool = False) -> None:
+    def __init__(self, fail: bool = False, failing_ends: int = 0) -> None:
         super().__init__("/nonexistent", 1.0)
         self.docs: list[dict[str, Any]] = []
         self.fail = fail
+        self.failing_ends = failing_ends  # how many ends fail before one succeeds
 
     async def run(self, doc: dict[str, Any]) -> HookOutcome:
         self.docs.append(doc)
         await asyncio.sleep(0.05)
+        if doc["action"] == "end" and self.failing_ends > 0:
+            self.failing_ends -= 1
+            return HookOutcome(False, lease_pb2.AccessDetails(), "the lease hook exited with status 1")
         if self.fail:
             return HookOutcome(False, lease_pb2.AccessDetails(), "boom")
         return HookOutcome(True, lease_pb2.AccessDetails(ssh=f"ssh {doc['lease']}"))
@@ -34,9 +42,9 @@ def assignment(
 
 
 def setup(
-    state_dir: str = "", fail: bool = False
+    state_dir: str = "", fail: bool = False, failing_ends: int = 0
 ) -> tuple[Provisioner, FakeHook, Assignments, list[node_pb2.NodeMessage]]:
-    hook, assignments = FakeHook(fail), Assignments()
+    hook, assignments = FakeHook(fail, failing_ends), Assignments()
     sent: list[node_pb2.NodeMessage] = []
     p = Provisioner(hook, assignments, sent.append, lambda: {"g0": 0, "g1": 1}, "neo", "n1", state_dir)
     return p, hook, assignments, sent
@@ -120,6 +128,73 @@ def test_a_restarted_daemon_ensures_what_is_still_live_and_ends_the_rest(tmp_pat
         assert len(p.runs) == 2 and len(sent) == 2
         # A start older than what ran before the restart is stale after it too.
         assert s.apply(assignment("leases/old", 5, gpus=("g0",))) == (False, "STALE_FENCING_TOKEN")
+
+    asyncio.run(first())
+    asyncio.run(second())
+
+
+def report_of(*uuids: str) -> common_pb2.NodeReport:
+    return common_pb2.NodeReport(
+        gpus=[common_pb2.GpuSample(uuid=u, health=common_pb2.GPU_HEALTH_HEALTHY) for u in uuids]
+    )
+
+
+async def until(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("not within the timeout")
+
+
+def test_a_failed_end_is_retried_with_backoff_and_its_gpus_are_unhealthy_until_it_succeeds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(provisioning, "RETRY_START", 0.05)
+
+    async def go() -> None:
+        p, hook, s, _ = setup(failing_ends=2)
+        deliver(p, s, assignment("leases/a", 10))
+        await p.drain()
+        deliver(p, s, assignment("leases/a", 10, ENDED))
+        await p.drain()
+        assert p.leftovers() == {"g0": "leases/a"} and p.unended["leases/a"].attempts == 1
+        report = report_of("g0", "g1")
+        p.mark_leftovers(report)
+        held, free = report.gpus
+        assert held.health == common_pb2.GPU_HEALTH_UNHEALTHY
+        assert [r.code for r in held.health_reasons] == ["LEASE_CLEANUP_PENDING"]
+        assert "leases/a" in held.health_reasons[0].message
+        assert free.health == common_pb2.GPU_HEALTH_HEALTHY and not free.health_reasons
+
+        await until(lambda: not p.unended)  # two failures, then success: 0.05 s, then 0.1 s later
+
+        assert [d["action"] for d in hook.docs] == ["start", "end", "end", "end"]
+        after = report_of("g0")
+        p.mark_leftovers(after)
+        assert after.gpus[0].health == common_pb2.GPU_HEALTH_HEALTHY
+
+    asyncio.run(go())
+
+
+def test_an_unfinished_end_is_kept_in_the_state_file_and_retried_by_the_next_process(tmp_path: Path) -> None:
+    async def first() -> None:
+        p, _, s, _ = setup(str(tmp_path), failing_ends=1)
+        deliver(p, s, assignment("leases/a", 10))
+        await p.drain()
+        deliver(p, s, assignment("leases/a", 10, ENDED))
+        await p.drain()
+        assert "leases/a" in p.unended
+        p.close()  # the daemon stops before its retry
+
+    async def second() -> None:
+        p, hook, _, _ = setup(str(tmp_path))
+        assert p.unended["leases/a"].attempts == 1 and p.leftovers() == {"g0": "leases/a"}
+        p.resume()
+        await p.drain()
+        assert [d["action"] for d in hook.docs] == ["end"] and not p.unended
+        third, _, _, _ = setup(str(tmp_path))
+        assert not third.unended and not third.kept
 
     asyncio.run(first())
     asyncio.run(second())
