@@ -48,6 +48,7 @@ def credentials(cfg: DaemonConfig) -> grpc.ChannelCredentials | None:
         client_cert=read(cfg.client_cert),
         client_key=read(cfg.client_key),
         insecure=cfg.insecure,
+        endpoints=cfg.control_planes,
     )
 
 

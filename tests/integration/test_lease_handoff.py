@@ -153,6 +153,7 @@ def test_a_lease_with_a_key_is_provisioned_by_the_hook_and_only_its_tenant_reads
 def test_the_cli_waits_for_the_access_details_and_prints_them(replica: ReplicaThread, tmp_path: Path) -> None:
     key_file = tmp_path / "id_ed25519.pub"
     key_file.write_text(KEY + "\n", encoding="utf-8")
+    (tmp_path / "id_ed25519").write_text("the private half\n", encoding="utf-8")
     with hooked_node(replica, tmp_path) as (tenant, log, _):
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
@@ -165,6 +166,22 @@ def test_the_cli_waits_for_the_access_details_and_prints_them(replica: ReplicaTh
         assert code == 0
         assert "ACTIVE" in out.getvalue() and "ssh u-" in out.getvalue()
         assert runs(log)[0]["access"]["ssh_public_keys"] == [KEY]
+        name = runs(log)[0]["lease"]
+        login = f"ssh -i {tmp_path / 'id_ed25519'} u-{name[-8:]}@n1.example"
+        assert f"login: {login}\n" in out.getvalue()  # the private half of the key it was given
+        assert f"gpufed lease ssh {name} --key {tmp_path / 'id_ed25519'}" in out.getvalue()
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            code = cli.main(
+                [
+                    *("--endpoint", replica.address, "--token", tenant, "lease", "ssh", name, "--print"),
+                    *("--key", str(key_file), "--ssh-option", "ConnectTimeout=5", "--", "nvidia-smi", "-L"),
+                ]
+            )
+        assert code == 0
+        assert printed.getvalue().strip() == (
+            f"ssh -i {tmp_path / 'id_ed25519'} -o ConnectTimeout=5 u-{name[-8:]}@n1.example -- nvidia-smi -L"
+        )
         with Client(replica.address, tenant) as c:
             for lease in c.list_leases(lease_pb2.LEASE_STATE_ACTIVE):
                 c.release_lease(lease.name)  # an expiry later would write into the next tests' etcd
