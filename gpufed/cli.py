@@ -14,6 +14,7 @@ import argparse
 import csv
 import json
 import os
+import shlex
 import signal
 import sys
 import time
@@ -27,6 +28,7 @@ from google.protobuf import duration_pb2, json_format, timestamp_pb2
 from google.protobuf.message import Message
 
 from gpufed.client import Client, GpufedError
+from gpufed.login import parse_ssh
 from gpufed.settings import Settings, truthy
 from gpufed.transport import channel_credentials
 from gpufed.v1 import admin_pb2, common_pb2, lease_pb2
@@ -322,6 +324,50 @@ def _access_rows(lease: lease_pb2.Lease) -> list[list[str]]:
     return rows if len(rows) > 1 else []
 
 
+def _private_key(path: str) -> str:
+    """The private half of a --ssh-key (given as either half), "" when not beside it."""
+    p = Path(path).expanduser()
+    private = p.with_suffix("") if p.suffix == ".pub" else p
+    return str(private) if private.exists() else ""
+
+
+def _login_lines(lease: lease_pb2.Lease, key: str) -> list[str]:
+    """How to log in to each node of the lease, as `gpufed lease ssh` would run it."""
+    lines = []
+    for d in lease.access_details:
+        if not d.ssh:
+            continue
+        try:
+            argv = parse_ssh(d.ssh).argv(key)
+        except ValueError as e:
+            lines.append(f"{d.node}: no login command ({e})")
+            continue
+        lines.append(shlex.join(argv))
+    return lines
+
+
+def cmd_lease_ssh(c: Client, args: argparse.Namespace) -> int:
+    lease = c.get_lease(args.name)
+    details = [d for d in lease.access_details if d.ssh]
+    if args.node:
+        details = [d for d in details if d.node == args.node or d.node.rsplit("/", 1)[-1] == args.node]
+    if not details:
+        state = lease_pb2.LeaseState.Name(lease.state).removeprefix("LEASE_STATE_")
+        raise ValueError(f"{lease.name} ({state}) has no ssh access{' on ' + args.node if args.node else ''}")
+    if len(details) > 1:
+        nodes = ", ".join(d.node for d in details)
+        raise ValueError(f"{lease.name} spans several nodes: pick one with --node ({nodes})")
+    key = _private_key(args.key) if args.key else ""
+    if args.key and not key:
+        raise ValueError(f"no private key at {args.key}")
+    argv = parse_ssh(details[0].ssh).argv(key, args.ssh_option, args.command)
+    if args.print:
+        print(shlex.join(argv))
+        return EXIT_OK
+    sys.stdout.flush()
+    os.execvp(argv[0], argv)  # the terminal is ssh's from here on
+
+
 def _ssh_keys(paths: Sequence[str]) -> list[str]:
     keys: list[str] = []
     for path in paths:
@@ -358,6 +404,12 @@ def cmd_lease_create(c: Client, args: argparse.Namespace) -> int:
         lease,
         lambda: _lease_rows([lease]) + ([[""], *_access_rows(lease)] if _access_rows(lease) else []),
     )
+    if args.wait and args.output == "table":
+        key = next((k for k in map(_private_key, args.ssh_key) if k), "")
+        for line in _login_lines(lease, key):
+            print(f"login: {line}")
+        if any(d.ssh for d in lease.access_details):
+            print(f"or:    gpufed lease ssh {lease.name}" + (f" --key {key}" if key else ""))
     if args.hold:
         from gpufed.client import HeldLease
 
@@ -762,6 +814,17 @@ def build_parser() -> argparse.ArgumentParser:
         lp = lease.add_parser(verb, parents=[common])
         lp.add_argument("name", help="leases/ID")
         lp.set_defaults(fn=fn)
+    ls = lease.add_parser(
+        "ssh", parents=[common], help="log in to a lease's node with ssh (its provider's login, checked)"
+    )
+    ls.add_argument("name", help="leases/ID")
+    ls.add_argument("--key", "-i", default="", metavar="FILE", help="private key (default: ssh's own)")
+    ls.add_argument("--node", default="", help="the node to log in to, when the lease spans several")
+    ls.add_argument(
+        "--ssh-option", action="append", default=[], metavar="OPTION", help="ssh -o option (repeatable)"
+    )
+    ls.add_argument("--print", action="store_true", help="print the ssh command instead of running it")
+    ls.set_defaults(fn=cmd_lease_ssh, remote=True)  # a remote command may follow --
     ll = lease.add_parser("list", parents=[common])
     ll.add_argument("--state", choices=["", "active", "provisioning", "ended"], default="")
     ll.set_defaults(fn=cmd_lease_list)
@@ -829,14 +892,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    remote: list[str] = []
+    if "--" in words:  # `gpufed lease ssh NAME [flags] -- COMMAND...`: the rest is ssh's
+        at = words.index("--")
+        words, remote = words[:at], words[at + 1 :]
+    args = parser.parse_args(words)
+    if remote and not getattr(args, "remote", False):
+        parser.error("only `lease ssh` takes a command after --")
+    args.command = remote
     cfg = _settings()
     endpoint = cfg.get(args.endpoint, "GPUFED_ENDPOINT", "endpoint", "127.0.0.1:50051")
     token = cfg.get(args.token, "GPUFED_TOKEN", "token", "")
     insecure = cfg.get(args.insecure, "GPUFED_INSECURE", "insecure", False, truthy)
     try:
         ca = Path(args.ca_cert).read_bytes() if args.ca_cert else None
-        creds = channel_credentials(ca_cert=ca, tls=args.tls, insecure=insecure)
+        creds = channel_credentials(ca_cert=ca, tls=args.tls, insecure=insecure, endpoints=endpoint)
         with Client(endpoint, token, timeout=args.timeout, credentials=creds, insecure=insecure) as client:
             code: int = args.fn(client, args)
             return code

@@ -191,7 +191,7 @@ class Client:
         self.timeout = timeout
         self.retries = retries
         if credentials is None:
-            credentials = channel_credentials(insecure=insecure)
+            credentials = channel_credentials(insecure=insecure, endpoints=self.endpoint)
         self.tls = credentials is not None
         hosts = split_endpoints(self.endpoint)
         options: list[tuple[str, int | str]] = list(CLIENT_OPTIONS)

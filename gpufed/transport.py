@@ -2,8 +2,8 @@
 
 TLS with the given CA, or with the system roots when none is given; a client certificate where
 configured (daemons, for mTLS). Plaintext only when asked for explicitly (`insecure`, or
-GPUFED_INSECURE=1), for a replica on loopback: it logs one warning per process, because a bearer
-token then crosses the wire in the clear.
+GPUFED_INSECURE=1), for a replica on loopback: off loopback it logs one warning per process,
+because a bearer token then crosses the wire in the clear (on loopback it never leaves the host).
 """
 
 from __future__ import annotations
@@ -37,13 +37,15 @@ def channel_credentials(
     client_cert: bytes | None = None,
     client_key: bytes | None = None,
     insecure: bool | None = None,
+    endpoints: str | Sequence[str] = "",
 ) -> grpc.ChannelCredentials | None:
     """The channel credentials, or None for plaintext. A CA, `tls` or a client certificate
-    always means TLS; otherwise plaintext only if `insecure` (None: GPUFED_INSECURE)."""
+    always means TLS; otherwise plaintext only if `insecure` (None: GPUFED_INSECURE). The
+    warning is left out when every one of `endpoints` is on loopback."""
     global _warned
     wants_tls = tls or ca_cert is not None or client_cert is not None
     if not wants_tls and (insecure if insecure is not None else insecure_from_env()):
-        if not _warned:
+        if not _warned and not on_loopback(endpoints):
             _warned = True
             log.warning(INSECURE_WARNING)
         return None
@@ -97,6 +99,24 @@ def resolve_host(host: str) -> list[str]:
     except OSError as e:
         raise ValueError(f"{host!r} does not resolve: {e}") from e
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def on_loopback(endpoints: str | Sequence[str]) -> bool:
+    """Whether every endpoint is a loopback address or "localhost" (False for none, or a
+    malformed one: the warning errs on the side of showing)."""
+    try:
+        hosts = split_endpoints(endpoints)
+    except ValueError:
+        return False
+    for host, _ in hosts:
+        if host.lower() == "localhost":
+            continue
+        try:
+            if not ipaddress.ip_address(host).is_loopback:
+                return False
+        except ValueError:
+            return False  # a name: it may resolve anywhere
+    return True
 
 
 def split_endpoints(endpoints: str | Sequence[str]) -> list[tuple[str, str]]:
