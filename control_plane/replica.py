@@ -121,6 +121,7 @@ class Replica:
         await self.store.revision()  # fails fast on credentials etcd refuses (StoreRefused)
         self.inventory = Inventory(self.store.keys)
         self.auth = Authenticator(self.store, cfg.admin_token, cfg.peer_token, self.clock)
+        self._background: set[asyncio.Task[None]] = set()
         self.auth.throttle.limit = cfg.auth_failures_per_minute
         self.inventory.subscribe(self._on_change)
         self.metrics.watch_inventory(self.inventory)
@@ -298,6 +299,16 @@ class Replica:
         elif kind is _RESYNC:
             self.auth.records.clear()
             self.auth.forget()
+            # A token deleted in the watch's gap must still end what it opened.
+            task = asyncio.get_running_loop().create_task(self._recheck_streams())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _recheck_streams(self) -> None:
+        try:
+            await self.auth.recheck_streams()
+        except Exception as e:  # etcd away: the next resync checks again
+            log.warning("could not recheck the tokens of open streams after a resync", error=str(e))
 
     async def _on_new_session_lease(self, lease_id: int) -> None:
         await self.store.put(self.store.keys.replica(self.id), self.address.encode(), lease=lease_id)

@@ -202,9 +202,18 @@ class RpcWrapper:
                     raise domain_errors.unavailable(
                         "REPLICA_SHUTTING_DOWN", "this replica is shutting down; connect to another"
                     )
-                with self.stream_slot(call.principal):
-                    async for item in fn(_checked(request), context):
-                        yield item
+                with self.authenticator.stream(call.principal) as hold, self.stream_slot(call.principal):
+                    try:
+                        async for item in fn(_checked(request), context):
+                            yield item
+                    except asyncio.CancelledError:
+                        if not hold.revoked:
+                            raise
+                        if hold.task is not None:
+                            hold.task.uncancel()
+                        raise domain_errors.unauthenticated(
+                            "TOKEN_REVOKED", "the token of this stream was deleted"
+                        ) from None
             except (DomainError, StoreUnavailable) as e:
                 await call.fail(e)
             except Exception as e:
