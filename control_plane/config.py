@@ -103,6 +103,8 @@ def check_tokens(admin_token: str, peer_token: str) -> None:
             f"GPUFED_ADMIN_TOKEN must be at least {MIN_BOOTSTRAP_TOKEN} characters "
             "(or leave it unset, or pass --no-bootstrap-token, once real admin tokens exist)"
         )
+    if peer_token and len(peer_token) < MIN_BOOTSTRAP_TOKEN:
+        raise ConfigError(f"GPUFED_PEER_TOKEN must be at least {MIN_BOOTSTRAP_TOKEN} characters")
     if peer_token and peer_token == admin_token:
         raise ConfigError("GPUFED_PEER_TOKEN must differ from GPUFED_ADMIN_TOKEN")
 

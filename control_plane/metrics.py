@@ -53,6 +53,14 @@ class Metrics:
         )
         self.streams = Gauge("gpufed_node_streams", "Node daemon streams held by this replica", registry=r)
         self.reports = Counter("gpufed_node_reports_total", "Node reports ingested", registry=r)
+        self.bootstrap_token_risk = Gauge(
+            "gpufed_bootstrap_token_with_admin_tokens",
+            "1 while the bootstrap admin token is on although real admin tokens exist (turn it off)",
+            registry=r,
+        )
+        self.revoked_streams = Counter(
+            "gpufed_streams_revoked_total", "Streams ended because their token was deleted", registry=r
+        )
 
     def watch_inventory(self, inventory: Inventory) -> None:
         """Nodes by state and GPUs by health and lease state, read from the index at scrape time."""

@@ -25,7 +25,7 @@ from control_plane.app.nodes import Nodes
 from control_plane.app.quotas import Quotas
 from control_plane.app.retention import DAY_S
 from control_plane.app.telemetry import Telemetry
-from control_plane.auth import Authenticator
+from control_plane.auth import Authenticator, Kind, TokenRecord
 from control_plane.config import Config, ConfigError, check_tokens, read_pem
 from control_plane.metrics import Metrics
 from control_plane.rpc import RpcWrapper, Services
@@ -102,6 +102,7 @@ class Replica:
         self.clock = clock
         self.id = config.replica_id
         self.metrics = Metrics()
+        self.admin_tokens = 0  # real admin tokens in etcd, counted while the bootstrap token is on
         self.shutdown = asyncio.Event()
         self.port = 0
         self.node_port = 0
@@ -133,6 +134,7 @@ class Replica:
         async with asyncio.timeout(300):
             await self.watcher.synced.wait()
 
+        await self._check_bootstrap_token()
         self.quotas = Quotas(self.store, self.inventory, cfg.tenant_quota, cfg.provider_quota, self.clock)
         self.nodes = Nodes(
             self.store,
@@ -295,7 +297,13 @@ class Replica:
     def _on_change(self, change: Change) -> None:
         kind = change.kind
         if kind is _TOKEN:
+            before = self.auth.revoked_streams
+            known = self.auth.records.get(change.name)
             self.auth.update(change.name, change.value)
+            self.metrics.revoked_streams.inc(self.auth.revoked_streams - before)
+            created = change.value is not None and known is None
+            if created and self.config.admin_token and self.auth.records[change.name].kind == Kind.ADMIN:
+                self._note_admin_tokens(self.admin_tokens + 1)
         elif kind is _RESYNC:
             self.auth.records.clear()
             self.auth.forget()
@@ -303,6 +311,26 @@ class Replica:
             task = asyncio.get_running_loop().create_task(self._recheck_streams())
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+
+    async def _check_bootstrap_token(self) -> None:
+        """Warn (and say so in a metric) while the bootstrap admin token is on although real
+        admin tokens exist: it is a shared secret in every replica's environment, never rotated."""
+        if not self.config.admin_token:
+            return
+        kvs, _ = await self.store.get_prefix(self.store.keys.token(""))
+        admins = sum(1 for kv in kvs if TokenRecord.from_json("", kv.value).kind == Kind.ADMIN)
+        self._note_admin_tokens(admins)
+
+    def _note_admin_tokens(self, admins: int) -> None:
+        self.admin_tokens = admins
+        risky = bool(self.config.admin_token) and admins > 0
+        self.metrics.bootstrap_token_risk.set(1 if risky else 0)
+        if risky:
+            log.warning(
+                "the bootstrap admin token is on although real admin tokens exist: restart the replicas "
+                "with --no-bootstrap-token",
+                admin_tokens=admins,
+            )
 
     async def _recheck_streams(self) -> None:
         try:

@@ -22,7 +22,7 @@ from gpufed.errors import error_info
 from gpufed.v1 import admin_pb2, common_pb2, lease_pb2, lease_pb2_grpc
 from node_daemon.fake_nvml import FakeNvml
 from node_daemon.session import DaemonSession
-from tests.harness import DaemonThread, daemon_config, metadata, wait_until
+from tests.harness import ADMIN_TOKEN, DaemonThread, ReplicaThread, daemon_config, metadata, wait_until
 from tests.integration.federation import Federation
 
 pytestmark = pytest.mark.integration
@@ -149,3 +149,14 @@ def test_a_valid_token_is_never_throttled_by_other_failures_or_other_tokens_chan
         stub = lease_pb2_grpc.LeaseServiceStub(ch)
         for header in (f"Bearer {mine}", f"bearer {mine}", f"Bearer  {mine} ", f"BEARER {mine}"):
             stub.ListLeases(lease_pb2.ListLeasesRequest(), metadata=(("authorization", header),))
+
+
+def test_a_replica_warns_in_a_metric_while_the_bootstrap_token_is_on_beside_real_admin_tokens(
+    replica: ReplicaThread,
+) -> None:
+    assert replica.replica is not None
+    gauge = replica.replica.metrics.bootstrap_token_risk
+    with Client(replica.address, ADMIN_TOKEN) as admin:
+        assert gauge._value.get() == 0  # the harness starts with the bootstrap token only
+        admin.create_token("admin", "ops-alice")
+        wait_until(lambda: gauge._value.get() == 1, timeout=5)

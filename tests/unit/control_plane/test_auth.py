@@ -79,15 +79,17 @@ def test_unknown_tokens_are_remembered_briefly_so_a_flood_costs_one_read() -> No
     assert store.reads == 3
 
 
-def test_a_short_bootstrap_token_or_a_peer_token_equal_to_it_is_refused() -> None:
+def test_a_short_bootstrap_or_peer_token_or_a_peer_token_equal_to_the_bootstrap_is_refused() -> None:
     from control_plane.config import ConfigError, check_tokens
 
     with pytest.raises(ConfigError, match="at least 32"):
         check_tokens("short", "")
     with pytest.raises(ConfigError, match="must differ"):
         check_tokens("x" * 32, "x" * 32)
+    with pytest.raises(ConfigError, match="GPUFED_PEER_TOKEN must be at least 32"):
+        check_tokens("", "y" * 31)
     check_tokens("x" * 32, "y" * 32)
-    check_tokens("", "y")  # no bootstrap token at all
+    check_tokens("", "y" * 32)  # no bootstrap token at all
 
 
 def test_failed_authentications_from_one_address_are_throttled_for_the_window() -> None:
