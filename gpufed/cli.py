@@ -30,6 +30,7 @@ from google.protobuf.message import Message
 from gpufed.client import Client, GpufedError
 from gpufed.login import parse_ssh
 from gpufed.settings import Settings, truthy
+from gpufed.terminal import escaped
 from gpufed.transport import channel_credentials
 from gpufed.v1 import admin_pb2, common_pb2, lease_pb2
 
@@ -92,7 +93,7 @@ def _emit(
         for m in [data] if isinstance(data, Message) else data:
             print(json.dumps(_to_dict(m), separators=(",", ":")))
     elif args.output == "csv":
-        rows = table()
+        rows = [[escaped(c) for c in r] for r in table()]
         writer = csv.writer(sys.stdout)
         writer.writerows(r for r in rows if any(r))
     elif args.output == "yaml":
@@ -101,7 +102,7 @@ def _emit(
     else:
         # A row of empty cells separates tables (a lease, then its GPUs); each gets its own widths.
         blocks: list[list[list[str]]] = [[]]
-        for r in table():
+        for r in ([escaped(c) for c in row] for row in table()):
             if any(r):
                 blocks[-1].append(r)
             elif blocks[-1]:
@@ -340,7 +341,7 @@ def _login_lines(lease: lease_pb2.Lease, key: str) -> list[str]:
         try:
             argv = parse_ssh(d.ssh).argv(key)
         except ValueError as e:
-            lines.append(f"{d.node}: no login command ({e})")
+            lines.append(escaped(f"{d.node}: no login command ({e})"))
             continue
         lines.append(shlex.join(argv))
     return lines
@@ -483,8 +484,9 @@ def cmd_lease_watch(c: Client, args: argparse.Namespace) -> int:
     for ev in c.watch_lease(args.name):
         if args.output == "table":
             kind = lease_pb2.WatchLeaseResponse.EventType.Name(ev.type).removeprefix("EVENT_TYPE_")
+            line = f"{ev.event_time.ToJsonString()}  {kind:<13} {ev.gpu_uuid or ev.node} {ev.message}"
             print(
-                f"{ev.event_time.ToJsonString()}  {kind:<13} {ev.gpu_uuid or ev.node} {ev.message}".rstrip(),
+                escaped(line.rstrip()),
                 flush=True,
             )
         else:
@@ -912,7 +914,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             code: int = args.fn(client, args)
             return code
     except GpufedError as e:
-        print(f"error: {e.code.name}{' ' + e.reason if e.reason else ''}: {e.message}", file=sys.stderr)
+        print(
+            escaped(f"error: {e.code.name}{' ' + e.reason if e.reason else ''}: {e.message}"), file=sys.stderr
+        )
         if e.code == grpc.StatusCode.FAILED_PRECONDITION and e.reason == "NO_MATCHING_CAPACITY":
             return EXIT_NO_CAPACITY
         return _EXIT_BY_CODE.get(e.code, EXIT_ERROR)

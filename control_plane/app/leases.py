@@ -27,6 +27,7 @@ from control_plane.domain import access, errors, lease_rules, offers, pagination
 from control_plane.domain.lease_watch import LeaseWatch
 from control_plane.domain.names import parse_lease_name
 from control_plane.domain.placement import place
+from control_plane.domain.text import scrubbed
 from control_plane.metrics import Metrics
 from gpufed.clock import SYSTEM, Clock, now_ts, timestamp
 from gpufed.logs import get_logger
@@ -381,7 +382,12 @@ class Leases:
         details = lease_pb2.AccessDetails()
         details.CopyFrom(result.details)
         details.node = node
-        problem = None if result.ok else (result.error[: access.MAX_HOOK_ERROR_CHARS] or "the hook failed")
+        # The hook's stderr reaches the tenant's terminal: cut, and its control characters out.
+        problem = (
+            None
+            if result.ok
+            else (scrubbed(result.error[: access.MAX_HOOK_ERROR_CHARS]) or "the hook failed")
+        )
         problem = problem or access.details_problem(details)
         if problem is not None:
             await self.end(lease_id, lease_pb2.LEASE_END_REASON_PROVISIONING_FAILED, f"{node}: {problem}")

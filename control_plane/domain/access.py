@@ -14,6 +14,7 @@ import binascii
 import re
 
 from control_plane.domain import errors
+from control_plane.domain.text import printable
 from gpufed.v1 import lease_pb2
 
 MAX_SSH_KEYS = 8
@@ -125,7 +126,7 @@ def validate_request(access: lease_pb2.AccessRequest) -> None:
                 "starting with a letter",
                 field="access.provider_options",
             )
-        if len(v) > MAX_OPTION_VALUE_CHARS or any(ord(c) < 32 for c in v):
+        if len(v) > MAX_OPTION_VALUE_CHARS or not printable(v):
             raise errors.invalid(
                 "INVALID_PROVIDER_OPTION",
                 f"option {k}: at most {MAX_OPTION_VALUE_CHARS} printable characters",
@@ -142,6 +143,6 @@ def details_problem(d: lease_pb2.AccessDetails) -> str | None:
     ):
         if len(value) > bound:
             return f"{name} is longer than {bound} characters"
-        if name != "instructions" and any(ord(c) < 32 for c in value):
-            return f"{name} holds control characters"
+        if not printable(value, multiline=name == "instructions"):
+            return f"{name} holds control or format characters"
     return None

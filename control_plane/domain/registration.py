@@ -17,6 +17,7 @@ from control_plane.domain.countries import is_country_code
 from control_plane.domain.errors import shown
 from control_plane.domain.geo import valid_coordinates
 from control_plane.domain.names import node_name, valid_id
+from control_plane.domain.text import printable
 from gpufed.v1 import common_pb2, node_pb2
 
 MAX_GPUS_PER_NODE = 64
@@ -64,6 +65,12 @@ def validate_health(health: int, reasons: Sequence[common_pb2.HealthReason], whe
                 "INVALID_HEALTH",
                 f"{where}: a health reason's code is at most {MAX_REASON_CODE} characters, "
                 f"its message {MAX_REASON_MESSAGE}",
+                field=field,
+            )
+        if not (printable(r.code) and printable(r.message)):
+            raise errors.invalid(
+                "INVALID_HEALTH",
+                f"{where}: a health reason holds control or format characters: {shown(r.message or r.code)}",
                 field=field,
             )
 
@@ -122,6 +129,12 @@ def validate_hello(hello: node_pb2.NodeHello, provider: str) -> None:
         raise errors.invalid(
             "INVALID_LOCATION", "region and zone are at most 63 characters", field="hello.location"
         )
+    if not (printable(loc.region) and printable(loc.zone)):
+        raise errors.invalid(
+            "INVALID_LOCATION",
+            f"region {shown(loc.region)} or zone {shown(loc.zone)} holds control or format characters",
+            field="hello.location",
+        )
     if not (math.isfinite(hello.price_per_gpu_hour) and 0 <= hello.price_per_gpu_hour <= MAX_PRICE):
         raise errors.invalid(
             "INVALID_PRICE",
@@ -152,14 +165,23 @@ def validate_hello(hello: node_pb2.NodeHello, provider: str) -> None:
             raise errors.invalid(
                 "INVALID_INVENTORY", f"GPU {gpu.uuid} has no model name", field="hello.gpus.model"
             )
+        if not printable(gpu.model):
+            raise errors.invalid(
+                "INVALID_INVENTORY",
+                f"GPU {gpu.uuid}'s model {shown(gpu.model)} holds control or format characters",
+                field="hello.gpus.model",
+            )
         validate_health(gpu.health, gpu.health_reasons, f"GPU {gpu.uuid}", "hello.gpus.health")
     for field in ("daemon_version", "driver_version", "cuda_driver_version", "boot_id"):
-        if len(getattr(hello, field)) > MAX_VERSION:
-            raise errors.invalid("INVALID_HELLO", f"{field} is at most {MAX_VERSION} characters", field=field)
+        value = getattr(hello, field)
+        if len(value) > MAX_VERSION or not printable(value):
+            raise errors.invalid(
+                "INVALID_HELLO", f"{field} is at most {MAX_VERSION} printable characters", field=field
+            )
     if len(hello.labels) > MAX_LABELS:
         raise errors.invalid("INVALID_LABELS", f"at most {MAX_LABELS} labels", field="hello.labels")
     for k, v in hello.labels.items():
-        if not _LABEL_KEY.fullmatch(k) or len(v) > MAX_LABEL_VALUE:
+        if not _LABEL_KEY.fullmatch(k) or len(v) > MAX_LABEL_VALUE or not printable(v):
             raise errors.invalid("INVALID_LABELS", f"label {shown(k)} is malformed", field="hello.labels")
 
 

@@ -194,13 +194,17 @@ class NodeHello(_message.Message):
     @_builtins.property
     def gpus(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Gpu]:
         """Inventory; health as computed at start. 1..64 GPUs (and at most the provider's
-        QUOTA_NODE_GPUS), uuids [A-Za-z0-9-]{1,96} and unique, models 1..128 characters, health a
+        QUOTA_NODE_GPUS), uuids [A-Za-z0-9-]{1,96} and unique, models 1..128 printable characters
+        (every string of the hello that others are shown: no control, format or separator
+        characters, INVALID_ARGUMENT otherwise; docs/operations.md), health a
         known GpuHealth value.
         """
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """At most 32; keys [A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?, values at most 128."""
+        """At most 32; keys [A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?, values at most 128
+        printable characters.
+        """
 
     def __init__(
         self,

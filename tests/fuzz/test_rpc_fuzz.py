@@ -85,6 +85,10 @@ STRINGS = st.one_of(
             "🙂" * 1000,
             "\x00",
             "../../etc",
+            "H100\x1b]52;c;ZXZpbA==\x07",  # a terminal's clipboard write
+            "eu-\u202etsew",  # right-to-left override
+            "a\u2028b\u200b",
+            "\x9b31m",
         ]
     ),
     st.text(max_size=24),
@@ -400,6 +404,50 @@ def test_generated_connect_streams_get_documented_statuses(target: Target) -> No
         target.cases += 1
         code = _stream_codes(node.Connect(iter(msgs), metadata=metadata(target.tokens[who]), timeout=3))
         assert code not in FORBIDDEN, (code, str(msgs)[:300])
+
+    check()
+
+
+HOSTILE_CHARS = st.sampled_from(
+    ["\x1b", "\x07", "\x00", "\x7f", "\x9b", "\u202e", "\u2066", "\u200b", "\u2028", "\r"]
+)
+HELLO_STRINGS = ("model", "region", "zone", "label", "daemon_version", "driver_version", "boot_id", "reason")
+
+
+def test_a_hello_with_any_hostile_character_in_any_shown_string_is_invalid_and_writes_nothing(
+    target: Target,
+) -> None:
+    node = node_pb2_grpc.NodeServiceStub(target.channel)
+
+    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(
+        where=st.sampled_from(HELLO_STRINGS),
+        char=HOSTILE_CHARS,
+        text=st.text(max_size=8),
+        at=st.integers(0, 8),
+    )
+    def check(where: str, char: str, text: str, at: int) -> None:
+        value = text[:at] + char + text[at:]
+        h = node_pb2.NodeHello(
+            provider="neo", node_id="fuzz-strings", location=common_pb2.Location(country_code="DE")
+        )
+        gpu = h.gpus.add(uuid="GPU-fuzz-strings", model="NVIDIA L40S", health=common_pb2.GPU_HEALTH_HEALTHY)
+        if where == "model":
+            gpu.model = value
+        elif where in ("region", "zone"):
+            setattr(h.location, where, value)
+        elif where == "label":
+            h.labels["rack"] = value
+        elif where == "reason":
+            gpu.health_reasons.add(code="XID_79", message=value, action=common_pb2.REPAIR_ACTION_NONE)
+        else:
+            setattr(h, where, value)
+        target.cases += 1
+        before = target.revision()
+        msgs = iter([node_pb2.NodeMessage(hello=h)])
+        code = _stream_codes(node.Connect(msgs, metadata=metadata(target.tokens["provider"]), timeout=3))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (where, repr(value), code)
+        assert not target.written_since(before), (where, repr(value), "a refused hello wrote")
 
     check()
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import etcd3
 import grpc
@@ -153,3 +153,77 @@ def test_a_hostile_provider_stays_within_its_bounds_and_others_keep_leasing(
         per_node,
         bound,
     )
+
+
+def _connect_once(addr: str, token: str, *messages: node_pb2.NodeMessage) -> str:
+    """Send the messages on one stream and wait for its end: the error reason, or "OK"."""
+    stub = node_pb2_grpc.NodeServiceStub(grpc.insecure_channel(addr))
+
+    def send() -> Iterator[node_pb2.NodeMessage]:
+        yield from messages
+        time.sleep(2)  # the server ends a bad stream before this
+
+    try:
+        for _ in stub.Connect(send(), metadata=metadata(token), timeout=10):
+            pass
+        return "OK"
+    except grpc.RpcError as e:
+        return f"{e.code().name} {error_reason(e)}"
+
+
+def _model(h: node_pb2.NodeHello) -> None:
+    h.gpus[0].model = "H100\x1b]52;c;ZXZpbA==\x07"  # OSC 52: writes the developer's clipboard
+
+
+def _region(h: node_pb2.NodeHello) -> None:
+    h.location.region = "eu-\u202etsew"  # right-to-left override: reads "eu-west"
+
+
+def _label(h: node_pb2.NodeHello) -> None:
+    h.labels["rack"] = "r1\x1b[2J"  # clears the screen
+
+
+def _driver(h: node_pb2.NodeHello) -> None:
+    h.driver_version = "550\u2028ok"  # a line separator
+
+
+def _reason(h: node_pb2.NodeHello) -> None:
+    del h.gpus[0].health_reasons[:]
+    h.gpus[0].health_reasons.add(code="XID_79", message="\x1b[31mok", action=1)
+
+
+@pytest.mark.parametrize(
+    ("spoil", "reason"),
+    [
+        (_model, "INVALID_INVENTORY"),
+        (_region, "INVALID_LOCATION"),
+        (_label, "INVALID_LABELS"),
+        (_driver, "INVALID_HELLO"),
+        (_reason, "INVALID_HEALTH"),
+    ],
+)
+def test_a_hello_with_control_or_format_characters_is_refused_and_registers_nothing(
+    replica: ReplicaThread, spoil: Callable[[node_pb2.NodeHello], None], reason: str
+) -> None:
+    with Client(replica.address, ADMIN_TOKEN) as admin:
+        token = admin.create_token("provider", "inky").secret
+        hello = maximal_hello("inky", "n1")
+        del hello.gpus[1:]
+        hello.labels.clear()
+        spoil(hello)
+        assert _connect_once(replica.address, token, node_pb2.NodeMessage(hello=hello)) == (
+            f"INVALID_ARGUMENT {reason}"
+        )
+        assert not admin.list_nodes(provider="inky")
+
+
+def test_a_report_with_an_escape_in_a_health_reason_ends_the_stream(replica: ReplicaThread) -> None:
+    with Client(replica.address, ADMIN_TOKEN) as admin:
+        token = admin.create_token("provider", "inky2").secret
+    hello = maximal_hello("inky2", "n1")
+    del hello.gpus[1:]
+    hello.labels.clear()
+    report = flipping_report("n1", 1, healthy=False)
+    report.report.gpus[0].health_reasons[0].message = "fell off\x1b]0;owned\x07"
+    got = _connect_once(replica.address, token, node_pb2.NodeMessage(hello=hello), report)
+    assert got == "INVALID_ARGUMENT INVALID_HEALTH"

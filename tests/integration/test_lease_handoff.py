@@ -244,6 +244,27 @@ def test_a_failed_end_keeps_its_gpus_out_of_offers_until_the_daemons_retry_succe
         assert not session.provisioner.unended
 
 
+def test_a_hook_answer_with_terminal_escapes_fails_the_lease_and_its_error_reaches_the_tenant_scrubbed(
+    replica: ReplicaThread, tmp_path: Path
+) -> None:
+    body = (
+        "if doc['action'] == 'start' and doc['access']['provider_options'].get('how') == 'answer':\n"
+        "    print(json.dumps({'ssh': 'ssh u@h', 'instructions': 'hi\\x1b]0;owned\\x07'})); sys.exit(0)\n"
+        "if doc['action'] == 'start':\n"
+        "    print('no GPU\\x1b[2J\\u202e', file=sys.stderr); sys.exit(3)"
+    )
+    with hooked_node(replica, tmp_path, body=body) as (tenant, _, _d), Client(replica.address, tenant) as c:
+        answered = c.create_lease(1, ttl_s=60, provider_options={"how": "answer"})
+        with pytest.raises(LeaseEnded) as e:
+            c.wait_active(answered.name, timeout=20)
+        assert e.value.reason == "PROVISIONING_FAILED" and "control or format characters" in e.value.message
+        failed = c.create_lease(1, ttl_s=60)
+        with pytest.raises(LeaseEnded) as e:
+            c.wait_active(failed.name, timeout=20)
+        message = c.get_lease(failed.name).end_message
+        assert "no GPU" in message and "\x1b" not in message and "\u202e" not in message
+
+
 def test_a_hook_that_times_out_fails_the_lease(replica: ReplicaThread, tmp_path: Path) -> None:
     body = "if doc['action'] == 'start':\n    time.sleep(30)"
     with (
