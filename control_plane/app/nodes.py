@@ -53,6 +53,9 @@ _UNHEALTHY = common_pb2.GPU_HEALTH_UNHEALTHY
 _LEASE, _ALIVE, _NODE, _RESYNC = ChangeKind.LEASE, ChangeKind.ALIVE, ChangeKind.NODE, ChangeKind.RESYNC
 
 
+HELLO_TIMEOUT_S = 10.0
+
+
 @dataclass
 class NodeSession:
     name: str
@@ -69,8 +72,11 @@ class NodeSession:
     # the cleanup must not depend on gRPC still driving the response generator.
     on_end: Callable[[NodeSession], None] | None = None
     closed: bool = False
-    # Reports and events allowed (the provider's report rate); None: unlimited.
+    # Messages allowed beyond the answers owed (the provider's report rate); None: unlimited.
     bucket: TokenBucket | None = None
+    # Answers the daemon owes for what was sent it (an ack per assignment, a ProvisionResult
+    # per STARTED): those are free; any other message, of any kind, takes from the bucket.
+    owed: int = 0
     last_health_write: float = float("-inf")  # monotonic
     # GPU uuid -> the operator clear (GpuRepair.cleared_time, ns) the daemon was told of.
     clears: dict[str, int] = field(default_factory=dict)
@@ -108,6 +114,8 @@ class Nodes:
         health_write_interval: float = 10.0,
     ) -> None:
         self.health_write_interval = health_write_interval
+        # A stream that sends no hello within this long ends (it holds a stream slot meanwhile).
+        self.hello_timeout = HELLO_TIMEOUT_S
         self.quotas = quotas or Quotas(store, inventory, clock=clock)
         # Set (mTLS on): a daemon's certificate must name the provider of its token.
         self.trust_domain = trust_domain
@@ -209,8 +217,10 @@ class Nodes:
                 )
             )
             for msg in self._initial_assignments(session):
+                _owe(session, msg)
                 yield msg
             while (out := await session.outgoing.get()) is not None:
+                _owe(session, out)
                 yield out
         finally:
             reader.cancel()
@@ -225,10 +235,12 @@ class Nodes:
             async for msg in requests:
                 session.last_seen = now = self.clock.monotonic()
                 kind = msg.WhichOneof("message")
-                if kind in ("report", "event") and session.bucket is not None:
+                if kind in ("assignment_ack", "provisioned") and session.owed > 0:
+                    session.owed -= 1
+                elif session.bucket is not None:
                     wait = session.bucket.take(now)
                     if wait:
-                        session.end(rate_limited("the node passed its provider's report rate", wait))
+                        session.end(rate_limited("the node passed its provider's message rate", wait))
                         return
                 if kind == "report":
                     await self._ingest(session, msg.report)
@@ -603,3 +615,9 @@ def _command_for(state: int, reason: str) -> node_pb2.ControlMessage:
         NodeState.NODE_STATE_DRAINING: node_pb2.NODE_COMMAND_TYPE_DRAIN,
     }.get(state, node_pb2.NODE_COMMAND_TYPE_UNCORDON)  # type: ignore[call-overload]
     return node_pb2.ControlMessage(command=node_pb2.NodeCommand(type=kind, reason=reason))
+
+
+def _owe(session: NodeSession, msg: node_pb2.ControlMessage) -> None:
+    """What the daemon may answer for free to a message sent it."""
+    if msg.WhichOneof("message") == "assignment":
+        session.owed += 2 if msg.assignment.action == node_pb2.ASSIGNMENT_ACTION_STARTED else 1

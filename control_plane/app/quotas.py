@@ -74,6 +74,11 @@ class Reservation:
         self.quotas._forget_gate(self.tenant, self.gate)
 
 
+# Provider streams beyond its node quota that a replica accepts: reconnects overlap briefly with
+# the stream they replace.
+PROVIDER_STREAM_SLACK = 64
+
+
 class Quotas:
     def __init__(
         self,
@@ -220,32 +225,37 @@ class Quotas:
         return TokenBucket.full(limits.reports_per_second, limits.report_burst, self.clock.monotonic())
 
     def stream_slot(self, caller: Principal | None) -> AbstractContextManager[None]:
-        """What a streaming RPC holds while it runs: a tenant's stream slot (providers' streams
-        are bounded by their node quota, one per node; operators' are not counted)."""
-        if caller is None or caller.kind is not Kind.TENANT:
+        """What a streaming RPC holds while it runs: one of a tenant's stream slots, or one of a
+        provider's (its node quota plus PROVIDER_STREAM_SLACK: one stream per node, with room
+        for reconnects that overlap the stream they replace); operators' are not counted."""
+        if caller is None:
             return nullcontext()
-        return self.stream(caller.name)
+        if caller.kind is Kind.TENANT:
+            return self.stream(f"tenant {caller.name}", self.tenant(caller.name).max_streams)
+        if caller.kind is Kind.PROVIDER:
+            limit = self.provider(caller.name).max_nodes + PROVIDER_STREAM_SLACK
+            return self.stream(f"provider {caller.name}", limit)
+        return nullcontext()
 
     @contextmanager
-    def stream(self, tenant: str) -> Iterator[None]:
-        """One of the tenant's concurrent streams on this replica; TOO_MANY_STREAMS past its quota."""
-        limit = self.tenant(tenant).max_streams
-        open_now = self.streams.get(tenant, 0)
+    def stream(self, who: str, limit: int) -> Iterator[None]:
+        """One of `who`'s concurrent streams on this replica; TOO_MANY_STREAMS past `limit`."""
+        open_now = self.streams.get(who, 0)
         if open_now >= limit:
             raise errors.exhausted(
                 "TOO_MANY_STREAMS",
-                f"tenant {tenant} has {open_now} streams open on this replica, its quota is {limit}",
+                f"{who} has {open_now} streams open on this replica, its quota is {limit}",
                 limit=str(limit),
             )
-        self.streams[tenant] = open_now + 1
+        self.streams[who] = open_now + 1
         try:
             yield
         finally:
-            left = self.streams[tenant] - 1
+            left = self.streams[who] - 1
             if left:
-                self.streams[tenant] = left
+                self.streams[who] = left
             else:
-                del self.streams[tenant]
+                del self.streams[who]
 
     # -- admin ----------------------------------------------------------------------------------
 

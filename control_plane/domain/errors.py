@@ -23,6 +23,7 @@ class Code(enum.Enum):
     PERMISSION_DENIED = "PERMISSION_DENIED"
     UNAUTHENTICATED = "UNAUTHENTICATED"
     ABORTED = "ABORTED"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     UNAVAILABLE = "UNAVAILABLE"
     INTERNAL = "INTERNAL"
 
@@ -95,6 +96,10 @@ def unauthenticated(reason: str, message: str) -> DomainError:
 def aborted(reason: str, message: str, **metadata: str) -> DomainError:
     """A conflict the caller may retry (the state kept changing under a read-modify-write)."""
     return DomainError(Code.ABORTED, reason, message, metadata)
+
+
+def deadline_exceeded(reason: str, message: str) -> DomainError:
+    return DomainError(Code.DEADLINE_EXCEEDED, reason, message)
 
 
 def unavailable(reason: str, message: str) -> DomainError:

@@ -628,12 +628,15 @@ class ProviderQuota(_message.Message):
     REPORT_BURST_FIELD_NUMBER: _builtins.int
     CONNECTS_PER_MINUTE_FIELD_NUMBER: _builtins.int
     max_nodes: _builtins.int
-    """Registered nodes, 1..100000 (QUOTA_NODES on the hello of one more node)."""
+    """Registered nodes, 1..100000 (QUOTA_NODES on the hello of one more node). Also bounds the
+    provider's open streams on each replica: max_nodes + 64 (TOO_MANY_STREAMS past it).
+    """
     max_gpus_per_node: _builtins.int
     """GPUs in one node's hello, 1..1024 (QUOTA_NODE_GPUS)."""
     reports_per_second: _builtins.float
-    """Reports and events per second on one node's stream, a token bucket, 0.01..1000; a stream
-    that goes past it ends with RESOURCE_EXHAUSTED RATE_LIMITED and a RetryInfo.
+    """Messages per second on one node's stream (every kind; an ack of an assignment and a hook's
+    ProvisionResult for one are free), a token bucket, 0.01..1000; a stream that goes past it
+    ends with RESOURCE_EXHAUSTED RATE_LIMITED and a RetryInfo.
     """
     report_burst: _builtins.int
     """The bucket's size, 1..10000."""

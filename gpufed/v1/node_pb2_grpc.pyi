@@ -37,7 +37,11 @@ class NodeServiceStub:
     """Connect is the node daemon's one stream to a control plane replica.
 
     The first NodeMessage must be a `hello`; anything else ends the stream with
-    INVALID_ARGUMENT (reason HELLO_REQUIRED). The caller must hold a provider token and may
+    INVALID_ARGUMENT (reason HELLO_REQUIRED), and no hello within 10 s with DEADLINE_EXCEEDED
+    (HELLO_TIMEOUT). A provider's open streams on one replica are bounded by its node quota
+    plus 64 (RESOURCE_EXHAUSTED TOO_MANY_STREAMS), every message on a stream by its provider's
+    message rate (RATE_LIMITED). Deleting the provider's token ends its streams with
+    UNAUTHENTICATED (TOKEN_REVOKED). The caller must hold a provider token and may
     only register nodes under its own provider name (PERMISSION_DENIED otherwise). The replica
     answers with a `welcome`, then pushes lease assignments for this node (every active lease
     on connect, then each start and end) and commands.
@@ -59,7 +63,11 @@ class NodeServiceAsyncStub(NodeServiceStub):
     """Connect is the node daemon's one stream to a control plane replica.
 
     The first NodeMessage must be a `hello`; anything else ends the stream with
-    INVALID_ARGUMENT (reason HELLO_REQUIRED). The caller must hold a provider token and may
+    INVALID_ARGUMENT (reason HELLO_REQUIRED), and no hello within 10 s with DEADLINE_EXCEEDED
+    (HELLO_TIMEOUT). A provider's open streams on one replica are bounded by its node quota
+    plus 64 (RESOURCE_EXHAUSTED TOO_MANY_STREAMS), every message on a stream by its provider's
+    message rate (RATE_LIMITED). Deleting the provider's token ends its streams with
+    UNAUTHENTICATED (TOKEN_REVOKED). The caller must hold a provider token and may
     only register nodes under its own provider name (PERMISSION_DENIED otherwise). The replica
     answers with a `welcome`, then pushes lease assignments for this node (every active lease
     on connect, then each start and end) and commands.
@@ -84,7 +92,11 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         """Connect is the node daemon's one stream to a control plane replica.
 
         The first NodeMessage must be a `hello`; anything else ends the stream with
-        INVALID_ARGUMENT (reason HELLO_REQUIRED). The caller must hold a provider token and may
+        INVALID_ARGUMENT (reason HELLO_REQUIRED), and no hello within 10 s with DEADLINE_EXCEEDED
+        (HELLO_TIMEOUT). A provider's open streams on one replica are bounded by its node quota
+        plus 64 (RESOURCE_EXHAUSTED TOO_MANY_STREAMS), every message on a stream by its provider's
+        message rate (RATE_LIMITED). Deleting the provider's token ends its streams with
+        UNAUTHENTICATED (TOKEN_REVOKED). The caller must hold a provider token and may
         only register nodes under its own provider name (PERMISSION_DENIED otherwise). The replica
         answers with a `welcome`, then pushes lease assignments for this node (every active lease
         on connect, then each start and end) and commands.

@@ -227,3 +227,53 @@ def test_a_report_with_an_escape_in_a_health_reason_ends_the_stream(replica: Rep
     report.report.gpus[0].health_reasons[0].message = "fell off\x1b]0;owned\x07"
     got = _connect_once(replica.address, token, node_pb2.NodeMessage(hello=hello), report)
     assert got == "INVALID_ARGUMENT INVALID_HEALTH"
+
+
+def test_a_stream_without_a_hello_ends_after_the_hello_timeout(replica: ReplicaThread) -> None:
+    assert replica.replica is not None
+    replica.replica.nodes.hello_timeout = 0.5
+    with Client(replica.address, ADMIN_TOKEN) as admin:
+        token = admin.create_token("provider", "mute").secret
+    t = time.monotonic()
+    assert _connect_once(replica.address, token) == "DEADLINE_EXCEEDED HELLO_TIMEOUT"
+    assert time.monotonic() - t < 2.5  # the helper keeps its side open for 2 s
+
+
+def test_a_providers_streams_on_a_replica_are_capped_by_its_node_quota(
+    replica: ReplicaThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from control_plane.app import quotas
+
+    monkeypatch.setattr(quotas, "PROVIDER_STREAM_SLACK", 1)
+    with Client(replica.address, ADMIN_TOKEN) as admin:
+        token = admin.create_token("provider", "many").secret
+        admin.set_quota("quotas/providers/many", max_nodes=1)
+    results: list[str] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(_connect_once(replica.address, token)))
+        for _ in range(3)
+    ]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert sorted(results)[-1] == "RESOURCE_EXHAUSTED TOO_MANY_STREAMS"
+    assert results.count("RESOURCE_EXHAUSTED TOO_MANY_STREAMS") == 1  # max_nodes 1 + slack 1
+
+
+def test_every_message_kind_counts_against_the_streams_rate_except_the_answers_owed(
+    replica: ReplicaThread,
+) -> None:
+    with Client(replica.address, ADMIN_TOKEN) as admin:
+        token = admin.create_token("provider", "acker").secret
+        admin.set_quota("quotas/providers/acker", reports_per_second=5, report_burst=50)
+    hello = maximal_hello("acker", "n1")
+    del hello.gpus[1:]
+    hello.labels.clear()
+    acks = [
+        node_pb2.NodeMessage(assignment_ack=node_pb2.AssignmentAck(lease=f"leases/{i:016x}", accepted=False))
+        for i in range(200)
+    ]  # none was asked for: past the bucket of 5/s with a burst of 50
+    assert _connect_once(replica.address, token, node_pb2.NodeMessage(hello=hello), *acks) == (
+        "RESOURCE_EXHAUSTED RATE_LIMITED"
+    )
