@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from gpufed.errors import error_info, retry_delay
+from gpufed.errors import error_info, error_reason, retry_delay
 from gpufed.transport import (
     CLIENT_OPTIONS,
     REPLICAS_SERVICE_CONFIG,
@@ -449,8 +449,9 @@ class Client:
         yield from self._resumed(lambda: self.discovery.WatchCapacity(request, metadata=self.metadata))
 
     def _resumed(self, open_stream: Callable[[], Iterator[T]]) -> Iterator[T]:
-        """A server stream, opened again (with backoff and jitter) when it ends UNAVAILABLE:
-        its replica went away, another serves it. At most `retries` failures in a row."""
+        """A server stream, opened again (with backoff and jitter) when it ends UNAVAILABLE (its
+        replica went away, another serves it) or WATCH_TOO_SLOW (this reader fell behind: the
+        new stream starts with a fresh snapshot). At most `retries` failures in a row."""
         failures = 0
         while True:
             try:
@@ -459,7 +460,8 @@ class Client:
                     yield item
                 return
             except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE or failures >= self.retries:
+                slow = e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and error_reason(e) == "WATCH_TOO_SLOW"
+                if (e.code() != grpc.StatusCode.UNAVAILABLE and not slow) or failures >= self.retries:
                     raise from_rpc_error(e) from None
                 failures += 1
                 threading.Event().wait(0.2 * 2**failures * _RNG.uniform(0.5, 1.0))

@@ -202,10 +202,15 @@ class Discovery:
                 field="filter.providers",
             )
         queue: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+        overflow = False  # bounded where items are added: a reader that stops reading costs no more
 
         shown_names: set[str] = set()  # what the subscriber holds: a removal names only these
 
         def on_change(change: Change) -> None:
+            nonlocal overflow
+            if queue.qsize() >= WATCH_QUEUE_LIMIT:
+                overflow = True
+                return
             if change.kind in (ChangeKind.NODE, ChangeKind.ALIVE, ChangeKind.ALLOC) and (
                 not provider or change.name.split("/")[1] == provider
             ):
@@ -225,8 +230,11 @@ class Discovery:
                 if stop in done:
                     getter.cancel()
                     raise _going_away()
-                if queue.qsize() > WATCH_QUEUE_LIMIT:
-                    raise errors.aborted("WATCH_TOO_SLOW", "the watcher fell too far behind")
+                if overflow:
+                    raise errors.exhausted(
+                        "WATCH_TOO_SLOW",
+                        f"the watcher fell {WATCH_QUEUE_LIMIT} changes behind; watch again (fresh snapshot)",
+                    )
                 name, revision = getter.result()
                 if not name:
                     while not queue.empty():  # the snapshot covers whatever queued before it

@@ -38,6 +38,8 @@ log = get_logger(__name__)
 # record absent, so even a collision could not overwrite a lease.
 _IDS = random.Random()
 HISTORY_RETENTION_S = 24 * 3600
+# Index changes one WatchLease holds for its reader (its lease and nodes only: a few per second).
+LEASE_WATCH_QUEUE_LIMIT = 1_000
 ACTIVE = lease_pb2.LEASE_STATE_ACTIVE
 PROVISIONING = lease_pb2.LEASE_STATE_PROVISIONING
 ENDED = lease_pb2.LEASE_STATE_ENDED
@@ -468,8 +470,13 @@ class Leases:
             return
         changes: asyncio.Queue[Change] = asyncio.Queue()
         nodes = machine.nodes
+        overflow = False
 
         def on_change(change: Change) -> None:
+            nonlocal overflow
+            if changes.qsize() >= LEASE_WATCH_QUEUE_LIMIT:  # bounded where added, as WatchCapacity
+                overflow = True
+                return
             kind = change.kind
             if (
                 (kind is ChangeKind.LEASE and change.name == lease_id)
@@ -483,6 +490,10 @@ class Leases:
         changes.put_nowait(Change(ChangeKind.RESYNC, "", None, self.inv.revision))
         try:
             while not machine.done and not self.shutdown.is_set():
+                if overflow:
+                    raise errors.exhausted(
+                        "WATCH_TOO_SLOW", "the watcher fell too far behind; watch again (GRANTED first)"
+                    )
                 if machine.awaiting_final:
                     final = await self._final(lease_id, machine.lease)
                     for ev in machine.ended(final, self.clock.time_ns()):

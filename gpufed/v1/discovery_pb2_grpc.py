@@ -120,7 +120,8 @@ class DiscoveryServiceServicer:
         follows: SNAPSHOT events, then SNAPSHOT_END; replace everything you hold with it, since
         changes in the gap were never seen. The stream ends with UNAVAILABLE (reason
         REPLICA_SHUTTING_DOWN) when the replica shuts down (watch again on another: a fresh
-        snapshot) and with ABORTED (reason WATCH_TOO_SLOW) if the watcher falls too far behind.
+        snapshot) and with RESOURCE_EXHAUSTED (reason WATCH_TOO_SLOW) if the watcher falls 10,000
+        changes behind (the bound holds where changes are queued: watch again for a fresh snapshot).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -57,7 +57,8 @@ class DiscoveryServiceStub:
     follows: SNAPSHOT events, then SNAPSHOT_END; replace everything you hold with it, since
     changes in the gap were never seen. The stream ends with UNAVAILABLE (reason
     REPLICA_SHUTTING_DOWN) when the replica shuts down (watch again on another: a fresh
-    snapshot) and with ABORTED (reason WATCH_TOO_SLOW) if the watcher falls too far behind.
+    snapshot) and with RESOURCE_EXHAUSTED (reason WATCH_TOO_SLOW) if the watcher falls 10,000
+    changes behind (the bound holds where changes are queued: watch again for a fresh snapshot).
     """
 
 @_typing.type_check_only
@@ -89,7 +90,8 @@ class DiscoveryServiceAsyncStub(DiscoveryServiceStub):
     follows: SNAPSHOT events, then SNAPSHOT_END; replace everything you hold with it, since
     changes in the gap were never seen. The stream ends with UNAVAILABLE (reason
     REPLICA_SHUTTING_DOWN) when the replica shuts down (watch again on another: a fresh
-    snapshot) and with ABORTED (reason WATCH_TOO_SLOW) if the watcher falls too far behind.
+    snapshot) and with RESOURCE_EXHAUSTED (reason WATCH_TOO_SLOW) if the watcher falls 10,000
+    changes behind (the bound holds where changes are queued: watch again for a fresh snapshot).
     """
 
 class DiscoveryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -154,7 +156,8 @@ class DiscoveryServiceServicer(metaclass=_abc_1.ABCMeta):
         follows: SNAPSHOT events, then SNAPSHOT_END; replace everything you hold with it, since
         changes in the gap were never seen. The stream ends with UNAVAILABLE (reason
         REPLICA_SHUTTING_DOWN) when the replica shuts down (watch again on another: a fresh
-        snapshot) and with ABORTED (reason WATCH_TOO_SLOW) if the watcher falls too far behind.
+        snapshot) and with RESOURCE_EXHAUSTED (reason WATCH_TOO_SLOW) if the watcher falls 10,000
+        changes behind (the bound holds where changes are queued: watch again for a fresh snapshot).
         """
 
 def add_DiscoveryServiceServicer_to_server(servicer: DiscoveryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -156,7 +156,9 @@ class LeaseServiceServicer:
         is left) and finally ENDED with the final record, after which the stream closes with OK. An
         expired lease ends at its expire_time. Watching an ended lease sends ENDED at once. When
         the replica shuts down the stream ends with UNAVAILABLE (reason REPLICA_SHUTTING_DOWN):
-        watch again on another replica, which starts again with GRANTED (the SDK does this).
+        watch again on another replica, which starts again with GRANTED (the SDK does this); a
+        reader 1,000 changes behind is ended with RESOURCE_EXHAUSTED (WATCH_TOO_SLOW), and a
+        deleted token ends it with UNAUTHENTICATED (TOKEN_REVOKED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -85,7 +85,9 @@ class LeaseServiceStub:
     is left) and finally ENDED with the final record, after which the stream closes with OK. An
     expired lease ends at its expire_time. Watching an ended lease sends ENDED at once. When
     the replica shuts down the stream ends with UNAVAILABLE (reason REPLICA_SHUTTING_DOWN):
-    watch again on another replica, which starts again with GRANTED (the SDK does this).
+    watch again on another replica, which starts again with GRANTED (the SDK does this); a
+    reader 1,000 changes behind is ended with RESOURCE_EXHAUSTED (WATCH_TOO_SLOW), and a
+    deleted token ends it with UNAUTHENTICATED (TOKEN_REVOKED).
     """
 
 @_typing.type_check_only
@@ -145,7 +147,9 @@ class LeaseServiceAsyncStub(LeaseServiceStub):
     is left) and finally ENDED with the final record, after which the stream closes with OK. An
     expired lease ends at its expire_time. Watching an ended lease sends ENDED at once. When
     the replica shuts down the stream ends with UNAVAILABLE (reason REPLICA_SHUTTING_DOWN):
-    watch again on another replica, which starts again with GRANTED (the SDK does this).
+    watch again on another replica, which starts again with GRANTED (the SDK does this); a
+    reader 1,000 changes behind is ended with RESOURCE_EXHAUSTED (WATCH_TOO_SLOW), and a
+    deleted token ends it with UNAUTHENTICATED (TOKEN_REVOKED).
     """
 
 class LeaseServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -244,7 +248,9 @@ class LeaseServiceServicer(metaclass=_abc_1.ABCMeta):
         is left) and finally ENDED with the final record, after which the stream closes with OK. An
         expired lease ends at its expire_time. Watching an ended lease sends ENDED at once. When
         the replica shuts down the stream ends with UNAVAILABLE (reason REPLICA_SHUTTING_DOWN):
-        watch again on another replica, which starts again with GRANTED (the SDK does this).
+        watch again on another replica, which starts again with GRANTED (the SDK does this); a
+        reader 1,000 changes behind is ended with RESOURCE_EXHAUSTED (WATCH_TOO_SLOW), and a
+        deleted token ends it with UNAUTHENTICATED (TOKEN_REVOKED).
         """
 
 def add_LeaseServiceServicer_to_server(servicer: LeaseServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
