@@ -161,6 +161,7 @@ class Replica:
         )
         self.leases.start()
         self.nodes.on_provisioned = self.leases.provisioned
+        self.nodes.end_lease = self.leases.end
         self.peers = PeerClient(cfg.peer_token, peer_credentials(cfg))
         self.telemetry = Telemetry(
             self.inventory, self.nodes.telemetry, lambda: self.nodes.sessions, self.id, self.peers

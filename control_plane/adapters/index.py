@@ -14,6 +14,7 @@ import bisect
 import contextlib
 import dataclasses
 import enum
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -30,6 +31,7 @@ _UNHEALTHY = common_pb2.GPU_HEALTH_UNHEALTHY
 _UNSPECIFIED = common_pb2.NODE_STATE_UNSPECIFIED
 _READY = common_pb2.NODE_STATE_READY
 _OFFLINE = common_pb2.NODE_STATE_OFFLINE
+MAX_VANISHED = 10_000
 _CORDONED = common_pb2.NODE_STATE_CORDONED
 _DRAINING = common_pb2.NODE_STATE_DRAINING
 
@@ -89,6 +91,9 @@ class Inventory:
     alive_revision: dict[str, int] = field(default_factory=dict)
     # node name -> gpu uuid -> lease id
     allocs: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Lease records the watch saw deleted, newest last (bounded): an expired lease's record is
+    # gone before the leader writes its history, and GetLease must not say NOT_FOUND meanwhile.
+    vanished: OrderedDict[str, lease_pb2.Lease] = field(default_factory=OrderedDict)
     leases: dict[str, lease_pb2.Lease] = field(default_factory=dict)
     lease_revision: dict[str, int] = field(default_factory=dict)
     # tenant -> lease id -> GPUs, of active leases: what the tenant's quota counts
@@ -186,6 +191,10 @@ class Inventory:
             if value is None:
                 lease = self.leases.pop(name, None)
                 self.lease_revision.pop(name, None)
+                if lease is not None:
+                    self.vanished[name] = lease
+                    while len(self.vanished) > MAX_VANISHED:
+                        self.vanished.popitem(last=False)
                 self.provisioning.discard(name)
                 if lease is not None:
                     holds = self.tenant_leases.get(lease.tenant)

@@ -133,10 +133,24 @@ class Leases:
         """The lease record and its mod revision (0 for history), from the index, else etcd."""
         return self._indexed(lease_id) or await self._read(lease_id)
 
+    def _vanished(self, lease_id: str) -> tuple[lease_pb2.Lease, int] | None:
+        """A lease whose record etcd deleted (its etcd lease ran out) before the leader wrote its
+        history: it expired, at its expire_time. Releases and revocations write the history in
+        the Txn that deletes the record, so only an expiry leaves this gap."""
+        last = self.inv.vanished.get(lease_id)
+        if last is None:
+            return None
+        ended = lease_pb2.Lease()
+        ended.CopyFrom(last)
+        ended.state = ENDED
+        ended.end_reason = lease_pb2.LEASE_END_REASON_EXPIRED
+        ended.end_time.CopyFrom(last.expire_time)
+        return ended, 0
+
     async def get(self, name: str, tenant: str | None) -> tuple[lease_pb2.Lease, int]:
         """The lease and its record's mod revision; NOT_FOUND for another tenant's lease."""
         lease_id = parse_lease_name(name)
-        found = await self.load(lease_id)
+        found = await self.load(lease_id) or self._vanished(lease_id)
         if found is None or (tenant is not None and found[0].tenant != tenant):
             raise errors.not_found("LEASE_NOT_FOUND", f"{name} does not exist", lease=name)
         return found

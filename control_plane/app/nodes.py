@@ -134,6 +134,8 @@ class Nodes:
         self._unsubscribe = inventory.subscribe(self._on_change)
         self._sweeper: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
+        # Set by the replica: ends a lease (Leases.end), for a hello that drops a leased GPU.
+        self.end_lease: Callable[[str, int, str], Awaitable[object]] | None = None
         # Set by the replica: records a hook's ProvisionResult (Leases.provisioned).
         self.on_provisioned: Callable[[str, node_pb2.ProvisionResult], Awaitable[str]] | None = None
 
@@ -175,7 +177,9 @@ class Nodes:
         registration.validate_hello(hello, provider)
         name = node_name(hello.provider, hello.node_id)
         self.quotas.take_connect(provider, name)
+        await self._end_leases_on_removed_gpus(name, hello)  # before the GPU leaves the record
         await self._register(hello, pool_tenant)
+        await self._end_leases_on_removed_gpus(name, hello)  # a grant that raced the hello
         session = NodeSession(
             name,
             hello.provider,
@@ -276,6 +280,23 @@ class Nodes:
             session.end(
                 errors.DomainError(errors.Code.INTERNAL, "INTERNAL_ERROR", "the replica failed; reported")
             )
+
+    async def _end_leases_on_removed_gpus(self, name: str, hello: node_pb2.NodeHello) -> None:
+        """End every lease holding a GPU (or MIG instance) the hello no longer has: it would stay
+        billed on a GPU that is gone while the GPU's new uuid is offered free."""
+        if self.end_lease is None:
+            return
+        present = {g.uuid for g in hello.gpus}
+        gone = sorted(
+            {lease for gpu, lease in self.inventory.held(name).items() if not set(gpu.split("/")) <= present}
+        )
+        for lease_id in gone:
+            await self.end_lease(
+                lease_id,
+                lease_pb2.LEASE_END_REASON_GPU_REMOVED,
+                f"node {name} came back without a GPU of the lease",
+            )
+            log.warning("lease ended: its GPU left the node's inventory", node=name, lease=lease_id)
 
     async def _provisioned(self, session: NodeSession, result: node_pb2.ProvisionResult) -> None:
         if self.on_provisioned is None:

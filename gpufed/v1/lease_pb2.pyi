@@ -92,6 +92,10 @@ class _LeaseEndReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LeaseE
     """A provider's hook failed, timed out or answered out of bounds (end_message says which and
     why), or no answer came within the control plane's --provision-timeout. Nothing is billed.
     """
+    LEASE_END_REASON_GPU_REMOVED: _LeaseEndReason.ValueType  # 6
+    """Its node's daemon came back without one of its GPUs (a hello that no longer has it, or
+    has it under another uuid): the lease ended before the GPU could be sold again.
+    """
 
 class LeaseEndReason(_LeaseEndReason, metaclass=_LeaseEndReasonEnumTypeWrapper): ...
 
@@ -107,6 +111,10 @@ LEASE_END_REASON_DRAINED: LeaseEndReason.ValueType  # 4
 LEASE_END_REASON_PROVISIONING_FAILED: LeaseEndReason.ValueType  # 5
 """A provider's hook failed, timed out or answered out of bounds (end_message says which and
 why), or no answer came within the control plane's --provision-timeout. Nothing is billed.
+"""
+LEASE_END_REASON_GPU_REMOVED: LeaseEndReason.ValueType  # 6
+"""Its node's daemon came back without one of its GPUs (a hello that no longer has it, or
+has it under another uuid): the lease ended before the GPU could be sold again.
 """
 Global___LeaseEndReason: _TypeAlias = LeaseEndReason  # noqa: Y015
 

@@ -114,6 +114,29 @@ def test_abandoned_lease_is_freed_within_ttl_plus_two_seconds(dev: Client, dev_b
     assert ended.end_reason == lease_pb2.LEASE_END_REASON_EXPIRED
 
 
+def test_an_expired_lease_reads_ended_expired_from_the_first_moment_never_not_found(
+    dev: Client, dev_b: Client
+) -> None:
+    lease = dev.create_lease(1, gpu_model="L40S", ttl_s=5)
+    seen: list[str] = []
+    deadline = time.monotonic() + 12
+    while time.monotonic() < deadline:
+        for c in (dev, dev_b):
+            try:
+                got = c.get_lease(lease.name)
+            except NotFound:
+                seen.append("NOT_FOUND")
+                continue
+            seen.append(lease_pb2.LeaseState.Name(got.state))
+            if got.state == lease_pb2.LEASE_STATE_ENDED:
+                assert got.end_reason == lease_pb2.LEASE_END_REASON_EXPIRED
+        if seen.count("LEASE_STATE_ENDED") >= 40:  # well past the history write
+            break
+        time.sleep(0.01)
+    assert "NOT_FOUND" not in seen
+    assert seen[-1] == "LEASE_STATE_ENDED"
+
+
 def wait_until_ended(c: Client, name: str) -> lease_pb2.Lease:
     out: list[lease_pb2.Lease] = []
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gpufed.client import Client
-from gpufed.v1 import common_pb2
+from gpufed.v1 import common_pb2, lease_pb2
 from node_daemon.fake_nvml import FakeNvml, parse_event
 from tests.harness import (
     ADMIN_TOKEN,
@@ -212,3 +212,38 @@ def test_every_outage_after_a_working_stream_starts_the_backoff_again(replica: R
             assert took < 1.5, f"outage {n + 1}: back after {took:.1f} s"
     finally:
         d.stop()
+
+
+def free_of(c: Client, provider: str) -> int:
+    return sum(o.free_gpus for o in c.search_offers(providers=[provider]))
+
+
+def test_a_hello_without_a_leased_gpu_ends_its_lease_first_and_never_sells_the_gpu_twice(
+    replica: ReplicaThread,
+) -> None:
+    with Client(replica.address, ADMIN_TOKEN) as admin:
+        tenant = admin.create_token("tenant", "swapped-dev").secret
+        provider = admin.create_token("provider", "swapper").secret
+    cfg = daemon_config([replica.address], provider, "swapper", "n1")
+    first = DaemonThread(cfg, FakeNvml("l40s-4", host="board-a")).start()
+    with Client(replica.address, tenant) as c:
+        wait_until(lambda: free_of(c, "swapper") == 4, timeout=20)
+        lease = c.create_lease(2, ttl_s=60, providers=["swapper"])
+        events = c.watch_lease(lease.name)
+        assert next(events).type == lease_pb2.WatchLeaseResponse.EVENT_TYPE_GRANTED
+        first.stop()
+        # The host comes back with other boards: the leased uuids are gone from its inventory.
+        second = DaemonThread(cfg, FakeNvml("l40s-4", host="board-b")).start()
+        try:
+            ended = next(e for e in events if e.type == lease_pb2.WatchLeaseResponse.EVENT_TYPE_ENDED)
+            assert ended.lease.end_reason == lease_pb2.LEASE_END_REASON_GPU_REMOVED
+            assert c.get_lease(lease.name).end_reason == lease_pb2.LEASE_END_REASON_GPU_REMOVED
+            wait_until(
+                lambda: sum(o.free_gpus for o in c.search_offers(providers=["swapper"])) == 4, timeout=20
+            )
+            with Client(replica.address, ADMIN_TOKEN) as admin:
+                node = admin.get_node("providers/swapper/nodes/n1")
+            assert not {g.uuid for g in lease.gpus} & {g.uuid for g in node.gpus}
+            assert all(not g.lease for g in node.gpus)  # nothing holds a GPU that is gone
+        finally:
+            second.stop()
