@@ -294,6 +294,8 @@ ROOMY_TENANT = TenantLimits(
     create_leases_per_second=10_000,
     create_leases_burst=100_000,
     max_streams=10_000,
+    renewals_per_second=100_000,
+    renewal_burst=1_000_000,
 )
 ROOMY_PROVIDER = ProviderLimits(reports_per_second=1000, report_burst=10_000, connects_per_minute=6000)
 ROOMY_ENV = {

@@ -335,7 +335,10 @@ class Leases:
 
     async def renew(self, name: str, tenant: str) -> lease_pb2.Lease:
         """Keep the etcd lease alive, then record the renewal: expire_time = the renewal's time
-        plus the ttl, taken before the keep-alive left, so it never runs past etcd's expiry."""
+        plus the ttl, taken before the keep-alive left, so it never runs past etcd's expiry.
+        Metered per tenant (RATE_LIMITED); one that moves expire_time less than a tenth of the
+        ttl writes nothing (lease_rules.renewal_moves)."""
+        self.quotas.take_renewal(tenant)
         lease, revision = await self.get(name, tenant)
         if not lease_rules.is_live(lease):
             raise _ended(lease.name, "has ended")
@@ -354,9 +357,10 @@ class Leases:
             current = lease_pb2.Lease.FromString(kv.value)
             current.fencing_token = current.fencing_token or lease.fencing_token
             new = lease_rules.renewed(current, at)
-            out.CopyFrom(max(current, new, key=lambda r: r.expire_time.ToNanoseconds()))
-            if new.expire_time.ToNanoseconds() <= current.expire_time.ToNanoseconds():
-                return None  # a later renewal got there first
+            if not lease_rules.renewal_moves(current, new):
+                out.CopyFrom(current)
+                return None  # a later renewal got there first, or this one moves it too little
+            out.CopyFrom(new)
             return new.SerializeToString()
 
         journal = self.keys.journal(name.split("/", 1)[1])

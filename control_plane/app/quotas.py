@@ -96,6 +96,7 @@ class Quotas:
         self.clock = clock
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()  # tenant -> CreateLease
         self._connects: OrderedDict[str, TokenBucket] = OrderedDict()  # node name -> hellos
+        self._renewals: OrderedDict[str, TokenBucket] = OrderedDict()  # tenant -> renewals
         self.streams: dict[str, int] = {}
         self._gates: dict[str, _Gate] = {}  # tenant -> its grants in flight on this replica
 
@@ -210,6 +211,13 @@ class Quotas:
         wait = self._take(self._buckets, tenant, rate, limits.create_leases_burst)
         if wait:
             raise quotas.rate_limited(f"tenant {tenant} passed its rate of {rate:g} CreateLease/s", wait)
+
+    def take_renewal(self, tenant: str) -> None:
+        limits = self.tenant(tenant)
+        rate = limits.renewals_per_second
+        wait = self._take(self._renewals, tenant, rate, limits.renewal_burst)
+        if wait:
+            raise quotas.rate_limited(f"tenant {tenant} passed its rate of {rate:g} renewals/s", wait)
 
     def take_connect(self, provider: str, node: str) -> None:
         limits = self.provider(provider)

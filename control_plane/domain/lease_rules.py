@@ -154,6 +154,14 @@ def renewed(lease: lease_pb2.Lease, at: timestamp_pb2.Timestamp) -> lease_pb2.Le
     return out
 
 
+def renewal_moves(current: lease_pb2.Lease, new: lease_pb2.Lease) -> bool:
+    """Whether a renewal is worth a write: it moves expire_time by at least a tenth of the ttl.
+    A client renewing faster than that (the SDK renews every third of it) keeps the etcd lease
+    alive but writes nothing; the record stays at most a tenth of the ttl early, never late."""
+    step = (current.ttl.seconds or DEFAULT_TTL_S) * 1_000_000_000 // 10
+    return new.expire_time.ToNanoseconds() - current.expire_time.ToNanoseconds() >= step
+
+
 def expired(lease: lease_pb2.Lease) -> lease_pb2.Lease:
     """The final record of a lease nobody renewed: it ended at its expire_time (the last grant
     or renewal plus the ttl), whenever its end was noticed."""

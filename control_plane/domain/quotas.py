@@ -21,6 +21,10 @@ class TenantLimits:
     create_leases_per_second: float = 20.0
     create_leases_burst: int = 100
     max_streams: int = 64
+    # Renewals (RenewLease, each KeepAlive request): 128 leases at the 5 s ttl renewed every
+    # ttl/3, as the SDK does, are 77/s.
+    renewals_per_second: float = 100.0
+    renewal_burst: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +47,8 @@ TENANT_BOUNDS: dict[str, tuple[float, float]] = {
     "create_leases_per_second": (0.01, 10_000),
     "create_leases_burst": (1, 100_000),
     "max_streams": (1, 10_000),
+    "renewals_per_second": (0.01, 100_000),
+    "renewal_burst": (1, 1_000_000),
 }
 PROVIDER_BOUNDS: dict[str, tuple[float, float]] = {
     "max_nodes": (1, 100_000),

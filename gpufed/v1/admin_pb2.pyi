@@ -585,6 +585,8 @@ class TenantQuota(_message.Message):
     CREATE_LEASES_PER_SECOND_FIELD_NUMBER: _builtins.int
     CREATE_LEASES_BURST_FIELD_NUMBER: _builtins.int
     MAX_STREAMS_FIELD_NUMBER: _builtins.int
+    RENEWALS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    RENEWAL_BURST_FIELD_NUMBER: _builtins.int
     max_gpus: _builtins.int
     """GPUs held at once over all active leases, 1..100000 (QUOTA_GPUS)."""
     max_leases: _builtins.int
@@ -599,6 +601,13 @@ class TenantQuota(_message.Message):
     """Concurrent streams (WatchLease, WatchCapacity, KeepAlive) per replica, 1..10000
     (TOO_MANY_STREAMS).
     """
+    renewals_per_second: _builtins.float
+    """Renewals (RenewLease calls and KeepAlive requests) per second, a token bucket per replica,
+    0.01..100000 (RATE_LIMITED with a RetryInfo; a KeepAlive response carries error
+    "RATE_LIMITED" for that lease). Default 100.
+    """
+    renewal_burst: _builtins.int
+    """The bucket's size, 1..1000000. Default 1000."""
     def __init__(
         self,
         *,
@@ -607,10 +616,12 @@ class TenantQuota(_message.Message):
         create_leases_per_second: _builtins.float = ...,
         create_leases_burst: _builtins.int = ...,
         max_streams: _builtins.int = ...,
+        renewals_per_second: _builtins.float = ...,
+        renewal_burst: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_leases_burst", b"create_leases_burst", "create_leases_per_second", b"create_leases_per_second", "max_gpus", b"max_gpus", "max_leases", b"max_leases", "max_streams", b"max_streams"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_leases_burst", b"create_leases_burst", "create_leases_per_second", b"create_leases_per_second", "max_gpus", b"max_gpus", "max_leases", b"max_leases", "max_streams", b"max_streams", "renewal_burst", b"renewal_burst", "renewals_per_second", b"renewals_per_second"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

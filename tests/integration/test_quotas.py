@@ -279,3 +279,42 @@ def _unpack_bad_request(detail: object) -> error_details_pb2.BadRequest:
     out = error_details_pb2.BadRequest()
     detail.Unpack(out)  # type: ignore[attr-defined]
     return out
+
+
+def test_renewals_past_the_tenants_rate_are_rate_limited_on_both_rpcs(fed: Federation) -> None:
+    token = _tenant(fed, "q-renewals", renewals_per_second=1, renewal_burst=3)
+    addr = fed.replicas[0].address
+    lease = _create(token, addr)
+    with grpc.insecure_channel(addr) as ch:
+        stub = lease_pb2_grpc.LeaseServiceStub(ch)
+        answers = list(
+            stub.KeepAlive(iter([lease_pb2.KeepAliveRequest(name=lease.name)] * 5), metadata=metadata(token))
+        )
+        assert [a.error for a in answers] == ["", "", "", "RATE_LIMITED", "RATE_LIMITED"]
+        e = _exhausted(
+            lambda: stub.RenewLease(lease_pb2.RenewLeaseRequest(name=lease.name), metadata=metadata(token))
+        )
+        assert error_reason(e) == "RATE_LIMITED" and retry_delay(e) is not None
+
+
+def test_a_renewal_that_moves_expire_time_by_less_than_a_tenth_of_the_ttl_writes_nothing(
+    fed: Federation, etcd: EtcdCluster
+) -> None:
+    import etcd3
+
+    token = _tenant(fed, "q-noop-renewals")
+    host, port = etcd.endpoints[0].rsplit(":", 1)
+    kv = etcd3.client(host=host, port=int(port))
+    replica = fed.replicas[0].replica
+    assert replica is not None
+    with Client(fed.replicas[0].address, token) as c:
+        lease = c.create_lease(1, ttl_s=30)
+        key = replica.store.keys.lease(lease.name.split("/")[1])
+        for _ in range(20):  # a tight loop, all within 3 s (a tenth of the ttl)
+            assert c.renew_lease(lease.name).expire_time == lease.expire_time
+        assert c.get_lease(lease.name).expire_time == lease.expire_time
+        _, meta = kv.get(key)
+        assert meta is not None and meta.mod_revision == meta.create_revision  # never rewritten
+        time.sleep(3.1)
+        assert c.renew_lease(lease.name).expire_time.ToSeconds() >= lease.expire_time.ToSeconds() + 3
+        c.release_lease(lease.name)
