@@ -207,17 +207,22 @@ class Quotas:
 
     def take_create(self, tenant: str) -> None:
         limits = self.tenant(tenant)
-        rate = limits.create_leases_per_second
-        wait = self._take(self._buckets, tenant, rate, limits.create_leases_burst)
-        if wait:
-            raise quotas.rate_limited(f"tenant {tenant} passed its rate of {rate:g} CreateLease/s", wait)
+        self._take_tenant(
+            self._buckets, tenant, limits.create_leases_per_second, limits.create_leases_burst, "CreateLease"
+        )
 
     def take_renewal(self, tenant: str) -> None:
         limits = self.tenant(tenant)
-        rate = limits.renewals_per_second
-        wait = self._take(self._renewals, tenant, rate, limits.renewal_burst)
+        self._take_tenant(
+            self._renewals, tenant, limits.renewals_per_second, limits.renewal_burst, "renewals"
+        )
+
+    def _take_tenant(
+        self, buckets: OrderedDict[str, TokenBucket], tenant: str, rate: float, burst: int, what: str
+    ) -> None:
+        wait = self._take(buckets, tenant, rate, burst)
         if wait:
-            raise quotas.rate_limited(f"tenant {tenant} passed its rate of {rate:g} renewals/s", wait)
+            raise quotas.rate_limited(f"tenant {tenant} passed its rate of {rate:g} {what}/s", wait)
 
     def take_connect(self, provider: str, node: str) -> None:
         limits = self.provider(provider)
