@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from control_plane.adapters.keyspace import KeyKind, Keyspace
+from control_plane.domain import capacity as capacity_rules
 from control_plane.domain import mig
 from control_plane.domain.geo import unit_vector
 from control_plane.domain.inventory import GpuGroup, NodeEntry, NodeSummary
@@ -111,6 +112,10 @@ class Inventory:
     by_price: list[tuple[float, str]] = field(default_factory=list)
     by_country: dict[str, list[tuple[float, str]]] = field(default_factory=dict)
     summaries: dict[str, NodeSummary] = field(default_factory=dict)
+    # Pool ("" the federation) -> capacity tally over READY nodes (control_plane.domain.capacity),
+    # and each node's share in it, so a change replaces just that share.
+    capacity: dict[str, dict[capacity_rules.Key, list[int]]] = field(default_factory=dict)
+    capacity_of: dict[str, tuple[str, capacity_rules.Share]] = field(default_factory=dict)
     # nodes whose record says DRAINING: the leader's drain sweep looks at these, not at every node
     draining: set[str] = field(default_factory=set)
     # leases whose record says PROVISIONING: the leader's provisioning sweep looks at these only
@@ -303,8 +308,23 @@ class Inventory:
     def _count_node(self, provider: str, delta: int) -> None:
         _bump(self.node_counts, provider, delta)
 
+    def _tally(self, name: str, entry: NodeEntry | None, held: dict[str, str]) -> None:
+        before = self.capacity_of.pop(name, None)
+        if before is not None:
+            tally = self.capacity.get(before[0], {})
+            capacity_rules.apply(tally, before[1], -1)
+            if not tally:
+                self.capacity.pop(before[0], None)
+        if entry is None or not self.is_schedulable(name):
+            return
+        pool = entry.node.pool_tenant
+        share = capacity_rules.node_share(entry, held)
+        capacity_rules.apply(self.capacity.setdefault(pool, {}), share, 1)
+        self.capacity_of[name] = (pool, share)
+
     def _summarize(self, name: str) -> None:
         entry = self.nodes.get(name)
+        self._tally(name, entry, self.allocs.get(name, {}))
         if entry is None:
             self.summaries.pop(name, None)
             return

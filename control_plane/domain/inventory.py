@@ -79,6 +79,12 @@ class InventoryView(Protocol):
         ...
 
     @property
+    def capacity(self) -> Mapping[str, Mapping[tuple[str, str, int, str, int], list[int]]]:
+        """Pool ("" the federation) -> (model, country, health, MIG profile, memory) ->
+        [total, free] GPUs of READY nodes (control_plane.domain.capacity)."""
+        ...
+
+    @property
     def by_price(self) -> Sequence[tuple[float, str]]:
         """(price, node name) of every node, cheapest first."""
         ...

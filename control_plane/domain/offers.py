@@ -193,9 +193,46 @@ def _counts(entry: NodeEntry) -> list[tuple[tuple[str, int, str, int], int]]:
     return entry.counts
 
 
+def _from_tallies(inv: InventoryView, flt: Filter) -> dict[tuple[str, str, int], list[int]] | None:
+    """The summary from the index's capacity tallies, when the filter constrains only what
+    they are keyed by (model, memory, MIG profile, country) and which pools count; else None."""
+    if flt.regions is not None or flt.providers is not None or flt.near is not None:
+        return None
+    if flt.max_price or flt.labels:
+        return None
+    pools = [p for p in inv.capacity if _pool_seen(p, flt)]
+    buckets: dict[tuple[str, str, int], list[int]] = {}
+    for pool in pools:
+        for (model, country, health, profile, memory), (total, free) in inv.capacity[pool].items():
+            if profile != flt.mig_profile or memory < flt.min_gpu_memory_bytes:
+                continue
+            if flt.countries is not None and country not in flt.countries:
+                continue
+            if country in flt.exclude_countries or not model_matches(flt.gpu_model, model):
+                continue
+            b = buckets.setdefault((model, country, health), [0, 0])
+            b[0] += total
+            b[1] += free
+    return buckets
+
+
+def _pool_seen(pool: str, flt: Filter) -> bool:
+    """Whether the viewer sees the pool's nodes and the filter's `pool` takes them (as
+    Filter.node_matches decides per node)."""
+    if pool == "":
+        return flt.pool != "own"
+    if flt.pool == "federation":
+        return False
+    return flt.viewer is None or flt.viewer == pool
+
+
 def summarize(inv: InventoryView, flt: Filter) -> list[discovery_pb2.CapacityBucket]:
     """Totals and free GPUs by model x country x health over READY nodes that pass the node filter.
-    The GPU filter's model and memory apply; health is a dimension here, not a filter."""
+    The GPU filter's model and memory apply; health is a dimension here, not a filter. From the
+    index's tallies where the filter allows, else by walking the nodes."""
+    tallied = _from_tallies(inv, flt)
+    if tallied is not None:
+        return _buckets(tallied)
     buckets: dict[tuple[str, str, int], list[int]] = {}
     for name, entry in inv.nodes.items():
         if not inv.is_schedulable(name):
@@ -226,6 +263,10 @@ def summarize(inv: InventoryView, flt: Filter) -> list[discovery_pb2.CapacityBuc
             b[0] += 1
             if mig.is_free(gpu, held, parents_held):
                 b[1] += 1
+    return _buckets(buckets)
+
+
+def _buckets(buckets: dict[tuple[str, str, int], list[int]]) -> list[discovery_pb2.CapacityBucket]:
     return [
         discovery_pb2.CapacityBucket(gpu_model=m, country_code=c, health=h, total_gpus=t, free_gpus=f)  # type: ignore[arg-type]
         for (m, c, h), (t, f) in sorted(buckets.items())

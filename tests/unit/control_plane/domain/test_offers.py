@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from control_plane.adapters.index import Inventory
 from control_plane.adapters.keyspace import Keyspace
 from control_plane.domain import offers
@@ -170,3 +172,42 @@ def test_a_provider_region_or_label_nobody_has_is_known_impossible_and_one_that_
     assert search(inv, labels={"tier": "standard"}) == ["a"] and search(inv, labels={"tier": "premium"}) == []
     inv.apply(f"{P}/nodes/neo/a".encode(), None, 4)
     assert inv.facets == {} and inv.models == {}
+
+
+def test_summaries_from_the_index_tallies_equal_walking_every_node_through_any_churn() -> None:
+    """SummarizeCapacity reads the index's per-pool tallies when its filter allows; after any
+    sequence of node, liveness, allocation and pool changes they say what a walk says."""
+    import random
+
+    rng = random.Random(7)
+    inv = Inventory(Keyspace(P))
+    names = [f"n{i}" for i in range(30)]
+    for step in range(600):
+        node_id = rng.choice(names)
+        op = rng.random()
+        if op < 0.3:
+            add_node(inv, "p", node_id, rng.choice(["DE", "FR", "US"]), 2.0, gpus=rng.randint(1, 4),
+                     alive=rng.random() < 0.8, rev=10 + 3 * step)  # fmt: skip
+            if rng.random() < 0.3:  # into a tenant's private pool
+                entry = inv.nodes[f"providers/p/nodes/{node_id}"]
+                n = common_pb2.Node()
+                n.CopyFrom(entry.node)
+                n.pool_tenant = rng.choice(["acme", "globex"])
+                inv.apply(f"{P}/nodes/p/{node_id}".encode(), n.SerializeToString(), 11 + 3 * step)
+        elif op < 0.7:
+            gpu = f"{node_id}-g{rng.randint(0, 3)}"
+            inv.apply(
+                f"{P}/alloc/p/{node_id}/{gpu}".encode(), b"l" if rng.random() < 0.6 else None, 10 + 3 * step
+            )
+        elif op < 0.85:
+            inv.apply(f"{P}/alive/p/{node_id}".encode(), None, 10 + 3 * step)
+        else:
+            inv.apply(f"{P}/nodes/p/{node_id}".encode(), None, 10 + 3 * step)
+    for viewer in ("", "acme", None):
+        for pool in ("any", "own", "federation"):
+            for kw in ({}, {"countries": ["DE", "US"]}, {"exclude_countries": ["FR"]}, {"gpu_model": "H100"}):
+                flt = compile_filter(common_pb2.GpuFilter(**kw))
+                flt = dataclasses.replace(flt, viewer=viewer, pool=pool)
+                walked = offers.summarize(inv, dataclasses.replace(flt, max_price=1e9))  # forces the walk
+                assert offers._from_tallies(inv, flt) is not None
+                assert offers.summarize(inv, flt) == walked, (viewer, pool, kw)
