@@ -192,7 +192,10 @@ class Replica:
         ).as_server()
         node_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(self.nodes), services)
         discovery_pb2_grpc.add_DiscoveryServiceServicer_to_server(
-            DiscoveryServicer(Discovery(self.inventory, self.shutdown, cfg.search_cache)), services
+            DiscoveryServicer(
+                Discovery(self.inventory, self.shutdown, cfg.search_cache, self.quotas.take_read)
+            ),
+            services,
         )
         lease_pb2_grpc.add_LeaseServiceServicer_to_server(LeaseServicer(self.leases), services)
         telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(TelemetryServicer(self.telemetry), services)

@@ -296,6 +296,8 @@ ROOMY_TENANT = TenantLimits(
     max_streams=10_000,
     renewals_per_second=100_000,
     renewal_burst=1_000_000,
+    reads_per_second=100_000,
+    read_burst=1_000_000,
 )
 ROOMY_PROVIDER = ProviderLimits(reports_per_second=1000, report_burst=10_000, connects_per_minute=6000)
 ROOMY_ENV = {

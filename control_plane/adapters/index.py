@@ -151,6 +151,8 @@ class Inventory:
             for ordered in fresh.by_country.values():
                 ordered.sort()
             fresh.bulk = False
+            for name in fresh.nodes:  # once per node, not once per key of the listing
+                fresh._tally(name, fresh.nodes[name], fresh.allocs.get(name, {}))
         for f in dataclasses.fields(self):
             if f.name not in ("keys", "_subscribers", "_revision_waiters"):
                 setattr(self, f.name, getattr(fresh, f.name))
@@ -324,7 +326,8 @@ class Inventory:
 
     def _summarize(self, name: str) -> None:
         entry = self.nodes.get(name)
-        self._tally(name, entry, self.allocs.get(name, {}))
+        if not self.bulk:  # a listing tallies each node once, when it is adopted
+            self._tally(name, entry, self.allocs.get(name, {}))
         if entry is None:
             self.summaries.pop(name, None)
             return

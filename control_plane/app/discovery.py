@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from control_plane.adapters.index import Change, ChangeKind, Inventory
 from control_plane.app.caches import BoundedCache
@@ -25,8 +25,16 @@ WatchEvent = discovery_pb2.WatchCapacityResponse
 
 
 class Discovery:
-    def __init__(self, inventory: Inventory, shutdown: asyncio.Event, cache_size: int = 1024) -> None:
+    def __init__(
+        self,
+        inventory: Inventory,
+        shutdown: asyncio.Event,
+        cache_size: int = 1024,
+        read_budget: Callable[[str], None] | None = None,
+    ) -> None:
         self.inv = inventory
+        # A tenant's budget of whole-index reads (Quotas.take_read): RATE_LIMITED past it.
+        self.read_budget = read_budget
         self.shutdown = shutdown
         self.cache_size = cache_size
         self._answers: BoundedCache[bytes, discovery_pb2.SearchOffersResponse] = BoundedCache(
@@ -179,6 +187,11 @@ class Discovery:
             prov.country_codes.extend(sorted(countries[prov.provider]))
         start, end, token = pagination.paginate(len(ordered), page_token, size, f"providers/{tenant}")
         return ordered[start:end], token
+
+    def take_read(self, tenant: str | None) -> None:
+        """Charge a list or summary call to its tenant (operators are not metered)."""
+        if tenant is not None and self.read_budget is not None:
+            self.read_budget(tenant)
 
     def summarize(
         self, f: common_pb2.GpuFilter, viewer: str | None = ""

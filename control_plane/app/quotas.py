@@ -97,6 +97,7 @@ class Quotas:
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()  # tenant -> CreateLease
         self._connects: OrderedDict[str, TokenBucket] = OrderedDict()  # node name -> hellos
         self._renewals: OrderedDict[str, TokenBucket] = OrderedDict()  # tenant -> renewals
+        self._reads: OrderedDict[str, TokenBucket] = OrderedDict()  # tenant -> list/summary reads
         self.streams: dict[str, int] = {}
         self._gates: dict[str, _Gate] = {}  # tenant -> its grants in flight on this replica
 
@@ -215,6 +216,12 @@ class Quotas:
         limits = self.tenant(tenant)
         self._take_tenant(
             self._renewals, tenant, limits.renewals_per_second, limits.renewal_burst, "renewals"
+        )
+
+    def take_read(self, tenant: str) -> None:
+        limits = self.tenant(tenant)
+        self._take_tenant(
+            self._reads, tenant, limits.reads_per_second, limits.read_burst, "list and summary calls"
         )
 
     def _take_tenant(

@@ -25,6 +25,9 @@ class TenantLimits:
     # ttl/3, as the SDK does, are 77/s.
     renewals_per_second: float = 100.0
     renewal_burst: int = 1000
+    # ListNodes, ListProviders and SummarizeCapacity: each may read every node of the index.
+    reads_per_second: float = 20.0
+    read_burst: int = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +52,8 @@ TENANT_BOUNDS: dict[str, tuple[float, float]] = {
     "max_streams": (1, 10_000),
     "renewals_per_second": (0.01, 100_000),
     "renewal_burst": (1, 1_000_000),
+    "reads_per_second": (0.01, 100_000),
+    "read_burst": (1, 1_000_000),
 }
 PROVIDER_BOUNDS: dict[str, tuple[float, float]] = {
     "max_nodes": (1, 100_000),

@@ -39,6 +39,7 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
     async def ListNodes(
         self, request: discovery_pb2.ListNodesRequest, context: Ctx
     ) -> discovery_pb2.ListNodesResponse:
+        self.discovery.take_read(_tenant())
         revision = self.discovery.inv.revision
         nodes, token = self.discovery.list_nodes(request, _tenant())
         return discovery_pb2.ListNodesResponse(nodes=nodes, next_page_token=token, revision=revision)
@@ -46,6 +47,7 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
     async def ListProviders(
         self, request: discovery_pb2.ListProvidersRequest, context: Ctx
     ) -> discovery_pb2.ListProvidersResponse:
+        self.discovery.take_read(_tenant())
         revision = self.discovery.inv.revision
         providers, token = self.discovery.list_providers(request.page_size, request.page_token, _tenant())
         return discovery_pb2.ListProvidersResponse(
@@ -55,6 +57,7 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
     async def SummarizeCapacity(
         self, request: discovery_pb2.SummarizeCapacityRequest, context: Ctx
     ) -> discovery_pb2.SummarizeCapacityResponse:
+        self.discovery.take_read(_tenant())
         return self.discovery.summarize(request.filter, _tenant())
 
     async def WatchCapacity(

@@ -587,6 +587,8 @@ class TenantQuota(_message.Message):
     MAX_STREAMS_FIELD_NUMBER: _builtins.int
     RENEWALS_PER_SECOND_FIELD_NUMBER: _builtins.int
     RENEWAL_BURST_FIELD_NUMBER: _builtins.int
+    READS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    READ_BURST_FIELD_NUMBER: _builtins.int
     max_gpus: _builtins.int
     """GPUs held at once over all active leases, 1..100000 (QUOTA_GPUS)."""
     max_leases: _builtins.int
@@ -608,6 +610,13 @@ class TenantQuota(_message.Message):
     """
     renewal_burst: _builtins.int
     """The bucket's size, 1..1000000. Default 1000."""
+    reads_per_second: _builtins.float
+    """ListNodes, ListProviders and SummarizeCapacity calls per second (each may read the whole
+    federation's index), a token bucket per replica, 0.01..100000 (RATE_LIMITED with a
+    RetryInfo). Default 20.
+    """
+    read_burst: _builtins.int
+    """The bucket's size, 1..1000000. Default 100."""
     def __init__(
         self,
         *,
@@ -618,10 +627,12 @@ class TenantQuota(_message.Message):
         max_streams: _builtins.int = ...,
         renewals_per_second: _builtins.float = ...,
         renewal_burst: _builtins.int = ...,
+        reads_per_second: _builtins.float = ...,
+        read_burst: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_leases_burst", b"create_leases_burst", "create_leases_per_second", b"create_leases_per_second", "max_gpus", b"max_gpus", "max_leases", b"max_leases", "max_streams", b"max_streams", "renewal_burst", b"renewal_burst", "renewals_per_second", b"renewals_per_second"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_leases_burst", b"create_leases_burst", "create_leases_per_second", b"create_leases_per_second", "max_gpus", b"max_gpus", "max_leases", b"max_leases", "max_streams", b"max_streams", "read_burst", b"read_burst", "reads_per_second", b"reads_per_second", "renewal_burst", b"renewal_burst", "renewals_per_second", b"renewals_per_second"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

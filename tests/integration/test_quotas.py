@@ -14,7 +14,16 @@ from grpc_status import rpc_status
 
 from gpufed.client import Client, GpufedError
 from gpufed.errors import error_reason, retry_delay
-from gpufed.v1 import admin_pb2, common_pb2, lease_pb2, lease_pb2_grpc, node_pb2, node_pb2_grpc
+from gpufed.v1 import (
+    admin_pb2,
+    common_pb2,
+    discovery_pb2,
+    discovery_pb2_grpc,
+    lease_pb2,
+    lease_pb2_grpc,
+    node_pb2,
+    node_pb2_grpc,
+)
 from tests.harness import ADMIN_TOKEN, EtcdCluster, metadata, unique_prefix, wait_until
 from tests.integration.federation import Federation, start_federation
 
@@ -318,3 +327,17 @@ def test_a_renewal_that_moves_expire_time_by_less_than_a_tenth_of_the_ttl_writes
         time.sleep(3.1)
         assert c.renew_lease(lease.name).expire_time.ToSeconds() >= lease.expire_time.ToSeconds() + 3
         c.release_lease(lease.name)
+
+
+def test_list_and_summary_calls_past_the_tenants_read_budget_are_rate_limited(fed: Federation) -> None:
+    token = _tenant(fed, "q-reads", reads_per_second=0.5, read_burst=3)
+    with grpc.insecure_channel(fed.replicas[0].address) as ch:
+        disc = discovery_pb2_grpc.DiscoveryServiceStub(ch)
+        md = metadata(token)
+        disc.SummarizeCapacity(discovery_pb2.SummarizeCapacityRequest(), metadata=md)
+        disc.ListNodes(discovery_pb2.ListNodesRequest(), metadata=md)
+        disc.ListProviders(discovery_pb2.ListProvidersRequest(), metadata=md)
+        e = _exhausted(lambda: disc.SummarizeCapacity(discovery_pb2.SummarizeCapacityRequest(), metadata=md))
+        assert error_reason(e) == "RATE_LIMITED" and retry_delay(e) is not None
+        # SearchOffers, which reads only what matches and is cached, is not charged.
+        disc.SearchOffers(discovery_pb2.SearchOffersRequest(), metadata=md)

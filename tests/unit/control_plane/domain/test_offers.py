@@ -6,6 +6,7 @@ import dataclasses
 
 from control_plane.adapters.index import Inventory
 from control_plane.adapters.keyspace import Keyspace
+from control_plane.adapters.store import KeyValue
 from control_plane.domain import offers
 from control_plane.domain.filters import compile_filter
 from gpufed.v1 import common_pb2, discovery_pb2
@@ -211,3 +212,23 @@ def test_summaries_from_the_index_tallies_equal_walking_every_node_through_any_c
                 walked = offers.summarize(inv, dataclasses.replace(flt, max_price=1e9))  # forces the walk
                 assert offers._from_tallies(inv, flt) is not None
                 assert offers.summarize(inv, flt) == walked, (viewer, pool, kw)
+    # A replica that lists the same keys at start (a bulk load) tallies them alike.
+    listed = Inventory(Keyspace(P))
+    listed.load(
+        [KeyValue(k.encode(), v, 1, 1, 0) for k, v in _keys_of(inv)],
+        revision=inv.revision,
+    )
+    assert listed.capacity == inv.capacity
+
+
+def _keys_of(inv: Inventory) -> list[tuple[str, bytes]]:
+    out = [(f"{P}/nodes/{n.removeprefix('providers/').replace('/nodes/', '/')}", e.node.SerializeToString())
+           for n, e in inv.nodes.items()]  # fmt: skip
+    out += [
+        (f"{P}/alive/{n.removeprefix('providers/').replace('/nodes/', '/')}", v.encode())
+        for n, v in inv.alive.items()
+    ]
+    for n, held in inv.allocs.items():
+        node = n.removeprefix("providers/").replace("/nodes/", "/")
+        out += [(f"{P}/alloc/{node}/{gpu}", lease.encode()) for gpu, lease in held.items()]
+    return out
