@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from control_plane.domain import mig
-from control_plane.domain.inventory import NodeEntry
+from control_plane.domain.inventory import NodeEntry, gpu_counts
 
 # (model, country, health, MIG profile, memory bytes)
 Key = tuple[str, str, int, str, int]
@@ -20,6 +20,8 @@ def node_share(entry: NodeEntry, held: dict[str, str]) -> Share:
     """One node's GPUs by key: how many, how many free (a MIG instance is free when neither it
     nor its whole GPU is held)."""
     country = entry.node.location.country_code
+    if not held:  # every GPU free: from the tallies cached with the record
+        return {(m, country, h, p, mem): (n, n) for (m, h, p, mem), n in gpu_counts(entry)}
     out: dict[Key, list[int]] = {}
     parents_held = mig.held_parents(entry.node.gpus, held) if held else ()
     for model, health, memory, gpu in entry.gpus:

@@ -53,6 +53,17 @@ class NodeSummary:
     xyz: tuple[float, float, float]
 
 
+def gpu_counts(entry: NodeEntry) -> list[tuple[tuple[str, int, str, int], int]]:
+    """The record's GPUs by (model, health, MIG profile, memory), counted once per record."""
+    if entry.counts is None:
+        tally: dict[tuple[str, int, str, int], int] = {}
+        for model, health, memory, gpu in entry.gpus:
+            key = (model, health, gpu.mig_profile, memory)
+            tally[key] = tally.get(key, 0) + 1
+        entry.counts = list(tally.items())
+    return entry.counts
+
+
 @dataclass(slots=True)
 class Candidate:
     """Free GPUs of one model on one node that match a filter."""

@@ -14,7 +14,7 @@ from typing import Any
 from control_plane.domain import mig
 from control_plane.domain.filters import Filter, model_matches
 from control_plane.domain.geo import EARTH_RADIUS_KM, unit_vector
-from control_plane.domain.inventory import Candidate, InventoryView, NodeEntry, NodeSummary
+from control_plane.domain.inventory import Candidate, InventoryView, NodeSummary, gpu_counts
 from gpufed.v1 import common_pb2, discovery_pb2
 
 OfferOrder = discovery_pb2.OfferOrder
@@ -183,16 +183,6 @@ def base_offer(c: Candidate) -> discovery_pb2.Offer:
     return offer
 
 
-def _counts(entry: NodeEntry) -> list[tuple[tuple[str, int, str, int], int]]:
-    if entry.counts is None:
-        tally: dict[tuple[str, int, str, int], int] = {}
-        for model, health, memory, gpu in entry.gpus:
-            key = (model, health, gpu.mig_profile, memory)
-            tally[key] = tally.get(key, 0) + 1
-        entry.counts = list(tally.items())
-    return entry.counts
-
-
 def _from_tallies(inv: InventoryView, flt: Filter) -> dict[tuple[str, str, int], list[int]] | None:
     """The summary from the index's capacity tallies, when the filter constrains only what
     they are keyed by (model, memory, MIG profile, country) and which pools count; else None."""
@@ -243,7 +233,7 @@ def summarize(inv: InventoryView, flt: Filter) -> list[discovery_pb2.CapacityBuc
         held = inv.allocs.get(name, {})
         country = entry.node.location.country_code
         if not held:  # nothing held: every GPU is free, counted once per record
-            for (model, health, profile, memory), n in _counts(entry):
+            for (model, health, profile, memory), n in gpu_counts(entry):
                 if profile != flt.mig_profile or memory < flt.min_gpu_memory_bytes:
                     continue
                 if model_matches(flt.gpu_model, model):
