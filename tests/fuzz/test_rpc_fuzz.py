@@ -452,6 +452,45 @@ def test_a_hello_with_any_hostile_character_in_any_shown_string_is_invalid_and_w
     check()
 
 
+def test_any_spelling_of_a_valid_bearer_header_authenticates_and_anything_else_is_unauthenticated(
+    target: Target,
+) -> None:
+    """The token cache is keyed by token id: spellings of one token are one entry, and made-up
+    or mangled tokens (bounded by the lookup budget) are UNAUTHENTICATED, never a crash."""
+    discovery = discovery_pb2_grpc.DiscoveryServiceStub(target.channel)
+    token = target.tokens["tenant"]
+
+    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(
+        scheme=st.sampled_from(["Bearer", "bearer", "BEARER", "bEaReR"]),
+        before=st.sampled_from(["", " ", "  "]),
+        after=st.sampled_from(["", " ", "   "]),
+        mangle=st.one_of(st.none(), st.integers(0, 200), st.text(alphabet="abXY09_- ", max_size=6)),
+    )
+    def check(scheme: str, before: str, after: str, mangle: int | str | None) -> None:
+        value = token
+        if isinstance(mangle, int):
+            i = mangle % len(token)
+            value = token[:i] + ("x" if token[i] != "x" else "y") + token[i + 1 :]
+        elif isinstance(mangle, str) and mangle:
+            value = token + mangle
+        target.cases += 1
+        header = f"{scheme} {before}{value}{after}"
+        try:
+            discovery.SearchOffers(
+                discovery_pb2.SearchOffersRequest(page_size=1),
+                metadata=(("authorization", header),),
+                timeout=5,
+            )
+            ok = True
+        except grpc.RpcError as e:
+            assert e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED), e.code()
+            ok = False
+        assert ok == (value == token or value.strip() == token), (header[:80], ok)
+
+    check()
+
+
 def test_generated_server_streams_get_documented_statuses(target: Target) -> None:
     leases = lease_pb2_grpc.LeaseServiceStub(target.channel)
     discovery = discovery_pb2_grpc.DiscoveryServiceStub(target.channel)
