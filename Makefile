@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: all setup etcd run test test-faults test-fuzz bench proto lint clean
+.PHONY: all setup etcd run test test-upgrade test-faults test-fuzz bench proto lint clean
 
 all: test
 
@@ -26,6 +26,10 @@ run: setup
 
 test: setup
 	$(BIN)/pytest -q
+
+# The rolling upgrade from the last release tag, alone (`make test` runs it too).
+test-upgrade: setup
+	$(BIN)/pytest -q tests/upgrade
 
 # The fault suite's long form (three rounds of every fault, twice the clients; about 5 minutes)
 # and every other test that kills processes. `make test` runs the short form.
@@ -50,6 +54,11 @@ lint: $(STAMP)
 	$(BIN)/python scripts/render_authorization.py --check
 	@if command -v npm >/dev/null; then npm exec --yes --package=@bufbuild/buf@1.75.0 -- buf lint proto; \
 	else echo 'buf lint skipped: no npm'; fi
+	@# The wire contract against the last release (proto/buf.yaml lists the exceptions).
+	@ref=$$($(BIN)/python scripts/releases.py last) || exit 1; \
+	if command -v npm >/dev/null; then echo "buf breaking against $$ref"; \
+	  npm exec --yes --package=@bufbuild/buf@1.75.0 -- buf breaking proto --against ".git#ref=$$ref,depth=1000,subdir=proto"; \
+	else echo 'buf breaking skipped: no npm'; fi
 
 clean:
 	rm -rf $(VENV) .run build *.egg-info

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import etcd3
 
 from control_plane.domain.names import node_name
+from gpufed import __version__
 from gpufed.v1 import common_pb2
 from node_daemon.fake_nvml import PROFILES
 from tests.harness import ADMIN_TOKEN, EtcdCluster, replica_process
@@ -69,7 +70,7 @@ def fake_node(i: int, rng: random.Random) -> common_pb2.Node:
         price_per_gpu_hour=round(rng.uniform(0.8, 4.0), 2),
         currency_code="USD",
         labels={"tier": rng.choice(["standard", "premium"])},
-        daemon_version="bench",
+        daemon_version=__version__,
     )
     for g, spec in enumerate(profile):
         node.gpus.add(

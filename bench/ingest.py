@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 
 from bench.common import ADMIN_TOKEN, cpu_seconds, fresh_etcd, replica_process
+from gpufed import __version__
 from gpufed.client import Client
 from gpufed.v1 import common_pb2, node_pb2
 from node_daemon.collector import Collector
@@ -27,6 +28,7 @@ def _messages(provider: str, node_id: str) -> tuple[bytes, bytes]:
     c.start()
     hello = node_pb2.NodeHello(
         provider=provider,
+        daemon_version=__version__,
         node_id=node_id,
         gpus=c.inventory(),
         price_per_gpu_hour=2.0,

@@ -31,9 +31,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Any
 
 from control_plane.adapters.store import EtcdStore
-from control_plane.domain import errors
+from control_plane.domain import errors, schema
 from gpufed.clock import SYSTEM, Clock
 
 TOKEN_PREFIX = "gpf"
@@ -69,8 +70,9 @@ class TokenRecord:
     create_time: str
     private_to: str = ""
 
-    def to_json(self) -> bytes:
-        d = {
+    def to_json(self, schema_version: int = schema.OLDEST_READ) -> bytes:
+        """The record as schema `schema_version` writes it (control_plane.domain.schema)."""
+        d: dict[str, Any] = {
             "kind": self.kind.value,
             "principal": self.principal,
             "secret_sha256": self.secret_sha256,
@@ -78,7 +80,7 @@ class TokenRecord:
         }
         if self.private_to:
             d["private_to"] = self.private_to
-        return json.dumps(d).encode()
+        return json.dumps(schema.stamped(d, schema_version)).encode()
 
     @classmethod
     def from_json(cls, token_id: str, raw: bytes) -> TokenRecord:

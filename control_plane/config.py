@@ -18,6 +18,7 @@ from control_plane.domain.quotas import (
     TenantLimits,
     typed_limits,
 )
+from gpufed import __version__
 from gpufed.settings import Settings, csv, truthy
 
 
@@ -119,6 +120,7 @@ def _cpu_list(text: str) -> frozenset[int]:
 def parse_args(argv: Sequence[str] | None = None) -> Config:
     """Flags > GPUFED_* environment > the TOML file of --config > defaults (gpufed.settings)."""
     p = argparse.ArgumentParser(prog="gpufed-control-plane", description="gpufed control plane replica")
+    p.add_argument("--version", action="version", version=f"gpufed-control-plane {__version__}")
     p.add_argument("--config", help="TOML file with any of the settings below (GPUFED_CONFIG_FILE)")
     p.add_argument("--listen", help="gRPC address (GPUFED_LISTEN; default 127.0.0.1:50051)")
     p.add_argument("--etcd-endpoints", help="comma-separated etcd endpoints (GPUFED_ETCD_ENDPOINTS)")

@@ -7,10 +7,12 @@ from collections import Counter as Tally
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from control_plane.domain import schema
+from gpufed import __version__
 from gpufed.v1 import common_pb2
 
 if TYPE_CHECKING:
@@ -23,6 +25,18 @@ class Metrics:
         # CPU, memory and file descriptors of the replica process: one replica is one event loop
         # on about one core, and its CPU says when to add another.
         ProcessCollector(registry=r)
+        # gpufed_build_info{version, schema}: which release each replica runs and the newest
+        # schema it understands, for a rolling upgrade's dashboards (docs/operations.md).
+        self.build_info = Info("gpufed_build", "The release this replica runs", registry=r)
+        self.build_info.info({"version": __version__, "schema": str(schema.SCHEMA)})
+        self.etcd_schema = Gauge(
+            "gpufed_etcd_schema", "The schema etcd's records are in (the schema key)", registry=r
+        )
+        self.writes_refused = Gauge(
+            "gpufed_writes_refused",
+            "1 while this replica writes nothing: etcd holds a schema newer than it understands",
+            registry=r,
+        )
         self.rpcs = Counter(
             "gpufed_rpcs_total", "RPCs served, by method and status code", ["method", "code"], registry=r
         )

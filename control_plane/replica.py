@@ -27,6 +27,7 @@ from control_plane.app.retention import DAY_S
 from control_plane.app.telemetry import Telemetry
 from control_plane.auth import Authenticator, Kind, TokenRecord
 from control_plane.config import Config, ConfigError, check_tokens, read_pem
+from control_plane.domain import schema
 from control_plane.metrics import Metrics
 from control_plane.rpc import RpcWrapper, Services
 from control_plane.servicers.admin import AdminServicer
@@ -35,6 +36,7 @@ from control_plane.servicers.lease import LeaseServicer
 from control_plane.servicers.node import NodeServicer
 from control_plane.servicers.telemetry import PeerServicer, TelemetryServicer
 from control_plane.tls import ReloadingCertificates, TlsConfigError, check_listeners
+from gpufed import __version__
 from gpufed.clock import SYSTEM, Clock
 from gpufed.logs import get_logger
 from gpufed.transport import SERVER_OPTIONS
@@ -54,7 +56,7 @@ from gpufed.v1 import (
 )
 
 log = get_logger(__name__)
-_TOKEN, _RESYNC = ChangeKind.TOKEN, ChangeKind.RESYNC
+_TOKEN, _RESYNC, _SCHEMA = ChangeKind.TOKEN, ChangeKind.RESYNC, ChangeKind.SCHEMA
 
 SERVICE_NAMES = [
     node_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name,
@@ -108,6 +110,7 @@ class Replica:
         self.node_port = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._metrics_server: object | None = None
+        self.address = ""
 
     async def start(self) -> None:
         cfg = self.config
@@ -133,6 +136,7 @@ class Replica:
         # The first listing: ~10 s at 100,000 nodes on one core (BENCHMARKS.md, scale).
         async with asyncio.timeout(300):
             await self.watcher.synced.wait()
+        self._check_schema()  # before anything is written
 
         await self._check_bootstrap_token()
         self.quotas = Quotas(self.store, self.inventory, cfg.tenant_quota, cfg.provider_quota, self.clock)
@@ -218,12 +222,10 @@ class Replica:
         await server.start()
         host = cfg.listen.rsplit(":", 1)[0]
         self.address = cfg.advertise or f"{host}:{self.port}"
-        await self.store.put(
-            self.store.keys.replica(self.id), self.address.encode(), lease=self.session.lease_id
-        )
+        await self._put_liveness(self.session.lease_id)
         self.nodes.start()
         self._tasks.append(asyncio.create_task(self.leader.run(), name="leader"))
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(NOT_SERVING if self.store.refuse_writes else SERVING)
         self._tasks.append(asyncio.create_task(self._watch_health(), name="health"))
         if cfg.metrics_listen:
             from prometheus_client import start_http_server
@@ -270,7 +272,7 @@ class Replica:
         alive (etcd unreachable, its member without a leader, a partition: the replica's view
         may be stale and its work taken over), and the write services NOT_SERVING while etcd's
         NOSPACE alarm is raised (reads still work)."""
-        serving, writable = True, True
+        serving, writable = not self.store.refuse_writes, True
         while not self.shutdown.is_set():
             await asyncio.sleep(HEALTH_CHECK_S)
             try:
@@ -279,11 +281,14 @@ class Replica:
                 log.exception("health check failed")
 
     async def _check_health(self, serving: bool, writable: bool) -> tuple[bool, bool]:
-        """One look: the session (every service), then the NOSPACE alarm (write services)."""
-        now_serving = self.session.healthy
+        """One look: the session and the schema (every service), then the NOSPACE alarm (write
+        services)."""
+        refusing = self.store.refuse_writes
+        now_serving = self.session.healthy and not refusing
         if now_serving != serving:
             serving = now_serving
-            log.warning("health", serving=serving, reason="" if serving else "etcd session not confirmed")
+            why = "" if serving else refusing or "etcd session not confirmed"
+            log.warning("health", serving=serving, reason=why)
             await self._set_health(SERVING if serving else NOT_SERVING)
             writable = True  # every service was just set alike
         if not serving:
@@ -308,13 +313,45 @@ class Replica:
             created = change.value is not None and known is None
             if created and self.config.admin_token and self.auth.records[change.name].kind == Kind.ADMIN:
                 self._note_admin_tokens(self.admin_tokens + 1)
+        elif kind is _SCHEMA:
+            self._check_schema()
         elif kind is _RESYNC:
+            self._check_schema()
             self.auth.records.clear()
             self.auth.forget()
             # A token deleted in the watch's gap must still end what it opened.
             task = asyncio.get_running_loop().create_task(self._recheck_streams())
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+
+    def _check_schema(self) -> None:
+        """Refuse every write while etcd holds a schema newer than this release understands
+        (control_plane.domain.schema): health says NOT_SERVING, writes fail SCHEMA_TOO_NEW, the
+        member key says why."""
+        raw = self.inventory.schema
+        refusal = schema.refusal(raw, __version__)
+        with contextlib.suppress(schema.SchemaUnreadable):
+            self.metrics.etcd_schema.set(schema.parse_state(raw).version)
+        if refusal == self.store.refuse_writes:
+            return
+        self.store.refuse_writes = refusal
+        self.metrics.writes_refused.set(1 if refusal else 0)
+        if refusal:
+            log.error("this replica refuses to write", reason=refusal)
+        else:
+            log.warning("this replica writes again: the schema is one it understands")
+        if self.address:  # serving already: say so in the member key
+            task = asyncio.get_running_loop().create_task(self._put_liveness(self.session.lease_id))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _put_liveness(self, lease_id: int) -> None:
+        """The replica key (its peer address, read by every release) and its member key (its
+        release and schema, control_plane.domain.schema), on the session lease."""
+        keys = self.store.keys
+        member = schema.Member(__version__, schema.SCHEMA, self.address, self.store.refuse_writes)
+        await self.store.put(keys.replica(self.id), self.address.encode(), lease=lease_id, liveness=True)
+        await self.store.put(keys.member(self.id), member.to_json(), lease=lease_id, liveness=True)
 
     async def _check_bootstrap_token(self) -> None:
         """Warn (and say so in a metric) while the bootstrap admin token is on although real
@@ -343,7 +380,7 @@ class Replica:
             log.warning("could not recheck the tokens of open streams after a resync", error=str(e))
 
     async def _on_new_session_lease(self, lease_id: int) -> None:
-        await self.store.put(self.store.keys.replica(self.id), self.address.encode(), lease=lease_id)
+        await self._put_liveness(lease_id)
         await self.nodes.reattach(lease_id)
 
     async def stop(self, grace: float | None = None) -> None:

@@ -21,7 +21,7 @@ import grpc
 from google.protobuf.message import Message
 
 from control_plane import auth, errors
-from control_plane.adapters.store import StoreNoSpace, StoreUnavailable
+from control_plane.adapters.store import StoreNoSpace, StoreUnavailable, WritesRefused
 from control_plane.authorization import AUDITED, PRIVILEGED, authorize
 from control_plane.domain import errors as domain_errors
 from control_plane.domain.errors import DomainError
@@ -74,6 +74,9 @@ class _Call:
             err = domain_errors.unavailable(
                 "ETCD_NO_SPACE", "the cluster store is full and refuses writes until an operator frees it"
             )
+        elif isinstance(exc, WritesRefused):
+            # Another replica (of a newer release) can serve it: UNAVAILABLE, retried elsewhere.
+            err = domain_errors.unavailable("SCHEMA_TOO_NEW", f"this replica writes nothing: {exc}")
         elif isinstance(exc, StoreUnavailable):
             err = domain_errors.unavailable(
                 "ETCD_UNAVAILABLE", f"the cluster store is unavailable, retry: {exc}"

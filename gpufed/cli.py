@@ -27,6 +27,7 @@ import yaml
 from google.protobuf import duration_pb2, json_format, timestamp_pb2
 from google.protobuf.message import Message
 
+from gpufed import __version__
 from gpufed.client import Client, GpufedError
 from gpufed.login import parse_ssh
 from gpufed.settings import Settings, truthy
@@ -263,6 +264,14 @@ def cmd_pool_burst(c: Client, args: argparse.Namespace) -> int:
             [policy.name, f"{policy.max_price_per_gpu_hour:g}" or "-", ",".join(policy.countries) or "any"],
         ],
     )
+    return EXIT_OK
+
+
+def cmd_version(c: Client, args: argparse.Namespace) -> int:
+    """This CLI's release and the replica's (as kubectl version does)."""
+    print(f"client: {__version__}")
+    server = c.server_version()
+    print(f"server: {escaped(server) if server else 'before 0.2.0 (it does not say)'}")
     return EXIT_OK
 
 
@@ -745,7 +754,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Find and lease GPUs across the gpufed federation.",
         parents=[connection_flags(suppress=False)],
     )
+    p.add_argument("--version", action="version", version=f"gpufed {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("version", parents=[common], help="this CLI's release and the replica's").set_defaults(
+        fn=cmd_version
+    )
 
     offers = sub.add_parser("offers", help="free GPUs on offer").add_subparsers(dest="sub", required=True)
     s = offers.add_parser("search", parents=[common], help="search offers")

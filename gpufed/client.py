@@ -316,6 +316,11 @@ class Client:
             ).providers
         )
 
+    def server_version(self) -> str:
+        """The release of the replica that answered ("" for one before 0.2.0, which did not say)."""
+        req = discovery_pb2.ListProvidersRequest(page_size=1)
+        return str(self.call(self.discovery.ListProviders, req).replica_version)
+
     def summarize_capacity(self, **filter_args: Any) -> discovery_pb2.SummarizeCapacityResponse:
         req = discovery_pb2.SummarizeCapacityRequest(filter=gpu_filter(**filter_args))
         return self.call(self.discovery.SummarizeCapacity, req)  # type: ignore[no-any-return]

@@ -1,3 +1,5 @@
 """The gpufed node daemon: reads GPUs through NVML and streams them to the control plane."""
 
-__version__ = "0.1.0"
+from gpufed import __version__  # one release for the whole project
+
+__all__ = ["__version__"]

@@ -9,6 +9,7 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from gpufed import __version__
 from gpufed.settings import Settings, csv, truthy
 from node_daemon.fake_nvml import PROFILES
 
@@ -64,6 +65,7 @@ def parse_args(argv: Sequence[str] | None = None) -> DaemonConfig:
     p = argparse.ArgumentParser(
         prog="gpufed-node-daemon", description="gpufed node daemon: streams this host's GPUs"
     )
+    p.add_argument("--version", action="version", version=f"gpufed-node-daemon {__version__}")
     p.add_argument("--config", default=os.environ.get("GPUFED_DAEMON_CONFIG", ""), help="TOML file")
     p.add_argument("--control-plane", action="append", help="HOST:PORT, repeatable (GPUFED_CONTROL_PLANES)")
     p.add_argument("--provider", help="provider name (GPUFED_PROVIDER)")

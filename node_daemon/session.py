@@ -167,6 +167,9 @@ class DaemonSession:
                         grpc.StatusCode.UNAUTHENTICATED,
                         grpc.StatusCode.PERMISSION_DENIED,
                         grpc.StatusCode.INVALID_ARGUMENT,
+                        # e.g. DAEMON_VERSION_UNSUPPORTED: the next replica may be of another
+                        # release (a rolling upgrade), but this one will not change its mind.
+                        grpc.StatusCode.FAILED_PRECONDITION,
                     ):
                         config_problem = True
                         attempt = max(attempt, 4)  # a config problem: do not hammer the server

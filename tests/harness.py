@@ -323,6 +323,24 @@ def unique_prefix() -> str:
     return f"/t-{uuid.uuid4().hex[:10]}"
 
 
+def replica_command(
+    endpoints: list[str], prefix: str, port: int, *extra: str, python: str = sys.executable
+) -> list[str]:
+    """The command line of a replica on 127.0.0.1:`port` (`python`: of another release)."""
+    return [
+        python,
+        "-m",
+        "control_plane",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--etcd-endpoints",
+        ",".join(endpoints),
+        "--etcd-prefix",
+        prefix,
+        *extra,
+    ]
+
+
 @contextlib.contextmanager
 def replica_process(
     endpoints: list[str], prefix: str, *extra: str, env: dict[str, str] | None = None
@@ -332,18 +350,7 @@ def replica_process(
     port = free_port()
     with tempfile.TemporaryFile(prefix="gpufed-replica-") as log_file:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "control_plane",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--etcd-endpoints",
-                ",".join(endpoints),
-                "--etcd-prefix",
-                prefix,
-                *extra,
-            ],
+            replica_command(endpoints, prefix, port, *extra),
             env={
                 **os.environ,
                 **ROOMY_ENV,
@@ -471,8 +478,30 @@ def daemon_process(
     profile: str = "l40s-4",
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A node daemon as its own OS process over the fake NVML (for tests that SIGKILL it)."""
+    args = daemon_command(endpoints, provider, node_id, *extra, country=country, profile=profile)
+    proc = subprocess.Popen(
+        args, env={**os.environ, "GPUFED_TOKEN": token}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def daemon_command(
+    endpoints: list[str],
+    provider: str,
+    node_id: str,
+    *extra: str,
+    country: str = "DE",
+    profile: str = "l40s-4",
+    python: str = sys.executable,
+) -> list[str]:
+    """The command line of a node daemon over the fake NVML (`python`: of another release)."""
     args = [
-        sys.executable,
+        python,
         "-m",
         "node_daemon",
         "--provider",
@@ -491,15 +520,7 @@ def daemon_process(
     ]
     for ep in endpoints:
         args += ["--control-plane", ep]
-    proc = subprocess.Popen(
-        args, env={**os.environ, "GPUFED_TOKEN": token}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    return args
 
 
 @contextlib.contextmanager

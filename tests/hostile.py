@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from control_plane.domain import registration as R
+from gpufed import __version__
 from gpufed.v1 import common_pb2, node_pb2
 
 
@@ -14,7 +15,9 @@ def maximal_hello(provider: str = "p" * 63, node_id: str = "n" * 63) -> node_pb2
     h.price_per_gpu_hour, h.currency_code = 999_999.99, "USD"
     for i in range(R.MAX_LABELS):
         h.labels["k" * 61 + f"{i:02d}"] = "v" * R.MAX_LABEL_VALUE
-    h.daemon_version = h.driver_version = h.cuda_driver_version = "v" * R.MAX_VERSION
+    h.driver_version = h.cuda_driver_version = "v" * R.MAX_VERSION
+    # The longest daemon version the skew policy takes: this release with a build suffix.
+    h.daemon_version = f"{__version__}+" + "v" * (R.MAX_VERSION - len(__version__) - 1)
     for i in range(R.MAX_GPUS_PER_NODE):
         g = h.gpus.add(
             uuid=gpu_uuid(node_id, i), index=2**32 - 1, model="m" * 128, memory_total_bytes=2**64 - 1

@@ -47,6 +47,8 @@ class ChangeKind(enum.Enum):
     LEADER = "leader"
     QUOTA = "quota"
     BURST = "burst"
+    MEMBER = "member"
+    SCHEMA = "schema"
     RESYNC = "resync"  # the whole view was replaced by a (re-)list
 
 
@@ -55,6 +57,7 @@ _CHANGE_OF = {k: ChangeKind[k.name] for k in KeyKind}
 # and apply() runs for every event of the watch.
 _NODE, _ALIVE, _ALLOC, _LEASE = KeyKind.NODE, KeyKind.ALIVE, KeyKind.ALLOC, KeyKind.LEASE
 _REPLICA, _LEADER, _QUOTA, _BURST = KeyKind.REPLICA, KeyKind.LEADER, KeyKind.QUOTA, KeyKind.BURST
+_MEMBER, _SCHEMA = KeyKind.MEMBER, KeyKind.SCHEMA
 
 
 class KeyValueLike(Protocol):
@@ -106,6 +109,10 @@ class Inventory:
     # provider -> registered nodes (its node quota)
     node_counts: dict[str, int] = field(default_factory=dict)
     replicas: dict[str, str] = field(default_factory=dict)
+    # replica id -> its member record (JSON: release, schema understood); control_plane.domain.schema
+    members: dict[str, bytes] = field(default_factory=dict)
+    # the schema key's value (None: absent, schema 1)
+    schema: bytes | None = None
     leader: str = ""
     revision: int = 0
     # node names ordered by (price, name), overall and per country, for searches that stop early
@@ -238,6 +245,13 @@ class Inventory:
                 self.burst.pop(name, None)
             else:
                 self.burst[name] = value
+        elif kind is _MEMBER:
+            if value is None:
+                self.members.pop(name, None)
+            else:
+                self.members[name] = value
+        elif kind is _SCHEMA:
+            self.schema = value
         change = Change(_CHANGE_OF[kind], name, value, mod_revision, lease)
         if notify:
             self._notify(change)

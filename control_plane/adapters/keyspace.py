@@ -14,6 +14,10 @@ never streamed to every replica's index:
   leases/{lease_id}                     Lease record; on its own etcd lease
   tokens/{token_id}                     token record with the secret's hash
   replicas/{replica_id}                 peer address; on the replica's session lease
+  members/{replica_id}                  the replica's release and the newest schema it
+                                        understands (JSON, control_plane.domain.schema); on its
+                                        session lease. Releases before 0.2.0 write none
+  schema                                the schema the records are in (JSON); absent: schema 1
   leader                                replica id of the elected leader; on its session lease
   quotas/{tenants|providers}/{name}     a principal's quota overrides (JSON)
   burst/{tenant}                        the tenant's burst policy (JSON: max price, countries)
@@ -67,6 +71,8 @@ class KeyKind(enum.Enum):
     LEADER = "leader"
     QUOTA = "quota"
     BURST = "burst"
+    MEMBER = "member"
+    SCHEMA = "schema"
 
 
 class Key(NamedTuple):
@@ -96,6 +102,8 @@ _LAYOUT = {
     "leader": (KeyKind.LEADER, 0),
     "quotas": (KeyKind.QUOTA, 2),
     "burst": (KeyKind.BURST, 1),
+    "members": (KeyKind.MEMBER, 1),
+    "schema": (KeyKind.SCHEMA, 0),
 }
 
 
@@ -133,6 +141,13 @@ class Keyspace:
     @property
     def leader(self) -> str:
         return self._k("leader")
+
+    def member(self, replica_id: str) -> str:
+        return self._k("members", replica_id)
+
+    @property
+    def schema(self) -> str:
+        return self._k("schema")
 
     def quota(self, kind: str, principal: str) -> str:
         return self._k("quotas", kind, principal)
@@ -228,4 +243,4 @@ class Keyspace:
             return Key(kind, f"{parts[1]}/{parts[2]}")
         if len(parts) >= 3:  # nodes, alive, alloc: the node's resource name (and the GPU)
             return Key(kind, node_name(parts[1], parts[2]), parts[3] if len(parts) == 4 else "")
-        return Key(kind, parts[1] if len(parts) == 2 else "leader")
+        return Key(kind, parts[1] if len(parts) == 2 else parts[0])

@@ -64,6 +64,22 @@ class StoreUnavailable(Exception):
     """etcd could not be reached or did not answer in time; the outcome of a write is unknown."""
 
 
+class WritesRefused(StoreUnavailable):
+    """This replica refuses to write: etcd holds a schema newer than it understands (the reason
+    says which). Nothing was sent."""
+
+
+def _writes(req: rpc.TxnRequest) -> bool:
+    """Whether a Txn would write anything (a read-only Txn is let through a refusal)."""
+    for op in (*req.success, *req.failure):
+        kind = op.WhichOneof("request")
+        if kind in ("request_put", "request_delete_range"):
+            return True
+        if kind == "request_txn" and _writes(op.request_txn):
+            return True
+    return False
+
+
 class StoreNoSpace(StoreUnavailable):
     """etcd's NOSPACE alarm is raised (its backend quota is full): it refuses every write until
     an operator compacts, defragments and disarms it. Reads still work."""
@@ -378,6 +394,9 @@ class EtcdStore:
         self.timeout = timeout
         # Keys etcd returned to this replica's reads (not the watch): what a List costs.
         self.keys_read = 0
+        # Set (to the reason) while etcd holds a schema newer than this release understands:
+        # every write but the replica's own liveness keys raises WritesRefused, unsent.
+        self.refuse_writes = ""
         hosts, secure = parse_endpoints(self.endpoints, tls)
         options: list[tuple[str, int | str]] = [
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -551,8 +570,11 @@ class EtcdStore:
             rpc.TxnRequest(compare=list(compare), success=list(success), failure=list(failure))
         )
 
-    async def send_txn(self, req: rpc.TxnRequest) -> rpc.TxnResponse:
-        """A Txn built by the caller (no copy of its operations)."""
+    async def send_txn(self, req: rpc.TxnRequest, liveness: bool = False) -> rpc.TxnResponse:
+        """A Txn built by the caller (no copy of its operations). `liveness`: of the replica's
+        own keys on its session lease (see put)."""
+        if self.refuse_writes and not liveness and _writes(req):
+            raise WritesRefused(self.refuse_writes)
         return await self._call(lambda: self._kv.Txn(req, timeout=self.timeout))
 
     async def update(
@@ -598,7 +620,11 @@ class EtcdStore:
             attempt, lambda: errors.aborted(reason, f"{what} kept changing; retry"), attempts
         )
 
-    async def put(self, key: str | bytes, value: bytes, lease: int = 0) -> int:
+    async def put(self, key: str | bytes, value: bytes, lease: int = 0, liveness: bool = False) -> int:
+        """One key. `liveness`: the replica's own keys on its session lease (replicas/, members/),
+        written even while it refuses writes, so the federation sees it and why it refuses."""
+        if self.refuse_writes and not liveness:
+            raise WritesRefused(self.refuse_writes)
         resp = await self._call(
             lambda: self._kv.Put(rpc.PutRequest(key=_b(key), value=value, lease=lease), timeout=self.timeout)
         )

@@ -11,7 +11,7 @@ from control_plane.adapters.index import Inventory
 from control_plane.adapters.keyspace import MAX_NS
 from control_plane.adapters.store import EtcdStore, KeyValue, delete, prefix_end
 from control_plane.app.leases import Leases
-from control_plane.domain import errors, pagination, registration, repair
+from control_plane.domain import errors, pagination, registration, repair, schema
 from control_plane.domain.errors import shown
 from control_plane.domain.names import parse_lease_name, parse_node_name, valid_id, valid_principal
 from control_plane.domain.times import timestamp_ns
@@ -201,7 +201,9 @@ class Admin:
                 field="private_to",
             )
         secret, record = auth.new_token(kind, principal, self.clock, private_to)
-        await self.store.put(self.keys.token(record.token_id), record.to_json())
+        await self.store.put(
+            self.keys.token(record.token_id), record.to_json(schema.writes_version(self.inv.schema))
+        )
         token = admin_pb2.Token(
             name=f"tokens/{record.token_id}",
             kind=kind_pb,  # type: ignore[arg-type]

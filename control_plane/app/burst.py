@@ -9,7 +9,7 @@ from __future__ import annotations
 from control_plane.adapters.index import Inventory
 from control_plane.adapters.store import EtcdStore, delete
 from control_plane.auth import Kind, Principal
-from control_plane.domain import errors, pools
+from control_plane.domain import errors, pools, schema
 from gpufed.clock import SYSTEM, Clock
 from gpufed.logs import get_logger
 from gpufed.v1 import admin_pb2
@@ -54,7 +54,9 @@ class BurstPolicies:
         if burst == pools.Burst():
             revision = int((await self.store.txn([], [delete(key)])).header.revision)  # no limits
         else:
-            revision = await self.store.put(key, pools.to_json(burst, self.clock.time_ns()))
+            revision = await self.store.put(
+                key, pools.to_json(burst, self.clock.time_ns(), schema.writes_version(self.inv.schema))
+            )
         await self.inv.wait_for_revision(revision, timeout=1.0)
         audit.info(
             "burst policy set",

@@ -13,6 +13,8 @@ the others watch it (through the index) and try again when it goes. The leader r
 - the drain sweep: leases on DRAINING nodes end at the drain deadline;
 - the provisioning sweep: a lease whose hooks did not all answer within the provision timeout
   (a daemon that died mid-hook) ends PROVISIONING_FAILED;
+- the schema migration (control_plane.app.migration), once every replica runs a release that
+  understands the next schema;
 - compaction.
 
 Fencing: the leader key's create revision is the leader's term. Every sweep write compares it
@@ -45,6 +47,7 @@ from control_plane.adapters.store import delete as delete_op
 from control_plane.adapters.store import get as get_op
 from control_plane.app.lease_txns import put_history, put_usage
 from control_plane.app.leases import Leases
+from control_plane.app.migration import SchemaMigration
 from control_plane.app.retention import DAY_S, UsageRetention
 from control_plane.domain import lease_rules
 from control_plane.domain.usage import usage_records
@@ -67,6 +70,8 @@ JOURNAL_SWEEP_S = 1.0
 JOURNAL_SCAN_S = 60.0
 # How often the leader exports and deletes usage records past the retention.
 RETENTION_SWEEP_S = 3600.0
+# How often the leader looks whether the schema can move on (three small reads).
+SCHEMA_CHECK_S = 2.0
 
 
 class Deposed(Exception):
@@ -91,6 +96,7 @@ class Leader:
         self.retention = UsageRetention(
             store, clock, usage_retention_s, usage_export_dir, self._fenced, self._check_term
         )
+        self.migration = SchemaMigration(store, inventory, self._fenced, self._check_term, clock)
         self.clock = clock
         self.store = store
         self.keys = store.keys
@@ -120,6 +126,11 @@ class Leader:
     async def run(self) -> None:
         while True:
             try:
+                if self.store.refuse_writes:  # etcd holds a newer schema: lead nothing
+                    self.is_leader.clear()
+                    await self.resign()
+                    await asyncio.sleep(1.0)
+                    continue
                 await self._campaign()
                 if self.inv.leader != self.replica_id:
                     self.is_leader.clear()
@@ -165,9 +176,15 @@ class Leader:
             asyncio.create_task(self._provisioning_sweep(), name="provisioning-sweep"),
             asyncio.create_task(self._compaction(), name="compaction"),
             asyncio.create_task(self._retention(), name="usage-retention"),
+            asyncio.create_task(self._schema(), name="schema-migration"),
         ]
         try:
-            while self.term and self.inv.leader == self.replica_id and not any(t.done() for t in tasks):
+            while (
+                self.term
+                and self.inv.leader == self.replica_id
+                and not self.store.refuse_writes
+                and not any(t.done() for t in tasks)
+            ):
                 self._changed.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(1.0):
@@ -287,6 +304,23 @@ class Leader:
         if not kvs or kvs[0].create_revision != self.term or kvs[0].value != self.replica_id.encode():
             raise Deposed(f"leader key now {kvs[0].value.decode() if kvs else 'absent'}")
 
+    # -- schema ---------------------------------------------------------------------------------
+
+    async def _schema(self) -> None:
+        while True:
+            try:
+                step = await self.migration.step()
+            except Deposed:
+                log.warning("schema migration: no longer the leader")
+                self.term = 0
+                self._changed.set()
+                return
+            except StoreUnavailable as e:
+                log.warning("schema migration: etcd unavailable; next round", error=str(e))
+                step = ""
+            # A pass that met concurrent writes looks again at once; otherwise every few seconds.
+            await asyncio.sleep(0.1 if step in ("started", "pass") else SCHEMA_CHECK_S)
+
     # -- retention ------------------------------------------------------------------------------
 
     async def _retention(self) -> None:
@@ -357,7 +391,11 @@ class Leader:
                     log.info("compacted etcd", revision=target)
 
     async def resign(self) -> None:
+        """Give the leader key up, if this replica holds it (allowed while it refuses writes:
+        the key is its own, on its session lease)."""
+        me = self.replica_id.encode()
+        if self.inv.leader and self.inv.leader != self.replica_id:
+            return
+        req = rpc.TxnRequest(compare=[value_is(self.keys.leader, me)], success=[delete_op(self.keys.leader)])
         with contextlib.suppress(Exception):
-            await self.store.txn(
-                [value_is(self.keys.leader, self.replica_id.encode())], [delete_op(self.keys.leader)]
-            )
+            await self.store.send_txn(req, liveness=True)

@@ -28,6 +28,7 @@ from control_plane.adapters.store import (
     EtcdStore,
     KeyValue,
     StoreUnavailable,
+    WritesRefused,
     delete,
     none_created_since,
     prefix_end,
@@ -36,16 +37,19 @@ from control_plane.adapters.store import (
 )
 from control_plane.app.quotas import Quotas
 from control_plane.app.telemetry import TelemetryRings
-from control_plane.domain import errors, lease_rules, registration
+from control_plane.domain import errors, lease_rules, registration, versions
 from control_plane.domain.errors import DomainError
 from control_plane.domain.names import node_name
 from control_plane.domain.quotas import TokenBucket, rate_limited
 from control_plane.metrics import Metrics
+from gpufed import __version__
 from gpufed.clock import SYSTEM, Clock, now_ts
 from gpufed.logs import get_logger
 from gpufed.v1 import common_pb2, lease_pb2, node_pb2
 
 log = get_logger(__name__)
+# The release this replica runs: what the daemon version skew policy is measured from.
+RELEASE = versions.release(__version__)
 
 NodeState = common_pb2.NodeState
 Reported: TypeAlias = dict[str, tuple[Any, list[common_pb2.HealthReason]]]
@@ -175,6 +179,7 @@ class Nodes:
             )
         hello = first.hello
         registration.validate_hello(hello, provider)
+        versions.check_daemon(hello.daemon_version, RELEASE)
         name = node_name(hello.provider, hello.node_id)
         self.quotas.take_connect(provider, name)
         await self._end_leases_on_removed_gpus(name, hello)  # before the GPU leaves the record
@@ -274,7 +279,8 @@ class Nodes:
         except DomainError as e:
             session.end(e)
         except StoreUnavailable as e:
-            session.end(errors.unavailable("ETCD_UNAVAILABLE", str(e)))
+            reason = "SCHEMA_TOO_NEW" if isinstance(e, WritesRefused) else "ETCD_UNAVAILABLE"
+            session.end(errors.unavailable(reason, str(e)))
         except Exception:
             log.exception("node stream reader failed", node=session.name)
             session.end(

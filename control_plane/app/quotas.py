@@ -23,7 +23,7 @@ from typing import Any
 from control_plane.adapters.index import Inventory
 from control_plane.adapters.store import EtcdStore, delete
 from control_plane.auth import Kind, Principal
-from control_plane.domain import errors, quotas
+from control_plane.domain import errors, quotas, schema
 from control_plane.domain.quotas import ProviderLimits, TenantLimits, TokenBucket
 from gpufed.clock import SYSTEM, Clock
 from gpufed.logs import get_logger
@@ -283,7 +283,10 @@ class Quotas:
         kind, principal, overrides = quotas.overrides_of(quota)
         key = self.keys.quota(kind, principal)
         if overrides:
-            record = {"limits": overrides, "update_time_ns": self.clock.time_ns()}
+            record = schema.stamped(
+                {"limits": overrides, "update_time_ns": self.clock.time_ns()},
+                schema.writes_version(self.inv.schema),
+            )
             revision = await self.store.put(key, json.dumps(record, sort_keys=True).encode())
         else:  # nothing set: back to the defaults
             revision = int((await self.store.txn([], [delete(key)])).header.revision)

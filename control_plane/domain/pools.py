@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from control_plane.domain import errors
+from control_plane.domain import errors, schema
 from control_plane.domain.errors import shown
 from control_plane.domain.filters import Filter, country_codes
 from control_plane.domain.names import valid_principal
@@ -89,10 +89,9 @@ def validate_policy(p: admin_pb2.BurstPolicy) -> Burst:
     return Burst(price, country_codes(list(p.countries), "policy.countries") or None)
 
 
-def to_json(b: Burst, at_ns: int) -> bytes:
-    return json.dumps(
-        {"max_price": b.max_price, "countries": sorted(b.countries or ()), "update_time_ns": at_ns}
-    ).encode()
+def to_json(b: Burst, at_ns: int, schema_version: int = schema.OLDEST_READ) -> bytes:
+    record = {"max_price": b.max_price, "countries": sorted(b.countries or ()), "update_time_ns": at_ns}
+    return json.dumps(schema.stamped(record, schema_version)).encode()
 
 
 def from_json(raw: bytes | None) -> tuple[Burst, int]:

@@ -9,6 +9,7 @@ import grpc
 
 from control_plane import auth
 from control_plane.app.discovery import Discovery
+from gpufed import __version__
 from gpufed.v1 import discovery_pb2, discovery_pb2_grpc
 
 Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
@@ -34,7 +35,9 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
         self, request: discovery_pb2.GetNodeRequest, context: Ctx
     ) -> discovery_pb2.GetNodeResponse:
         node = self.discovery.node(request.name, _tenant())
-        return discovery_pb2.GetNodeResponse(node=node, revision=self.discovery.inv.revision)
+        return discovery_pb2.GetNodeResponse(
+            node=node, revision=self.discovery.inv.revision, replica_version=__version__
+        )
 
     async def ListNodes(
         self, request: discovery_pb2.ListNodesRequest, context: Ctx
@@ -51,7 +54,7 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
         revision = self.discovery.inv.revision
         providers, token = self.discovery.list_providers(request.page_size, request.page_token, _tenant())
         return discovery_pb2.ListProvidersResponse(
-            providers=providers, next_page_token=token, revision=revision
+            providers=providers, next_page_token=token, revision=revision, replica_version=__version__
         )
 
     async def SummarizeCapacity(

@@ -237,7 +237,12 @@ class GetNodeResponse(_message.Message):
 
     NODE_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    REPLICA_VERSION_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
+    replica_version: _builtins.str
+    """The release of the replica that answered (e.g. "0.2.0"); beside node.daemon_version it
+    shows both ends of the version skew (docs/operations.md, Version skew policy).
+    """
     @_builtins.property
     def node(self) -> _common_pb2.Node: ...
     def __init__(
@@ -245,10 +250,11 @@ class GetNodeResponse(_message.Message):
         *,
         node: _common_pb2.Node | None = ...,
         revision: _builtins.int = ...,
+        replica_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "revision", b"revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "replica_version", b"replica_version", "revision", b"revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -382,8 +388,11 @@ class ListProvidersResponse(_message.Message):
     PROVIDERS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    REPLICA_VERSION_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     revision: _builtins.int
+    replica_version: _builtins.str
+    """The release of the replica that answered (e.g. "0.2.0")."""
     @_builtins.property
     def providers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Provider]: ...
     def __init__(
@@ -392,10 +401,11 @@ class ListProvidersResponse(_message.Message):
         providers: _abc.Iterable[Global___Provider] | None = ...,
         next_page_token: _builtins.str = ...,
         revision: _builtins.int = ...,
+        replica_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "providers", b"providers", "revision", b"revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "providers", b"providers", "replica_version", b"replica_version", "revision", b"revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

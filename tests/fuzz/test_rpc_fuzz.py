@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from control_plane.adapters.store import prefix_end
+from control_plane.domain import schema
 from gpufed.client import Client
 from gpufed.v1 import (
     admin_pb2,
@@ -329,6 +330,16 @@ def target(etcd: Any) -> Iterator[Target]:
         replica_config(etcd.endpoints, prefix, report_interval=0.5, auth_failures_per_minute=1_000_000)
     ).start()
     t = Target(r, etcd.endpoints[0], prefix)
+    # A fresh federation's leader moves the schema on (and stamps the tokens above) within
+    # seconds: let it finish, so what it writes is not taken for a refused request's write.
+    wait_until(
+        lambda: (
+            r.replica is not None
+            and schema.parse_state(r.replica.inventory.schema).state == schema.DONE
+            and schema.parse_state(r.replica.inventory.schema).version == schema.SCHEMA
+        ),
+        timeout=30,
+    )
     daemons = [
         DaemonThread(daemon_config([r.address], t.tokens["provider"], "neo", n), FakeNvml("l40s-4")).start()
         for n in ("n1", "n2")

@@ -17,6 +17,7 @@ import pytest
 
 from control_plane.auth import Kind
 from control_plane.authorization import TABLE
+from gpufed import __version__
 from gpufed.client import Client
 from gpufed.v1 import (
     admin_pb2,
@@ -121,6 +122,7 @@ def _first(stream: Any) -> None:
 def _hello() -> node_pb2.NodeMessage:
     hello = node_pb2.NodeHello(
         provider="neo",
+        daemon_version=__version__,
         node_id="matrix",
         location=common_pb2.Location(country_code="DE"),
         price_per_gpu_hour=1.0,

@@ -36,9 +36,9 @@ def test_a_grant_cancelled_mid_commit_never_lends_its_etcd_lease_to_another_gran
             in_flight = asyncio.Event()
             send = leases.store.send_txn
 
-            async def spy(req: rpc.TxnRequest) -> rpc.TxnResponse:
+            async def spy(req: rpc.TxnRequest, liveness: bool = False) -> rpc.TxnResponse:
                 in_flight.set()
-                return await send(req)
+                return await send(req, liveness)
 
             leases.store.send_txn = spy  # type: ignore[method-assign]
             try:

@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
-from gpufed import cli
+from gpufed import __version__, cli
 from gpufed.client import Client, GpufedError, LeaseEnded
 from gpufed.v1 import admin_pb2, common_pb2, lease_pb2
 from node_daemon.fake_nvml import FakeNvml
@@ -313,7 +313,7 @@ def test_another_providers_daemon_cannot_set_a_leases_access_details(
     with Client(replica.address, ADMIN_TOKEN) as admin:
         evil_token = admin.create_token("provider", "evil").secret
     outbox: queue.Queue[node_pb2.NodeMessage | None] = queue.Queue()
-    hello = node_pb2.NodeHello(provider="evil", node_id="x1", lease_hook=True)
+    hello = node_pb2.NodeHello(provider="evil", node_id="x1", lease_hook=True, daemon_version=__version__)
     hello.location.country_code = "DE"
     hello.gpus.add(uuid=gpu_uuid("x1", 0), index=0, model="L40S", memory_total_bytes=48 << 30)
     outbox.put(node_pb2.NodeMessage(hello=hello))

@@ -7,6 +7,8 @@ import urllib.request
 import pytest
 
 from control_plane.config import Config
+from control_plane.domain.schema import SCHEMA
+from gpufed import __version__
 from gpufed.client import Client
 from tests.harness import (
     ADMIN_TOKEN,
@@ -32,6 +34,8 @@ NAMES = [
     "gpufed_node_reports_total",
     "process_cpu_seconds_total",
     "process_resident_memory_bytes",
+    "gpufed_etcd_schema",
+    "gpufed_writes_refused",
 ]
 
 
@@ -60,3 +64,5 @@ def test_metrics_endpoint_has_rpc_node_gpu_lease_and_etcd_metrics(etcd: EtcdClus
     assert 'gpufed_nodes{state="ready"} 1.0' in text
     assert 'gpufed_gpus{health="healthy",leased="false"}' in text
     assert "gpufed_leases_granted_total 1.0" in text
+    assert f'gpufed_build_info{{schema="{SCHEMA}",version="{__version__}"}} 1.0' in text
+    assert "gpufed_writes_refused 0.0" in text

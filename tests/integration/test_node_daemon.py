@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from gpufed import __version__
 from gpufed.client import Client
 from gpufed.v1 import common_pb2, lease_pb2
 from node_daemon.fake_nvml import FakeNvml, parse_event
@@ -164,19 +165,28 @@ def test_a_hello_with_an_unknown_health_or_unbounded_strings_is_refused_and_writ
         token = admin.create_token("provider", "neo").secret
 
     async def revision() -> int:
+        """The newest write under this replica's prefix (etcd's own revision also moves with
+        other tests' replicas on the shared member)."""
         store = EtcdStore(replica.config.etcd_endpoints, replica.config.etcd_prefix)
         try:
-            return await store.revision()
+            kvs, _ = await store.get_prefix(store.keys.root)
+            return max(kv.mod_revision for kv in kvs)
         finally:
             await store.close()
 
     def hello(**gpu: object) -> node_pb2.NodeMessage:
         h = node_pb2.NodeHello(
-            provider="neo", node_id="n1", location=common_pb2.Location(country_code="DE"), driver_version="1"
+            provider="neo",
+            node_id="n1",
+            location=common_pb2.Location(country_code="DE"),
+            driver_version="1",
+            daemon_version=__version__,
         )
         h.gpus.add(uuid="GPU-1", index=0, model="NVIDIA H100 80GB HBM3", **gpu)
         return node_pb2.NodeMessage(hello=h)
 
+    # The leader's first writes (the schema key) settle before the count.
+    wait_until(lambda: replica.replica is not None and b'"done"' in (replica.replica.inventory.schema or b""))
     long_reasons = hello()
     for i in range(100):
         long_reasons.hello.gpus[0].health_reasons.add(code=f"R{i}", message="x" * 10_000)

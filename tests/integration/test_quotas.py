@@ -12,6 +12,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from gpufed import __version__
 from gpufed.client import Client, GpufedError
 from gpufed.errors import error_reason, retry_delay
 from gpufed.v1 import (
@@ -162,7 +163,7 @@ def _hello(provider: str, node: str, gpus: int) -> node_pb2.NodeMessage:
         location=common_pb2.Location(country_code="DE", region="eu-central"),
         price_per_gpu_hour=1.0,
         currency_code="USD",
-        daemon_version="test",
+        daemon_version=__version__,
     )
     for i in range(gpus):
         hello.gpus.add(

@@ -18,6 +18,7 @@ import pytest
 
 from control_plane.adapters.store import EtcdStore
 from control_plane.config import Config
+from gpufed import __version__
 from gpufed.client import Client, GpufedError, Unavailable
 from gpufed.v1 import common_pb2, node_pb2, node_pb2_grpc
 from node_daemon.fake_nvml import FakeNvml
@@ -124,6 +125,7 @@ def test_sdk_and_cli_work_over_tls_and_a_plaintext_client_is_refused(
 def _connect(address: str, creds: grpc.ChannelCredentials, token: str, provider: str) -> grpc.RpcError:
     hello = node_pb2.NodeHello(
         provider=provider,
+        daemon_version=__version__,
         node_id="n1",
         location=common_pb2.Location(country_code="DE"),
         price_per_gpu_hour=1.0,

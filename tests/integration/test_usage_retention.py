@@ -97,11 +97,11 @@ def test_a_sweep_that_dies_between_export_and_delete_exports_nothing_twice(
             real = store.send_txn
             calls = [0]
 
-            async def dies_once(req: rpc.TxnRequest) -> rpc.TxnResponse:
+            async def dies_once(req: rpc.TxnRequest, liveness: bool = False) -> rpc.TxnResponse:
                 calls[0] += 1
                 if calls[0] == 1:
                     raise StoreUnavailable("etcd went away after the export")
-                return await real(req)
+                return await real(req, liveness)
 
             store.send_txn = dies_once  # type: ignore[method-assign]
             with pytest.raises(StoreUnavailable):
