@@ -12,7 +12,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import handoff, ingest, lease_latency, lease_path, leases, report_cpu, scale, scaleout, search, tls
+from bench import (
+    handoff,
+    ingest,
+    lease_latency,
+    lease_path,
+    leases,
+    queue,
+    report_cpu,
+    scale,
+    scaleout,
+    search,
+    tls,
+)
 from bench.common import machine
 from gpufed.logs import configure_logging
 
@@ -23,7 +35,7 @@ def main() -> int:
         "--only",
         choices=[
             *("report_cpu", "search", "ingest", "lease_path", "lease_latency", "leases", "tls", "handoff"),
-            *("scale", "scaleout"),
+            *("queue", "scale", "scaleout"),
         ],
         action="append",
     )
@@ -39,7 +51,7 @@ def main() -> int:
     }
     wanted = a.only or [
         *("report_cpu", "search", "ingest", "lease_path", "lease_latency", "leases", "tls", "handoff"),
-        *("scale", "scaleout"),
+        *("queue", "scale", "scaleout"),
     ]
     if "report_cpu" in wanted:
         results["report_cpu"] = report_cpu.run(reports=int(3000 * scale_factor))
@@ -58,6 +70,8 @@ def main() -> int:
         results["tls"] = tls.run(duration=4 * scale_factor, connects=int(100 * scale_factor))
     if "handoff" in wanted:
         results["handoff"] = handoff.run(cycles=int(60 * scale_factor) or 1)
+    if "queue" in wanted:
+        results["queue"] = queue.run((10, 1_000) if a.quick else (10, 10_000), samples=100)
     if "scale" in wanted:
         sizes = (1_000, 10_000) if a.quick else (1_000, 10_000, 100_000)
         results["scale"] = scale.run(sizes, searches=100 if a.quick else 300)

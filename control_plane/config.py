@@ -66,6 +66,10 @@ class Config:
     usage_retention_days: float = 90.0
     # Ended leases (and spent request ids) stay readable this long, then etcd deletes them.
     lease_history_hours: float = 24.0
+    # Requests waiting for capacity in the whole federation (CreateLease with max_wait).
+    max_queued: int = 20_000
+    # The queue's fair share: each GPU a tenant holds moves its waiting requests this much later.
+    queue_share_s: float = 30.0
     usage_export_dir: str = ""
     # Failed authentications one client address may make per minute before AUTH_THROTTLED.
     auth_failures_per_minute: int = 30
@@ -220,6 +224,16 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         help="ended leases and spent request ids stay readable this long (GPUFED_LEASE_HISTORY_HOURS; 24)",
     )
     p.add_argument(
+        "--max-queued",
+        type=int,
+        help="requests waiting for capacity in the whole federation, 1..1000000 (GPUFED_MAX_QUEUED; 20000)",
+    )
+    p.add_argument(
+        "--queue-share",
+        type=float,
+        help="seconds each GPU a tenant holds moves its waiting requests back (GPUFED_QUEUE_SHARE; 30)",
+    )
+    p.add_argument(
         "--usage-export-dir",
         help="where the leader exports expired usage records as JSON lines; shared by every replica "
         "(GPUFED_USAGE_EXPORT_DIR; default none: records are kept)",
@@ -246,7 +260,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     no_bootstrap = s.get(
         a.no_bootstrap_token, "GPUFED_NO_BOOTSTRAP_TOKEN", "no_bootstrap_token", False, truthy
     )
-    return Config(
+    cfg = Config(
         listen=s.get(a.listen, "GPUFED_LISTEN", "listen", d.listen),
         etcd_endpoints=s.get(
             csv(a.etcd_endpoints) if a.etcd_endpoints else None,
@@ -306,6 +320,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
             d.lease_history_hours,
             float,
         ),
+        max_queued=s.get(a.max_queued, "GPUFED_MAX_QUEUED", "max_queued", d.max_queued, int),
+        queue_share_s=s.get(a.queue_share, "GPUFED_QUEUE_SHARE", "queue_share", d.queue_share_s, float),
         health_write_interval=s.get(
             a.health_write_interval,
             "GPUFED_HEALTH_WRITE_INTERVAL",
@@ -321,6 +337,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         tenant_quota=_limits(s, a, "qt", "tenant", TENANT_BOUNDS, TenantLimits()),
         provider_quota=_limits(s, a, "qp", "provider", PROVIDER_BOUNDS, ProviderLimits()),
     )
+    if not 1 <= cfg.max_queued <= 1_000_000:
+        raise ConfigError("--max-queued must be in 1..1000000")
+    if not 0 <= cfg.queue_share_s <= 86_400:
+        raise ConfigError("--queue-share must be in 0..86400 seconds")
+    return cfg
 
 
 L = TypeVar("L", TenantLimits, ProviderLimits)

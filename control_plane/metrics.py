@@ -65,6 +65,9 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
             registry=r,
         )
+        self.queue_grants = Counter(
+            "gpufed_queue_grants_total", "Leases granted from the queue by this replica", registry=r
+        )
         self.streams = Gauge("gpufed_node_streams", "Node daemon streams held by this replica", registry=r)
         self.reports = Counter("gpufed_node_reports_total", "Node reports ingested", registry=r)
         self.bootstrap_token_risk = Gauge(
@@ -102,3 +105,8 @@ class _InventoryCollector(Collector):
             gpus.add_metric([h, leased], n)
         yield nodes
         yield gpus
+        queued = GaugeMetricFamily(
+            "gpufed_queued_requests", "Requests waiting for capacity (the federation's queue)"
+        )
+        queued.add_metric([], len(self.inv.queued))
+        yield queued

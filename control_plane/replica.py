@@ -22,6 +22,7 @@ from control_plane.app.discovery import Discovery
 from control_plane.app.leader import Leader
 from control_plane.app.leases import Leases
 from control_plane.app.nodes import Nodes
+from control_plane.app.queue import Queue
 from control_plane.app.quotas import Quotas
 from control_plane.app.retention import DAY_S
 from control_plane.app.telemetry import Telemetry
@@ -164,6 +165,16 @@ class Replica:
             history_retention_s=cfg.lease_history_hours * 3600,
         )
         self.leases.start()
+        self.queue = Queue(
+            self.store,
+            self.inventory,
+            self.leases,
+            self.quotas,
+            self.clock,
+            self.metrics,
+            max_queued=cfg.max_queued,
+            share_s=cfg.queue_share_s,
+        )
         self.nodes.on_provisioned = self.leases.provisioned
         self.nodes.end_lease = self.leases.end
         self.peers = PeerClient(cfg.peer_token, peer_credentials(cfg))
@@ -178,6 +189,7 @@ class Replica:
             lambda: self.session.lease_id,
             self.metrics,
             self.clock,
+            queue=self.queue,
             provision_timeout_s=cfg.provision_timeout,
             usage_retention_s=cfg.usage_retention_days * DAY_S,
             usage_export_dir=cfg.usage_export_dir,

@@ -17,6 +17,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -388,6 +389,79 @@ def _ssh_keys(paths: Sequence[str]) -> list[str]:
     return keys
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_s(text: str) -> int:
+    """Whole seconds from "90", "90s", "30m", "2h" or "1d"."""
+    t = text.strip().lower()
+    unit = _UNITS.get(t[-1:], 0)
+    number = t[:-1] if unit else t
+    if not number.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 90s, 30m, 2h")
+    return int(number) * (unit or 1)
+
+
+def _clock(seconds: float) -> str:
+    s = max(0, int(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _waited(lease: lease_pb2.Lease, now: float) -> str:
+    """One line of a queued lease's progress: position, time waited, time left."""
+    waited = now - lease.create_time.seconds
+    left = lease.wait_expire_time.seconds - now
+    return (
+        f"{lease.name} queued: position {lease.queue_position}, waited {_clock(waited)},"
+        f" gives up in {_clock(left)}"
+    )
+
+
+def _wait_in_queue(c: Client, lease: lease_pb2.Lease) -> lease_pb2.Lease:
+    """Follow a QUEUED lease until it is granted (the granted record) or ends (ValueError).
+    On a terminal one live line, redrawn every second; otherwise a line per move of the
+    position. Ctrl-C cancels the request."""
+    tty = sys.stderr.isatty()
+    W = lease_pb2.WatchLeaseResponse
+    latest = [lease]
+    done = threading.Event()
+
+    def draw() -> None:
+        while not done.wait(1.0):
+            print(f"\r\x1b[K{escaped(_waited(latest[0], time.time()))}", end="", file=sys.stderr, flush=True)
+
+    ticker = threading.Thread(target=draw, daemon=True) if tty else None
+    if ticker is not None:
+        ticker.start()
+    try:
+        for ev in c.watch_lease(lease.name):
+            if ev.type == W.EVENT_TYPE_QUEUED:
+                latest[0] = ev.lease
+                line = escaped(_waited(ev.lease, time.time()))
+                if tty:
+                    print(f"\r\x1b[K{line}", end="", file=sys.stderr, flush=True)
+                else:
+                    print(line, file=sys.stderr, flush=True)
+                continue
+            if ev.type not in (W.EVENT_TYPE_GRANTED, W.EVENT_TYPE_ENDED):
+                continue
+            done.set()
+            if tty:
+                print(file=sys.stderr)
+            if ev.type == W.EVENT_TYPE_GRANTED:
+                return ev.lease
+            reason = lease_pb2.LeaseEndReason.Name(ev.lease.end_reason).removeprefix("LEASE_END_REASON_")
+            raise ValueError(f"{lease.name} ended while queued ({reason}): no GPUs were granted")
+    except KeyboardInterrupt:
+        done.set()
+        c.release_lease(lease.name)
+        print(f"\ncancelled {lease.name}", file=sys.stderr)
+        raise
+    finally:
+        done.set()
+    raise ValueError(f"{lease.name}: the watch ended before a grant")
+
+
 def cmd_lease_create(c: Client, args: argparse.Namespace) -> int:
     options = {}
     for item in args.option:
@@ -404,9 +478,12 @@ def cmd_lease_create(c: Client, args: argparse.Namespace) -> int:
         provider_options=options,
         pool=args.pool,
         allow_mixed=args.allow_mixed,
+        max_wait_s=args.wait or 0,
         **_filter_kwargs(args),
     )
-    if args.wait and lease.state == lease_pb2.LEASE_STATE_PROVISIONING:
+    if lease.state == lease_pb2.LEASE_STATE_QUEUED:
+        lease = _wait_in_queue(c, lease)
+    if args.wait is not None and lease.state == lease_pb2.LEASE_STATE_PROVISIONING:
         print(f"{lease.name} granted; waiting for the provider to set up access", file=sys.stderr)
         lease = c.wait_active(lease.name, args.wait_timeout)
     _emit(
@@ -414,7 +491,7 @@ def cmd_lease_create(c: Client, args: argparse.Namespace) -> int:
         lease,
         lambda: _lease_rows([lease]) + ([[""], *_access_rows(lease)] if _access_rows(lease) else []),
     )
-    if args.wait and args.output == "table":
+    if args.wait is not None and args.output == "table":
         key = next((k for k in map(_private_key, args.ssh_key) if k), "")
         for line in _login_lines(lease, key):
             print(f"login: {line}")
@@ -629,7 +706,10 @@ def _export_usage(
     return EXIT_OK
 
 
-_TENANT_LIMITS = ("max_gpus", "max_leases", "create_leases_per_second", "create_leases_burst", "max_streams")
+_TENANT_LIMITS = (
+    *("max_gpus", "max_leases", "create_leases_per_second", "create_leases_burst", "max_streams"),
+    "max_queued",
+)
 _PROVIDER_LIMITS = (
     "max_nodes",
     "max_gpus_per_node",
@@ -817,7 +897,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--option", action="append", default=[], metavar="KEY=VALUE", help="provider option (repeatable)"
     )
     lc.add_argument(
-        "--wait", action="store_true", help="wait until the lease is ACTIVE and print how to reach it"
+        "--wait",
+        nargs="?",
+        const=0,
+        type=duration_s,
+        metavar="MAX_WAIT",
+        help="wait until the lease is ACTIVE and print how to reach it; with MAX_WAIT (e.g. 30m),"
+        " a request the federation cannot serve now waits in the queue for up to that long",
     )
     lc.add_argument("--wait-timeout", type=float, default=300, help="seconds --wait waits (default 300)")
     lc.set_defaults(fn=cmd_lease_create)

@@ -347,10 +347,13 @@ class Client:
         provider_options: Mapping[str, str] | None = None,
         pool: str = "",
         allow_mixed: bool = False,
+        max_wait_s: int = 0,
         **filter_args: Any,
     ) -> lease_pb2.Lease:
         """The granted lease: ACTIVE, or PROVISIONING while the providers' hooks set up access
-        with `ssh_keys` (OpenSSH public key lines) and `provider_options` (see wait_active)."""
+        with `ssh_keys` (OpenSSH public key lines) and `provider_options` (see wait_active).
+        With `max_wait_s`, a request the federation cannot serve now is QUEUED for up to that
+        long instead of refused (see wait_granted)."""
         req = lease_pb2.CreateLeaseRequest(
             request_id=request_id or new_request_id(),
             gpu_count=gpu_count,
@@ -362,6 +365,7 @@ class Client:
             ),
             pool=pool_choice(pool),
             allow_mixed=allow_mixed,
+            max_wait=duration_pb2.Duration(seconds=max_wait_s),
         )
         return self.call(self.leases.CreateLease, req).lease  # type: ignore[no-any-return]
 

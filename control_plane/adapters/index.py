@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from google.protobuf.message import DecodeError
+
 from control_plane.adapters.keyspace import KeyKind, Keyspace
 from control_plane.domain import capacity as capacity_rules
 from control_plane.domain import mig
@@ -49,6 +51,7 @@ class ChangeKind(enum.Enum):
     BURST = "burst"
     MEMBER = "member"
     SCHEMA = "schema"
+    QUEUE = "queue"
     RESYNC = "resync"  # the whole view was replaced by a (re-)list
 
 
@@ -57,7 +60,7 @@ _CHANGE_OF = {k: ChangeKind[k.name] for k in KeyKind}
 # and apply() runs for every event of the watch.
 _NODE, _ALIVE, _ALLOC, _LEASE = KeyKind.NODE, KeyKind.ALIVE, KeyKind.ALLOC, KeyKind.LEASE
 _REPLICA, _LEADER, _QUOTA, _BURST = KeyKind.REPLICA, KeyKind.LEADER, KeyKind.QUOTA, KeyKind.BURST
-_MEMBER, _SCHEMA = KeyKind.MEMBER, KeyKind.SCHEMA
+_MEMBER, _SCHEMA, _QUEUE = KeyKind.MEMBER, KeyKind.SCHEMA, KeyKind.QUEUE
 
 
 class KeyValueLike(Protocol):
@@ -113,6 +116,10 @@ class Inventory:
     members: dict[str, bytes] = field(default_factory=dict)
     # the schema key's value (None: absent, schema 1)
     schema: bytes | None = None
+    # lease id -> a request waiting for capacity, and its record's mod revision
+    queued: dict[str, tuple[lease_pb2.QueuedLeaseRecord, int]] = field(default_factory=dict)
+    # tenant -> its queued lease ids (its max_queued quota)
+    tenant_queued: dict[str, set[str]] = field(default_factory=dict)
     leader: str = ""
     revision: int = 0
     # node names ordered by (price, name), overall and per country, for searches that stop early
@@ -252,10 +259,29 @@ class Inventory:
                 self.members[name] = value
         elif kind is _SCHEMA:
             self.schema = value
+        elif kind is _QUEUE:
+            self._set_queued(name, value, mod_revision)
         change = Change(_CHANGE_OF[kind], name, value, mod_revision, lease)
         if notify:
             self._notify(change)
         return change
+
+    def _set_queued(self, lease_id: str, value: bytes | None, revision: int) -> None:
+        old = self.queued.pop(lease_id, None)
+        if old is not None:
+            mine = self.tenant_queued.get(old[0].lease.tenant)
+            if mine is not None:
+                mine.discard(lease_id)
+                if not mine:
+                    del self.tenant_queued[old[0].lease.tenant]
+        if value is None:
+            return
+        try:
+            record = lease_pb2.QueuedLeaseRecord.FromString(value)
+        except DecodeError:
+            return  # not written by a gpufed replica: nothing to schedule
+        self.queued[lease_id] = (record, revision)
+        self.tenant_queued.setdefault(record.lease.tenant, set()).add(lease_id)
 
     def _notify(self, change: Change) -> None:
         for fn in list(self._subscribers):

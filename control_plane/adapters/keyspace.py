@@ -12,6 +12,9 @@ never streamed to every replica's index:
                                         whole-GPU grant compares that range empty, an instance's
                                         grant compares the parent's key absent
   leases/{lease_id}                     Lease record; on its own etcd lease
+  queue/{lease_id}                      a request waiting for capacity (QueuedLeaseRecord, binary;
+                                        schema 3): deleted by the Txn that grants it (which
+                                        writes leases/{lease_id}) or ends it
   tokens/{token_id}                     token record with the secret's hash
   replicas/{replica_id}                 peer address; on the replica's session lease
   members/{replica_id}                  the replica's release and the newest schema it
@@ -73,6 +76,7 @@ class KeyKind(enum.Enum):
     BURST = "burst"
     MEMBER = "member"
     SCHEMA = "schema"
+    QUEUE = "queue"
 
 
 class Key(NamedTuple):
@@ -104,6 +108,7 @@ _LAYOUT = {
     "burst": (KeyKind.BURST, 1),
     "members": (KeyKind.MEMBER, 1),
     "schema": (KeyKind.SCHEMA, 0),
+    "queue": (KeyKind.QUEUE, 1),
 }
 
 
@@ -131,6 +136,9 @@ class Keyspace:
 
     def lease(self, lease_id: str) -> str:
         return self._k("leases", lease_id)
+
+    def queued(self, lease_id: str) -> str:
+        return self._k("queue", lease_id)
 
     def token(self, token_id: str) -> str:
         return self._k("tokens", token_id)

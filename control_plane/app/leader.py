@@ -48,6 +48,7 @@ from control_plane.adapters.store import get as get_op
 from control_plane.app.lease_txns import put_history, put_usage
 from control_plane.app.leases import Leases
 from control_plane.app.migration import SchemaMigration
+from control_plane.app.queue import Queue
 from control_plane.app.retention import DAY_S, UsageRetention
 from control_plane.domain import lease_rules
 from control_plane.domain.usage import usage_records
@@ -91,7 +92,9 @@ class Leader:
         provision_timeout_s: float = 900.0,
         usage_retention_s: float = 90 * DAY_S,
         usage_export_dir: str = "",
+        queue: Queue | None = None,
     ) -> None:
+        self.queue = queue
         self.provision_timeout_s = provision_timeout_s
         self.retention = UsageRetention(
             store, clock, usage_retention_s, usage_export_dir, self._fenced, self._check_term
@@ -177,6 +180,7 @@ class Leader:
             asyncio.create_task(self._compaction(), name="compaction"),
             asyncio.create_task(self._retention(), name="usage-retention"),
             asyncio.create_task(self._schema(), name="schema-migration"),
+            *([asyncio.create_task(self.queue.run(), name="queue-scheduler")] if self.queue else []),
         ]
         try:
             while (

@@ -15,7 +15,9 @@ import contextlib
 import dataclasses
 import itertools
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import Set as AbstractSet
+from typing import TYPE_CHECKING
 
 from control_plane.adapters.commit import GroupCommit, LeasePool
 from control_plane.adapters.index import Change, ChangeKind, Inventory
@@ -24,14 +26,19 @@ from control_plane.adapters.store import EtcdStore, KeyValue, newest_read, prefi
 from control_plane.app.lease_txns import grant_txn, release_txn
 from control_plane.app.quotas import Quotas
 from control_plane.domain import access, errors, lease_rules, offers, pagination, pools
+from control_plane.domain.filters import Filter
+from control_plane.domain.inventory import Candidate
 from control_plane.domain.lease_watch import LeaseWatch
 from control_plane.domain.names import parse_lease_name
-from control_plane.domain.placement import place
+from control_plane.domain.placement import Pick, place
 from control_plane.domain.text import scrubbed
 from control_plane.metrics import Metrics
 from gpufed.clock import SYSTEM, Clock, now_ts, timestamp
 from gpufed.logs import get_logger
 from gpufed.v1 import common_pb2, lease_pb2, node_pb2
+
+if TYPE_CHECKING:
+    from control_plane.app.queue import Queue
 
 log = get_logger(__name__)
 # Lease ids are names, not secrets (access goes by tenant token); the grant Txn compares the
@@ -43,6 +50,9 @@ LEASE_WATCH_QUEUE_LIMIT = 1_000
 ACTIVE = lease_pb2.LEASE_STATE_ACTIVE
 PROVISIONING = lease_pb2.LEASE_STATE_PROVISIONING
 ENDED = lease_pb2.LEASE_STATE_ENDED
+QUEUED = lease_pb2.LEASE_STATE_QUEUED
+# What a request with max_wait waits through instead of failing.
+WAITABLE = frozenset(("NO_MATCHING_CAPACITY", "CAPACITY_CONTENDED", "QUOTA_GPUS", "QUOTA_LEASES"))
 _NS = 1_000_000_000
 
 
@@ -103,6 +113,7 @@ class Leases:
         self.pool = LeasePool(store, clock)
         # GPUs this replica is granting right now: its own grants should not race each other.
         self.pending: set[str] = set()
+        self.queue: Queue | None = None  # set by control_plane.app.queue.Queue
 
     def start(self) -> None:
         self.commits.start()
@@ -114,7 +125,19 @@ class Leases:
 
     def _indexed(self, lease_id: str) -> tuple[lease_pb2.Lease, int] | None:
         lease = self.inv.leases.get(lease_id)
-        return None if lease is None else (lease, self.inv.lease_revision[lease_id])
+        if lease is not None:
+            return lease, self.inv.lease_revision[lease_id]
+        waiting = self.inv.queued.get(lease_id)
+        if waiting is not None and self.queue is not None:
+            return self.queue.shown(waiting[0]), waiting[1]
+        return None
+
+    async def _queued(self, lease_id: str, fresh: bool) -> tuple[lease_pb2.QueuedLeaseRecord, int] | None:
+        """A queued request's record and its mod revision: from the index, or etcd if fresh."""
+        if not fresh:
+            return self.inv.queued.get(lease_id)
+        kv = await self.store.get(self.keys.queued(lease_id))
+        return None if kv is None else (lease_pb2.QueuedLeaseRecord.FromString(kv.value), kv.mod_revision)
 
     async def _read(self, lease_id: str) -> tuple[lease_pb2.Lease, int] | None:
         """From etcd: the active record and its mod revision, else the history (revision 0)."""
@@ -124,6 +147,10 @@ class Leases:
             if not lease.fencing_token:
                 lease.fencing_token = kv.create_revision
             return lease, kv.mod_revision
+        waiting = await self._queued(lease_id, fresh=True)
+        if waiting is not None:
+            shown = self.queue.shown(waiting[0]) if self.queue is not None else waiting[0].lease
+            return shown, waiting[1]
         kv = await self.store.get(self.keys.lease_history(lease_id))
         if kv is not None:
             return lease_pb2.Lease.FromString(kv.value), 0
@@ -172,9 +199,11 @@ class Leases:
         found: dict[str, tuple[str, lease_pb2.Lease]] = {}
         if state != ENDED:
             held = self.inv.tenant_leases.get(tenant, {}) if tenant is not None else self.inv.leases
-            ids = list(held)
+            waiting = self.inv.tenant_queued.get(tenant, set()) if tenant is not None else self.inv.queued
+            ids = [*held, *waiting]
             for lease_id in ids:
-                lease = self.inv.leases.get(lease_id)
+                indexed = self._indexed(lease_id)
+                lease = indexed[0] if indexed is not None else None
                 if lease is None or (state and lease.state != state):
                     continue
                 key = _sort_key(lease)
@@ -219,19 +248,55 @@ class Leases:
             raise errors.aborted("REQUEST_SETTLING", "the lease of this request_id is ending; retry")
         return found[0]
 
-    async def create(self, tenant: str, spec: lease_rules.CreateSpec) -> lease_pb2.Lease:
+    def stages(self, tenant: str, spec: lease_rules.CreateSpec) -> list[list[Filter]]:
+        """The filters of each pool stage in turn (pools.stages): the federation and the
+        tenant's own pool as its choice and burst policy say."""
+        visible_to = dataclasses.replace(spec.filter, viewer=tenant)  # the federation and its own pool
+        burst = pools.from_json(self.inv.burst.get(tenant))[0]
+        mixed = spec.allow_mixed and spec.placement == lease_pb2.PLACEMENT_SPREAD
+        return [
+            pools.scoped(visible_to, scope, burst)
+            for scope in pools.stages(spec.pool, tenant in self.inv.pools, mixed)
+        ]
+
+    def filters(self, tenant: str, spec: lease_rules.CreateSpec) -> list[Filter]:
+        return [f for stage in self.stages(tenant, spec) for f in stage]
+
+    def candidates(self, tenant: str, spec: lease_rules.CreateSpec) -> Iterator[Iterable[Candidate]]:
+        """Each stage's candidates, free GPUs only, cheapest first."""
+        for stage in self.stages(tenant, spec):
+            yield itertools.chain.from_iterable(offers.candidates(self.inv, f, 1) for f in stage)
+
+    def place(self, tenant: str, spec: lease_rules.CreateSpec, avoid: AbstractSet[str]) -> list[Pick] | None:
+        """GPUs for the request on the index as it is, none of `avoid`; None if none fit."""
+        for cands in self.candidates(tenant, spec):
+            picks = place(cands, spec.gpu_count, spec.placement, avoid)
+            if picks is not None:
+                return picks
+        return None
+
+    def queue_claims(self) -> AbstractSet[str]:
+        """GPUs owed to waiting requests (control_plane.app.queue): immediate grants avoid them."""
+        return self.queue.claims() if self.queue is not None else frozenset()
+
+    async def create(
+        self,
+        tenant: str,
+        spec: lease_rules.CreateSpec,
+        request: lease_pb2.CreateLeaseRequest | None = None,
+    ) -> lease_pb2.Lease:
+        """Grant now; or, with max_wait, queue a request that finds no capacity (or no room in
+        the tenant's quota) now (control_plane.app.queue)."""
         self.quotas.take_create(tenant)
         etcd_lease, ttl_from_ns = await self.pool.take(spec.ttl_s)
         lease_id = f"{_IDS.getrandbits(64):016x}"
         keep_etcd_lease = False
         avoid: set[str] = set()
         req_key = self.keys.request(tenant, spec.request_id).encode() if spec.request_id else None
-        visible_to = dataclasses.replace(spec.filter, viewer=tenant)  # the federation and its own pool
-        burst = pools.from_json(self.inv.burst.get(tenant))[0]
 
         async def attempt(n: int) -> lease_pb2.Lease | None:
             try:
-                reservation = await self.quotas.reserve_lease(tenant, spec.gpu_count)
+                reservation = await self.quotas.reserve_lease(tenant, lease_id, spec.gpu_count)
             except errors.DomainError:
                 # A retry of a request that already holds a lease answers with that lease.
                 existing = await self.by_request(tenant, spec.request_id)
@@ -248,20 +313,9 @@ class Leases:
 
         async def grant(n: int, holds_revision: int) -> lease_pb2.Lease | None:
             nonlocal keep_etcd_lease
-            picks = None
-            mixed = spec.allow_mixed and spec.placement == lease_pb2.PLACEMENT_SPREAD
-            for scope in pools.stages(spec.pool, tenant in self.inv.pools, mixed):
-                cands = itertools.chain.from_iterable(
-                    offers.candidates(self.inv, f, 1) for f in pools.scoped(visible_to, scope, burst)
-                )
-                picks = place(
-                    cands,
-                    spec.gpu_count,
-                    spec.placement,
-                    avoid | self.pending if avoid else self.pending,
-                )
-                if picks is not None:
-                    break
+            # The queue's claims first: an immediate request takes no GPU a waiter is owed.
+            owed = self.queue_claims()
+            picks = self.place(tenant, spec, avoid | self.pending | owed if avoid or owed else self.pending)
             if picks is None:
                 # A retry of a request that already holds a lease answers with that lease.
                 existing = await self.by_request(tenant, spec.request_id)
@@ -327,6 +381,10 @@ class Leases:
 
         try:
             return await retry_cas(attempt, _contended)
+        except errors.DomainError as e:
+            if not spec.max_wait_s or e.reason not in WAITABLE or self.queue is None or request is None:
+                raise
+            return await self.queue.enqueue(tenant, spec, request, lease_id)
         finally:
             if not keep_etcd_lease:
                 self.pool.give_back(etcd_lease, spec.ttl_s)
@@ -340,6 +398,10 @@ class Leases:
         ttl writes nothing (lease_rules.renewal_moves)."""
         self.quotas.take_renewal(tenant)
         lease, revision = await self.get(name, tenant)
+        if lease.state == QUEUED:
+            raise errors.failed_precondition(
+                "LEASE_QUEUED", f"{lease.name} waits for capacity: renew it once granted", lease=lease.name
+            )
         if not lease_rules.is_live(lease):
             raise _ended(lease.name, "has ended")
         at = now_ts(self.clock)
@@ -457,6 +519,8 @@ class Leases:
             lease, revision = found
             if revision == 0:
                 return lease  # history: already ended
+            if lease.state == QUEUED:
+                return await self._end_queued(lease_id, reason, message, fresh=n > 0)
             # The true end: now, or the expiry if etcd has not yet deleted an expired lease.
             now = now_ts(self.clock)
             if lease.HasField("expire_time") and lease.expire_time.ToNanoseconds() < now.ToNanoseconds():
@@ -474,6 +538,14 @@ class Leases:
 
         return await retry_cas(attempt, _changing)
 
+    async def _end_queued(
+        self, lease_id: str, reason: int, message: str, fresh: bool
+    ) -> lease_pb2.Lease | None:
+        waiting = await self._queued(lease_id, fresh)
+        if waiting is None or self.queue is None:
+            return None  # granted or ended meanwhile: read it again
+        return await self.queue.end(lease_id, waiting[0], waiting[1], reason, message)
+
     # -- watch ----------------------------------------------------------------------------------
 
     async def watch(self, name: str, tenant: str | None) -> AsyncIterator[lease_pb2.WatchLeaseResponse]:
@@ -481,6 +553,13 @@ class Leases:
         replica shuts down. A thin loop: index changes and ticks in, the machine's events out."""
         lease, _ = await self.get(name, tenant)
         lease_id = lease.name.split("/", 1)[1]
+        if lease.state == lease_rules.QUEUED:
+            granted: list[lease_pb2.Lease] = []
+            async for ev in self._watch_queued(lease_id, lease, granted):
+                yield ev
+            if not granted:
+                return
+            lease = granted[0]
         machine = LeaseWatch(lease)
         for ev in machine.start(self.clock.time_ns()):
             yield ev
@@ -537,6 +616,49 @@ class Leases:
                 raise errors.unavailable(
                     "REPLICA_SHUTTING_DOWN", "this replica is shutting down; watch again"
                 )
+        finally:
+            unsubscribe()
+
+    async def _watch_queued(
+        self, lease_id: str, lease: lease_pb2.Lease, granted: list[lease_pb2.Lease]
+    ) -> AsyncIterator[lease_pb2.WatchLeaseResponse]:
+        """A queued lease's watch until it leaves the queue: QUEUED now and at each move of its
+        position; then ENDED (expired, cancelled), or the granted record put in `granted` for
+        the live lease's watch to go on from (GRANTED)."""
+        event = lease_pb2.WatchLeaseResponse
+        changes = asyncio.Event()
+
+        def on_change(change: Change) -> None:
+            if change.kind in (ChangeKind.QUEUE, ChangeKind.RESYNC) or (
+                change.kind is ChangeKind.LEASE and change.name == lease_id
+            ):
+                changes.set()  # coalesced: one look at the index as it is, however many
+
+        unsubscribe = self.inv.subscribe(on_change)
+        shown = -1
+        try:
+            while not self.shutdown.is_set():
+                record = self.inv.queued.get(lease_id)
+                if record is None:
+                    live = self.inv.leases.get(lease_id)
+                    if live is not None:
+                        granted.append(live)
+                        return
+                    final = await self.store.get(self.keys.lease_history(lease_id))
+                    if final is not None:
+                        ended = lease_pb2.Lease.FromString(final.value)
+                        yield event(type=event.EVENT_TYPE_ENDED, lease=ended, event_time=now_ts(self.clock))
+                        return
+                else:
+                    view = self.queue.shown(record[0]) if self.queue is not None else record[0].lease
+                    if view.queue_position != shown:
+                        shown = view.queue_position
+                        yield event(type=event.EVENT_TYPE_QUEUED, lease=view, event_time=now_ts(self.clock))
+                changes.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2.0):
+                        await changes.wait()
+            raise errors.unavailable("REPLICA_SHUTTING_DOWN", "this replica is shutting down; watch again")
         finally:
             unsubscribe()
 

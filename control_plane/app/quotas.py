@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import json
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -39,20 +39,22 @@ MAX_BUCKETS = 100_000
 class _Gate:
     """One tenant's grants on this replica that the index cannot count yet."""
 
-    leases: int = 0  # reserved by grants in flight
-    gpus: int = 0
+    inflight: dict[str, int] = field(default_factory=dict)  # lease id (node name) -> GPUs
     committed: list[tuple[int, int]] = field(default_factory=list)  # (revision, GPUs), oldest first
 
     def prune(self, indexed: int) -> None:
         while self.committed and self.committed[0][0] <= indexed:
             self.committed.pop(0)
 
-    def uncounted(self, counted_at: int) -> tuple[int, int]:
-        """(leases, GPUs) of this replica's grants a count at revision `counted_at` misses.
-        Pure: only the index's own revision may prune (a fresher etcd read must not drop
-        grants the index has not seen yet)."""
+    def uncounted(self, counted_at: int, counted: Container[str]) -> tuple[int, int]:
+        """(leases, GPUs) of this replica's grants a count at revision `counted_at` of the
+        names `counted` misses. A grant still in flight may be in the count already (the
+        watch can apply its write before the Txn's answer settles the reservation): it is
+        left out by name, never counted twice. Pure: only the index's own revision may prune
+        (a fresher etcd read must not drop grants the index has not seen yet)."""
         late = [g for rev, g in self.committed if rev > counted_at]
-        return self.leases + len(late), self.gpus + sum(late)
+        flying = [g for name, g in self.inflight.items() if name not in counted]
+        return len(flying) + len(late), sum(flying) + sum(late)
 
 
 @dataclass(slots=True)
@@ -62,13 +64,13 @@ class Reservation:
     quotas: Quotas
     tenant: str
     gate: _Gate
+    name: str  # the lease id (node name) the grant creates
     gpus: int
     revision: int  # the tenant's holds were counted at this revision
 
     def done(self, committed_revision: int) -> None:
         """The grant is settled: committed at `committed_revision`, or not (0)."""
-        self.gate.leases -= 1
-        self.gate.gpus -= self.gpus
+        self.gate.inflight.pop(self.name, None)
         if committed_revision:
             bisect.insort(self.gate.committed, (committed_revision, self.gpus))
         self.quotas._forget_gate(self.tenant, self.gate)
@@ -128,13 +130,19 @@ class Quotas:
     async def lease_counts(self, tenant: str, fresh: bool) -> tuple[int, int, int]:
         """(active leases, GPUs held, the revision they were counted at): from the index, or
         (fresh) from the tenant's holds in etcd, which the index may lag behind on a release."""
+        leases, gpus, revision, _ = await self._holds(tenant, fresh)
+        return leases, gpus, revision
+
+    async def _holds(self, tenant: str, fresh: bool) -> tuple[int, int, int, Container[str]]:
+        """lease_counts, and the lease ids counted."""
         if not fresh:
             leases, gpus = self.inv.tenant_holds(tenant)
-            return leases, gpus, self.inv.revision
+            return leases, gpus, self.inv.revision, self.inv.tenant_leases.get(tenant, {})
         kvs, revision = await self.store.get_prefix(self.keys.holds_dir(tenant))
-        return len(kvs), sum(int(kv.value or b"0") for kv in kvs), revision
+        ids = {kv.key.rsplit(b"/", 1)[-1].decode() for kv in kvs}
+        return len(kvs), sum(int(kv.value or b"0") for kv in kvs), revision, ids
 
-    async def reserve_lease(self, tenant: str, gpus: int) -> Reservation:
+    async def reserve_lease(self, tenant: str, lease_id: str, gpus: int) -> Reservation:
         """Room for one more lease of `gpus` GPUs within the tenant's quota; RESOURCE_EXHAUSTED
         QUOTA_LEASES / QUOTA_GPUS otherwise. The reservation carries the revision the count is
         complete at for the other replicas' grants, which the grant Txn compares unchanged.
@@ -147,27 +155,25 @@ class Quotas:
         if gate is None:
             gate = self._gates[tenant] = _Gate()
         limits = self.tenant(tenant)
-        leases, held = self.inv.tenant_holds(tenant)
-        revision = self.inv.revision
+        leases, held, revision, ids = await self._holds(tenant, fresh=False)
         gate.prune(revision)
-        own_leases, own_gpus = gate.uncounted(revision)
+        own_leases, own_gpus = gate.uncounted(revision, ids)
         try:
             quotas.check_lease(limits, leases + own_leases, held + own_gpus, gpus)
         except errors.DomainError:
             # The index may not have seen a release yet: only etcd may say no.
-            leases, held, revision = await self.lease_counts(tenant, fresh=True)
+            leases, held, revision, ids = await self._holds(tenant, fresh=True)
             # While this waited, the gate may have emptied and been dropped (and another made):
             # count and reserve on the one in place now, never on one nobody else sees.
             gate = self._gates.setdefault(tenant, gate)
-            own_leases, own_gpus = gate.uncounted(revision)
+            own_leases, own_gpus = gate.uncounted(revision, ids)
             quotas.check_lease(limits, leases + own_leases, held + own_gpus, gpus)
-        gate.leases += 1
-        gate.gpus += gpus
-        return Reservation(self, tenant, gate, gpus, revision)
+        gate.inflight[lease_id] = gpus
+        return Reservation(self, tenant, gate, lease_id, gpus, revision)
 
     def _forget_gate(self, tenant: str, gate: _Gate) -> None:
         gate.prune(self.inv.revision)
-        if not gate.leases and not gate.committed and self._gates.get(tenant) is gate:
+        if not gate.inflight and not gate.committed and self._gates.get(tenant) is gate:
             del self._gates[tenant]
 
     def reserve_node(self, provider: str, node_name: str, gpus: int) -> Reservation | None:
@@ -182,7 +188,7 @@ class Quotas:
             gate = self._gates[key] = _Gate()
         revision = self.inv.revision
         gate.prune(revision)
-        own, _ = gate.uncounted(revision)
+        own, _ = gate.uncounted(revision, self.inv.nodes)
         try:
             quotas.check_node(limits, self.inv.provider_nodes(provider) + own, is_new, gpus)
         finally:
@@ -190,8 +196,8 @@ class Quotas:
         if not is_new:
             return None
         gate = self._gates.setdefault(key, gate)
-        gate.leases += 1
-        return Reservation(self, key, gate, 0, revision)
+        gate.inflight[node_name] = 0
+        return Reservation(self, key, gate, node_name, 0, revision)
 
     # -- rates and streams ----------------------------------------------------------------------
 

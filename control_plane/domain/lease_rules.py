@@ -16,9 +16,12 @@ from gpufed.v1 import lease_pb2
 MIN_TTL_S = 5
 MAX_TTL_S = 3600
 DEFAULT_TTL_S = 60
+# CreateLeaseRequest.max_wait: whole seconds, at most a day.
+MAX_WAIT_S = 86_400
 _PLACEMENTS = frozenset(lease_pb2.Placement.values())
 ACTIVE = lease_pb2.LEASE_STATE_ACTIVE
 PROVISIONING = lease_pb2.LEASE_STATE_PROVISIONING
+QUEUED = lease_pb2.LEASE_STATE_QUEUED
 # The states of a lease record under leases/: it holds its GPUs.
 LIVE = frozenset((ACTIVE, PROVISIONING))
 
@@ -37,6 +40,7 @@ class CreateSpec:
     access: lease_pb2.AccessRequest = field(default_factory=lease_pb2.AccessRequest)
     pool: int = 0  # common_pb2.PoolChoice
     allow_mixed: bool = False
+    max_wait_s: int = 0  # 0: answer now; else a request without capacity waits (QUEUED)
 
 
 def validate_create(req: lease_pb2.CreateLeaseRequest) -> CreateSpec:
@@ -64,6 +68,15 @@ def validate_create(req: lease_pb2.CreateLeaseRequest) -> CreateSpec:
     pools.validate_choice(req.pool)
     if req.allow_mixed and placement != lease_pb2.PLACEMENT_SPREAD:
         raise errors.invalid("MIXED_NEEDS_SPREAD", "allow_mixed needs placement SPREAD", field="allow_mixed")
+    max_wait_s = 0
+    if req.HasField("max_wait"):
+        if req.max_wait.nanos or not 0 <= req.max_wait.seconds <= MAX_WAIT_S:
+            raise errors.invalid(
+                "INVALID_MAX_WAIT",
+                f"max_wait must be a whole number of seconds in [0, {MAX_WAIT_S}]",
+                field="max_wait",
+            )
+        max_wait_s = req.max_wait.seconds
     return CreateSpec(
         req.request_id,
         req.gpu_count,
@@ -73,6 +86,24 @@ def validate_create(req: lease_pb2.CreateLeaseRequest) -> CreateSpec:
         req.access,
         req.pool,
         req.allow_mixed,
+        max_wait_s,
+    )
+
+
+def _requested(
+    lease_id: str, tenant: str, spec: CreateSpec, now: timestamp_pb2.Timestamp, state: int
+) -> lease_pb2.Lease:
+    """What a lease record says of its request, granted or queued."""
+    return lease_pb2.Lease(
+        name=lease_name(lease_id),
+        tenant=tenant,
+        state=state,  # type: ignore[arg-type]
+        access=spec.access,
+        request_id=spec.request_id,
+        placement=spec.placement,  # type: ignore[arg-type]
+        ttl=duration_pb2.Duration(seconds=spec.ttl_s),
+        create_time=now,
+        gpu_count=spec.gpu_count,
     )
 
 
@@ -81,16 +112,7 @@ def build_lease(
 ) -> lease_pb2.Lease:
     """The record of a grant: PROVISIONING while any of its nodes' hooks has to set up access,
     else ACTIVE (and billed) from now."""
-    lease = lease_pb2.Lease(
-        name=lease_name(lease_id),
-        tenant=tenant,
-        state=lease_pb2.LEASE_STATE_ACTIVE,
-        access=spec.access,
-        request_id=spec.request_id,
-        placement=spec.placement,  # type: ignore[arg-type]
-        ttl=duration_pb2.Duration(seconds=spec.ttl_s),
-        create_time=now,
-    )
+    lease = _requested(lease_id, tenant, spec, now, lease_pb2.LEASE_STATE_ACTIVE)
     lease.expire_time.seconds = now.seconds + spec.ttl_s
     lease.expire_time.nanos = now.nanos
     currency = ""
@@ -178,3 +200,19 @@ def ended(
     out.end_time.CopyFrom(now)
     out.end_message = message
     return out
+
+
+def queued(lease_id: str, tenant: str, spec: CreateSpec, now: timestamp_pb2.Timestamp) -> lease_pb2.Lease:
+    """The record of a request that waits for capacity: what it asked, no GPU."""
+    lease = _requested(lease_id, tenant, spec, now, QUEUED)
+    lease.wait_expire_time.seconds = now.seconds + spec.max_wait_s
+    lease.wait_expire_time.nanos = now.nanos
+    return lease
+
+
+def granted_from_queue(lease: lease_pb2.Lease, waiting: lease_pb2.Lease) -> lease_pb2.Lease:
+    """A grant's record for a request that waited: queued at create_time, granted now."""
+    lease.grant_time.CopyFrom(lease.create_time)
+    lease.create_time.CopyFrom(waiting.create_time)
+    lease.wait_expire_time.CopyFrom(waiting.wait_expire_time)
+    return lease

@@ -62,6 +62,30 @@ def impossible(inv: InventoryView, flt: Filter) -> bool:
     return any(f"label:{k}={v}" not in facets for k, v in flt.labels)
 
 
+def could_fit(inv: InventoryView, flt: Filter, gpu_count: int, single_node: bool) -> bool:
+    """Whether the nodes the filter takes have `gpu_count` matching GPUs, free or held (on one
+    node if `single_node`): what a request may wait for. One walk, stopping at the first fit."""
+    if impossible(inv, flt):
+        return False
+    seen = 0
+    for name in _price_order(inv, flt):
+        entry = inv.nodes.get(name)
+        if entry is None or not inv.is_schedulable(name) or not flt.node_matches(entry.node)[0]:
+            continue
+        n = sum(
+            1
+            for g in entry.node.gpus
+            if g.mig_profile == flt.mig_profile
+            and (g.health == HEALTHY or (flt.include_degraded and g.health == DEGRADED))
+            and g.memory_total_bytes >= flt.min_gpu_memory_bytes
+            and model_matches(flt.gpu_model, g.model)
+        )
+        seen = max(seen, n) if single_node else seen + n
+        if seen >= gpu_count:
+            return True
+    return False
+
+
 def _index(g: common_pb2.Gpu) -> int:
     return g.index
 

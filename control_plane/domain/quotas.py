@@ -28,6 +28,8 @@ class TenantLimits:
     # ListNodes, ListProviders and SummarizeCapacity: each may read every node of the index.
     reads_per_second: float = 20.0
     read_burst: int = 100
+    # Requests waiting for capacity (CreateLease with max_wait).
+    max_queued: int = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +56,7 @@ TENANT_BOUNDS: dict[str, tuple[float, float]] = {
     "renewal_burst": (1, 1_000_000),
     "reads_per_second": (0.01, 100_000),
     "read_burst": (1, 1_000_000),
+    "max_queued": (1, 100_000),
 }
 PROVIDER_BOUNDS: dict[str, tuple[float, float]] = {
     "max_nodes": (1, 100_000),

@@ -18,7 +18,8 @@ A replica that finds a schema newer than it understands writes nothing (the stor
 every write but its own liveness keys) and reports NOT_SERVING with the reason.
 
 Schema 2 (release 0.2.0): every JSON record (tokens/, quotas/, burst/) carries the version of
-its own shape, "v". Protobuf records (nodes, leases, usage) carry none: they change only by
+its own shape, "v". Schema 3 (release 0.3.0): requests waiting for capacity, queue/{lease_id};
+nothing to rewrite. Protobuf records (nodes, leases, usage) carry none: they change only by
 fields added under `buf breaking` (make lint), so every release in the skew policy reads every
 other's records, unknown fields kept; the schema key covers what their fields mean.
 """
@@ -31,7 +32,11 @@ from dataclasses import dataclass
 from typing import Any
 
 # The newest schema this release understands (reads, and writes once the key says so).
-SCHEMA = 2
+SCHEMA = 3
+# The first schema with the queue (queue/{lease_id} records): no replica writes one before every
+# replica reads them, since a release that does not know them would grant past the queue and
+# answer NOT_FOUND for a queued lease.
+QUEUE_SCHEMA = 3
 # The oldest schema this release still reads: the previous release's records.
 OLDEST_READ = 1
 MIGRATING, DONE = "migrating", "done"
@@ -153,6 +158,14 @@ def next_step(state: SchemaState, replicas: Mapping[str, object], members: Mappi
     if not replicas or target(replicas, members) <= state.version:
         return ""
     return "start"
+
+
+def queue_open(raw_state: bytes | None) -> bool:
+    """Whether requests may be queued: the key says every replica reads the queue."""
+    try:
+        return parse_state(raw_state).version >= QUEUE_SCHEMA
+    except SchemaUnreadable:
+        return False
 
 
 def writes_version(raw_state: bytes | None) -> int:

@@ -30,7 +30,7 @@ class LeaseServicer(lease_pb2_grpc.LeaseServiceServicer):
         self, request: lease_pb2.CreateLeaseRequest, context: Ctx
     ) -> lease_pb2.CreateLeaseResponse:
         p = auth.current_principal()
-        lease = await self.leases.create(p.name, lease_rules.validate_create(request))
+        lease = await self.leases.create(p.name, lease_rules.validate_create(request), request)
         return lease_pb2.CreateLeaseResponse(lease=lease)
 
     async def GetLease(self, request: lease_pb2.GetLeaseRequest, context: Ctx) -> lease_pb2.GetLeaseResponse:

@@ -589,6 +589,7 @@ class TenantQuota(_message.Message):
     RENEWAL_BURST_FIELD_NUMBER: _builtins.int
     READS_PER_SECOND_FIELD_NUMBER: _builtins.int
     READ_BURST_FIELD_NUMBER: _builtins.int
+    MAX_QUEUED_FIELD_NUMBER: _builtins.int
     max_gpus: _builtins.int
     """GPUs held at once over all active leases, 1..100000 (QUOTA_GPUS)."""
     max_leases: _builtins.int
@@ -617,6 +618,10 @@ class TenantQuota(_message.Message):
     """
     read_burst: _builtins.int
     """The bucket's size, 1..1000000. Default 100."""
+    max_queued: _builtins.int
+    """Requests waiting for capacity at once (CreateLease with max_wait), 1..100000
+    (QUOTA_QUEUED). Default 32. A queued request holds no GPU and counts in no other quota.
+    """
     def __init__(
         self,
         *,
@@ -629,10 +634,11 @@ class TenantQuota(_message.Message):
         renewal_burst: _builtins.int = ...,
         reads_per_second: _builtins.float = ...,
         read_burst: _builtins.int = ...,
+        max_queued: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_leases_burst", b"create_leases_burst", "create_leases_per_second", b"create_leases_per_second", "max_gpus", b"max_gpus", "max_leases", b"max_leases", "max_streams", b"max_streams", "read_burst", b"read_burst", "reads_per_second", b"reads_per_second", "renewal_burst", b"renewal_burst", "renewals_per_second", b"renewals_per_second"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_leases_burst", b"create_leases_burst", "create_leases_per_second", b"create_leases_per_second", "max_gpus", b"max_gpus", "max_leases", b"max_leases", "max_queued", b"max_queued", "max_streams", b"max_streams", "read_burst", b"read_burst", "reads_per_second", b"reads_per_second", "renewal_burst", b"renewal_burst", "renewals_per_second", b"renewals_per_second"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -59,9 +59,15 @@ class _LeaseStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LeaseState
     """Granted: the GPUs are held (exclusively, renewed like an ACTIVE lease) while the providers'
     lease hooks set up access. Not billed. Leases on nodes without a hook skip this state.
     """
+    LEASE_STATE_QUEUED: _LeaseState.ValueType  # 4
+    """Waiting for capacity (CreateLeaseRequest.max_wait): holds no GPU, not billed. Becomes
+    PROVISIONING or ACTIVE when granted, or ENDED (WAIT_EXPIRED, or RELEASED if cancelled).
+    """
 
 class LeaseState(_LeaseState, metaclass=_LeaseStateEnumTypeWrapper):
-    """PROVISIONING -> ACTIVE -> ENDED (or PROVISIONING -> ENDED, reason PROVISIONING_FAILED)."""
+    """PROVISIONING -> ACTIVE -> ENDED (or PROVISIONING -> ENDED, reason PROVISIONING_FAILED);
+    a request with max_wait may start QUEUED -> PROVISIONING or ACTIVE, or QUEUED -> ENDED.
+    """
 
 LEASE_STATE_UNSPECIFIED: LeaseState.ValueType  # 0
 LEASE_STATE_ACTIVE: LeaseState.ValueType  # 1
@@ -70,6 +76,10 @@ LEASE_STATE_ENDED: LeaseState.ValueType  # 2
 LEASE_STATE_PROVISIONING: LeaseState.ValueType  # 3
 """Granted: the GPUs are held (exclusively, renewed like an ACTIVE lease) while the providers'
 lease hooks set up access. Not billed. Leases on nodes without a hook skip this state.
+"""
+LEASE_STATE_QUEUED: LeaseState.ValueType  # 4
+"""Waiting for capacity (CreateLeaseRequest.max_wait): holds no GPU, not billed. Becomes
+PROVISIONING or ACTIVE when granted, or ENDED (WAIT_EXPIRED, or RELEASED if cancelled).
 """
 Global___LeaseState: _TypeAlias = LeaseState  # noqa: Y015
 
@@ -96,6 +106,8 @@ class _LeaseEndReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LeaseE
     """Its node's daemon came back without one of its GPUs (a hello that no longer has it, or
     has it under another uuid): the lease ended before the GPU could be sold again.
     """
+    LEASE_END_REASON_WAIT_EXPIRED: _LeaseEndReason.ValueType  # 7
+    """A queued request reached its wait_expire_time before capacity freed. Nothing was held."""
 
 class LeaseEndReason(_LeaseEndReason, metaclass=_LeaseEndReasonEnumTypeWrapper): ...
 
@@ -116,6 +128,8 @@ LEASE_END_REASON_GPU_REMOVED: LeaseEndReason.ValueType  # 6
 """Its node's daemon came back without one of its GPUs (a hello that no longer has it, or
 has it under another uuid): the lease ended before the GPU could be sold again.
 """
+LEASE_END_REASON_WAIT_EXPIRED: LeaseEndReason.ValueType  # 7
+"""A queued request reached its wait_expire_time before capacity freed. Nothing was held."""
 Global___LeaseEndReason: _TypeAlias = LeaseEndReason  # noqa: Y015
 
 @_typing.final
@@ -296,6 +310,10 @@ class Lease(_message.Message):
     ACCESS_FIELD_NUMBER: _builtins.int
     ACCESS_DETAILS_FIELD_NUMBER: _builtins.int
     ACTIVE_TIME_FIELD_NUMBER: _builtins.int
+    GPU_COUNT_FIELD_NUMBER: _builtins.int
+    WAIT_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    QUEUE_POSITION_FIELD_NUMBER: _builtins.int
+    GRANT_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     tenant: _builtins.str
     state: Global___LeaseState.ValueType
@@ -315,6 +333,12 @@ class Lease(_message.Message):
     """
     grant_replica: _builtins.str
     """Output only: the replica that granted the lease (it keeps the tenant's quota hold)."""
+    gpu_count: _builtins.int
+    """The GPUs asked for (CreateLeaseRequest.gpu_count); a QUEUED lease has no `gpus` yet."""
+    queue_position: _builtins.int
+    """Output only, QUEUED: 1 + the requests ahead of this one in the queue's order among those
+    that compete for the same capacity (the same filter, placement and pool choice).
+    """
     @_builtins.property
     def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeasedGpu]: ...
     @_builtins.property
@@ -343,6 +367,16 @@ class Lease(_message.Message):
         create_time for a lease on nodes without hooks; unset for one that never became ACTIVE.
         """
 
+    @_builtins.property
+    def wait_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """A queued request: when it ends WAIT_EXPIRED if not granted by then (create_time plus
+        max_wait). Kept on the granted lease, for the record.
+        """
+
+    @_builtins.property
+    def grant_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only: when a queued request was granted (create_time is when it was queued)."""
+
     def __init__(
         self,
         *,
@@ -366,10 +400,14 @@ class Lease(_message.Message):
         access: Global___AccessRequest | None = ...,
         access_details: _abc.Iterable[Global___AccessDetails] | None = ...,
         active_time: _timestamp_pb2.Timestamp | None = ...,
+        gpu_count: _builtins.int = ...,
+        wait_expire_time: _timestamp_pb2.Timestamp | None = ...,
+        queue_position: _builtins.int = ...,
+        grant_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "active_time", b"active_time", "create_time", b"create_time", "end_time", b"end_time", "expire_time", b"expire_time", "ttl", b"ttl"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "active_time", b"active_time", "create_time", b"create_time", "end_time", b"end_time", "expire_time", b"expire_time", "grant_time", b"grant_time", "ttl", b"ttl", "wait_expire_time", b"wait_expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "access_details", b"access_details", "active_time", b"active_time", "create_time", b"create_time", "currency_code", b"currency_code", "end_message", b"end_message", "end_reason", b"end_reason", "end_time", b"end_time", "etcd_lease_id", b"etcd_lease_id", "expire_time", b"expire_time", "fencing_token", b"fencing_token", "gpus", b"gpus", "grant_replica", b"grant_replica", "name", b"name", "placement", b"placement", "price_per_hour", b"price_per_hour", "request_id", b"request_id", "state", b"state", "tenant", b"tenant", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "access_details", b"access_details", "active_time", b"active_time", "create_time", b"create_time", "currency_code", b"currency_code", "end_message", b"end_message", "end_reason", b"end_reason", "end_time", b"end_time", "etcd_lease_id", b"etcd_lease_id", "expire_time", b"expire_time", "fencing_token", b"fencing_token", "gpu_count", b"gpu_count", "gpus", b"gpus", "grant_replica", b"grant_replica", "grant_time", b"grant_time", "name", b"name", "placement", b"placement", "price_per_hour", b"price_per_hour", "queue_position", b"queue_position", "request_id", b"request_id", "state", b"state", "tenant", b"tenant", "ttl", b"ttl", "wait_expire_time", b"wait_expire_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -387,6 +425,7 @@ class CreateLeaseRequest(_message.Message):
     ACCESS_FIELD_NUMBER: _builtins.int
     POOL_FIELD_NUMBER: _builtins.int
     ALLOW_MIXED_FIELD_NUMBER: _builtins.int
+    MAX_WAIT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Optional client-chosen idempotency key, 1..128 characters of [A-Za-z0-9._:-] (empty: the
     request is not idempotent).
@@ -416,6 +455,12 @@ class CreateLeaseRequest(_message.Message):
         starts PROVISIONING and becomes ACTIVE (WatchLease: PROVISIONED) once every hook answered.
         """
 
+    @_builtins.property
+    def max_wait(self) -> _duration_pb2.Duration:
+        """How long the request may wait for capacity: whole seconds, 0..86400 (24 h); unset or 0
+        answers at once as described on CreateLease (INVALID_ARGUMENT INVALID_MAX_WAIT outside).
+        """
+
     def __init__(
         self,
         *,
@@ -427,14 +472,43 @@ class CreateLeaseRequest(_message.Message):
         access: Global___AccessRequest | None = ...,
         pool: _common_pb2.PoolChoice.ValueType = ...,
         allow_mixed: _builtins.bool = ...,
+        max_wait: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "filter", b"filter", "ttl", b"ttl"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "filter", b"filter", "max_wait", b"max_wait", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "allow_mixed", b"allow_mixed", "filter", b"filter", "gpu_count", b"gpu_count", "placement", b"placement", "pool", b"pool", "request_id", b"request_id", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "allow_mixed", b"allow_mixed", "filter", b"filter", "gpu_count", b"gpu_count", "max_wait", b"max_wait", "placement", b"placement", "pool", b"pool", "request_id", b"request_id", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreateLeaseRequest: _TypeAlias = CreateLeaseRequest  # noqa: Y015
+
+@_typing.final
+class QueuedLeaseRecord(_message.Message):
+    """A queued request as etcd keeps it (queue/{lease_id}); in no RPC. The request is kept whole so
+    any replica's scheduler can place it as CreateLease would have.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def lease(self) -> Global___Lease: ...
+    @_builtins.property
+    def request(self) -> Global___CreateLeaseRequest: ...
+    def __init__(
+        self,
+        *,
+        lease: Global___Lease | None = ...,
+        request: Global___CreateLeaseRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease", "request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueuedLeaseRecord: _TypeAlias = QueuedLeaseRecord  # noqa: Y015
 
 @_typing.final
 class CreateLeaseResponse(_message.Message):
@@ -712,6 +786,11 @@ class WatchLeaseResponse(_message.Message):
         """PROVISIONING -> ACTIVE: every node's hook answered; `lease.access_details` holds how to
         reach the GPUs. Sent once; a watch opened later sees the details in GRANTED's record.
         """
+        EVENT_TYPE_QUEUED: WatchLeaseResponse._EventType.ValueType  # 8
+        """The lease is QUEUED: sent first (instead of GRANTED) and again each time its
+        `lease.queue_position` changes; GRANTED follows when it is granted (its record then
+        ACTIVE or PROVISIONING), or ENDED (WAIT_EXPIRED, or RELEASED if cancelled).
+        """
 
     class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper): ...
     EVENT_TYPE_UNSPECIFIED: WatchLeaseResponse.EventType.ValueType  # 0
@@ -724,6 +803,11 @@ class WatchLeaseResponse(_message.Message):
     EVENT_TYPE_PROVISIONED: WatchLeaseResponse.EventType.ValueType  # 7
     """PROVISIONING -> ACTIVE: every node's hook answered; `lease.access_details` holds how to
     reach the GPUs. Sent once; a watch opened later sees the details in GRANTED's record.
+    """
+    EVENT_TYPE_QUEUED: WatchLeaseResponse.EventType.ValueType  # 8
+    """The lease is QUEUED: sent first (instead of GRANTED) and again each time its
+    `lease.queue_position` changes; GRANTED follows when it is granted (its record then
+    ACTIVE or PROVISIONING), or ENDED (WAIT_EXPIRED, or RELEASED if cancelled).
     """
 
     TYPE_FIELD_NUMBER: _builtins.int

@@ -98,6 +98,17 @@ class LeaseServiceServicer:
         ttl is 5 s .. 1 h, default 60 s. No matching capacity is FAILED_PRECONDITION (reason
         NO_MATCHING_CAPACITY); capacity that other grants took during a bounded number of
         retries is RESOURCE_EXHAUSTED (reason CAPACITY_CONTENDED), safe to retry.
+
+        With max_wait set, a request that cannot be granted now is answered at once with a lease
+        in state QUEUED: it waits in the federation's queue (docs/api.md, "Waiting for
+        capacity") and is granted, all GPUs in one transaction, when matching capacity frees, or
+        ends WAIT_EXPIRED at wait_expire_time. It holds nothing and is not billed while it waits;
+        ReleaseLease cancels it. The grant starts its ttl: renew it as any lease (WatchLease says
+        when: GRANTED). A request no capacity of the federation could ever serve (fewer matching
+        GPUs exist than it asks) is FAILED_PRECONDITION NO_MATCHING_CAPACITY at once; past the
+        tenant's max_queued, RESOURCE_EXHAUSTED QUOTA_QUEUED; past the federation's queue bound,
+        RESOURCE_EXHAUSTED QUEUE_FULL; during a rolling upgrade from a release without the queue,
+        FAILED_PRECONDITION UPGRADE_IN_PROGRESS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -141,15 +152,16 @@ class LeaseServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReleaseLease(self, request, context):
-        """Ends the lease now and frees its GPUs at once. Idempotent: releasing an ended lease
-        returns it unchanged.
+        """Ends the lease now and frees its GPUs at once; a QUEUED one is cancelled (ENDED, reason
+        RELEASED; it held nothing). Idempotent: releasing an ended lease returns it unchanged.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def WatchLease(self, request, context):
-        """Events of one lease: GRANTED first (the current record), PROVISIONED when a PROVISIONING
+        """Events of one lease: GRANTED first (the current record; QUEUED instead while it waits,
+        then again at each change of its queue position, then GRANTED when granted), PROVISIONED when a PROVISIONING
         lease becomes ACTIVE, RENEWED (only after a
         renewal moved expire_time), GPU_UNHEALTHY (once per GPU), NODE_LOST (each time a node's
         daemon stops streaming), EXPIRING (once per expire_time, when less than a third of the ttl

@@ -109,7 +109,10 @@ def test_a_hostile_provider_stays_within_its_bounds_and_others_keep_leasing(
     for t in streams:
         t.start()
     with Client(replica.address, ADMIN_TOKEN) as admin:
-        wait_until(lambda: admin.get_quota("quotas/providers/evil").nodes == NODES, timeout=10)
+        try:
+            wait_until(lambda: admin.get_quota("quotas/providers/evil").nodes == NODES, timeout=10)
+        except TimeoutError as e:
+            raise AssertionError(f"streams ended early: {outcomes}") from e
 
     # One node past the quota is refused; a reconnect loop is rate limited.
     extra: list[str] = []

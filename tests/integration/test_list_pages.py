@@ -5,7 +5,8 @@ hold, and pages stay consistent while leases are created between them."""
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import grpc
 import pytest
@@ -28,6 +29,7 @@ from tests.harness import (
 )
 
 pytestmark = pytest.mark.integration
+T = TypeVar("T")
 OTHERS = 600  # ended leases (and usage records) of other tenants
 MINE = 12
 
@@ -86,19 +88,31 @@ def _keys_read(r: ReplicaThread) -> int:
     return int(r.replica.store.keys_read)  # type: ignore[union-attr]
 
 
+def _page(r: ReplicaThread, call: Callable[[], T]) -> tuple[T, int]:
+    """A page and the keys the replica read for it. The counter is the whole replica's, and the
+    leader's sweeps read now and then (the journal after a release): the fewest of three reads
+    of the same page bounds the call's own cost, since background reads only ever add."""
+    costs = []
+    for _ in range(3):
+        before = _keys_read(r)
+        page = call()
+        costs.append(_keys_read(r) - before)
+        if costs[-1] <= 6:
+            break
+    return page, min(costs)
+
+
 def test_a_tenants_list_leases_reads_only_its_own_keys(world: tuple[ReplicaThread, Client]) -> None:
     r, dev = world
     req = lease_pb2.ListLeasesRequest(state=lease_pb2.LEASE_STATE_ENDED, page_size=5)
-    before = _keys_read(r)
-    page = dev.call(dev.leases.ListLeases, req)
+    page, cost = _page(r, lambda: dev.call(dev.leases.ListLeases, req))
     assert len(page.leases) == 5 and all(x.tenant == "dev" for x in page.leases)
-    assert _keys_read(r) - before <= 6, "a page of 5 reads at most 6 keys (one to know there are more)"
+    assert cost <= 6, "a page of 5 reads at most 6 keys (one to know there are more)"
     seen = [x.name for x in page.leases]
     while page.next_page_token:
         req.page_token = page.next_page_token
-        before = _keys_read(r)
-        page = dev.call(dev.leases.ListLeases, req)
-        assert _keys_read(r) - before <= 6
+        page, cost = _page(r, lambda: dev.call(dev.leases.ListLeases, req))
+        assert cost <= 6
         seen += [x.name for x in page.leases]
     assert len(seen) == len(set(seen)) == MINE
 
@@ -135,9 +149,8 @@ def test_a_tenants_usage_records_read_only_its_own_keys(world: tuple[ReplicaThre
     req = admin_pb2.ListUsageRecordsRequest(page_size=5)
     seen: list[str] = []
     while True:
-        before = _keys_read(r)
-        page = dev.call(dev.admin.ListUsageRecords, req)
-        assert _keys_read(r) - before <= 6
+        page, cost = _page(r, lambda: dev.call(dev.admin.ListUsageRecords, req))
+        assert cost <= 6
         seen += [u.name for u in page.usage_records]
         assert all(u.tenant == "dev" for u in page.usage_records)
         if not page.next_page_token:

@@ -36,6 +36,8 @@ NAMES = [
     "process_resident_memory_bytes",
     "gpufed_etcd_schema",
     "gpufed_writes_refused",
+    "gpufed_queued_requests",
+    "gpufed_queue_grants_total",
 ]
 
 

@@ -14,7 +14,7 @@ from control_plane.adapters.store import EtcdStore, KeyValue
 from control_plane.app.quotas import Quotas
 from control_plane.domain.errors import DomainError
 from control_plane.domain.quotas import TenantLimits
-from gpufed.v1 import lease_pb2
+from gpufed.v1 import common_pb2, lease_pb2
 
 K = Keyspace("/q")
 
@@ -56,18 +56,18 @@ def _index_lease(inv: Inventory, lease_id: str, revision: int) -> None:
 def test_grants_in_flight_and_committed_but_not_indexed_count() -> None:
     async def run() -> None:
         q, inv, store = _quotas(max_leases=3)
-        a = await q.reserve_lease("t", 1)
-        b = await q.reserve_lease("t", 1)
+        a = await q.reserve_lease("t", "a", 1)
+        b = await q.reserve_lease("t", "b", 1)
         _commit(store, a, "a", 10)  # committed at revision 10, the index has not seen it
-        c = await q.reserve_lease("t", 1)
+        c = await q.reserve_lease("t", "c", 1)
         with pytest.raises(DomainError) as e:
-            await q.reserve_lease("t", 1)
+            await q.reserve_lease("t", "refused", 1)
         assert e.value.reason == "QUOTA_LEASES"
         _index_lease(inv, "a", 10)  # now the index counts it, the gate no longer does
         with pytest.raises(DomainError):
-            await q.reserve_lease("t", 1)
+            await q.reserve_lease("t", "refused", 1)
         b.done(0)  # failed: its room comes back
-        d = await q.reserve_lease("t", 1)
+        d = await q.reserve_lease("t", "d", 1)
         assert d.revision == 10
         c.done(0)
         d.done(0)
@@ -80,12 +80,12 @@ def test_reservations_after_a_fresh_count_see_those_made_while_it_waited() -> No
         q, inv, store = _quotas(max_leases=2)
         _index_lease(inv, "old", 5)  # the index lags: etcd no longer holds it (released)
         store.revision = 6
-        x = await q.reserve_lease("t", 1)  # index 1 + 0 in flight: room
+        x = await q.reserve_lease("t", "x", 1)  # index 1 + 0 in flight: room
         # Index 1 + 1 in flight: refused from the index, so these count again from etcd...
-        waiting = [asyncio.create_task(q.reserve_lease("t", 1)) for _ in range(3)]
+        waiting = [asyncio.create_task(q.reserve_lease("t", f"w{i}", 1)) for i in range(3)]
         await asyncio.sleep(0)
         x.done(0)  # ...while x fails, emptying this replica's accounting of the tenant,
-        y = await q.reserve_lease("t", 1)  # and one more is counted from the index meanwhile.
+        y = await q.reserve_lease("t", "y", 1)  # and one more is counted from the index meanwhile.
         results: list[Any] = await asyncio.gather(*waiting, return_exceptions=True)
         granted = [r for r in results if not isinstance(r, BaseException)]
         # etcd holds none: room for two in all, y and one of the three, never three.
@@ -93,6 +93,36 @@ def test_reservations_after_a_fresh_count_see_those_made_while_it_waited() -> No
         assert y.revision == 5
 
     asyncio.run(run())
+
+
+def test_a_grant_the_index_applied_before_its_reservation_settled_counts_once() -> None:
+    async def run() -> None:
+        q, inv, _ = _quotas(max_leases=2)
+        a = await q.reserve_lease("t", "a", 1)
+        _index_lease(inv, "a", 10)  # the watch applied the grant; its Txn's answer is not in yet
+        b = await q.reserve_lease("t", "b", 1)  # one lease held, not two: room for b
+        a.done(10)
+        b.done(0)
+
+    asyncio.run(run())
+
+
+def test_a_node_the_index_applied_before_its_registration_settled_counts_once() -> None:
+    q, inv, _ = _quotas(max_leases=1)
+    inv.apply(K.quota("providers", "neo").encode(), b'{"limits": {"max_nodes": 2}}', 3)
+    inv.advance(3)
+    first = q.reserve_node("neo", "providers/neo/nodes/n1", 8)
+    assert first is not None
+    node = common_pb2.Node(name="providers/neo/nodes/n1", provider="neo")
+    inv.apply(K.node("neo", "n1").encode(), node.SerializeToString(), 4, 4)
+    inv.advance(4)
+    second = q.reserve_node("neo", "providers/neo/nodes/n2", 8)  # n1 counted once: room for n2
+    assert second is not None
+    with pytest.raises(DomainError) as e:
+        q.reserve_node("neo", "providers/neo/nodes/n3", 8)
+    assert e.value.reason == "QUOTA_NODES"
+    first.done(4)
+    second.done(0)
 
 
 def test_a_providers_quota_is_read_from_its_overrides() -> None:

@@ -232,3 +232,19 @@ def _keys_of(inv: Inventory) -> list[tuple[str, bytes]]:
         node = n.removeprefix("providers/").replace("/nodes/", "/")
         out += [(f"{P}/alloc/{node}/{gpu}", lease.encode()) for gpu, lease in held.items()]
     return out
+
+
+def test_could_fit_counts_held_gpus_and_asks_one_node_for_single_node_requests() -> None:
+    inv = Inventory(Keyspace(P))
+    add_node(inv, "p", "a", "DE", 2.0, gpus=4, rev=1)
+    add_node(inv, "p", "b", "FR", 2.0, gpus=4, rev=3)
+    for i in range(4):  # every GPU of a is held: it could still serve a request that waits
+        inv.apply(f"{P}/alloc/p/a/a-g{i}".encode(), b"l1", 5 + i)
+    every = compile_filter(common_pb2.GpuFilter())
+    assert offers.could_fit(inv, every, 4, single_node=True)
+    assert not offers.could_fit(inv, every, 5, single_node=True)
+    assert offers.could_fit(inv, every, 8, single_node=False)
+    assert not offers.could_fit(inv, every, 9, single_node=False)
+    german = compile_filter(common_pb2.GpuFilter(countries=["DE"]))
+    assert not offers.could_fit(inv, german, 5, single_node=False)
+    assert not offers.could_fit(inv, compile_filter(common_pb2.GpuFilter(gpu_model="A100")), 1, True)

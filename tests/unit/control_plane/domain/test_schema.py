@@ -54,6 +54,26 @@ def test_the_migration_starts_only_once_every_live_replica_understands_the_new_s
     assert schema.next_step(state, {}, {}) == ""
 
 
+def test_the_leader_migrates_to_the_newest_schema_every_replica_understands_step_by_step() -> None:
+    replicas = {"a": b"addr", "b": b"addr"}
+    mixed = {"a": _member("0.3.0", 3), "b": _member("0.2.0", 2)}
+    assert schema.target(replicas, mixed) == 2
+    assert schema.next_step(SchemaState(), replicas, mixed) == "start"  # to 2, beside 0.2.0
+    assert schema.next_step(SchemaState(2, DONE), replicas, mixed) == ""
+    upgraded = {"a": _member("0.3.0", 3), "b": _member("0.3.0", 3)}
+    assert schema.target(replicas, upgraded) == SCHEMA
+    assert schema.next_step(SchemaState(2, DONE), replicas, upgraded) == "start"
+    assert schema.target(replicas, {"a": _member("0.9.0", 9), "b": _member("0.9.0", 9)}) == SCHEMA
+
+
+def test_requests_may_queue_only_once_every_replica_reads_the_queue() -> None:
+    assert not schema.queue_open(None)
+    assert not schema.queue_open(SchemaState(2, DONE).to_json())
+    assert not schema.queue_open(b"garbage")
+    assert schema.queue_open(SchemaState(3, MIGRATING).to_json())
+    assert schema.queue_open(SchemaState(3, DONE).to_json())
+
+
 def test_writers_write_the_new_shape_only_once_the_schema_key_says_so() -> None:
     assert "v" not in schema.stamped({"a": 1}, schema.writes_version(None))
     stamped = schema.stamped({"a": 1}, schema.writes_version(SchemaState(2, MIGRATING).to_json()))
