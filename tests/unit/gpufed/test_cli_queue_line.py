@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from google.protobuf import timestamp_pb2
 
-from gpufed.cli import _waited, duration_s
+from gpufed.cli.common import duration_s
+from gpufed.cli.leases import _waited
 from gpufed.v1 import lease_pb2
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 
-from gpufed import cli
+from gpufed.cli.leases import access_rows
+from gpufed.cli.output import emit
 from gpufed.terminal import escaped
 from gpufed.v1 import lease_pb2
 
@@ -27,5 +28,5 @@ def test_a_lease_table_shows_a_hooks_escape_escaped() -> None:
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        cli._emit(Args(), lease, lambda: cli._access_rows(lease))  # type: ignore[arg-type]
+        emit(Args(), lease, lambda: access_rows(lease))  # type: ignore[arg-type]
     assert "\x1b" not in out.getvalue() and "\\x1b]0;owned\\x07" in out.getvalue()

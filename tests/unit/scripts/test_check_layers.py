@@ -38,7 +38,7 @@ def test_daemon_sdk_and_servicers_are_kept_apart(tmp_path: Path) -> None:
         tmp_path,
         {
             "node_daemon/x.py": "from control_plane.domain import health\n",
-            "gpufed/cli.py": "import node_daemon.collector\n",
+            "gpufed/cli/main.py": "import node_daemon.collector\n",
             "control_plane/servicers/s.py": "from control_plane.adapters.store import EtcdStore\n",
             "control_plane/app/a.py": "from control_plane.servicers import s\n",
         },

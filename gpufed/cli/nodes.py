@@ -1,0 +1,176 @@
+"""`gpufed offers`, `capacity`, `nodes` and `pool`: what the federation has."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from gpufed.cli.common import EXIT_OK, Subparsers, add_filter_flags, country_codes, filter_kwargs
+from gpufed.cli.output import emit, gib, health
+from gpufed.client import Client
+from gpufed.v1 import common_pb2
+
+
+def cmd_offers_search(c: Client, args: argparse.Namespace) -> int:
+    order = {"price": 1, "distance": 2, "free": 3}[args.order_by]
+    found = list(
+        c.search_offers(
+            min_free_gpus=args.count, order_by=order, limit=args.limit, pool=args.pool, **filter_kwargs(args)
+        )
+    )
+    emit(
+        args,
+        found,
+        lambda: (
+            [["NODE", "MODEL", "MEM", "FREE", "PRICE/GPU-H", "COUNTRY", "REGION", "DIST_KM", "POOL"]]
+            + [
+                [
+                    o.node,
+                    f"{o.gpu_model} MIG {o.mig_profile}" if o.mig_profile else o.gpu_model,
+                    gib(o.gpu_memory_bytes),
+                    str(o.free_gpus),
+                    f"{o.price_per_gpu_hour:.2f} {o.currency_code}",
+                    o.location.country_code,
+                    o.location.region,
+                    f"{o.distance_km:.0f}" if o.HasField("distance_km") else "-",
+                    "own" if o.pool == common_pb2.POOL_KIND_OWN else "federation",
+                ]
+                for o in found
+            ]
+        ),
+    )
+    return EXIT_OK
+
+
+def cmd_capacity(c: Client, args: argparse.Namespace) -> int:
+    resp = c.summarize_capacity(**filter_kwargs(args))
+    emit(
+        args,
+        resp,
+        lambda: (
+            [["MODEL", "COUNTRY", "HEALTH", "TOTAL", "FREE"]]
+            + [
+                [b.gpu_model, b.country_code, health(b.health), str(b.total_gpus), str(b.free_gpus)]
+                for b in resp.buckets
+            ]
+            + [["TOTAL", "", "", str(resp.total_gpus), str(resp.free_gpus)]]
+        ),
+    )
+    return EXIT_OK
+
+
+def node_rows(nodes: Sequence[common_pb2.Node]) -> list[list[str]]:
+    return [["NODE", "STATE", "GPUS", "FREE", "MODEL", "COUNTRY", "PRICE/GPU-H"]] + [
+        [
+            n.name,
+            common_pb2.NodeState.Name(n.state).removeprefix("NODE_STATE_"),
+            str(len(n.gpus)),
+            str(n.free_gpu_count),
+            n.gpus[0].model if n.gpus else "-",
+            n.location.country_code,
+            f"{n.price_per_gpu_hour:.2f}",
+        ]
+        for n in nodes
+    ]
+
+
+def cmd_nodes_list(c: Client, args: argparse.Namespace) -> int:
+    state = 0 if not args.state else common_pb2.NodeState.Value("NODE_STATE_" + args.state.upper())
+    nodes = c.list_nodes(provider=args.provider, state=state)
+    emit(args, nodes, lambda: node_rows(nodes))
+    return EXIT_OK
+
+
+def cmd_pool_list(c: Client, args: argparse.Namespace) -> int:
+    """The caller's private pool (an admin: every pool), as `nodes list` shows nodes."""
+    nodes = [n for n in c.list_nodes() if n.pool_tenant]
+    emit(args, nodes, lambda: node_rows(nodes))
+    return EXIT_OK
+
+
+def cmd_pool_burst(c: Client, args: argparse.Namespace) -> int:
+    """Show a tenant's burst policy, or set it with --max-price / --country (0 and none: no limit)."""
+    if args.max_price is None and args.country is None:
+        policy = c.get_burst_policy(args.tenant)
+    else:
+        policy = c.set_burst_policy(args.tenant, args.max_price or 0.0, args.country or [])
+    emit(
+        args,
+        policy,
+        lambda: [
+            ["POLICY", "MAX PRICE/GPU-H", "COUNTRIES"],
+            [policy.name, f"{policy.max_price_per_gpu_hour:g}" or "-", ",".join(policy.countries) or "any"],
+        ],
+    )
+    return EXIT_OK
+
+
+def cmd_nodes_get(c: Client, args: argparse.Namespace) -> int:
+    node = c.get_node(args.name)
+    emit(
+        args,
+        node,
+        lambda: (
+            node_rows([node])
+            + [[""], ["GPU", "INDEX", "MODEL", "MEM", "HEALTH", "REPAIR", "LEASE", "REASONS"]]
+            + [
+                [
+                    g.uuid,
+                    str(g.index),
+                    f"{g.model} MIG {g.mig_profile}" if g.mig_profile else g.model,
+                    gib(g.memory_total_bytes),
+                    health(g.health),
+                    repair(g),
+                    g.lease or "-",
+                    ",".join(r.code for r in g.health_reasons) or "-",
+                ]
+                for g in node.gpus
+            ]
+        ),
+    )
+    return EXIT_OK
+
+
+def repair(g: common_pb2.Gpu) -> str:
+    """The pending repair action ("-" when none), as the API names it without its prefix."""
+    if g.HasField("repair") and g.repair.action > common_pb2.REPAIR_ACTION_RESTART_APP:
+        return common_pb2.RepairAction.Name(g.repair.action).removeprefix("REPAIR_ACTION_")
+    return "-"
+
+
+def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+    offers = sub.add_parser("offers", help="free GPUs on offer").add_subparsers(dest="sub", required=True)
+    s = offers.add_parser("search", parents=[common], help="search offers")
+    add_filter_flags(s)
+    s.add_argument("--count", type=int, default=0, help="only nodes with at least this many free GPUs")
+    s.add_argument("--order-by", choices=["price", "distance", "free"], default="price")
+    s.add_argument("--limit", type=int, default=None)
+    s.set_defaults(fn=cmd_offers_search)
+
+    cap = sub.add_parser("capacity", parents=[common], help="totals by model x country x health")
+    add_filter_flags(cap)
+    cap.set_defaults(fn=cmd_capacity)
+
+    pool = sub.add_parser("pool", help="your private pool").add_subparsers(dest="sub", required=True)
+    pool.add_parser("list", parents=[common], help="the nodes of your private pool").set_defaults(
+        fn=cmd_pool_list
+    )
+    pb = pool.add_parser(
+        "burst", parents=[common], help="show or set how far a tenant bursts into the federation"
+    )
+    pb.add_argument("--tenant", required=True, help="your tenant name (an admin: any)")
+    pb.add_argument(
+        "--max-price", type=float, default=None, help="highest price per GPU-hour for federation GPUs"
+    )
+    pb.add_argument(
+        "--country", type=country_codes, default=None, help="countries federation GPUs may be in: DE,FR"
+    )
+    pb.set_defaults(fn=cmd_pool_burst)
+    nodes = sub.add_parser("nodes", help="provider nodes").add_subparsers(dest="sub", required=True)
+    nl = nodes.add_parser("list", parents=[common])
+    nl.add_argument("--provider", default="")
+    nl.add_argument("--state", choices=["", "ready", "offline", "cordoned", "draining"], default="")
+    nl.set_defaults(fn=cmd_nodes_list)
+    ng = nodes.add_parser("get", parents=[common])
+    ng.add_argument("name", help="providers/P/nodes/N")
+    ng.set_defaults(fn=cmd_nodes_get)
