@@ -78,7 +78,9 @@ def run(nodes: int = 1000, n: int = 3000) -> dict[str, Any]:
             offers.candidates(inv, spec.filter, 1), 1, spec.placement, set()
         ),
         "build_lease": lambda: lease_rules.build_lease(lease_id, "tenant", spec, picks, now()),
-        "grant_txn": lambda: grant_txn(keys, lease_id, record, req_key, 1, picks, "tenant", "r1", revision),
+        "grant_txn": lambda: grant_txn(
+            keys, lease_id, record, req_key, 1, picks, "tenant", "r1", revision, inv.calendar_revision
+        ),
         "release_txn": lambda: release_txn(keys, lease, 7, ended, 2),
         "ended_record": lambda: lease_rules.ended(lease, lease_pb2.LEASE_END_REASON_RELEASED, now()),
         "index_four_events": index_cycle,

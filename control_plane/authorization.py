@@ -33,6 +33,7 @@ def _rule(scope: str, *kinds: Kind) -> Rule:
 
 ALL_OFFERS = "all public capacity; a tenant's views never name another tenant's leases"
 OWN_LEASES = "a tenant: its own leases (another's is NOT_FOUND); an admin: any"
+OWN_RESERVATIONS = "a tenant: its own reservations (another's is NOT_FOUND); an admin: any"
 TABLE: dict[str, Rule] = {
     "NodeService.Connect": _rule("its own nodes (hello.provider = the token's provider)", P),
     # Discovery is for developers and operators; providers see their usage records instead.
@@ -49,6 +50,11 @@ TABLE: dict[str, Rule] = {
     "LeaseService.KeepAlive": _rule("its own leases", T),
     "LeaseService.ReleaseLease": _rule("its own leases", T),
     "LeaseService.WatchLease": _rule(OWN_LEASES, T, A),
+    "ReservationService.CreateReservation": _rule("reservations for itself", T),
+    "ReservationService.GetReservation": _rule(OWN_RESERVATIONS, T, A),
+    "ReservationService.ListReservations": _rule(OWN_RESERVATIONS, T, A),
+    "ReservationService.CancelReservation": _rule(OWN_RESERVATIONS, T, A),
+    "ReservationService.WatchReservation": _rule(OWN_RESERVATIONS, T, A),
     "TelemetryService.GetNodeTelemetry": _rule(
         "a tenant: only the GPUs it holds now; a provider: only its own nodes; an admin: any", T, P, A
     ),
@@ -88,6 +94,8 @@ PRIVILEGED = frozenset(
 AUDITED = PRIVILEGED | {
     "LeaseService.CreateLease",
     "LeaseService.ReleaseLease",
+    "ReservationService.CreateReservation",
+    "ReservationService.CancelReservation",
     "AdminService.SetBurstPolicy",
 }
 

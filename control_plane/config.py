@@ -70,6 +70,9 @@ class Config:
     max_queued: int = 20_000
     # The queue's fair share: each GPU a tenant holds moves its waiting requests this much later.
     queue_share_s: float = 30.0
+    # How long before its end an interruptible lease is told it will be preempted (WatchLease
+    # PREEMPTING): by a reservation's start, or for an on-demand request.
+    preemption_notice_s: float = 120.0
     usage_export_dir: str = ""
     # Failed authentications one client address may make per minute before AUTH_THROTTLED.
     auth_failures_per_minute: int = 30
@@ -229,6 +232,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         help="requests waiting for capacity in the whole federation, 1..1000000 (GPUFED_MAX_QUEUED; 20000)",
     )
     p.add_argument(
+        "--preemption-notice",
+        type=float,
+        help="seconds of notice an interruptible lease gets before preemption, 1..3600"
+        " (GPUFED_PREEMPTION_NOTICE; 120)",
+    )
+    p.add_argument(
         "--queue-share",
         type=float,
         help="seconds each GPU a tenant holds moves its waiting requests back (GPUFED_QUEUE_SHARE; 30)",
@@ -321,6 +330,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
             float,
         ),
         max_queued=s.get(a.max_queued, "GPUFED_MAX_QUEUED", "max_queued", d.max_queued, int),
+        preemption_notice_s=s.get(
+            a.preemption_notice, "GPUFED_PREEMPTION_NOTICE", "preemption_notice", d.preemption_notice_s, float
+        ),
         queue_share_s=s.get(a.queue_share, "GPUFED_QUEUE_SHARE", "queue_share", d.queue_share_s, float),
         health_write_interval=s.get(
             a.health_write_interval,
@@ -341,6 +353,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         raise ConfigError("--max-queued must be in 1..1000000")
     if not 0 <= cfg.queue_share_s <= 86_400:
         raise ConfigError("--queue-share must be in 0..86400 seconds")
+    if not 1 <= cfg.preemption_notice_s <= 3600:
+        raise ConfigError("--preemption-notice must be in 1..3600 seconds")
     return cfg
 
 

@@ -68,6 +68,23 @@ class Metrics:
         self.queue_grants = Counter(
             "gpufed_queue_grants_total", "Leases granted from the queue by this replica", registry=r
         )
+        self.reservations_booked = Counter(
+            "gpufed_reservations_booked_total", "Reservations booked through this replica", registry=r
+        )
+        self.reservations_started = Counter(
+            "gpufed_reservations_started_total", "Reservations started as leases (leader's count)", registry=r
+        )
+        self.reservation_start_delay = Histogram(
+            "gpufed_reservation_start_delay_seconds",
+            "From a reservation's start_time to the commit of its lease (leader's)",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
+            registry=r,
+        )
+        self.leases_preempted = Counter(
+            "gpufed_leases_preempted_total",
+            "Interruptible leases preempted after their notice (leader's)",
+            registry=r,
+        )
         self.streams = Gauge("gpufed_node_streams", "Node daemon streams held by this replica", registry=r)
         self.reports = Counter("gpufed_node_reports_total", "Node reports ingested", registry=r)
         self.bootstrap_token_risk = Gauge(

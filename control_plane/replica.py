@@ -24,6 +24,7 @@ from control_plane.app.leases import Leases
 from control_plane.app.nodes import Nodes
 from control_plane.app.queue import Queue
 from control_plane.app.quotas import Quotas
+from control_plane.app.reservations import Reservations
 from control_plane.app.retention import DAY_S
 from control_plane.app.telemetry import Telemetry
 from control_plane.auth import Authenticator, Kind, TokenRecord
@@ -35,6 +36,7 @@ from control_plane.servicers.admin import AdminServicer
 from control_plane.servicers.discovery import DiscoveryServicer
 from control_plane.servicers.lease import LeaseServicer
 from control_plane.servicers.node import NodeServicer
+from control_plane.servicers.reservation import ReservationServicer
 from control_plane.servicers.telemetry import PeerServicer, TelemetryServicer
 from control_plane.tls import ReloadingCertificates, TlsConfigError, check_listeners
 from gpufed import __version__
@@ -52,6 +54,8 @@ from gpufed.v1 import (
     node_pb2_grpc,
     peer_pb2,
     peer_pb2_grpc,
+    reservation_pb2,
+    reservation_pb2_grpc,
     telemetry_pb2,
     telemetry_pb2_grpc,
 )
@@ -63,6 +67,7 @@ SERVICE_NAMES = [
     node_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name,
     discovery_pb2.DESCRIPTOR.services_by_name["DiscoveryService"].full_name,
     lease_pb2.DESCRIPTOR.services_by_name["LeaseService"].full_name,
+    reservation_pb2.DESCRIPTOR.services_by_name["ReservationService"].full_name,
     telemetry_pb2.DESCRIPTOR.services_by_name["TelemetryService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
     peer_pb2.DESCRIPTOR.services_by_name["PeerService"].full_name,
@@ -71,6 +76,7 @@ SERVICE_NAMES = [
 # of leases keep working).
 WRITE_SERVICES = (
     lease_pb2.DESCRIPTOR.services_by_name["LeaseService"].full_name,
+    reservation_pb2.DESCRIPTOR.services_by_name["ReservationService"].full_name,
     node_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name,
 )
 HEALTH_CHECK_S = 0.5
@@ -163,6 +169,7 @@ class Replica:
             self.quotas,
             replica_id=self.id,
             history_retention_s=cfg.lease_history_hours * 3600,
+            preemption_notice_s=cfg.preemption_notice_s,
         )
         self.leases.start()
         self.queue = Queue(
@@ -174,6 +181,9 @@ class Replica:
             self.metrics,
             max_queued=cfg.max_queued,
             share_s=cfg.queue_share_s,
+        )
+        self.reservations = Reservations(
+            self.store, self.inventory, self.leases, self.clock, self.metrics, self.shutdown
         )
         self.nodes.on_provisioned = self.leases.provisioned
         self.nodes.end_lease = self.leases.end
@@ -190,6 +200,7 @@ class Replica:
             self.metrics,
             self.clock,
             queue=self.queue,
+            reservations=self.reservations,
             provision_timeout_s=cfg.provision_timeout,
             usage_retention_s=cfg.usage_retention_days * DAY_S,
             usage_export_dir=cfg.usage_export_dir,
@@ -209,11 +220,14 @@ class Replica:
         node_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(self.nodes), services)
         discovery_pb2_grpc.add_DiscoveryServiceServicer_to_server(
             DiscoveryServicer(
-                Discovery(self.inventory, self.shutdown, cfg.search_cache, self.quotas.take_read)
+                Discovery(self.inventory, self.shutdown, cfg.search_cache, self.quotas.take_read, self.clock)
             ),
             services,
         )
         lease_pb2_grpc.add_LeaseServiceServicer_to_server(LeaseServicer(self.leases), services)
+        reservation_pb2_grpc.add_ReservationServiceServicer_to_server(
+            ReservationServicer(self.reservations), services
+        )
         telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(TelemetryServicer(self.telemetry), services)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
             AdminServicer(

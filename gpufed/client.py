@@ -42,6 +42,8 @@ from gpufed.v1 import (
     discovery_pb2_grpc,
     lease_pb2,
     lease_pb2_grpc,
+    reservation_pb2,
+    reservation_pb2_grpc,
     telemetry_pb2,
     telemetry_pb2_grpc,
 )
@@ -159,6 +161,21 @@ def pool_choice(name: str) -> common_pb2.PoolChoice.ValueType:
     return POOL_CHOICES[name]
 
 
+def timestamp_of(seconds: float) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=int(seconds), nanos=int(seconds % 1 * 1e9))
+
+
+def _set_window(
+    req: discovery_pb2.SearchOffersRequest | discovery_pb2.SummarizeCapacityRequest,
+    available_from: float | None,
+    available_for_s: int,
+) -> None:
+    if available_for_s:
+        req.available_for.seconds = available_for_s
+    if available_from is not None:
+        req.available_from.CopyFrom(timestamp_of(available_from))
+
+
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -214,6 +231,7 @@ class Client:
         self.discovery = discovery_pb2_grpc.DiscoveryServiceStub(self.channel)
         self.leases = lease_pb2_grpc.LeaseServiceStub(self.channel)
         self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)
+        self.reservations = reservation_pb2_grpc.ReservationServiceStub(self.channel)
         self.telemetry = telemetry_pb2_grpc.TelemetryServiceStub(self.channel)
 
     def __enter__(self) -> Client:
@@ -273,10 +291,14 @@ class Client:
         page_size: int = 0,
         limit: int | None = None,
         pool: str = "",
+        available_from: float | None = None,
+        available_for_s: int = 0,
         **filter_args: Any,
     ) -> Iterator[discovery_pb2.Offer]:
         """Every matching offer, page by page (up to `limit`). `pool`: "own-first" (the default
-        for a tenant with a private pool), "own-only" or "federation-only"."""
+        for a tenant with a private pool), "own-only" or "federation-only". With
+        `available_for_s` (and `available_from`, seconds since the epoch; default now): only
+        GPUs free for all of that window, what create_reservation could book."""
         req = discovery_pb2.SearchOffersRequest(
             filter=gpu_filter(**filter_args),
             min_free_gpus=min_free_gpus,
@@ -284,6 +306,7 @@ class Client:
             page_size=page_size,
             pool=pool_choice(pool),
         )
+        _set_window(req, available_from, available_for_s)
         n = 0
         while True:
             resp = self.call(self.discovery.SearchOffers, req)
@@ -321,8 +344,13 @@ class Client:
         req = discovery_pb2.ListProvidersRequest(page_size=1)
         return str(self.call(self.discovery.ListProviders, req).replica_version)
 
-    def summarize_capacity(self, **filter_args: Any) -> discovery_pb2.SummarizeCapacityResponse:
+    def summarize_capacity(
+        self, *, available_from: float | None = None, available_for_s: int = 0, **filter_args: Any
+    ) -> discovery_pb2.SummarizeCapacityResponse:
+        """Totals by model x country x health; with a window (as search_offers), free_gpus
+        counts the GPUs free for all of it."""
         req = discovery_pb2.SummarizeCapacityRequest(filter=gpu_filter(**filter_args))
+        _set_window(req, available_from, available_for_s)
         return self.call(self.discovery.SummarizeCapacity, req)  # type: ignore[no-any-return]
 
     def node_telemetry(self, name: str, max_samples: int = 0) -> telemetry_pb2.GetNodeTelemetryResponse:
@@ -348,12 +376,14 @@ class Client:
         pool: str = "",
         allow_mixed: bool = False,
         max_wait_s: int = 0,
+        interruptible: bool = False,
         **filter_args: Any,
     ) -> lease_pb2.Lease:
         """The granted lease: ACTIVE, or PROVISIONING while the providers' hooks set up access
         with `ssh_keys` (OpenSSH public key lines) and `provider_options` (see wait_active).
         With `max_wait_s`, a request the federation cannot serve now is QUEUED for up to that
-        long instead of refused (see wait_granted)."""
+        long instead of refused (see wait_granted). `interruptible`: at the interruptible price,
+        preempted with notice (watch_lease: PREEMPTING, then ENDED PREEMPTED)."""
         req = lease_pb2.CreateLeaseRequest(
             request_id=request_id or new_request_id(),
             gpu_count=gpu_count,
@@ -366,6 +396,7 @@ class Client:
             pool=pool_choice(pool),
             allow_mixed=allow_mixed,
             max_wait=duration_pb2.Duration(seconds=max_wait_s),
+            interruptible=interruptible,
         )
         return self.call(self.leases.CreateLease, req).lease  # type: ignore[no-any-return]
 
@@ -449,6 +480,65 @@ class Client:
         the lease's current state (a GRANTED event with the current record)."""
         request = lease_pb2.WatchLeaseRequest(name=name)
         yield from self._resumed(lambda: self.leases.WatchLease(request, metadata=self.metadata))
+
+    # -- reservations ---------------------------------------------------------------------------
+
+    def create_reservation(
+        self,
+        gpu_count: int,
+        start: float | timestamp_pb2.Timestamp,
+        duration_s: int,
+        *,
+        spread: bool = False,
+        request_id: str | None = None,
+        ssh_keys: Sequence[str] = (),
+        provider_options: Mapping[str, str] | None = None,
+        pool: str = "",
+        allow_mixed: bool = False,
+        **filter_args: Any,
+    ) -> reservation_pb2.Reservation:
+        """Book `gpu_count` GPUs from `start` (seconds since the epoch, or a Timestamp) for
+        `duration_s`: concrete GPUs at prices frozen now. At the start it becomes a lease
+        (`Reservation.lease`; watch it with watch_lease or wait_active)."""
+        at = start if isinstance(start, timestamp_pb2.Timestamp) else timestamp_of(start)
+        req = reservation_pb2.CreateReservationRequest(
+            request_id=request_id or new_request_id(),
+            gpu_count=gpu_count,
+            filter=gpu_filter(**filter_args),
+            placement=lease_pb2.PLACEMENT_SPREAD if spread else lease_pb2.PLACEMENT_SINGLE_NODE,
+            pool=pool_choice(pool),
+            allow_mixed=allow_mixed,
+            start_time=at,
+            duration=duration_pb2.Duration(seconds=duration_s),
+            access=lease_pb2.AccessRequest(
+                ssh_public_keys=list(ssh_keys), provider_options=dict(provider_options or {})
+            ),
+        )
+        return self.call(self.reservations.CreateReservation, req).reservation  # type: ignore[no-any-return]
+
+    def get_reservation(self, name: str) -> reservation_pb2.Reservation:
+        req = reservation_pb2.GetReservationRequest(name=name)
+        return self.call(self.reservations.GetReservation, req).reservation  # type: ignore[no-any-return]
+
+    def list_reservations(self, state: int = 0, node: str = "") -> list[reservation_pb2.Reservation]:
+        req = reservation_pb2.ListReservationsRequest(state=state, page_size=1000, node=node)  # type: ignore[arg-type]
+        out: list[reservation_pb2.Reservation] = []
+        while True:
+            resp = self.call(self.reservations.ListReservations, req)
+            out.extend(resp.reservations)
+            if not resp.next_page_token:
+                return out
+            req.page_token = resp.next_page_token
+
+    def cancel_reservation(self, name: str) -> reservation_pb2.Reservation:
+        req = reservation_pb2.CancelReservationRequest(name=name)
+        return self.call(self.reservations.CancelReservation, req).reservation  # type: ignore[no-any-return]
+
+    def watch_reservation(self, name: str) -> Iterator[reservation_pb2.WatchReservationResponse]:
+        """The reservation's events until it ends (BOOKED first; opened again on another
+        replica when its own goes away, starting again with BOOKED)."""
+        request = reservation_pb2.WatchReservationRequest(name=name)
+        yield from self._resumed(lambda: self.reservations.WatchReservation(request, metadata=self.metadata))
 
     def watch_capacity(self, provider: str = "") -> Iterator[discovery_pb2.WatchCapacityResponse]:
         """A snapshot of every node (SNAPSHOT ... SNAPSHOT_END), then node changes, forever.

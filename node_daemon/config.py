@@ -25,6 +25,7 @@ class DaemonConfig:
     latitude: float = 0.0
     longitude: float = 0.0
     price_per_gpu_hour: float = 0.0
+    interruptible_price_per_gpu_hour: float = 0.0
     currency: str = "USD"
     labels: dict[str, str] = field(default_factory=dict)
     report_interval: float = 2.0
@@ -76,6 +77,11 @@ def parse_args(argv: Sequence[str] | None = None) -> DaemonConfig:
     p.add_argument("--latitude", type=float)
     p.add_argument("--longitude", type=float)
     p.add_argument("--price-per-gpu-hour", type=float)
+    p.add_argument(
+        "--interruptible-price",
+        type=float,
+        help="per GPU-hour for interruptible capacity (preempted with notice); default: the same price",
+    )
     p.add_argument("--currency")
     p.add_argument("--label", action="append", help="KEY=VALUE, repeatable")
     p.add_argument(
@@ -137,6 +143,9 @@ def parse_args(argv: Sequence[str] | None = None) -> DaemonConfig:
         longitude=pick(a.longitude, "GPUFED_LONGITUDE", "longitude", 0.0, float),
         price_per_gpu_hour=pick(
             a.price_per_gpu_hour, "GPUFED_PRICE_PER_GPU_HOUR", "price_per_gpu_hour", 0.0, float
+        ),
+        interruptible_price_per_gpu_hour=pick(
+            a.interruptible_price, "GPUFED_INTERRUPTIBLE_PRICE", "interruptible_price", 0.0, float
         ),
         currency=pick(a.currency, "GPUFED_CURRENCY", "currency", "USD"),
         labels=labels,

@@ -122,6 +122,7 @@ class DaemonSession:
             ),
             gpus=self.collector.inventory(),
             price_per_gpu_hour=c.price_per_gpu_hour,
+            interruptible_price_per_gpu_hour=c.interruptible_price_per_gpu_hour,
             currency_code=c.currency,
             labels=c.labels,
             daemon_version=__version__,

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -540,3 +541,17 @@ def one_node(address: str, tenant_name: str = "dev") -> Iterator[str]:
         yield tenant
     finally:
         daemon.stop()
+
+
+def reservations_open(c: Any) -> bool:
+    """Whether the leader has moved a fresh prefix to the schema with reservations: a booking a
+    day ahead is accepted (and cancelled at once), not UPGRADE_IN_PROGRESS."""
+    from gpufed.client import GpufedError
+
+    try:
+        c.cancel_reservation(c.create_reservation(1, time.time() + 86_400, 60).name)
+    except GpufedError as e:
+        if e.reason == "UPGRADE_IN_PROGRESS":
+            return False
+        raise
+    return True

@@ -24,9 +24,10 @@ from google.protobuf.message import DecodeError
 from control_plane.adapters.keyspace import KeyKind, Keyspace
 from control_plane.domain import capacity as capacity_rules
 from control_plane.domain import mig
+from control_plane.domain.calendar import Slot, slots_by_gpu
 from control_plane.domain.geo import unit_vector
 from control_plane.domain.inventory import GpuGroup, NodeEntry, NodeSummary
-from gpufed.v1 import common_pb2, lease_pb2
+from gpufed.v1 import common_pb2, lease_pb2, reservation_pb2
 
 _UNHEALTHY = common_pb2.GPU_HEALTH_UNHEALTHY
 # Plain ints: attribute access on the enum wrapper goes through a Python __getattr__, and state()
@@ -52,6 +53,8 @@ class ChangeKind(enum.Enum):
     MEMBER = "member"
     SCHEMA = "schema"
     QUEUE = "queue"
+    CALENDAR = "calendar"
+    RESERVATION = "reservation"
     RESYNC = "resync"  # the whole view was replaced by a (re-)list
 
 
@@ -61,6 +64,8 @@ _CHANGE_OF = {k: ChangeKind[k.name] for k in KeyKind}
 _NODE, _ALIVE, _ALLOC, _LEASE = KeyKind.NODE, KeyKind.ALIVE, KeyKind.ALLOC, KeyKind.LEASE
 _REPLICA, _LEADER, _QUOTA, _BURST = KeyKind.REPLICA, KeyKind.LEADER, KeyKind.QUOTA, KeyKind.BURST
 _MEMBER, _SCHEMA, _QUEUE = KeyKind.MEMBER, KeyKind.SCHEMA, KeyKind.QUEUE
+_CALENDAR, _RESERVATION = KeyKind.CALENDAR, KeyKind.RESERVATION
+_NO_SLOTS: tuple[Slot, ...] = ()
 
 
 class KeyValueLike(Protocol):
@@ -120,6 +125,13 @@ class Inventory:
     queued: dict[str, tuple[lease_pb2.QueuedLeaseRecord, int]] = field(default_factory=dict)
     # tenant -> its queued lease ids (its max_queued quota)
     tenant_queued: dict[str, set[str]] = field(default_factory=dict)
+    # node name -> its calendar and the record's mod revision (absent: no reservation on it)
+    calendars: dict[str, tuple[reservation_pb2.NodeCalendar, int]] = field(default_factory=dict)
+    # whole GPU uuid -> its reservations' windows, by start (control_plane.domain.calendar)
+    gpu_slots: dict[str, list[Slot]] = field(default_factory=dict)
+    # reservation id -> the booked or active record and its mod revision
+    reservations: dict[str, tuple[reservation_pb2.Reservation, int]] = field(default_factory=dict)
+    tenant_reservations: dict[str, set[str]] = field(default_factory=dict)
     leader: str = ""
     revision: int = 0
     # node names ordered by (price, name), overall and per country, for searches that stop early
@@ -134,6 +146,8 @@ class Inventory:
     draining: set[str] = field(default_factory=set)
     # leases whose record says PROVISIONING: the leader's provisioning sweep looks at these only
     provisioning: set[str] = field(default_factory=set)
+    # interruptible leases told they will be preempted (a preempt_time): the leader ends these
+    preempting: set[str] = field(default_factory=set)
     # tenant -> the nodes of its private pool
     pools: dict[str, set[str]] = field(default_factory=dict)
     # GPU model name -> nodes that have it: a search for a model nobody has answers at once
@@ -217,6 +231,7 @@ class Inventory:
                     while len(self.vanished) > MAX_VANISHED:
                         self.vanished.popitem(last=False)
                 self.provisioning.discard(name)
+                self.preempting.discard(name)
                 if lease is not None:
                     holds = self.tenant_leases.get(lease.tenant)
                     if holds is not None:
@@ -234,6 +249,8 @@ class Inventory:
                     self.provisioning.add(name)
                 else:
                     self.provisioning.discard(name)
+                if lease.HasField("preempt_time"):
+                    self.preempting.add(name)
                 self.tenant_leases.setdefault(lease.tenant, {})[name] = len(lease.gpus)
         elif kind is _REPLICA:
             if value is None:
@@ -261,6 +278,10 @@ class Inventory:
             self.schema = value
         elif kind is _QUEUE:
             self._set_queued(name, value, mod_revision)
+        elif kind is _CALENDAR:
+            self._set_calendar(name, value, mod_revision)
+        elif kind is _RESERVATION:
+            self._set_reservation(name, value, mod_revision)
         change = Change(_CHANGE_OF[kind], name, value, mod_revision, lease)
         if notify:
             self._notify(change)
@@ -282,6 +303,70 @@ class Inventory:
             return  # not written by a gpufed replica: nothing to schedule
         self.queued[lease_id] = (record, revision)
         self.tenant_queued.setdefault(record.lease.tenant, set()).add(lease_id)
+
+    def _set_calendar(self, node: str, value: bytes | None, revision: int) -> None:
+        old = self.calendars.pop(node, None)
+        if old is not None:
+            for uuid in {u for e in old[0].entries for u in e.gpu_uuids}:
+                self.gpu_slots.pop(uuid, None)
+        if value is None:
+            return
+        try:
+            calendar = reservation_pb2.NodeCalendar.FromString(value)
+        except DecodeError:
+            return  # not written by a gpufed replica
+        self.calendars[node] = (calendar, revision)
+        self.gpu_slots.update(slots_by_gpu(calendar))
+
+    def _set_reservation(self, reservation_id: str, value: bytes | None, revision: int) -> None:
+        old = self.reservations.pop(reservation_id, None)
+        if old is not None:
+            mine = self.tenant_reservations.get(old[0].tenant)
+            if mine is not None:
+                mine.discard(reservation_id)
+                if not mine:
+                    del self.tenant_reservations[old[0].tenant]
+        if value is None:
+            return
+        try:
+            record = reservation_pb2.Reservation.FromString(value)
+        except DecodeError:
+            return
+        self.reservations[reservation_id] = (record, revision)
+        self.tenant_reservations.setdefault(record.tenant, set()).add(reservation_id)
+
+    def slots(self, uuid: str) -> list[Slot] | tuple[Slot, ...]:
+        """A whole GPU's reservation windows, by start."""
+        return self.gpu_slots.get(uuid, _NO_SLOTS)
+
+    def calendar_revision(self, node: str) -> int:
+        """The node's calendar record's mod revision, 0 while it has none."""
+        found = self.calendars.get(node)
+        return found[1] if found is not None else 0
+
+    def holders(self, node: str, uuid: str) -> set[str]:
+        """The leases holding a whole GPU or any of its MIG instances."""
+        held = self.allocs.get(node)
+        if not held:
+            return set()
+        out = {held[uuid]} if uuid in held else set()
+        entry = self.nodes.get(node)
+        if entry is not None and len(held) > len(out):
+            out.update(held[g.uuid] for g in entry.node.gpus if g.parent_uuid == uuid and g.uuid in held)
+        return out
+
+    def held_until(self, node: str, uuid: str) -> int:
+        """The latest expiry (ns) of the leases on a whole GPU or its instances that a booking
+        must not cut short: 0 for none. Interruptible leases do not count (they are preempted);
+        an allocation whose record the index lacks counts as held for ever."""
+        out = 0
+        for lease_id in self.holders(node, uuid):
+            lease = self.leases.get(lease_id)
+            if lease is None:
+                return 1 << 62
+            if not lease.interruptible:
+                out = max(out, lease.expire_time.seconds * 1_000_000_000 + lease.expire_time.nanos)
+        return out
 
     def _notify(self, change: Change) -> None:
         for fn in list(self._subscribers):

@@ -15,6 +15,12 @@ never streamed to every replica's index:
   queue/{lease_id}                      a request waiting for capacity (QueuedLeaseRecord, binary;
                                         schema 3): deleted by the Txn that grants it (which
                                         writes leases/{lease_id}) or ends it
+  calendar/{provider}/{node_id}         the node's calendar (NodeCalendar, binary; schema 3): the
+                                        reservations' windows on its GPUs. Bookings, moves and
+                                        cancellations rewrite it by CAS; grants and renewals on
+                                        the node compare it unchanged
+  reservations/{reservation_id}         Reservation record (binary; schema 3) while it is
+                                        booked or active; its end moves it to the history
   tokens/{token_id}                     token record with the secret's hash
   replicas/{replica_id}                 peer address; on the replica's session lease
   members/{replica_id}                  the replica's release and the newest schema it
@@ -52,6 +58,12 @@ never streamed to every replica's index:
                                            same Txn: each List reads only its caller's range.
                                            The leader exports both past the retention and
                                            deletes them (control_plane.app.retention)
+  .records/reservation-requests/{tenant}/{request_id}
+                                           reservation id, for CreateReservation idempotency
+  .records/history/reservations/{id}       ended Reservation records (GetReservation); on the
+                                           hourly history etcd lease
+  .records/tenant-reservations/{tenant}/{inverted create time}/{id}
+                                           the same under its tenant, newest first
 Times in keys are zero-padded nanoseconds (20 digits), so key order is time order.
 """
 
@@ -77,6 +89,8 @@ class KeyKind(enum.Enum):
     MEMBER = "member"
     SCHEMA = "schema"
     QUEUE = "queue"
+    CALENDAR = "calendar"
+    RESERVATION = "reservation"
 
 
 class Key(NamedTuple):
@@ -109,6 +123,8 @@ _LAYOUT = {
     "members": (KeyKind.MEMBER, 1),
     "schema": (KeyKind.SCHEMA, 0),
     "queue": (KeyKind.QUEUE, 1),
+    "calendar": (KeyKind.CALENDAR, 2),
+    "reservations": (KeyKind.RESERVATION, 1),
 }
 
 
@@ -140,6 +156,12 @@ class Keyspace:
     def queued(self, lease_id: str) -> str:
         return self._k("queue", lease_id)
 
+    def calendar(self, provider: str, node_id: str) -> str:
+        return self._k("calendar", provider, node_id)
+
+    def reservation(self, reservation_id: str) -> str:
+        return self._k("reservations", reservation_id)
+
     def token(self, token_id: str) -> str:
         return self._k("tokens", token_id)
 
@@ -170,6 +192,19 @@ class Keyspace:
 
     def request(self, tenant: str, request_id: str) -> str:
         return self._r("requests", tenant, request_id)
+
+    def reservation_request(self, tenant: str, request_id: str) -> str:
+        return self._r("reservation-requests", tenant, request_id)
+
+    def reservation_history(self, reservation_id: str) -> str:
+        return self._r("history", "reservations", reservation_id)
+
+    def tenant_reservation_history(self, tenant: str, create_ns: int, reservation_id: str) -> str:
+        return self._r("tenant-reservations", tenant, f"{MAX_NS - create_ns:020d}", reservation_id)
+
+    def tenant_reservations_dir(self, tenant: str | None = None) -> str:
+        top = self._r("tenant-reservations")
+        return f"{top}/{tenant}/" if tenant is not None else top + "/"
 
     def hold(self, tenant: str, replica: str, lease_id: str) -> str:
         return self._r("holds", tenant, replica, lease_id)

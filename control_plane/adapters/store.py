@@ -589,12 +589,14 @@ class EtcdStore:
         attempts: int = CAS_ATTEMPTS,
         on_create: tuple[list[rpc.Compare], list[rpc.RequestOp]] = ([], []),
         with_ops: Callable[[bytes], Sequence[rpc.RequestOp]] | None = None,
+        compares: Callable[[], Sequence[rpc.Compare]] | None = None,
     ) -> Updated:
         """Read-modify-write of one key: `fn(current)` returns the new value, or None to leave it
         as it is; it may raise to refuse. The write compares the key's mod revision (absence for
         a missing key, with `on_create`'s compares, and then its writes too); a failed compare
         reads the key back in the same Txn, so a retry costs one Txn. `known` is a current guess
-        (from the index) that saves the first read. `with_ops(new)`: more writes of the same Txn."""
+        (from the index) that saves the first read. `with_ops(new)`: more writes of the same Txn;
+        `compares()`: more conditions, taken again at each attempt (after `fn`)."""
         k = _b(key)
         kv: KeyValue | None = await self.get(k) if known is _UNKNOWN else known
 
@@ -609,6 +611,8 @@ class EtcdStore:
                 cmps, ops = [absent(k), *on_create[0]], [put(k, new, lease), *on_create[1]]
             if with_ops is not None:
                 ops.extend(with_ops(new))
+            if compares is not None:
+                cmps.extend(compares())
             resp = await self.txn(cmps, ops, [get(k)])
             if resp.succeeded:
                 return Updated(new, int(resp.header.revision), created=kv is None)

@@ -9,11 +9,12 @@ from collections.abc import AsyncIterator, Callable
 
 from control_plane.adapters.index import Change, ChangeKind, Inventory
 from control_plane.app.caches import BoundedCache
-from control_plane.domain import errors, offers, pagination, pools, registration
+from control_plane.domain import calendar, errors, offers, pagination, pools, registration, reservation_rules
 from control_plane.domain.errors import shown
 from control_plane.domain.filters import compile_filter, visible
 from control_plane.domain.inventory import Candidate
 from control_plane.domain.names import parse_node_name, valid_id
+from gpufed.clock import SYSTEM, Clock
 from gpufed.v1 import common_pb2, discovery_pb2
 
 WATCH_QUEUE_LIMIT = 10_000
@@ -31,8 +32,10 @@ class Discovery:
         shutdown: asyncio.Event,
         cache_size: int = 1024,
         read_budget: Callable[[str], None] | None = None,
+        clock: Clock = SYSTEM,
     ) -> None:
         self.inv = inventory
+        self.clock = clock
         # A tenant's budget of whole-index reads (Quotas.take_read): RATE_LIMITED past it.
         self.read_budget = read_budget
         self.shutdown = shutdown
@@ -60,11 +63,12 @@ class Discovery:
             + b"\x00"
             + (b"*" if scope is None else scope.encode())
         )
-        hit = self._answers.get(key)
+        windowed = request.HasField("available_for") or request.HasField("available_from")
+        hit = None if windowed else self._answers.get(key)
         if hit is not None and hit.revision == self.inv.revision:
             return hit
         resp = self._search(request, scope)
-        if self.cache_size:
+        if self.cache_size and not windowed:  # a window's answer moves with the time too
             self._answers.put(key, resp, len(key) + resp.ByteSize())
         return resp
 
@@ -81,6 +85,13 @@ class Discovery:
         query = pagination.query_hash(
             flt.key(), str(request.min_free_gpus), str(request.order_by), str(request.pool)
         )
+        window = reservation_rules.search_window(
+            request.available_from if request.HasField("available_from") else None,
+            request.available_for if request.HasField("available_for") else None,
+            self.clock.time_ns(),
+        )
+        if window is not None:
+            query = pagination.query_hash(query, str(window))
         start = pagination.decode_token(request.page_token, query)
         # OWN_FIRST: the pool's offers, then the federation's, each in the requested order.
         found: list[Candidate] = []
@@ -93,7 +104,13 @@ class Discovery:
             filters = [f for scope in scopes for f in pools.scoped(flt, scope, burst)]
         for f in filters:
             need = start + size - len(found)
-            got, more = offers.search(self.inv, f, request.min_free_gpus, request.order_by, need)
+            if window is None:
+                got, more = offers.search(self.inv, f, request.min_free_gpus, request.order_by, need)
+            else:
+                got, more = calendar.window_search(
+                    self.inv, f, *window, self.inv.slots, self.inv.held_until, request.min_free_gpus,
+                    request.order_by, need,
+                )  # fmt: skip
             found += got
             if len(found) >= start + size:
                 more = True
@@ -194,9 +211,19 @@ class Discovery:
             self.read_budget(tenant)
 
     def summarize(
-        self, f: common_pb2.GpuFilter, viewer: str | None = ""
+        self, request: discovery_pb2.SummarizeCapacityRequest, viewer: str | None = ""
     ) -> discovery_pb2.SummarizeCapacityResponse:
-        buckets = offers.summarize(self.inv, dataclasses.replace(compile_filter(f), viewer=viewer))
+        flt = dataclasses.replace(compile_filter(request.filter), viewer=viewer)
+        window = reservation_rules.search_window(
+            request.available_from if request.HasField("available_from") else None,
+            request.available_for if request.HasField("available_for") else None,
+            self.clock.time_ns(),
+        )
+        if window is None:
+            buckets = offers.summarize(self.inv, flt)
+        else:
+            tally = calendar.window_totals(self.inv, flt, *window, self.inv.slots, self.inv.held_until)
+            buckets = offers.to_buckets(tally)
         return discovery_pb2.SummarizeCapacityResponse(
             buckets=buckets,
             total_gpus=sum(b.total_gpus for b in buckets),

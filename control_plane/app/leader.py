@@ -13,6 +13,8 @@ the others watch it (through the index) and try again when it goes. The leader r
 - the drain sweep: leases on DRAINING nodes end at the drain deadline;
 - the provisioning sweep: a lease whose hooks did not all answer within the provision timeout
   (a daemon that died mid-hook) ends PROVISIONING_FAILED;
+- the reservation scheduler (control_plane.app.reservations): each reservation becomes a lease
+  at its start and ends at its end;
 - the schema migration (control_plane.app.migration), once every replica runs a release that
   understands the next schema;
 - compaction.
@@ -49,6 +51,7 @@ from control_plane.app.lease_txns import put_history, put_usage
 from control_plane.app.leases import Leases
 from control_plane.app.migration import SchemaMigration
 from control_plane.app.queue import Queue
+from control_plane.app.reservations import Reservations
 from control_plane.app.retention import DAY_S, UsageRetention
 from control_plane.domain import lease_rules
 from control_plane.domain.usage import usage_records
@@ -93,8 +96,10 @@ class Leader:
         usage_retention_s: float = 90 * DAY_S,
         usage_export_dir: str = "",
         queue: Queue | None = None,
+        reservations: Reservations | None = None,
     ) -> None:
         self.queue = queue
+        self.reservations = reservations
         self.provision_timeout_s = provision_timeout_s
         self.retention = UsageRetention(
             store, clock, usage_retention_s, usage_export_dir, self._fenced, self._check_term
@@ -181,6 +186,11 @@ class Leader:
             asyncio.create_task(self._retention(), name="usage-retention"),
             asyncio.create_task(self._schema(), name="schema-migration"),
             *([asyncio.create_task(self.queue.run(), name="queue-scheduler")] if self.queue else []),
+            *(
+                [asyncio.create_task(self._reservations(self.reservations), name="reservation-scheduler")]
+                if self.reservations
+                else []
+            ),
         ]
         try:
             while (
@@ -307,6 +317,22 @@ class Leader:
         kvs = resp.responses[0].response_range.kvs
         if not kvs or kvs[0].create_revision != self.term or kvs[0].value != self.replica_id.encode():
             raise Deposed(f"leader key now {kvs[0].value.decode() if kvs else 'absent'}")
+
+    # -- reservations ---------------------------------------------------------------------------
+
+    async def _reservations(self, reservations: Reservations) -> None:
+        """Starts and ends of reservations, each Txn fenced by this term."""
+        while True:
+            try:
+                await reservations.run(self._fenced, self._check_term)
+            except Deposed:
+                log.warning("reservation scheduler: no longer the leader")
+                self.term = 0
+                self._changed.set()
+                return
+            except StoreUnavailable as e:
+                log.warning("reservation scheduler: etcd unavailable; next round", error=str(e))
+                await asyncio.sleep(0.5)
 
     # -- schema ---------------------------------------------------------------------------------
 

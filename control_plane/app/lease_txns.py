@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from control_plane.adapters.keyspace import Keyspace
 from control_plane.adapters.store import MAX_TXN_OPS, TxnBuilder, prefix_end
 from control_plane.domain.placement import Pick
@@ -19,10 +21,13 @@ def grant_txn(
     tenant: str,
     replica: str,
     holds_revision: int,
+    calendar_revision: Callable[[str], int],
 ) -> TxnBuilder:
     """The grant: the record, the request key (when the request has an id), the tenant's hold
     and one allocation per GPU on the etcd lease, if each allocation and the request are absent,
-    each node is unchanged and alive, and no other replica put a hold of the tenant after
+    each node is unchanged and alive, each node's calendar is as the grant read it
+    (`calendar_revision(node)`, 0: none; a booking meanwhile could start before the lease's
+    expire_time), and no other replica put a hold of the tenant after
     `holds_revision` (the revision its quota was counted at; this replica's own holds it counts
     itself). On failure it reads back the request key first, then the tenant's holds, each node
     and allocation (what made it fail)."""
@@ -52,6 +57,9 @@ def grant_txn(
         txn.mod_revision_is(node_key, p.candidate.mod_revision)
         txn.present(keys.alive(node.provider, node.node_id).encode())
         txn.read_on_failure(node_key)
+        calendar_is(
+            txn, keys.calendar(node.provider, node.node_id).encode(), calendar_revision(p.candidate.name)
+        )
         by_uuid = {g.uuid: g for g in p.candidate.gpus}
         for u in p.gpu_uuids:
             gpu = by_uuid[u]
@@ -69,6 +77,15 @@ def grant_txn(
             elif gpu.mig_enabled:
                 txn.range_absent(keys.alloc_instances(node.provider, node.node_id, u).encode())
     return txn
+
+
+def calendar_is(txn: TxnBuilder, key: bytes, revision: int) -> None:
+    """The node's calendar record is the one read at `revision` (0: there is none)."""
+    if revision:
+        txn.mod_revision_is(key, revision)
+    else:
+        txn.absent(key)
+    txn.read_on_failure(key)
 
 
 def release_txn(

@@ -19,17 +19,28 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING
 
+from etcd3.etcdrpc import rpc_pb2 as rpc
+
 from control_plane.adapters.commit import GroupCommit, LeasePool
 from control_plane.adapters.index import Change, ChangeKind, Inventory
 from control_plane.adapters.keyspace import MAX_NS
-from control_plane.adapters.store import EtcdStore, KeyValue, newest_read, prefix_end, put, retry_cas
+from control_plane.adapters.store import (
+    EtcdStore,
+    KeyValue,
+    absent,
+    mod_revision_is,
+    newest_read,
+    prefix_end,
+    put,
+    retry_cas,
+)
 from control_plane.app.lease_txns import grant_txn, release_txn
 from control_plane.app.quotas import Quotas
-from control_plane.domain import access, errors, lease_rules, offers, pagination, pools
+from control_plane.domain import access, calendar, errors, lease_rules, offers, pagination, pools
 from control_plane.domain.filters import Filter
 from control_plane.domain.inventory import Candidate
 from control_plane.domain.lease_watch import LeaseWatch
-from control_plane.domain.names import parse_lease_name
+from control_plane.domain.names import parse_lease_name, parse_node_name
 from control_plane.domain.placement import Pick, place
 from control_plane.domain.text import scrubbed
 from control_plane.metrics import Metrics
@@ -53,6 +64,7 @@ ENDED = lease_pb2.LEASE_STATE_ENDED
 QUEUED = lease_pb2.LEASE_STATE_QUEUED
 # What a request with max_wait waits through instead of failing.
 WAITABLE = frozenset(("NO_MATCHING_CAPACITY", "CAPACITY_CONTENDED", "QUOTA_GPUS", "QUOTA_LEASES"))
+CAPACITY = frozenset(("NO_MATCHING_CAPACITY", "CAPACITY_CONTENDED"))
 _NS = 1_000_000_000
 
 
@@ -99,8 +111,10 @@ class Leases:
         *,
         replica_id: str,
         history_retention_s: float = HISTORY_RETENTION_S,
+        preemption_notice_s: float = 120.0,
     ) -> None:
         self.replica_id = replica_id
+        self.preemption_notice_s = preemption_notice_s
         self.store = store
         self.quotas = quotas or Quotas(store, inventory, clock=clock)
         self.keys = store.keys
@@ -263,9 +277,53 @@ class Leases:
         return [f for stage in self.stages(tenant, spec) for f in stage]
 
     def candidates(self, tenant: str, spec: lease_rules.CreateSpec) -> Iterator[Iterable[Candidate]]:
-        """Each stage's candidates, free GPUs only, cheapest first."""
+        """Each stage's candidates, free GPUs only, cheapest first; GPUs reserved within the
+        least ttl from now left out (such a lease could not run its shortest term)."""
+        now = self.clock.time_ns()
         for stage in self.stages(tenant, spec):
-            yield itertools.chain.from_iterable(offers.candidates(self.inv, f, 1) for f in stage)
+            found = itertools.chain.from_iterable(offers.candidates(self.inv, f, 1) for f in stage)
+            yield (
+                self._unreserved(found, now, now + lease_rules.MIN_TTL_S * _NS)
+                if self.inv.gpu_slots
+                else found
+            )
+
+    def _unreserved(self, cands: Iterable[Candidate], start: int, end: int) -> Iterator[Candidate]:
+        for c in cands:
+            gpus = [
+                g
+                for g in c.gpus
+                if not calendar.overlaps(self.inv.slots(g.parent_uuid or g.uuid), start, end)
+            ]
+            if len(gpus) == len(c.gpus):
+                yield c
+            elif gpus:
+                yield dataclasses.replace(c, gpus=gpus)
+
+    def limit_ns(self, lease: lease_pb2.Lease) -> int | None:
+        """The latest a live lease may be renewed to (a reservation of one of its GPUs starts
+        then); None when nothing limits it (a reservation's own lease is limited by its record)."""
+        if lease.interruptible or lease.reservation or not self.inv.gpu_slots:
+            return None
+        gpus = [g.parent_uuid or g.uuid for g in lease.gpus]
+        return calendar.limit(self.inv.slots, gpus, self.clock.time_ns())
+
+    def limited(self, lease: lease_pb2.Lease) -> lease_pb2.Lease:
+        """The lease as the API shows it: with max_expire_time from its GPUs' calendars now."""
+        if not lease_rules.is_live(lease):
+            return lease
+        lim = self.limit_ns(lease)
+        if lim is None and not lease.HasField("max_expire_time"):
+            return lease
+        out = lease_pb2.Lease()
+        out.CopyFrom(lease)
+        if lease.reservation:
+            return out
+        if lim is None:
+            out.ClearField("max_expire_time")
+        else:
+            out.max_expire_time.CopyFrom(timestamp(lim))
+        return out
 
     def place(self, tenant: str, spec: lease_rules.CreateSpec, avoid: AbstractSet[str]) -> list[Pick] | None:
         """GPUs for the request on the index as it is, none of `avoid`; None if none fit."""
@@ -330,6 +388,7 @@ class Leases:
             lease.etcd_lease_id = etcd_lease
             lease.grant_replica = self.replica_id
             lease.expire_time.CopyFrom(timestamp(ttl_from_ns + spec.ttl_s * _NS))
+            cap_to_calendar(lease, self.limit_ns(lease))
             uuids = [u for p in picks for u in p.gpu_uuids]
             txn = grant_txn(
                 self.keys,
@@ -341,6 +400,7 @@ class Leases:
                 tenant,
                 self.replica_id,
                 holds_revision,
+                self.inv.calendar_revision,
             )
             self.pending.update(uuids)
             # Until etcd answers the outcome is unknown (store unavailable, or this call
@@ -384,10 +444,79 @@ class Leases:
         except errors.DomainError as e:
             if not spec.max_wait_s or e.reason not in WAITABLE or self.queue is None or request is None:
                 raise
+            if e.reason in CAPACITY and spec.max_wait_s >= self.preemption_notice_s:
+                # GPUs that interruptible leases hold: they get their notice, this request waits.
+                await self.preempt_for(tenant, spec, lease_id)
             return await self.queue.enqueue(tenant, spec, request, lease_id)
         finally:
             if not keep_etcd_lease:
                 self.pool.give_back(etcd_lease, spec.ttl_s)
+
+    # -- preemption -----------------------------------------------------------------------------
+
+    async def preempt_for(self, tenant: str, spec: lease_rules.CreateSpec, lease_id: str) -> int:
+        """Notice the interruptible leases on GPUs an on-demand request could have (whole GPUs
+        free, or held only by interruptible leases): each is preempted at now plus the notice.
+        How many were told (0: preemption would not make room either)."""
+        if spec.interruptible:
+            return 0  # interruptible capacity never preempts its own kind
+        now = self.clock.time_ns()
+        inv = self.inv
+        soon = now + lease_rules.MIN_TTL_S * _NS
+        picks = None
+        for stage in self.stages(tenant, spec):
+            cands = itertools.chain.from_iterable(
+                calendar.window_candidates(inv, f, now, soon, inv.slots, inv.held_until) for f in stage
+            )
+            picks = place(cands, spec.gpu_count, spec.placement, self.queue_claims())
+            if picks is not None:
+                break
+        if picks is None:
+            return 0
+        victims = sorted(
+            held
+            for p in picks
+            for u in p.gpu_uuids
+            for held in inv.holders(p.candidate.name, u)
+            if (lease := inv.leases.get(held)) is not None and lease.interruptible
+        )
+        at = now + int(self.preemption_notice_s * _NS)
+        for victim in victims:
+            await self.notice(victim, at, f"an on-demand request (leases/{lease_id}) needs its GPUs")
+        return len(victims)
+
+    async def notice(self, lease_id: str, at_ns: int, why: str) -> None:
+        """Tell an interruptible lease it ends PREEMPTED at `at_ns` (an earlier notice stands)."""
+        found = self._indexed(lease_id)
+        if found is None or not found[0].interruptible:
+            return
+        lease, revision = found
+        key = self.keys.lease(lease_id)
+        known = KeyValue(key.encode(), lease.SerializeToString(), revision, 0, lease.etcd_lease_id)
+
+        def record(kv: KeyValue | None) -> bytes | None:
+            if kv is None:
+                return None  # ended meanwhile
+            current = lease_pb2.Lease.FromString(kv.value)
+            if current.HasField("preempt_time") and current.preempt_time.ToNanoseconds() <= at_ns:
+                return None
+            current.preempt_time.CopyFrom(timestamp(at_ns))
+            current.end_message = why
+            return current.SerializeToString()
+
+        journal = self.keys.journal(lease_id)
+        updated = await self.store.update(
+            key,
+            record,
+            known=known,
+            lease=lease.etcd_lease_id,
+            what=lease.name,
+            reason="LEASE_CHANGING",
+            with_ops=lambda new: [put(journal, new)],
+        )
+        if updated.revision:
+            log.info("interruptible lease noticed", lease=lease.name, preempt_at_ns=at_ns, why=why)
+            await self.inv.wait_for_revision(updated.revision, timeout=1.0)
 
     # -- renew ----------------------------------------------------------------------------------
 
@@ -404,6 +533,8 @@ class Leases:
             )
         if not lease_rules.is_live(lease):
             raise _ended(lease.name, "has ended")
+        if lease.reservation:
+            return self.limited(lease)  # a window's lease runs to the window's end: nothing to renew
         at = now_ts(self.clock)
         ttl = await self.store.keepalive(lease.etcd_lease_id)
         self.pool.note_refresh(lease.etcd_lease_id, only_known=True)
@@ -419,11 +550,22 @@ class Leases:
             current = lease_pb2.Lease.FromString(kv.value)
             current.fencing_token = current.fencing_token or lease.fencing_token
             new = lease_rules.renewed(current, at)
+            cap_to_calendar(new, self.limit_ns(current))  # a reservation of its GPUs starts then
             if not lease_rules.renewal_moves(current, new):
-                out.CopyFrom(current)
-                return None  # a later renewal got there first, or this one moves it too little
+                out.CopyFrom(self.limited(current))
+                return None  # a later renewal got there first, this one moves it too little, or the limit
             out.CopyFrom(new)
             return new.SerializeToString()
+
+        def calendars_unchanged() -> list[rpc.Compare]:
+            # A booking committed after the index was read could start before the new expiry.
+            cmps: list[rpc.Compare] = []
+            for node in sorted(lease_rules.nodes_of(lease)):
+                provider, node_id = parse_node_name(node)
+                key = self.keys.calendar(provider, node_id)
+                revision = self.inv.calendar_revision(node)
+                cmps.append(mod_revision_is(key, revision) if revision else absent(key))
+            return cmps
 
         journal = self.keys.journal(name.split("/", 1)[1])
         updated = await self.store.update(
@@ -435,6 +577,7 @@ class Leases:
             reason="LEASE_CHANGING",
             # The journal keeps the newest expire_time: what an expiry is billed to.
             with_ops=lambda new: [put(journal, new)],
+            compares=calendars_unchanged,
         )
         if updated.revision:
             await self.inv.wait_for_revision(updated.revision, timeout=1.0)
@@ -561,7 +704,11 @@ class Leases:
                 return
             lease = granted[0]
         machine = LeaseWatch(lease)
+        limit = self.limit_ns(lease)
+        preempting = False
         for ev in machine.start(self.clock.time_ns()):
+            if ev.HasField("lease"):
+                ev.lease.CopyFrom(self.limited(ev.lease))
             yield ev
         if machine.done:
             return
@@ -577,7 +724,7 @@ class Leases:
             kind = change.kind
             if (
                 (kind is ChangeKind.LEASE and change.name == lease_id)
-                or (kind in (ChangeKind.NODE, ChangeKind.ALIVE) and change.name in nodes)
+                or (kind in (ChangeKind.NODE, ChangeKind.ALIVE, ChangeKind.CALENDAR) and change.name in nodes)
                 or kind is ChangeKind.RESYNC
             ):
                 changes.put_nowait(change)
@@ -608,6 +755,14 @@ class Leases:
                 while not changes.empty():
                     events += self._feed(machine, changes.get_nowait())
                 events += machine.tick(self.clock.time_ns())
+                if machine.lease.HasField("preempt_time") and not preempting:
+                    preempting = True
+                    events.append(self._preempting_event(machine.lease))
+                now_limit = self.limit_ns(machine.lease) if lease_rules.is_live(machine.lease) else limit
+                if now_limit != limit:
+                    limit = now_limit
+                    if now_limit is not None:  # a booking of its GPUs (a cancelled one lifts it)
+                        events.append(self._limited_event(machine.lease))
                 for ev in events:
                     yield ev
             if not machine.done:
@@ -662,7 +817,27 @@ class Leases:
         finally:
             unsubscribe()
 
+    def _preempting_event(self, lease: lease_pb2.Lease) -> lease_pb2.WatchLeaseResponse:
+        return lease_pb2.WatchLeaseResponse(
+            type=lease_pb2.WatchLeaseResponse.EVENT_TYPE_PREEMPTING,
+            lease=lease,
+            event_time=now_ts(self.clock),
+            message=f"preempted at {lease.preempt_time.ToJsonString()}: {lease.end_message}",
+        )
+
+    def _limited_event(self, lease: lease_pb2.Lease) -> lease_pb2.WatchLeaseResponse:
+        shown = self.limited(lease)
+        return lease_pb2.WatchLeaseResponse(
+            type=lease_pb2.WatchLeaseResponse.EVENT_TYPE_LIMITED,
+            lease=shown,
+            event_time=now_ts(self.clock),
+            message=f"a reservation of its GPUs starts at {shown.max_expire_time.ToJsonString()}:"
+            " renewals stop there",
+        )
+
     def _feed(self, machine: LeaseWatch, change: Change) -> list[lease_pb2.WatchLeaseResponse]:
+        if change.kind is ChangeKind.CALENDAR:
+            return []  # the limit is looked at after each batch of changes
         now = self.clock.time_ns()
         lease_id = machine.lease.name.split("/", 1)[1]
         if change.kind is ChangeKind.LEASE:
@@ -685,6 +860,16 @@ class Leases:
         if kv is not None:
             return lease_pb2.Lease.FromString(kv.value)
         return lease_rules.expired(last)
+
+
+def cap_to_calendar(lease: lease_pb2.Lease, limit_ns: int | None) -> None:
+    """A new or renewed record whose GPUs are reserved from `limit_ns`: it expires no later."""
+    if limit_ns is None:
+        lease.ClearField("max_expire_time")
+        return
+    lease.max_expire_time.CopyFrom(timestamp(limit_ns))
+    if lease.expire_time.ToNanoseconds() > limit_ns:
+        lease.expire_time.CopyFrom(lease.max_expire_time)
 
 
 def _sort_key(lease: lease_pb2.Lease) -> str:

@@ -19,7 +19,7 @@ from collections.abc import Set as AbstractSet
 from control_plane.adapters.index import Change, ChangeKind, Inventory
 from control_plane.adapters.store import EtcdStore, StoreUnavailable, TxnBuilder
 from control_plane.app.lease_txns import grant_txn, put_history
-from control_plane.app.leases import HistoryLeases, Leases
+from control_plane.app.leases import HistoryLeases, Leases, cap_to_calendar
 from control_plane.app.quotas import Quotas
 from control_plane.domain import errors, lease_rules, offers, queue, schema
 from control_plane.domain.lease_rules import CreateSpec
@@ -307,6 +307,7 @@ class Queue:
             lease.etcd_lease_id = etcd_lease
             lease.grant_replica = self.leases.replica_id
             lease.expire_time.CopyFrom(timestamp(ttl_from_ns + spec.ttl_s * _NS))
+            cap_to_calendar(lease, self.leases.limit_ns(lease))
             txn = grant_txn(
                 self.keys,
                 w.lease_id,
@@ -317,6 +318,7 @@ class Queue:
                 w.tenant,
                 self.leases.replica_id,
                 reservation.revision,
+                self.inv.calendar_revision,
             )
             key = self.keys.queued(w.lease_id).encode()
             txn.mod_revision_is(key, w.revision)

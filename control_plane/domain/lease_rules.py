@@ -41,6 +41,7 @@ class CreateSpec:
     pool: int = 0  # common_pb2.PoolChoice
     allow_mixed: bool = False
     max_wait_s: int = 0  # 0: answer now; else a request without capacity waits (QUEUED)
+    interruptible: bool = False  # at the interruptible price, preempted with notice
 
 
 def validate_create(req: lease_pb2.CreateLeaseRequest) -> CreateSpec:
@@ -77,6 +78,12 @@ def validate_create(req: lease_pb2.CreateLeaseRequest) -> CreateSpec:
                 field="max_wait",
             )
         max_wait_s = req.max_wait.seconds
+    if req.interruptible and max_wait_s:
+        raise errors.invalid(
+            "INTERRUPTIBLE_CANNOT_WAIT",
+            "an interruptible request takes what is free now: no max_wait",
+            field="interruptible",
+        )
     return CreateSpec(
         req.request_id,
         req.gpu_count,
@@ -87,6 +94,7 @@ def validate_create(req: lease_pb2.CreateLeaseRequest) -> CreateSpec:
         req.pool,
         req.allow_mixed,
         max_wait_s,
+        req.interruptible,
     )
 
 
@@ -107,6 +115,40 @@ def _requested(
     )
 
 
+def leased_gpus(
+    tenant: str, picks: list[Pick], interruptible: bool = False
+) -> tuple[list[lease_pb2.LeasedGpu], str]:
+    """The picked GPUs as a lease (or a reservation) holds them, each at its quoted price (the
+    interruptible one for interruptible capacity), and the currency of the quote."""
+    out: list[lease_pb2.LeasedGpu] = []
+    currency = ""
+    for pick in picks:
+        node = pick.candidate.node
+        currency = currency or node.currency_code
+        by_uuid = {g.uuid: g for g in node.gpus}
+        price = node.price_per_gpu_hour
+        if interruptible:
+            price = node.interruptible_price_per_gpu_hour or price  # records before 0.3.0: none
+        for u in pick.gpu_uuids:
+            g = by_uuid[u]
+            out.append(
+                lease_pb2.LeasedGpu(
+                    node=pick.candidate.name,
+                    provider=node.provider,
+                    node_id=node.node_id,
+                    uuid=u,
+                    index=g.index,
+                    model=g.model,
+                    location=node.location,
+                    price_per_gpu_hour=mig.unit_price(price, g),
+                    pool=pools.kind_of(node.pool_tenant, tenant),  # type: ignore[arg-type]
+                    parent_uuid=g.parent_uuid,
+                    mig_profile=g.mig_profile,
+                )
+            )
+    return out, currency or "USD"
+
+
 def build_lease(
     lease_id: str, tenant: str, spec: CreateSpec, picks: list[Pick], now: timestamp_pb2.Timestamp
 ) -> lease_pb2.Lease:
@@ -115,32 +157,21 @@ def build_lease(
     lease = _requested(lease_id, tenant, spec, now, lease_pb2.LEASE_STATE_ACTIVE)
     lease.expire_time.seconds = now.seconds + spec.ttl_s
     lease.expire_time.nanos = now.nanos
-    currency = ""
-    for pick in picks:
-        node = pick.candidate.node
-        currency = currency or node.currency_code
-        by_uuid = {g.uuid: g for g in node.gpus}
-        for u in pick.gpu_uuids:
-            g = by_uuid[u]
-            lease.gpus.add(
-                node=pick.candidate.name,
-                provider=node.provider,
-                node_id=node.node_id,
-                uuid=u,
-                index=g.index,
-                model=g.model,
-                location=node.location,
-                price_per_gpu_hour=mig.unit_price(node.price_per_gpu_hour, g),
-                pool=pools.kind_of(node.pool_tenant, tenant),
-                parent_uuid=g.parent_uuid,
-                mig_profile=g.mig_profile,
-            )
+    gpus, lease.currency_code = leased_gpus(tenant, picks, spec.interruptible)
+    lease.gpus.extend(gpus)
+    lease.interruptible = spec.interruptible
     lease.price_per_hour = round(sum(g.price_per_gpu_hour for g in lease.gpus), 6)
-    lease.currency_code = currency or "USD"
-    for pick in picks:
-        if not pick.candidate.node.lease_hook:
-            lease.access_details.add(node=pick.candidate.name)  # nothing to hand over
-    if len(lease.access_details) < len(picks):
+    hooked = {p.candidate.name for p in picks if p.candidate.node.lease_hook}
+    return handed_over(lease, hooked, now)
+
+
+def handed_over(lease: lease_pb2.Lease, hooked: set[str], now: timestamp_pb2.Timestamp) -> lease_pb2.Lease:
+    """A new lease's handoff: an empty access entry per node without a hook (nothing to hand
+    over); PROVISIONING while a hooked node has to answer, else ACTIVE and billed from now."""
+    for node in dict.fromkeys(g.node for g in lease.gpus):
+        if node not in hooked:
+            lease.access_details.add(node=node)
+    if hooked:
         lease.state = PROVISIONING
     else:
         lease.active_time.CopyFrom(now)

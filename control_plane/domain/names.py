@@ -69,3 +69,19 @@ def validate_request_id(request_id: str) -> None:
             "request_id must be 1..128 characters of letters, digits and . _ : -",
             field="request_id",
         )
+
+
+def reservation_name(reservation_id: str) -> str:
+    return f"reservations/{reservation_id}"
+
+
+def parse_reservation_name(name: str) -> str:
+    """The id of reservations/{id}; INVALID_ARGUMENT if malformed."""
+    prefix, _, reservation_id = name.partition("/")
+    if prefix != "reservations" or not _LEASE_ID.fullmatch(reservation_id):
+        raise errors.invalid(
+            "INVALID_RESERVATION_NAME",
+            f"reservation name must be reservations/{{16 hex digits}}, got {shown(name)}",
+            field="name",
+        )
+    return reservation_id

@@ -68,7 +68,7 @@ def could_fit(inv: InventoryView, flt: Filter, gpu_count: int, single_node: bool
     if impossible(inv, flt):
         return False
     seen = 0
-    for name in _price_order(inv, flt):
+    for name in price_order(inv, flt):
         entry = inv.nodes.get(name)
         if entry is None or not inv.is_schedulable(name) or not flt.node_matches(entry.node)[0]:
             continue
@@ -90,7 +90,7 @@ def _index(g: common_pb2.Gpu) -> int:
     return g.index
 
 
-def _price_order(inv: InventoryView, flt: Filter) -> Iterator[str]:
+def price_order(inv: InventoryView, flt: Filter) -> Iterator[str]:
     """Node names cheapest first; only the allowed countries' lists when the filter has some."""
     if flt.countries is not None:
         lists = [inv.by_country.get(c, ()) for c in sorted(flt.countries)]
@@ -110,13 +110,13 @@ def candidates(
     if impossible(inv, flt):
         return  # no node has such a GPU, provider, region or label: nothing to walk
     summaries = inv.summaries
-    for name in names if names is not None else _price_order(inv, flt):
+    for name in names if names is not None else price_order(inv, flt):
         s = summaries.get(name)
         if s is not None:
             yield from _candidates_of(s, flt, min_free)
 
 
-def _sort_key(order: int) -> Callable[[Candidate], tuple[Any, ...]]:
+def sort_key(order: int) -> Callable[[Candidate], tuple[Any, ...]]:
     if order == OfferOrder.OFFER_ORDER_DISTANCE:
         return lambda c: (
             c.distance_km if c.distance_km is not None else 0.0,
@@ -141,7 +141,7 @@ def search(
         return out, False
     if order == OfferOrder.OFFER_ORDER_DISTANCE and flt.near is not None:
         return _nearest(inv, flt, min_free, stop_after)
-    every = sorted(candidates(inv, flt, min_free), key=_sort_key(order))
+    every = sorted(candidates(inv, flt, min_free), key=sort_key(order))
     return every[:stop_after], len(every) > stop_after
 
 
@@ -155,7 +155,7 @@ def _nearest(inv: InventoryView, flt: Filter, min_free: int, stop_after: int) ->
     limit = math.cos(min(flt.near.radius_km / EARTH_RADIUS_KM, math.pi))
     ranked = []
     summaries = inv.summaries
-    for name in _price_order(inv, flt):
+    for name in price_order(inv, flt):
         s = summaries.get(name)
         if s is None or not s.schedulable:
             continue
@@ -183,6 +183,11 @@ def to_offer(c: Candidate) -> discovery_pb2.Offer:
     return offer
 
 
+def interruptible_price(node: common_pb2.Node) -> float:
+    """Per GPU-hour for interruptible capacity (records before 0.3.0 have none: on-demand's)."""
+    return node.interruptible_price_per_gpu_hour or node.price_per_gpu_hour
+
+
 def base_offer(c: Candidate) -> discovery_pb2.Offer:
     node = c.node
     worst = max(g.health for g in c.gpus)
@@ -197,6 +202,7 @@ def base_offer(c: Candidate) -> discovery_pb2.Offer:
         free_gpus=len(c.gpus),
         gpu_uuids=[g.uuid for g in c.gpus],
         price_per_gpu_hour=mig.unit_price(node.price_per_gpu_hour, first),
+        interruptible_price_per_gpu_hour=mig.unit_price(interruptible_price(node), first),
         currency_code=node.currency_code,
         health=worst,
         mig_profile=first.mig_profile,
@@ -246,7 +252,7 @@ def summarize(inv: InventoryView, flt: Filter) -> list[discovery_pb2.CapacityBuc
     index's tallies where the filter allows, else by walking the nodes."""
     tallied = _from_tallies(inv, flt)
     if tallied is not None:
-        return _buckets(tallied)
+        return to_buckets(tallied)
     buckets: dict[tuple[str, str, int], list[int]] = {}
     for name, entry in inv.nodes.items():
         if not inv.is_schedulable(name):
@@ -277,10 +283,10 @@ def summarize(inv: InventoryView, flt: Filter) -> list[discovery_pb2.CapacityBuc
             b[0] += 1
             if mig.is_free(gpu, held, parents_held):
                 b[1] += 1
-    return _buckets(buckets)
+    return to_buckets(buckets)
 
 
-def _buckets(buckets: dict[tuple[str, str, int], list[int]]) -> list[discovery_pb2.CapacityBucket]:
+def to_buckets(buckets: dict[tuple[str, str, int], list[int]]) -> list[discovery_pb2.CapacityBucket]:
     return [
         discovery_pb2.CapacityBucket(gpu_model=m, country_code=c, health=h, total_gpus=t, free_gpus=f)  # type: ignore[arg-type]
         for (m, c, h), (t, f) in sorted(buckets.items())

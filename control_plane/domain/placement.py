@@ -16,9 +16,12 @@ from dataclasses import dataclass
 from control_plane.domain.inventory import Candidate
 from gpufed.v1 import lease_pb2
 
-# One grant Txn compares every allocation key plus, per node, the node record and its alive key,
-# and etcd caps each branch at 128 operations; two slots go to the request and lease keys.
+# One grant Txn compares every allocation key plus, per node, the node record, its alive key and
+# its calendar, and etcd caps each branch at 128 operations; four go to the request and lease
+# keys and the two ranges of the tenant's holds.
 TXN_OP_LIMIT = 128
+PER_NODE_COMPARES = 3
+FIXED_COMPARES = 4
 MAX_GANG = 64
 # Equally cheap nodes to choose among at random (spreads concurrent grants apart).
 MAX_TIES = 16
@@ -33,13 +36,15 @@ class Pick:
 
 
 def max_nodes_for(gpu_count: int) -> int:
-    return max(1, (TXN_OP_LIMIT - 2 - gpu_count) // 2)
+    return max(1, (TXN_OP_LIMIT - FIXED_COMPARES - gpu_count) // PER_NODE_COMPARES)
 
 
 def _fits_txn(nodes: int, gpu_count: int, mig_units: int) -> bool:
     """Whether a grant of `gpu_count` GPUs on `nodes` nodes fits one Txn; a MIG instance or a
     MIG-enabled GPU costs one more compare (its parent's or its instances' allocations)."""
-    return nodes * 2 + mig_units <= max(2, TXN_OP_LIMIT - 2 - gpu_count)
+    return nodes * PER_NODE_COMPARES + mig_units <= max(
+        PER_NODE_COMPARES, TXN_OP_LIMIT - FIXED_COMPARES - gpu_count
+    )
 
 
 def _mig_units(c: Candidate, uuids: Iterable[str]) -> int:

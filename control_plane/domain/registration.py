@@ -141,6 +141,13 @@ def validate_hello(hello: node_pb2.NodeHello, provider: str) -> None:
             "price_per_gpu_hour must be a number in [0, 1e6]",
             field="hello.price_per_gpu_hour",
         )
+    spot = hello.interruptible_price_per_gpu_hour
+    if not (math.isfinite(spot) and 0 <= spot <= hello.price_per_gpu_hour):
+        raise errors.invalid(
+            "INVALID_PRICE",
+            "interruptible_price_per_gpu_hour must be a number in [0, price_per_gpu_hour]",
+            field="hello.interruptible_price_per_gpu_hour",
+        )
     if hello.currency_code and not _CURRENCY.fullmatch(hello.currency_code):
         raise errors.invalid(
             "INVALID_CURRENCY",
@@ -267,6 +274,7 @@ def record_from_hello(
         node_id=hello.node_id,
         location=hello.location,
         price_per_gpu_hour=hello.price_per_gpu_hour,
+        interruptible_price_per_gpu_hour=hello.interruptible_price_per_gpu_hour or hello.price_per_gpu_hour,
         currency_code=hello.currency_code or "USD",
         labels=dict(hello.labels),
         daemon_version=hello.daemon_version,

@@ -20,3 +20,12 @@ def timestamp_ns(ts: timestamp_pb2.Timestamp, field: str) -> int:
             field=field,
         )
     return ts.seconds * 1_000_000_000 + ts.nanos
+
+
+def ns_of(ts: timestamp_pb2.Timestamp) -> int:
+    """Nanoseconds since the epoch of a stored (already valid) timestamp."""
+    return ts.seconds * 1_000_000_000 + ts.nanos
+
+
+def at_ns(ns: int) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)

@@ -61,7 +61,7 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
         self, request: discovery_pb2.SummarizeCapacityRequest, context: Ctx
     ) -> discovery_pb2.SummarizeCapacityResponse:
         self.discovery.take_read(_tenant())
-        return self.discovery.summarize(request.filter, _tenant())
+        return self.discovery.summarize(request, _tenant())
 
     async def WatchCapacity(
         self, request: discovery_pb2.WatchCapacityRequest, context: Ctx

@@ -36,7 +36,7 @@ class LeaseServicer(lease_pb2_grpc.LeaseServiceServicer):
     async def GetLease(self, request: lease_pb2.GetLeaseRequest, context: Ctx) -> lease_pb2.GetLeaseResponse:
         p = auth.current_principal()
         lease, _ = await self.leases.get(request.name, _scope(p))
-        return lease_pb2.GetLeaseResponse(lease=lease)
+        return lease_pb2.GetLeaseResponse(lease=self.leases.limited(lease))
 
     async def ListLeases(
         self, request: lease_pb2.ListLeasesRequest, context: Ctx
@@ -45,7 +45,9 @@ class LeaseServicer(lease_pb2_grpc.LeaseServiceServicer):
         leases, token = await self.leases.list_leases(
             _scope(p), request.state, request.page_size, request.page_token, p.name
         )
-        return lease_pb2.ListLeasesResponse(leases=leases, next_page_token=token)
+        return lease_pb2.ListLeasesResponse(
+            leases=[self.leases.limited(lease) for lease in leases], next_page_token=token
+        )
 
     async def RenewLease(
         self, request: lease_pb2.RenewLeaseRequest, context: Ctx

@@ -98,7 +98,7 @@ def cmd_lease_ssh(c: Client, args: argparse.Namespace) -> int:
     os.execvp(argv[0], argv)  # the terminal is ssh's from here on
 
 
-def _ssh_keys(paths: Sequence[str]) -> list[str]:
+def ssh_keys(paths: Sequence[str]) -> list[str]:
     keys: list[str] = []
     for path in paths:
         p = Path(path).expanduser()
@@ -180,11 +180,12 @@ def cmd_lease_create(c: Client, args: argparse.Namespace) -> int:
         ttl_s=args.ttl,
         spread=args.spread,
         request_id=args.request_id or None,
-        ssh_keys=_ssh_keys(args.ssh_key),
+        ssh_keys=ssh_keys(args.ssh_key),
         provider_options=options,
         pool=args.pool,
         allow_mixed=args.allow_mixed,
         max_wait_s=args.wait or 0,
+        interruptible=args.interruptible,
         **filter_kwargs(args),
     )
     if lease.state == lease_pb2.LEASE_STATE_QUEUED:
@@ -295,6 +296,11 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     lc.add_argument("--spread", action="store_true", help="allow several nodes (fewest first)")
     lc.add_argument(
         "--allow-mixed", action="store_true", help="with --spread: own-pool and federation GPUs in one lease"
+    )
+    lc.add_argument(
+        "--interruptible",
+        action="store_true",
+        help="interruptible capacity: cheaper, preempted with notice (see docs/api.md)",
     )
     lc.add_argument("--request-id", default="", help="idempotency key (default: random)")
     lc.add_argument("--hold", action="store_true", help="keep the lease alive until Ctrl-C, then release it")

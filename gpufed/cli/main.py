@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 
 from gpufed import __version__
-from gpufed.cli import admin, leases, nodes
+from gpufed.cli import admin, leases, nodes, reservations
 from gpufed.cli.common import EXIT_BY_CODE, EXIT_ERROR, EXIT_NO_CAPACITY, EXIT_OK, EXIT_USAGE, settings
 from gpufed.client import Client, GpufedError
 from gpufed.settings import truthy
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("version", parents=[common], help="this CLI's release and the replica's").set_defaults(
         fn=cmd_version
     )
-    for group in (nodes, leases, admin):
+    for group in (nodes, leases, reservations, admin):
         group.register(sub, common)
     return p
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from gpufed.cli.common import EXIT_OK, Subparsers, add_filter_flags, country_codes, filter_kwargs
 from gpufed.cli.output import emit, gib, health
+from gpufed.cli.reservations import add_window_flags, window_kwargs
 from gpufed.client import Client
 from gpufed.v1 import common_pb2
 
@@ -15,7 +16,12 @@ def cmd_offers_search(c: Client, args: argparse.Namespace) -> int:
     order = {"price": 1, "distance": 2, "free": 3}[args.order_by]
     found = list(
         c.search_offers(
-            min_free_gpus=args.count, order_by=order, limit=args.limit, pool=args.pool, **filter_kwargs(args)
+            min_free_gpus=args.count,
+            order_by=order,
+            limit=args.limit,
+            pool=args.pool,
+            **filter_kwargs(args),
+            **window_kwargs(args),
         )
     )
     emit(
@@ -43,7 +49,7 @@ def cmd_offers_search(c: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_capacity(c: Client, args: argparse.Namespace) -> int:
-    resp = c.summarize_capacity(**filter_kwargs(args))
+    resp = c.summarize_capacity(**filter_kwargs(args), **window_kwargs(args))
     emit(
         args,
         resp,
@@ -145,10 +151,12 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     s.add_argument("--count", type=int, default=0, help="only nodes with at least this many free GPUs")
     s.add_argument("--order-by", choices=["price", "distance", "free"], default="price")
     s.add_argument("--limit", type=int, default=None)
+    add_window_flags(s)
     s.set_defaults(fn=cmd_offers_search)
 
     cap = sub.add_parser("capacity", parents=[common], help="totals by model x country x health")
     add_filter_flags(cap)
+    add_window_flags(cap)
     cap.set_defaults(fn=cmd_capacity)
 
     pool = sub.add_parser("pool", help="your private pool").add_subparsers(dest="sub", required=True)

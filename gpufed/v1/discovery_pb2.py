@@ -22,10 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from gpufed.v1 import common_pb2 as gpufed_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gpufed/v1/discovery.proto\x12\tgpufed.v1\x1a\x16gpufed/v1/common.proto\"\xc7\x01\n\x13SearchOffersRequest\x12$\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x14.gpufed.v1.GpuFilter\x12\x15\n\rmin_free_gpus\x18\x02 \x01(\r\x12\'\n\x08order_by\x18\x03 \x01(\x0e\x32\x15.gpufed.v1.OfferOrder\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\x12#\n\x04pool\x18\x06 \x01(\x0e\x32\x15.gpufed.v1.PoolChoice\"\xca\x03\n\x05Offer\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12%\n\x08location\x18\x04 \x01(\x0b\x32\x13.gpufed.v1.Location\x12\x11\n\tgpu_model\x18\x05 \x01(\t\x12\x18\n\x10gpu_memory_bytes\x18\x06 \x01(\x04\x12\x11\n\tfree_gpus\x18\x07 \x01(\r\x12\x11\n\tgpu_uuids\x18\x08 \x03(\t\x12\x1a\n\x12price_per_gpu_hour\x18\t \x01(\x01\x12\x15\n\rcurrency_code\x18\n \x01(\t\x12\x18\n\x0b\x64istance_km\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12$\n\x06health\x18\x0c \x01(\x0e\x32\x14.gpufed.v1.GpuHealth\x12,\n\x06labels\x18\r \x03(\x0b\x32\x1c.gpufed.v1.Offer.LabelsEntry\x12!\n\x04pool\x18\x0e \x01(\x0e\x32\x13.gpufed.v1.PoolKind\x12\x13\n\x0bmig_profile\x18\x0f \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0e\n\x0c_distance_km\"c\n\x14SearchOffersResponse\x12 \n\x06offers\x18\x01 \x03(\x0b\x32\x10.gpufed.v1.Offer\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"\x1e\n\x0eGetNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"[\n\x0fGetNodeResponse\x12\x1d\n\x04node\x18\x01 \x01(\x0b\x32\x0f.gpufed.v1.Node\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x17\n\x0freplica_version\x18\x03 \x01(\t\"p\n\x10ListNodesRequest\x12\x10\n\x08provider\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.gpufed.v1.NodeState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"^\n\x11ListNodesResponse\x12\x1e\n\x05nodes\x18\x01 \x03(\x0b\x32\x0f.gpufed.v1.Node\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"=\n\x14ListProvidersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\x9a\x01\n\x08Provider\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x12\n\nnode_count\x18\x03 \x01(\r\x12\x18\n\x10ready_node_count\x18\x04 \x01(\r\x12\x11\n\tgpu_count\x18\x05 \x01(\r\x12\x16\n\x0e\x66ree_gpu_count\x18\x06 \x01(\r\x12\x15\n\rcountry_codes\x18\x07 \x03(\t\"\x83\x01\n\x15ListProvidersResponse\x12&\n\tproviders\x18\x01 \x03(\x0b\x32\x13.gpufed.v1.Provider\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12\x17\n\x0freplica_version\x18\x04 \x01(\t\"@\n\x18SummarizeCapacityRequest\x12$\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x14.gpufed.v1.GpuFilter\"\x86\x01\n\x0e\x43\x61pacityBucket\x12\x11\n\tgpu_model\x18\x01 \x01(\t\x12\x14\n\x0c\x63ountry_code\x18\x02 \x01(\t\x12$\n\x06health\x18\x03 \x01(\x0e\x32\x14.gpufed.v1.GpuHealth\x12\x12\n\ntotal_gpus\x18\x04 \x01(\r\x12\x11\n\tfree_gpus\x18\x05 \x01(\r\"\x80\x01\n\x19SummarizeCapacityResponse\x12*\n\x07\x62uckets\x18\x01 \x03(\x0b\x32\x19.gpufed.v1.CapacityBucket\x12\x12\n\ntotal_gpus\x18\x02 \x01(\r\x12\x11\n\tfree_gpus\x18\x03 \x01(\r\x12\x10\n\x08revision\x18\x04 \x01(\x03\"(\n\x14WatchCapacityRequest\x12\x10\n\x08provider\x18\x01 \x01(\t\"\x9c\x02\n\x15WatchCapacityResponse\x12\x38\n\x04type\x18\x01 \x01(\x0e\x32*.gpufed.v1.WatchCapacityResponse.EventType\x12\x1d\n\x04node\x18\x02 \x01(\x0b\x32\x0f.gpufed.v1.Node\x12\x10\n\x08revision\x18\x03 \x01(\x03\"\x97\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45VENT_TYPE_SNAPSHOT\x10\x01\x12\x1b\n\x17\x45VENT_TYPE_SNAPSHOT_END\x10\x02\x12\x1b\n\x17\x45VENT_TYPE_NODE_CHANGED\x10\x03\x12\x1b\n\x17\x45VENT_TYPE_NODE_REMOVED\x10\x04*u\n\nOfferOrder\x12\x1b\n\x17OFFER_ORDER_UNSPECIFIED\x10\x00\x12\x15\n\x11OFFER_ORDER_PRICE\x10\x01\x12\x18\n\x14OFFER_ORDER_DISTANCE\x10\x02\x12\x19\n\x15OFFER_ORDER_FREE_GPUS\x10\x03\x32\xf7\x03\n\x10\x44iscoveryService\x12O\n\x0cSearchOffers\x12\x1e.gpufed.v1.SearchOffersRequest\x1a\x1f.gpufed.v1.SearchOffersResponse\x12@\n\x07GetNode\x12\x19.gpufed.v1.GetNodeRequest\x1a\x1a.gpufed.v1.GetNodeResponse\x12\x46\n\tListNodes\x12\x1b.gpufed.v1.ListNodesRequest\x1a\x1c.gpufed.v1.ListNodesResponse\x12R\n\rListProviders\x12\x1f.gpufed.v1.ListProvidersRequest\x1a .gpufed.v1.ListProvidersResponse\x12^\n\x11SummarizeCapacity\x12#.gpufed.v1.SummarizeCapacityRequest\x1a$.gpufed.v1.SummarizeCapacityResponse\x12T\n\rWatchCapacity\x12\x1f.gpufed.v1.WatchCapacityRequest\x1a .gpufed.v1.WatchCapacityResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gpufed/v1/discovery.proto\x12\tgpufed.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16gpufed/v1/common.proto\"\xad\x02\n\x13SearchOffersRequest\x12$\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x14.gpufed.v1.GpuFilter\x12\x15\n\rmin_free_gpus\x18\x02 \x01(\r\x12\'\n\x08order_by\x18\x03 \x01(\x0e\x32\x15.gpufed.v1.OfferOrder\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\x12#\n\x04pool\x18\x06 \x01(\x0e\x32\x15.gpufed.v1.PoolChoice\x12\x32\n\x0e\x61vailable_from\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\ravailable_for\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xf4\x03\n\x05Offer\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12%\n\x08location\x18\x04 \x01(\x0b\x32\x13.gpufed.v1.Location\x12\x11\n\tgpu_model\x18\x05 \x01(\t\x12\x18\n\x10gpu_memory_bytes\x18\x06 \x01(\x04\x12\x11\n\tfree_gpus\x18\x07 \x01(\r\x12\x11\n\tgpu_uuids\x18\x08 \x03(\t\x12\x1a\n\x12price_per_gpu_hour\x18\t \x01(\x01\x12\x15\n\rcurrency_code\x18\n \x01(\t\x12\x18\n\x0b\x64istance_km\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12$\n\x06health\x18\x0c \x01(\x0e\x32\x14.gpufed.v1.GpuHealth\x12,\n\x06labels\x18\r \x03(\x0b\x32\x1c.gpufed.v1.Offer.LabelsEntry\x12!\n\x04pool\x18\x0e \x01(\x0e\x32\x13.gpufed.v1.PoolKind\x12\x13\n\x0bmig_profile\x18\x0f \x01(\t\x12(\n interruptible_price_per_gpu_hour\x18\x10 \x01(\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0e\n\x0c_distance_km\"c\n\x14SearchOffersResponse\x12 \n\x06offers\x18\x01 \x03(\x0b\x32\x10.gpufed.v1.Offer\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"\x1e\n\x0eGetNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"[\n\x0fGetNodeResponse\x12\x1d\n\x04node\x18\x01 \x01(\x0b\x32\x0f.gpufed.v1.Node\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x17\n\x0freplica_version\x18\x03 \x01(\t\"p\n\x10ListNodesRequest\x12\x10\n\x08provider\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.gpufed.v1.NodeState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"^\n\x11ListNodesResponse\x12\x1e\n\x05nodes\x18\x01 \x03(\x0b\x32\x0f.gpufed.v1.Node\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"=\n\x14ListProvidersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\x9a\x01\n\x08Provider\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x12\n\nnode_count\x18\x03 \x01(\r\x12\x18\n\x10ready_node_count\x18\x04 \x01(\r\x12\x11\n\tgpu_count\x18\x05 \x01(\r\x12\x16\n\x0e\x66ree_gpu_count\x18\x06 \x01(\r\x12\x15\n\rcountry_codes\x18\x07 \x03(\t\"\x83\x01\n\x15ListProvidersResponse\x12&\n\tproviders\x18\x01 \x03(\x0b\x32\x13.gpufed.v1.Provider\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12\x17\n\x0freplica_version\x18\x04 \x01(\t\"\xa6\x01\n\x18SummarizeCapacityRequest\x12$\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x14.gpufed.v1.GpuFilter\x12\x32\n\x0e\x61vailable_from\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\ravailable_for\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x86\x01\n\x0e\x43\x61pacityBucket\x12\x11\n\tgpu_model\x18\x01 \x01(\t\x12\x14\n\x0c\x63ountry_code\x18\x02 \x01(\t\x12$\n\x06health\x18\x03 \x01(\x0e\x32\x14.gpufed.v1.GpuHealth\x12\x12\n\ntotal_gpus\x18\x04 \x01(\r\x12\x11\n\tfree_gpus\x18\x05 \x01(\r\"\x80\x01\n\x19SummarizeCapacityResponse\x12*\n\x07\x62uckets\x18\x01 \x03(\x0b\x32\x19.gpufed.v1.CapacityBucket\x12\x12\n\ntotal_gpus\x18\x02 \x01(\r\x12\x11\n\tfree_gpus\x18\x03 \x01(\r\x12\x10\n\x08revision\x18\x04 \x01(\x03\"(\n\x14WatchCapacityRequest\x12\x10\n\x08provider\x18\x01 \x01(\t\"\x9c\x02\n\x15WatchCapacityResponse\x12\x38\n\x04type\x18\x01 \x01(\x0e\x32*.gpufed.v1.WatchCapacityResponse.EventType\x12\x1d\n\x04node\x18\x02 \x01(\x0b\x32\x0f.gpufed.v1.Node\x12\x10\n\x08revision\x18\x03 \x01(\x03\"\x97\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45VENT_TYPE_SNAPSHOT\x10\x01\x12\x1b\n\x17\x45VENT_TYPE_SNAPSHOT_END\x10\x02\x12\x1b\n\x17\x45VENT_TYPE_NODE_CHANGED\x10\x03\x12\x1b\n\x17\x45VENT_TYPE_NODE_REMOVED\x10\x04*u\n\nOfferOrder\x12\x1b\n\x17OFFER_ORDER_UNSPECIFIED\x10\x00\x12\x15\n\x11OFFER_ORDER_PRICE\x10\x01\x12\x18\n\x14OFFER_ORDER_DISTANCE\x10\x02\x12\x19\n\x15OFFER_ORDER_FREE_GPUS\x10\x03\x32\xf7\x03\n\x10\x44iscoveryService\x12O\n\x0cSearchOffers\x12\x1e.gpufed.v1.SearchOffersRequest\x1a\x1f.gpufed.v1.SearchOffersResponse\x12@\n\x07GetNode\x12\x19.gpufed.v1.GetNodeRequest\x1a\x1a.gpufed.v1.GetNodeResponse\x12\x46\n\tListNodes\x12\x1b.gpufed.v1.ListNodesRequest\x1a\x1c.gpufed.v1.ListNodesResponse\x12R\n\rListProviders\x12\x1f.gpufed.v1.ListProvidersRequest\x1a .gpufed.v1.ListProvidersResponse\x12^\n\x11SummarizeCapacity\x12#.gpufed.v1.SummarizeCapacityRequest\x1a$.gpufed.v1.SummarizeCapacityResponse\x12T\n\rWatchCapacity\x12\x1f.gpufed.v1.WatchCapacityRequest\x1a .gpufed.v1.WatchCapacityResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,42 +36,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_OFFER_LABELSENTRY']._loaded_options = None
   _globals['_OFFER_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_OFFERORDER']._serialized_start=2180
-  _globals['_OFFERORDER']._serialized_end=2297
-  _globals['_SEARCHOFFERSREQUEST']._serialized_start=65
-  _globals['_SEARCHOFFERSREQUEST']._serialized_end=264
-  _globals['_OFFER']._serialized_start=267
-  _globals['_OFFER']._serialized_end=725
-  _globals['_OFFER_LABELSENTRY']._serialized_start=664
-  _globals['_OFFER_LABELSENTRY']._serialized_end=709
-  _globals['_SEARCHOFFERSRESPONSE']._serialized_start=727
-  _globals['_SEARCHOFFERSRESPONSE']._serialized_end=826
-  _globals['_GETNODEREQUEST']._serialized_start=828
-  _globals['_GETNODEREQUEST']._serialized_end=858
-  _globals['_GETNODERESPONSE']._serialized_start=860
-  _globals['_GETNODERESPONSE']._serialized_end=951
-  _globals['_LISTNODESREQUEST']._serialized_start=953
-  _globals['_LISTNODESREQUEST']._serialized_end=1065
-  _globals['_LISTNODESRESPONSE']._serialized_start=1067
-  _globals['_LISTNODESRESPONSE']._serialized_end=1161
-  _globals['_LISTPROVIDERSREQUEST']._serialized_start=1163
-  _globals['_LISTPROVIDERSREQUEST']._serialized_end=1224
-  _globals['_PROVIDER']._serialized_start=1227
-  _globals['_PROVIDER']._serialized_end=1381
-  _globals['_LISTPROVIDERSRESPONSE']._serialized_start=1384
-  _globals['_LISTPROVIDERSRESPONSE']._serialized_end=1515
-  _globals['_SUMMARIZECAPACITYREQUEST']._serialized_start=1517
-  _globals['_SUMMARIZECAPACITYREQUEST']._serialized_end=1581
-  _globals['_CAPACITYBUCKET']._serialized_start=1584
-  _globals['_CAPACITYBUCKET']._serialized_end=1718
-  _globals['_SUMMARIZECAPACITYRESPONSE']._serialized_start=1721
-  _globals['_SUMMARIZECAPACITYRESPONSE']._serialized_end=1849
-  _globals['_WATCHCAPACITYREQUEST']._serialized_start=1851
-  _globals['_WATCHCAPACITYREQUEST']._serialized_end=1891
-  _globals['_WATCHCAPACITYRESPONSE']._serialized_start=1894
-  _globals['_WATCHCAPACITYRESPONSE']._serialized_end=2178
-  _globals['_WATCHCAPACITYRESPONSE_EVENTTYPE']._serialized_start=2027
-  _globals['_WATCHCAPACITYRESPONSE_EVENTTYPE']._serialized_end=2178
-  _globals['_DISCOVERYSERVICE']._serialized_start=2300
-  _globals['_DISCOVERYSERVICE']._serialized_end=2803
+  _globals['_OFFERORDER']._serialized_start=2492
+  _globals['_OFFERORDER']._serialized_end=2609
+  _globals['_SEARCHOFFERSREQUEST']._serialized_start=130
+  _globals['_SEARCHOFFERSREQUEST']._serialized_end=431
+  _globals['_OFFER']._serialized_start=434
+  _globals['_OFFER']._serialized_end=934
+  _globals['_OFFER_LABELSENTRY']._serialized_start=873
+  _globals['_OFFER_LABELSENTRY']._serialized_end=918
+  _globals['_SEARCHOFFERSRESPONSE']._serialized_start=936
+  _globals['_SEARCHOFFERSRESPONSE']._serialized_end=1035
+  _globals['_GETNODEREQUEST']._serialized_start=1037
+  _globals['_GETNODEREQUEST']._serialized_end=1067
+  _globals['_GETNODERESPONSE']._serialized_start=1069
+  _globals['_GETNODERESPONSE']._serialized_end=1160
+  _globals['_LISTNODESREQUEST']._serialized_start=1162
+  _globals['_LISTNODESREQUEST']._serialized_end=1274
+  _globals['_LISTNODESRESPONSE']._serialized_start=1276
+  _globals['_LISTNODESRESPONSE']._serialized_end=1370
+  _globals['_LISTPROVIDERSREQUEST']._serialized_start=1372
+  _globals['_LISTPROVIDERSREQUEST']._serialized_end=1433
+  _globals['_PROVIDER']._serialized_start=1436
+  _globals['_PROVIDER']._serialized_end=1590
+  _globals['_LISTPROVIDERSRESPONSE']._serialized_start=1593
+  _globals['_LISTPROVIDERSRESPONSE']._serialized_end=1724
+  _globals['_SUMMARIZECAPACITYREQUEST']._serialized_start=1727
+  _globals['_SUMMARIZECAPACITYREQUEST']._serialized_end=1893
+  _globals['_CAPACITYBUCKET']._serialized_start=1896
+  _globals['_CAPACITYBUCKET']._serialized_end=2030
+  _globals['_SUMMARIZECAPACITYRESPONSE']._serialized_start=2033
+  _globals['_SUMMARIZECAPACITYRESPONSE']._serialized_end=2161
+  _globals['_WATCHCAPACITYREQUEST']._serialized_start=2163
+  _globals['_WATCHCAPACITYREQUEST']._serialized_end=2203
+  _globals['_WATCHCAPACITYRESPONSE']._serialized_start=2206
+  _globals['_WATCHCAPACITYRESPONSE']._serialized_end=2490
+  _globals['_WATCHCAPACITYRESPONSE_EVENTTYPE']._serialized_start=2339
+  _globals['_WATCHCAPACITYRESPONSE_EVENTTYPE']._serialized_end=2490
+  _globals['_DISCOVERYSERVICE']._serialized_start=2612
+  _globals['_DISCOVERYSERVICE']._serialized_end=3115
 # @@protoc_insertion_point(module_scope)

@@ -5,7 +5,9 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from gpufed.v1 import common_pb2 as _common_pb2
@@ -55,6 +57,8 @@ class SearchOffersRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     POOL_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FROM_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FOR_FIELD_NUMBER: _builtins.int
     min_free_gpus: _builtins.int
     """Only nodes with at least this many matching free GPUs."""
     order_by: Global___OfferOrder.ValueType
@@ -71,6 +75,18 @@ class SearchOffersRequest(_message.Message):
     def filter(self) -> _common_pb2.GpuFilter:
         """At most 16 KiB serialized (FILTER_TOO_LARGE); see GpuFilter for each field's bound."""
 
+    @_builtins.property
+    def available_from(self) -> _timestamp_pb2.Timestamp:
+        """Optional, both or available_for alone (from now): only GPUs free for all of
+        [available_from, available_from + available_for), what CreateReservation could book now:
+        whole GPUs (not with filter.mig_profile), no reservation's window meeting it, no lease
+        that may run past available_from (interruptible leases do not count). available_from: at
+        most 180 days ahead, a time in the past means now; available_for: whole seconds,
+        10 s .. 31 days (INVALID_ARGUMENT INVALID_WINDOW).
+        """
+
+    @_builtins.property
+    def available_for(self) -> _duration_pb2.Duration: ...
     def __init__(
         self,
         *,
@@ -80,10 +96,12 @@ class SearchOffersRequest(_message.Message):
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         pool: _common_pb2.PoolChoice.ValueType = ...,
+        available_from: _timestamp_pb2.Timestamp | None = ...,
+        available_for: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["available_for", b"available_for", "available_from", b"available_from", "filter", b"filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "min_free_gpus", b"min_free_gpus", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token", "pool", b"pool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_for", b"available_for", "available_from", b"available_from", "filter", b"filter", "min_free_gpus", b"min_free_gpus", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token", "pool", b"pool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -130,6 +148,7 @@ class Offer(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     POOL_FIELD_NUMBER: _builtins.int
     MIG_PROFILE_FIELD_NUMBER: _builtins.int
+    INTERRUPTIBLE_PRICE_PER_GPU_HOUR_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     provider: _builtins.str
     node_id: _builtins.str
@@ -149,6 +168,8 @@ class Offer(_message.Message):
     gpu_memory_bytes each instance's memory, the price the node's per-GPU price x the
     instance's share of the GPU's seven slices).
     """
+    interruptible_price_per_gpu_hour: _builtins.float
+    """What an interruptible lease pays per GPU-hour for these GPUs (Node's, per instance for MIG)."""
     @_builtins.property
     def location(self) -> _common_pb2.Location: ...
     @_builtins.property
@@ -173,10 +194,11 @@ class Offer(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         pool: _common_pb2.PoolKind.ValueType = ...,
         mig_profile: _builtins.str = ...,
+        interruptible_price_per_gpu_hour: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_distance_km", b"_distance_km", "distance_km", b"distance_km", "location", b"location"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_distance_km", b"_distance_km", "currency_code", b"currency_code", "distance_km", b"distance_km", "free_gpus", b"free_gpus", "gpu_memory_bytes", b"gpu_memory_bytes", "gpu_model", b"gpu_model", "gpu_uuids", b"gpu_uuids", "health", b"health", "labels", b"labels", "location", b"location", "mig_profile", b"mig_profile", "node", b"node", "node_id", b"node_id", "pool", b"pool", "price_per_gpu_hour", b"price_per_gpu_hour", "provider", b"provider"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_distance_km", b"_distance_km", "currency_code", b"currency_code", "distance_km", b"distance_km", "free_gpus", b"free_gpus", "gpu_memory_bytes", b"gpu_memory_bytes", "gpu_model", b"gpu_model", "gpu_uuids", b"gpu_uuids", "health", b"health", "interruptible_price_per_gpu_hour", b"interruptible_price_per_gpu_hour", "labels", b"labels", "location", b"location", "mig_profile", b"mig_profile", "node", b"node", "node_id", b"node_id", "pool", b"pool", "price_per_gpu_hour", b"price_per_gpu_hour", "provider", b"provider"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__distance_km: _TypeAlias = _typing.Literal["distance_km"]  # noqa: Y015
     _WhichOneofArgType__distance_km: _TypeAlias = _typing.Literal["_distance_km", b"_distance_km"]  # noqa: Y015
@@ -416,16 +438,26 @@ class SummarizeCapacityRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     FILTER_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FROM_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FOR_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def filter(self) -> _common_pb2.GpuFilter: ...
+    @_builtins.property
+    def available_from(self) -> _timestamp_pb2.Timestamp:
+        """As in SearchOffersRequest: free_gpus then counts the GPUs free for all of the window."""
+
+    @_builtins.property
+    def available_for(self) -> _duration_pb2.Duration: ...
     def __init__(
         self,
         *,
         filter: _common_pb2.GpuFilter | None = ...,
+        available_from: _timestamp_pb2.Timestamp | None = ...,
+        available_for: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["available_for", b"available_for", "available_from", b"available_from", "filter", b"filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_for", b"available_for", "available_from", b"available_from", "filter", b"filter"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -108,6 +108,17 @@ class _LeaseEndReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LeaseE
     """
     LEASE_END_REASON_WAIT_EXPIRED: _LeaseEndReason.ValueType  # 7
     """A queued request reached its wait_expire_time before capacity freed. Nothing was held."""
+    LEASE_END_REASON_RESERVED: _LeaseEndReason.ValueType  # 8
+    """A reservation of one of its GPUs started (at max_expire_time, which renewals could not
+    pass). Billed until then.
+    """
+    LEASE_END_REASON_PREEMPTED: _LeaseEndReason.ValueType  # 9
+    """An interruptible lease whose GPUs a reservation's start or an on-demand lease needed;
+    WatchLease sent PREEMPTING at least the replicas' --preemption-notice before. Billed
+    until then, at the interruptible price.
+    """
+    LEASE_END_REASON_WINDOW_ENDED: _LeaseEndReason.ValueType  # 10
+    """A reservation's lease at the end of its window."""
 
 class LeaseEndReason(_LeaseEndReason, metaclass=_LeaseEndReasonEnumTypeWrapper): ...
 
@@ -130,6 +141,17 @@ has it under another uuid): the lease ended before the GPU could be sold again.
 """
 LEASE_END_REASON_WAIT_EXPIRED: LeaseEndReason.ValueType  # 7
 """A queued request reached its wait_expire_time before capacity freed. Nothing was held."""
+LEASE_END_REASON_RESERVED: LeaseEndReason.ValueType  # 8
+"""A reservation of one of its GPUs started (at max_expire_time, which renewals could not
+pass). Billed until then.
+"""
+LEASE_END_REASON_PREEMPTED: LeaseEndReason.ValueType  # 9
+"""An interruptible lease whose GPUs a reservation's start or an on-demand lease needed;
+WatchLease sent PREEMPTING at least the replicas' --preemption-notice before. Billed
+until then, at the interruptible price.
+"""
+LEASE_END_REASON_WINDOW_ENDED: LeaseEndReason.ValueType  # 10
+"""A reservation's lease at the end of its window."""
 Global___LeaseEndReason: _TypeAlias = LeaseEndReason  # noqa: Y015
 
 @_typing.final
@@ -314,6 +336,10 @@ class Lease(_message.Message):
     WAIT_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     QUEUE_POSITION_FIELD_NUMBER: _builtins.int
     GRANT_TIME_FIELD_NUMBER: _builtins.int
+    RESERVATION_FIELD_NUMBER: _builtins.int
+    MAX_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    INTERRUPTIBLE_FIELD_NUMBER: _builtins.int
+    PREEMPT_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     tenant: _builtins.str
     state: Global___LeaseState.ValueType
@@ -339,6 +365,12 @@ class Lease(_message.Message):
     """Output only, QUEUED: 1 + the requests ahead of this one in the queue's order among those
     that compete for the same capacity (the same filter, placement and pool choice).
     """
+    reservation: _builtins.str
+    """Output only: the reservation ("reservations/{id}") this lease is the window of; its
+    expire_time is the window's end and renewals change nothing.
+    """
+    interruptible: _builtins.bool
+    """As CreateLeaseRequest.interruptible."""
     @_builtins.property
     def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeasedGpu]: ...
     @_builtins.property
@@ -377,6 +409,19 @@ class Lease(_message.Message):
     def grant_time(self) -> _timestamp_pb2.Timestamp:
         """Output only: when a queued request was granted (create_time is when it was queued)."""
 
+    @_builtins.property
+    def max_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only: the latest expire_time renewals can reach, when one of its GPUs is reserved
+        from then (ReservationService); unset while no reservation limits it. The lease ends
+        RESERVED at this time. An interruptible lease has none: it is preempted instead.
+        """
+
+    @_builtins.property
+    def preempt_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only, interruptible: when it will be preempted (set with the notice, WatchLease
+        PREEMPTING); it ends PREEMPTED then.
+        """
+
     def __init__(
         self,
         *,
@@ -404,10 +449,14 @@ class Lease(_message.Message):
         wait_expire_time: _timestamp_pb2.Timestamp | None = ...,
         queue_position: _builtins.int = ...,
         grant_time: _timestamp_pb2.Timestamp | None = ...,
+        reservation: _builtins.str = ...,
+        max_expire_time: _timestamp_pb2.Timestamp | None = ...,
+        interruptible: _builtins.bool = ...,
+        preempt_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "active_time", b"active_time", "create_time", b"create_time", "end_time", b"end_time", "expire_time", b"expire_time", "grant_time", b"grant_time", "ttl", b"ttl", "wait_expire_time", b"wait_expire_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "active_time", b"active_time", "create_time", b"create_time", "end_time", b"end_time", "expire_time", b"expire_time", "grant_time", b"grant_time", "max_expire_time", b"max_expire_time", "preempt_time", b"preempt_time", "ttl", b"ttl", "wait_expire_time", b"wait_expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "access_details", b"access_details", "active_time", b"active_time", "create_time", b"create_time", "currency_code", b"currency_code", "end_message", b"end_message", "end_reason", b"end_reason", "end_time", b"end_time", "etcd_lease_id", b"etcd_lease_id", "expire_time", b"expire_time", "fencing_token", b"fencing_token", "gpu_count", b"gpu_count", "gpus", b"gpus", "grant_replica", b"grant_replica", "grant_time", b"grant_time", "name", b"name", "placement", b"placement", "price_per_hour", b"price_per_hour", "queue_position", b"queue_position", "request_id", b"request_id", "state", b"state", "tenant", b"tenant", "ttl", b"ttl", "wait_expire_time", b"wait_expire_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "access_details", b"access_details", "active_time", b"active_time", "create_time", b"create_time", "currency_code", b"currency_code", "end_message", b"end_message", "end_reason", b"end_reason", "end_time", b"end_time", "etcd_lease_id", b"etcd_lease_id", "expire_time", b"expire_time", "fencing_token", b"fencing_token", "gpu_count", b"gpu_count", "gpus", b"gpus", "grant_replica", b"grant_replica", "grant_time", b"grant_time", "interruptible", b"interruptible", "max_expire_time", b"max_expire_time", "name", b"name", "placement", b"placement", "preempt_time", b"preempt_time", "price_per_hour", b"price_per_hour", "queue_position", b"queue_position", "request_id", b"request_id", "reservation", b"reservation", "state", b"state", "tenant", b"tenant", "ttl", b"ttl", "wait_expire_time", b"wait_expire_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -426,6 +475,7 @@ class CreateLeaseRequest(_message.Message):
     POOL_FIELD_NUMBER: _builtins.int
     ALLOW_MIXED_FIELD_NUMBER: _builtins.int
     MAX_WAIT_FIELD_NUMBER: _builtins.int
+    INTERRUPTIBLE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Optional client-chosen idempotency key, 1..128 characters of [A-Za-z0-9._:-] (empty: the
     request is not idempotent).
@@ -441,6 +491,13 @@ class CreateLeaseRequest(_message.Message):
     """
     allow_mixed: _builtins.bool
     """SPREAD only: one lease may combine own-pool and federation GPUs (else all come from one)."""
+    interruptible: _builtins.bool
+    """Interruptible capacity: at the providers' interruptible price (Node.
+    interruptible_price_per_gpu_hour), on GPUs free now including GPUs reserved later; never
+    limited by a reservation's start, but preempted (ended PREEMPTED) with notice when a
+    reservation of its GPUs starts or an on-demand request needs them (docs/api.md, "Who
+    preempts whom"). Not with max_wait (INVALID_ARGUMENT INTERRUPTIBLE_CANNOT_WAIT).
+    """
     @_builtins.property
     def filter(self) -> _common_pb2.GpuFilter:
         """Bounds as in SearchOffersRequest.filter."""
@@ -473,10 +530,11 @@ class CreateLeaseRequest(_message.Message):
         pool: _common_pb2.PoolChoice.ValueType = ...,
         allow_mixed: _builtins.bool = ...,
         max_wait: _duration_pb2.Duration | None = ...,
+        interruptible: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "filter", b"filter", "max_wait", b"max_wait", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "allow_mixed", b"allow_mixed", "filter", b"filter", "gpu_count", b"gpu_count", "max_wait", b"max_wait", "placement", b"placement", "pool", b"pool", "request_id", b"request_id", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "allow_mixed", b"allow_mixed", "filter", b"filter", "gpu_count", b"gpu_count", "interruptible", b"interruptible", "max_wait", b"max_wait", "placement", b"placement", "pool", b"pool", "request_id", b"request_id", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -791,6 +849,15 @@ class WatchLeaseResponse(_message.Message):
         `lease.queue_position` changes; GRANTED follows when it is granted (its record then
         ACTIVE or PROVISIONING), or ENDED (WAIT_EXPIRED, or RELEASED if cancelled).
         """
+        EVENT_TYPE_LIMITED: WatchLeaseResponse._EventType.ValueType  # 9
+        """A reservation of one of its GPUs now limits the lease: `lease.max_expire_time` is the
+        latest it can be renewed to (it ends RESERVED then). Sent when the limit first appears
+        or moves; EXPIRING follows as the end nears.
+        """
+        EVENT_TYPE_PREEMPTING: WatchLeaseResponse._EventType.ValueType  # 10
+        """An interruptible lease is to be preempted at `lease.preempt_time` (the notice): sent
+        once; ENDED (PREEMPTED) follows then.
+        """
 
     class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper): ...
     EVENT_TYPE_UNSPECIFIED: WatchLeaseResponse.EventType.ValueType  # 0
@@ -808,6 +875,15 @@ class WatchLeaseResponse(_message.Message):
     """The lease is QUEUED: sent first (instead of GRANTED) and again each time its
     `lease.queue_position` changes; GRANTED follows when it is granted (its record then
     ACTIVE or PROVISIONING), or ENDED (WAIT_EXPIRED, or RELEASED if cancelled).
+    """
+    EVENT_TYPE_LIMITED: WatchLeaseResponse.EventType.ValueType  # 9
+    """A reservation of one of its GPUs now limits the lease: `lease.max_expire_time` is the
+    latest it can be renewed to (it ends RESERVED then). Sent when the limit first appears
+    or moves; EXPIRING follows as the end nears.
+    """
+    EVENT_TYPE_PREEMPTING: WatchLeaseResponse.EventType.ValueType  # 10
+    """An interruptible lease is to be preempted at `lease.preempt_time` (the notice): sent
+    once; ENDED (PREEMPTED) follows then.
     """
 
     TYPE_FIELD_NUMBER: _builtins.int

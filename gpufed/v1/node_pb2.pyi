@@ -167,6 +167,7 @@ class NodeHello(_message.Message):
     CUDA_DRIVER_VERSION_FIELD_NUMBER: _builtins.int
     LEASE_HOOK_FIELD_NUMBER: _builtins.int
     BOOT_ID_FIELD_NUMBER: _builtins.int
+    INTERRUPTIBLE_PRICE_PER_GPU_HOUR_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
     """Must equal the provider of the caller's token. The whole hello makes a node record of at
     most 128 KiB (NODE_RECORD_TOO_LARGE); fields the API does not define are dropped.
@@ -188,6 +189,11 @@ class NodeHello(_message.Message):
     boot_id: _builtins.str
     """The host's boot id (/proc/sys/kernel/random/boot_id), at most 64 characters: a new one is
     a reboot, which clears a GPU's RESET_GPU or REBOOT_SYSTEM repair if it shows the GPU clean.
+    """
+    interruptible_price_per_gpu_hour: _builtins.float
+    """The price of interruptible capacity (CreateLeaseRequest.interruptible) per GPU-hour, in
+    currency_code: finite, 0..price_per_gpu_hour (INVALID_PRICE); 0 or unset means the same as
+    price_per_gpu_hour (the daemon's --interruptible-price).
     """
     @_builtins.property
     def location(self) -> _common_pb2.Location: ...
@@ -221,10 +227,11 @@ class NodeHello(_message.Message):
         cuda_driver_version: _builtins.str = ...,
         lease_hook: _builtins.bool = ...,
         boot_id: _builtins.str = ...,
+        interruptible_price_per_gpu_hour: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["location", b"location"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_id", b"boot_id", "cuda_driver_version", b"cuda_driver_version", "currency_code", b"currency_code", "daemon_version", b"daemon_version", "driver_version", b"driver_version", "gpus", b"gpus", "labels", b"labels", "lease_hook", b"lease_hook", "location", b"location", "node_id", b"node_id", "price_per_gpu_hour", b"price_per_gpu_hour", "provider", b"provider"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_id", b"boot_id", "cuda_driver_version", b"cuda_driver_version", "currency_code", b"currency_code", "daemon_version", b"daemon_version", "driver_version", b"driver_version", "gpus", b"gpus", "interruptible_price_per_gpu_hour", b"interruptible_price_per_gpu_hour", "labels", b"labels", "lease_hook", b"lease_hook", "location", b"location", "node_id", b"node_id", "price_per_gpu_hour", b"price_per_gpu_hour", "provider", b"provider"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

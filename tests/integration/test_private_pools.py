@@ -5,6 +5,7 @@ covered here before this test passes."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,8 @@ from gpufed.v1 import (
     lease_pb2_grpc,
     peer_pb2,
     peer_pb2_grpc,
+    reservation_pb2,
+    reservation_pb2_grpc,
     telemetry_pb2,
     telemetry_pb2_grpc,
 )
@@ -50,6 +53,8 @@ WRITES = {
     "LeaseService.RenewLease",
     "LeaseService.KeepAlive",
     "LeaseService.ReleaseLease",
+    "ReservationService.CreateReservation",
+    "ReservationService.CancelReservation",
     "AdminService.SetBurstPolicy",
 }
 
@@ -71,6 +76,7 @@ def _stubs(p: Pool) -> tuple[Any, ...]:
         admin_pb2_grpc.AdminServiceStub(ch),
         telemetry_pb2_grpc.TelemetryServiceStub(ch),
         peer_pb2_grpc.PeerServiceStub(ch),
+        reservation_pb2_grpc.ReservationServiceStub(ch),
     )
 
 
@@ -96,50 +102,60 @@ def _read(p: Pool, who: str, call: Callable[..., Any]) -> str:
 
 
 ACME_LEASE: list[str] = [""]  # set by the fixture: a lease of acme on its pool (another ended before)
+ACME_RESERVATION: list[str] = [""]  # set by the fixture: a booking of acme's on its pool
 READS: dict[str, Callable[..., Any]] = {
-    "DiscoveryService.SearchOffers": lambda d, ls, a, t, r, md: d.SearchOffers(
+    "DiscoveryService.SearchOffers": lambda d, ls, a, t, r, rs, md: d.SearchOffers(
         discovery_pb2.SearchOffersRequest(page_size=1000), metadata=md
     ),
-    "DiscoveryService.GetNode": lambda d, ls, a, t, r, md: d.GetNode(
+    "DiscoveryService.GetNode": lambda d, ls, a, t, r, rs, md: d.GetNode(
         discovery_pb2.GetNodeRequest(name=POOL_NODES[0]), metadata=md
     ),
-    "DiscoveryService.ListNodes": lambda d, ls, a, t, r, md: d.ListNodes(
+    "DiscoveryService.ListNodes": lambda d, ls, a, t, r, rs, md: d.ListNodes(
         discovery_pb2.ListNodesRequest(page_size=1000), metadata=md
     ),
-    "DiscoveryService.ListProviders": lambda d, ls, a, t, r, md: d.ListProviders(
+    "DiscoveryService.ListProviders": lambda d, ls, a, t, r, rs, md: d.ListProviders(
         discovery_pb2.ListProvidersRequest(), metadata=md
     ),
-    "DiscoveryService.SummarizeCapacity": lambda d, ls, a, t, r, md: d.SummarizeCapacity(
+    "DiscoveryService.SummarizeCapacity": lambda d, ls, a, t, r, rs, md: d.SummarizeCapacity(
         discovery_pb2.SummarizeCapacityRequest(), metadata=md
     ),
-    "DiscoveryService.WatchCapacity": lambda d, ls, a, t, r, md: d.WatchCapacity(
+    "DiscoveryService.WatchCapacity": lambda d, ls, a, t, r, rs, md: d.WatchCapacity(
         discovery_pb2.WatchCapacityRequest(), metadata=md, timeout=1.5
     ),
-    "LeaseService.GetLease": lambda d, ls, a, t, r, md: ls.GetLease(
+    "LeaseService.GetLease": lambda d, ls, a, t, r, rs, md: ls.GetLease(
         lease_pb2.GetLeaseRequest(name=ACME_LEASE[0]), metadata=md
     ),
-    "LeaseService.ListLeases": lambda d, ls, a, t, r, md: ls.ListLeases(
+    "LeaseService.ListLeases": lambda d, ls, a, t, r, rs, md: ls.ListLeases(
         lease_pb2.ListLeasesRequest(), metadata=md
     ),
-    "LeaseService.WatchLease": lambda d, ls, a, t, r, md: ls.WatchLease(
+    "LeaseService.WatchLease": lambda d, ls, a, t, r, rs, md: ls.WatchLease(
         lease_pb2.WatchLeaseRequest(name=ACME_LEASE[0]), metadata=md, timeout=1.5
     ),
-    "TelemetryService.GetNodeTelemetry": lambda d, ls, a, t, r, md: t.GetNodeTelemetry(
+    "ReservationService.GetReservation": lambda d, ls, a, t, r, rs, md: rs.GetReservation(
+        reservation_pb2.GetReservationRequest(name=ACME_RESERVATION[0]), metadata=md
+    ),
+    "ReservationService.ListReservations": lambda d, ls, a, t, r, rs, md: rs.ListReservations(
+        reservation_pb2.ListReservationsRequest(), metadata=md
+    ),
+    "ReservationService.WatchReservation": lambda d, ls, a, t, r, rs, md: rs.WatchReservation(
+        reservation_pb2.WatchReservationRequest(name=ACME_RESERVATION[0]), metadata=md, timeout=1.5
+    ),
+    "TelemetryService.GetNodeTelemetry": lambda d, ls, a, t, r, rs, md: t.GetNodeTelemetry(
         telemetry_pb2.GetNodeTelemetryRequest(name=POOL_NODES[0]), metadata=md
     ),
-    "AdminService.ListUsageRecords": lambda d, ls, a, t, r, md: a.ListUsageRecords(
+    "AdminService.ListUsageRecords": lambda d, ls, a, t, r, rs, md: a.ListUsageRecords(
         admin_pb2.ListUsageRecordsRequest(), metadata=md
     ),
-    "AdminService.ListTokens": lambda d, ls, a, t, r, md: a.ListTokens(
+    "AdminService.ListTokens": lambda d, ls, a, t, r, rs, md: a.ListTokens(
         admin_pb2.ListTokensRequest(), metadata=md
     ),
-    "AdminService.GetBurstPolicy": lambda d, ls, a, t, r, md: a.GetBurstPolicy(
+    "AdminService.GetBurstPolicy": lambda d, ls, a, t, r, rs, md: a.GetBurstPolicy(
         admin_pb2.GetBurstPolicyRequest(name="burstPolicies/acme"), metadata=md
     ),
-    "AdminService.GetQuota": lambda d, ls, a, t, r, md: a.GetQuota(
+    "AdminService.GetQuota": lambda d, ls, a, t, r, rs, md: a.GetQuota(
         admin_pb2.GetQuotaRequest(name="quotas/providers/acme-own"), metadata=md
     ),
-    "PeerService.ForwardNodeTelemetry": lambda d, ls, a, t, r, md: r.ForwardNodeTelemetry(
+    "PeerService.ForwardNodeTelemetry": lambda d, ls, a, t, r, rs, md: r.ForwardNodeTelemetry(
         peer_pb2.ForwardNodeTelemetryRequest(
             request=telemetry_pb2.GetNodeTelemetryRequest(name=POOL_NODES[0])
         ),
@@ -177,11 +193,24 @@ def pool(etcd: EtcdCluster) -> Iterator[Pool]:
             ACME_LEASE[0] = lease.name
             acme.release_lease(lease.name)
             ACME_LEASE[0] = acme.create_lease(2, ttl_s=60, providers=["acme-own"]).name
+            wait_until(lambda: _booked(acme), timeout=20)
         yield Pool(r.address, tokens, pool_gpus, ACME_LEASE[0])
     finally:
         for d in daemons:
             d.stop()
         r.stop()
+
+
+def _booked(acme: Client) -> bool:
+    """acme books a window on its pool once the leader moved the prefix to schema 3."""
+    try:
+        r = acme.create_reservation(2, time.time() + 86_400, 3600, providers=["acme-own"])
+    except GpufedError as e:
+        if e.reason == "UPGRADE_IN_PROGRESS":
+            return False
+        raise
+    ACME_RESERVATION[0] = r.name
+    return True
 
 
 def test_every_read_rpc_of_the_authorization_table_is_covered() -> None:

@@ -8,12 +8,12 @@ import pytest
 from control_plane.auth import Kind, Principal
 from control_plane.authorization import AUDITED, PRIVILEGED, TABLE, authorize, render_markdown
 from control_plane.domain.errors import Code, DomainError
-from gpufed.v1 import admin_pb2, discovery_pb2, lease_pb2, node_pb2, peer_pb2, telemetry_pb2
+from gpufed.v1 import admin_pb2, discovery_pb2, lease_pb2, node_pb2, peer_pb2, reservation_pb2, telemetry_pb2
 
 
 def _api_methods() -> set[str]:
     out: set[str] = set()
-    for module in (admin_pb2, discovery_pb2, lease_pb2, node_pb2, peer_pb2, telemetry_pb2):
+    for module in (admin_pb2, discovery_pb2, lease_pb2, node_pb2, peer_pb2, reservation_pb2, telemetry_pb2):
         for service in module.DESCRIPTOR.services_by_name.values():
             out.update(f"{service.name}.{m.name}" for m in service.methods)
     return out

@@ -21,7 +21,19 @@ def _pick(node_id: str, uuids: tuple[str, ...], mod_revision: int) -> Pick:
 
 def test_grant_compares_every_allocation_absent_and_each_node_unchanged_and_alive() -> None:
     picks = [_pick("a", ("g0", "g1"), 7), _pick("b", ("g2",), 9)]
-    txn = grant_txn(K, "00ff", b"record", b"/g.records/requests/t/r1", 42, picks, "t", "r1", 30)
+    calendars = {"nodes/p/a": 9}  # node b has no calendar record
+    txn = grant_txn(
+        K,
+        "00ff",
+        b"record",
+        b"/g.records/requests/t/r1",
+        42,
+        picks,
+        "t",
+        "r1",
+        30,
+        lambda n: calendars.get(n, 0),
+    )
     compares = [(c.key, c.target, c.result) for c in txn.req.compare]
     C = rpc.Compare
     assert (b"/g/alloc/p/a/g0", C.CREATE, C.EQUAL) in compares
@@ -30,6 +42,10 @@ def test_grant_compares_every_allocation_absent_and_each_node_unchanged_and_aliv
     node_a = next(c for c in txn.req.compare if c.key == b"/g/nodes/p/a")
     assert node_a.target == C.MOD and node_a.mod_revision == 7
     assert (b"/g.records/requests/t/r1", C.CREATE, C.EQUAL) in compares
+    # Each node's calendar as the grant read it: a booking meanwhile could cut the lease short.
+    cal_a = next(c for c in txn.req.compare if c.key == b"/g/calendar/p/a")
+    assert cal_a.target == C.MOD and cal_a.mod_revision == 9
+    assert (b"/g/calendar/p/b", C.CREATE, C.EQUAL) in compares
     # Every write rides on the etcd lease: when it expires, the GPUs come back by themselves.
     puts = {op.request_put.key: op.request_put for op in txn.req.success}
     assert set(puts) == txn.writes
@@ -52,7 +68,7 @@ def test_grant_compares_every_allocation_absent_and_each_node_unchanged_and_aliv
 
 
 def test_grant_fails_if_another_replica_granted_the_tenant_anything_since_its_count() -> None:
-    txn = grant_txn(K, "00ff", b"record", None, 42, [_pick("a", ("g0",), 7)], "t", "r1", 30)
+    txn = grant_txn(K, "00ff", b"record", None, 42, [_pick("a", ("g0",), 7)], "t", "r1", 30, lambda n: 0)
     ranges = [c for c in txn.req.compare if c.range_end]
     C = rpc.Compare
     # Every replica's holds of the tenant but r1's own (which r1 counts itself).
