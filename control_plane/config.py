@@ -73,6 +73,9 @@ class Config:
     # How long before its end an interruptible lease is told it will be preempted (WatchLease
     # PREEMPTING): by a reservation's start, or for an on-demand request.
     preemption_notice_s: float = 120.0
+    # How long a booked reservation's node may be offline before it is moved (or AT_RISK): a
+    # restarting daemon is not a lost node. A draining node moves its reservations at once.
+    reservation_grace_s: float = 60.0
     usage_export_dir: str = ""
     # Failed authentications one client address may make per minute before AUTH_THROTTLED.
     auth_failures_per_minute: int = 30
@@ -238,6 +241,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         " (GPUFED_PREEMPTION_NOTICE; 120)",
     )
     p.add_argument(
+        "--reservation-grace",
+        type=float,
+        help="seconds a reserved node may be offline before its reservations move, 1..3600"
+        " (GPUFED_RESERVATION_GRACE; 60)",
+    )
+    p.add_argument(
         "--queue-share",
         type=float,
         help="seconds each GPU a tenant holds moves its waiting requests back (GPUFED_QUEUE_SHARE; 30)",
@@ -333,6 +342,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         preemption_notice_s=s.get(
             a.preemption_notice, "GPUFED_PREEMPTION_NOTICE", "preemption_notice", d.preemption_notice_s, float
         ),
+        reservation_grace_s=s.get(
+            a.reservation_grace, "GPUFED_RESERVATION_GRACE", "reservation_grace", d.reservation_grace_s, float
+        ),
         queue_share_s=s.get(a.queue_share, "GPUFED_QUEUE_SHARE", "queue_share", d.queue_share_s, float),
         health_write_interval=s.get(
             a.health_write_interval,
@@ -353,6 +365,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         raise ConfigError("--max-queued must be in 1..1000000")
     if not 0 <= cfg.queue_share_s <= 86_400:
         raise ConfigError("--queue-share must be in 0..86400 seconds")
+    if not 1 <= cfg.reservation_grace_s <= 3600:
+        raise ConfigError("--reservation-grace must be in 1..3600 seconds")
     if not 1 <= cfg.preemption_notice_s <= 3600:
         raise ConfigError("--preemption-notice must be in 1..3600 seconds")
     return cfg

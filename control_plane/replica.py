@@ -183,7 +183,13 @@ class Replica:
             share_s=cfg.queue_share_s,
         )
         self.reservations = Reservations(
-            self.store, self.inventory, self.leases, self.clock, self.metrics, self.shutdown
+            self.store,
+            self.inventory,
+            self.leases,
+            self.clock,
+            self.metrics,
+            self.shutdown,
+            grace_s=cfg.reservation_grace_s,
         )
         self.nodes.on_provisioned = self.leases.provisioned
         self.nodes.end_lease = self.leases.end

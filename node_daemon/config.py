@@ -26,6 +26,8 @@ class DaemonConfig:
     longitude: float = 0.0
     price_per_gpu_hour: float = 0.0
     interruptible_price_per_gpu_hour: float = 0.0
+    # The share of this node's GPUs reservations may hold at once (None: all).
+    reservable_fraction: float | None = None
     currency: str = "USD"
     labels: dict[str, str] = field(default_factory=dict)
     report_interval: float = 2.0
@@ -77,6 +79,11 @@ def parse_args(argv: Sequence[str] | None = None) -> DaemonConfig:
     p.add_argument("--latitude", type=float)
     p.add_argument("--longitude", type=float)
     p.add_argument("--price-per-gpu-hour", type=float)
+    p.add_argument(
+        "--reservable-fraction",
+        type=float,
+        help="share of this node's GPUs reservations may hold at once, 0..1 (default: all)",
+    )
     p.add_argument(
         "--interruptible-price",
         type=float,
@@ -146,6 +153,9 @@ def parse_args(argv: Sequence[str] | None = None) -> DaemonConfig:
         ),
         interruptible_price_per_gpu_hour=pick(
             a.interruptible_price, "GPUFED_INTERRUPTIBLE_PRICE", "interruptible_price", 0.0, float
+        ),
+        reservable_fraction=pick(
+            a.reservable_fraction, "GPUFED_RESERVABLE_FRACTION", "reservable_fraction", None, float
         ),
         currency=pick(a.currency, "GPUFED_CURRENCY", "currency", "USD"),
         labels=labels,

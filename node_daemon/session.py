@@ -130,6 +130,7 @@ class DaemonSession:
             lease_hook=self.provisioner is not None,
             cuda_driver_version=self.collector.cuda_driver_version,
             boot_id=c.boot_id,
+            reservable_fraction=c.reservable_fraction,
         )
 
     # -- main loop -------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ def maximal_hello(provider: str = "p" * 63, node_id: str = "n" * 63) -> node_pb2
     h.location.region, h.location.zone = "r" * 63, "z" * 63
     h.location.latitude, h.location.longitude = -89.123456, -179.123456
     h.price_per_gpu_hour, h.currency_code = 999_999.99, "USD"
+    h.interruptible_price_per_gpu_hour, h.reservable_fraction = 999_999.99, 0.75
     for i in range(R.MAX_LABELS):
         h.labels["k" * 61 + f"{i:02d}"] = "v" * R.MAX_LABEL_VALUE
     h.driver_version = h.cuda_driver_version = "v" * R.MAX_VERSION

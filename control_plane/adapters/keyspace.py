@@ -60,6 +60,9 @@ never streamed to every replica's index:
                                            deletes them (control_plane.app.retention)
   .records/reservation-requests/{tenant}/{request_id}
                                            reservation id, for CreateReservation idempotency
+  .records/reserved/{tenant}/{id}          GPU-hours of a booked reservation (its tenant's quota):
+                                           a booking compares the tenant's range unchanged since
+                                           its count, its end deletes the key
   .records/history/reservations/{id}       ended Reservation records (GetReservation); on the
                                            hourly history etcd lease
   .records/tenant-reservations/{tenant}/{inverted create time}/{id}
@@ -195,6 +198,12 @@ class Keyspace:
 
     def reservation_request(self, tenant: str, request_id: str) -> str:
         return self._r("reservation-requests", tenant, request_id)
+
+    def reserved(self, tenant: str, reservation_id: str) -> str:
+        return self._r("reserved", tenant, reservation_id)
+
+    def reserved_dir(self, tenant: str) -> str:
+        return self._r("reserved", tenant) + "/"
 
     def reservation_history(self, reservation_id: str) -> str:
         return self._r("history", "reservations", reservation_id)

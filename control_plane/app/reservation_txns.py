@@ -23,21 +23,38 @@ def book_txn(
     record: reservation_pb2.Reservation,
     req_key: bytes | None,
     picks: list[Pick],
-    calendars: Mapping[str, tuple[reservation_pb2.NodeCalendar, int]],
+    calendars: Mapping[str, tuple[reservation_pb2.NodeCalendar | None, int]],
     index_revision: int,
     holders: Mapping[str, int],
+    previous: tuple[reservation_pb2.Reservation, int] | None = None,
+    quota_revision: int = 0,
 ) -> TxnBuilder:
     """The booking: the record, and its window on each node's calendar, if each calendar is as
     read (CAS: no other booking of those nodes meanwhile), each node is unchanged and alive, no
     GPU (or MIG instance of one) was granted after `index_revision` (the index the choice was
     made on), and the leases that hold them now (`holders`: lease id -> record revision; each
-    ends before the window) were not renewed since."""
+    ends before the window) were not renewed since. A move (`previous`: the record and its
+    revision) compares the record unchanged instead of absent and takes its windows off the
+    calendars of the nodes it leaves. A new booking compares the tenant's booked GPU-hours
+    unchanged since `quota_revision` (the revision they were counted at) and adds its own."""
     txn = TxnBuilder()
     key = keys.reservation(_id(record.name)).encode()
+    if previous is None:
+        booked = keys.reserved_dir(record.tenant).encode()
+        txn.range_unchanged_since(booked, quota_revision)
+        txn.read_prefix_on_failure(booked)
+        txn.put(keys.reserved(record.tenant, _id(record.name)).encode(), str(gpu_hours(record)).encode())
     if req_key is not None:
         txn.absent(req_key)
         txn.read_on_failure(req_key)
-    txn.absent(key)
+    if previous is None:
+        txn.absent(key)
+    else:
+        txn.mod_revision_is(key, previous[1])
+        for left in by_node(previous[0]):
+            if left in {p.candidate.name for p in picks}:
+                continue  # rewritten below
+            _leave(txn, keys, left, calendars.get(left, (None, 0)), record.name)
     start, end = ts_ns(record.start_time), ts_ns(record.end_time)
     for p in picks:
         node = p.candidate.node
@@ -46,7 +63,7 @@ def book_txn(
         calendar_is(txn, cal_key, revision)
         txn.mod_revision_is(keys.node(node.provider, node.node_id).encode(), p.candidate.mod_revision)
         txn.present(keys.alive(node.provider, node.node_id).encode())
-        new = calendar.with_entry(cal, record.name, p.gpu_uuids, start, end)
+        new = calendar.with_entry(cal, record.name, p.gpu_uuids, start, end)  # replaces its own
         txn.put(cal_key, new.SerializeToString())
         for u in p.gpu_uuids:
             # The GPU's allocation and its instances' (they sort under it): no grant since.
@@ -57,6 +74,30 @@ def book_txn(
     if req_key is not None:
         txn.put(req_key, _id(record.name).encode())
     return txn
+
+
+def _leave(
+    txn: TxnBuilder,
+    keys: Keyspace,
+    node: str,
+    read: tuple[reservation_pb2.NodeCalendar | None, int],
+    reservation: str,
+) -> None:
+    """The reservation's window off a node's calendar (compared as read; none left: deleted)."""
+    cal, revision = read
+    provider, node_id = node.split("/")[1], node.split("/")[3]
+    key = keys.calendar(provider, node_id).encode()
+    calendar_is(txn, key, revision)
+    rest = calendar.without(cal, reservation)
+    if rest.entries:
+        txn.put(key, rest.SerializeToString())
+    elif revision:
+        txn.delete(key)
+
+
+def gpu_hours(r: reservation_pb2.Reservation) -> float:
+    """What a reservation counts in its tenant's max_reserved_gpu_hours."""
+    return round(r.gpu_count * (ts_ns(r.end_time) - ts_ns(r.start_time)) / 3.6e12, 6)
 
 
 def start_txn(
@@ -105,16 +146,9 @@ def end_txn(
     key = keys.reservation(rid).encode()
     txn.mod_revision_is(key, revision)
     txn.delete(key)
+    txn.delete(keys.reserved(reservation.tenant, rid).encode())
     for node in by_node(reservation):
-        cal, cal_revision = calendars.get(node, (None, 0))
-        provider, node_id = node.split("/")[1], node.split("/")[3]
-        cal_key = keys.calendar(provider, node_id).encode()
-        calendar_is(txn, cal_key, cal_revision)
-        rest = calendar.without(cal, reservation.name)
-        if rest.entries:
-            txn.put(cal_key, rest.SerializeToString())
-        elif cal_revision:
-            txn.delete(cal_key)
+        _leave(txn, keys, node, calendars.get(node, (None, 0)), reservation.name)
     value = final.SerializeToString()
     txn.put(keys.reservation_history(rid).encode(), value, history_lease)
     created = final.create_time.ToNanoseconds()

@@ -41,7 +41,7 @@ from control_plane.domain.reservation_rules import ACTIVE, AT_RISK, ENDED, SCHED
 from control_plane.metrics import Metrics
 from gpufed.clock import SYSTEM, Clock, now_ts, ts_ns
 from gpufed.logs import get_logger
-from gpufed.v1 import lease_pb2, reservation_pb2
+from gpufed.v1 import common_pb2, lease_pb2, reservation_pb2
 
 log = get_logger(__name__)
 audit = get_logger("gpufed.audit")
@@ -66,7 +66,11 @@ class Reservations:
         clock: Clock = SYSTEM,
         metrics: Metrics | None = None,
         shutdown: asyncio.Event | None = None,
+        grace_s: float = 60.0,
     ) -> None:
+        self.grace_s = grace_s
+        # node name -> when (monotonic) the scheduler first saw it not READY
+        self._unready: dict[str, float] = {}
         self.store = store
         self.keys = store.keys
         self.inv = inventory
@@ -186,6 +190,15 @@ class Reservations:
         avoid: set[str] = set()
 
         async def attempt(n: int) -> reservation_pb2.Reservation | None:
+            counted, quota_revision = await self._reserved_hours(tenant)
+            wanted = spec.gpu_count * (spec.end_ns - spec.start_ns) / 3.6e12
+            limit = self.leases.quotas.tenant(tenant).max_reserved_gpu_hours
+            if counted + wanted > limit + 1e-9:
+                raise errors.exhausted(
+                    "QUOTA_RESERVED_GPU_HOURS",
+                    f"booking {wanted:g} GPU-hours would pass the tenant's {limit} reserved GPU-hours"
+                    f" ({counted:g} booked)",
+                )
             indexed = self.inv.revision
             picks = self.place(tenant, spec, avoid)
             if picks is None:
@@ -207,7 +220,16 @@ class Reservations:
                 if lease_id in self.inv.lease_revision
             }
             cals = {p.candidate.name: self.inv.calendars.get(p.candidate.name, (None, 0)) for p in picks}
-            txn = book_txn(self.keys, record, req_key, picks, cals, indexed, holders)  # type: ignore[arg-type]
+            txn = book_txn(
+                self.keys,
+                record,
+                req_key,
+                picks,
+                cals,
+                indexed,
+                holders,
+                quota_revision=quota_revision,
+            )
             if len(txn.req.compare) > MAX_TXN_OPS:
                 # Too many leases hold them now to compare in one Txn: pick GPUs held by fewer.
                 avoid.update(u for p in picks for u in p.gpu_uuids if self.inv.holders(p.candidate.name, u))
@@ -236,6 +258,16 @@ class Reservations:
             return None
 
         return await retry_cas(attempt, _contended)
+
+    async def _reserved_hours(self, tenant: str) -> tuple[float, int]:
+        """The tenant's booked GPU-hours and the revision they were read at (etcd, not the
+        index: the booking's compare must see every replica's bookings)."""
+        kvs, revision = await self.store.get_prefix(self.keys.reserved_dir(tenant))
+        total = 0.0
+        for kv in kvs:
+            with contextlib.suppress(ValueError):
+                total += float(kv.value)
+        return total, revision
 
     # -- the end --------------------------------------------------------------------------------
 
@@ -337,6 +369,8 @@ class Reservations:
         ):
             start, end = ts_ns(current.start_time), ts_ns(current.end_time)
             try:
+                if current.state in (SCHEDULED, AT_RISK) and start > now:
+                    await self._guard(rid, current, revision)
                 if current.state in (SCHEDULED, AT_RISK):
                     if start - notice > now:
                         wake = min(wake, start - notice)
@@ -366,6 +400,91 @@ class Reservations:
             except StoreUnavailable:
                 raise
         return wake
+
+    async def _guard(self, rid: str, current: reservation_pb2.Reservation, revision: int) -> None:
+        """A booked reservation whose node went away (offline past the grace, or draining) is
+        moved to equivalent GPUs, else marked AT_RISK; back to SCHEDULED when its nodes return."""
+        inv = self.inv
+        mono = self.clock.monotonic()
+        for node in list(self._unready):
+            if inv.is_schedulable(node):
+                del self._unready[node]
+        bad = [n for n in reservation_rules.by_node(current) if not inv.is_schedulable(n)]
+        if not bad:
+            if current.state == AT_RISK:
+                await self._rewrite(rid, revision, reservation_rules.back_on_schedule(current))
+            return
+        for node in bad:
+            self._unready.setdefault(node, mono)
+        draining = any(inv.state(n) == common_pb2.NODE_STATE_DRAINING for n in bad)
+        if not draining and all(mono - self._unready[n] < self.grace_s for n in bad):
+            return  # a daemon restarting: give it the grace first
+        state = common_pb2.NodeState.Name(inv.state(bad[0])).removeprefix("NODE_STATE_").lower()  # type: ignore[arg-type]
+        why = f"node {bad[0]} is {state}"
+        if await self._move(rid, current, revision, why):
+            return
+        if current.state != AT_RISK:
+            risky = reservation_rules.at_risk(current, f"{why}; no equivalent GPUs are free for the window")
+            if await self._rewrite(rid, revision, risky):
+                log.warning("reservation at risk", reservation=current.name, why=why)
+
+    async def _rewrite(self, rid: str, revision: int, new: reservation_pb2.Reservation) -> bool:
+        """The record replaced if unchanged since `revision` (else the next pass looks again)."""
+        key = self.keys.reservation(rid).encode()
+        txn = TxnBuilder()
+        txn.mod_revision_is(key, revision)
+        txn.put(key, new.SerializeToString())
+        resp = await self.store.send_txn(txn.req)
+        if resp.succeeded:
+            await self.inv.wait_for_revision(resp.header.revision, timeout=1.0)
+        return bool(resp.succeeded)
+
+    async def _move(self, rid: str, current: reservation_pb2.Reservation, revision: int, why: str) -> bool:
+        """Rebook the reservation on equivalent GPUs free for its window (its own windows do
+        not count), in one Txn that compares it unchanged: True if it moved."""
+        spec = reservation_rules.spec_of(current)
+        inv = self.inv
+        lowest = min((g.price_per_gpu_hour for g in current.gpus), default=0.0)
+        indexed = inv.revision
+        picks = None
+        for stage in self.leases.stages(current.tenant, spec.as_lease_spec()):
+            cands = itertools.chain.from_iterable(
+                calendar.window_candidates(
+                    inv, f, spec.start_ns, spec.end_ns, inv.slots, inv.held_until, ignore=current.name
+                )
+                for f in stage
+            )
+            picks = place(cands, spec.gpu_count, spec.placement)
+            if picks is not None:
+                break
+        if picks is None or any(p.candidate.node.price_per_gpu_hour > lowest for p in picks):
+            return False
+        new = reservation_rules.moved(current, current.tenant, picks, f"moved: {why}")
+        holders = {
+            lease_id: inv.lease_revision[lease_id]
+            for p in picks
+            for u in p.gpu_uuids
+            for lease_id in inv.holders(p.candidate.name, u)
+            if lease_id in inv.lease_revision
+        }
+        nodes = set(reservation_rules.by_node(current)) | {p.candidate.name for p in picks}
+        cals = {n: inv.calendars.get(n, (None, 0)) for n in nodes}
+        txn = book_txn(self.keys, new, None, picks, cals, indexed, holders, previous=(current, revision))
+        if len(txn.req.compare) > MAX_TXN_OPS:
+            return False
+        resp = await self.store.send_txn(txn.req)
+        if not resp.succeeded:
+            return False
+        await inv.wait_for_revision(resp.header.revision, timeout=1.0)
+        audit.info(
+            "reservation moved",
+            principal="leader",
+            target=current.name,
+            why=why,
+            gpus=[g.uuid for g in new.gpus],
+            code="OK",
+        )
+        return True
 
     async def _preempt_due(self, now: int) -> int:
         """End the interruptible leases whose notice ran out; the time of the next one."""

@@ -98,12 +98,14 @@ def window_candidates(
     slots_of: Callable[[str], Sequence[Slot]],
     held_until: Callable[[str, str], int],
     min_free: int = 1,
+    ignore: str = "",
 ) -> Iterator[Candidate]:
     """Whole GPUs free for all of [start, end), in price order, per node and model: healthy (or
     degraded, if the filter allows) on a READY node that matches, no window of another
     reservation meeting it, and no lease on it (or on one of its MIG instances) that may run
     past `start` (`held_until(node, uuid)`: the latest expiry of the leases that must not be
-    cut short, 0 for none; interruptible leases do not count, they are preempted)."""
+    cut short, 0 for none; interruptible leases do not count, they are preempted). `ignore`: a
+    reservation whose own windows do not count (one being moved)."""
     if impossible(inv, flt) or flt.mig_profile:
         return
     for name in price_order(inv, flt):
@@ -113,6 +115,9 @@ def window_candidates(
         ok, distance = flt.node_matches(entry.node)
         if not ok:
             continue
+        room = reservable_room(entry.node, slots_of, start_ns, end_ns, ignore)
+        if room <= 0:
+            continue
         by_model: dict[str, list[common_pb2.Gpu]] = {}
         for model, health, memory, gpu in entry.gpus:
             if gpu.parent_uuid:
@@ -121,12 +126,35 @@ def window_candidates(
                 continue
             if memory < flt.min_gpu_memory_bytes or not model_matches(flt.gpu_model, model):
                 continue
-            if overlaps(slots_of(gpu.uuid), start_ns, end_ns) or held_until(name, gpu.uuid) > start_ns:
+            if (
+                overlaps(slots_of(gpu.uuid), start_ns, end_ns, ignore)
+                or held_until(name, gpu.uuid) > start_ns
+            ):
                 continue
             by_model.setdefault(model, []).append(gpu)
         for gpus in by_model.values():
+            gpus = gpus[:room]
             if len(gpus) >= max(min_free, 1):
                 yield Candidate(name, entry.node, gpus, distance, entry.mod_revision)
+
+
+def reservable_room(
+    node: common_pb2.Node,
+    slots_of: Callable[[str], Sequence[Slot]],
+    start_ns: int,
+    end_ns: int,
+    ignore: str = "",
+) -> int:
+    """How many more of the node's GPUs a booking of [start, end) may take under the
+    provider's reservable_fraction: its share of the whole GPUs, less every GPU with a window
+    meeting this one (counted as if all at once: never more than the share, at the price of
+    refusing some bookings whose windows would not in fact coincide)."""
+    whole = [g for g in node.gpus if not g.parent_uuid]
+    if not node.HasField("reservable_fraction"):
+        return len(whole)
+    share = int(node.reservable_fraction * len(whole) + 1e-9)
+    taken = sum(1 for g in whole if overlaps(slots_of(g.uuid), start_ns, end_ns, ignore))
+    return max(0, share - taken)
 
 
 def window_totals(

@@ -30,6 +30,8 @@ class TenantLimits:
     read_burst: int = 100
     # Requests waiting for capacity (CreateLease with max_wait).
     max_queued: int = 32
+    # GPU-hours booked ahead (reservations not yet ended: gpu_count x window).
+    max_reserved_gpu_hours: int = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +59,7 @@ TENANT_BOUNDS: dict[str, tuple[float, float]] = {
     "reads_per_second": (0.01, 100_000),
     "read_burst": (1, 1_000_000),
     "max_queued": (1, 100_000),
+    "max_reserved_gpu_hours": (1, 10_000_000),
 }
 PROVIDER_BOUNDS: dict[str, tuple[float, float]] = {
     "max_nodes": (1, 100_000),

@@ -36,7 +36,7 @@ MAX_REASONS = 8
 MAX_REASON_CODE = 32
 MAX_REASON_MESSAGE = 128
 # What one node record may take in etcd: a provider's worst case is its node quota times this
-# (docs/operations.md). Every field at its bound makes 109,527 bytes, operator state included
+# (docs/operations.md). Every field at its bound makes 109,547 bytes, operator state included
 # (tests/unit/control_plane/domain/test_registration.py builds it); 8 real GPUs make ~2 KB.
 MAX_NODE_RECORD_BYTES = 128 * 1024
 # A report of 64 GPUs with every health reason at its bound is ~100 KB; 8 real GPUs ~1 KB.
@@ -147,6 +147,14 @@ def validate_hello(hello: node_pb2.NodeHello, provider: str) -> None:
             "INVALID_PRICE",
             "interruptible_price_per_gpu_hour must be a number in [0, price_per_gpu_hour]",
             field="hello.interruptible_price_per_gpu_hour",
+        )
+    if hello.HasField("reservable_fraction") and not (
+        math.isfinite(hello.reservable_fraction) and 0 <= hello.reservable_fraction <= 1
+    ):
+        raise errors.invalid(
+            "INVALID_RESERVABLE_FRACTION",
+            "reservable_fraction must be a number in [0, 1]",
+            field="hello.reservable_fraction",
         )
     if hello.currency_code and not _CURRENCY.fullmatch(hello.currency_code):
         raise errors.invalid(
@@ -284,6 +292,8 @@ def record_from_hello(
         pool_tenant=pool_tenant,  # from the token, never from the hello
         boot_id=hello.boot_id,
     )
+    if hello.HasField("reservable_fraction"):
+        node.reservable_fraction = hello.reservable_fraction
     # A reboot: a boot id the record has not seen (none known: never taken for a reboot).
     new_boot = bool(hello.boot_id) and (existing is None or existing.boot_id != hello.boot_id)
     repairs = {g.uuid: g.repair for g in existing.gpus if g.HasField("repair")} if existing else {}

@@ -134,6 +134,59 @@ def build(
     )
 
 
+def spec_of(reservation: reservation_pb2.Reservation) -> ReservationSpec:
+    """A booked reservation's request, for moving it: the same filter, at most the lowest
+    per-GPU price it was booked at (equivalent GPUs at the same or a lower price, so the
+    total never grows)."""
+    flt = reservation_pb2.Reservation().filter
+    flt.CopyFrom(reservation.filter)
+    top = min((g.price_per_gpu_hour for g in reservation.gpus), default=0.0)
+    if top and (not flt.max_price_per_gpu_hour or top < flt.max_price_per_gpu_hour):
+        flt.max_price_per_gpu_hour = top
+    return ReservationSpec(
+        reservation.request_id,
+        reservation.gpu_count,
+        compile_filter(flt),
+        reservation.placement,
+        ns_of(reservation.start_time),
+        ns_of(reservation.end_time),
+        reservation.access,
+        reservation.pool,
+        reservation.allow_mixed,
+    )
+
+
+def moved(
+    reservation: reservation_pb2.Reservation, tenant: str, picks: list[Pick], message: str
+) -> reservation_pb2.Reservation:
+    """The record on its new GPUs, each at its provider's price now (spec_of bounds it)."""
+    out = reservation_pb2.Reservation()
+    out.CopyFrom(reservation)
+    gpus, out.currency_code = lease_rules.leased_gpus(tenant, picks)
+    del out.gpus[:]
+    out.gpus.extend(gpus)
+    out.price_per_hour = round(sum(g.price_per_gpu_hour for g in gpus), 6)
+    out.state = SCHEDULED
+    out.message = message[:1024]
+    return out
+
+
+def at_risk(reservation: reservation_pb2.Reservation, message: str) -> reservation_pb2.Reservation:
+    out = reservation_pb2.Reservation()
+    out.CopyFrom(reservation)
+    out.state = AT_RISK
+    out.message = message[:1024]
+    return out
+
+
+def back_on_schedule(reservation: reservation_pb2.Reservation) -> reservation_pb2.Reservation:
+    out = reservation_pb2.Reservation()
+    out.CopyFrom(reservation)
+    out.state = SCHEDULED
+    out.message = "its nodes are ready again"
+    return out
+
+
 def by_node(reservation: reservation_pb2.Reservation) -> dict[str, list[str]]:
     """node name -> the uuids of the reservation's GPUs on it."""
     out: dict[str, list[str]] = {}

@@ -128,6 +128,7 @@ def _export_usage(
 _TENANT_LIMITS = (
     *("max_gpus", "max_leases", "create_leases_per_second", "create_leases_burst", "max_streams"),
     "max_queued",
+    "max_reserved_gpu_hours",
 )
 _PROVIDER_LIMITS = (
     "max_nodes",

@@ -590,6 +590,7 @@ class TenantQuota(_message.Message):
     READS_PER_SECOND_FIELD_NUMBER: _builtins.int
     READ_BURST_FIELD_NUMBER: _builtins.int
     MAX_QUEUED_FIELD_NUMBER: _builtins.int
+    MAX_RESERVED_GPU_HOURS_FIELD_NUMBER: _builtins.int
     max_gpus: _builtins.int
     """GPUs held at once over all active leases, 1..100000 (QUOTA_GPUS)."""
     max_leases: _builtins.int
@@ -622,6 +623,11 @@ class TenantQuota(_message.Message):
     """Requests waiting for capacity at once (CreateLease with max_wait), 1..100000
     (QUOTA_QUEUED). Default 32. A queued request holds no GPU and counts in no other quota.
     """
+    max_reserved_gpu_hours: _builtins.int
+    """GPU-hours booked ahead at once (CreateReservation: gpu_count x duration, over the tenant's
+    reservations not yet ended), 1..10000000 (RESOURCE_EXHAUSTED QUOTA_RESERVED_GPU_HOURS).
+    Default 10000. Exact across replicas: each booking compares the tenant's count unchanged.
+    """
     def __init__(
         self,
         *,
@@ -635,10 +641,11 @@ class TenantQuota(_message.Message):
         reads_per_second: _builtins.float = ...,
         read_burst: _builtins.int = ...,
         max_queued: _builtins.int = ...,
+        max_reserved_gpu_hours: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_leases_burst", b"create_leases_burst", "create_leases_per_second", b"create_leases_per_second", "max_gpus", b"max_gpus", "max_leases", b"max_leases", "max_queued", b"max_queued", "max_streams", b"max_streams", "read_burst", b"read_burst", "reads_per_second", b"reads_per_second", "renewal_burst", b"renewal_burst", "renewals_per_second", b"renewals_per_second"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_leases_burst", b"create_leases_burst", "create_leases_per_second", b"create_leases_per_second", "max_gpus", b"max_gpus", "max_leases", b"max_leases", "max_queued", b"max_queued", "max_reserved_gpu_hours", b"max_reserved_gpu_hours", "max_streams", b"max_streams", "read_burst", b"read_burst", "reads_per_second", b"reads_per_second", "renewal_burst", b"renewal_burst", "renewals_per_second", b"renewals_per_second"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

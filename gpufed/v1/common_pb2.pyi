@@ -430,6 +430,7 @@ class Node(_message.Message):
     POOL_TENANT_FIELD_NUMBER: _builtins.int
     BOOT_ID_FIELD_NUMBER: _builtins.int
     INTERRUPTIBLE_PRICE_PER_GPU_HOUR_FIELD_NUMBER: _builtins.int
+    RESERVABLE_FRACTION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     provider: _builtins.str
     node_id: _builtins.str
@@ -459,6 +460,8 @@ class Node(_message.Message):
     """What an interruptible lease pays per GPU-hour on this node (NodeHello's, else
     price_per_gpu_hour).
     """
+    reservable_fraction: _builtins.float
+    """The share of its whole GPUs reservations may hold at once (NodeHello's; unset: all)."""
     @_builtins.property
     def location(self) -> Global___Location: ...
     @_builtins.property
@@ -498,12 +501,15 @@ class Node(_message.Message):
         pool_tenant: _builtins.str = ...,
         boot_id: _builtins.str = ...,
         interruptible_price_per_gpu_hour: _builtins.float = ...,
+        reservable_fraction: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["drain_deadline", b"drain_deadline", "location", b"location", "register_time", b"register_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_reservable_fraction", b"_reservable_fraction", "drain_deadline", b"drain_deadline", "location", b"location", "register_time", b"register_time", "reservable_fraction", b"reservable_fraction", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_id", b"boot_id", "cuda_driver_version", b"cuda_driver_version", "currency_code", b"currency_code", "daemon_version", b"daemon_version", "drain_deadline", b"drain_deadline", "driver_version", b"driver_version", "free_gpu_count", b"free_gpu_count", "gpus", b"gpus", "interruptible_price_per_gpu_hour", b"interruptible_price_per_gpu_hour", "labels", b"labels", "lease_hook", b"lease_hook", "location", b"location", "name", b"name", "node_id", b"node_id", "pool_tenant", b"pool_tenant", "price_per_gpu_hour", b"price_per_gpu_hour", "provider", b"provider", "register_time", b"register_time", "replica", b"replica", "state", b"state", "state_reason", b"state_reason", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_reservable_fraction", b"_reservable_fraction", "boot_id", b"boot_id", "cuda_driver_version", b"cuda_driver_version", "currency_code", b"currency_code", "daemon_version", b"daemon_version", "drain_deadline", b"drain_deadline", "driver_version", b"driver_version", "free_gpu_count", b"free_gpu_count", "gpus", b"gpus", "interruptible_price_per_gpu_hour", b"interruptible_price_per_gpu_hour", "labels", b"labels", "lease_hook", b"lease_hook", "location", b"location", "name", b"name", "node_id", b"node_id", "pool_tenant", b"pool_tenant", "price_per_gpu_hour", b"price_per_gpu_hour", "provider", b"provider", "register_time", b"register_time", "replica", b"replica", "reservable_fraction", b"reservable_fraction", "state", b"state", "state_reason", b"state_reason", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__reservable_fraction: _TypeAlias = _typing.Literal["reservable_fraction"]  # noqa: Y015
+    _WhichOneofArgType__reservable_fraction: _TypeAlias = _typing.Literal["_reservable_fraction", b"_reservable_fraction"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__reservable_fraction) -> _WhichOneofReturnType__reservable_fraction | None: ...
 
 Global___Node: _TypeAlias = Node  # noqa: Y015
 

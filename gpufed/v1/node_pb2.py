@@ -28,7 +28,7 @@ from gpufed.v1 import common_pb2 as gpufed_dot_v1_dot_common__pb2
 from gpufed.v1 import lease_pb2 as gpufed_dot_v1_dot_lease__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14gpufed/v1/node.proto\x12\tgpufed.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16gpufed/v1/common.proto\x1a\x15gpufed/v1/lease.proto\"\xf6\x01\n\x0bNodeMessage\x12%\n\x05hello\x18\x01 \x01(\x0b\x32\x14.gpufed.v1.NodeHelloH\x00\x12\'\n\x06report\x18\x02 \x01(\x0b\x32\x15.gpufed.v1.NodeReportH\x00\x12%\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x14.gpufed.v1.NodeEventH\x00\x12\x32\n\x0e\x61ssignment_ack\x18\x04 \x01(\x0b\x32\x18.gpufed.v1.AssignmentAckH\x00\x12\x31\n\x0bprovisioned\x18\x05 \x01(\x0b\x32\x1a.gpufed.v1.ProvisionResultH\x00\x42\t\n\x07message\"\xb9\x03\n\tNodeHello\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12%\n\x08location\x18\x03 \x01(\x0b\x32\x13.gpufed.v1.Location\x12\x1c\n\x04gpus\x18\x04 \x03(\x0b\x32\x0e.gpufed.v1.Gpu\x12\x1a\n\x12price_per_gpu_hour\x18\x05 \x01(\x01\x12\x15\n\rcurrency_code\x18\x06 \x01(\t\x12\x30\n\x06labels\x18\x07 \x03(\x0b\x32 .gpufed.v1.NodeHello.LabelsEntry\x12\x16\n\x0e\x64\x61\x65mon_version\x18\x08 \x01(\t\x12\x16\n\x0e\x64river_version\x18\t \x01(\t\x12\x1b\n\x13\x63uda_driver_version\x18\n \x01(\t\x12\x12\n\nlease_hook\x18\x0c \x01(\x08\x12\x0f\n\x07\x62oot_id\x18\r \x01(\t\x12(\n interruptible_price_per_gpu_hour\x18\x0e \x01(\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\x0b\x10\x0cR\x0e\x66\x65ncing_tokens\"}\n\x0fProvisionResult\x12\r\n\x05lease\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12\n\n\x02ok\x18\x03 \x01(\x08\x12)\n\x07\x64\x65tails\x18\x04 \x01(\x0b\x32\x18.gpufed.v1.AccessDetails\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\xfe\x01\n\tNodeEvent\x12.\n\nevent_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08gpu_uuid\x18\x02 \x01(\t\x12\"\n\x03xid\x18\x03 \x01(\x0b\x32\x13.gpufed.v1.XidEventH\x00\x12+\n\x08gpu_lost\x18\x04 \x01(\x0b\x32\x17.gpufed.v1.GpuLostEventH\x00\x12$\n\x06health\x18\x05 \x01(\x0e\x32\x14.gpufed.v1.GpuHealth\x12/\n\x0ehealth_reasons\x18\x06 \x03(\x0b\x32\x17.gpufed.v1.HealthReasonB\x07\n\x05\x65vent\"\x17\n\x08XidEvent\x12\x0b\n\x03xid\x18\x01 \x01(\r\"\x0e\n\x0cGpuLostEvent\"W\n\rAssignmentAck\x12\r\n\x05lease\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x9f\x01\n\x0e\x43ontrolMessage\x12%\n\x07welcome\x18\x01 \x01(\x0b\x32\x12.gpufed.v1.WelcomeH\x00\x12\x30\n\nassignment\x18\x02 \x01(\x0b\x32\x1a.gpufed.v1.LeaseAssignmentH\x00\x12)\n\x07\x63ommand\x18\x03 \x01(\x0b\x32\x16.gpufed.v1.NodeCommandH\x00\x42\t\n\x07message\"p\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\t\x12\x32\n\x0freport_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04node\x18\x04 \x01(\t\"\xe2\x01\n\x0fLeaseAssignment\x12\r\n\x05lease\x18\x01 \x01(\t\x12\x11\n\tgpu_uuids\x18\x02 \x03(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rfencing_token\x18\x05 \x01(\x03\x12+\n\x06\x61\x63tion\x18\x06 \x01(\x0e\x32\x1b.gpufed.v1.AssignmentAction\x12(\n\x06\x61\x63\x63\x65ss\x18\x07 \x01(\x0b\x32\x18.gpufed.v1.AccessRequest\"\x8e\x01\n\x0bNodeCommand\x12(\n\x04type\x18\x01 \x01(\x0e\x32\x1a.gpufed.v1.NodeCommandType\x12\x32\n\x0freport_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x11\n\tgpu_uuids\x18\x04 \x03(\t*q\n\x10\x41ssignmentAction\x12!\n\x1d\x41SSIGNMENT_ACTION_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x41SSIGNMENT_ACTION_STARTED\x10\x01\x12\x1b\n\x17\x41SSIGNMENT_ACTION_ENDED\x10\x02*\xad\x02\n\x0fNodeCommandType\x12!\n\x1dNODE_COMMAND_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n\x18NODE_COMMAND_TYPE_CORDON\x10\x01\x12\x1e\n\x1aNODE_COMMAND_TYPE_UNCORDON\x10\x02\x12\x1b\n\x17NODE_COMMAND_TYPE_DRAIN\x10\x03\x12)\n%NODE_COMMAND_TYPE_SET_REPORT_INTERVAL\x10\x04\x12\x1f\n\x1bNODE_COMMAND_TYPE_RECONNECT\x10\x05\x12(\n$NODE_COMMAND_TYPE_ASSIGNMENTS_SYNCED\x10\x06\x12&\n\"NODE_COMMAND_TYPE_CLEAR_GPU_FAULTS\x10\x07\x32O\n\x0bNodeService\x12@\n\x07\x43onnect\x12\x16.gpufed.v1.NodeMessage\x1a\x19.gpufed.v1.ControlMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14gpufed/v1/node.proto\x12\tgpufed.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16gpufed/v1/common.proto\x1a\x15gpufed/v1/lease.proto\"\xf6\x01\n\x0bNodeMessage\x12%\n\x05hello\x18\x01 \x01(\x0b\x32\x14.gpufed.v1.NodeHelloH\x00\x12\'\n\x06report\x18\x02 \x01(\x0b\x32\x15.gpufed.v1.NodeReportH\x00\x12%\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x14.gpufed.v1.NodeEventH\x00\x12\x32\n\x0e\x61ssignment_ack\x18\x04 \x01(\x0b\x32\x18.gpufed.v1.AssignmentAckH\x00\x12\x31\n\x0bprovisioned\x18\x05 \x01(\x0b\x32\x1a.gpufed.v1.ProvisionResultH\x00\x42\t\n\x07message\"\xf3\x03\n\tNodeHello\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12%\n\x08location\x18\x03 \x01(\x0b\x32\x13.gpufed.v1.Location\x12\x1c\n\x04gpus\x18\x04 \x03(\x0b\x32\x0e.gpufed.v1.Gpu\x12\x1a\n\x12price_per_gpu_hour\x18\x05 \x01(\x01\x12\x15\n\rcurrency_code\x18\x06 \x01(\t\x12\x30\n\x06labels\x18\x07 \x03(\x0b\x32 .gpufed.v1.NodeHello.LabelsEntry\x12\x16\n\x0e\x64\x61\x65mon_version\x18\x08 \x01(\t\x12\x16\n\x0e\x64river_version\x18\t \x01(\t\x12\x1b\n\x13\x63uda_driver_version\x18\n \x01(\t\x12\x12\n\nlease_hook\x18\x0c \x01(\x08\x12\x0f\n\x07\x62oot_id\x18\r \x01(\t\x12(\n interruptible_price_per_gpu_hour\x18\x0e \x01(\x01\x12 \n\x13reservable_fraction\x18\x0f \x01(\x01H\x00\x88\x01\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x16\n\x14_reservable_fractionJ\x04\x08\x0b\x10\x0cR\x0e\x66\x65ncing_tokens\"}\n\x0fProvisionResult\x12\r\n\x05lease\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12\n\n\x02ok\x18\x03 \x01(\x08\x12)\n\x07\x64\x65tails\x18\x04 \x01(\x0b\x32\x18.gpufed.v1.AccessDetails\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\xfe\x01\n\tNodeEvent\x12.\n\nevent_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08gpu_uuid\x18\x02 \x01(\t\x12\"\n\x03xid\x18\x03 \x01(\x0b\x32\x13.gpufed.v1.XidEventH\x00\x12+\n\x08gpu_lost\x18\x04 \x01(\x0b\x32\x17.gpufed.v1.GpuLostEventH\x00\x12$\n\x06health\x18\x05 \x01(\x0e\x32\x14.gpufed.v1.GpuHealth\x12/\n\x0ehealth_reasons\x18\x06 \x03(\x0b\x32\x17.gpufed.v1.HealthReasonB\x07\n\x05\x65vent\"\x17\n\x08XidEvent\x12\x0b\n\x03xid\x18\x01 \x01(\r\"\x0e\n\x0cGpuLostEvent\"W\n\rAssignmentAck\x12\r\n\x05lease\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x9f\x01\n\x0e\x43ontrolMessage\x12%\n\x07welcome\x18\x01 \x01(\x0b\x32\x12.gpufed.v1.WelcomeH\x00\x12\x30\n\nassignment\x18\x02 \x01(\x0b\x32\x1a.gpufed.v1.LeaseAssignmentH\x00\x12)\n\x07\x63ommand\x18\x03 \x01(\x0b\x32\x16.gpufed.v1.NodeCommandH\x00\x42\t\n\x07message\"p\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\t\x12\x32\n\x0freport_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04node\x18\x04 \x01(\t\"\xe2\x01\n\x0fLeaseAssignment\x12\r\n\x05lease\x18\x01 \x01(\t\x12\x11\n\tgpu_uuids\x18\x02 \x03(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rfencing_token\x18\x05 \x01(\x03\x12+\n\x06\x61\x63tion\x18\x06 \x01(\x0e\x32\x1b.gpufed.v1.AssignmentAction\x12(\n\x06\x61\x63\x63\x65ss\x18\x07 \x01(\x0b\x32\x18.gpufed.v1.AccessRequest\"\x8e\x01\n\x0bNodeCommand\x12(\n\x04type\x18\x01 \x01(\x0e\x32\x1a.gpufed.v1.NodeCommandType\x12\x32\n\x0freport_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x11\n\tgpu_uuids\x18\x04 \x03(\t*q\n\x10\x41ssignmentAction\x12!\n\x1d\x41SSIGNMENT_ACTION_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x41SSIGNMENT_ACTION_STARTED\x10\x01\x12\x1b\n\x17\x41SSIGNMENT_ACTION_ENDED\x10\x02*\xad\x02\n\x0fNodeCommandType\x12!\n\x1dNODE_COMMAND_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n\x18NODE_COMMAND_TYPE_CORDON\x10\x01\x12\x1e\n\x1aNODE_COMMAND_TYPE_UNCORDON\x10\x02\x12\x1b\n\x17NODE_COMMAND_TYPE_DRAIN\x10\x03\x12)\n%NODE_COMMAND_TYPE_SET_REPORT_INTERVAL\x10\x04\x12\x1f\n\x1bNODE_COMMAND_TYPE_RECONNECT\x10\x05\x12(\n$NODE_COMMAND_TYPE_ASSIGNMENTS_SYNCED\x10\x06\x12&\n\"NODE_COMMAND_TYPE_CLEAR_GPU_FAULTS\x10\x07\x32O\n\x0bNodeService\x12@\n\x07\x43onnect\x12\x16.gpufed.v1.NodeMessage\x1a\x19.gpufed.v1.ControlMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,34 +37,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_NODEHELLO_LABELSENTRY']._loaded_options = None
   _globals['_NODEHELLO_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_ASSIGNMENTACTION']._serialized_start=2004
-  _globals['_ASSIGNMENTACTION']._serialized_end=2117
-  _globals['_NODECOMMANDTYPE']._serialized_start=2120
-  _globals['_NODECOMMANDTYPE']._serialized_end=2421
+  _globals['_ASSIGNMENTACTION']._serialized_start=2062
+  _globals['_ASSIGNMENTACTION']._serialized_end=2175
+  _globals['_NODECOMMANDTYPE']._serialized_start=2178
+  _globals['_NODECOMMANDTYPE']._serialized_end=2479
   _globals['_NODEMESSAGE']._serialized_start=148
   _globals['_NODEMESSAGE']._serialized_end=394
   _globals['_NODEHELLO']._serialized_start=397
-  _globals['_NODEHELLO']._serialized_end=838
-  _globals['_NODEHELLO_LABELSENTRY']._serialized_start=771
-  _globals['_NODEHELLO_LABELSENTRY']._serialized_end=816
-  _globals['_PROVISIONRESULT']._serialized_start=840
-  _globals['_PROVISIONRESULT']._serialized_end=965
-  _globals['_NODEEVENT']._serialized_start=968
-  _globals['_NODEEVENT']._serialized_end=1222
-  _globals['_XIDEVENT']._serialized_start=1224
-  _globals['_XIDEVENT']._serialized_end=1247
-  _globals['_GPULOSTEVENT']._serialized_start=1249
-  _globals['_GPULOSTEVENT']._serialized_end=1263
-  _globals['_ASSIGNMENTACK']._serialized_start=1265
-  _globals['_ASSIGNMENTACK']._serialized_end=1352
-  _globals['_CONTROLMESSAGE']._serialized_start=1355
-  _globals['_CONTROLMESSAGE']._serialized_end=1514
-  _globals['_WELCOME']._serialized_start=1516
-  _globals['_WELCOME']._serialized_end=1628
-  _globals['_LEASEASSIGNMENT']._serialized_start=1631
-  _globals['_LEASEASSIGNMENT']._serialized_end=1857
-  _globals['_NODECOMMAND']._serialized_start=1860
-  _globals['_NODECOMMAND']._serialized_end=2002
-  _globals['_NODESERVICE']._serialized_start=2423
-  _globals['_NODESERVICE']._serialized_end=2502
+  _globals['_NODEHELLO']._serialized_end=896
+  _globals['_NODEHELLO_LABELSENTRY']._serialized_start=805
+  _globals['_NODEHELLO_LABELSENTRY']._serialized_end=850
+  _globals['_PROVISIONRESULT']._serialized_start=898
+  _globals['_PROVISIONRESULT']._serialized_end=1023
+  _globals['_NODEEVENT']._serialized_start=1026
+  _globals['_NODEEVENT']._serialized_end=1280
+  _globals['_XIDEVENT']._serialized_start=1282
+  _globals['_XIDEVENT']._serialized_end=1305
+  _globals['_GPULOSTEVENT']._serialized_start=1307
+  _globals['_GPULOSTEVENT']._serialized_end=1321
+  _globals['_ASSIGNMENTACK']._serialized_start=1323
+  _globals['_ASSIGNMENTACK']._serialized_end=1410
+  _globals['_CONTROLMESSAGE']._serialized_start=1413
+  _globals['_CONTROLMESSAGE']._serialized_end=1572
+  _globals['_WELCOME']._serialized_start=1574
+  _globals['_WELCOME']._serialized_end=1686
+  _globals['_LEASEASSIGNMENT']._serialized_start=1689
+  _globals['_LEASEASSIGNMENT']._serialized_end=1915
+  _globals['_NODECOMMAND']._serialized_start=1918
+  _globals['_NODECOMMAND']._serialized_end=2060
+  _globals['_NODESERVICE']._serialized_start=2481
+  _globals['_NODESERVICE']._serialized_end=2560
 # @@protoc_insertion_point(module_scope)

@@ -168,6 +168,7 @@ class NodeHello(_message.Message):
     LEASE_HOOK_FIELD_NUMBER: _builtins.int
     BOOT_ID_FIELD_NUMBER: _builtins.int
     INTERRUPTIBLE_PRICE_PER_GPU_HOUR_FIELD_NUMBER: _builtins.int
+    RESERVABLE_FRACTION_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
     """Must equal the provider of the caller's token. The whole hello makes a node record of at
     most 128 KiB (NODE_RECORD_TOO_LARGE); fields the API does not define are dropped.
@@ -194,6 +195,11 @@ class NodeHello(_message.Message):
     """The price of interruptible capacity (CreateLeaseRequest.interruptible) per GPU-hour, in
     currency_code: finite, 0..price_per_gpu_hour (INVALID_PRICE); 0 or unset means the same as
     price_per_gpu_hour (the daemon's --interruptible-price).
+    """
+    reservable_fraction: _builtins.float
+    """The share of the node's whole GPUs that reservations may hold at any one time, 0..1
+    (INVALID_RESERVABLE_FRACTION); unset means 1 (all), 0 none: the rest stays for on-demand
+    and interruptible leases (the daemon's --reservable-fraction).
     """
     @_builtins.property
     def location(self) -> _common_pb2.Location: ...
@@ -228,12 +234,15 @@ class NodeHello(_message.Message):
         lease_hook: _builtins.bool = ...,
         boot_id: _builtins.str = ...,
         interruptible_price_per_gpu_hour: _builtins.float = ...,
+        reservable_fraction: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["location", b"location"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_reservable_fraction", b"_reservable_fraction", "location", b"location", "reservable_fraction", b"reservable_fraction"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_id", b"boot_id", "cuda_driver_version", b"cuda_driver_version", "currency_code", b"currency_code", "daemon_version", b"daemon_version", "driver_version", b"driver_version", "gpus", b"gpus", "interruptible_price_per_gpu_hour", b"interruptible_price_per_gpu_hour", "labels", b"labels", "lease_hook", b"lease_hook", "location", b"location", "node_id", b"node_id", "price_per_gpu_hour", b"price_per_gpu_hour", "provider", b"provider"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_reservable_fraction", b"_reservable_fraction", "boot_id", b"boot_id", "cuda_driver_version", b"cuda_driver_version", "currency_code", b"currency_code", "daemon_version", b"daemon_version", "driver_version", b"driver_version", "gpus", b"gpus", "interruptible_price_per_gpu_hour", b"interruptible_price_per_gpu_hour", "labels", b"labels", "lease_hook", b"lease_hook", "location", b"location", "node_id", b"node_id", "price_per_gpu_hour", b"price_per_gpu_hour", "provider", b"provider", "reservable_fraction", b"reservable_fraction"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__reservable_fraction: _TypeAlias = _typing.Literal["reservable_fraction"]  # noqa: Y015
+    _WhichOneofArgType__reservable_fraction: _TypeAlias = _typing.Literal["_reservable_fraction", b"_reservable_fraction"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__reservable_fraction) -> _WhichOneofReturnType__reservable_fraction | None: ...
 
 Global___NodeHello: _TypeAlias = NodeHello  # noqa: Y015
 

@@ -169,3 +169,21 @@ def test_a_watched_lease_is_told_when_a_booking_limits_it(replica: ReplicaThread
         assert not c.get_lease(held.name).HasField("max_expire_time")  # the limit went with it
         c.release_lease(held.name)
         t.join(5)
+
+
+def test_a_tenant_books_no_more_gpu_hours_ahead_than_its_quota(replica: ReplicaThread) -> None:
+    with one_node(replica.address) as tenant, Client(replica.address, tenant) as c:
+        _open(c)
+        with Client(replica.address, ADMIN_TOKEN) as admin:
+            admin.set_quota("quotas/tenants/dev", max_reserved_gpu_hours=3)
+        wait_until(lambda: c.get_quota("quotas/tenants/dev").quota.tenant.max_reserved_gpu_hours == 3)
+        start = time.time() + 3600
+        first = c.create_reservation(1, start, 3600)  # 1 GPU-hour
+        with pytest.raises(GpufedError) as e:
+            c.create_reservation(3, start + 7200, 3600)  # 3 more: 4 > 3
+        assert e.value.reason == "QUOTA_RESERVED_GPU_HOURS"
+        second = c.create_reservation(2, start + 7200, 3600)  # 1 + 2 = 3: exactly the quota
+        c.cancel_reservation(first.name)  # an ended booking counts no more
+        third = c.create_reservation(1, start, 1800)
+        for r in (second, third):
+            c.cancel_reservation(r.name)

@@ -114,3 +114,18 @@ def test_the_index_forgets_a_calendars_windows_when_it_is_rewritten_or_deleted()
     assert inv.slots("n1-g1") == () and [s.reservation for s in inv.slots("n1-g0")] == ["reservations/b"]
     inv.apply(f"{P}/calendar/p/n1".encode(), None, 7)
     assert inv.calendar_revision("providers/p/nodes/n1") == 0 and inv.slots("n1-g0") == ()
+
+
+def test_a_providers_reservable_fraction_caps_what_bookings_may_hold_of_a_node() -> None:
+    inv = Inventory(Keyspace(P))
+    add_node(inv, "p", "n1", "DE", 2.0, gpus=4, rev=1)
+    node = inv.nodes["providers/p/nodes/n1"].node
+    node.reservable_fraction = 0.5  # 2 of 4 GPUs at most
+    inv.apply(f"{P}/nodes/p/n1".encode(), node.SerializeToString(), 3)
+    assert len(_free(inv, T0, T0 + 100 * S)) == 2
+    _book(inv, "n1", "reservations/a", ["n1-g0"], T0, T0 + 100 * S, rev=5)
+    assert len(_free(inv, T0 + 50 * S, T0 + 150 * S)) == 1  # one more while a's window lasts
+    assert len(_free(inv, T0 + 100 * S, T0 + 150 * S)) == 2  # after it, the share again
+    node.reservable_fraction = 0.0
+    inv.apply(f"{P}/nodes/p/n1".encode(), node.SerializeToString(), 7)
+    assert _free(inv, T0 + 200 * S, T0 + 300 * S) == []
