@@ -20,6 +20,7 @@ from bench import (
     leases,
     queue,
     report_cpu,
+    reservations,
     scale,
     scaleout,
     search,
@@ -35,7 +36,7 @@ def main() -> int:
         "--only",
         choices=[
             *("report_cpu", "search", "ingest", "lease_path", "lease_latency", "leases", "tls", "handoff"),
-            *("queue", "scale", "scaleout"),
+            *("queue", "reservations", "scale", "scaleout"),
         ],
         action="append",
     )
@@ -51,7 +52,7 @@ def main() -> int:
     }
     wanted = a.only or [
         *("report_cpu", "search", "ingest", "lease_path", "lease_latency", "leases", "tls", "handoff"),
-        *("queue", "scale", "scaleout"),
+        *("queue", "reservations", "scale", "scaleout"),
     ]
     if "report_cpu" in wanted:
         results["report_cpu"] = report_cpu.run(reports=int(3000 * scale_factor))
@@ -72,6 +73,12 @@ def main() -> int:
         results["handoff"] = handoff.run(cycles=int(60 * scale_factor) or 1)
     if "queue" in wanted:
         results["queue"] = queue.run((10, 1_000) if a.quick else (10, 10_000), samples=100)
+    if "reservations" in wanted:
+        results["reservations"] = reservations.run(
+            nodes=1_000 if a.quick else 10_000,
+            bookings=int(300 * scale_factor),
+            searches=int(100 * scale_factor),
+        )
     if "scale" in wanted:
         sizes = (1_000, 10_000) if a.quick else (1_000, 10_000, 100_000)
         results["scale"] = scale.run(sizes, searches=100 if a.quick else 300)

@@ -174,6 +174,9 @@ class Demo:
                 str(n.longitude),
                 "--price-per-gpu-hour",
                 str(n.price),
+                # Idle GPUs sold as interruptible capacity at 40 % (preempted with notice).
+                "--interruptible-price",
+                f"{n.price * 0.4:.2f}",
                 "--fake-nvml",
                 n.profile,
                 "--report-interval",

@@ -222,7 +222,15 @@ class Discovery:
         if window is None:
             buckets = offers.summarize(self.inv, flt)
         else:
-            tally = calendar.window_totals(self.inv, flt, *window, self.inv.slots, self.inv.held_until)
+            inv = self.inv
+            tally = calendar.window_totals(
+                inv,
+                flt,
+                *window,
+                inv.slots,
+                inv.held_until,
+                lambda n: n not in inv.calendars and n not in inv.allocs,
+            )
             buckets = offers.to_buckets(tally)
         return discovery_pb2.SummarizeCapacityResponse(
             buckets=buckets,

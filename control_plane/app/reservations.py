@@ -341,7 +341,14 @@ class Reservations:
         changed = asyncio.Event()
 
         def on_change(change: Change) -> None:
-            if change.kind in (ChangeKind.RESERVATION, ChangeKind.RESYNC, ChangeKind.LEASE):
+            kind = change.kind
+            if kind is ChangeKind.LEASE:
+                # Only a window's own lease (it may end early) or an interruptible one matters:
+                # every other grant and release must not cost the leader a pass.
+                lease = change.lease
+                if lease is not None and (lease.reservation or lease.interruptible):
+                    changed.set()
+            elif kind in (ChangeKind.RESERVATION, ChangeKind.RESYNC):
                 changed.set()
 
         unsubscribe = self.inv.subscribe(on_change)

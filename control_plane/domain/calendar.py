@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 from control_plane.domain.filters import Filter, model_matches
-from control_plane.domain.inventory import Candidate, InventoryView
+from control_plane.domain.inventory import Candidate, InventoryView, gpu_counts
 from control_plane.domain.offers import DEGRADED, HEALTHY, OfferOrder, impossible, price_order, sort_key
 from control_plane.domain.times import at_ns, ns_of
 from gpufed.v1 import common_pb2, reservation_pb2
@@ -164,10 +164,13 @@ def window_totals(
     end_ns: int,
     slots_of: Callable[[str], Sequence[Slot]],
     held_until: Callable[[str, str], int],
+    quiet: Callable[[str], bool] = lambda _: False,
 ) -> dict[tuple[str, str, int], list[int]]:
     """(model, country, health) -> [total, free for all of the window] whole GPUs of READY
     nodes that match (SummarizeCapacity with a window: one walk over the matching nodes; health
-    is a dimension, not a filter, as without a window)."""
+    is a dimension, not a filter, as without a window). Free counts stop at the node's
+    reservable share, as bookings do. `quiet(node)`: the node has no calendar and no lease, so
+    its GPUs are counted per kind without looking at each (most nodes, most of the time)."""
     out: dict[tuple[str, str, int], list[int]] = {}
     if impossible(inv, flt) or flt.mig_profile:
         return out
@@ -176,6 +179,17 @@ def window_totals(
         if entry is None or not inv.is_schedulable(name) or not flt.node_matches(entry.node)[0]:
             continue
         country = entry.node.location.country_code
+        room = reservable_room(entry.node, slots_of, start_ns, end_ns)
+        if quiet(name):
+            for (model, health, profile, memory), n in gpu_counts(entry):
+                if profile or memory < flt.min_gpu_memory_bytes or not model_matches(flt.gpu_model, model):
+                    continue
+                tally = out.setdefault((model, country, health), [0, 0])
+                tally[0] += n
+                free = min(n, room)
+                tally[1] += free
+                room -= free
+            continue
         for model, health, memory, gpu in entry.gpus:
             # Health is a dimension here, as in offers.summarize; instances are their parent's.
             if (
@@ -186,8 +200,13 @@ def window_totals(
                 continue
             tally = out.setdefault((model, country, health), [0, 0])
             tally[0] += 1
-            if not overlaps(slots_of(gpu.uuid), start_ns, end_ns) and held_until(name, gpu.uuid) <= start_ns:
+            if (
+                room > 0
+                and not overlaps(slots_of(gpu.uuid), start_ns, end_ns)
+                and held_until(name, gpu.uuid) <= start_ns
+            ):
                 tally[1] += 1
+                room -= 1
     return out
 
 

@@ -33,9 +33,10 @@ class _ReservationStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Rese
     RESERVATION_STATE_SCHEDULED: _ReservationState.ValueType  # 1
     """Booked: its GPUs are held in their calendars for the window."""
     RESERVATION_STATE_AT_RISK: _ReservationState.ValueType  # 2
-    """A node of it died or was drained before the window and no equivalent GPUs (same filter,
-    same or lower price) were free for the window; it becomes SCHEDULED again when its node
-    comes back or equivalent GPUs free up, and ends FAILED if it is still at risk at its start.
+    """A node of it was offline past the replicas' --reservation-grace (60 s), or draining, before
+    the window, and no equivalent GPUs (same filter, each at most the lowest price booked) were
+    free for the window; it becomes SCHEDULED again when its node comes back or equivalent GPUs
+    free up (MOVED), and ends FAILED if its node is not ready at its start.
     """
     RESERVATION_STATE_ACTIVE: _ReservationState.ValueType  # 3
     """The window has started: `lease` holds the GPUs."""
@@ -48,9 +49,10 @@ RESERVATION_STATE_UNSPECIFIED: ReservationState.ValueType  # 0
 RESERVATION_STATE_SCHEDULED: ReservationState.ValueType  # 1
 """Booked: its GPUs are held in their calendars for the window."""
 RESERVATION_STATE_AT_RISK: ReservationState.ValueType  # 2
-"""A node of it died or was drained before the window and no equivalent GPUs (same filter,
-same or lower price) were free for the window; it becomes SCHEDULED again when its node
-comes back or equivalent GPUs free up, and ends FAILED if it is still at risk at its start.
+"""A node of it was offline past the replicas' --reservation-grace (60 s), or draining, before
+the window, and no equivalent GPUs (same filter, each at most the lowest price booked) were
+free for the window; it becomes SCHEDULED again when its node comes back or equivalent GPUs
+free up (MOVED), and ends FAILED if its node is not ready at its start.
 """
 RESERVATION_STATE_ACTIVE: ReservationState.ValueType  # 3
 """The window has started: `lease` holds the GPUs."""

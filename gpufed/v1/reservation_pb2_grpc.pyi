@@ -51,7 +51,10 @@ class ReservationServiceStub:
     INVALID_START_TIME, INVALID_DURATION). A GPU is bookable when it is healthy on a READY
     node, no reservation of it overlaps the window and no lease on it runs past start_time.
     No such GPUs: FAILED_PRECONDITION NO_MATCHING_CAPACITY; taken by concurrent bookings during
-    a bounded number of retries: RESOURCE_EXHAUSTED CAPACITY_CONTENDED, safe to retry. MIG
+    a bounded number of retries: RESOURCE_EXHAUSTED CAPACITY_CONTENDED, safe to retry. Past the
+    tenant's booked GPU-hours (quota max_reserved_gpu_hours, over its reservations not yet
+    ended): RESOURCE_EXHAUSTED QUOTA_RESERVED_GPU_HOURS. A node takes bookings of at most its
+    provider's reservable_fraction of its GPUs at once (NodeHello.reservable_fraction). MIG
     instances are not reservable (INVALID_ARGUMENT MIG_NOT_RESERVABLE): a reservation holds
     whole GPUs. During a rolling upgrade from a release without reservations:
     FAILED_PRECONDITION UPGRADE_IN_PROGRESS.
@@ -98,7 +101,10 @@ class ReservationServiceAsyncStub(ReservationServiceStub):
     INVALID_START_TIME, INVALID_DURATION). A GPU is bookable when it is healthy on a READY
     node, no reservation of it overlaps the window and no lease on it runs past start_time.
     No such GPUs: FAILED_PRECONDITION NO_MATCHING_CAPACITY; taken by concurrent bookings during
-    a bounded number of retries: RESOURCE_EXHAUSTED CAPACITY_CONTENDED, safe to retry. MIG
+    a bounded number of retries: RESOURCE_EXHAUSTED CAPACITY_CONTENDED, safe to retry. Past the
+    tenant's booked GPU-hours (quota max_reserved_gpu_hours, over its reservations not yet
+    ended): RESOURCE_EXHAUSTED QUOTA_RESERVED_GPU_HOURS. A node takes bookings of at most its
+    provider's reservable_fraction of its GPUs at once (NodeHello.reservable_fraction). MIG
     instances are not reservable (INVALID_ARGUMENT MIG_NOT_RESERVABLE): a reservation holds
     whole GPUs. During a rolling upgrade from a release without reservations:
     FAILED_PRECONDITION UPGRADE_IN_PROGRESS.
@@ -148,7 +154,10 @@ class ReservationServiceServicer(metaclass=_abc_1.ABCMeta):
         INVALID_START_TIME, INVALID_DURATION). A GPU is bookable when it is healthy on a READY
         node, no reservation of it overlaps the window and no lease on it runs past start_time.
         No such GPUs: FAILED_PRECONDITION NO_MATCHING_CAPACITY; taken by concurrent bookings during
-        a bounded number of retries: RESOURCE_EXHAUSTED CAPACITY_CONTENDED, safe to retry. MIG
+        a bounded number of retries: RESOURCE_EXHAUSTED CAPACITY_CONTENDED, safe to retry. Past the
+        tenant's booked GPU-hours (quota max_reserved_gpu_hours, over its reservations not yet
+        ended): RESOURCE_EXHAUSTED QUOTA_RESERVED_GPU_HOURS. A node takes bookings of at most its
+        provider's reservable_fraction of its GPUs at once (NodeHello.reservable_fraction). MIG
         instances are not reservable (INVALID_ARGUMENT MIG_NOT_RESERVABLE): a reservation holds
         whole GPUs. During a rolling upgrade from a release without reservations:
         FAILED_PRECONDITION UPGRADE_IN_PROGRESS.
