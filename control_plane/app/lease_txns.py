@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from etcd3.etcdrpc import rpc_pb2 as rpc
+
 from control_plane.adapters.keyspace import Keyspace
-from control_plane.adapters.store import MAX_TXN_OPS, TxnBuilder, prefix_end
+from control_plane.adapters.store import MAX_TXN_OPS, TxnBuilder, absent, mod_revision_is, prefix_end
 from control_plane.domain.placement import Pick
 from control_plane.domain.usage import usage_records
 from gpufed.v1 import admin_pb2, lease_pb2
@@ -79,8 +81,15 @@ def grant_txn(
     return txn
 
 
-def calendar_is(txn: TxnBuilder, key: bytes, revision: int) -> None:
+def calendar_compare(keys: Keyspace, node: str, revision: int) -> rpc.Compare:
     """The node's calendar record is the one read at `revision` (0: there is none)."""
+    _, provider, _, node_id = node.split("/")
+    key = keys.calendar(provider, node_id)
+    return mod_revision_is(key, revision) if revision else absent(key)
+
+
+def calendar_is(txn: TxnBuilder, key: bytes, revision: int) -> None:
+    """The same in a Txn being built, with the key read back if it fails."""
     if revision:
         txn.mod_revision_is(key, revision)
     else:

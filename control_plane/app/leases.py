@@ -27,20 +27,18 @@ from control_plane.adapters.keyspace import MAX_NS
 from control_plane.adapters.store import (
     EtcdStore,
     KeyValue,
-    absent,
-    mod_revision_is,
     newest_read,
     prefix_end,
     put,
     retry_cas,
 )
-from control_plane.app.lease_txns import grant_txn, release_txn
+from control_plane.app.lease_txns import calendar_compare, grant_txn, release_txn
 from control_plane.app.quotas import Quotas
 from control_plane.domain import access, calendar, errors, lease_rules, offers, pagination, pools
 from control_plane.domain.filters import Filter
 from control_plane.domain.inventory import Candidate
 from control_plane.domain.lease_watch import LeaseWatch
-from control_plane.domain.names import parse_lease_name, parse_node_name
+from control_plane.domain.names import parse_lease_name
 from control_plane.domain.placement import Pick, place
 from control_plane.domain.text import scrubbed
 from control_plane.metrics import Metrics
@@ -310,15 +308,13 @@ class Leases:
 
     def limited(self, lease: lease_pb2.Lease) -> lease_pb2.Lease:
         """The lease as the API shows it: with max_expire_time from its GPUs' calendars now."""
-        if not lease_rules.is_live(lease):
-            return lease
+        if not lease_rules.is_live(lease) or lease.reservation:
+            return lease  # a window's lease carries its limit (the window's end) in its record
         lim = self.limit_ns(lease)
         if lim is None and not lease.HasField("max_expire_time"):
             return lease
         out = lease_pb2.Lease()
         out.CopyFrom(lease)
-        if lease.reservation:
-            return out
         if lim is None:
             out.ClearField("max_expire_time")
         else:
@@ -559,13 +555,10 @@ class Leases:
 
         def calendars_unchanged() -> list[rpc.Compare]:
             # A booking committed after the index was read could start before the new expiry.
-            cmps: list[rpc.Compare] = []
-            for node in sorted(lease_rules.nodes_of(lease)):
-                provider, node_id = parse_node_name(node)
-                key = self.keys.calendar(provider, node_id)
-                revision = self.inv.calendar_revision(node)
-                cmps.append(mod_revision_is(key, revision) if revision else absent(key))
-            return cmps
+            return [
+                calendar_compare(self.keys, node, self.inv.calendar_revision(node))
+                for node in sorted(lease_rules.nodes_of(lease))
+            ]
 
         journal = self.keys.journal(name.split("/", 1)[1])
         updated = await self.store.update(
@@ -703,9 +696,7 @@ class Leases:
             if not granted:
                 return
             lease = granted[0]
-        machine = LeaseWatch(lease)
-        limit = self.limit_ns(lease)
-        preempting = False
+        machine = LeaseWatch(lease, limit_ns=self.limit_ns(lease))
         for ev in machine.start(self.clock.time_ns()):
             if ev.HasField("lease"):
                 ev.lease.CopyFrom(self.limited(ev.lease))
@@ -754,15 +745,9 @@ class Leases:
                         events += self._feed(machine, await changes.get())
                 while not changes.empty():
                     events += self._feed(machine, changes.get_nowait())
-                events += machine.tick(self.clock.time_ns())
-                if machine.lease.HasField("preempt_time") and not preempting:
-                    preempting = True
-                    events.append(self._preempting_event(machine.lease))
-                now_limit = self.limit_ns(machine.lease) if lease_rules.is_live(machine.lease) else limit
-                if now_limit != limit:
-                    limit = now_limit
-                    if now_limit is not None:  # a booking of its GPUs (a cancelled one lifts it)
-                        events.append(self._limited_event(machine.lease))
+                now = self.clock.time_ns()
+                events += machine.tick(now)
+                events += machine.on_limit(self.limit_ns(machine.lease), now)
                 for ev in events:
                     yield ev
             if not machine.done:
@@ -816,24 +801,6 @@ class Leases:
             raise errors.unavailable("REPLICA_SHUTTING_DOWN", "this replica is shutting down; watch again")
         finally:
             unsubscribe()
-
-    def _preempting_event(self, lease: lease_pb2.Lease) -> lease_pb2.WatchLeaseResponse:
-        return lease_pb2.WatchLeaseResponse(
-            type=lease_pb2.WatchLeaseResponse.EVENT_TYPE_PREEMPTING,
-            lease=lease,
-            event_time=now_ts(self.clock),
-            message=f"preempted at {lease.preempt_time.ToJsonString()}: {lease.end_message}",
-        )
-
-    def _limited_event(self, lease: lease_pb2.Lease) -> lease_pb2.WatchLeaseResponse:
-        shown = self.limited(lease)
-        return lease_pb2.WatchLeaseResponse(
-            type=lease_pb2.WatchLeaseResponse.EVENT_TYPE_LIMITED,
-            lease=shown,
-            event_time=now_ts(self.clock),
-            message=f"a reservation of its GPUs starts at {shown.max_expire_time.ToJsonString()}:"
-            " renewals stop there",
-        )
 
     def _feed(self, machine: LeaseWatch, change: Change) -> list[lease_pb2.WatchLeaseResponse]:
         if change.kind is ChangeKind.CALENDAR:

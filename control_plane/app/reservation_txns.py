@@ -51,9 +51,10 @@ def book_txn(
         txn.absent(key)
     else:
         txn.mod_revision_is(key, previous[1])
+        staying = {p.candidate.name for p in picks}  # their calendars are rewritten below
         for left in by_node(previous[0]):
-            if left in {p.candidate.name for p in picks}:
-                continue  # rewritten below
+            if left in staying:
+                continue
             _leave(txn, keys, left, calendars.get(left, (None, 0)), record.name)
     start, end = ts_ns(record.start_time), ts_ns(record.end_time)
     for p in picks:

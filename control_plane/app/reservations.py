@@ -25,7 +25,6 @@ from control_plane.adapters.keyspace import MAX_NS
 from control_plane.adapters.store import (
     MAX_TXN_OPS,
     EtcdStore,
-    StoreUnavailable,
     TxnBuilder,
     newest_read,
     prefix_end,
@@ -173,6 +172,19 @@ class Reservations:
                 return picks
         return None
 
+    def _holders(self, picks: list[Pick]) -> dict[str, int]:
+        """lease id -> record revision of the on-demand leases on the picked GPUs now: a
+        booking compares them unchanged (each ends before the window; a renewal since could
+        pass its start). Interruptible ones do not count: they are preempted, not limited."""
+        inv = self.inv
+        return {
+            lease_id: inv.lease_revision[lease_id]
+            for p in picks
+            for u in p.gpu_uuids
+            for lease_id in inv.holders(p.candidate.name, u)
+            if lease_id in inv.lease_revision and not inv.leases[lease_id].interruptible
+        }
+
     async def create(
         self, tenant: str, req: reservation_pb2.CreateReservationRequest
     ) -> reservation_pb2.Reservation:
@@ -212,13 +224,7 @@ class Reservations:
                     )
                 raise _contended()
             record = reservation_rules.build(rid, tenant, spec, req, picks, now_ts(self.clock))
-            holders = {
-                lease_id: self.inv.lease_revision[lease_id]
-                for p in picks
-                for u in p.gpu_uuids
-                for lease_id in self.inv.holders(p.candidate.name, u)
-                if lease_id in self.inv.lease_revision
-            }
+            holders = self._holders(picks)
             cals = {p.candidate.name: self.inv.calendars.get(p.candidate.name, (None, 0)) for p in picks}
             txn = book_txn(
                 self.keys,
@@ -404,8 +410,6 @@ class Reservations:
                 log.warning(
                     "reservation scheduler: will look again", reservation=current.name, error=e.message
                 )
-            except StoreUnavailable:
-                raise
         return wake
 
     async def _guard(self, rid: str, current: reservation_pb2.Reservation, revision: int) -> None:
@@ -467,13 +471,7 @@ class Reservations:
         if picks is None or any(p.candidate.node.price_per_gpu_hour > lowest for p in picks):
             return False
         new = reservation_rules.moved(current, current.tenant, picks, f"moved: {why}")
-        holders = {
-            lease_id: inv.lease_revision[lease_id]
-            for p in picks
-            for u in p.gpu_uuids
-            for lease_id in inv.holders(p.candidate.name, u)
-            if lease_id in inv.lease_revision
-        }
+        holders = self._holders(picks)
         nodes = set(reservation_rules.by_node(current)) | {p.candidate.name for p in picks}
         cals = {n: inv.calendars.get(n, (None, 0)) for n in nodes}
         txn = book_txn(self.keys, new, None, picks, cals, indexed, holders, previous=(current, revision))

@@ -10,6 +10,8 @@ Theory of operation. The machine holds the lease as last seen and turns inputs i
   node record: one of our GPUs UNHEALTHY GPU_UNHEALTHY, once per GPU
   node's alive key gone                  NODE_LOST, once per loss (again after it came back)
   tick(now) past expire_time - ttl/3     EXPIRING, once per expire_time
+  lease record with a preempt_time       PREEMPTING, once (an interruptible lease's notice)
+  on_limit: a reservation limits it      LIMITED when the limit appears or moves (not when lifted)
   resync (the index was re-listed)       the same rules applied to the re-listed state
 
 Nothing reads a clock or a store: time comes in with each input, and the thin loop in
@@ -52,6 +54,9 @@ class LeaseWatch:
     _warned_for: int = -1  # the expire_time (ns) an EXPIRING was sent for
     _unhealthy: set[str] = field(default_factory=set)
     _lost: set[str] = field(default_factory=set)
+    # The renewal limit last told (a reservation of its GPUs starts then), None while none.
+    limit_ns: int | None = None
+    _preempt_told: bool = False
 
     @property
     def nodes(self) -> frozenset[str]:
@@ -69,7 +74,21 @@ class LeaseWatch:
         if not is_live(self.lease):
             self.done = True
             return [Event(type=Event.EVENT_TYPE_ENDED, lease=self.lease, event_time=_ts(now_ns))]
-        return [Event(type=Event.EVENT_TYPE_GRANTED, lease=self.lease, event_time=_ts(now_ns))]
+        granted = Event(type=Event.EVENT_TYPE_GRANTED, lease=self.lease, event_time=_ts(now_ns))
+        return [granted, *self._preempting(self.lease, now_ns)]
+
+    def _preempting(self, record: lease_pb2.Lease, now_ns: int) -> list[Event]:
+        if self._preempt_told or not record.HasField("preempt_time"):
+            return []
+        self._preempt_told = True
+        return [
+            Event(
+                type=Event.EVENT_TYPE_PREEMPTING,
+                lease=record,
+                event_time=_ts(now_ns),
+                message=f"preempted at {record.preempt_time.ToJsonString()}: {record.end_message}",
+            )
+        ]
 
     # -- inputs ---------------------------------------------------------------------------------
 
@@ -85,8 +104,29 @@ class LeaseWatch:
             out.append(Event(type=Event.EVENT_TYPE_PROVISIONED, lease=record, event_time=_ts(now_ns)))
         if _ns(record.expire_time) > self.expire_ns:
             out.append(Event(type=Event.EVENT_TYPE_RENEWED, lease=record, event_time=_ts(now_ns)))
+        out += self._preempting(record, now_ns)
         self.lease = record
         return out
+
+    def on_limit(self, limit_ns: int | None, now_ns: int) -> list[Event]:
+        """The renewal limit from the calendars of its GPUs now (None: nothing limits it)."""
+        if self.done or self.awaiting_final or limit_ns == self.limit_ns:
+            return []
+        self.limit_ns = limit_ns
+        if limit_ns is None:
+            return []  # a cancelled booking lifted it: nothing the holder must act on
+        shown = lease_pb2.Lease()
+        shown.CopyFrom(self.lease)
+        shown.max_expire_time.CopyFrom(_ts(limit_ns))
+        at = shown.max_expire_time.ToJsonString()
+        return [
+            Event(
+                type=Event.EVENT_TYPE_LIMITED,
+                lease=shown,
+                event_time=_ts(now_ns),
+                message=f"a reservation of its GPUs starts at {at}: renewals stop there",
+            )
+        ]
 
     def on_node(self, name: str, node: common_pb2.Node | None, now_ns: int) -> list[Event]:
         """A node record of the lease changed."""

@@ -100,3 +100,32 @@ def test_provisioned_is_told_once_when_a_provisioning_lease_becomes_active() -> 
     seen += m.on_lease(active, clock.time_ns())  # the same record again: nothing new
     assert _types(seen) == ["GRANTED", "PROVISIONED"]
     assert seen[-1].lease.access_details[0].ssh == "ssh u@a"
+
+
+def test_a_booking_of_its_gpus_is_told_once_per_limit_and_a_lifted_limit_is_not() -> None:
+    clock = FakeClock()
+    m = LeaseWatch(_lease(clock))
+    m.start(clock.time_ns())
+    start = clock.time_ns() + 30 * 1_000_000_000
+    told = m.on_limit(start, clock.time_ns())
+    assert _types(told) == ["LIMITED"] and told[0].lease.max_expire_time.ToNanoseconds() == start
+    assert m.on_limit(start, clock.time_ns()) == []  # the same limit again: nothing new
+    assert _types(m.on_limit(start - 10 * 1_000_000_000, clock.time_ns())) == ["LIMITED"]  # it moved
+    assert m.on_limit(None, clock.time_ns()) == []  # cancelled: nothing the holder must do
+
+
+def test_an_interruptible_lease_is_told_of_its_preemption_once() -> None:
+    clock = FakeClock()
+    lease = _lease(clock)
+    lease.interruptible = True
+    m = LeaseWatch(lease)
+    assert _types(m.start(clock.time_ns())) == ["GRANTED"]
+    noticed = lease_pb2.Lease()
+    noticed.CopyFrom(lease)
+    noticed.preempt_time.FromNanoseconds(clock.time_ns() + 120 * 1_000_000_000)
+    noticed.end_message = "reservations/00000000000000bb starts on its GPUs"
+    told = m.on_lease(noticed, clock.time_ns())
+    assert _types(told) == ["PREEMPTING"] and "reservations/00000000000000bb" in told[0].message
+    assert m.on_lease(noticed, clock.time_ns()) == []
+    # A watch opened after the notice says so right after GRANTED.
+    assert _types(LeaseWatch(noticed).start(clock.time_ns())) == ["GRANTED", "PREEMPTING"]
