@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: all setup etcd run test test-upgrade test-faults test-fuzz bench proto lint clean
+.PHONY: all setup etcd prometheus compare-nvidia-smi run test test-upgrade test-faults test-fuzz bench proto lint clean
 
 all: test
 
@@ -16,10 +16,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-setup: $(STAMP) etcd
+setup: $(STAMP) etcd prometheus
 
 etcd:
 	@scripts/ensure_etcd.sh
+
+# For the test that runs NVIDIA's Grafana dashboard through a real Prometheus.
+prometheus:
+	@scripts/ensure_prometheus.sh
 
 run: setup
 	$(BIN)/python -m control_plane.demo
@@ -39,6 +43,10 @@ test-faults: setup
 # The fuzz suite, 10x deeper than in `make test` (about 15 minutes).
 test-fuzz: setup
 	GPUFED_FUZZ_EXAMPLES=10 $(BIN)/pytest -q tests/fuzz --timeout 3600
+
+# On a GPU host: the daemon's readings against `nvidia-smi -q -x`, field by field (docs/nvidia.md).
+compare-nvidia-smi: $(STAMP)
+	$(BIN)/python scripts/compare_nvidia_smi.py --out nvidia-smi-comparison.md
 
 bench: setup
 	$(BIN)/python -m bench

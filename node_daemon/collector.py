@@ -22,7 +22,8 @@ from google.protobuf import timestamp_pb2
 from gpufed.clock import SYSTEM, Clock, now_ts
 from gpufed.logs import get_logger
 from gpufed.v1 import common_pb2
-from node_daemon import health
+from node_daemon import gpm, health
+from node_daemon.gpm import Sampler as GpmSampler
 
 log = get_logger(__name__)
 
@@ -81,6 +82,10 @@ class GpuInfo:
     migs: list[MigInfo] = field(default_factory=list)
     last_xid: int = 0  # any XID, the application's too (dcgm-exporter's DCGM_FI_DEV_XID_ERRORS)
     last_verdict: health.Verdict = field(default_factory=lambda: health.Verdict(health.HEALTHY))
+    gpm: GpmSampler | None = None  # None where the GPU has no GPM
+    mig_gpm: dict[str, GpmSampler] = field(default_factory=dict)  # MIG uuid -> its sampler
+    vgpu_license: int | None = None  # it changes rarely: read every NVLINK_EVERY reports
+    vgpu_license_read: bool = False
 
 
 class Collector:
@@ -121,11 +126,26 @@ class Collector:
             info.nvlinks = self._count_nvlinks(h)
             if info.mig_enabled:
                 info.migs = self._migs(h, info.memory_total)
+            self._start_gpm(info)
             self.gpus.append(info)
             self.by_handle[handle_key(h)] = info
             self.by_uuid[info.uuid] = info
 
+    def _start_gpm(self, info: GpuInfo) -> None:
+        if not gpm.supported(self.nvml, info.handle):
+            return
+        try:
+            info.gpm = GpmSampler(self.nvml, info.handle, self.clock)
+            for m in info.migs:
+                info.mig_gpm[m.uuid] = GpmSampler(self.nvml, info.handle, self.clock, m.gpu_instance_id)
+        except pynvml.NVMLError as e:
+            log.warning("GPM is supported but its samples cannot be allocated", error=str(e))
+
     def shutdown(self) -> None:
+        for g in self.gpus:
+            for sampler in (g.gpm, *g.mig_gpm.values()):
+                if sampler is not None:
+                    sampler.close()
         try:
             self.nvml.nvmlShutdown()
         except pynvml.NVMLError as e:
@@ -351,6 +371,12 @@ class Collector:
         # them every NVLINK_EVERY reports and repeat the last reading in between.
         nvlink_due = g.nvlinks > 0 and (g.nvlink_cache is None or self.sequence % NVLINK_EVERY == 0)
         self._read_fields(s, n, h, g, nvlink_due)
+        if not g.vgpu_license_read or self.sequence % NVLINK_EVERY == 0:
+            g.vgpu_license, g.vgpu_license_read = self._read_vgpu_license(n, h), True
+        if g.vgpu_license is not None:
+            s.vgpu_license_status = g.vgpu_license
+        if g.gpm is not None:
+            _put(s, _gpm_read(g.gpm))
         if g.nvlinks:
             if nvlink_due:
                 g.nvlink_cache = self._read_nvlink(n, h, g)
@@ -371,6 +397,24 @@ class Collector:
                     mem.used,
                     mem.free,
                 )
+            sampler = g.mig_gpm.get(m.uuid)
+            if sampler is not None:
+                _put(ms, _gpm_read(sampler))
+
+    @staticmethod
+    def _read_vgpu_license(n: Any, h: Any) -> int | None:
+        """1 when a vGPU licence feature is licensed, 0 when none is; None where NVML has no
+        vGPU licensing for the GPU (as nvidia-smi -q then shows no licensed product)."""
+        try:
+            found = n.nvmlDeviceGetGridLicensableFeatures(h)
+        except _LOST as e:
+            raise GpuLost() from e
+        except pynvml.NVMLError:
+            return None
+        if not found.isGridLicenseSupported:
+            return None
+        count = min(int(found.licensableFeaturesCount), pynvml.NVML_GRID_LICENSE_FEATURE_MAX_COUNT)
+        return int(any(found.gridLicensableFeatures[i].featureState for i in range(count)))
 
     @staticmethod
     def _read_memory(s: common_pb2.GpuSample, n: Any, h: Any) -> None:
@@ -498,6 +542,19 @@ class XidWatcher:
         finally:
             with contextlib.suppress(pynvml.NVMLError):
                 n.nvmlEventSetFree(event_set)
+
+
+def _gpm_read(sampler: GpmSampler) -> dict[str, float] | None:
+    try:
+        return sampler.read()
+    except gpm.GpmLost as e:
+        raise GpuLost() from e
+
+
+def _put(sample: Any, values: dict[str, float] | None) -> None:
+    for name, value in (values or {}).items():
+        if name in sample.DESCRIPTOR.fields_by_name:  # MigSample has no PCIe fields
+            setattr(sample, name, value)
 
 
 def _field_value(v: Any) -> float:

@@ -48,6 +48,11 @@ class DaemonConfig:
     # A new boot id is a reboot: it clears a GPU's RESET_GPU / REBOOT_SYSTEM repair.
     boot_id: str = ""
     metrics_listen: str = ""  # HOST:PORT of the dcgm-exporter-compatible /metrics; empty: off
+    # dcgm-exporter's label for the host: `hostname` since its #655 (May 2026), `Hostname` before.
+    metrics_hostname_label: str = "hostname"
+
+
+HOSTNAME_LABELS = ("hostname", "Hostname")
 
 
 def read_boot_id(path: str = "/proc/sys/kernel/random/boot_id") -> str:
@@ -125,6 +130,13 @@ def parse_args(argv: Sequence[str] | None = None) -> DaemonConfig:
         "(GPUFED_METRICS_LISTEN; off by default; dcgm-exporter's own port is 9400)",
     )
     p.add_argument(
+        "--metrics-hostname-label",
+        choices=HOSTNAME_LABELS,
+        help="the host's label on /metrics (GPUFED_METRICS_HOSTNAME_LABEL): hostname, as current "
+        "dcgm-exporter (default), or Hostname for dashboards written before its May 2026 rename "
+        "(NVIDIA/dcgm-exporter#655)",
+    )
+    p.add_argument(
         "--boot-id", help="this boot's id (GPUFED_BOOT_ID; default /proc/sys/kernel/random/boot_id)"
     )
     a = p.parse_args(argv)
@@ -177,7 +189,12 @@ def parse_args(argv: Sequence[str] | None = None) -> DaemonConfig:
         state_dir=pick(a.state_dir, "GPUFED_STATE_DIR", "state_dir", ""),
         boot_id=pick(a.boot_id, "GPUFED_BOOT_ID", "boot_id", "") or read_boot_id(),
         metrics_listen=pick(a.metrics_listen, "GPUFED_METRICS_LISTEN", "metrics_listen", ""),
+        metrics_hostname_label=pick(
+            a.metrics_hostname_label, "GPUFED_METRICS_HOSTNAME_LABEL", "metrics_hostname_label", "hostname"
+        ),
     )
+    if cfg.metrics_hostname_label not in HOSTNAME_LABELS:
+        p.error(f"metrics_hostname_label must be one of {', '.join(HOSTNAME_LABELS)}")
     if cfg.lease_hook and not cfg.state_dir:
         cfg.state_dir = "/var/lib/gpufed-node-daemon"
     if cfg.lease_hook and not os.access(cfg.lease_hook, os.X_OK):

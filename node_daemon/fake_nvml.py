@@ -79,15 +79,19 @@ class GpuSpec:
     mig_shapes: tuple[tuple[str, MigSlice], ...] = ()
     mem_clock_mhz: int = 1593
     hbm: bool = True  # HBM reports its own temperature; GDDR does not
+    gpm: bool = False  # NVML's GPU Performance Monitoring: Hopper and newer
+    vgpu_licensable: bool = True  # data-center boards answer the vGPU licence query
 
     def shape(self, profile: str) -> MigSlice:
         return dict(self.mig_shapes)[profile]
 
 
-H100_SXM = GpuSpec("NVIDIA H100 80GB HBM3", 81559 * MIB, 700.0, 70.0, 1980, nvlinks=18, mem_clock_mhz=2619)
+H100_SXM = GpuSpec(
+    "NVIDIA H100 80GB HBM3", 81559 * MIB, 700.0, 70.0, 1980, nvlinks=18, mem_clock_mhz=2619, gpm=True
+)
 A100_SXM = GpuSpec("NVIDIA A100-SXM4-80GB", 81920 * MIB, 400.0, 55.0, 1410, nvlinks=12)
 L40S = GpuSpec("NVIDIA L40S", 46068 * MIB, 350.0, 35.0, 2520, mem_clock_mhz=9001, hbm=False)
-H200 = GpuSpec("NVIDIA H200", 143771 * MIB, 700.0, 75.0, 1980, nvlinks=18, mem_clock_mhz=3201)
+H200 = GpuSpec("NVIDIA H200", 143771 * MIB, 700.0, 75.0, 1980, nvlinks=18, mem_clock_mhz=3201, gpm=True)
 A100_MIG = GpuSpec(
     "NVIDIA A100-SXM4-80GB",
     81920 * MIB,
@@ -107,6 +111,7 @@ H100_MIG = GpuSpec(
     1980,
     nvlinks=18,
     mem_clock_mhz=2619,
+    gpm=True,
     mig=True,
     mig_layout=("1g.10gb",) * 7,
     mig_shapes=tuple(H100_80_MIG.items()),
@@ -215,6 +220,53 @@ class FakeEventSet:
     freed: bool = False
 
 
+# GPM activity of a fully loaded fake GPU: tensor pipes and HBM busy a share of the time the
+# engine is; PCIe traffic in bytes/s (an H100's Gen5 x16 link moves ~64 GB/s each way).
+GPM_TENSOR_SHARE = 0.8
+GPM_DRAM_SHARE = 0.55
+GPM_PCIE_TX_FULL = 3.0e9
+GPM_PCIE_RX_FULL = 6.0e9
+_GPM_METRIC_INFO = {
+    pynvml.NVML_GPM_METRIC_GRAPHICS_UTIL: (b"gr_util", b"graphics engine utilization", b"%"),
+    pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL: (b"any_tensor_util", b"any tensor pipe utilization", b"%"),
+    pynvml.NVML_GPM_METRIC_DRAM_BW_UTIL: (b"dram_bw_util", b"DRAM bandwidth utilization", b"%"),
+    pynvml.NVML_GPM_METRIC_PCIE_TX_PER_SEC: (b"pcie_tx", b"PCIe transmit bandwidth", b"MiB/sec"),
+    pynvml.NVML_GPM_METRIC_PCIE_RX_PER_SEC: (b"pcie_rx", b"PCIe receive bandwidth", b"MiB/sec"),
+}
+_GPM_PERCENT = frozenset(list(_GPM_METRIC_INFO)[:3])
+_GPM_BASE = 0x9A000
+
+
+@dataclass
+class _GpmCounters:
+    """What a GPM sample snapshots: engine activity integrated over time (ns) and bytes moved."""
+
+    at: float = 0.0  # elapsed seconds at the last integration
+    gr_ns: float = 0.0
+    tensor_ns: float = 0.0
+    dram_ns: float = 0.0
+    pcie_tx: float = 0.0
+    pcie_rx: float = 0.0
+
+    def advance(self, now: float, load: float) -> tuple[float, ...]:
+        dt = max(0.0, now - self.at)
+        self.gr_ns += dt * 1e9 * load
+        self.tensor_ns += dt * 1e9 * load * GPM_TENSOR_SHARE
+        self.dram_ns += dt * 1e9 * load * GPM_DRAM_SHARE
+        self.pcie_tx += dt * GPM_PCIE_TX_FULL * (0.05 + load)
+        self.pcie_rx += dt * GPM_PCIE_RX_FULL * (0.05 + load)
+        self.at = now
+        return (self.gr_ns, self.tensor_ns, self.dram_ns, self.pcie_tx, self.pcie_rx)
+
+
+@dataclass(frozen=True, slots=True)
+class _GpmSnapshot:
+    gpu: int
+    instance: int | None  # the GPU instance id of a MIG sample
+    time_ns: int
+    counters: tuple[float, ...]
+
+
 @dataclass
 class _Gpu:
     index: int
@@ -242,6 +294,7 @@ class _Gpu:
     energy_at: float = 0.0
     nvlink_kib: float = 0.0
     migs: list[_Mig] = field(default_factory=list)
+    gpm: _GpmCounters = field(default_factory=_GpmCounters)
 
 
 @dataclass
@@ -252,6 +305,7 @@ class _Mig:
     uuid: str
     gpu_instance_id: int
     compute_instance_id: int = 0
+    gpm: _GpmCounters = field(default_factory=_GpmCounters)
 
 
 class FakeNvml:
@@ -289,6 +343,7 @@ class FakeNvml:
                 # NVML numbers GPU instances by placement; any distinct ids do here.
                 gpu.migs.append(_Mig(slot, profile, spec.shape(profile), mig_uuid, slot + 1))
             self.gpus.append(gpu)
+        self._gpm_samples: dict[int, _GpmSnapshot | None] = {}  # by address; None until taken
         self._events: deque[tuple[int, int, int]] = deque()  # (gpu index, event type, data)
         self._cond = threading.Condition()
         self._lock = threading.Lock()
@@ -572,6 +627,120 @@ class FakeNvml:
             else:
                 v.nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED
         return values
+
+    def nvmlDeviceGetGridLicensableFeatures_v4(self, handle: FakeHandle) -> Any:
+        """A bare-metal data-center board: licensing supported, its compute feature unlicensed
+        (nvidia-smi -q shows "vGPU Software Licensed Product"); NotSupported elsewhere."""
+        g = self._gpu(handle)
+        if not g.spec.vgpu_licensable:
+            raise NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        out = pynvml.c_nvmlGridLicensableFeatures_v4_t()
+        out.isGridLicenseSupported = 1
+        out.licensableFeaturesCount = 1
+        feature = out.gridLicensableFeatures[0]
+        feature.featureCode = pynvml.NVML_GRID_LICENSE_FEATURE_CODE_COMPUTE
+        feature.featureState = 0
+        feature.productName = b"NVIDIA Virtual Compute Server"
+        return out
+
+    def nvmlDeviceGetGridLicensableFeatures(self, handle: FakeHandle) -> Any:
+        return self.nvmlDeviceGetGridLicensableFeatures_v4(handle)
+
+    # -- GPM (GPU Performance Monitoring, Hopper and newer) ----------------------------------------
+
+    def nvmlGpmQueryDeviceSupport(self, handle: FakeHandle) -> Any:
+        g = self._gpu(handle)
+        out = pynvml.c_nvmlGpmSupport_t()
+        out.version = pynvml.NVML_GPM_SUPPORT_VERSION
+        out.isSupportedDevice = int(g.spec.gpm)
+        return out
+
+    def nvmlGpmSampleAlloc(self) -> Any:
+        self._check_init()
+        with self._lock:
+            address = _GPM_BASE + len(self._gpm_samples) + 1
+            while address in self._gpm_samples:
+                address += 1
+            self._gpm_samples[address] = None
+        return ctypes.cast(ctypes.c_void_p(address), pynvml.c_nvmlGpmSample_t)
+
+    def _gpm_key(self, sample: Any) -> int:
+        try:
+            key = handle_key(sample)
+        except (TypeError, ctypes.ArgumentError) as e:
+            raise NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT) from e
+        if key not in self._gpm_samples:
+            raise NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return key
+
+    def nvmlGpmSampleFree(self, sample: Any) -> None:
+        self._check_init()
+        with self._lock:
+            del self._gpm_samples[self._gpm_key(sample)]
+
+    def nvmlGpmSampleGet(self, handle: FakeHandle, sample: Any) -> Any:
+        g = self._gpu(handle)
+        if not g.spec.gpm:
+            raise NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        key = self._gpm_key(sample)
+        now = self.elapsed()
+        counters = g.gpm.advance(now, self._load(g))
+        self._gpm_samples[key] = _GpmSnapshot(g.index, None, int(now * 1e9), counters)
+        return sample
+
+    def nvmlGpmMigSampleGet(self, handle: FakeHandle, gpu_instance_id: int, sample: Any) -> Any:
+        g = self._gpu(handle)
+        if not g.spec.gpm:
+            raise NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        if not g.spec.mig:
+            raise NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        mig = next((m for m in g.migs if m.gpu_instance_id == gpu_instance_id), None)
+        if mig is None:
+            raise NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
+        key = self._gpm_key(sample)
+        now = self.elapsed()
+        counters = mig.gpm.advance(now, self._load(g))
+        self._gpm_samples[key] = _GpmSnapshot(g.index, gpu_instance_id, int(now * 1e9), counters)
+        return sample
+
+    def nvmlGpmMetricsGet(self, metrics_get: Any) -> Any:
+        """Each asked metric over the time between sample1 and sample2 (same GPU or instance,
+        sample2 later); a metric the fake does not model answers NotSupported in its own
+        nvmlReturn, as NVML does for metrics a GPU lacks."""
+        self._check_init()
+        if metrics_get.version != pynvml.NVML_GPM_METRICS_GET_VERSION:
+            raise NVMLError(pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
+        if not 0 < metrics_get.numMetrics <= pynvml.NVML_GPM_METRIC_MAX:
+            raise NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        first = self._gpm_samples.get(self._gpm_key(metrics_get.sample1))
+        second = self._gpm_samples.get(self._gpm_key(metrics_get.sample2))
+        if first is None or second is None or (first.gpu, first.instance) != (second.gpu, second.instance):
+            raise NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        seconds = (second.time_ns - first.time_ns) / 1e9
+        if seconds <= 0:
+            raise NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        d = [b - a for a, b in zip(first.counters, second.counters, strict=True)]
+        values = {
+            pynvml.NVML_GPM_METRIC_GRAPHICS_UTIL: 100 * d[0] / (seconds * 1e9),
+            pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL: 100 * d[1] / (seconds * 1e9),
+            pynvml.NVML_GPM_METRIC_DRAM_BW_UTIL: 100 * d[2] / (seconds * 1e9),
+        }
+        if first.instance is None:  # PCIe is the board's: not per MIG instance
+            values[pynvml.NVML_GPM_METRIC_PCIE_TX_PER_SEC] = d[3] / seconds / MIB
+            values[pynvml.NVML_GPM_METRIC_PCIE_RX_PER_SEC] = d[4] / seconds / MIB
+        for i in range(metrics_get.numMetrics):
+            m = metrics_get.metrics[i]
+            if m.metricId in values:
+                m.nvmlReturn = pynvml.NVML_SUCCESS
+                v = values[m.metricId]
+                m.value = min(100.0, v) if m.metricId in _GPM_PERCENT else v
+                short, long, unit = _GPM_METRIC_INFO[m.metricId]
+                m.metricInfo.shortName, m.metricInfo.longName, m.metricInfo.unit = short, long, unit
+            elif 0 < m.metricId < pynvml.NVML_GPM_METRIC_MAX:
+                m.nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED
+            else:
+                m.nvmlReturn = pynvml.NVML_ERROR_INVALID_ARGUMENT
+        return metrics_get
 
     def nvmlDeviceGetUtilizationRates(self, handle: FakeHandle) -> Any:
         g = self._gpu(handle)

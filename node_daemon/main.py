@@ -101,7 +101,11 @@ def metrics_page(cfg: DaemonConfig, collector: Collector, session: DaemonSession
             )
         )
     host = Host(
-        cfg.node_id, collector.driver_version, cfg.provider, f"providers/{cfg.provider}/nodes/{cfg.node_id}"
+        cfg.node_id,
+        collector.driver_version,
+        cfg.provider,
+        f"providers/{cfg.provider}/nodes/{cfg.node_id}",
+        hostname_label=cfg.metrics_hostname_label,
     )
     page = render(host, views)
     if session.provisioner is not None:

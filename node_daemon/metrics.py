@@ -1,9 +1,11 @@
 """dcgm-exporter-compatible Prometheus metrics of this host's GPUs (`--metrics-listen`).
 
 A provider's dashboards and alerts written for NVIDIA's dcgm-exporter work unchanged: the same
-metric names, types, units and labels (gpu, UUID, device, modelName, Hostname,
-DCGM_FI_DRIVER_VERSION; GPU_I_PROFILE and GPU_I_ID on MIG instances), plus gpufed's own
-(provider, node, and lease on a leased GPU). What NVML cannot give is absent, never zero.
+metric names, types, units and labels (gpu, UUID, device, modelName, hostname -- or the older
+Hostname, --metrics-hostname-label --, DCGM_FI_DRIVER_VERSION; GPU_I_PROFILE and GPU_I_ID on MIG
+instances), plus gpufed's own (provider, node, and lease on a leased GPU). Every field of
+dcgm-exporter's default list is here where NVML gives it, the profiling ones (DCGM_FI_PROF_*)
+from NVML's GPM (node_daemon/gpm.py); what NVML cannot give is absent, never zero.
 
 The page is rendered from the collector's last report (no NVML call per scrape), by hand: the
 text format is a few lines, and prometheus_client would add `_total` to every counter, which
@@ -50,9 +52,8 @@ class Field:
     read: Callable[[Sample, int], float | None]
 
 
-# dcgm-exporter's default counters, in its order, that NVML gives. Left out, so absent:
-# DCGM_FI_DEV_PCIE_TX/RX_THROUGHPUT (DCGM accumulates them itself; NVML has only a 20 ms rate)
-# and DCGM_FI_DEV_VGPU_LICENSE_STATUS (vGPU guests only).
+# dcgm-exporter's default counters (etc/default-counters.csv), in its order. Its
+# DCGM_FI_DRIVER_VERSION is a label on every series.
 FIELDS: tuple[Field, ...] = (
     Field("DCGM_FI_DEV_SM_CLOCK", "gauge", "SM clock frequency (in MHz).", _opt("sm_clock_mhz")),
     Field("DCGM_FI_DEV_MEM_CLOCK", "gauge", "Memory clock frequency (in MHz).", _opt("mem_clock_mhz")),
@@ -108,6 +109,7 @@ FIELDS: tuple[Field, ...] = (
         "Total number of NVLink bandwidth counters for all lanes (KiB sent and received).",
         _opt("nvlink_data_kib"),
     ),
+    Field("DCGM_FI_DEV_VGPU_LICENSE_STATUS", "gauge", "vGPU License status", _opt("vgpu_license_status")),
     Field(
         "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS",
         "counter",
@@ -126,9 +128,48 @@ FIELDS: tuple[Field, ...] = (
         "Whether remapping of rows has failed.",
         _opt("remapped_rows_failure"),
     ),
+    Field(
+        "DCGM_FI_PROF_GR_ENGINE_ACTIVE",
+        "gauge",
+        "Ratio of time the graphics engine is active.",
+        _opt("gr_engine_active"),
+    ),
+    Field(
+        "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE",
+        "gauge",
+        "Ratio of cycles the tensor (HMMA) pipe is active.",
+        _opt("tensor_active"),
+    ),
+    Field(
+        "DCGM_FI_PROF_DRAM_ACTIVE",
+        "gauge",
+        "Ratio of cycles the device memory interface is active sending or receiving data.",
+        _opt("dram_active"),
+    ),
+    Field(
+        "DCGM_FI_PROF_PCIE_TX_BYTES",
+        "gauge",
+        "The rate of data transmitted over the PCIe bus - including both protocol headers and data "
+        "payloads - in bytes per second.",
+        _opt("pcie_tx_bytes_per_second"),
+    ),
+    Field(
+        "DCGM_FI_PROF_PCIE_RX_BYTES",
+        "gauge",
+        "The rate of data received over the PCIe bus - including both protocol headers and data "
+        "payloads - in bytes per second.",
+        _opt("pcie_rx_bytes_per_second"),
+    ),
 )
-# Per MIG instance, as dcgm-exporter does: the instance's own framebuffer.
-MIG_FIELDS = frozenset({"DCGM_FI_DEV_FB_FREE", "DCGM_FI_DEV_FB_USED"})
+# Per MIG instance, as dcgm-exporter does: the instance's own framebuffer and profiling
+# (the MigSample field, and its scale).
+MIG_FIELDS: dict[str, tuple[str, float]] = {
+    "DCGM_FI_DEV_FB_FREE": ("memory_free_bytes", 1 / MIB),
+    "DCGM_FI_DEV_FB_USED": ("memory_used_bytes", 1 / MIB),
+    "DCGM_FI_PROF_GR_ENGINE_ACTIVE": ("gr_engine_active", 1.0),
+    "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE": ("tensor_active", 1.0),
+    "DCGM_FI_PROF_DRAM_ACTIVE": ("dram_active", 1.0),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +178,7 @@ class Host:
     driver_version: str
     provider: str
     node: str
+    hostname_label: str = "hostname"
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +219,7 @@ def render(host: Host, gpus: list[GpuView]) -> str:
                 ("modelName", g.model),
             ]
             tail = [
-                ("Hostname", host.hostname),
+                (host.hostname_label, host.hostname),
                 ("DCGM_FI_DRIVER_VERSION", host.driver_version),
                 ("provider", host.provider),
                 ("node", host.node),
@@ -188,7 +230,7 @@ def render(host: Host, gpus: list[GpuView]) -> str:
             if f.name not in MIG_FIELDS:
                 continue
             for m in s.mig_devices:
-                mv = _mig_value(f.name, m)
+                mv = _mig_value(MIG_FIELDS[f.name], m)
                 if mv is None:
                     continue
                 mig = [("GPU_I_PROFILE", m.mig_profile), ("GPU_I_ID", str(m.gpu_instance_id))]
@@ -201,9 +243,9 @@ def render(host: Host, gpus: list[GpuView]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _mig_value(name: str, m: common_pb2.MigSample) -> float | None:
-    field = "memory_free_bytes" if name == "DCGM_FI_DEV_FB_FREE" else "memory_used_bytes"
-    return getattr(m, field) / MIB if m.HasField(field) else None  # type: ignore[arg-type]
+def _mig_value(how: tuple[str, float], m: common_pb2.MigSample) -> float | None:
+    field, scale = how
+    return float(getattr(m, field)) * scale if m.HasField(field) else None  # type: ignore[arg-type]
 
 
 class MetricsServer:

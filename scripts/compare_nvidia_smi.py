@@ -1,11 +1,17 @@
 """The daemon's report of each GPU against `nvidia-smi -q -x`, field by field, on a GPU host.
 
+    make compare-nvidia-smi        # on a fresh GPU host: sets up .venv, then runs this
     python scripts/compare_nvidia_smi.py [--out docs/nvidia-smi-comparison.md]
 
 Reads every GPU through the collector (real NVML, as the daemon does) and through nvidia-smi's
 XML, prints one Markdown table per GPU (field, nvidia-smi, daemon, agree?) and exits 1 if a
 field disagrees beyond its tolerance. Moving values (utilization, temperature, power, clocks,
 memory in use) are read a moment apart, so they get a tolerance; identities and counters none.
+The daemon's report is its second reading, `--interval` seconds after the first, as on a host
+(GPM's profiling fields average the time between two). nvidia-smi's XML has no GPM figures:
+their rows check that they are there exactly where nvidia-smi names a Hopper or newer
+architecture, that the ratios are ratios, and that the engine's active share agrees with
+nvidia-smi's utilization within a tolerance.
 `--xml FILE` compares against a saved `nvidia-smi -q -x` output instead of running it; `--fake
 PROFILE` reads the fake NVML instead of the real one (the tests use both).
 """
@@ -14,14 +20,19 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 MIB = 1024 * 1024
+# nvidia-smi's <product_architecture> of GPUs with NVML GPM (nvmlGpmQueryDeviceSupport).
+GPM_ARCHITECTURES = ("hopper", "blackwell", "rubin")
+PROFILING = ("gr_engine_active", "tensor_active", "dram_active")
 
 
 @dataclass(frozen=True)
@@ -166,6 +177,54 @@ def compare_gpu(gpu: ET.Element, sample: Any, model: str, migs: int) -> list[Row
     )
     same("MIG mode", _yes(_text(gpu, "mig_mode/current_mig")) or False, bool(sample.mig_enabled))
     same("MIG devices", len(gpu.findall("mig_devices/mig_device")), migs)
+    rows.extend(_licence_rows(gpu, sample))
+    rows.extend(_profiling_rows(gpu, sample))
+    return rows
+
+
+def _licence_rows(gpu: ET.Element, sample: Any) -> list[Row]:
+    """nvidia-smi shows a "vGPU Software Licensed Product" where NVML has vGPU licensing."""
+    status = _text(gpu, "vgpu_software_licensed_product/license_status")
+    smi = None if status is None else int(status.lower().startswith("licensed"))
+    mine = sample.vgpu_license_status if sample.HasField("vgpu_license_status") else None
+    return [Row("vGPU licence (1 licensed)", _fmt(smi), _fmt(mine), smi == mine)]
+
+
+def _profiling_rows(gpu: ET.Element, sample: Any) -> list[Row]:
+    arch = (_text(gpu, "product_architecture") or "").lower()
+    expected = arch.startswith(GPM_ARCHITECTURES)
+    present = [f for f in PROFILING if sample.HasField(f)]
+    rows = [
+        Row(
+            "GPM profiling fields",
+            f"{arch or 'unknown'}: {'expected' if expected else 'none'}",
+            ", ".join(present) or "absent",
+            bool(present) == expected and (not present or len(present) == len(PROFILING)),
+        )
+    ]
+    if not present:
+        return rows
+    ratios = [float(getattr(sample, f)) for f in present]
+    rows.append(
+        Row(
+            "GPM ratios in [0, 1]",
+            "",
+            ", ".join(f"{r:.3f}" for r in ratios),
+            all(0 <= r <= 1 for r in ratios),
+        )
+    )
+    util = _number(_text(gpu, "utilization/gpu_util"))
+    if util is not None:
+        active = 100 * float(sample.gr_engine_active)
+        # Both say how much of the time work ran, sampled over slightly different windows.
+        rows.append(
+            Row(
+                "engine active vs utilization (%)",
+                _fmt(util),
+                _fmt(round(active, 1)),
+                _close(util, active, 25),
+            )
+        )
     return rows
 
 
@@ -209,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--xml", help="a saved `nvidia-smi -q -x` output (default: run nvidia-smi)")
     p.add_argument("--fake", help="read this fake NVML profile instead of the real NVML")
     p.add_argument("--out", help="also write the tables to this Markdown file")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between the two readings (1)")
     a = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import pynvml
@@ -216,8 +276,22 @@ def main(argv: list[str] | None = None) -> int:
     from node_daemon.collector import Collector
     from node_daemon.fake_nvml import FakeNvml
 
+    if not a.xml and not shutil.which("nvidia-smi"):
+        print(
+            "nvidia-smi not found: run this on a GPU host with NVIDIA's driver, or pass --xml",
+            file=sys.stderr,
+        )
+        return 2
     collector = Collector(FakeNvml(a.fake) if a.fake else pynvml)
-    collector.start()
+    try:
+        collector.start()
+    except pynvml.NVMLError as e:
+        print(
+            f"NVML is not usable here ({e}); on a machine without a GPU use --fake PROFILE", file=sys.stderr
+        )
+        return 2
+    collector.sample()  # GPM averages between two readings: the report is the second
+    time.sleep(a.interval)
     xml = (
         Path(a.xml).read_text()
         if a.xml

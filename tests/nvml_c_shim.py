@@ -140,6 +140,31 @@ class CLibrary:
     def c_nvmlDeviceGetNvLinkErrorCounter(self, h: Any, link: Any, counter: Any, ref: Any) -> None:
         _out(ref).value = self.fake.nvmlDeviceGetNvLinkErrorCounter(h, _val(link), _val(counter))
 
+    def c_nvmlDeviceGetGridLicensableFeatures_v4(self, h: Any, ref: Any) -> None:
+        o, found = _out(ref), self.fake.nvmlDeviceGetGridLicensableFeatures_v4(h)
+        ctypes.memmove(ctypes.addressof(o), ctypes.addressof(found), ctypes.sizeof(o))
+
+    def c_nvmlGpmQueryDeviceSupport(self, h: Any, ref: Any) -> None:
+        o = _out(ref)
+        if o.version != pynvml.NVML_GPM_SUPPORT_VERSION:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
+        o.isSupportedDevice = self.fake.nvmlGpmQueryDeviceSupport(h).isSupportedDevice
+
+    def c_nvmlGpmSampleAlloc(self, ref: Any) -> None:
+        _set_pointer(ref, handle_key(self.fake.nvmlGpmSampleAlloc()))
+
+    def c_nvmlGpmSampleFree(self, sample: Any) -> None:
+        self.fake.nvmlGpmSampleFree(sample)
+
+    def c_nvmlGpmSampleGet(self, h: Any, sample: Any) -> None:
+        self.fake.nvmlGpmSampleGet(h, sample)
+
+    def c_nvmlGpmMigSampleGet(self, h: Any, gpu_instance_id: Any, sample: Any) -> None:
+        self.fake.nvmlGpmMigSampleGet(h, _val(gpu_instance_id), sample)
+
+    def c_nvmlGpmMetricsGet(self, ref: Any) -> None:
+        self.fake.nvmlGpmMetricsGet(_out(ref))
+
     def c_nvmlEventSetCreate(self, ref: Any) -> None:
         event_set = self.fake.nvmlEventSetCreate()
         key = 0x5E70 + len(self._event_sets)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 
 from gpufed.cli.common import EXIT_OK, Subparsers, add_filter_flags, country_codes, filter_kwargs
@@ -137,6 +138,83 @@ def cmd_nodes_get(c: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_nodes_telemetry(c: Client, args: argparse.Namespace) -> int:
+    """The node's latest report, a row per GPU (and MIG instance); --samples N: the last N
+    reports' averages of engine activity, as a trend."""
+    resp = c.node_telemetry(args.name, max_samples=args.samples)
+    emit(args, resp, lambda: telemetry_rows(resp.latest, list(resp.recent)))
+    return EXIT_OK
+
+
+def _pct(sample: common_pb2.GpuSample | common_pb2.MigSample, name: str, scale: float = 100.0) -> str:
+    if not sample.HasField(name):  # type: ignore[arg-type]
+        return "-"
+    v = float(getattr(sample, name)) * scale
+    return f"{v:.0f}" if math.isfinite(v) else "-"
+
+
+def _rate(sample: common_pb2.GpuSample, name: str) -> str:
+    if not sample.HasField(name):  # type: ignore[arg-type]
+        return "-"
+    v = float(getattr(sample, name)) / 1e9
+    return f"{v:.2f}" if math.isfinite(v) else "-"
+
+
+def telemetry_rows(latest: common_pb2.NodeReport, recent: list[common_pb2.NodeReport]) -> list[list[str]]:
+    """UTIL is NVML's utilization; ENGINE, TENSOR and DRAM the profiling shares (NVML GPM,
+    Hopper and newer; "-" elsewhere); PCIE TX/RX in GB/s; TREND the engine share over the
+    recent reports."""
+    trend: dict[str, list[str]] = {}
+    for report in recent:
+        for g in report.gpus:
+            trend.setdefault(g.uuid, []).append(_pct(g, "gr_engine_active"))
+    rows = [
+        [
+            "GPU",
+            "HEALTH",
+            "UTIL%",
+            "ENGINE%",
+            "TENSOR%",
+            "DRAM%",
+            "PCIE TX/RX GB/s",
+            "TEMP",
+            "POWER W",
+            "TREND",
+        ]
+    ]
+    for g in latest.gpus:
+        rows.append(
+            [
+                f"{g.index} {g.uuid}",
+                health(g.health),
+                _pct(g, "utilization_gpu_percent", 1.0),
+                _pct(g, "gr_engine_active"),
+                _pct(g, "tensor_active"),
+                _pct(g, "dram_active"),
+                f"{_rate(g, 'pcie_tx_bytes_per_second')}/{_rate(g, 'pcie_rx_bytes_per_second')}",
+                f"{g.temperature_celsius}" if g.HasField("temperature_celsius") else "-",
+                f"{g.power_watts:.0f}" if g.HasField("power_watts") and math.isfinite(g.power_watts) else "-",
+                " ".join(t for t in trend.get(g.uuid, [])[-8:]) or "-",
+            ]
+        )
+        for m in g.mig_devices:
+            rows.append(
+                [
+                    f"  {m.mig_profile} {m.uuid}",
+                    "",
+                    "-",
+                    _pct(m, "gr_engine_active"),
+                    _pct(m, "tensor_active"),
+                    _pct(m, "dram_active"),
+                    "-",
+                    "",
+                    "",
+                    "",
+                ]
+            )
+    return rows
+
+
 def repair(g: common_pb2.Gpu) -> str:
     """The pending repair action ("-" when none), as the API names it without its prefix."""
     if g.HasField("repair") and g.repair.action > common_pb2.REPAIR_ACTION_RESTART_APP:
@@ -182,3 +260,7 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     ng = nodes.add_parser("get", parents=[common])
     ng.add_argument("name", help="providers/P/nodes/N")
     ng.set_defaults(fn=cmd_nodes_get)
+    nt = nodes.add_parser("telemetry", parents=[common], help="a node's latest report per GPU")
+    nt.add_argument("name", help="providers/P/nodes/N")
+    nt.add_argument("--samples", type=int, default=8, help="recent reports for the trend (0..600; 8)")
+    nt.set_defaults(fn=cmd_nodes_telemetry)

@@ -685,6 +685,12 @@ class GpuSample(_message.Message):
     MEMORY_RESERVED_BYTES_FIELD_NUMBER: _builtins.int
     NVLINK_DATA_KIB_FIELD_NUMBER: _builtins.int
     MIG_DEVICES_FIELD_NUMBER: _builtins.int
+    GR_ENGINE_ACTIVE_FIELD_NUMBER: _builtins.int
+    TENSOR_ACTIVE_FIELD_NUMBER: _builtins.int
+    DRAM_ACTIVE_FIELD_NUMBER: _builtins.int
+    PCIE_TX_BYTES_PER_SECOND_FIELD_NUMBER: _builtins.int
+    PCIE_RX_BYTES_PER_SECOND_FIELD_NUMBER: _builtins.int
+    VGPU_LICENSE_STATUS_FIELD_NUMBER: _builtins.int
     uuid: _builtins.str
     index: _builtins.int
     memory_total_bytes: _builtins.int
@@ -726,6 +732,22 @@ class GpuSample(_message.Message):
     """Memory the driver reserves for itself (not in used or free)."""
     nvlink_data_kib: _builtins.int
     """KiB sent plus received over all NVLinks since the driver loaded."""
+    gr_engine_active: _builtins.float
+    """Profiling (NVML GPM, Hopper and newer; absent where the GPU has no GPM), each the average
+    over the time since the daemon's previous report, as dcgm-exporter's DCGM_FI_PROF_* fields:
+    the share of time the graphics/compute engine was active, in [0, 1] (GPM GRAPHICS_UTIL / 100).
+    """
+    tensor_active: _builtins.float
+    """The share of time any tensor pipe was active, in [0, 1] (GPM ANY_TENSOR_UTIL / 100)."""
+    dram_active: _builtins.float
+    """The share of time the device memory interface was busy, in [0, 1] (GPM DRAM_BW_UTIL / 100)."""
+    pcie_tx_bytes_per_second: _builtins.float
+    """PCIe traffic from and to the GPU, bytes per second, headers included (GPM PCIE_TX/RX_PER_SEC)."""
+    pcie_rx_bytes_per_second: _builtins.float
+    vgpu_license_status: _builtins.int
+    """vGPU licence state (dcgm-exporter's DCGM_FI_DEV_VGPU_LICENSE_STATUS): 1 licensed, 0 not;
+    absent where NVML says the GPU has no vGPU licensing.
+    """
     @_builtins.property
     def health_reasons(self) -> _containers.RepeatedCompositeFieldContainer[Global___HealthReason]: ...
     @_builtins.property
@@ -777,15 +799,23 @@ class GpuSample(_message.Message):
         memory_reserved_bytes: _builtins.int | None = ...,
         nvlink_data_kib: _builtins.int | None = ...,
         mig_devices: _abc.Iterable[Global___MigSample] | None = ...,
+        gr_engine_active: _builtins.float | None = ...,
+        tensor_active: _builtins.float | None = ...,
+        dram_active: _builtins.float | None = ...,
+        pcie_tx_bytes_per_second: _builtins.float | None = ...,
+        pcie_rx_bytes_per_second: _builtins.float | None = ...,
+        vgpu_license_status: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_clock_event_reasons", b"_clock_event_reasons", "_decoder_utilization_percent", b"_decoder_utilization_percent", "_ecc_aggregate_corrected", b"_ecc_aggregate_corrected", "_ecc_aggregate_uncorrected", b"_ecc_aggregate_uncorrected", "_ecc_volatile_corrected", b"_ecc_volatile_corrected", "_ecc_volatile_uncorrected", b"_ecc_volatile_uncorrected", "_encoder_utilization_percent", b"_encoder_utilization_percent", "_mem_clock_mhz", b"_mem_clock_mhz", "_memory_free_bytes", b"_memory_free_bytes", "_memory_reserved_bytes", b"_memory_reserved_bytes", "_memory_temperature_celsius", b"_memory_temperature_celsius", "_memory_total_bytes", b"_memory_total_bytes", "_memory_used_bytes", b"_memory_used_bytes", "_mig_enabled", b"_mig_enabled", "_nvlink_active_links", b"_nvlink_active_links", "_nvlink_data_kib", b"_nvlink_data_kib", "_nvlink_errors", b"_nvlink_errors", "_pcie_replay_count", b"_pcie_replay_count", "_power_watts", b"_power_watts", "_remapped_rows_correctable", b"_remapped_rows_correctable", "_remapped_rows_failure", b"_remapped_rows_failure", "_remapped_rows_pending", b"_remapped_rows_pending", "_remapped_rows_uncorrectable", b"_remapped_rows_uncorrectable", "_retired_pages_double_bit", b"_retired_pages_double_bit", "_retired_pages_pending", b"_retired_pages_pending", "_retired_pages_single_bit", b"_retired_pages_single_bit", "_sm_clock_mhz", b"_sm_clock_mhz", "_temperature_celsius", b"_temperature_celsius", "_total_energy_millijoules", b"_total_energy_millijoules", "_utilization_gpu_percent", b"_utilization_gpu_percent", "_utilization_memory_percent", b"_utilization_memory_percent", "clock_event_reasons", b"clock_event_reasons", "decoder_utilization_percent", b"decoder_utilization_percent", "ecc_aggregate_corrected", b"ecc_aggregate_corrected", "ecc_aggregate_uncorrected", b"ecc_aggregate_uncorrected", "ecc_volatile_corrected", b"ecc_volatile_corrected", "ecc_volatile_uncorrected", b"ecc_volatile_uncorrected", "encoder_utilization_percent", b"encoder_utilization_percent", "mem_clock_mhz", b"mem_clock_mhz", "memory_free_bytes", b"memory_free_bytes", "memory_reserved_bytes", b"memory_reserved_bytes", "memory_temperature_celsius", b"memory_temperature_celsius", "memory_total_bytes", b"memory_total_bytes", "memory_used_bytes", b"memory_used_bytes", "mig_enabled", b"mig_enabled", "nvlink_active_links", b"nvlink_active_links", "nvlink_data_kib", b"nvlink_data_kib", "nvlink_errors", b"nvlink_errors", "pcie_replay_count", b"pcie_replay_count", "power_watts", b"power_watts", "remapped_rows_correctable", b"remapped_rows_correctable", "remapped_rows_failure", b"remapped_rows_failure", "remapped_rows_pending", b"remapped_rows_pending", "remapped_rows_uncorrectable", b"remapped_rows_uncorrectable", "retired_pages_double_bit", b"retired_pages_double_bit", "retired_pages_pending", b"retired_pages_pending", "retired_pages_single_bit", b"retired_pages_single_bit", "sm_clock_mhz", b"sm_clock_mhz", "temperature_celsius", b"temperature_celsius", "total_energy_millijoules", b"total_energy_millijoules", "utilization_gpu_percent", b"utilization_gpu_percent", "utilization_memory_percent", b"utilization_memory_percent"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_clock_event_reasons", b"_clock_event_reasons", "_decoder_utilization_percent", b"_decoder_utilization_percent", "_dram_active", b"_dram_active", "_ecc_aggregate_corrected", b"_ecc_aggregate_corrected", "_ecc_aggregate_uncorrected", b"_ecc_aggregate_uncorrected", "_ecc_volatile_corrected", b"_ecc_volatile_corrected", "_ecc_volatile_uncorrected", b"_ecc_volatile_uncorrected", "_encoder_utilization_percent", b"_encoder_utilization_percent", "_gr_engine_active", b"_gr_engine_active", "_mem_clock_mhz", b"_mem_clock_mhz", "_memory_free_bytes", b"_memory_free_bytes", "_memory_reserved_bytes", b"_memory_reserved_bytes", "_memory_temperature_celsius", b"_memory_temperature_celsius", "_memory_total_bytes", b"_memory_total_bytes", "_memory_used_bytes", b"_memory_used_bytes", "_mig_enabled", b"_mig_enabled", "_nvlink_active_links", b"_nvlink_active_links", "_nvlink_data_kib", b"_nvlink_data_kib", "_nvlink_errors", b"_nvlink_errors", "_pcie_replay_count", b"_pcie_replay_count", "_pcie_rx_bytes_per_second", b"_pcie_rx_bytes_per_second", "_pcie_tx_bytes_per_second", b"_pcie_tx_bytes_per_second", "_power_watts", b"_power_watts", "_remapped_rows_correctable", b"_remapped_rows_correctable", "_remapped_rows_failure", b"_remapped_rows_failure", "_remapped_rows_pending", b"_remapped_rows_pending", "_remapped_rows_uncorrectable", b"_remapped_rows_uncorrectable", "_retired_pages_double_bit", b"_retired_pages_double_bit", "_retired_pages_pending", b"_retired_pages_pending", "_retired_pages_single_bit", b"_retired_pages_single_bit", "_sm_clock_mhz", b"_sm_clock_mhz", "_temperature_celsius", b"_temperature_celsius", "_tensor_active", b"_tensor_active", "_total_energy_millijoules", b"_total_energy_millijoules", "_utilization_gpu_percent", b"_utilization_gpu_percent", "_utilization_memory_percent", b"_utilization_memory_percent", "_vgpu_license_status", b"_vgpu_license_status", "clock_event_reasons", b"clock_event_reasons", "decoder_utilization_percent", b"decoder_utilization_percent", "dram_active", b"dram_active", "ecc_aggregate_corrected", b"ecc_aggregate_corrected", "ecc_aggregate_uncorrected", b"ecc_aggregate_uncorrected", "ecc_volatile_corrected", b"ecc_volatile_corrected", "ecc_volatile_uncorrected", b"ecc_volatile_uncorrected", "encoder_utilization_percent", b"encoder_utilization_percent", "gr_engine_active", b"gr_engine_active", "mem_clock_mhz", b"mem_clock_mhz", "memory_free_bytes", b"memory_free_bytes", "memory_reserved_bytes", b"memory_reserved_bytes", "memory_temperature_celsius", b"memory_temperature_celsius", "memory_total_bytes", b"memory_total_bytes", "memory_used_bytes", b"memory_used_bytes", "mig_enabled", b"mig_enabled", "nvlink_active_links", b"nvlink_active_links", "nvlink_data_kib", b"nvlink_data_kib", "nvlink_errors", b"nvlink_errors", "pcie_replay_count", b"pcie_replay_count", "pcie_rx_bytes_per_second", b"pcie_rx_bytes_per_second", "pcie_tx_bytes_per_second", b"pcie_tx_bytes_per_second", "power_watts", b"power_watts", "remapped_rows_correctable", b"remapped_rows_correctable", "remapped_rows_failure", b"remapped_rows_failure", "remapped_rows_pending", b"remapped_rows_pending", "remapped_rows_uncorrectable", b"remapped_rows_uncorrectable", "retired_pages_double_bit", b"retired_pages_double_bit", "retired_pages_pending", b"retired_pages_pending", "retired_pages_single_bit", b"retired_pages_single_bit", "sm_clock_mhz", b"sm_clock_mhz", "temperature_celsius", b"temperature_celsius", "tensor_active", b"tensor_active", "total_energy_millijoules", b"total_energy_millijoules", "utilization_gpu_percent", b"utilization_gpu_percent", "utilization_memory_percent", b"utilization_memory_percent", "vgpu_license_status", b"vgpu_license_status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_clock_event_reasons", b"_clock_event_reasons", "_decoder_utilization_percent", b"_decoder_utilization_percent", "_ecc_aggregate_corrected", b"_ecc_aggregate_corrected", "_ecc_aggregate_uncorrected", b"_ecc_aggregate_uncorrected", "_ecc_volatile_corrected", b"_ecc_volatile_corrected", "_ecc_volatile_uncorrected", b"_ecc_volatile_uncorrected", "_encoder_utilization_percent", b"_encoder_utilization_percent", "_mem_clock_mhz", b"_mem_clock_mhz", "_memory_free_bytes", b"_memory_free_bytes", "_memory_reserved_bytes", b"_memory_reserved_bytes", "_memory_temperature_celsius", b"_memory_temperature_celsius", "_memory_total_bytes", b"_memory_total_bytes", "_memory_used_bytes", b"_memory_used_bytes", "_mig_enabled", b"_mig_enabled", "_nvlink_active_links", b"_nvlink_active_links", "_nvlink_data_kib", b"_nvlink_data_kib", "_nvlink_errors", b"_nvlink_errors", "_pcie_replay_count", b"_pcie_replay_count", "_power_watts", b"_power_watts", "_remapped_rows_correctable", b"_remapped_rows_correctable", "_remapped_rows_failure", b"_remapped_rows_failure", "_remapped_rows_pending", b"_remapped_rows_pending", "_remapped_rows_uncorrectable", b"_remapped_rows_uncorrectable", "_retired_pages_double_bit", b"_retired_pages_double_bit", "_retired_pages_pending", b"_retired_pages_pending", "_retired_pages_single_bit", b"_retired_pages_single_bit", "_sm_clock_mhz", b"_sm_clock_mhz", "_temperature_celsius", b"_temperature_celsius", "_total_energy_millijoules", b"_total_energy_millijoules", "_utilization_gpu_percent", b"_utilization_gpu_percent", "_utilization_memory_percent", b"_utilization_memory_percent", "clock_event_reasons", b"clock_event_reasons", "decoder_utilization_percent", b"decoder_utilization_percent", "ecc_aggregate_corrected", b"ecc_aggregate_corrected", "ecc_aggregate_uncorrected", b"ecc_aggregate_uncorrected", "ecc_volatile_corrected", b"ecc_volatile_corrected", "ecc_volatile_uncorrected", b"ecc_volatile_uncorrected", "encoder_utilization_percent", b"encoder_utilization_percent", "health", b"health", "health_reasons", b"health_reasons", "index", b"index", "lost", b"lost", "mem_clock_mhz", b"mem_clock_mhz", "memory_free_bytes", b"memory_free_bytes", "memory_reserved_bytes", b"memory_reserved_bytes", "memory_temperature_celsius", b"memory_temperature_celsius", "memory_total_bytes", b"memory_total_bytes", "memory_used_bytes", b"memory_used_bytes", "mig_devices", b"mig_devices", "mig_enabled", b"mig_enabled", "nvlink_active_links", b"nvlink_active_links", "nvlink_data_kib", b"nvlink_data_kib", "nvlink_errors", b"nvlink_errors", "pcie_replay_count", b"pcie_replay_count", "power_watts", b"power_watts", "remapped_rows_correctable", b"remapped_rows_correctable", "remapped_rows_failure", b"remapped_rows_failure", "remapped_rows_pending", b"remapped_rows_pending", "remapped_rows_uncorrectable", b"remapped_rows_uncorrectable", "retired_pages_double_bit", b"retired_pages_double_bit", "retired_pages_pending", b"retired_pages_pending", "retired_pages_single_bit", b"retired_pages_single_bit", "sm_clock_mhz", b"sm_clock_mhz", "temperature_celsius", b"temperature_celsius", "total_energy_millijoules", b"total_energy_millijoules", "utilization_gpu_percent", b"utilization_gpu_percent", "utilization_memory_percent", b"utilization_memory_percent", "uuid", b"uuid", "xids", b"xids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_clock_event_reasons", b"_clock_event_reasons", "_decoder_utilization_percent", b"_decoder_utilization_percent", "_dram_active", b"_dram_active", "_ecc_aggregate_corrected", b"_ecc_aggregate_corrected", "_ecc_aggregate_uncorrected", b"_ecc_aggregate_uncorrected", "_ecc_volatile_corrected", b"_ecc_volatile_corrected", "_ecc_volatile_uncorrected", b"_ecc_volatile_uncorrected", "_encoder_utilization_percent", b"_encoder_utilization_percent", "_gr_engine_active", b"_gr_engine_active", "_mem_clock_mhz", b"_mem_clock_mhz", "_memory_free_bytes", b"_memory_free_bytes", "_memory_reserved_bytes", b"_memory_reserved_bytes", "_memory_temperature_celsius", b"_memory_temperature_celsius", "_memory_total_bytes", b"_memory_total_bytes", "_memory_used_bytes", b"_memory_used_bytes", "_mig_enabled", b"_mig_enabled", "_nvlink_active_links", b"_nvlink_active_links", "_nvlink_data_kib", b"_nvlink_data_kib", "_nvlink_errors", b"_nvlink_errors", "_pcie_replay_count", b"_pcie_replay_count", "_pcie_rx_bytes_per_second", b"_pcie_rx_bytes_per_second", "_pcie_tx_bytes_per_second", b"_pcie_tx_bytes_per_second", "_power_watts", b"_power_watts", "_remapped_rows_correctable", b"_remapped_rows_correctable", "_remapped_rows_failure", b"_remapped_rows_failure", "_remapped_rows_pending", b"_remapped_rows_pending", "_remapped_rows_uncorrectable", b"_remapped_rows_uncorrectable", "_retired_pages_double_bit", b"_retired_pages_double_bit", "_retired_pages_pending", b"_retired_pages_pending", "_retired_pages_single_bit", b"_retired_pages_single_bit", "_sm_clock_mhz", b"_sm_clock_mhz", "_temperature_celsius", b"_temperature_celsius", "_tensor_active", b"_tensor_active", "_total_energy_millijoules", b"_total_energy_millijoules", "_utilization_gpu_percent", b"_utilization_gpu_percent", "_utilization_memory_percent", b"_utilization_memory_percent", "_vgpu_license_status", b"_vgpu_license_status", "clock_event_reasons", b"clock_event_reasons", "decoder_utilization_percent", b"decoder_utilization_percent", "dram_active", b"dram_active", "ecc_aggregate_corrected", b"ecc_aggregate_corrected", "ecc_aggregate_uncorrected", b"ecc_aggregate_uncorrected", "ecc_volatile_corrected", b"ecc_volatile_corrected", "ecc_volatile_uncorrected", b"ecc_volatile_uncorrected", "encoder_utilization_percent", b"encoder_utilization_percent", "gr_engine_active", b"gr_engine_active", "health", b"health", "health_reasons", b"health_reasons", "index", b"index", "lost", b"lost", "mem_clock_mhz", b"mem_clock_mhz", "memory_free_bytes", b"memory_free_bytes", "memory_reserved_bytes", b"memory_reserved_bytes", "memory_temperature_celsius", b"memory_temperature_celsius", "memory_total_bytes", b"memory_total_bytes", "memory_used_bytes", b"memory_used_bytes", "mig_devices", b"mig_devices", "mig_enabled", b"mig_enabled", "nvlink_active_links", b"nvlink_active_links", "nvlink_data_kib", b"nvlink_data_kib", "nvlink_errors", b"nvlink_errors", "pcie_replay_count", b"pcie_replay_count", "pcie_rx_bytes_per_second", b"pcie_rx_bytes_per_second", "pcie_tx_bytes_per_second", b"pcie_tx_bytes_per_second", "power_watts", b"power_watts", "remapped_rows_correctable", b"remapped_rows_correctable", "remapped_rows_failure", b"remapped_rows_failure", "remapped_rows_pending", b"remapped_rows_pending", "remapped_rows_uncorrectable", b"remapped_rows_uncorrectable", "retired_pages_double_bit", b"retired_pages_double_bit", "retired_pages_pending", b"retired_pages_pending", "retired_pages_single_bit", b"retired_pages_single_bit", "sm_clock_mhz", b"sm_clock_mhz", "temperature_celsius", b"temperature_celsius", "tensor_active", b"tensor_active", "total_energy_millijoules", b"total_energy_millijoules", "utilization_gpu_percent", b"utilization_gpu_percent", "utilization_memory_percent", b"utilization_memory_percent", "uuid", b"uuid", "vgpu_license_status", b"vgpu_license_status", "xids", b"xids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__clock_event_reasons: _TypeAlias = _typing.Literal["clock_event_reasons"]  # noqa: Y015
     _WhichOneofArgType__clock_event_reasons: _TypeAlias = _typing.Literal["_clock_event_reasons", b"_clock_event_reasons"]  # noqa: Y015
     _WhichOneofReturnType__decoder_utilization_percent: _TypeAlias = _typing.Literal["decoder_utilization_percent"]  # noqa: Y015
     _WhichOneofArgType__decoder_utilization_percent: _TypeAlias = _typing.Literal["_decoder_utilization_percent", b"_decoder_utilization_percent"]  # noqa: Y015
+    _WhichOneofReturnType__dram_active: _TypeAlias = _typing.Literal["dram_active"]  # noqa: Y015
+    _WhichOneofArgType__dram_active: _TypeAlias = _typing.Literal["_dram_active", b"_dram_active"]  # noqa: Y015
     _WhichOneofReturnType__ecc_aggregate_corrected: _TypeAlias = _typing.Literal["ecc_aggregate_corrected"]  # noqa: Y015
     _WhichOneofArgType__ecc_aggregate_corrected: _TypeAlias = _typing.Literal["_ecc_aggregate_corrected", b"_ecc_aggregate_corrected"]  # noqa: Y015
     _WhichOneofReturnType__ecc_aggregate_uncorrected: _TypeAlias = _typing.Literal["ecc_aggregate_uncorrected"]  # noqa: Y015
@@ -796,6 +826,8 @@ class GpuSample(_message.Message):
     _WhichOneofArgType__ecc_volatile_uncorrected: _TypeAlias = _typing.Literal["_ecc_volatile_uncorrected", b"_ecc_volatile_uncorrected"]  # noqa: Y015
     _WhichOneofReturnType__encoder_utilization_percent: _TypeAlias = _typing.Literal["encoder_utilization_percent"]  # noqa: Y015
     _WhichOneofArgType__encoder_utilization_percent: _TypeAlias = _typing.Literal["_encoder_utilization_percent", b"_encoder_utilization_percent"]  # noqa: Y015
+    _WhichOneofReturnType__gr_engine_active: _TypeAlias = _typing.Literal["gr_engine_active"]  # noqa: Y015
+    _WhichOneofArgType__gr_engine_active: _TypeAlias = _typing.Literal["_gr_engine_active", b"_gr_engine_active"]  # noqa: Y015
     _WhichOneofReturnType__mem_clock_mhz: _TypeAlias = _typing.Literal["mem_clock_mhz"]  # noqa: Y015
     _WhichOneofArgType__mem_clock_mhz: _TypeAlias = _typing.Literal["_mem_clock_mhz", b"_mem_clock_mhz"]  # noqa: Y015
     _WhichOneofReturnType__memory_free_bytes: _TypeAlias = _typing.Literal["memory_free_bytes"]  # noqa: Y015
@@ -818,6 +850,10 @@ class GpuSample(_message.Message):
     _WhichOneofArgType__nvlink_errors: _TypeAlias = _typing.Literal["_nvlink_errors", b"_nvlink_errors"]  # noqa: Y015
     _WhichOneofReturnType__pcie_replay_count: _TypeAlias = _typing.Literal["pcie_replay_count"]  # noqa: Y015
     _WhichOneofArgType__pcie_replay_count: _TypeAlias = _typing.Literal["_pcie_replay_count", b"_pcie_replay_count"]  # noqa: Y015
+    _WhichOneofReturnType__pcie_rx_bytes_per_second: _TypeAlias = _typing.Literal["pcie_rx_bytes_per_second"]  # noqa: Y015
+    _WhichOneofArgType__pcie_rx_bytes_per_second: _TypeAlias = _typing.Literal["_pcie_rx_bytes_per_second", b"_pcie_rx_bytes_per_second"]  # noqa: Y015
+    _WhichOneofReturnType__pcie_tx_bytes_per_second: _TypeAlias = _typing.Literal["pcie_tx_bytes_per_second"]  # noqa: Y015
+    _WhichOneofArgType__pcie_tx_bytes_per_second: _TypeAlias = _typing.Literal["_pcie_tx_bytes_per_second", b"_pcie_tx_bytes_per_second"]  # noqa: Y015
     _WhichOneofReturnType__power_watts: _TypeAlias = _typing.Literal["power_watts"]  # noqa: Y015
     _WhichOneofArgType__power_watts: _TypeAlias = _typing.Literal["_power_watts", b"_power_watts"]  # noqa: Y015
     _WhichOneofReturnType__remapped_rows_correctable: _TypeAlias = _typing.Literal["remapped_rows_correctable"]  # noqa: Y015
@@ -838,16 +874,22 @@ class GpuSample(_message.Message):
     _WhichOneofArgType__sm_clock_mhz: _TypeAlias = _typing.Literal["_sm_clock_mhz", b"_sm_clock_mhz"]  # noqa: Y015
     _WhichOneofReturnType__temperature_celsius: _TypeAlias = _typing.Literal["temperature_celsius"]  # noqa: Y015
     _WhichOneofArgType__temperature_celsius: _TypeAlias = _typing.Literal["_temperature_celsius", b"_temperature_celsius"]  # noqa: Y015
+    _WhichOneofReturnType__tensor_active: _TypeAlias = _typing.Literal["tensor_active"]  # noqa: Y015
+    _WhichOneofArgType__tensor_active: _TypeAlias = _typing.Literal["_tensor_active", b"_tensor_active"]  # noqa: Y015
     _WhichOneofReturnType__total_energy_millijoules: _TypeAlias = _typing.Literal["total_energy_millijoules"]  # noqa: Y015
     _WhichOneofArgType__total_energy_millijoules: _TypeAlias = _typing.Literal["_total_energy_millijoules", b"_total_energy_millijoules"]  # noqa: Y015
     _WhichOneofReturnType__utilization_gpu_percent: _TypeAlias = _typing.Literal["utilization_gpu_percent"]  # noqa: Y015
     _WhichOneofArgType__utilization_gpu_percent: _TypeAlias = _typing.Literal["_utilization_gpu_percent", b"_utilization_gpu_percent"]  # noqa: Y015
     _WhichOneofReturnType__utilization_memory_percent: _TypeAlias = _typing.Literal["utilization_memory_percent"]  # noqa: Y015
     _WhichOneofArgType__utilization_memory_percent: _TypeAlias = _typing.Literal["_utilization_memory_percent", b"_utilization_memory_percent"]  # noqa: Y015
+    _WhichOneofReturnType__vgpu_license_status: _TypeAlias = _typing.Literal["vgpu_license_status"]  # noqa: Y015
+    _WhichOneofArgType__vgpu_license_status: _TypeAlias = _typing.Literal["_vgpu_license_status", b"_vgpu_license_status"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__clock_event_reasons) -> _WhichOneofReturnType__clock_event_reasons | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__decoder_utilization_percent) -> _WhichOneofReturnType__decoder_utilization_percent | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__dram_active) -> _WhichOneofReturnType__dram_active | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__ecc_aggregate_corrected) -> _WhichOneofReturnType__ecc_aggregate_corrected | None: ...
     @_typing.overload
@@ -858,6 +900,8 @@ class GpuSample(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__ecc_volatile_uncorrected) -> _WhichOneofReturnType__ecc_volatile_uncorrected | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__encoder_utilization_percent) -> _WhichOneofReturnType__encoder_utilization_percent | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__gr_engine_active) -> _WhichOneofReturnType__gr_engine_active | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__mem_clock_mhz) -> _WhichOneofReturnType__mem_clock_mhz | None: ...
     @_typing.overload
@@ -881,6 +925,10 @@ class GpuSample(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__pcie_replay_count) -> _WhichOneofReturnType__pcie_replay_count | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__pcie_rx_bytes_per_second) -> _WhichOneofReturnType__pcie_rx_bytes_per_second | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__pcie_tx_bytes_per_second) -> _WhichOneofReturnType__pcie_tx_bytes_per_second | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__power_watts) -> _WhichOneofReturnType__power_watts | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__remapped_rows_correctable) -> _WhichOneofReturnType__remapped_rows_correctable | None: ...
@@ -901,11 +949,15 @@ class GpuSample(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature_celsius) -> _WhichOneofReturnType__temperature_celsius | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tensor_active) -> _WhichOneofReturnType__tensor_active | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__total_energy_millijoules) -> _WhichOneofReturnType__total_energy_millijoules | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__utilization_gpu_percent) -> _WhichOneofReturnType__utilization_gpu_percent | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__utilization_memory_percent) -> _WhichOneofReturnType__utilization_memory_percent | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__vgpu_license_status) -> _WhichOneofReturnType__vgpu_license_status | None: ...
 
 Global___GpuSample: _TypeAlias = GpuSample  # noqa: Y015
 
@@ -922,6 +974,9 @@ class MigSample(_message.Message):
     MEMORY_TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     MEMORY_USED_BYTES_FIELD_NUMBER: _builtins.int
     MEMORY_FREE_BYTES_FIELD_NUMBER: _builtins.int
+    GR_ENGINE_ACTIVE_FIELD_NUMBER: _builtins.int
+    TENSOR_ACTIVE_FIELD_NUMBER: _builtins.int
+    DRAM_ACTIVE_FIELD_NUMBER: _builtins.int
     uuid: _builtins.str
     mig_profile: _builtins.str
     gpu_instance_id: _builtins.int
@@ -929,6 +984,12 @@ class MigSample(_message.Message):
     memory_total_bytes: _builtins.int
     memory_used_bytes: _builtins.int
     memory_free_bytes: _builtins.int
+    gr_engine_active: _builtins.float
+    """The instance's own profiling (GPM per GPU instance), as on GpuSample; PCIe is the board's,
+    so absent here.
+    """
+    tensor_active: _builtins.float
+    dram_active: _builtins.float
     def __init__(
         self,
         *,
@@ -939,23 +1000,38 @@ class MigSample(_message.Message):
         memory_total_bytes: _builtins.int | None = ...,
         memory_used_bytes: _builtins.int | None = ...,
         memory_free_bytes: _builtins.int | None = ...,
+        gr_engine_active: _builtins.float | None = ...,
+        tensor_active: _builtins.float | None = ...,
+        dram_active: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_memory_free_bytes", b"_memory_free_bytes", "_memory_total_bytes", b"_memory_total_bytes", "_memory_used_bytes", b"_memory_used_bytes", "memory_free_bytes", b"memory_free_bytes", "memory_total_bytes", b"memory_total_bytes", "memory_used_bytes", b"memory_used_bytes"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dram_active", b"_dram_active", "_gr_engine_active", b"_gr_engine_active", "_memory_free_bytes", b"_memory_free_bytes", "_memory_total_bytes", b"_memory_total_bytes", "_memory_used_bytes", b"_memory_used_bytes", "_tensor_active", b"_tensor_active", "dram_active", b"dram_active", "gr_engine_active", b"gr_engine_active", "memory_free_bytes", b"memory_free_bytes", "memory_total_bytes", b"memory_total_bytes", "memory_used_bytes", b"memory_used_bytes", "tensor_active", b"tensor_active"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_memory_free_bytes", b"_memory_free_bytes", "_memory_total_bytes", b"_memory_total_bytes", "_memory_used_bytes", b"_memory_used_bytes", "compute_instance_id", b"compute_instance_id", "gpu_instance_id", b"gpu_instance_id", "memory_free_bytes", b"memory_free_bytes", "memory_total_bytes", b"memory_total_bytes", "memory_used_bytes", b"memory_used_bytes", "mig_profile", b"mig_profile", "uuid", b"uuid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dram_active", b"_dram_active", "_gr_engine_active", b"_gr_engine_active", "_memory_free_bytes", b"_memory_free_bytes", "_memory_total_bytes", b"_memory_total_bytes", "_memory_used_bytes", b"_memory_used_bytes", "_tensor_active", b"_tensor_active", "compute_instance_id", b"compute_instance_id", "dram_active", b"dram_active", "gpu_instance_id", b"gpu_instance_id", "gr_engine_active", b"gr_engine_active", "memory_free_bytes", b"memory_free_bytes", "memory_total_bytes", b"memory_total_bytes", "memory_used_bytes", b"memory_used_bytes", "mig_profile", b"mig_profile", "tensor_active", b"tensor_active", "uuid", b"uuid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__dram_active: _TypeAlias = _typing.Literal["dram_active"]  # noqa: Y015
+    _WhichOneofArgType__dram_active: _TypeAlias = _typing.Literal["_dram_active", b"_dram_active"]  # noqa: Y015
+    _WhichOneofReturnType__gr_engine_active: _TypeAlias = _typing.Literal["gr_engine_active"]  # noqa: Y015
+    _WhichOneofArgType__gr_engine_active: _TypeAlias = _typing.Literal["_gr_engine_active", b"_gr_engine_active"]  # noqa: Y015
     _WhichOneofReturnType__memory_free_bytes: _TypeAlias = _typing.Literal["memory_free_bytes"]  # noqa: Y015
     _WhichOneofArgType__memory_free_bytes: _TypeAlias = _typing.Literal["_memory_free_bytes", b"_memory_free_bytes"]  # noqa: Y015
     _WhichOneofReturnType__memory_total_bytes: _TypeAlias = _typing.Literal["memory_total_bytes"]  # noqa: Y015
     _WhichOneofArgType__memory_total_bytes: _TypeAlias = _typing.Literal["_memory_total_bytes", b"_memory_total_bytes"]  # noqa: Y015
     _WhichOneofReturnType__memory_used_bytes: _TypeAlias = _typing.Literal["memory_used_bytes"]  # noqa: Y015
     _WhichOneofArgType__memory_used_bytes: _TypeAlias = _typing.Literal["_memory_used_bytes", b"_memory_used_bytes"]  # noqa: Y015
+    _WhichOneofReturnType__tensor_active: _TypeAlias = _typing.Literal["tensor_active"]  # noqa: Y015
+    _WhichOneofArgType__tensor_active: _TypeAlias = _typing.Literal["_tensor_active", b"_tensor_active"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__dram_active) -> _WhichOneofReturnType__dram_active | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__gr_engine_active) -> _WhichOneofReturnType__gr_engine_active | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__memory_free_bytes) -> _WhichOneofReturnType__memory_free_bytes | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__memory_total_bytes) -> _WhichOneofReturnType__memory_total_bytes | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__memory_used_bytes) -> _WhichOneofReturnType__memory_used_bytes | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tensor_active) -> _WhichOneofReturnType__tensor_active | None: ...
 
 Global___MigSample: _TypeAlias = MigSample  # noqa: Y015
 

@@ -147,3 +147,25 @@ def test_admin_usage_export_streams_a_window_as_csv_and_json_lines(fed: Federati
     # A window that ends before today holds none of today's records.
     before = gpufed(fed, "-o", "jsonl", "admin", "usage", "export", "--until", str(today))
     assert lease not in before.stdout
+
+
+def test_nodes_telemetry_shows_each_gpus_profiling_from_gpm_and_dashes_where_none(fed: Federation) -> None:
+    from tests.harness import ADMIN_TOKEN, wait_until
+
+    def table(node: str) -> list[list[str]]:
+        out = gpufed(fed, "nodes", "telemetry", f"providers/{node}", token=ADMIN_TOKEN)
+        assert out.returncode == 0, out.stderr
+        return [line.split() for line in out.stdout.splitlines()]
+
+    # fra-1 is eight H100s (GPM); its second report carries the profiling shares. Split on
+    # spaces, a row is: index, uuid, health, util, engine, tensor, dram, pcie, temp, power, trend.
+    wait_until(lambda: table("neo/nodes/fra-1")[1][4] != "-", timeout=10)
+    rows = table("neo/nodes/fra-1")
+    assert rows[0][:6] == ["GPU", "HEALTH", "UTIL%", "ENGINE%", "TENSOR%", "DRAM%"]
+    assert len(rows) == 9 and all(0 <= int(r[4]) <= 100 and r[8] != "-" for r in rows[1:])
+    js = gpufed(fed, "-o", "json", "nodes", "telemetry", "providers/neo/nodes/fra-1", token=ADMIN_TOKEN)
+    gpu = json.loads(js.stdout)["latest"]["gpus"][0]
+    assert 0 <= gpu["gr_engine_active"] <= 1 and gpu["pcie_rx_bytes_per_second"] > 0
+    # ams-1 is four L40S (Ada: no GPM): the columns are dashes, never zeros.
+    rows = table("acme/nodes/ams-1")
+    assert all(r[4:7] == ["-", "-", "-"] for r in rows[1:])

@@ -27,14 +27,8 @@ from tests.harness import (
 pytestmark = pytest.mark.integration
 DATA = Path(__file__).parent.parent / "data" / "dcgm_exporter"
 # dcgm-exporter's labels on every series, then gpufed's own.
-DCGM_LABELS = {"gpu", "UUID", "device", "modelName", "Hostname", "DCGM_FI_DRIVER_VERSION"}
+DCGM_LABELS = {"gpu", "UUID", "device", "modelName", "hostname", "DCGM_FI_DRIVER_VERSION"}
 GPUFED_LABELS = {"provider", "node"}
-# In the default list but not given by NVML (docs/nvidia.md says why): must be absent.
-NOT_FROM_NVML = {
-    "DCGM_FI_DEV_PCIE_TX_THROUGHPUT",
-    "DCGM_FI_DEV_PCIE_RX_THROUGHPUT",
-    "DCGM_FI_DEV_VGPU_LICENSE_STATUS",
-}
 # NVML answers NotSupported for these on a MIG-enabled GPU: absent there, never zero.
 NOT_ON_MIG_PARENTS = {
     "DCGM_FI_DEV_GPU_UTIL",
@@ -96,7 +90,8 @@ def daemon(etcd: EtcdCluster) -> Iterator[tuple[Client, int]]:
     extra = ("--insecure", "--metrics-listen", f"127.0.0.1:{port}", "--report-interval", "0.5")
     try:
         with daemon_process([replica.address], provider, "neo", "n1", *extra, profile="h100-mig"):
-            wait_until(lambda: "DCGM_FI_DEV_GPU_TEMP" in scrape(port), timeout=20)
+            # The profiling fields come with the second report (GPM averages two samples).
+            wait_until(lambda: "DCGM_FI_PROF_GR_ENGINE_ACTIVE" in scrape(port), timeout=20)
             wait_until(lambda: sum(o.free_gpus for o in tenant.search_offers()) == 8, timeout=20)
             yield tenant, port
     finally:
@@ -114,9 +109,11 @@ def test_every_default_counter_nvml_gives_has_dcgm_exporters_name_type_and_label
     assert len(gpus) == 8
     mig_parents = {s.labels["UUID"] for s in series if "GPU_I_ID" in s.labels}
     assert len(mig_parents) == 2
-    for name, kind in default_counters().items():
-        if name in NOT_FROM_NVML:
-            assert name not in types, f"{name} is not from NVML and must be absent, not made up"
+    counters = default_counters()
+    assert len(counters) == 26
+    for name, kind in counters.items():
+        if kind == "label":  # DCGM_FI_DRIVER_VERSION: a label on every series
+            assert all(s.labels.get(name) == "550.90.07" for s in series), name
             continue
         assert types.get(name) == kind, f"{name}: TYPE {types.get(name)}, dcgm-exporter says {kind}"
         whole = [s for s in series if s.name == name and "GPU_I_ID" not in s.labels]
@@ -126,8 +123,16 @@ def test_every_default_counter_nvml_gives_has_dcgm_exporters_name_type_and_label
             assert set(s.labels) >= DCGM_LABELS | GPUFED_LABELS, (name, s.labels)
             assert s.labels["device"] == f"nvidia{s.labels['gpu']}"
             assert s.labels["node"] == "providers/neo/nodes/n1" and s.labels["provider"] == "neo"
-    # Beyond the default list, in the set: the driver's reservation.
-    assert types["DCGM_FI_DEV_FB_RESERVED"] == "gauge"
+    # The profiling ratios are ratios; PCIe rates are bytes per second of a busy H100.
+    for s in series:
+        if s.name in (
+            "DCGM_FI_PROF_GR_ENGINE_ACTIVE",
+            "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE",
+            "DCGM_FI_PROF_DRAM_ACTIVE",
+        ):
+            assert 0 <= s.value <= 1, s
+        if s.name.startswith("DCGM_FI_PROF_PCIE_"):
+            assert 1e8 < s.value < 64e9, s
 
 
 def test_mig_instances_get_their_own_framebuffer_series_with_dcgm_exporters_mig_labels(
@@ -139,6 +144,15 @@ def test_mig_instances_get_their_own_framebuffer_series_with_dcgm_exporters_mig_
     assert len(mig) == 14
     assert {s.labels["GPU_I_PROFILE"] for s in mig} == {"1g.10gb"}
     assert all(0 < s.value < 10 * 1024 for s in mig)  # MiB of a 10 GB slice
+    # Profiling per GPU instance (GPM's MIG samples); PCIe is the board's, so not per instance.
+    for name in (
+        "DCGM_FI_PROF_GR_ENGINE_ACTIVE",
+        "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE",
+        "DCGM_FI_PROF_DRAM_ACTIVE",
+    ):
+        per_instance = [s for s in series if s.name == name and "GPU_I_ID" in s.labels]
+        assert len(per_instance) == 14, name
+    assert not [s for s in series if s.name.startswith("DCGM_FI_PROF_PCIE_") and "GPU_I_ID" in s.labels]
 
 
 def test_nvidias_grafana_dashboard_finds_every_metric_and_label_it_queries(
@@ -146,18 +160,18 @@ def test_nvidias_grafana_dashboard_finds_every_metric_and_label_it_queries(
 ) -> None:
     _, port = daemon
     _, series = parse(scrape(port))
+    # Written for `Hostname`: this daemon labels `hostname`, as current dcgm-exporter and
+    # dashboards updated for its rename (the legacy label: test_prometheus_dashboard).
     queries = [
-        line.split(": ", 1)[1]
+        line.split(": ", 1)[1].replace("Hostname", "hostname")
         for line in (DATA / "dashboard-queries.txt").read_text().splitlines()
         if line and not line.startswith("#")
     ]
     for q in queries:
         for name in set(re.findall(r"\b(DCGM_FI_[A-Z0-9_]+)\b", q)):
-            if name.startswith("DCGM_FI_PROF_"):
-                continue  # DCGM's profiling module: not NVML (the data file says so)
             found = [s for s in series if s.name == name]
             assert found, f"the dashboard queries {name}: {q}"
-            # Its matchers and template variables (Hostname, gpu) must select something.
+            # Its matchers and template variables (hostname, gpu) must select something.
             for label in re.findall(r"(\w+)=~", q):
                 assert all(s.labels.get(label) for s in found), (label, q)
             # `by (...)` labels dcgm-exporter defines must be there (MIG ones on MIG series).
@@ -165,7 +179,7 @@ def test_nvidias_grafana_dashboard_finds_every_metric_and_label_it_queries(
                 for label in (x.strip() for x in group.split(",")):
                     if label in DCGM_LABELS:
                         assert all(label in s.labels for s in found), (label, q)
-                    if label in ("GPU_I_ID", "GPU_I_PROFILE") and name == "DCGM_FI_DEV_FB_USED":
+                    if label in ("GPU_I_ID", "GPU_I_PROFILE"):
                         assert any(label in s.labels for s in found), (label, q)
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import pynvml
 import pytest
 
+from gpufed.clock import FakeClock
 from gpufed.v1 import common_pb2
 from node_daemon import health
 from node_daemon.collector import Collector, GpuEvent, XidWatcher, mig_profile_name
@@ -58,7 +60,8 @@ def recorder(got: list[GpuEvent], arrived: threading.Event) -> Callable[[GpuEven
 
 def collector(profile: str, **kw: object) -> tuple[Collector, FakeNvml]:
     fake = FakeNvml(profile, **kw)  # type: ignore[arg-type]
-    c = Collector(fake)
+    clock = kw.get("clock")
+    c = Collector(fake, clock) if isinstance(clock, FakeClock) else Collector(fake)
     c.start()
     return c, fake
 
@@ -290,3 +293,56 @@ def test_nvlink_data_volume_is_read_with_the_error_counters_and_repeated_in_betw
     due = [i for i, n in enumerate(per_gpu) if n > 1]
     kib = [r.gpus[0].nvlink_data_kib for r in reports]
     assert kib[due[0] : due[1]] == [kib[due[0]]] * (due[1] - due[0]) and kib[due[1]] > kib[due[0]] > 0
+
+
+PROFILING = [
+    "gr_engine_active",
+    "tensor_active",
+    "dram_active",
+    "pcie_tx_bytes_per_second",
+    "pcie_rx_bytes_per_second",
+]
+
+
+def test_profiling_comes_from_gpm_from_the_second_report_on_hopper() -> None:
+    clock = FakeClock()
+    c, _ = collector("h100-sxm-8", clock=clock)
+    first = c.sample().gpus[0]
+    # One sample: nothing to average yet.
+    assert [f for f in PROFILING if first.HasField(f)] == []  # type: ignore[arg-type]
+    clock.advance(2.0)
+    s = c.sample().gpus[0]
+    assert [f for f in PROFILING if not s.HasField(f)] == []  # type: ignore[arg-type]
+    assert 0 < s.tensor_active < s.gr_engine_active <= 1 and 0 < s.dram_active <= 1
+    assert s.pcie_rx_bytes_per_second > s.pcie_tx_bytes_per_second > 1e8
+    assert s.vgpu_license_status == 0 and s.HasField("vgpu_license_status")
+
+
+def test_profiling_is_absent_not_zero_where_the_gpu_has_no_gpm() -> None:
+    for profile in ("a100-80g-8", "l40s-4"):
+        c, _ = collector(profile)
+        c.sample()
+        time.sleep(0.11)
+        s = c.sample().gpus[0]
+        assert [f for f in PROFILING if s.HasField(f)] == [], profile  # type: ignore[arg-type]
+
+
+def test_mig_instances_get_their_own_profiling_and_a_lost_gpu_stops_it() -> None:
+    clock = FakeClock()
+    c, fake = collector("h100-mig", clock=clock)
+    c.sample()
+    clock.advance(1.0)
+    s = c.sample().gpus[0]
+    assert len(s.mig_devices) == 7
+    assert all(0 < m.gr_engine_active <= 1 and m.HasField("dram_active") for m in s.mig_devices)
+    fake.apply(parse_event("0:0:lost"))
+    clock.advance(1.0)
+    lost = c.sample().gpus[0]
+    assert lost.lost and not lost.HasField("gr_engine_active")
+
+
+def test_gpm_samples_are_freed_at_shutdown() -> None:
+    c, fake = collector("h100-mig")
+    assert len(fake._gpm_samples) == 2 * (8 + 14)
+    c.shutdown()
+    assert fake._gpm_samples == {}

@@ -63,3 +63,18 @@ def test_provider_and_country_are_required(monkeypatch: pytest.MonkeyPatch) -> N
         parse_args(["--country", "DE"])
     with pytest.raises(SystemExit):
         parse_args(["--provider", "neo"])
+
+
+def test_metrics_label_the_host_hostname_unless_told_the_legacy_hostname(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("GPUFED_METRICS_HOSTNAME_LABEL", raising=False)
+    base = ["--provider", "neo", "--country", "DE"]
+    assert parse_args(base).metrics_hostname_label == "hostname"
+    assert parse_args([*base, "--metrics-hostname-label", "Hostname"]).metrics_hostname_label == "Hostname"
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--metrics-hostname-label", "HOSTNAME"])
+    f = tmp_path / "daemon.toml"
+    f.write_text('metrics_hostname_label = "host"\n')
+    with pytest.raises(SystemExit):  # a file's value is checked as the flag's is
+        parse_args([*base, "--config", str(f)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pynvml
 import pytest
@@ -119,3 +120,104 @@ def test_scenario_file_and_malformed_events(tmp_path: Path) -> None:
     for bad in ("nonsense", "10:1:explode", "10:1:xid", "1:0:utilization=wild"):
         with pytest.raises(ValueError):
             parse_event(bad)
+
+
+def gpm_request(*metrics: int) -> Any:
+    req = pynvml.c_nvmlGpmMetricsGet_t()
+    req.version = pynvml.NVML_GPM_METRICS_GET_VERSION
+    req.numMetrics = len(metrics)
+    for i, m in enumerate(metrics):
+        req.metrics[i].metricId = m
+    return req
+
+
+def test_gpm_is_supported_on_hopper_and_not_on_ampere_or_ada() -> None:
+    for profile, supported in (("h100-sxm-8", 1), ("h200-8", 1), ("a100-80g-8", 0), ("l40s-4", 0)):
+        f = started(profile)
+        h = f.nvmlDeviceGetHandleByIndex(0)
+        support = f.nvmlGpmQueryDeviceSupport(h)
+        assert isinstance(support, pynvml.c_nvmlGpmSupport_t) and support.isSupportedDevice == supported
+        if not supported:
+            with pytest.raises(pynvml.NVMLError_NotSupported):
+                f.nvmlGpmSampleGet(h, f.nvmlGpmSampleAlloc())
+
+
+def test_gpm_metrics_average_two_samples_on_the_injected_clock() -> None:
+    clock = FakeClock()
+    f = started("h100-sxm-8", clock=clock)
+    f.apply(parse_event("0:0:utilization=busy"))
+    h = f.nvmlDeviceGetHandleByIndex(0)
+    a, b = f.nvmlGpmSampleAlloc(), f.nvmlGpmSampleAlloc()
+    assert isinstance(a, pynvml.c_nvmlGpmSample_t)
+    f.nvmlGpmSampleGet(h, a)
+    clock.advance(2.0)
+    f.nvmlGpmSampleGet(h, b)
+    ids = (
+        pynvml.NVML_GPM_METRIC_GRAPHICS_UTIL,
+        pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL,
+        pynvml.NVML_GPM_METRIC_DRAM_BW_UTIL,
+        pynvml.NVML_GPM_METRIC_PCIE_TX_PER_SEC,
+        pynvml.NVML_GPM_METRIC_PCIE_RX_PER_SEC,
+        pynvml.NVML_GPM_METRIC_FP64_UTIL,  # not modelled: NotSupported in its own return
+    )
+    req = gpm_request(*ids)
+    req.sample1, req.sample2 = a, b
+    f.nvmlGpmMetricsGet(req)
+    m = [req.metrics[i] for i in range(len(ids))]
+    assert [x.nvmlReturn for x in m[:5]] == [pynvml.NVML_SUCCESS] * 5
+    assert m[5].nvmlReturn == pynvml.NVML_ERROR_NOT_SUPPORTED
+    assert 90 < m[0].value <= 100 and m[1].value < m[0].value and m[2].value < m[1].value
+    assert m[4].value > m[3].value > 1000  # MiB/s
+    assert m[0].metricInfo.unit == b"%" and m[3].metricInfo.unit == b"MiB/sec"
+
+
+def test_gpm_refuses_freed_mismatched_or_unordered_samples_and_wrong_versions() -> None:
+    clock = FakeClock()
+    f = started("h100-sxm-8", clock=clock)
+    h0, h1 = f.nvmlDeviceGetHandleByIndex(0), f.nvmlDeviceGetHandleByIndex(1)
+    a, b = f.nvmlGpmSampleAlloc(), f.nvmlGpmSampleAlloc()
+    f.nvmlGpmSampleGet(h0, a)
+    clock.advance(1.0)
+    f.nvmlGpmSampleGet(h1, b)
+    req = gpm_request(pynvml.NVML_GPM_METRIC_GRAPHICS_UTIL)
+    req.sample1, req.sample2 = a, b
+    with pytest.raises(pynvml.NVMLError_InvalidArgument):  # two GPUs
+        f.nvmlGpmMetricsGet(req)
+    f.nvmlGpmSampleGet(h0, b)
+    req.sample1, req.sample2 = b, a
+    with pytest.raises(pynvml.NVMLError_InvalidArgument):  # sample2 older
+        f.nvmlGpmMetricsGet(req)
+    req.version = 2
+    with pytest.raises(pynvml.NVMLError_ArgumentVersionMismatch):
+        f.nvmlGpmMetricsGet(req)
+    f.nvmlGpmSampleFree(a)
+    with pytest.raises(pynvml.NVMLError_InvalidArgument):
+        f.nvmlGpmSampleGet(h0, a)
+
+
+def test_gpm_mig_samples_are_per_gpu_instance_without_pcie() -> None:
+    clock = FakeClock()
+    f = started("h100-mig", clock=clock)
+    h = f.nvmlDeviceGetHandleByIndex(0)
+    a, b = f.nvmlGpmSampleAlloc(), f.nvmlGpmSampleAlloc()
+    f.nvmlGpmMigSampleGet(h, 3, a)
+    clock.advance(1.0)
+    f.nvmlGpmMigSampleGet(h, 3, b)
+    req = gpm_request(pynvml.NVML_GPM_METRIC_GRAPHICS_UTIL, pynvml.NVML_GPM_METRIC_PCIE_TX_PER_SEC)
+    req.sample1, req.sample2 = a, b
+    f.nvmlGpmMetricsGet(req)
+    assert req.metrics[0].nvmlReturn == pynvml.NVML_SUCCESS and 0 < req.metrics[0].value <= 100
+    assert req.metrics[1].nvmlReturn == pynvml.NVML_ERROR_NOT_SUPPORTED
+    with pytest.raises(pynvml.NVMLError_NotFound):
+        f.nvmlGpmMigSampleGet(h, 99, a)
+    whole = f.nvmlDeviceGetHandleByIndex(2)  # not split
+    with pytest.raises(pynvml.NVMLError_InvalidArgument):
+        f.nvmlGpmMigSampleGet(whole, 1, a)
+
+
+def test_vgpu_licensing_is_answered_as_pynvml_declares_it() -> None:
+    f = started("h100-sxm-8")
+    found = f.nvmlDeviceGetGridLicensableFeatures(f.nvmlDeviceGetHandleByIndex(0))
+    assert isinstance(found, pynvml.c_nvmlGridLicensableFeatures_v4_t)
+    assert found.isGridLicenseSupported == 1 and found.licensableFeaturesCount == 1
+    assert found.gridLicensableFeatures[0].featureState == 0  # bare metal: not licensed

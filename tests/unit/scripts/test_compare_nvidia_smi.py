@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from gpufed.clock import FakeClock
 from node_daemon.collector import Collector
 from node_daemon.fake_nvml import FakeNvml
 from scripts.compare_nvidia_smi import compare, markdown
 
 MIB = 1024 * 1024
+ARCHITECTURES = (("H100", "Hopper"), ("H200", "Hopper"), ("A100", "Ampere"), ("L40S", "Ada Lovelace"))
 
 
 def smi_xml(report: Any, models: dict[str, str], migs: dict[str, int]) -> str:
@@ -30,9 +32,19 @@ def smi_xml(report: Any, models: dict[str, str], migs: dict[str, int]) -> str:
             else "<encoder_util>N/A</encoder_util><decoder_util>N/A</decoder_util>"
         )
         mem_temp = f"{s.memory_temperature_celsius} C" if s.HasField("memory_temperature_celsius") else "N/A"
+        arch = next(a for key, a in ARCHITECTURES if key in models[s.uuid])
+        licence = (
+            "<vgpu_software_licensed_product><licensed_product_name>NVIDIA Virtual Compute Server"
+            "</licensed_product_name><license_status>"
+            + ("Licensed (Expiry: N/A)" if s.vgpu_license_status else "Unlicensed (Unrestricted)")
+            + "</license_status></vgpu_software_licensed_product>"
+            if s.HasField("vgpu_license_status")
+            else ""
+        )
         gpus.append(
             f"""<gpu id="0000:{s.index:02x}:00.0">
   <product_name>{models[s.uuid]}</product_name><uuid>{s.uuid}</uuid>
+  <product_architecture>{arch}</product_architecture>{licence}
   <mig_mode><current_mig>{"Enabled" if s.mig_enabled else "Disabled"}</current_mig></mig_mode>
   <mig_devices>{mig}</mig_devices>
   <fb_memory_usage><total>{s.memory_total_bytes // MIB} MiB</total>
@@ -59,8 +71,12 @@ def smi_xml(report: Any, models: dict[str, str], migs: dict[str, int]) -> str:
 
 
 def readings(profile: str) -> tuple[Any, dict[str, str], dict[str, int]]:
-    c = Collector(FakeNvml(profile))
+    """The script's report: the second reading, a second after the first (GPM needs two)."""
+    clock = FakeClock()
+    c = Collector(FakeNvml(profile, clock=clock), clock)
     c.start()
+    c.sample()
+    clock.advance(1.0)
     report = c.sample()
     return report, {g.uuid: g.model for g in c.gpus}, {g.uuid: len(g.migs) for g in c.gpus}
 
@@ -89,3 +105,23 @@ def test_a_disagreeing_counter_or_a_missing_gpu_is_found() -> None:
     bad = {(u, r.field) for u, rows in result.items() for r in rows if not r.ok}
     assert (first.uuid, "remapped rows, uncorrectable") in bad
     assert ("GPU-not-on-this-host", "present") in bad
+
+
+def test_profiling_must_be_there_exactly_on_hopper_and_agree_with_utilization() -> None:
+    report, models, migs = readings("h100-sxm-8")
+    xml = smi_xml(report, models, migs)
+    rows = compare(xml, report, models, migs)[report.gpus[0].uuid]
+    assert {r.field for r in rows} >= {
+        "GPM profiling fields",
+        "GPM ratios in [0, 1]",
+        "vGPU licence (1 licensed)",
+    }
+    report.gpus[0].ClearField("gr_engine_active")  # a Hopper GPU without its GPM figures
+    report.gpus[1].gr_engine_active = 0.01  # nvidia-smi says ~60 % busy
+    result = compare(xml, report, models, migs)
+    bad = {(u, r.field) for u, rows in result.items() for r in rows if not r.ok}
+    assert (report.gpus[0].uuid, "GPM profiling fields") in bad
+    assert (report.gpus[1].uuid, "engine active vs utilization (%)") in bad
+    a100, models, migs = readings("a100-80g-8")
+    rows = compare(smi_xml(a100, models, migs), a100, models, migs)[a100.gpus[0].uuid]
+    assert next(r for r in rows if r.field == "GPM profiling fields").ok  # Ampere: none, none given
