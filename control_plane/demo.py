@@ -250,6 +250,7 @@ Try, in another terminal:
   GPUFED_TOKEN=$GPUFED_ACME_TOKEN {gpufed} offers search --model L40S      # own first, then the federation
   {gpufed} lease list
   GPUFED_TOKEN=$GPUFED_ADMIN_TOKEN {gpufed} nodes get providers/gallic-compute/nodes/fr-par-1
+  GPUFED_TOKEN=$GPUFED_ADMIN_TOKEN {gpufed} nodes telemetry providers/neocloud-berlin/nodes/de-ber-1
   GPUFED_TOKEN=$GPUFED_ADMIN_TOKEN {gpufed} admin usage
   grpcurl -plaintext -H "authorization: Bearer $GPUFED_TOKEN" \\
       -d '{{"filter": {{"gpu_model": "H100"}}}}' \\

@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import math
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,6 +87,8 @@ class GpuInfo:
     mig_gpm: dict[str, GpmSampler] = field(default_factory=dict)  # MIG uuid -> its sampler
     vgpu_license: int | None = None  # it changes rarely: read every NVLINK_EVERY reports
     vgpu_license_read: bool = False
+    # (monotonic time, PCIe replay count) of the last minute's reports, oldest first.
+    replays: deque[tuple[float, int]] = field(default_factory=deque)
 
 
 class Collector:
@@ -275,6 +278,8 @@ class Collector:
             remapped_rows_pending=opt("remapped_rows_pending"),
             retired_pages_pending=opt("retired_pages_pending"),
             clock_event_reasons=opt("clock_event_reasons"),
+            pcie_replays_last_minute=self._replays_last_minute(gpu, s),
+            pcie_bytes_per_second=_pcie_rate(s),
         )
         if s is None:
             prev = gpu.last_verdict
@@ -287,6 +292,21 @@ class Collector:
             verdict = health.evaluate(reading)
         gpu.last_verdict = verdict
         return verdict
+
+    def _replays_last_minute(self, gpu: GpuInfo, s: common_pb2.GpuSample | None) -> int | None:
+        """PCIe replays since the report nearest a minute ago (DCGM's PCIe health watch counts
+        replays per minute); None for an event (its verdict keeps the last sample's reasons)
+        or without the counter."""
+        if s is None or not s.HasField("pcie_replay_count"):
+            return None
+        now, count = self.clock.monotonic(), int(s.pcie_replay_count)
+        window = gpu.replays
+        while len(window) > 1 and window[1][0] <= now - health.PCIE_REPLAY_WINDOW_S:
+            window.popleft()
+        if window and count < window[-1][1]:
+            window.clear()  # the counter was reset (a GPU reset): start over
+        window.append((now, count))
+        return count - window[0][1]
 
     def _read(self, s: common_pb2.GpuSample, field_name: str, fn: Callable[[], Any]) -> None:
         try:
@@ -542,6 +562,12 @@ class XidWatcher:
         finally:
             with contextlib.suppress(pynvml.NVMLError):
                 n.nvmlEventSetFree(event_set)
+
+
+def _pcie_rate(s: common_pb2.GpuSample | None) -> float | None:
+    if s is None or not s.HasField("pcie_tx_bytes_per_second"):
+        return None
+    return float(s.pcie_tx_bytes_per_second + s.pcie_rx_bytes_per_second)
 
 
 def _gpm_read(sampler: GpmSampler) -> dict[str, float] | None:

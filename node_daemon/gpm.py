@@ -11,6 +11,7 @@ built once per sampler.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from typing import Any
 
@@ -47,6 +48,19 @@ class GpmLost(Exception):
     pass
 
 
+class RawMetric(ctypes.Structure):
+    """pynvml's c_nvmlGpmMetric_t, same layout, without _PrintableStructure's accessors (about
+    0.6 us a field read, which made reading five metrics of 22 samplers half a millisecond)."""
+
+    _fields_ = pynvml.c_nvmlGpmMetric_t._fields_
+
+
+def metrics_view(request: Any, count: int) -> Any:
+    """The first `count` entries of a c_nvmlGpmMetricsGet_t's metrics, as RawMetric, in place."""
+    offset = pynvml.c_nvmlGpmMetricsGet_t.metrics.offset
+    return (RawMetric * count).from_buffer(request, offset)
+
+
 def supported(nvml: Any, handle: Any) -> bool:
     """Whether the GPU has GPM (False on older GPUs and drivers without the call)."""
     try:
@@ -67,8 +81,9 @@ class Sampler:
         self.request = pynvml.c_nvmlGpmMetricsGet_t()
         self.request.version = pynvml.NVML_GPM_METRICS_GET_VERSION
         self.request.numMetrics = len(METRICS)
+        self.view = metrics_view(self.request, len(METRICS))
         for i, metric in enumerate(METRICS):
-            self.request.metrics[i].metricId = metric
+            self.view[i].metricId = metric
         self.taken_at: float | None = None  # monotonic time of the buffer holding the last snapshot
         self.last = 0  # index of that buffer
 
@@ -100,8 +115,7 @@ class Sampler:
             return None
         self.taken_at, self.last = now, nxt
         values = {}
-        for i, (name, factor) in enumerate(FIELDS):
-            m = self.request.metrics[i]
+        for (name, factor), m in zip(FIELDS, self.view, strict=True):
             if m.nvmlReturn == pynvml.NVML_SUCCESS and math.isfinite(m.value) and m.value >= 0:
                 values[name] = float(m.value) * factor
         return values

@@ -78,6 +78,12 @@ def is_sticky(xid: int) -> bool:
     return xid_rule(xid).health != HEALTHY
 
 
+# DCGM's PCIe health watch: more than 8 replays per minute is beyond what NVIDIA's driver team
+# recommends (dcgm's DCGM_LIMIT_MAX_PCIREPLAY_RATE, DCGM_FR_PCI_REPLAY_RATE): the link is
+# retrying, so every transfer of the tenant's is slower; reseat the card or check the riser.
+PCIE_REPLAY_LIMIT = 8
+PCIE_REPLAY_WINDOW_S = 60.0
+
 # NVML clock event reasons that mean the GPU is being slowed by heat or power trouble.
 THERMAL_SLOWDOWN = 0x20 | 0x40  # SwThermalSlowdown | HwThermalSlowdown
 POWER_SLOWDOWN = 0x08 | 0x80  # HwSlowdown | HwPowerBrakeSlowdown
@@ -94,6 +100,9 @@ class Reading:
     remapped_rows_pending: bool | None = None
     retired_pages_pending: bool | None = None
     clock_event_reasons: int | None = None
+    pcie_replays_last_minute: int | None = None
+    # PCIe traffic both ways (NVML GPM), to tell in the reason how busy the link was.
+    pcie_bytes_per_second: float | None = None
 
 
 class Reason(NamedTuple):
@@ -181,7 +190,24 @@ def _slowdown(r: Reading) -> Iterable[Hit]:
         yield DEGRADED, Reason("POWER_SLOWDOWN", "clocks reduced by power or hardware slowdown", NONE)
 
 
-RULES: tuple[Rule, ...] = (_lost, _xids, _ecc, _remap, _slowdown)
+def _pcie(r: Reading) -> Iterable[Hit]:
+    n = r.pcie_replays_last_minute
+    if n is not None and n > PCIE_REPLAY_LIMIT:
+        traffic = (
+            f" at {r.pcie_bytes_per_second / 1e9:.1f} GB/s" if r.pcie_bytes_per_second is not None else ""
+        )
+        yield (
+            DEGRADED,
+            Reason(
+                "PCIE_REPLAY_RATE",
+                f"{n} PCIe replays in the last minute{traffic} (NVIDIA's limit is {PCIE_REPLAY_LIMIT}): "
+                "reseat the card or check its riser if it persists",
+                NONE,
+            ),
+        )
+
+
+RULES: tuple[Rule, ...] = (_lost, _xids, _ecc, _remap, _slowdown, _pcie)
 
 
 def evaluate(reading: Reading) -> Verdict:

@@ -160,6 +160,10 @@ def _rate(sample: common_pb2.GpuSample, name: str) -> str:
     return f"{v:.2f}" if math.isfinite(v) else "-"
 
 
+def _trend(points: list[str]) -> str:
+    return " ".join(points) if any(p != "-" for p in points) else "-"
+
+
 def telemetry_rows(latest: common_pb2.NodeReport, recent: list[common_pb2.NodeReport]) -> list[list[str]]:
     """UTIL is NVML's utilization; ENGINE, TENSOR and DRAM the profiling shares (NVML GPM,
     Hopper and newer; "-" elsewhere); PCIE TX/RX in GB/s; TREND the engine share over the
@@ -194,7 +198,7 @@ def telemetry_rows(latest: common_pb2.NodeReport, recent: list[common_pb2.NodeRe
                 f"{_rate(g, 'pcie_tx_bytes_per_second')}/{_rate(g, 'pcie_rx_bytes_per_second')}",
                 f"{g.temperature_celsius}" if g.HasField("temperature_celsius") else "-",
                 f"{g.power_watts:.0f}" if g.HasField("power_watts") and math.isfinite(g.power_watts) else "-",
-                " ".join(t for t in trend.get(g.uuid, [])[-8:]) or "-",
+                _trend(trend.get(g.uuid, [])[-8:]),
             ]
         )
         for m in g.mig_devices:

@@ -346,3 +346,33 @@ def test_gpm_samples_are_freed_at_shutdown() -> None:
     assert len(fake._gpm_samples) == 2 * (8 + 14)
     c.shutdown()
     assert fake._gpm_samples == {}
+
+
+def test_a_burst_of_pcie_replays_degrades_the_gpu_for_a_minute_then_it_is_healthy_again() -> None:
+    clock = FakeClock()
+    c, fake = collector("h100-sxm-8", clock=clock)
+    c.sample()
+    fake.apply(parse_event("0:2:pcie_replays=20"))
+    clock.advance(2.0)
+    s = c.sample().gpus[2]
+    assert s.health == DEGRADED and [r.code for r in s.health_reasons] == ["PCIE_REPLAY_RATE"]
+    assert " GB/s" in s.health_reasons[0].message  # the link's traffic, from GPM
+    for _ in range(31):  # a minute of reports without new replays
+        clock.advance(2.0)
+        s = c.sample().gpus[2]
+    assert s.health == HEALTHY
+
+
+def test_gpm_runs_unchanged_through_the_real_pynvml_module() -> None:
+    clock = FakeClock()
+    fake = FakeNvml("h100-sxm-8", clock=clock)
+    with real_pynvml_over(fake) as lib:
+        c = Collector(pynvml, clock)
+        c.start()
+        c.sample()
+        clock.advance(2.0)
+        s = c.sample().gpus[0]
+        c.shutdown()
+    assert [f for f in PROFILING if not s.HasField(f)] == []  # type: ignore[arg-type]
+    assert lib.calls["nvmlGpmMetricsGet"] == 8 and lib.calls["nvmlGpmSampleFree"] == 16
+    assert s.vgpu_license_status == 0

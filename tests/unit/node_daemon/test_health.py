@@ -102,3 +102,11 @@ def test_the_worst_verdict_and_action_win_and_every_reason_is_kept() -> None:
     assert (v.health, v.action) == (UNHEALTHY, HARDWARE_INSPECTION)
     assert {"THERMAL_SLOWDOWN", "XID_79", "ROW_REMAP_FAILURE"} <= v.codes
     assert {r.action for r in v.to_proto_reasons()} == {NONE, REBOOT_SYSTEM, HARDWARE_INSPECTION}
+
+
+def test_pcie_replays_beyond_nvidias_eight_per_minute_degrade_the_gpu_and_say_how_busy_the_link_was() -> None:
+    assert evaluate(Reading(pcie_replays_last_minute=8)).health == HEALTHY
+    v = evaluate(Reading(pcie_replays_last_minute=9, pcie_bytes_per_second=4.2e9))
+    assert v.health == DEGRADED and v.codes == {"PCIE_REPLAY_RATE"}
+    assert "9 PCIe replays" in v.reasons[0].message and "4.2 GB/s" in v.reasons[0].message
+    assert v.action == NONE  # a rate: it clears when the link does
