@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: all setup etcd prometheus compare-nvidia-smi run test test-upgrade test-faults test-fuzz bench proto lint clean
+.PHONY: all setup etcd prometheus chromium compare-nvidia-smi run test test-upgrade test-faults test-fuzz bench proto lint clean
 
 all: test
 
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-setup: $(STAMP) etcd prometheus
+setup: $(STAMP) etcd prometheus chromium
 
 etcd:
 	@scripts/ensure_etcd.sh
@@ -24,6 +24,10 @@ etcd:
 # For the test that runs NVIDIA's Grafana dashboard through a real Prometheus.
 prometheus:
 	@scripts/ensure_prometheus.sh
+
+# For the console's tests in a headless browser.
+chromium:
+	@scripts/ensure_chromium.sh
 
 run: setup
 	$(BIN)/python -m control_plane.demo

@@ -72,6 +72,7 @@ TABLE: dict[str, Rule] = {
     "AdminService.GetQuota": _rule("a tenant or provider: its own; an admin: any", T, P, A),
     "AdminService.SetBurstPolicy": _rule("a tenant: its own; an admin: any", T, A),
     "AdminService.GetBurstPolicy": _rule("a tenant: its own; an admin: any", T, A),
+    "AdminService.GetCaller": _rule("who its own token acts as", T, P, A),
     "AdminService.SetGpuHealthy": _rule("any node's GPUs", A),
     "PeerService.ForwardNodeTelemetry": _rule("telemetry of nodes streaming to this replica", R, A),
 }

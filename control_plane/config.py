@@ -30,6 +30,9 @@ class Config:
     replica_id: str = ""
     advertise: str = ""
     metrics_listen: str = ""
+    # HOST:PORT of the web console (control_plane/console); empty: off. A bare :PORT is loopback;
+    # anywhere else it needs TLS (--tls-cert), as the gRPC listener does.
+    console_listen: str = ""
     admin_token: str = ""
     peer_token: str = ""
     report_interval: float = 2.0
@@ -142,6 +145,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument(
         "--metrics-listen",
         help="Prometheus HTTP address, e.g. 127.0.0.1:9464 (GPUFED_METRICS_LISTEN; empty: off)",
+    )
+    p.add_argument(
+        "--console-listen",
+        help="the web console's address, e.g. 127.0.0.1:8080 or :8080 for loopback "
+        "(GPUFED_CONSOLE_LISTEN; empty: off); HTTPS with --tls-cert, which it needs off loopback",
     )
     p.add_argument(
         "--report-interval", type=float, help="seconds between node reports (GPUFED_REPORT_INTERVAL)"
@@ -291,6 +299,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         replica_id=s.get(a.replica_id, "GPUFED_REPLICA_ID", "replica_id", ""),
         advertise=s.get(a.advertise, "GPUFED_ADVERTISE", "advertise", ""),
         metrics_listen=s.get(a.metrics_listen, "GPUFED_METRICS_LISTEN", "metrics_listen", ""),
+        console_listen=s.get(a.console_listen, "GPUFED_CONSOLE_LISTEN", "console_listen", ""),
         admin_token="" if no_bootstrap else s.get(None, "GPUFED_ADMIN_TOKEN", "admin_token", ""),
         peer_token=s.get(None, "GPUFED_PEER_TOKEN", "peer_token", ""),
         report_interval=s.get(

@@ -134,6 +134,8 @@ class Demo:
                 "/gpufed",
                 "--metrics-listen",
                 f"127.0.0.1:{a.metrics_port}",
+                "--console-listen",
+                f"127.0.0.1:{a.console_port}",
                 # Usage records past the retention (90 days) are exported here, then deleted.
                 "--usage-export-dir",
                 str(self.data / "usage-export"),
@@ -233,6 +235,8 @@ gpufed demo is up: 1 etcd member, 1 control plane, {len(NODES)} nodes of {len(PR
 GPU 3 of gallic-compute/fr-par-1 fails with XID 79 after 45 s.
 
   control plane  {env["GPUFED_ENDPOINT"]}   (gRPC, reflection + health on)
+  console        http://127.0.0.1:{args.console_port}/   (sign in with a token of {data / "demo.env"}:
+                 GPUFED_TOKEN a tenant, GPUFED_ACME_TOKEN the tenant with a pool, GPUFED_ADMIN_TOKEN)
   metrics        http://127.0.0.1:{args.metrics_port}/metrics
   dcgm metrics   http://127.0.0.1:{args.dcgm_port}/metrics   (node {DCGM_NODE}, dcgm-exporter's names)
   logs           {data / "logs"}
@@ -266,6 +270,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--etcd-port", type=int, default=int(os.environ.get("GPUFED_DEMO_ETCD_PORT", "2379")))
     p.add_argument(
         "--etcd-peer-port", type=int, default=int(os.environ.get("GPUFED_DEMO_ETCD_PEER_PORT", "2380"))
+    )
+    p.add_argument(
+        "--console-port", type=int, default=int(os.environ.get("GPUFED_DEMO_CONSOLE_PORT", "8080"))
     )
     p.add_argument(
         "--metrics-port", type=int, default=int(os.environ.get("GPUFED_DEMO_METRICS_PORT", "9464"))

@@ -7,6 +7,7 @@ import contextlib
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -38,7 +39,7 @@ from control_plane.servicers.lease import LeaseServicer
 from control_plane.servicers.node import NodeServicer
 from control_plane.servicers.reservation import ReservationServicer
 from control_plane.servicers.telemetry import PeerServicer, TelemetryServicer
-from control_plane.tls import ReloadingCertificates, TlsConfigError, check_listeners
+from control_plane.tls import ReloadingCertificates, TlsConfigError, check_console_listen, check_listeners
 from gpufed import __version__
 from gpufed.clock import SYSTEM, Clock
 from gpufed.logs import get_logger
@@ -117,11 +118,13 @@ class Replica:
         self.node_port = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._metrics_server: object | None = None
+        self.console: Any = None  # control_plane.console.server.ConsoleServer with --console-listen
         self.address = ""
 
     async def start(self) -> None:
         cfg = self.config
         check_listeners(cfg.listen, cfg.tls_cert, cfg.tls_key, cfg.client_ca, cfg.node_listen, cfg.insecure)
+        check_console_listen(cfg.console_listen, cfg.tls_cert)
         check_tokens(cfg.admin_token, cfg.peer_token)
         if not cfg.peer_token:
             log.warning(
@@ -266,6 +269,8 @@ class Replica:
             self._metrics_server = start_http_server(
                 int(mport), addr=mhost or "127.0.0.1", registry=self.metrics.registry
             )
+        if cfg.console_listen:
+            self.console = self._start_console()
         log.info(
             "replica serving",
             replica=self.id,
@@ -273,6 +278,21 @@ class Replica:
             etcd=cfg.etcd_endpoints,
             prefix=cfg.etcd_prefix,
         )
+
+    def _start_console(self) -> Any:
+        from control_plane.console.server import ConsoleServer
+
+        cfg = self.config
+        listen = (
+            "127.0.0.1" + cfg.console_listen if cfg.console_listen.startswith(":") else cfg.console_listen
+        )
+        # The pages call this replica's own gRPC listener as any client does: at the address its
+        # peers use (whose name its certificate carries), else at its listen host.
+        host = cfg.listen.rsplit(":", 1)[0]
+        target = cfg.advertise or f"{'127.0.0.1' if host in ('', '0.0.0.0', '[::]') else host}:{self.port}"
+        console = ConsoleServer(listen, target, peer_credentials(cfg), cfg.tls_cert, cfg.tls_key)
+        console.start()
+        return console
 
     def _bind(self, server: grpc.aio.Server) -> None:
         """The main listener (plaintext on loopback, or TLS), and with mTLS the daemons' one."""
@@ -429,6 +449,8 @@ class Replica:
         self.nodes.tell_move("the replica is shutting down")
         await asyncio.sleep(max(0.0, min(self.config.shutdown_delay, bound / 3)))
         await self.nodes.stop()
+        if self.console is not None:
+            await asyncio.to_thread(self.console.stop)
         # What is left of the bound, less a second for giving up liveness and leadership.
         await self.server.stop(max(0.2, deadline - time.monotonic() - 1.0))
         for t in self._tasks:

@@ -91,6 +91,16 @@ def check_listeners(
         )
 
 
+def check_console_listen(listen: str, tls_cert: str) -> None:
+    """The console serves plaintext only on loopback (a bare :PORT is loopback): elsewhere the
+    session cookie would cross the network in the clear."""
+    if listen and not listen.startswith(":") and not tls_cert and not is_loopback(listen):
+        raise TlsConfigError(
+            f"refusing a plaintext console on {listen}, which is not a loopback address: give "
+            "--tls-cert and --tls-key (the console then serves HTTPS with them)"
+        )
+
+
 def is_loopback(address: str) -> bool:
     """Whether a listen address (HOST:PORT) serves this host only."""
     host = address.rsplit(":", 1)[0].strip("[]")

@@ -210,6 +210,7 @@ class Client:
         if credentials is None:
             credentials = channel_credentials(insecure=insecure, endpoints=self.endpoint)
         self.tls = credentials is not None
+        self._shared = False  # Client.sharing: another client's channel, not ours to close
         hosts = split_endpoints(self.endpoint)
         options: list[tuple[str, int | str]] = list(CLIENT_OPTIONS)
         if len(hosts) > 1 or not _is_ip(hosts[0][0]):
@@ -234,6 +235,17 @@ class Client:
         self.reservations = reservation_pb2_grpc.ReservationServiceStub(self.channel)
         self.telemetry = telemetry_pb2_grpc.TelemetryServiceStub(self.channel)
 
+    @classmethod
+    def sharing(cls, other: Client, token: str) -> Client:
+        """A client on `other`'s channel with another token: no connection of its own (the
+        console serves many sessions over one channel to its replica). Closing it leaves the
+        channel open."""
+        c = cls.__new__(cls)
+        c.__dict__.update(other.__dict__)
+        c.token = token
+        c._shared = True
+        return c
+
     def __enter__(self) -> Client:
         return self
 
@@ -241,7 +253,8 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        self.channel.close()
+        if not self._shared:
+            self.channel.close()
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -436,6 +449,10 @@ class Client:
             if not resp.next_page_token:
                 return out
             req.page_token = resp.next_page_token
+
+    def caller(self) -> admin_pb2.GetCallerResponse:
+        """Who this client's token acts as: kind, principal, private-pool tenant."""
+        return self.call(self.admin.GetCaller, admin_pb2.GetCallerRequest())  # type: ignore[no-any-return]
 
     def list_tokens(self) -> list[admin_pb2.Token]:
         """Every token, without secrets (admin), page by page."""

@@ -45,6 +45,18 @@ RULES = (
         forbidden=("control_plane.adapters", "etcd3"),
         why="servicers authorize, parse, call the application and map; no store, no index",
     ),
+    Rule(
+        "control_plane/console",
+        forbidden=(
+            "control_plane.app",
+            "control_plane.adapters",
+            "control_plane.servicers",
+            "control_plane.domain",
+            "control_plane.rpc",
+            "etcd3",
+        ),
+        why="the console is a gateway: it reaches the federation only through the gRPC API (the SDK)",
+    ),
     Rule("node_daemon", forbidden=("control_plane",), why="the daemon shares only gpufed with the server"),
     Rule(
         "gpufed",

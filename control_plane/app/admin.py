@@ -176,6 +176,15 @@ class Admin:
 
     # -- tokens ---------------------------------------------------------------------------------
 
+    @staticmethod
+    def caller(p: auth.Principal) -> admin_pb2.GetCallerResponse:
+        """Who a token acts as (the peer token, which no client holds, shows as UNSPECIFIED)."""
+        return admin_pb2.GetCallerResponse(
+            kind=_KIND_PB.get(p.kind, admin_pb2.TOKEN_KIND_UNSPECIFIED),
+            principal=p.name,
+            private_to=p.private_to,
+        )
+
     async def create_token(
         self, kind_pb: int, principal: str, private_to: str = ""
     ) -> tuple[admin_pb2.Token, str]:

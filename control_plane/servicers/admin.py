@@ -90,6 +90,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         policy = await self.burst.set(request.policy, auth.current_principal())
         return admin_pb2.SetBurstPolicyResponse(policy=policy)
 
+    async def GetCaller(
+        self, request: admin_pb2.GetCallerRequest, context: Ctx
+    ) -> admin_pb2.GetCallerResponse:
+        return self.admin.caller(auth.current_principal())
+
     async def GetBurstPolicy(
         self, request: admin_pb2.GetBurstPolicyRequest, context: Ctx
     ) -> admin_pb2.GetBurstPolicyResponse:

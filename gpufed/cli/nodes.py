@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from gpufed.cli.common import EXIT_OK, Subparsers, add_filter_flags, country_codes, filter_kwargs
 from gpufed.cli.output import emit, gib, health
@@ -25,28 +26,29 @@ def cmd_offers_search(c: Client, args: argparse.Namespace) -> int:
             **window_kwargs(args),
         )
     )
-    emit(
-        args,
-        found,
-        lambda: (
-            [["NODE", "MODEL", "MEM", "FREE", "PRICE/GPU-H", "COUNTRY", "REGION", "DIST_KM", "POOL"]]
-            + [
-                [
-                    o.node,
-                    f"{o.gpu_model} MIG {o.mig_profile}" if o.mig_profile else o.gpu_model,
-                    gib(o.gpu_memory_bytes),
-                    str(o.free_gpus),
-                    f"{o.price_per_gpu_hour:.2f} {o.currency_code}",
-                    o.location.country_code,
-                    o.location.region,
-                    f"{o.distance_km:.0f}" if o.HasField("distance_km") else "-",
-                    "own" if o.pool == common_pb2.POOL_KIND_OWN else "federation",
-                ]
-                for o in found
-            ]
-        ),
-    )
+    emit(args, found, lambda: offer_rows(found))
     return EXIT_OK
+
+
+OFFER_HEADER = ["NODE", "MODEL", "MEM", "FREE", "PRICE/GPU-H", "COUNTRY", "REGION", "DIST_KM", "POOL"]
+
+
+def offer_rows(found: Sequence[Any]) -> list[list[str]]:
+    """The offers table, header first (the console shows the same cells)."""
+    return [OFFER_HEADER] + [
+        [
+            o.node,
+            f"{o.gpu_model} MIG {o.mig_profile}" if o.mig_profile else o.gpu_model,
+            gib(o.gpu_memory_bytes),
+            str(o.free_gpus),
+            f"{o.price_per_gpu_hour:.2f} {o.currency_code}",
+            o.location.country_code,
+            o.location.region,
+            f"{o.distance_km:.0f}" if o.HasField("distance_km") else "-",
+            "own" if o.pool == common_pb2.POOL_KIND_OWN else "federation",
+        ]
+        for o in found
+    ]
 
 
 def cmd_capacity(c: Client, args: argparse.Namespace) -> int:

@@ -900,6 +900,48 @@ class GetBurstPolicyResponse(_message.Message):
 Global___GetBurstPolicyResponse: _TypeAlias = GetBurstPolicyResponse  # noqa: Y015
 
 @_typing.final
+class GetCallerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCallerRequest: _TypeAlias = GetCallerRequest  # noqa: Y015
+
+@_typing.final
+class GetCallerResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
+    PRIVATE_TO_FIELD_NUMBER: _builtins.int
+    kind: Global___TokenKind.ValueType
+    principal: _builtins.str
+    """The tenant, provider or operator name the token acts as."""
+    private_to: _builtins.str
+    """A provider token bound to a tenant's private pool: that tenant."""
+    def __init__(
+        self,
+        *,
+        kind: Global___TokenKind.ValueType = ...,
+        principal: _builtins.str = ...,
+        private_to: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "principal", b"principal", "private_to", b"private_to"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCallerResponse: _TypeAlias = GetCallerResponse  # noqa: Y015
+
+@_typing.final
 class GetQuotaRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

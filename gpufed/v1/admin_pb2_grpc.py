@@ -97,6 +97,11 @@ class AdminServiceStub:
                 request_serializer=gpufed_dot_v1_dot_admin__pb2.GetBurstPolicyRequest.SerializeToString,
                 response_deserializer=gpufed_dot_v1_dot_admin__pb2.GetBurstPolicyResponse.FromString,
                 _registered_method=True)
+        self.GetCaller = channel.unary_unary(
+                '/gpufed.v1.AdminService/GetCaller',
+                request_serializer=gpufed_dot_v1_dot_admin__pb2.GetCallerRequest.SerializeToString,
+                response_deserializer=gpufed_dot_v1_dot_admin__pb2.GetCallerResponse.FromString,
+                _registered_method=True)
         self.SetGpuHealthy = channel.unary_unary(
                 '/gpufed.v1.AdminService/SetGpuHealthy',
                 request_serializer=gpufed_dot_v1_dot_admin__pb2.SetGpuHealthyRequest.SerializeToString,
@@ -209,6 +214,15 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCaller(self, request, context):
+        """Who the calling token acts as: its kind, principal and (a private-pool provider's) tenant,
+        never its secret. Any token kind; UNAUTHENTICATED for a token no replica knows. Safe to
+        retry. The console asks it at sign-in to choose its views.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetGpuHealthy(self, request, context):
         """An operator's word that a GPU is fit again (after a hardware inspection, or a reset the
         control plane could not see): clears its repair, whatever the action, and its health
@@ -282,6 +296,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetBurstPolicy,
                     request_deserializer=gpufed_dot_v1_dot_admin__pb2.GetBurstPolicyRequest.FromString,
                     response_serializer=gpufed_dot_v1_dot_admin__pb2.GetBurstPolicyResponse.SerializeToString,
+            ),
+            'GetCaller': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCaller,
+                    request_deserializer=gpufed_dot_v1_dot_admin__pb2.GetCallerRequest.FromString,
+                    response_serializer=gpufed_dot_v1_dot_admin__pb2.GetCallerResponse.SerializeToString,
             ),
             'SetGpuHealthy': grpc.unary_unary_rpc_method_handler(
                     servicer.SetGpuHealthy,
@@ -616,6 +635,33 @@ class AdminService:
             '/gpufed.v1.AdminService/GetBurstPolicy',
             gpufed_dot_v1_dot_admin__pb2.GetBurstPolicyRequest.SerializeToString,
             gpufed_dot_v1_dot_admin__pb2.GetBurstPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCaller(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpufed.v1.AdminService/GetCaller',
+            gpufed_dot_v1_dot_admin__pb2.GetCallerRequest.SerializeToString,
+            gpufed_dot_v1_dot_admin__pb2.GetCallerResponse.FromString,
             options,
             channel_credentials,
             insecure,

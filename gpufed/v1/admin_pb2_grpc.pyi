@@ -81,6 +81,11 @@ class AdminServiceStub:
     """
     GetBurstPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetBurstPolicyRequest, _admin_pb2.GetBurstPolicyResponse]
     """A tenant's burst policy (the tenant itself or an admin)."""
+    GetCaller: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetCallerRequest, _admin_pb2.GetCallerResponse]
+    """Who the calling token acts as: its kind, principal and (a private-pool provider's) tenant,
+    never its secret. Any token kind; UNAUTHENTICATED for a token no replica knows. Safe to
+    retry. The console asks it at sign-in to choose its views.
+    """
     SetGpuHealthy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetGpuHealthyRequest, _admin_pb2.SetGpuHealthyResponse]
     """An operator's word that a GPU is fit again (after a hardware inspection, or a reset the
     control plane could not see): clears its repair, whatever the action, and its health
@@ -142,6 +147,11 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """
     GetBurstPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetBurstPolicyRequest, _admin_pb2.GetBurstPolicyResponse]  # type: ignore[assignment]
     """A tenant's burst policy (the tenant itself or an admin)."""
+    GetCaller: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetCallerRequest, _admin_pb2.GetCallerResponse]  # type: ignore[assignment]
+    """Who the calling token acts as: its kind, principal and (a private-pool provider's) tenant,
+    never its secret. Any token kind; UNAUTHENTICATED for a token no replica knows. Safe to
+    retry. The console asks it at sign-in to choose its views.
+    """
     SetGpuHealthy: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetGpuHealthyRequest, _admin_pb2.SetGpuHealthyResponse]  # type: ignore[assignment]
     """An operator's word that a GPU is fit again (after a hardware inspection, or a reset the
     control plane could not see): clears its repair, whatever the action, and its health
@@ -272,6 +282,17 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.GetBurstPolicyResponse, _abc.Awaitable[_admin_pb2.GetBurstPolicyResponse]]:
         """A tenant's burst policy (the tenant itself or an admin)."""
+
+    @_abc_1.abstractmethod
+    def GetCaller(
+        self,
+        request: _admin_pb2.GetCallerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.GetCallerResponse, _abc.Awaitable[_admin_pb2.GetCallerResponse]]:
+        """Who the calling token acts as: its kind, principal and (a private-pool provider's) tenant,
+        never its secret. Any token kind; UNAUTHENTICATED for a token no replica knows. Safe to
+        retry. The console asks it at sign-in to choose its views.
+        """
 
     @_abc_1.abstractmethod
     def SetGpuHealthy(

@@ -261,6 +261,7 @@ UNARY = [
     (admin_pb2, "AdminService", "GetQuota"),
     (admin_pb2, "AdminService", "SetBurstPolicy"),
     (admin_pb2, "AdminService", "GetBurstPolicy"),
+    (admin_pb2, "AdminService", "GetCaller"),
     (peer_pb2, "PeerService", "ForwardNodeTelemetry"),
 ]
 WHO = st.sampled_from(["tenant", "tenant", "provider", "admin", "admin", "peer", "bogus"])

@@ -50,10 +50,16 @@ class Federation:
 
 
 def start_federation(
-    etcd: EtcdCluster, prefix: str, report_interval: float = 0.5, nodes: list[tuple[Any, ...]] = NODES
+    etcd: EtcdCluster,
+    prefix: str,
+    report_interval: float = 0.5,
+    nodes: list[tuple[Any, ...]] = NODES,
+    **replica_kw: Any,
 ) -> Federation:
     replicas = [
-        ReplicaThread(replica_config(etcd.endpoints, prefix, report_interval=report_interval)).start()
+        ReplicaThread(
+            replica_config(etcd.endpoints, prefix, report_interval=report_interval, **replica_kw)
+        ).start()
         for _ in range(2)
     ]
     fed = Federation(replicas)

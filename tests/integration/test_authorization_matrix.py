@@ -308,6 +308,9 @@ def _calls() -> dict[str, Call]:
         "AdminService.GetBurstPolicy": lambda w, md, who: admin(w).GetBurstPolicy(
             admin_pb2.GetBurstPolicyRequest(name="burstPolicies/dev"), metadata=md, timeout=10
         ),
+        "AdminService.GetCaller": lambda w, md, who: admin(w).GetCaller(
+            admin_pb2.GetCallerRequest(), metadata=md, timeout=10
+        ),
         "AdminService.SetGpuHealthy": lambda w, md, who: admin(w).SetGpuHealthy(
             admin_pb2.SetGpuHealthyRequest(
                 node=NODE, gpu_uuid=FakeNvml("l40s-4").gpus[3].uuid, reason="inspected"

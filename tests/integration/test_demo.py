@@ -7,6 +7,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -20,9 +22,14 @@ from tests.harness import free_port, wait_until
 pytestmark = pytest.mark.integration
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
 def test_demo_offers_gpus_of_every_provider_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     port, etcd_port, peer_port, metrics_port = free_port(), free_port(), free_port(), free_port()
-    dcgm_port = free_port()
+    dcgm_port, console_port = free_port(), free_port()
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -38,6 +45,8 @@ def test_demo_offers_gpus_of_every_provider_and_stops_on_ctrl_c(tmp_path: Path) 
             str(metrics_port),
             "--dcgm-port",
             str(dcgm_port),
+            "--console-port",
+            str(console_port),
             "--data-dir",
             str(tmp_path),
         ],
@@ -58,6 +67,7 @@ def test_demo_offers_gpus_of_every_provider_and_stops_on_ctrl_c(tmp_path: Path) 
                 break
         text = "".join(lines)
         assert "gpufed demo is up" in text, text
+        assert f"http://127.0.0.1:{console_port}/" in text  # make run prints the console's address
         env = dict(
             line.removeprefix("export ").strip().split("=", 1)
             for line in (tmp_path / "demo.env").read_text().splitlines()
@@ -78,6 +88,14 @@ def test_demo_offers_gpus_of_every_provider_and_stops_on_ctrl_c(tmp_path: Path) 
             assert [o.mig_profile for o in c.search_offers(mig_profile="1g.10gb")] == ["1g.10gb"]
             with urllib.request.urlopen(f"http://127.0.0.1:{dcgm_port}/metrics", timeout=5) as r:
                 assert b'DCGM_FI_DEV_GPU_TEMP{gpu="0"' in r.read()
+        # The demo's tokens sign in to the console (the browser tests: test_console.py).
+        for name in ("GPUFED_TOKEN", "GPUFED_ACME_TOKEN", "GPUFED_ADMIN_TOKEN"):
+            form = urllib.parse.urlencode({"token": env[name]}).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{console_port}/signin", data=form)
+            with pytest.raises(urllib.error.HTTPError) as signed_in:  # 303 to the first view
+                urllib.request.build_opener(_NoRedirect).open(req, timeout=10)
+            assert signed_in.value.code == 303, name
+            assert "gpufed_session=" in signed_in.value.headers["Set-Cookie"]
         # acme fills its own 8 L40S first, then bursts into the federation (nordic-gpu's L40S).
         with Client(env["GPUFED_ENDPOINT"], env["GPUFED_ACME_TOKEN"]) as acme:
             wait_until(lambda: len([n for n in acme.list_nodes() if n.pool_tenant]) == len(POOL), timeout=30)
