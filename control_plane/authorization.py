@@ -36,10 +36,11 @@ OWN_LEASES = "a tenant: its own leases (another's is NOT_FOUND); an admin: any"
 OWN_RESERVATIONS = "a tenant: its own reservations (another's is NOT_FOUND); an admin: any"
 TABLE: dict[str, Rule] = {
     "NodeService.Connect": _rule("its own nodes (hello.provider = the token's provider)", P),
-    # Discovery is for developers and operators; providers see their usage records instead.
+    # Discovery is for developers and operators; a provider reads its own nodes (their health,
+    # repairs, which lease holds a GPU: what its daemons already know) and usage records.
     "DiscoveryService.SearchOffers": _rule(ALL_OFFERS, T, A),
-    "DiscoveryService.GetNode": _rule(ALL_OFFERS, T, A),
-    "DiscoveryService.ListNodes": _rule(ALL_OFFERS, T, A),
+    "DiscoveryService.GetNode": _rule(ALL_OFFERS + "; a provider: its own nodes only", T, P, A),
+    "DiscoveryService.ListNodes": _rule(ALL_OFFERS + "; a provider: its own nodes only", T, P, A),
     "DiscoveryService.ListProviders": _rule(ALL_OFFERS, T, A),
     "DiscoveryService.SummarizeCapacity": _rule(ALL_OFFERS, T, A),
     "DiscoveryService.WatchCapacity": _rule(ALL_OFFERS, T, A),

@@ -178,6 +178,10 @@ class DaemonSession:
                 except (TimeoutError, OSError) as e:
                     self.state.last_error = str(e)
                     log.warning("cannot reach control plane", endpoint=endpoint, error=str(e))
+                except Exception as e:  # e.g. grpc.aio's InvalidStateError "RPC already finished"
+                    # when a replica goes away mid-call: the session must outlive any one stream.
+                    self.state.last_error = f"{type(e).__name__}: {e}"
+                    log.exception("stream to control plane failed", endpoint=endpoint)
                 finally:
                     self.state.connected = False
                 if self._stop.is_set():

@@ -149,16 +149,18 @@ class Discovery:
                     gpu.lease = ""
         return node
 
-    def node(self, name: str, tenant: str | None = None) -> common_pb2.Node:
+    def node(self, name: str, tenant: str | None = None, provider: str | None = None) -> common_pb2.Node:
+        """`provider`: a provider's own view, its own nodes only (another's is NOT_FOUND)."""
         parse_node_name(name)
         node = self._view(name, tenant)
-        if node is None:
+        if node is None or (provider is not None and node.provider != provider):
             raise errors.not_found("NODE_NOT_FOUND", f"{name} is not registered", node=name)
         return node
 
     def list_nodes(
-        self, request: discovery_pb2.ListNodesRequest, tenant: str | None = None
+        self, request: discovery_pb2.ListNodesRequest, tenant: str | None = None, provider: str | None = None
     ) -> tuple[list[common_pb2.Node], str]:
+        """`provider`: a provider's own view: its own nodes only, whatever `request.provider` names."""
         if request.provider and not valid_id(request.provider):
             raise errors.invalid(
                 "INVALID_PROVIDER",
@@ -168,11 +170,14 @@ class Discovery:
         if request.state not in common_pb2.NodeState.values():
             raise errors.invalid("INVALID_STATE", f"unknown state {request.state}", field="state")
         size = pagination.page_size(request.page_size)
-        query = pagination.query_hash("nodes", request.provider, str(request.state), str(tenant))
+        query = pagination.query_hash(
+            "nodes", request.provider, str(request.state), str(tenant), str(provider)
+        )
         names = [
             n
             for n, e in sorted(self.inv.nodes.items())
             if (not request.provider or e.node.provider == request.provider)
+            and (provider is None or e.node.provider == provider)
             and (not request.state or self.inv.state(n) == request.state)
             and visible(e.node, tenant)
         ]

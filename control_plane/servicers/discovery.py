@@ -22,6 +22,12 @@ def _tenant() -> str | None:
     return p.name if p.kind == auth.Kind.TENANT else None
 
 
+def _provider() -> str | None:
+    """A provider's own name: its reads of nodes are scoped to its own."""
+    p = auth.current_principal()
+    return p.name if p.kind == auth.Kind.PROVIDER else None
+
+
 class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
     def __init__(self, discovery: Discovery) -> None:
         self.discovery = discovery
@@ -34,7 +40,7 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
     async def GetNode(
         self, request: discovery_pb2.GetNodeRequest, context: Ctx
     ) -> discovery_pb2.GetNodeResponse:
-        node = self.discovery.node(request.name, _tenant())
+        node = self.discovery.node(request.name, _tenant(), _provider())
         return discovery_pb2.GetNodeResponse(
             node=node, revision=self.discovery.inv.revision, replica_version=__version__
         )
@@ -44,7 +50,7 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
     ) -> discovery_pb2.ListNodesResponse:
         self.discovery.take_read(_tenant())
         revision = self.discovery.inv.revision
-        nodes, token = self.discovery.list_nodes(request, _tenant())
+        nodes, token = self.discovery.list_nodes(request, _tenant(), _provider())
         return discovery_pb2.ListNodesResponse(nodes=nodes, next_page_token=token, revision=revision)
 
     async def ListProviders(

@@ -87,14 +87,16 @@ class DiscoveryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetNode(self, request, context):
-        """One node by name ("providers/{provider}/nodes/{node_id}"); NOT_FOUND if unknown.
+        """One node by name ("providers/{provider}/nodes/{node_id}"); NOT_FOUND if unknown. A
+        provider token reads its own nodes only (another provider's is NOT_FOUND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListNodes(self, request, context):
-        """Nodes ordered by name, optionally one provider's and in one state. AIP-158 pagination.
+        """Nodes ordered by name, optionally one provider's and in one state. AIP-158 pagination. A
+        provider token lists its own nodes only, whatever `provider` names.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -44,9 +44,13 @@ class DiscoveryServiceStub:
     opaque and only valid with the same filter and order.
     """
     GetNode: _grpc.UnaryUnaryMultiCallable[_discovery_pb2.GetNodeRequest, _discovery_pb2.GetNodeResponse]
-    """One node by name ("providers/{provider}/nodes/{node_id}"); NOT_FOUND if unknown."""
+    """One node by name ("providers/{provider}/nodes/{node_id}"); NOT_FOUND if unknown. A
+    provider token reads its own nodes only (another provider's is NOT_FOUND).
+    """
     ListNodes: _grpc.UnaryUnaryMultiCallable[_discovery_pb2.ListNodesRequest, _discovery_pb2.ListNodesResponse]
-    """Nodes ordered by name, optionally one provider's and in one state. AIP-158 pagination."""
+    """Nodes ordered by name, optionally one provider's and in one state. AIP-158 pagination. A
+    provider token lists its own nodes only, whatever `provider` names.
+    """
     ListProviders: _grpc.UnaryUnaryMultiCallable[_discovery_pb2.ListProvidersRequest, _discovery_pb2.ListProvidersResponse]
     """Providers that have registered at least one node, ordered by name."""
     SummarizeCapacity: _grpc.UnaryUnaryMultiCallable[_discovery_pb2.SummarizeCapacityRequest, _discovery_pb2.SummarizeCapacityResponse]
@@ -77,9 +81,13 @@ class DiscoveryServiceAsyncStub(DiscoveryServiceStub):
     opaque and only valid with the same filter and order.
     """
     GetNode: _aio.UnaryUnaryMultiCallable[_discovery_pb2.GetNodeRequest, _discovery_pb2.GetNodeResponse]  # type: ignore[assignment]
-    """One node by name ("providers/{provider}/nodes/{node_id}"); NOT_FOUND if unknown."""
+    """One node by name ("providers/{provider}/nodes/{node_id}"); NOT_FOUND if unknown. A
+    provider token reads its own nodes only (another provider's is NOT_FOUND).
+    """
     ListNodes: _aio.UnaryUnaryMultiCallable[_discovery_pb2.ListNodesRequest, _discovery_pb2.ListNodesResponse]  # type: ignore[assignment]
-    """Nodes ordered by name, optionally one provider's and in one state. AIP-158 pagination."""
+    """Nodes ordered by name, optionally one provider's and in one state. AIP-158 pagination. A
+    provider token lists its own nodes only, whatever `provider` names.
+    """
     ListProviders: _aio.UnaryUnaryMultiCallable[_discovery_pb2.ListProvidersRequest, _discovery_pb2.ListProvidersResponse]  # type: ignore[assignment]
     """Providers that have registered at least one node, ordered by name."""
     SummarizeCapacity: _aio.UnaryUnaryMultiCallable[_discovery_pb2.SummarizeCapacityRequest, _discovery_pb2.SummarizeCapacityResponse]  # type: ignore[assignment]
@@ -119,7 +127,9 @@ class DiscoveryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _discovery_pb2.GetNodeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_discovery_pb2.GetNodeResponse, _abc.Awaitable[_discovery_pb2.GetNodeResponse]]:
-        """One node by name ("providers/{provider}/nodes/{node_id}"); NOT_FOUND if unknown."""
+        """One node by name ("providers/{provider}/nodes/{node_id}"); NOT_FOUND if unknown. A
+        provider token reads its own nodes only (another provider's is NOT_FOUND).
+        """
 
     @_abc_1.abstractmethod
     def ListNodes(
@@ -127,7 +137,9 @@ class DiscoveryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _discovery_pb2.ListNodesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_discovery_pb2.ListNodesResponse, _abc.Awaitable[_discovery_pb2.ListNodesResponse]]:
-        """Nodes ordered by name, optionally one provider's and in one state. AIP-158 pagination."""
+        """Nodes ordered by name, optionally one provider's and in one state. AIP-158 pagination. A
+        provider token lists its own nodes only, whatever `provider` names.
+        """
 
     @_abc_1.abstractmethod
     def ListProviders(

@@ -83,6 +83,7 @@ EXPLICIT: dict[tuple[str, str], grpc.StatusCode] = {
     ("ReservationService.WatchReservation", "other tenant"): NOT_FOUND,
     ("TelemetryService.GetNodeTelemetry", "other tenant"): NOT_FOUND,  # holds no GPU of it
     ("TelemetryService.GetNodeTelemetry", "other provider"): NOT_FOUND,
+    ("DiscoveryService.GetNode", "other provider"): NOT_FOUND,  # a provider reads its own nodes
     ("AdminService.GetQuota", "other tenant"): DENIED,  # OTHER_PRINCIPAL
     ("AdminService.SetBurstPolicy", "other tenant"): DENIED,  # OTHER_PRINCIPAL
     ("AdminService.GetBurstPolicy", "other tenant"): DENIED,

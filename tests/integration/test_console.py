@@ -22,9 +22,9 @@ from google.protobuf.json_format import ParseDict
 
 from gpufed.cli.nodes import offer_rows
 from gpufed.client import Client
-from gpufed.v1 import discovery_pb2, lease_pb2
+from gpufed.v1 import discovery_pb2, lease_pb2, reservation_pb2
 from tests.harness import ADMIN_TOKEN, EtcdCluster, unique_prefix, wait_until
-from tests.integration.federation import Federation, start_federation
+from tests.integration.federation import NODES, Federation, start_federation
 
 pytestmark = pytest.mark.integration
 CHROMIUM = os.environ.get("CHROMIUM_BIN") or shutil.which("chromium") or ""
@@ -84,6 +84,12 @@ def table(driver: Any, table_id: str) -> list[list[str]]:
     return [[td.text for td in r.find_elements(By.TAG_NAME, "td")] for r in rows]
 
 
+def state_of(driver: Any, row_id: str) -> str:
+    """The state cell of a table row ("" while the row is not there)."""
+    cells = driver.find_elements(By.CSS_SELECTOR, f"#{row_id} td.state")
+    return str(cells[0].text) if cells else ""
+
+
 def shot(driver: Any, name: str) -> None:
     if os.environ.get("GPUFED_CONSOLE_SCREENSHOTS"):
         SHOTS.mkdir(parents=True, exist_ok=True)
@@ -126,6 +132,31 @@ def test_a_tenant_signs_in_and_its_token_is_an_httponly_strict_cookie_never_in_t
     browser.get(url + "/capacity")
     wait_until(lambda: len(table(browser, "capacity-table")) > 1, timeout=10)
     shot(browser, "capacity")
+
+
+def test_the_capacity_map_colours_each_country_by_its_share_free_and_names_its_models(
+    console: tuple[Federation, str], browser: Any
+) -> None:
+    fed, url = console
+    sign_in(browser, url, fed.tenant_token)
+    with fed.client() as c:
+        held = c.create_lease(6, gpu_model="H200")  # nyc-1's eight: two left free
+    try:
+        browser.get(url + "/capacity")
+
+        def country(code: str) -> tuple[str, str]:
+            path = browser.find_element(By.CSS_SELECTOR, f'#capacity-map path[data-country="{code}"]')
+            title = path.find_element(By.TAG_NAME, "title").get_attribute("textContent")
+            return path.get_attribute("class"), title
+
+        cls, title = country("DE")
+        assert cls == "cap-4" and "8 of 8 GPUs free" in title and "NVIDIA H100 80GB HBM3: 8 / 8" in title
+        cls, title = country("US")
+        assert cls == "cap-2" and "2 of 8 GPUs free" in title  # a quarter free
+        assert country("JP") == ("cap-none", "Japan (JP): no GPUs")
+    finally:
+        with fed.client() as c:
+            c.release_lease(held.name)
 
 
 def test_offers_for_a_filter_are_exactly_what_gpufed_offers_search_prints(
@@ -174,11 +205,9 @@ def test_a_lease_created_from_the_page_goes_active_and_released_ends_live(
         wait_until(lambda: any(x.state == lease_pb2.LEASE_STATE_ACTIVE for x in c.list_leases()), timeout=10)
         lease = next(x for x in c.list_leases() if x.state == lease_pb2.LEASE_STATE_ACTIVE)
     lease_id = lease.name.removeprefix("leases/")
-    row = f"lease-{lease_id}"
 
     def state() -> str:
-        cells = browser.find_elements(By.CSS_SELECTOR, f"#{row} td.state")
-        return cells[0].text if cells else ""
+        return state_of(browser, f"lease-{lease_id}")
 
     wait_until(lambda: state() == "ACTIVE", timeout=10)
     shot(browser, "leases")
@@ -199,6 +228,64 @@ def test_a_lease_created_from_the_page_goes_active_and_released_ends_live(
         ),
         timeout=10,
     )
+
+
+def test_a_booked_reservation_shows_with_its_window_and_cancelled_from_the_page_ends_live(
+    console: tuple[Federation, str], browser: Any
+) -> None:
+    import time
+
+    from tests.harness import reservations_open
+
+    fed, url = console
+    with fed.client() as c:
+        wait_until(lambda: reservations_open(c), timeout=20)
+        booked = c.create_reservation(2, time.time() + 3600, 1800, gpu_model="A100")
+    rid = booked.name.removeprefix("reservations/")
+    sign_in(browser, url, fed.tenant_token)
+    browser.get(url + "/leases")
+
+    def state() -> str:
+        return state_of(browser, f"reservation-{rid}")
+
+    wait_until(lambda: state() == "SCHEDULED", timeout=10)
+    shot(browser, "leases")
+    browser.find_element(By.ID, f"cancel-{rid}").click()
+    wait_until(lambda: state() == "ENDED", timeout=10)
+    with fed.client() as c:
+        assert c.get_reservation(booked.name).state == reservation_pb2.RESERVATION_STATE_ENDED
+
+
+def test_a_tenant_reads_its_quota_and_an_admin_sets_one_from_the_page(
+    console: tuple[Federation, str], browser: Any
+) -> None:
+    fed, url = console
+    sign_in(browser, url, fed.tenant_token)
+    browser.get(url + "/account")
+    quota = dict((r[0], r[1]) for r in ([th.text, td.text] for th, td in _pairs(browser, "quota-table")))
+    assert "max_gpus" in quota and "in use: GPUs held" in quota
+    assert not browser.find_elements(By.ID, "quota-form")  # a tenant reads, an operator writes
+    browser.delete_all_cookies()
+    sign_in(browser, url, ADMIN_TOKEN)
+    browser.get(url + "/account?kind=tenants&name=dev")
+    browser.find_element(By.ID, "q-max-gpus").send_keys("12")
+    browser.find_element(By.ID, "q-set").click()
+    with fed.admin() as admin:
+        wait_until(lambda: admin.get_quota("quotas/tenants/dev").quota.tenant.max_gpus == 12, timeout=10)
+        # The page it comes back to shows the new value.
+        wait_until(
+            lambda: ["max_gpus", "12"] in [[th.text, td.text] for th, td in _pairs(browser, "quota-table")],
+            timeout=10,
+        )
+        shot(browser, "quotas")
+        admin.set_quota("quotas/tenants/dev")  # back to the defaults
+
+
+def _pairs(driver: Any, table_id: str) -> list[tuple[Any, Any]]:
+    return [
+        (r.find_element(By.TAG_NAME, "th"), r.find_element(By.TAG_NAME, "td"))
+        for r in driver.find_elements(By.CSS_SELECTOR, f"#{table_id} tr")
+    ]
 
 
 def test_a_tenant_never_sees_another_tenants_lease(console: tuple[Federation, str], browser: Any) -> None:
@@ -225,6 +312,80 @@ def test_a_tenant_never_sees_another_tenants_lease(console: tuple[Federation, st
     finally:
         with fed.client(token=other_token) as other:
             other.release_lease(theirs.name)
+
+
+def test_a_private_pool_shows_only_to_its_tenant(console: tuple[Federation, str], browser: Any) -> None:
+    from node_daemon.fake_nvml import FakeNvml
+    from tests.harness import DaemonThread, daemon_config
+
+    fed, url = console
+    with fed.admin() as admin:
+        pool_provider = admin.create_token("provider", "lab", private_to="owner").secret
+        owner_token = admin.create_token("tenant", "owner").secret
+    daemon = DaemonThread(
+        daemon_config([fed.replicas[0].address], pool_provider, "lab", "lab-1", "SE"), FakeNvml("a100-80g-8")
+    ).start()
+    try:
+        with fed.client(token=owner_token) as owner:
+            wait_until(
+                lambda: any(o.node == "providers/lab/nodes/lab-1" for o in owner.search_offers()), timeout=20
+            )
+        sign_in(browser, url, fed.tenant_token)
+        browser.get(url + "/offers?countries=SE")
+        assert "lab-1" not in browser.page_source and "no offers match" in browser.page_source
+        browser.get(url + "/capacity")
+        assert "SE" not in [r[1] for r in table(browser, "capacity-table")]
+        browser.delete_all_cookies()
+        sign_in(browser, url, owner_token)
+        browser.get(url + "/offers?countries=SE")
+        rows = wait_until_rows(browser, "offers-table")
+        assert [(r[0], r[8]) for r in rows] == [("providers/lab/nodes/lab-1", "own")]
+    finally:
+        daemon.stop()
+
+
+def test_a_provider_sees_only_its_own_nodes_with_per_gpu_health_repairs_and_sparklines(
+    console: tuple[Federation, str], browser: Any
+) -> None:
+    fed, url = console
+    sign_in(browser, url, fed.provider_tokens["blue"])
+    assert browser.current_url.endswith("/nodes")
+    assert [r[0] for r in table(browser, "nodes-table")] == ["providers/blue/nodes/hel-1"]
+    browser.find_element(By.LINK_TEXT, "providers/blue/nodes/hel-1").click()
+
+    def gpu0() -> list[str]:
+        rows = table(browser, "gpus-table")
+        return rows[0] if rows else []
+
+    # GPU 0 runs hot (the federation's thermal fault): DEGRADED, with NVIDIA's reason code.
+    wait_until(lambda: gpu0()[3:4] == ["DEGRADED"] and "THERMAL_SLOWDOWN" in gpu0()[8], timeout=10)
+    wait_until(
+        lambda: len(browser.find_elements(By.CSS_SELECTOR, "#gpus-table svg.spark polyline")) >= 16,
+        timeout=15,
+    )
+    shot(browser, "node")
+    assert not browser.find_elements(By.ID, "node-cordon")  # operators' buttons only
+    # Another provider's node is the API's NOT_FOUND, page or not.
+    browser.get(url + "/providers/neo/nodes/fra-1")
+    assert "NOT_FOUND" in browser.find_element(By.ID, "error").text
+
+
+def test_an_admin_cordons_and_uncordons_a_node_from_its_page(
+    console: tuple[Federation, str], browser: Any
+) -> None:
+    fed, url = console
+    sign_in(browser, url, ADMIN_TOKEN)
+    browser.get(url + "/nodes")
+    assert {f"providers/{n[0]}/nodes/{n[1]}" for n in NODES} <= {r[0] for r in table(browser, "nodes-table")}
+    browser.get(url + "/providers/acme/nodes/ams-1")
+    browser.find_element(By.CSS_SELECTOR, "form[action$='/cordon'] input[name=reason]").send_keys(
+        "maintenance"
+    )
+    browser.find_element(By.ID, "node-cordon").click()
+    with fed.admin() as admin:
+        wait_until(lambda: admin.get_node("providers/acme/nodes/ams-1").state == 3, timeout=10)
+        browser.find_element(By.ID, "node-uncordon").click()
+        wait_until(lambda: admin.get_node("providers/acme/nodes/ams-1").state == 1, timeout=10)
 
 
 def test_a_write_without_the_csrf_token_is_refused_and_changes_nothing(

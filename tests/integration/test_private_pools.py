@@ -152,6 +152,9 @@ READS: dict[str, Callable[..., Any]] = {
     "AdminService.GetBurstPolicy": lambda d, ls, a, t, r, rs, md: a.GetBurstPolicy(
         admin_pb2.GetBurstPolicyRequest(name="burstPolicies/acme"), metadata=md
     ),
+    "AdminService.GetCaller": lambda d, ls, a, t, r, rs, md: a.GetCaller(
+        admin_pb2.GetCallerRequest(), metadata=md
+    ),
     "AdminService.GetQuota": lambda d, ls, a, t, r, rs, md: a.GetQuota(
         admin_pb2.GetQuotaRequest(name="quotas/providers/acme-own"), metadata=md
     ),
