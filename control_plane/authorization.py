@@ -74,6 +74,7 @@ TABLE: dict[str, Rule] = {
     "AdminService.SetBurstPolicy": _rule("a tenant: its own; an admin: any", T, A),
     "AdminService.GetBurstPolicy": _rule("a tenant: its own; an admin: any", T, A),
     "AdminService.GetCaller": _rule("who its own token acts as", T, P, A),
+    "AdminService.ListAuditEvents": _rule("this replica's recent audit events", A),
     "AdminService.SetGpuHealthy": _rule("any node's GPUs", A),
     "PeerService.ForwardNodeTelemetry": _rule("telemetry of nodes streaming to this replica", R, A),
 }

@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from control_plane.adapters.audit_ring import AuditRing
 from control_plane.adapters.index import Change, ChangeKind, Inventory
 from control_plane.adapters.peer import PeerClient
 from control_plane.adapters.store import EtcdAuth, EtcdStore, EtcdTls, Session, StoreUnavailable
@@ -119,12 +120,15 @@ class Replica:
         self._tasks: list[asyncio.Task[None]] = []
         self._metrics_server: object | None = None
         self.console: Any = None  # control_plane.console.server.ConsoleServer with --console-listen
+        # This replica's recent audit events (AdminService.ListAuditEvents), from its start on.
+        self.audit_ring = AuditRing()
         self.address = ""
 
     async def start(self) -> None:
         cfg = self.config
         check_listeners(cfg.listen, cfg.tls_cert, cfg.tls_key, cfg.client_ca, cfg.node_listen, cfg.insecure)
         check_console_listen(cfg.console_listen, cfg.tls_cert)
+        self.audit_ring.attach()
         check_tokens(cfg.admin_token, cfg.peer_token)
         if not cfg.peer_token:
             log.warning(
@@ -240,7 +244,7 @@ class Replica:
         telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(TelemetryServicer(self.telemetry), services)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
             AdminServicer(
-                Admin(self.store, self.inventory, self.leases, self.clock),
+                Admin(self.store, self.inventory, self.leases, self.clock, self.audit_ring, self.id),
                 self.quotas,
                 BurstPolicies(self.store, self.inventory, self.clock),
             ),
@@ -458,6 +462,7 @@ class Replica:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        self.audit_ring.detach()
         await self.leader.resign()
         await self.leases.stop()
         await self.peers.close()

@@ -450,6 +450,11 @@ class Client:
                 return out
             req.page_token = resp.next_page_token
 
+    def audit_events(self, page_size: int = 50, page_token: str = "") -> admin_pb2.ListAuditEventsResponse:
+        """One page of the answering replica's recent audit events, newest first (admin)."""
+        req = admin_pb2.ListAuditEventsRequest(page_size=page_size, page_token=page_token)
+        return self.call(self.admin.ListAuditEvents, req)  # type: ignore[no-any-return]
+
     def caller(self) -> admin_pb2.GetCallerResponse:
         """Who this client's token acts as: kind, principal, private-pool tenant."""
         return self.call(self.admin.GetCaller, admin_pb2.GetCallerRequest())  # type: ignore[no-any-return]

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from google.protobuf import timestamp_pb2
 
 from control_plane import auth
+from control_plane.adapters.audit_ring import AuditRing
 from control_plane.adapters.index import Inventory
 from control_plane.adapters.keyspace import MAX_NS
 from control_plane.adapters.store import EtcdStore, KeyValue, delete, prefix_end
@@ -23,6 +24,7 @@ MAX_DRAIN_GRACE_S = 7 * 24 * 3600
 MAX_REASON = 256
 # Keys one ListUsageRecords page may read past its filter before it answers with what it has.
 USAGE_SCAN_LIMIT = 2000
+MAX_AUDIT_PAGE = 500
 KINDS = {
     admin_pb2.TOKEN_KIND_TENANT: auth.Kind.TENANT,
     admin_pb2.TOKEN_KIND_PROVIDER: auth.Kind.PROVIDER,
@@ -38,7 +40,17 @@ def _ts(iso: str) -> timestamp_pb2.Timestamp:
 
 
 class Admin:
-    def __init__(self, store: EtcdStore, inventory: Inventory, leases: Leases, clock: Clock = SYSTEM) -> None:
+    def __init__(
+        self,
+        store: EtcdStore,
+        inventory: Inventory,
+        leases: Leases,
+        clock: Clock = SYSTEM,
+        audit_ring: AuditRing | None = None,
+        replica_id: str = "",
+    ) -> None:
+        self.audit_ring = audit_ring or AuditRing()
+        self.replica_id = replica_id
         self.store = store
         self.keys = store.keys
         self.inv = inventory
@@ -175,6 +187,27 @@ class Admin:
         return records, pagination.encode_cursor(query, last)
 
     # -- tokens ---------------------------------------------------------------------------------
+
+    def audit_events(self, page_size: int, page_token: str) -> admin_pb2.ListAuditEventsResponse:
+        """This replica's recent audit events, newest first, a page at a time (AIP-158)."""
+        ring, replica = self.audit_ring, self.replica_id
+        if not 0 <= page_size <= MAX_AUDIT_PAGE:
+            raise errors.invalid(
+                "INVALID_PAGE_SIZE", f"page_size must be in 0..{MAX_AUDIT_PAGE}", field="page_size"
+            )
+        query = pagination.query_hash("audit", replica)
+        last = pagination.decode_cursor(page_token, query)
+        if last and not last.isdigit():
+            raise errors.invalid("INVALID_PAGE_TOKEN", "page_token is malformed", field="page_token")
+        entries, more = ring.before(int(last) if last else None, page_size or 50)
+        out = admin_pb2.ListAuditEventsResponse(replica=replica)
+        for e in entries:
+            ev = out.events.add(**e.fields)
+            ev.time.seconds, ev.time.nanos = divmod(e.time_ns, 1_000_000_000)
+            ev.details.extend(e.details)
+        if more is not None:
+            out.next_page_token = pagination.encode_cursor(query, str(more))
+        return out
 
     @staticmethod
     def caller(p: auth.Principal) -> admin_pb2.GetCallerResponse:

@@ -316,6 +316,32 @@ def create_app(api: Client, *, secure_cookie: bool = True) -> Starlette:
         await run_in_threadpool(lambda: c.set_burst_policy(subject, max_price, countries))
         return RedirectResponse(f"/account?kind=tenants&name={subject}", status_code=303)
 
+    @page("audit")
+    async def audit(request: Request) -> Response:
+        return render(request, "audit.html", **(await _audit_ctx(request)))
+
+    @page("audit")
+    async def audit_table(request: Request) -> Response:
+        return render(request, "audit_table.html", **(await _audit_ctx(request)))
+
+    async def _audit_ctx(request: Request) -> dict[str, Any]:
+        q = _bounded(dict(request.query_params))
+        c = client(request)
+        resp = await run_in_threadpool(c.audit_events, PAGE_SIZE, q.get("page_token", ""))
+        events = [
+            {
+                "time": _when(e.time, seconds=True),
+                "event": e.event,
+                "principal": e.principal,
+                "method": e.method,
+                "target": e.target,
+                "code": f"{e.code} {e.reason}".strip(),
+                "details": " ".join(e.details),
+            }
+            for e in resp.events
+        ]
+        return {"events": events, "replica": resp.replica, "next_page": resp.next_page_token, "q": q}
+
     @page("capacity")
     async def capacity(request: Request) -> Response:
         resp = await run_in_threadpool(
@@ -401,6 +427,8 @@ def create_app(api: Client, *, secure_cookie: bool = True) -> Starlette:
         Route("/account", account, methods=["GET"]),
         Route("/account/quota", set_quota, methods=["POST"]),
         Route("/account/burst", set_burst, methods=["POST"]),
+        Route("/audit", audit),
+        Route("/audit/table", audit_table),
         Route("/nodes", nodes),
         Route("/providers/{provider}/nodes/{node_id}", node),
         Route("/providers/{provider}/nodes/{node_id}/gpus", node_gpus),
@@ -630,8 +658,8 @@ def _number(v: float) -> str:
     return f"{int(v)}" if float(v).is_integer() else f"{v:g}"
 
 
-def _when(ts: Any) -> str:
-    return ts.ToDatetime().strftime("%Y-%m-%d %H:%M") if ts.seconds else ""
+def _when(ts: Any, seconds: bool = False) -> str:
+    return ts.ToDatetime().strftime("%Y-%m-%d %H:%M" + (":%S" if seconds else "")) if ts.seconds else ""
 
 
 def _reservation_row(r: reservation_pb2.Reservation) -> dict[str, Any]:

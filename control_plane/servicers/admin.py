@@ -90,6 +90,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         policy = await self.burst.set(request.policy, auth.current_principal())
         return admin_pb2.SetBurstPolicyResponse(policy=policy)
 
+    async def ListAuditEvents(
+        self, request: admin_pb2.ListAuditEventsRequest, context: Ctx
+    ) -> admin_pb2.ListAuditEventsResponse:
+        return self.admin.audit_events(request.page_size, request.page_token)
+
     async def GetCaller(
         self, request: admin_pb2.GetCallerRequest, context: Ctx
     ) -> admin_pb2.GetCallerResponse:

@@ -97,6 +97,11 @@ class AdminServiceStub:
                 request_serializer=gpufed_dot_v1_dot_admin__pb2.GetBurstPolicyRequest.SerializeToString,
                 response_deserializer=gpufed_dot_v1_dot_admin__pb2.GetBurstPolicyResponse.FromString,
                 _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/gpufed.v1.AdminService/ListAuditEvents',
+                request_serializer=gpufed_dot_v1_dot_admin__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=gpufed_dot_v1_dot_admin__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
         self.GetCaller = channel.unary_unary(
                 '/gpufed.v1.AdminService/GetCaller',
                 request_serializer=gpufed_dot_v1_dot_admin__pb2.GetCallerRequest.SerializeToString,
@@ -214,6 +219,18 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAuditEvents(self, request, context):
+        """This replica's most recent audit events, newest first: every privileged act and every
+        denial it logged (the gpufed.audit logger), from a ring of the last 1,000 events kept in
+        its memory. Each replica keeps its own, as each logs its own: ask each replica, or ship
+        the gpufed.audit log, for the whole record. AIP-158 pages by event; a token from a page
+        the ring has since passed goes on from the oldest event kept. INVALID_ARGUMENT for a bad
+        page size or token. Admin only; safe to retry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetCaller(self, request, context):
         """Who the calling token acts as: its kind, principal and (a private-pool provider's) tenant,
         never its secret. Any token kind; UNAUTHENTICATED for a token no replica knows. Safe to
@@ -296,6 +313,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetBurstPolicy,
                     request_deserializer=gpufed_dot_v1_dot_admin__pb2.GetBurstPolicyRequest.FromString,
                     response_serializer=gpufed_dot_v1_dot_admin__pb2.GetBurstPolicyResponse.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=gpufed_dot_v1_dot_admin__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=gpufed_dot_v1_dot_admin__pb2.ListAuditEventsResponse.SerializeToString,
             ),
             'GetCaller': grpc.unary_unary_rpc_method_handler(
                     servicer.GetCaller,
@@ -635,6 +657,33 @@ class AdminService:
             '/gpufed.v1.AdminService/GetBurstPolicy',
             gpufed_dot_v1_dot_admin__pb2.GetBurstPolicyRequest.SerializeToString,
             gpufed_dot_v1_dot_admin__pb2.GetBurstPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpufed.v1.AdminService/ListAuditEvents',
+            gpufed_dot_v1_dot_admin__pb2.ListAuditEventsRequest.SerializeToString,
+            gpufed_dot_v1_dot_admin__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

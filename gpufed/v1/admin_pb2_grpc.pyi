@@ -81,6 +81,14 @@ class AdminServiceStub:
     """
     GetBurstPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetBurstPolicyRequest, _admin_pb2.GetBurstPolicyResponse]
     """A tenant's burst policy (the tenant itself or an admin)."""
+    ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAuditEventsRequest, _admin_pb2.ListAuditEventsResponse]
+    """This replica's most recent audit events, newest first: every privileged act and every
+    denial it logged (the gpufed.audit logger), from a ring of the last 1,000 events kept in
+    its memory. Each replica keeps its own, as each logs its own: ask each replica, or ship
+    the gpufed.audit log, for the whole record. AIP-158 pages by event; a token from a page
+    the ring has since passed goes on from the oldest event kept. INVALID_ARGUMENT for a bad
+    page size or token. Admin only; safe to retry.
+    """
     GetCaller: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetCallerRequest, _admin_pb2.GetCallerResponse]
     """Who the calling token acts as: its kind, principal and (a private-pool provider's) tenant,
     never its secret. Any token kind; UNAUTHENTICATED for a token no replica knows. Safe to
@@ -147,6 +155,14 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """
     GetBurstPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetBurstPolicyRequest, _admin_pb2.GetBurstPolicyResponse]  # type: ignore[assignment]
     """A tenant's burst policy (the tenant itself or an admin)."""
+    ListAuditEvents: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAuditEventsRequest, _admin_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
+    """This replica's most recent audit events, newest first: every privileged act and every
+    denial it logged (the gpufed.audit logger), from a ring of the last 1,000 events kept in
+    its memory. Each replica keeps its own, as each logs its own: ask each replica, or ship
+    the gpufed.audit log, for the whole record. AIP-158 pages by event; a token from a page
+    the ring has since passed goes on from the oldest event kept. INVALID_ARGUMENT for a bad
+    page size or token. Admin only; safe to retry.
+    """
     GetCaller: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetCallerRequest, _admin_pb2.GetCallerResponse]  # type: ignore[assignment]
     """Who the calling token acts as: its kind, principal and (a private-pool provider's) tenant,
     never its secret. Any token kind; UNAUTHENTICATED for a token no replica knows. Safe to
@@ -282,6 +298,20 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.GetBurstPolicyResponse, _abc.Awaitable[_admin_pb2.GetBurstPolicyResponse]]:
         """A tenant's burst policy (the tenant itself or an admin)."""
+
+    @_abc_1.abstractmethod
+    def ListAuditEvents(
+        self,
+        request: _admin_pb2.ListAuditEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListAuditEventsResponse, _abc.Awaitable[_admin_pb2.ListAuditEventsResponse]]:
+        """This replica's most recent audit events, newest first: every privileged act and every
+        denial it logged (the gpufed.audit logger), from a ring of the last 1,000 events kept in
+        its memory. Each replica keeps its own, as each logs its own: ask each replica, or ship
+        the gpufed.audit log, for the whole record. AIP-158 pages by event; a token from a page
+        the ring has since passed goes on from the oldest event kept. INVALID_ARGUMENT for a bad
+        page size or token. Admin only; safe to retry.
+        """
 
     @_abc_1.abstractmethod
     def GetCaller(

@@ -262,6 +262,7 @@ UNARY = [
     (admin_pb2, "AdminService", "SetBurstPolicy"),
     (admin_pb2, "AdminService", "GetBurstPolicy"),
     (admin_pb2, "AdminService", "GetCaller"),
+    (admin_pb2, "AdminService", "ListAuditEvents"),
     (peer_pb2, "PeerService", "ForwardNodeTelemetry"),
 ]
 WHO = st.sampled_from(["tenant", "tenant", "provider", "admin", "admin", "peer", "bogus"])

@@ -309,6 +309,9 @@ def _calls() -> dict[str, Call]:
         "AdminService.GetBurstPolicy": lambda w, md, who: admin(w).GetBurstPolicy(
             admin_pb2.GetBurstPolicyRequest(name="burstPolicies/dev"), metadata=md, timeout=10
         ),
+        "AdminService.ListAuditEvents": lambda w, md, who: admin(w).ListAuditEvents(
+            admin_pb2.ListAuditEventsRequest(), metadata=md, timeout=10
+        ),
         "AdminService.GetCaller": lambda w, md, who: admin(w).GetCaller(
             admin_pb2.GetCallerRequest(), metadata=md, timeout=10
         ),

@@ -386,6 +386,18 @@ def test_an_admin_cordons_and_uncordons_a_node_from_its_page(
         wait_until(lambda: admin.get_node("providers/acme/nodes/ams-1").state == 3, timeout=10)
         browser.find_element(By.ID, "node-uncordon").click()
         wait_until(lambda: admin.get_node("providers/acme/nodes/ams-1").state == 1, timeout=10)
+    # Both acts are in the audit tail, with who did them and to what.
+    browser.get(url + "/audit")
+
+    def audited() -> list[str]:
+        return [r[3] for r in table(browser, "audit-table") if r[4:5] == ["providers/acme/nodes/ams-1"]]
+
+    wait_until(lambda: {"AdminService.CordonNode", "AdminService.UncordonNode"} <= set(audited()), timeout=10)
+    shot(browser, "audit")
+    with fed.client() as tenant:  # the tail is the operators'
+        with pytest.raises(Exception) as e:
+            tenant.audit_events()
+        assert "PERMISSION_DENIED" in str(e.value)
 
 
 def test_a_write_without_the_csrf_token_is_refused_and_changes_nothing(

@@ -152,6 +152,9 @@ READS: dict[str, Callable[..., Any]] = {
     "AdminService.GetBurstPolicy": lambda d, ls, a, t, r, rs, md: a.GetBurstPolicy(
         admin_pb2.GetBurstPolicyRequest(name="burstPolicies/acme"), metadata=md
     ),
+    "AdminService.ListAuditEvents": lambda d, ls, a, t, r, rs, md: a.ListAuditEvents(
+        admin_pb2.ListAuditEventsRequest(page_size=500), metadata=md
+    ),
     "AdminService.GetCaller": lambda d, ls, a, t, r, rs, md: a.GetCaller(
         admin_pb2.GetCallerRequest(), metadata=md
     ),
