@@ -316,6 +316,26 @@ def create_app(api: Client, *, secure_cookie: bool = True) -> Starlette:
         await run_in_threadpool(lambda: c.set_burst_policy(subject, max_price, countries))
         return RedirectResponse(f"/account?kind=tenants&name={subject}", status_code=303)
 
+    @page("usage")
+    async def usage(request: Request) -> Response:
+        q = _bounded(dict(request.query_params))
+        req = admin_pb2.ListUsageRecordsRequest(page_size=PAGE_SIZE, page_token=q.get("page_token", ""))
+        resp = await run_in_threadpool(client(request).call, api.admin.ListUsageRecords, req)
+        records = [
+            {
+                "lease": u.lease,
+                "provider": u.provider,
+                "tenant": u.tenant,
+                "gpus": len(u.gpus),
+                "window": f"{_when(u.start_time, seconds=True)} .. {_when(u.end_time, seconds=True)}",
+                "gpu_hours": f"{u.gpu_seconds / 3600:.3f}",
+                "cost": f"{u.quoted_cost:.4f} {u.currency_code}",
+                "end": lease_pb2.LeaseEndReason.Name(u.end_reason).removeprefix("LEASE_END_REASON_"),
+            }
+            for u in resp.usage_records
+        ]
+        return render(request, "usage.html", records=records, next_page=resp.next_page_token)
+
     @page("audit")
     async def audit(request: Request) -> Response:
         return render(request, "audit.html", **(await _audit_ctx(request)))
@@ -427,6 +447,7 @@ def create_app(api: Client, *, secure_cookie: bool = True) -> Starlette:
         Route("/account", account, methods=["GET"]),
         Route("/account/quota", set_quota, methods=["POST"]),
         Route("/account/burst", set_burst, methods=["POST"]),
+        Route("/usage", usage),
         Route("/audit", audit),
         Route("/audit/table", audit_table),
         Route("/nodes", nodes),

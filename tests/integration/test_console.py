@@ -214,6 +214,13 @@ def test_a_lease_created_from_the_page_goes_active_and_released_ends_live(
     browser.find_element(By.ID, f"release-{lease_id}").click()
     wait_until(lambda: state().startswith("ENDED"), timeout=10)
     assert "RELEASED" in state()
+    # Its usage record: the tenant's own, at the quoted price.
+    browser.get(url + "/usage")
+    wait_until(lambda: any(r[0] == lease.name for r in table(browser, "usage-table")), timeout=10)
+    row = next(r for r in table(browser, "usage-table") if r[0] == lease.name)
+    assert row[2] == "dev" and row[3] == "2" and row[6].endswith("USD") and row[7] == "RELEASED"
+    shot(browser, "usage")
+    browser.get(url + "/leases")
     # Ended from elsewhere (the SDK): the page shows it without a reload.
     with fed.client() as c:
         other = c.create_lease(1, gpu_model="L40S")
@@ -312,6 +319,11 @@ def test_a_tenant_never_sees_another_tenants_lease(console: tuple[Federation, st
     finally:
         with fed.client(token=other_token) as other:
             other.release_lease(theirs.name)
+    # Nor its usage record, which exists (the other tenant reads it).
+    with fed.client(token=other_token) as other:
+        wait_until(lambda: any(u.lease == theirs.name for u in other.usage_records()), timeout=10)
+    browser.get(url + "/usage")
+    assert theirs.name not in browser.page_source
 
 
 def test_a_private_pool_shows_only_to_its_tenant(console: tuple[Federation, str], browser: Any) -> None:
