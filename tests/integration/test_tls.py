@@ -270,3 +270,49 @@ def test_replicas_forward_telemetry_to_each_other_over_tls_with_their_own_creden
     finally:
         a.stop()
         b.stop()
+
+
+def test_the_console_serves_https_with_the_replicas_certificate_and_reaches_its_api_over_tls(
+    etcd: EtcdCluster, pki: Pki
+) -> None:
+    import ssl
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from control_plane.tls import TlsConfigError, check_console_listen
+    from tests.harness import ADMIN_TOKEN
+
+    cfg = replica_config(
+        etcd.endpoints,
+        unique_prefix(),
+        tls_cert=pki.path("replica.pem"),
+        tls_key=pki.path("replica-key.pem"),
+        client_ca=pki.path("ca.pem"),
+        node_listen=f"127.0.0.1:{free_port()}",
+        console_listen="127.0.0.1:0",
+    )
+    rt = ReplicaThread(cfg).start()
+    try:
+        assert rt.replica is not None and rt.replica.console is not None
+        url = rt.replica.console.url
+        assert url.startswith("https://")
+        ctx = ssl.create_default_context(cafile=pki.path("ca.pem"))
+        with urllib.request.urlopen(url + "/signin", context=ctx, timeout=10) as r:
+            assert r.status == 200
+
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *a: object, **k: object) -> None:
+                return None
+
+        opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx), NoRedirect)
+        form = urllib.parse.urlencode({"token": ADMIN_TOKEN}).encode()
+        with pytest.raises(urllib.error.HTTPError) as signed_in:  # GetCaller answered over TLS
+            opener.open(url + "/signin", data=form, timeout=10)
+        assert signed_in.value.code == 303 and "Secure" in signed_in.value.headers["Set-Cookie"]
+    finally:
+        rt.stop()
+    with pytest.raises(TlsConfigError):
+        check_console_listen("0.0.0.0:8080", "")
+    check_console_listen(":8080", "")  # a bare port is loopback
+    check_console_listen("0.0.0.0:8443", pki.path("replica.pem"))
