@@ -5,7 +5,8 @@ GPUFED_CONSOLE_SCREENSHOTS=1 (docs/console.md shows them)."""
 
 from __future__ import annotations
 
-import json
+import csv
+import io
 import os
 import shutil
 import subprocess
@@ -18,11 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from google.protobuf.json_format import ParseDict
 
-from gpufed.cli.nodes import offer_rows
 from gpufed.client import Client
-from gpufed.v1 import discovery_pb2, lease_pb2, reservation_pb2
+from gpufed.v1 import lease_pb2, reservation_pb2
 from tests.harness import ADMIN_TOKEN, EtcdCluster, unique_prefix, wait_until
 from tests.integration.federation import NODES, Federation, start_federation
 
@@ -97,6 +96,7 @@ def shot(driver: Any, name: str) -> None:
 
 
 def cli_rows(fed: Federation, *args: str) -> list[list[str]]:
+    """The table `gpufed ... ` prints (as CSV: the same cells, no column padding), header first."""
     env = {
         **os.environ,
         "GPUFED_ENDPOINT": fed.replicas[0].address,
@@ -104,15 +104,14 @@ def cli_rows(fed: Federation, *args: str) -> list[list[str]]:
         "GPUFED_CONFIG": "/nonexistent",
     }
     out = subprocess.run(
-        [sys.executable, "-m", "gpufed", "-o", "json", *args],
+        [sys.executable, "-m", "gpufed", "-o", "csv", *args],
         env=env,
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert out.returncode == 0, out.stderr
-    offers = [ParseDict(o, discovery_pb2.Offer()) for o in json.loads(out.stdout)]
-    return offer_rows(offers)[1:]
+    return [row for row in csv.reader(io.StringIO(out.stdout)) if row]
 
 
 def test_a_tenant_signs_in_and_its_token_is_an_httponly_strict_cookie_never_in_the_page(
@@ -170,13 +169,29 @@ def test_offers_for_a_filter_are_exactly_what_gpufed_offers_search_prints(
     browser.find_element(By.ID, "search").click()
     wait_until(lambda: "model=H100" in browser.current_url, timeout=10)
     page = wait_until_rows(browser, "offers-table")
-    assert page == cli_rows(fed, "offers", "search", "--model", "H100", "--country", "DE,FI", "--count", "4")
+    header = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "#offers-table thead th")]
+    assert [header, *page] == cli_rows(
+        fed, "offers", "search", "--model", "H100", "--country", "DE,FI", "--count", "4"
+    )
     assert page and all(r[5] in ("DE", "FI") for r in page)
     Select(browser.find_element(By.ID, "f-order")).select_by_visible_text("free")
     browser.find_element(By.ID, "search").click()
     wait_until(lambda: "order_by=free" in browser.current_url, timeout=10)
-    assert wait_until_rows(browser, "offers-table") == cli_rows(
-        fed, "offers", "search", "--model", "H100", "--country", "DE,FI", "--count", "4", "--order-by", "free"
+    assert (
+        wait_until_rows(browser, "offers-table")
+        == cli_rows(
+            fed,
+            "offers",
+            "search",
+            "--model",
+            "H100",
+            "--country",
+            "DE,FI",
+            "--count",
+            "4",
+            "--order-by",
+            "free",
+        )[1:]
     )
 
 

@@ -37,3 +37,20 @@ def test_form_values_are_bounded_before_any_call() -> None:
     with pytest.raises(app.BadInput):
         app._offers_request({"order_by": "random"})
     assert app._filter_kwargs({"countries": "de, fr"})["countries"] == ["DE", "FR"]
+
+
+def test_a_queued_request_shows_its_place_and_an_ended_lease_its_reason() -> None:
+    from gpufed.v1 import lease_pb2
+
+    queued = app._lease_row(
+        lease_pb2.Lease(name="leases/ab12", state=lease_pb2.LEASE_STATE_QUEUED, gpu_count=4, queue_position=3)
+    )
+    assert (queued["state"], queued["end"], queued["gpus"], queued["live"]) == ("QUEUED", "#3", 4, True)
+    ended = app._lease_row(
+        lease_pb2.Lease(
+            name="leases/cd34",
+            state=lease_pb2.LEASE_STATE_ENDED,
+            end_reason=lease_pb2.LEASE_END_REASON_RELEASED,
+        )
+    )
+    assert (ended["state"], ended["end"], ended["live"]) == ("ENDED", "RELEASED", False)
