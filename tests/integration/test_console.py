@@ -46,8 +46,9 @@ def console(etcd: EtcdCluster) -> Iterator[tuple[Federation, str]]:
         fed.stop()
 
 
-@pytest.fixture
-def browser() -> Iterator[Any]:
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[Any]:
+    """One headless Chromium for the module (starting one costs about a second)."""
     if not (CHROMIUM and CHROMEDRIVER):
         pytest.skip(
             "no chromium/chromedriver: `make setup` installs Debian's chromium and chromium-driver "
@@ -69,6 +70,14 @@ def browser() -> Iterator[Any]:
         yield driver
     finally:
         driver.quit()
+
+
+@pytest.fixture
+def browser(chromium: Any) -> Iterator[Any]:
+    """The module's browser, signed out: each test starts without cookies."""
+    chromium.delete_all_cookies()
+    yield chromium
+    chromium.delete_all_cookies()
 
 
 def sign_in(driver: Any, url: str, token: str) -> None:
