@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import (
+    console,
     handoff,
     ingest,
     lease_latency,
@@ -36,7 +37,7 @@ def main() -> int:
         "--only",
         choices=[
             *("report_cpu", "search", "ingest", "lease_path", "lease_latency", "leases", "tls", "handoff"),
-            *("queue", "reservations", "scale", "scaleout"),
+            *("queue", "reservations", "console", "scale", "scaleout"),
         ],
         action="append",
     )
@@ -52,7 +53,7 @@ def main() -> int:
     }
     wanted = a.only or [
         *("report_cpu", "search", "ingest", "lease_path", "lease_latency", "leases", "tls", "handoff"),
-        *("queue", "reservations", "scale", "scaleout"),
+        *("queue", "reservations", "console", "scale", "scaleout"),
     ]
     if "report_cpu" in wanted:
         results["report_cpu"] = report_cpu.run(reports=int(3000 * scale_factor))
@@ -71,6 +72,8 @@ def main() -> int:
         results["tls"] = tls.run(duration=4 * scale_factor, connects=int(100 * scale_factor))
     if "handoff" in wanted:
         results["handoff"] = handoff.run(cycles=int(60 * scale_factor) or 1)
+    if "console" in wanted:
+        results["console"] = console.run(requests=int(200 * scale_factor) or 1)
     if "queue" in wanted:
         results["queue"] = queue.run((10, 1_000) if a.quick else (10, 10_000), samples=100)
     if "reservations" in wanted:
