@@ -88,8 +88,14 @@ def sign_in(driver: Any, url: str, token: str) -> None:
 
 
 def table(driver: Any, table_id: str) -> list[list[str]]:
-    rows = driver.find_elements(By.CSS_SELECTOR, f"#{table_id} tbody tr")
-    return [[td.text for td in r.find_elements(By.TAG_NAME, "td")] for r in rows]
+    """The body cells of a table, read in one script: polled tables are swapped every few
+    seconds, so element-by-element reads could meet a replaced (stale) row."""
+    rows = driver.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0])).map("
+        "r => Array.from(r.querySelectorAll('td')).map(td => td.innerText.trim()));",
+        f"#{table_id} tbody tr",
+    )
+    return [[str(c) for c in r] for r in rows]
 
 
 def state_of(driver: Any, row_id: str) -> str:
